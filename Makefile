@@ -1,0 +1,28 @@
+# Set-up and everyday commands. `make run` and `make test` work on a fresh machine.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: install test run bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+run: install
+	$(BIN)/audit-service demo
+
+bench: install
+	$(BIN)/python benchmarks/bench_sweep.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
