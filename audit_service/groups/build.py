@@ -1,0 +1,159 @@
+"""``build_group``: a validated group spec + the model's per-sample input shape -> a :class:`Group`;
+``group_catalogue``: what ``GET /groups`` lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ..errors import SpecError
+from ..spec import (
+    C4Spec,
+    D4Spec,
+    FlipSpec,
+    GroupSpec,
+    PermutationSpec,
+    ProductSpec,
+    RotationSpec,
+    TranslationSpec,
+    _expand_group_shorthand,
+    _format_validation_error,
+)
+from .base import Group, shape_str
+from .image import build_c4, build_d4, build_flip
+from .permutation import build_permutation
+from .product import build_product
+from .rotation import build_rotation
+from .translation import build_translation
+
+_ADAPTER: TypeAdapter = TypeAdapter(GroupSpec)
+
+
+def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
+    """The group ``spec`` describes, acting on samples of ``input_shape`` ((C, H, W), (D,), ...).
+
+    ``spec`` is a parsed ``GroupSpec`` (a dict or a bare name such as ``"C4"`` is parsed first).
+    Raises ``SpecError`` naming the field (``group.step``, ``group.factors[1]``, ...) when the spec does not
+    fit the input shape.
+    """
+    if not isinstance(spec, BaseModel):
+        try:
+            spec = _ADAPTER.validate_python(_expand_group_shorthand(spec))
+        except ValidationError as err:
+            raise _format_validation_error(err, prefix=field) from None
+    input_shape = tuple(int(s) for s in input_shape)
+    if not input_shape or any(s < 1 for s in input_shape):
+        raise SpecError(f"Expected a per-sample input shape of positive sizes, but got {shape_str(input_shape)}",
+                        field="model.input_shape")
+    if isinstance(spec, C4Spec):
+        return build_c4(spec, input_shape, field)
+    if isinstance(spec, D4Spec):
+        return build_d4(spec, input_shape, field)
+    if isinstance(spec, FlipSpec):
+        return build_flip(spec, input_shape, field)
+    if isinstance(spec, TranslationSpec):
+        return build_translation(spec, input_shape, field)
+    if isinstance(spec, PermutationSpec):
+        return build_permutation(spec, input_shape, field)
+    if isinstance(spec, RotationSpec):
+        return build_rotation(spec, input_shape, field)
+    if isinstance(spec, ProductSpec):
+        return build_product(spec, input_shape, build_group, field)
+    raise SpecError(f"Expected a group spec, but got {type(spec).__name__}", field=field)
+
+
+# ----------------------------------------------------------------------------- catalogue
+_MEANINGS: dict[str, dict[str, str]] = {
+    "flip": {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"},
+    "translation": {
+        "order": "number of shifts k = 0..order-1",
+        "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
+        "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)",
+    },
+    "permutation": {
+        "generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
+        "axis": "per-sample axis the generators permute",
+        "max_order": "refuse groups with more elements than this",
+    },
+    "rotation": {
+        "n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",
+        "interpolation": "resampling of the rotated image",
+    },
+    "product": {"factors": "group specs (any of these names); every combination of one element of each"},
+}
+
+_FITS = {
+    "C4": "square images: rank >= 2 with H == W (the last two axes)",
+    "D4": "square images: rank >= 2 with H == W (the last two axes)",
+    "flip": "inputs of rank >= 2 (the last two axes are H, W)",
+    "translation": "any input; `axis` must exist and be longer than `step`",
+    "permutation": "any input; generators have the length of `axis`",
+    "rotation": "square images: rank >= 2 with H == W",
+    "product": "inputs every factor fits",
+}
+
+_EXAMPLES: dict[str, dict[str, Any]] = {
+    "C4": {"name": "C4"},
+    "D4": {"name": "D4"},
+    "flip": {"name": "flip", "axis": "horizontal"},
+    "translation": {"name": "translation", "order": 3, "step": 12, "axis": -1},
+    "permutation": {"name": "permutation", "generators": [[1, 2, 0], [1, 0, 2]], "axis": 0},
+    "rotation": {"name": "rotation", "n_angles": 8, "interpolation": "bilinear"},
+    "product": {"name": "product", "factors": [{"name": "flip", "axis": "vertical"},
+                                               {"name": "translation", "order": 4, "step": 7}]},
+}
+
+_EXACT = {"C4": True, "D4": True, "flip": True, "translation": True, "permutation": True, "rotation": False,
+          "product": "when every factor is exact"}
+
+_SPECS: dict[str, type[BaseModel]] = {
+    "C4": C4Spec, "D4": D4Spec, "flip": FlipSpec, "translation": TranslationSpec,
+    "permutation": PermutationSpec, "rotation": RotationSpec, "product": ProductSpec,
+}
+
+
+def _param_type(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return "one of " + ", ".join(repr(v) for v in prop["enum"])
+    if "const" in prop:
+        return repr(prop["const"])
+    if prop.get("type") == "array":
+        return f"list of {_param_type(prop.get('items', {}))}"
+    if "$ref" in prop or "oneOf" in prop or "discriminator" in prop:
+        return "group spec"
+    return str(prop.get("type", "any"))
+
+
+def group_catalogue() -> list[dict[str, Any]]:
+    """One entry per group name: description, parameters (type, default, meaning, bounds), fits, example."""
+    out = []
+    for name, model in _SPECS.items():
+        schema = model.model_json_schema()
+        if "properties" not in schema:  # a recursive model: the schema is a $ref into $defs
+            schema = schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+        params = {}
+        for pname, field_info in model.model_fields.items():
+            if pname == "name":
+                continue
+            prop = schema["properties"][pname]
+            entry: dict[str, Any] = {
+                "type": _param_type(prop),
+                "default": None if field_info.is_required() else field_info.get_default(call_default_factory=True),
+                "required": field_info.is_required(),
+                "meaning": _MEANINGS.get(name, {}).get(pname, ""),
+            }
+            for bound in ("minimum", "maximum", "minItems"):
+                if bound in prop:
+                    entry[bound] = prop[bound]
+            params[pname] = entry
+        out.append({
+            "name": name,
+            "description": (model.__doc__ or "").strip(),
+            "exact": _EXACT[name],
+            "parameters": params,
+            "fits": _FITS[name],
+            "example": _EXAMPLES[name],
+        })
+    return out

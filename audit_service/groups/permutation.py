@@ -1,0 +1,90 @@
+"""Finite groups given by generator permutations of one input axis, enumerated by closure (BFS).
+
+A generator ``p`` (a permutation of ``range(n)``, ``n`` the axis length) acts by
+``out[..., j, ...] = x[..., p[j], ...]`` (``index_select`` along the axis). In a finite group every
+inverse is a power, so the closure of the generators under composition is the generated group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from ..errors import SpecError
+from ..spec import MAX_GROUP_ORDER, PermutationSpec
+from .base import ExactGroup, check_orbit_size, normalize_axis, shape_str
+from .element import Element, element_from_rearrangement
+
+Perm = tuple[int, ...]
+
+
+def cycle_name(p: Perm) -> str:
+    """Cycle notation of ``j -> p[j]`` without fixed points, e.g. ``(0 1 2)(3 4)``; the identity is ``e``."""
+    seen = [False] * len(p)
+    cycles = []
+    for start in range(len(p)):
+        if seen[start] or p[start] == start:
+            seen[start] = True
+            continue
+        cycle, j = [], start
+        while not seen[j]:
+            seen[j] = True
+            cycle.append(j)
+            j = p[j]
+        cycles.append("(" + " ".join(map(str, cycle)) + ")")
+    return "".join(cycles) or "e"
+
+
+def compose(a: Perm, b: Perm) -> Perm:
+    """``a @ b`` (``b`` acts first) for gather-style permutations: ``(a @ b)[j] = b[a[j]]``."""
+    return tuple(b[i] for i in a)
+
+
+def closure(generators: list[Perm], max_order: int, field: str) -> list[Perm]:
+    """All products of the generators, identity first, in BFS order; SpecError past ``max_order``."""
+    n = len(generators[0])
+    identity = tuple(range(n))
+    elements = [identity]
+    seen = {identity}
+    queue = deque([identity])
+    while queue:
+        h = queue.popleft()
+        for s in generators:
+            g = compose(s, h)
+            if g not in seen:
+                seen.add(g)
+                elements.append(g)
+                queue.append(g)
+                if len(elements) > max_order:
+                    fix = ("use fewer or smaller generators" if max_order >= MAX_GROUP_ORDER else
+                           f"use fewer or smaller generators, or raise `max_order` (up to {MAX_GROUP_ORDER})")
+                    raise SpecError(f"Expected the generated group to have at most max_order = {max_order} "
+                                    f"elements, but it has more than {max_order}; {fix}",
+                                    field=f"{field}.max_order" if max_order < MAX_GROUP_ORDER
+                                    else f"{field}.generators")
+    return elements
+
+
+def build_permutation(spec: PermutationSpec, input_shape: tuple[int, ...], field: str = "group") -> ExactGroup:
+    axis = normalize_axis(spec.axis, input_shape, f"{field}.axis")
+    n = input_shape[axis]
+    generators: list[Perm] = []
+    for i, gen in enumerate(spec.generators):
+        if len(gen) != n or sorted(gen) != list(range(n)):
+            shown = gen if len(gen) <= 20 else f"{gen[:20]}... (length {len(gen)})"
+            raise SpecError(f"Expected a permutation of 0..{n - 1} (axis {spec.axis} has length {n} in the "
+                            f"model's input {shape_str(input_shape)}; each index exactly once), but got {shown}",
+                            field=f"{field}.generators[{i}]")
+        generators.append(tuple(gen))
+    perms = closure(generators, spec.max_order, field)
+    check_orbit_size(len(perms), input_shape, f"{field}.generators")
+    elements = [Element.identity(math.prod(input_shape))]
+    for p in perms[1:]:
+        index = torch.tensor(p, dtype=torch.long)
+        elements.append(element_from_rearrangement(
+            input_shape, lambda t, idx=index: torch.index_select(t, axis, idx), cycle_name(p)))
+    gen_positions = sorted({perms.index(g) for g in generators if g != perms[0]})
+    name = f"permutation(order={len(perms)}, axis={spec.axis})"
+    return ExactGroup(name, elements, input_shape, spec=spec, generators=gen_positions)
