@@ -1,20 +1,34 @@
 """The library's front door: ``run_audit`` turns a model file + spec + probes into a report dict.
 
-(Stub signature fixed first so the service and reference runs can build on it; the
-implementation lands with the orbit sweep.)
+spec -> group & shifts -> model runtime -> orbit sweep -> metrics -> verdict -> report.
+Everything the client can fix raises an ``AuditError`` subclass naming the field.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
-from .spec import AuditSpec
+from . import __version__
+from .errors import AuditError, ModelRuntimeError, ProbeError
+from .groups import Group, build_group
+from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
+from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
+from .report.build import condition_report, now_iso, sensitivity_report
+from .runtime import ModelRunner, load_model
+from .shifts import ProbeStats, uniform_noise, validate_shift
+from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec
+from .sweep import Condition, OrbitSweep
+from .verdict import decide
 
-#: progress(fraction in [0, 1], stage name) — called often; must be cheap.
+#: progress(fraction in [0, 1], stage name) — called once per probe chunk; must be cheap.
 ProgressFn = Callable[[float, str], None]
+
+__all__ = ["run_audit", "load_probe_file", "check_probes", "REPORT_KEYS"]
 
 
 def run_audit(
@@ -30,9 +44,229 @@ def run_audit(
     Raises ``AuditError`` subclasses (``ModelError``, ``SpecError``, ``ProbeError``,
     ``ModelRuntimeError``) for anything the client can fix.
     """
-    raise NotImplementedError
+    progress = progress or (lambda fraction, stage: None)
+    options = spec.options
+    t_start = time.perf_counter()
+    progress(0.0, "loading model")
+    hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
+    runner = load_model(model_path, device=options.device, input_shape=hint)
+    t_loaded = time.perf_counter()
+
+    x = check_probes(probes, runner.input_shape, "probes") if probes is not None else None
+    if x is not None:
+        x = x[: options.n_probes]
+    y = check_labels(labels, x, runner.num_classes) if labels is not None else None
+    second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
+
+    group = build_group(spec.group, runner.input_shape)
+    shifts = spec.effective_shifts
+    for i, shift in enumerate(shifts):
+        try:
+            validate_shift(shift, runner.input_shape, has_second_probes=second is not None)
+        except AuditError as exc:
+            exc.field = f"shifts[{i}]" + (f".{exc.field}" if exc.field and not exc.field.startswith("shift") else "")
+            raise
+
+    device = runner.device
+    stats = ProbeStats.from_probes(x.to(device)) if x is not None else ProbeStats.default(runner.input_shape, device)
+    second_t = second.to(device) if second is not None else None
+    saliency, saliency_note = _saliency_method(runner, spec) if options.saliency else (None, None)
+    sweep = OrbitSweep(runner, group, options, stats, saliency, second_t)
+
+    conditions = _conditions(spec, has_probes=x is not None)
+    n_probes = x.shape[0] if x is not None else 0
+    total_chunks = sum(sweep.n_chunks(c, n_probes) for c in conditions) + 1
+    done = 0
+
+    results = []
+    for condition in conditions:
+        def tick(name: str = condition.name) -> None:
+            nonlocal done
+            done += 1
+            progress(min(done / total_chunks, 0.99), f"condition {name}")
+        progress(done / total_chunks, f"condition {condition.name}")
+        results.append(_guarded(lambda: sweep.run(condition, x, y, tick), f"sweeping condition {condition.name}"))
+
+    progress(done / total_chunks, "sensitivity")
+    t_sens = time.perf_counter()
+    sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
+    t_sens = time.perf_counter() - t_sens
+
+    condition_reports = [condition_report(r, options.bootstrap, options.seed, options.saliency) for r in results]
+    verdict = decide(condition_reports, spec.policy, spec.require)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "service_version": __version__,
+        "created_at": now_iso(),
+        "model": _model_section(runner, saliency, saliency_note),
+        "group": _group_section(group, x if x is not None else _noise(16, runner, stats, options.seed)),
+        "conditions": condition_reports,
+        "sensitivity": sensitivity,
+        "verdict": verdict,
+        "saliency_examples": [e for r in results if r.condition.name in ("clean", "noise") for e in r.examples],
+        "spec": spec.model_dump(mode="json"),
+        "timing": {
+            "load_s": round(t_loaded - t_start, 4),
+            "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
+            "sensitivity_s": round(t_sens, 4),
+            "total_s": round(time.perf_counter() - t_start, 4),
+            "device": str(device),
+        },
+    }
+    report["reference_profile"] = _closest_reference(report)
+    progress(1.0, "done")
+    return report
 
 
+# --------------------------------------------------------------------------- inputs
 def load_probe_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read probes from .npy (array) or .npz (``x`` or ``probes``, optional ``y`` or ``labels``)."""
-    raise NotImplementedError
+    """Read probes from .npy (array) or .npz (``x`` or ``probes``, optional ``y`` or ``labels``).
+
+    Never unpickles: object arrays are refused.
+    """
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ProbeError(f"Expected a readable .npy or .npz file, but {path} does not exist", field="probes") from None
+    except ValueError as exc:
+        raise ProbeError(f"Expected a numeric .npy or .npz array (object arrays are refused), but {path}: {exc}",
+                         field="probes") from None
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for corrupt files
+        raise ProbeError(f"Expected a .npy or .npz file, but {path} could not be read: {exc}", field="probes") from None
+    if isinstance(data, np.ndarray):
+        return data, None
+    with data:
+        keys = set(data.files)
+        x_key = next((k for k in ("x", "probes", "X") if k in keys), None)
+        if x_key is None:
+            raise ProbeError(f"Expected an .npz with an array named 'x' or 'probes', but found {sorted(keys)}",
+                             field="probes")
+        y_key = next((k for k in ("y", "labels") if k in keys), None)
+        return data[x_key], (data[y_key] if y_key else None)
+
+
+def check_probes(arr: np.ndarray, input_shape: tuple[int, ...], field: str) -> torch.Tensor:
+    """Shape (N, *input_shape), a floating dtype, finite values -> float32 tensor on the host."""
+    if not isinstance(arr, np.ndarray):
+        raise ProbeError(f"Expected a numpy array, but got {type(arr).__name__}", field=field)
+    expected = f"(N, {', '.join(map(str, input_shape))})"
+    if arr.ndim != len(input_shape) + 1 or tuple(arr.shape[1:]) != tuple(input_shape):
+        raise ProbeError(f"Expected an array shaped like the model's input batch {expected}, but got "
+                         f"{tuple(arr.shape)}", field=field)
+    if arr.shape[0] == 0:
+        raise ProbeError(f"Expected at least one probe, but got an empty array {tuple(arr.shape)}", field=field)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ProbeError(f"Expected float32 values (preprocessed as the model expects), but got dtype {arr.dtype}; "
+                         "convert with arr.astype(np.float32) after normalising", field=field)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ProbeError(f"Expected finite values, but {int((~finite).sum())} entries are NaN or Inf", field=field)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    if probes is None:
+        raise ProbeError("Expected probes to go with the labels, but got labels alone", field="labels")
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or arr.shape[0] < probes.shape[0]:
+        raise ProbeError(f"Expected labels of shape ({probes.shape[0]},), one per probe, but got {tuple(arr.shape)}",
+                         field="labels")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ProbeError(f"Expected integer class indices, but got dtype {arr.dtype}", field="labels")
+    arr = arr[: probes.shape[0]]
+    if arr.min() < 0 or arr.max() >= num_classes:
+        raise ProbeError(f"Expected class indices in [0, {num_classes - 1}], but got values in "
+                         f"[{arr.min()}, {arr.max()}]", field="labels")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- pieces
+def _conditions(spec: AuditSpec, has_probes: bool) -> list[Condition]:
+    conditions = []
+    if has_probes:
+        conditions.append(Condition("clean"))
+        conditions += [Condition(s.label, shift=s) for s in spec.effective_shifts]
+    conditions.append(Condition("noise", noise=True))
+    return conditions
+
+
+def _saliency_method(runner: ModelRunner, spec: AuditSpec) -> tuple[SaliencyMethod, str | None]:
+    module = runner.torch_module()
+    if module is not None:
+        return integrated_gradients(module, spec.options.ig_steps, spec.options.batch_size), None
+    reason = runner.gradient_note or "no differentiable module for this model"
+    method = occlusion(lambda t: runner.logits(t, spec.options.batch_size), runner.input_shape, reason)
+    return method, method.note
+
+
+def _sensitivity(runner: ModelRunner, x: torch.Tensor | None, stats: ProbeStats, options) -> dict:
+    count = options.jacobian_probes
+    if count == 0:
+        return sensitivity_report(None, "none", "none")
+    if x is not None:
+        probes, source = x[:count].to(runner.device), "clean"
+    else:
+        probes, source = _noise(count, runner, stats, options.seed), "noise"
+    module = runner.torch_module()
+    if module is not None:
+        return sensitivity_report(singular_values(jacobian(module, probes)), source, "autograd Jacobian")
+    gen = torch.Generator(device=runner.device)
+    gen.manual_seed(options.seed)
+    sketch = finite_difference_jacobian_sketch(lambda t: runner.logits(t, options.batch_size), probes,
+                                               generator=gen)
+    return sensitivity_report(singular_values(sketch), source, "finite-difference sketch (64 random directions)",
+                              note=f"{runner.gradient_note}; sigma_max is an estimate")
+
+
+def _guarded(fn: Callable, what: str):
+    """Run model code; turn anything but our own errors into a ModelRuntimeError saying where."""
+    try:
+        return fn()
+    except AuditError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelRuntimeError(f"Out of GPU memory while {what}: lower options.batch_size or "
+                                f"options.probe_chunk ({exc})", field="model") from None
+    except Exception as exc:  # noqa: BLE001 - user model code can raise anything
+        raise ModelRuntimeError(f"The model failed while {what}: {type(exc).__name__}: {exc}", field="model") from None
+
+
+def _model_section(runner: ModelRunner, saliency: SaliencyMethod | None, saliency_note: str | None) -> dict:
+    return {
+        "format": runner.format,
+        "sha256": runner.sha256,
+        "input_shape": list(runner.input_shape),
+        "num_classes": runner.num_classes,
+        "device": str(runner.device),
+        "providers": list(runner.providers),
+        "saliency_method": saliency.name if saliency else None,
+        "gradient_note": saliency_note or runner.gradient_note,
+    }
+
+
+def _group_section(group: Group, probes: torch.Tensor) -> dict:
+    """The group's description; for a sampled (inexact) group, the measured round-trip error too."""
+    section = group.describe()
+    if not group.exact:
+        section["interpolation_error"] = group.interpolation_error(probes[:16])
+    return section
+
+
+def _noise(count: int, runner: ModelRunner, stats: ProbeStats, seed: int) -> torch.Tensor:
+    """Seeded uniform noise on the model's device: the probes used when the client gave none."""
+    gen = torch.Generator(device=runner.device)
+    gen.manual_seed(seed)
+    return uniform_noise(count, runner.input_shape, stats, gen, runner.device)
+
+
+def _closest_reference(report: dict) -> dict | None:
+    """Which shipped reference run (WT / DA / IR) this model's metrics resemble; None if unavailable."""
+    try:
+        from .reference.catalog import closest_profile
+    except ImportError:
+        return None
+    try:
+        return closest_profile(report)
+    except Exception:  # noqa: BLE001 - the comparison is a courtesy, never a reason to fail an audit
+        return None

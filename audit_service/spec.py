@@ -174,13 +174,18 @@ class Options(_Strict):
     bootstrap: int = Field(default=200, ge=0, le=10_000)
 
 
+VerdictLabel = Literal["genuine", "learned", "not_invariant", "trivial", "not_genuine"]
+
+
 class AuditSpec(_Strict):
     """Everything a client can ask of one audit, besides the model and probe files."""
 
     group: GroupSpec
-    shifts: list[ShiftSpec] | None = None
+    shifts: list[ShiftSpec] | None = Field(default=None, description="None: the default shift sweep")
     options: Options = Options()
     policy: Policy = Policy()
+    require: list[VerdictLabel] = Field(default=["genuine", "learned"], min_length=1,
+                                        description="the gate: verdict labels that pass")
 
     @field_validator("group", mode="before")
     @classmethod

@@ -1,0 +1,189 @@
+"""``audit-service audit``: run one audit locally and gate on its verdict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SpecError
+from .spec import AuditSpec, parse_audit_spec, parse_group_arg
+
+EXIT_OK, EXIT_GATE_FAILED = 0, 1
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="audit a model file locally",
+        description="Audit an ONNX or TorchScript classifier's invariance to a group. Exit status: 0 the audit "
+                    "ran (and --require passed), 1 --require failed, 2 bad input.",
+    )
+    p.add_argument("model", type=Path, help="ONNX (.onnx) or TorchScript (torch.jit.save) file")
+    p.add_argument("--group", required=True,
+                   help='group name (C4, D4, flip), JSON (\'{"name": "translation", "order": 4, "step": 7}\') '
+                        "or @file.json")
+    p.add_argument("--probes", type=Path, help="in-distribution probes: .npy (N, C, H, W) float32, or .npz "
+                                                "with x (and y)")
+    p.add_argument("--labels", type=Path, help=".npy of integer labels, one per probe")
+    p.add_argument("--second-probes", type=Path, help="second probe set for blend(second_probes) shifts")
+    p.add_argument("--shift", action="append", default=None, metavar="NAME[@SEVERITY]",
+                   help="input shift, repeatable: gaussian_noise@3, blur@5, contrast, brightness, occlusion, "
+                        "blend@0.5 (toward noise), blend:second@0.3 (toward --second-probes); "
+                        "'none' for no shifts. Default: gaussian_noise, blur, contrast at severities 1, 3, 5")
+    p.add_argument("--spec", type=Path, help="full JSON audit spec (group, shifts, options, policy); "
+                                             "flags given here override it")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="sweep option, repeatable: n_probes=256, ig_steps=32, device=cuda, seed=1, ...")
+    p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="verdict threshold override, repeatable: genuine_si_min=0.95, ...")
+    p.add_argument("--require", help="comma-separated verdict labels that pass the gate, e.g. genuine or "
+                                     "genuine,learned; exit 1 otherwise")
+    p.add_argument("--output", "-o", type=Path, help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of a summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_audit_command)
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    from .audit import load_probe_file, run_audit
+
+    spec = build_spec(args)
+    probes = labels = second = None
+    if args.probes:
+        probes, labels = load_probe_file(args.probes)
+    if args.labels:
+        labels, _ = load_probe_file(args.labels)
+    if args.second_probes:
+        second, _ = load_probe_file(args.second_probes)
+    with _progress_bar(disabled=args.quiet) as progress:
+        report = run_audit(args.model, spec, probes=probes, labels=labels, second_probes=second, progress=progress)
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_summary(report))
+    if args.require is not None and not report["verdict"]["passed"]:
+        print(f"audit-service: gate failed: verdict {report['verdict']['label']!r} is not in "
+              f"{report['verdict']['require']}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def build_spec(args: argparse.Namespace) -> AuditSpec:
+    """Merge --spec, --group, --shift, --option, --policy and --require into one validated spec."""
+    data: dict = {}
+    if args.spec:
+        try:
+            data = json.loads(args.spec.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError(f"Expected a readable JSON spec file, but {args.spec}: {exc}", field="spec") from None
+        if not isinstance(data, dict):
+            raise SpecError("Expected the spec file to hold a JSON object", field="spec")
+    if args.group:
+        data["group"] = parse_group_arg(args.group)
+    if args.shift is not None:
+        data["shifts"] = [] if args.shift == ["none"] else [parse_shift_arg(s) for s in args.shift]
+    if args.option:
+        data["options"] = {**data.get("options", {}), **_key_values(args.option, "option")}
+    if args.policy:
+        data["policy"] = {**data.get("policy", {}), **_key_values(args.policy, "policy")}
+    if args.require is not None:
+        data["require"] = [label.strip() for label in args.require.split(",") if label.strip()]
+    return parse_audit_spec(data)
+
+
+def parse_shift_arg(text: str) -> dict:
+    """``gaussian_noise@3`` / ``blur`` / ``blend@0.5`` / ``blend:second@0.3`` / JSON -> shift dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"Expected a shift such as blur@3 or a JSON object, but: {exc}", field="shift") from None
+    name, _, level = text.partition("@")
+    name, _, target = name.partition(":")
+    shift: dict = {"name": name}
+    if name == "blend":
+        shift["target"] = "second_probes" if target.startswith("second") else "noise"
+        try:
+            shift["beta"] = float(level) if level else 0.5
+        except ValueError:
+            raise SpecError(f"Expected blend@BETA with BETA in [0, 1], but got {text!r}", field="shift") from None
+    elif level:
+        try:
+            shift["severity"] = int(level)
+        except ValueError:
+            raise SpecError(f"Expected NAME@SEVERITY with SEVERITY 1-5, but got {text!r}", field="shift") from None
+    return shift
+
+
+def _key_values(items: list[str], field: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"Expected KEY=VALUE, but got {item!r}", field=field)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def format_summary(report: dict) -> str:
+    """A terminal summary: verdict first, then one row per condition."""
+    v = report["verdict"]
+    g = report["group"]
+    lines = [
+        f"verdict: {v['label']}  ({'PASS' if v['passed'] else 'FAIL'} for require={','.join(v['require'])})",
+        *[f"  - {r}" for r in v["reasons"]],
+        f"group: {g['name']} (order {g['order']}{'' if g['exact'] else ', sampled'})   "
+        f"model: {report['model']['format']} {report['model']['input_shape']} -> {report['model']['num_classes']} "
+        f"classes on {report['model']['device']}",
+        "",
+        f"{'condition':<28}{'n':>6}{'DI':>11}{'LI':>11}{'LI_norm':>11}{'SI':>8}{'agree':>8}{'acc':>8}",
+    ]
+
+    def cell(value, width, fmt):
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+    for c in report["conditions"]:
+        m = c["metrics"]
+        lines.append(f"{c['name']:<28}{c['n_probes']:>6}{cell(m['DI'], 11, '.3g')}{cell(m['LI'], 11, '.3g')}"
+                     f"{cell(m['LI_normalized'], 11, '.3g')}{cell(m['SI'], 8, '.3f')}"
+                     f"{cell(m['agreement'], 8, '.3f')}{cell(m['accuracy'], 8, '.3f')}")
+    s = report["sensitivity"]
+    if s.get("sigma_max"):
+        lines.append(f"\nJacobian sigma_max: mean {s['sigma_max']['mean']:.4g} "
+                     f"[p5 {s['sigma_max']['p5']:.4g}, p95 {s['sigma_max']['p95']:.4g}] ({s['method']})")
+    if report.get("reference_profile"):
+        lines.append(f"closest reference profile: {report['reference_profile'].get('name')}")
+    lines.append(f"time: {report['timing']['total_s']:.2f} s on {report['timing']['device']}")
+    return "\n".join(lines)
+
+
+class _progress_bar:
+    """tqdm on stderr (hidden when stderr is not a terminal or --quiet)."""
+
+    def __init__(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.bar = None
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, file=sys.stderr, disable=True if self.disabled else None,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", leave=False)
+
+        def update(fraction: float, stage: str) -> None:
+            self.bar.n = int(fraction * 1000)
+            self.bar.set_postfix_str(stage, refresh=False)
+            self.bar.refresh()
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

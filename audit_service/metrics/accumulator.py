@@ -1,0 +1,86 @@
+"""Streaming accumulation of one condition's metrics over probe chunks.
+
+Memory is bounded by the number of probes (one float per probe and metric, for the spread) and
+the class count (running sums for the sample variation); orbit tensors are never kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import functional as F
+
+PER_PROBE_METRICS = ("DI", "LI", "SI", "agreement", "accuracy", "sq_dist")
+
+
+@dataclass
+class ConditionAccumulator:
+    """Collects per-probe means over the orbit, and running logit moments for the sample variation."""
+
+    num_classes: int
+    per_probe: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
+    n: int = 0
+    _sum: torch.Tensor | None = None
+    _sumsq: torch.Tensor | None = None
+    _sq_norm: float = 0.0
+    si_pairs_total: int = 0
+    si_pairs_undefined: int = 0
+    zero_maps: int = 0
+
+    def update(
+        self,
+        logits_gx: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        si_pairs: torch.Tensor | None = None,
+    ) -> None:
+        """Add one chunk: ``logits_gx`` (G, n, C) with the identity first; ``si_pairs`` (G, n) or None."""
+        logits_x = logits_gx[0]
+        self._add("DI", F.distribution_invariance_error(logits_x, logits_gx))
+        self._add("LI", F.logit_invariance_error(logits_x, logits_gx))
+        self._add("sq_dist", F.squared_logit_distance(logits_x, logits_gx))
+        self._add("agreement", F.prediction_agreement(logits_x, logits_gx))
+        if labels is not None:
+            self._add("accuracy", F.orbit_accuracy(logits_gx, labels))
+        if si_pairs is not None:
+            self.si_pairs_total += si_pairs.numel()
+            self.si_pairs_undefined += int(torch.isnan(si_pairs).sum())
+            self._add("SI", si_pairs, nan_aware=True)
+        x64 = logits_x.double()
+        s, ss = x64.sum(0), x64.pow(2).sum(0)
+        self._sum = s if self._sum is None else self._sum + s
+        self._sumsq = ss if self._sumsq is None else self._sumsq + ss
+        self._sq_norm += float(x64.pow(2).sum())
+        self.n += logits_x.shape[0]
+
+    def _add(self, name: str, pairs: torch.Tensor, nan_aware: bool = False) -> None:
+        per_probe = torch.nanmean(pairs.double(), dim=0) if nan_aware else pairs.double().mean(dim=0)
+        self.per_probe[name].append(per_probe.cpu().numpy())
+
+    def values(self, name: str) -> np.ndarray:
+        chunks = self.per_probe[name]
+        return np.concatenate(chunks) if chunks else np.empty(0)
+
+    @property
+    def sample_variation(self) -> float:
+        """E_{x,x'} ||f(x) - f(x')||^2 (see ``functional.sample_variation``), from running moments."""
+        if self.n == 0:
+            return float("nan")
+        mean = self._sum / self.n
+        var = (self._sumsq / self.n - mean.pow(2)).clamp_min(0.0)
+        return float(2.0 * var.sum())
+
+    @property
+    def mean_squared_norm(self) -> float:
+        """E_x ||f(x)||^2: the logit scale that ``relative_variation`` is measured against."""
+        return self._sq_norm / self.n if self.n else float("nan")
+
+    @property
+    def relative_variation(self) -> float:
+        """Sample variation over logit scale: ~0 means the model ignores its input (``trivial``)."""
+        scale = self.mean_squared_norm
+        if not np.isfinite(scale):
+            return float("nan")
+        return self.sample_variation / scale if scale > 0 else 0.0

@@ -1,0 +1,1 @@
+"""Reports: the JSON report (``build``) and its HTML rendering (``html``)."""

@@ -1,0 +1,172 @@
+"""The orbit sweep: stream probe chunks through (shift ->) whole group orbit -> model -> metrics.
+
+Each chunk of ``n`` probes becomes one (G * n) batch for the logits and, for the saliency, one
+(G * n) batch of integrated gradients, all on the model's device. Only per-probe scalars and a
+few example maps are kept, so memory is bounded by the chunk size, not the probe count.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .groups import Group
+from .metrics import ConditionAccumulator, saliency_similarity
+from .metrics.saliency import SaliencyMethod, postprocess
+from .runtime import ModelRunner
+from .shifts import ProbeStats, apply_shift, uniform_noise
+from .spec import Options, ShiftSpec
+
+#: Worst-similarity examples kept per condition for the HTML report.
+EXAMPLES_PER_CONDITION = 3
+EXAMPLE_MAX_SIDE = 48
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row of the report: the clean probes, a shift of them, or pure uniform noise."""
+
+    name: str
+    shift: ShiftSpec | None = None
+    noise: bool = False
+
+
+@dataclass
+class ConditionResult:
+    condition: Condition
+    accumulator: ConditionAccumulator
+    examples: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[float, str], None]
+
+
+class OrbitSweep:
+    """Runs conditions for one (model, group) pair; see the module docstring for the data flow."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        group: Group,
+        options: Options,
+        stats: ProbeStats,
+        saliency: SaliencyMethod | None,
+        second_probes: torch.Tensor | None = None,
+    ) -> None:
+        self.runner = runner
+        self.group = group
+        self.options = options
+        self.stats = stats
+        self.saliency = saliency
+        self.second_probes = second_probes
+        self.device = runner.device
+
+    # ------------------------------------------------------------------ public
+    def n_chunks(self, condition: Condition, n_probes: int) -> int:
+        n = self.options.n_noise_probes if condition.noise else n_probes
+        return -(-n // self.options.probe_chunk)
+
+    def run(
+        self,
+        condition: Condition,
+        probes: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        on_chunk: Callable[[], None] = lambda: None,
+    ) -> ConditionResult:
+        """Sweep one condition. ``probes`` / ``labels`` may live on the host; chunks move to the device."""
+        start = time.perf_counter()
+        acc = ConditionAccumulator(self.runner.num_classes)
+        examples: list[dict] = []
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.options.seed * 1_000_003 + zlib.crc32(condition.name.encode()))
+        use_labels = labels is not None and not condition.noise
+        for x, y in self._chunks(condition, probes, labels if use_labels else None, generator):
+            logits_gx, si_pairs, maps = self._orbit_batch(x, y)
+            acc.update(logits_gx, y, si_pairs)
+            if si_pairs is not None:
+                examples = _keep_worst(examples, si_pairs, maps, acc.n - x.shape[0], condition.name,
+                                       self.group.element_names)
+            on_chunk()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return ConditionResult(condition, acc, examples, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ internals
+    def _chunks(
+        self, condition: Condition, probes: torch.Tensor | None, labels: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        size = self.options.probe_chunk
+        if condition.noise:
+            total = self.options.n_noise_probes
+            for start in range(0, total, size):
+                n = min(size, total - start)
+                yield uniform_noise(n, self.runner.input_shape, self.stats, generator, self.device), None
+            return
+        assert probes is not None
+        for start in range(0, probes.shape[0], size):
+            x = probes[start:start + size].to(self.device, non_blocking=True)
+            if condition.shift is not None:
+                x = apply_shift(x, condition.shift, self.stats, generator, self.second_probes)
+            y = None if labels is None else labels[start:start + size].to(self.device, non_blocking=True)
+            yield x, y
+
+    def _orbit_batch(
+        self, x: torch.Tensor, labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Logits (G, n, C), SI per pair (G, n) and the aligned saliency maps (G, n, *S)."""
+        n, shape = x.shape[0], x.shape[1:]
+        orbit = self.group.orbit(x)                                  # (G, n, *S)
+        g = orbit.shape[0]
+        flat = orbit.reshape(g * n, *shape)
+        logits = self.runner.logits(flat, self.options.batch_size).reshape(g, n, -1)
+        if self.saliency is None:
+            return logits, None, None
+        target = labels if labels is not None else logits[0].argmax(-1)
+        attributions = self.saliency.attribute(flat, target.repeat(g))
+        maps = postprocess(attributions, sample_rank=len(shape)).reshape(g, n, *shape)
+        aligned = self.group.inverse_orbit(maps)                      # g^-1 m(gx); [0] is m(x)
+        return logits, saliency_similarity(aligned[0], aligned), aligned
+
+
+def _keep_worst(
+    kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int, condition: str,
+    element_names: list[str],
+) -> list[dict]:
+    """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded)."""
+    if si_pairs.shape[0] < 2:
+        return kept
+    scores = si_pairs[1:].nan_to_num(nan=-2.0)                       # undefined (zero map) first
+    k = min(EXAMPLES_PER_CONDITION, scores.numel())
+    values, flat_idx = torch.topk(scores.flatten(), k, largest=False)
+    n = si_pairs.shape[1]
+    for value, idx in zip(values.tolist(), flat_idx.tolist()):
+        element, probe = 1 + idx // n, idx % n
+        kept.append({
+            "condition": condition,
+            "probe": offset + probe,
+            "element": element_names[element],
+            "similarity": None if value == -2.0 else round(value, 6),
+            "map_x": _example_map(maps[0, probe]),
+            "map_gx_aligned": _example_map(maps[element, probe]),
+        })
+    kept.sort(key=lambda e: -2.0 if e["similarity"] is None else e["similarity"])
+    return kept[:EXAMPLES_PER_CONDITION]
+
+
+def _example_map(m: torch.Tensor) -> list:
+    """A saliency map small enough for JSON: channels summed, at most 48 px a side, 4 decimals."""
+    m = m.detach().float()
+    if m.ndim >= 3:
+        m = m.reshape(-1, *m.shape[-2:]).sum(0)
+    if m.ndim == 2 and max(m.shape) > EXAMPLE_MAX_SIDE:
+        side = (min(m.shape[0], EXAMPLE_MAX_SIDE), min(m.shape[1], EXAMPLE_MAX_SIDE))
+        m = F.adaptive_avg_pool2d(m[None, None], side)[0, 0]
+    return [[round(v, 4) for v in row] for row in m.cpu().tolist()] if m.ndim == 2 else \
+        [round(v, 4) for v in m.cpu().tolist()]
