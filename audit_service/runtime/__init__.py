@@ -1,0 +1,20 @@
+"""Model runtimes: ONNX (onnxruntime) and TorchScript behind one ``ModelRunner`` protocol.
+
+``load_model`` is the front door; it checks the file (size cap, format by content, pickles refused
+unread, no ONNX external data) and returns a runner that computes logits in batches on its device
+and offers a differentiable ``torch_module()`` for gradient metrics, or says why it cannot.
+"""
+
+from .base import ModelFormat, ModelRunner
+from .loader import load_model, resolve_device, sniff_format
+from .validation import DEFAULT_MAX_BYTES, MAX_INPUT_ELEMENTS
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_INPUT_ELEMENTS",
+    "ModelFormat",
+    "ModelRunner",
+    "load_model",
+    "resolve_device",
+    "sniff_format",
+]

@@ -1,0 +1,73 @@
+"""Batched forward passes with the checks every runner owes its callers (shared by both runtimes).
+
+A runner supplies ``forward(chunk) -> logits``; this module checks the inputs, cuts them into
+chunks of ``batch_size``, and checks each chunk's logits (shape, then finiteness) so that a model
+that misbehaves on some inputs fails the audit with a clear reason instead of poisoning the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ModelRuntimeError, ProbeError
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``x`` as float32 on ``device``, after checking it is ``(N, *input_shape)``."""
+    if not isinstance(x, torch.Tensor):
+        raise ProbeError(f"Expected a torch.Tensor of shape (N, {', '.join(map(str, input_shape))}), "
+                         f"but got {type(x).__name__}", field="probes")
+    if tuple(x.shape[1:]) != tuple(input_shape) or x.dim() != len(input_shape) + 1:
+        raise ProbeError(f"Expected inputs of shape (N, {', '.join(map(str, input_shape))}) for this model, "
+                         f"but got {tuple(x.shape)}", field="probes")
+    if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                 torch.int64, torch.bool)):
+        raise ProbeError(f"Expected real-valued inputs, but got dtype {x.dtype}", field="probes")
+    return x.detach().to(device=device, dtype=torch.float32)
+
+
+def run_chunked(forward: Forward, x: torch.Tensor, batch_size: int, num_classes: int) -> torch.Tensor:
+    """Logits ``(N, num_classes)`` of ``forward`` over ``x`` in chunks; ``ModelRuntimeError`` on misbehaviour."""
+    if batch_size < 1:
+        raise ProbeError(f"Expected a batch size >= 1, but got {batch_size}", field="batch_size")
+    n = x.shape[0]
+    if n == 0:
+        return torch.empty((0, num_classes), dtype=torch.float32, device=x.device)
+    parts = []
+    for start in range(0, n, batch_size):
+        chunk = x[start:start + batch_size]
+        out = forward(chunk)
+        parts.append(check_chunk_logits(out, chunk.shape[0], num_classes))
+    logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+    check_finite(logits)
+    return logits
+
+
+def check_chunk_logits(out: object, n: int, num_classes: int) -> torch.Tensor:
+    """One chunk's output as float32, after checking it is a tensor of shape ``(n, num_classes)``."""
+    if not isinstance(out, torch.Tensor):
+        raise ModelRuntimeError(f"Expected the model to return one logits tensor, but it returned "
+                                f"{type(out).__name__}", field="model")
+    if tuple(out.shape) != (n, num_classes):
+        raise ModelRuntimeError(f"Expected logits of shape ({n}, {num_classes}) for a batch of {n}, but the "
+                                f"model returned {tuple(out.shape)}", field="model")
+    if not out.is_floating_point():
+        raise ModelRuntimeError(f"Expected floating-point logits, but the model returned {out.dtype}",
+                                field="model")
+    return out.float()
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise ``ModelRuntimeError`` naming how many inputs got NaN/Inf logits, and the first of them."""
+    bad = ~torch.isfinite(logits).all(dim=1)
+    n_bad = int(bad.sum())
+    if n_bad:
+        first = int(bad.nonzero()[0, 0])
+        raise ModelRuntimeError(
+            f"The model returned NaN/Inf logits for {n_bad} of {logits.shape[0]} inputs (first at index "
+            f"{first}); expected finite logits for every input. Check the model's numerics (e.g. a log or "
+            f"division on zero) or the input scaling", field="model")

@@ -1,0 +1,177 @@
+"""A differentiable torch twin of an ONNX graph (onnx2torch), trusted only after it matches onnxruntime.
+
+Gradient metrics (integrated-gradients saliency, Jacobian spectra) need autograd. onnx2torch covers
+most classifier ops, but not all, and a conversion can be silently wrong (see ``_patch_slice``),
+so the twin is compared with onnxruntime on a seeded batch and used only when it agrees. Otherwise
+the runner returns None and a note that names the op or the mismatch, and the metrics fall back to
+gradient-free estimates.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Callable
+
+import onnx
+import torch
+
+from .validation import short_error
+
+#: relative tolerance (to the logit scale) for the converted module against onnxruntime
+MATCH_TOLERANCE = 1e-4
+VERIFY_BATCH = 3
+FALLBACK = "saliency uses a gradient-free occlusion estimate and sigma_max a finite-difference estimate"
+
+ReferenceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape: tuple[int, ...],
+                    device: torch.device, fixed_batch: int | None) -> tuple[torch.nn.Module | None, str | None]:
+    """(module, None) when the conversion reproduces ``reference``; else (None, why)."""
+    try:
+        import onnx2torch
+    except ImportError as exc:
+        return None, f"onnx2torch is not installed ({exc}); {FALLBACK}"
+    _patch_slice()
+    missing = unsupported_ops(model)
+    if missing:
+        return None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph_module = onnx2torch.convert(model)
+    except Exception as exc:
+        named = re.search(r"operation_type='([^']+)'", str(exc))
+        op = named.group(1) if named else _failing_op(model)
+        what = f"{_ops([op])} ({short_error(exc)})" if op else f"this graph ({short_error(exc)})"
+        return None, f"onnx2torch cannot convert {what}; {FALLBACK}"
+    module = ConvertedOnnx(graph_module, fixed_batch).to(device).eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    problem = _mismatch(module, reference, input_shape, device, fixed_batch)
+    if problem:
+        return None, f"{problem}; {FALLBACK}"
+    return module, None
+
+
+class ConvertedOnnx(torch.nn.Module):
+    """The onnx2torch graph, returning float32 logits; feeds a hard-coded batch size in padded pieces."""
+
+    def __init__(self, graph_module: torch.nn.Module, fixed_batch: int | None) -> None:
+        super().__init__()
+        self.graph = graph_module
+        self.fixed_batch = fixed_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.fixed_batch is None:
+                return self.graph(x).float()
+            parts = []
+            for start in range(0, x.shape[0], self.fixed_batch):
+                piece = x[start:start + self.fixed_batch]
+                n = piece.shape[0]
+                if n < self.fixed_batch:
+                    piece = torch.cat([piece, piece.new_zeros((self.fixed_batch - n, *piece.shape[1:]))])
+                parts.append(self.graph(piece)[:n].float())
+            return torch.cat(parts)
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """Op types of the graph that onnx2torch has no converter for (at the model's opset)."""
+    from onnx2torch.node_converters.registry import get_converter
+
+    opsets = {entry.domain or "": entry.version for entry in model.opset_import}
+    missing: list[str] = []
+    for node in model.graph.node:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        version = opsets.get(domain, opsets.get("ai.onnx", 1))
+        try:
+            get_converter(operation_type=node.op_type, version=version, domain=domain)
+        except NotImplementedError:
+            if node.op_type not in missing:
+                missing.append(node.op_type)
+    return missing
+
+
+def _failing_op(model: onnx.ModelProto) -> str | None:
+    """The op type of the first node whose onnx2torch converter raises (converters can refuse an
+    attribute or a non-constant operand even when the op itself is supported), or None."""
+    try:
+        from onnx2torch.node_converters.registry import get_converter
+        from onnx2torch.onnx_graph import OnnxGraph
+        from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+
+        inferred = safe_shape_inference(model)
+        graph = OnnxGraph(inferred.graph)
+        opsets = {entry.domain or "": entry.version for entry in inferred.opset_import}
+        for node in graph.nodes.values():
+            try:
+                converter = get_converter(operation_type=node.operation_type, domain=node.domain,
+                                          version=opsets.get(node.domain or "", 1))
+                converter(node, graph)
+            except Exception:
+                return node.operation_type
+    except Exception:  # onnx2torch internals moved: the caller falls back to the raw message
+        return None
+    return None
+
+
+def _ops(names: list[str]) -> str:
+    quoted = ", ".join(f"'{name}'" for name in names)
+    return f"op {quoted}" if len(names) == 1 else f"ops {quoted}"
+
+
+def _mismatch(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple[int, ...],
+              device: torch.device, fixed_batch: int | None) -> str | None:
+    """Why the converted module cannot stand in for onnxruntime, or None when it matches."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((fixed_batch or VERIFY_BATCH, *input_shape), generator=generator).to(device)
+    try:
+        expected = reference(x)
+    except Exception as exc:
+        return f"onnxruntime failed on the check batch ({short_error(exc)})"
+    try:
+        with torch.no_grad():
+            got = module(x)
+    except Exception as exc:
+        return f"the onnx2torch conversion fails to run ({short_error(exc)})"
+    if tuple(got.shape) != tuple(expected.shape):
+        return (f"the onnx2torch conversion returns shape {tuple(got.shape)}, onnxruntime "
+                f"{tuple(expected.shape)}")
+    if not torch.isfinite(expected).all():
+        return "the model's logits are not finite, so the onnx2torch conversion cannot be checked"
+    scale = max(1.0, float(expected.abs().max()))
+    error = float((got - expected).abs().max()) / scale
+    if not error <= MATCH_TOLERANCE:  # also catches NaN
+        return (f"the onnx2torch conversion does not reproduce onnxruntime's logits (max difference "
+                f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})")
+    return None
+
+
+def _patch_slice() -> None:
+    """Fix onnx2torch's Slice for torch >= 2.9, which reads a *list* of slices as a tensor index.
+
+    onnx2torch 1.5 indexes with ``x[list_of_slices]``; recent torch interprets that differently and
+    returns wrong values (seen: 0.45 logit error on a circular-padding CNN). Indexing with a tuple is
+    what onnx2torch means. Idempotent; the onnxruntime comparison still guards the result.
+    """
+    try:
+        from onnx2torch.node_converters import slice as slice_module
+    except ImportError:
+        return
+    if getattr(slice_module, "_audit_patched", False) or not hasattr(slice_module, "_do_slice"):
+        return
+
+    def _do_slice(x: torch.Tensor, flip_dims: list, pos_axes_slices: list, neg_axes_slices: list) -> torch.Tensor:
+        if flip_dims:
+            x = torch.flip(x, dims=flip_dims)
+        if pos_axes_slices:
+            x = x[tuple(pos_axes_slices)]
+        if neg_axes_slices:
+            x = x[tuple(neg_axes_slices)]
+        return x
+
+    slice_module._do_slice = _do_slice
+    slice_module._audit_patched = True

@@ -1,0 +1,156 @@
+"""What an ONNX graph must look like before a session is built: self-contained, one input, (N, C) out.
+
+These checks read only the protobuf; nothing is allocated from the graph's numbers until the
+input size has been capped. External-data references are refused because they make onnxruntime
+read arbitrary files named inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..errors import ModelError
+from .validation import check_input_shape, short_error
+
+#: ONNX element types accepted for the input, with the numpy dtype fed to onnxruntime.
+INPUT_DTYPES = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+}
+_FLOAT_OUTPUTS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """The single input and output a classifier graph exposes."""
+
+    input_name: str
+    input_dtype: type
+    input_shape: tuple[int, ...]   # per sample, batch dim excluded
+    fixed_batch: int | None        # the batch size when the graph hard-codes it (e.g. 1), else None
+    output_name: str
+    declared_classes: int | None   # C when the output's shape declares it
+
+
+def check_graph(model: onnx.ModelProto) -> GraphSignature:
+    """Refuse external data, run the ONNX checker, and read the classifier signature."""
+    refuse_external_data(model)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"Expected a valid ONNX model, but the ONNX checker rejects it: {short_error(exc)}",
+                         field="model") from None
+    return read_signature(model)
+
+
+def _graph_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for tensor in graph.initializer:
+        yield f"{where}initializer '{tensor.name}'", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"{where}sparse initializer '{sparse.values.name}'", sparse.values
+        yield f"{where}sparse initializer indices '{sparse.indices.name}'", sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node, where)
+
+
+def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    label = f"{where}attribute '{{attr}}' of node '{node.name or node.op_type}'"
+    for attr in node.attribute:
+        name = label.format(attr=attr.name)
+        if attr.HasField("t"):
+            yield f"{name} ('{attr.t.name}')", attr.t
+        for tensor in attr.tensors:
+            yield f"{name} ('{tensor.name}')", tensor
+        if attr.HasField("sparse_tensor"):
+            yield name, attr.sparse_tensor.values
+        for sparse in attr.sparse_tensors:
+            yield name, sparse.values
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g, f"subgraph of node '{node.name or node.op_type}': ")
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub, f"subgraph of node '{node.name or node.op_type}': ")
+
+
+def refuse_external_data(model: onnx.ModelProto) -> None:
+    """``ModelError`` naming the first tensor stored outside the file (external data is never followed)."""
+    tensors = list(_graph_tensors(model.graph, ""))
+    for function in model.functions:
+        for node in function.node:
+            tensors.extend(_node_tensors(node, f"function '{function.name}': "))
+    for label, tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ModelError(
+                f"Expected a self-contained ONNX file, but {label} stores its data externally (in "
+                f"'{location}'); external data references are refused because they make the runtime read "
+                f"other files. Re-save with onnx.save_model(model, path, save_as_external_data=False)",
+                field="model")
+
+
+def read_signature(model: onnx.ModelProto) -> GraphSignature:
+    """The one real input (initializers listed as inputs excluded) and the one (N, C) output."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(f"'{v.name}'" for v in inputs) or "none"
+        raise ModelError(f"Expected a model with exactly one input tensor (a batch of samples), but got "
+                         f"{len(inputs)}: {names}", field="model")
+    if len(graph.output) != 1:
+        names = ", ".join(f"'{v.name}'" for v in graph.output)
+        raise ModelError(f"Expected a model with exactly one output (the logits), but got {len(graph.output)}: "
+                         f"{names}; re-export returning only the logits", field="model")
+    (value,) = inputs
+    input_dtype, input_shape, fixed_batch = _read_input(value)
+    output = graph.output[0]
+    return GraphSignature(value.name, input_dtype, input_shape, fixed_batch, output.name, _read_output(output))
+
+
+def _read_input(value: onnx.ValueInfoProto) -> tuple[type, tuple[int, ...], int | None]:
+    if not value.type.HasField("tensor_type"):
+        raise ModelError(f"Expected the input '{value.name}' to be a tensor, but it is a "
+                         f"{value.type.WhichOneof('value')}", field="model")
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type not in INPUT_DTYPES:
+        got = TensorProto.DataType.Name(tensor_type.elem_type)
+        raise ModelError(f"Expected a float32 (or float16/float64) input, but '{value.name}' is {got}",
+                         field="model")
+    if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) < 2:
+        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
+        raise ModelError(f"Expected the input '{value.name}' to declare a shape (batch, ...) of rank >= 2, but "
+                         f"its rank is {rank}", field="model")
+    batch, *rest = tensor_type.shape.dim
+    fixed_batch = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else None
+    dims: list[object] = []
+    for dim in rest:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(dim.dim_param or "?")
+    shape = check_input_shape(dims, f"the ONNX input '{value.name}'")
+    return INPUT_DTYPES[tensor_type.elem_type], shape, fixed_batch
+
+
+def _read_output(value: onnx.ValueInfoProto) -> int | None:
+    if not value.type.HasField("tensor_type"):
+        raise ModelError(f"Expected the output '{value.name}' to be a logits tensor (N, C), but it is a "
+                         f"{value.type.WhichOneof('value')}", field="model")
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type not in _FLOAT_OUTPUTS:
+        got = TensorProto.DataType.Name(tensor_type.elem_type)
+        raise ModelError(f"Expected floating-point logits, but the output '{value.name}' is {got}",
+                         field="model")
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tensor_type.shape.dim
+    if len(dims) != 2:
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        raise ModelError(f"Expected logits of shape (N, C), but the output '{value.name}' is declared as "
+                         f"{shape} (rank {len(dims)})", field="model")
+    return int(dims[1].dim_value) if dims[1].HasField("dim_value") and dims[1].dim_value > 0 else None

@@ -1,0 +1,177 @@
+"""ONNX models through onnxruntime, with tensors kept on the model's device.
+
+On CPU the input tensor's memory is handed to onnxruntime as a numpy view and the result wrapped
+back without a copy; on CUDA, IO binding points onnxruntime at the torch tensors' device memory,
+so no logits cross to the host. The session is built from the checked bytes, never from a path,
+so it cannot resolve file references either.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..errors import AuditError, ModelError, ModelRuntimeError
+from .base import ModelFormat
+from .chunks import check_inputs, run_chunked
+from .onnx_graph import GraphSignature, check_graph
+from .validation import short_error
+
+#: batch of the load-time probe that learns C and confirms the (N, C) contract
+PROBE_BATCH = 2
+THREADS_ENV = "AUDIT_ORT_THREADS"
+
+_NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+                np.dtype(np.float64): torch.float64}
+
+
+def session_threads() -> int:
+    """intra-op threads: ``AUDIT_ORT_THREADS`` when set, else the cores this process may use."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def providers_for(device: torch.device) -> list:
+    """CUDA first only for a CUDA device: onnxruntime-gpu lists CUDA as available even without a GPU."""
+    if device.type == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRunner:
+    """A checked ONNX classifier behind the ``ModelRunner`` protocol."""
+
+    format: ModelFormat = "onnx"
+
+    def __init__(self, data: bytes, model: onnx.ModelProto, sha256: str, device: torch.device) -> None:
+        self.sha256 = sha256
+        self._model = model
+        self._signature: GraphSignature = check_graph(model)
+        self.input_shape = self._signature.input_shape
+        self.fixed_batch = self._signature.fixed_batch
+        self._session = self._open_session(data, device)
+        self.providers = list(self._session.get_providers())
+        self.device = torch.device("cuda", device.index or 0) if device.type == "cuda" else torch.device("cpu")
+        self.num_classes, self._output_dtype = self._probe()
+        self.gradient_note: str | None = None
+        self._module: torch.nn.Module | None = None
+        self._module_done = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    def _open_session(self, data: bytes, device: torch.device) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = session_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only: provider fallbacks are reported through `providers`
+        try:
+            session = ort.InferenceSession(data, sess_options=options, providers=providers_for(device))
+        except Exception as exc:
+            raise ModelError(f"Expected a model onnxruntime can run, but building the session failed: "
+                             f"{short_error(exc)}", field="model") from None
+        if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise ModelError("Expected onnxruntime's CUDA execution provider to load for device 'cuda', but it did "
+                             "not (CUDA/cuDNN libraries missing?); use device 'cpu' or 'auto'", field="device")
+        return session
+
+    def _probe(self) -> tuple[int, np.dtype]:
+        """One real forward on a zero batch: learn C and confirm the output is (batch, C) floating point."""
+        batch = self.fixed_batch or PROBE_BATCH
+        zeros = np.zeros((batch, *self.input_shape), dtype=self._signature.input_dtype)
+        try:
+            (out,) = self._session.run([self._signature.output_name], {self._signature.input_name: zeros})
+        except Exception as exc:
+            raise ModelError(f"Expected the model to run on a zero batch of shape {zeros.shape}, but it failed: "
+                             f"{short_error(exc)}", field="model") from None
+        out = np.asarray(out)
+        if out.ndim != 2 or out.shape[0] != batch:
+            raise ModelError(f"Expected logits of shape (N, C), but for a batch of {batch} the model returned "
+                             f"shape {out.shape}", field="model")
+        if out.dtype not in _NP_TO_TORCH:
+            raise ModelError(f"Expected floating-point logits, but the model returned {out.dtype}", field="model")
+        classes = int(out.shape[1])
+        declared = self._signature.declared_classes
+        if declared is not None and declared != classes:
+            raise ModelError(f"Expected the output to have the {declared} classes its shape declares, but it "
+                             f"returned {classes}", field="model")
+        if classes < 2:
+            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
+                             f"classifier with one logit z, export the pair (0, z)", field="model")
+        return classes, out.dtype
+
+    # ------------------------------------------------------------------ running
+    def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
+        x = check_inputs(x, self.input_shape, self.device)
+        size = self.fixed_batch or batch_size
+        return run_chunked(self._forward, x, size, self.num_classes)
+
+    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        n = chunk.shape[0]
+        padded = self.fixed_batch is not None and n < self.fixed_batch
+        if padded:  # a graph with a hard-coded batch gets full batches; the padding rows are dropped
+            pad = chunk.new_zeros((self.fixed_batch - n, *chunk.shape[1:]))
+            chunk = torch.cat([chunk, pad])
+        try:
+            out = self._run_cuda(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
+        except AuditError:
+            raise
+        except Exception as exc:
+            raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
+                                    field="model") from None
+        return out[:n] if padded and out.dim() == 2 and out.shape[0] == self.fixed_batch else out
+
+    def _run_cpu(self, chunk: torch.Tensor) -> torch.Tensor:
+        array = chunk.contiguous().numpy()  # shares memory with the tensor
+        if array.dtype != self._signature.input_dtype:
+            array = array.astype(self._signature.input_dtype)
+        (out,) = self._session.run([self._signature.output_name], {self._signature.input_name: array})
+        return torch.from_numpy(np.asarray(out))
+
+    def _run_cuda(self, chunk: torch.Tensor) -> torch.Tensor:
+        """IO binding on the torch tensors' device memory: nothing is copied through the host."""
+        index = self.device.index or 0
+        in_dtype = np.dtype(self._signature.input_dtype)
+        chunk = chunk.to(_NP_TO_TORCH[in_dtype]).contiguous()
+        out = torch.empty((chunk.shape[0], self.num_classes), dtype=_NP_TO_TORCH[self._output_dtype],
+                          device=self.device)
+        binding = self._session.io_binding()
+        binding.bind_input(self._signature.input_name, "cuda", index, in_dtype, tuple(chunk.shape),
+                           chunk.data_ptr())
+        binding.bind_output(self._signature.output_name, "cuda", index, self._output_dtype, tuple(out.shape),
+                            out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # the input must be written before ORT reads it
+        self._session.run_with_iobinding(binding)
+        return out
+
+    def _raw_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits without the finiteness check (for comparing against a converted module)."""
+        x = check_inputs(x, self.input_shape, self.device)
+        return self._forward(x).float()
+
+    # ------------------------------------------------------------------ gradients
+    def torch_module(self) -> torch.nn.Module | None:
+        """The graph converted by onnx2torch and checked against onnxruntime, or None (see ``gradient_note``)."""
+        with self._lock:
+            if not self._module_done:
+                from .onnx_convert import convert_checked  # onnx2torch is slow to import; only when needed
+
+                self._module, self.gradient_note = convert_checked(
+                    self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch)
+                self._module_done = True
+        return self._module
+
+    def __repr__(self) -> str:
+        return (f"OnnxRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+                f"device={self.device}, providers={self.providers}, sha256={self.sha256[:12]}...)")

@@ -1,0 +1,125 @@
+"""TorchScript archives (torch.jit.save) through torch.jit.load.
+
+Why torch.jit.load is acceptable for untrusted files while Python pickles are refused: a TorchScript
+archive's pickled parts are read by TorchScript's own restricted unpickler, which rebuilds tensors
+and TorchScript classes only and cannot call arbitrary Python callables; the model's code is
+TorchScript, interpreted by torch, not Python. (The audit still runs in a resource-limited worker.)
+
+TorchScript does not record the input shape, so it comes from the caller (``input_shape``), from
+an ``input_shape.json`` extra file saved with the archive, or from an ``input_shape`` attribute.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import torch
+
+from ..errors import AuditError, ModelError, ModelRuntimeError
+from .base import ModelFormat
+from .chunks import check_inputs, run_chunked
+from .validation import check_input_shape, short_error
+
+SHAPE_FILE = "input_shape.json"
+PROBE_BATCH = 2
+_NO_SHAPE = ("Expected the input shape: TorchScript does not record it; pass probes, or save with "
+             "_extra_files={'input_shape.json': '[1, 28, 28]'}")
+
+
+class TorchScriptRunner:
+    """A TorchScript classifier behind the ``ModelRunner`` protocol; it is its own gradient module."""
+
+    format: ModelFormat = "torchscript"
+
+    def __init__(self, data: bytes, sha256: str, device: torch.device,
+                 input_shape: tuple[int, ...] | None = None) -> None:
+        self.sha256 = sha256
+        self.device = device
+        self.providers = [f"torch.jit ({device})"]
+        self.gradient_note: str | None = None
+        extra = {SHAPE_FILE: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still the safe loader
+                module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
+        except Exception as exc:
+            raise ModelError(f"Expected a TorchScript archive torch.jit.load can read, but loading failed: "
+                             f"{short_error(exc)}", field="model") from None
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad_(False)
+        self._module = module
+        self.input_shape = _resolve_shape(input_shape, extra[SHAPE_FILE], module)
+        self.num_classes = self._probe()
+
+    def _probe(self) -> int:
+        """One real forward on a zero batch: learn C and confirm the output is (batch, C) floating point."""
+        zeros = torch.zeros((PROBE_BATCH, *self.input_shape), device=self.device)
+        try:
+            with torch.no_grad():
+                out = self._module(zeros)
+        except Exception as exc:
+            raise ModelError(f"Expected the model to run on a zero batch of shape {tuple(zeros.shape)}, but it "
+                             f"failed: {short_error(exc)}", field="model") from None
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"Expected the model to return one logits tensor (N, C), but it returned "
+                             f"{type(out).__name__}", field="model")
+        if out.dim() != 2 or out.shape[0] != PROBE_BATCH:
+            raise ModelError(f"Expected logits of shape (N, C), but for a batch of {PROBE_BATCH} the model "
+                             f"returned shape {tuple(out.shape)}", field="model")
+        if not out.is_floating_point():
+            raise ModelError(f"Expected floating-point logits, but the model returned {out.dtype}", field="model")
+        if out.shape[1] < 2:
+            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {out.shape[1]}); for a binary "
+                             f"classifier with one logit z, return the pair (0, z)", field="model")
+        return int(out.shape[1])
+
+    def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
+        x = check_inputs(x, self.input_shape, self.device)
+        return run_chunked(self._forward, x, batch_size, self.num_classes)
+
+    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                return self._module(chunk)
+        except AuditError:
+            raise
+        except Exception as exc:
+            raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
+                                    field="model") from None
+
+    def torch_module(self) -> torch.nn.Module:
+        """The loaded TorchScript module itself (eval mode, on ``device``, parameters frozen)."""
+        return self._module
+
+    def __repr__(self) -> str:
+        return (f"TorchScriptRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+                f"device={self.device}, sha256={self.sha256[:12]}...)")
+
+
+def _resolve_shape(hint: tuple[int, ...] | None, extra_file: str | bytes,
+                   module: torch.jit.ScriptModule) -> tuple[int, ...]:
+    """The caller's hint first, then the archive's input_shape.json, then an ``input_shape`` attribute."""
+    if hint is not None:
+        return check_input_shape(list(hint), "the input_shape argument")
+    text = extra_file.decode("utf-8", "replace") if isinstance(extra_file, bytes) else extra_file
+    if text and text.strip():
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"Expected {SHAPE_FILE} in the archive to hold a JSON list such as [1, 28, 28], but "
+                             f"it does not parse: {exc}", field="model") from None
+        if not isinstance(value, list):
+            raise ModelError(f"Expected {SHAPE_FILE} to hold a JSON list such as [1, 28, 28], but got "
+                             f"{type(value).__name__}", field="model")
+        return check_input_shape(value, SHAPE_FILE)
+    try:
+        attribute = getattr(module, "input_shape")
+    except (AttributeError, RuntimeError):
+        attribute = None
+    if isinstance(attribute, (list, tuple)) and attribute:
+        return check_input_shape(list(attribute), "the module's input_shape attribute")
+    raise ModelError(_NO_SHAPE, field="input_shape")
