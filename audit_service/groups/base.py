@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from ..errors import SpecError
 from ..spec import MAX_GROUP_ORDER
-from .element import Element
+from .element import Element, is_permutation
 
 #: Largest ``order x prod(input_shape)`` an exact group may index: the gather table is int64 (8 bytes per
 #: entry, twice with its inverse) and one probe's orbit holds that many values.
@@ -108,8 +108,8 @@ class ExactGroup(Group):
         table = torch.stack([el.perm for el in elements])
         if not torch.equal(table[0], torch.arange(size)):
             raise ValueError(f"Expected element 0 to be the identity, but got {elements[0].name!r}")
-        if not torch.equal(table.sort(dim=1).values, torch.arange(size).expand_as(table)):
-            bad = [el.name for el in elements if not torch.equal(el.perm.sort().values, torch.arange(size))]
+        if not is_permutation(table):
+            bad = [el.name for el in elements if not is_permutation(el.perm)]
             raise ValueError(f"Expected every element to be a permutation of range({size}), but got {bad}")
         inverse = torch.empty_like(table)
         inverse.scatter_(1, table, torch.arange(size).expand_as(table))

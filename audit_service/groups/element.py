@@ -26,10 +26,9 @@ class Element:
         perm = torch.as_tensor(perm, dtype=torch.long, device="cpu")
         if perm.ndim != 1:
             raise ValueError(f"Expected a 1-D permutation, but got a tensor of shape {tuple(perm.shape)}")
-        n = perm.numel()
-        if n and not torch.equal(torch.sort(perm).values, torch.arange(n)):
-            raise ValueError(f"Expected a permutation of range({n}) for element {name!r}, but some indices "
-                             "are missing or repeated")
+        if not is_permutation(perm):
+            raise ValueError(f"Expected a permutation of range({perm.numel()}) for element {name!r}, but some "
+                             "indices are out of range, missing or repeated")
         self._init(perm, name)
 
     def _init(self, perm: torch.Tensor, name: str) -> None:
@@ -90,6 +89,18 @@ class Element:
 
     def __repr__(self) -> str:
         return f"Element({self.name!r}, size={self.size})"
+
+
+def is_permutation(perm: torch.Tensor) -> bool:
+    """Whether the last axis of ``perm`` holds permutations of ``range(n)`` in every row (O(size))."""
+    n = perm.shape[-1]
+    if n == 0:
+        return True
+    if int(perm.min()) < 0 or int(perm.max()) >= n:
+        return False
+    hit = torch.zeros(perm.shape, dtype=torch.bool)
+    hit.scatter_(-1, perm, True)
+    return bool(hit.all())
 
 
 def element_from_rearrangement(shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor],
