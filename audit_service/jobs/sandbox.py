@@ -1,0 +1,157 @@
+"""The child process one audit runs in: ``python -m audit_service.jobs.sandbox WORKDIR``.
+
+The worker (``jobs.worker``) starts it in its own session with rlimits on memory (``RLIMIT_AS``)
+and CPU time, strips ``AUDIT_*`` variables (no database URL or tokens reach model code), and
+kills the whole process group on timeout, cancellation or shutdown. The sandbox talks to its
+parent only through files in ``WORKDIR``:
+
+* ``task.json``   (in)  ``{"kind": "audit", "engine": "module:function", "spec": {...},
+                         "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``
+                         or ``{"kind": "reference_run", "name": ..., "epochs": ..., "seed": ...}``
+* ``progress.json`` (out) ``{"progress": 0..1, "stage": "..."}``, replaced atomically, throttled
+* ``result.json``   (out) ``{"ok": true, "report": {...}}`` or ``{"ok": false, "error": {type, message, field}}``
+
+Exit status 0 means ``result.json`` was written; anything else (a signal, no result) is a crash
+the parent turns into a failed job with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+_OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "bad_alloc",
+                "std::bad_alloc", "failed to allocate")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """``progress(fraction, stage)`` for the engine: cheap, throttled file writes."""
+
+    def __init__(self, path: Path, min_interval: float = 0.2) -> None:
+        self.path, self.min_interval = path, min_interval
+        self._last = 0.0
+        self._stage = None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        now = time.monotonic()
+        if stage == self._stage and now - self._last < self.min_interval:
+            return
+        self._last, self._stage = now, stage
+        try:
+            fraction = float(fraction)
+        except (TypeError, ValueError):
+            fraction = 0.0
+        _write_json(self.path, {"progress": max(0.0, min(1.0, fraction)), "stage": str(stage)[:128]})
+
+
+def _load_engine(ref: str) -> Callable[..., dict]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name or "run_audit")
+
+
+def _load_labels(path: str) -> Any:
+    import numpy as np
+
+    if path.endswith(".npz"):
+        from ..audit import load_probe_file
+
+        x, y = load_probe_file(path)
+        return y if y is not None else x
+    return np.load(path, allow_pickle=False)
+
+
+def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
+    if task["kind"] == "reference_run":
+        from ..reference.catalog import train_reference_run
+
+        return train_reference_run(task["name"], epochs=task.get("epochs"), seed=task.get("seed"),
+                                   progress=progress)
+    from ..audit import load_probe_file
+    from ..spec import parse_audit_spec
+
+    spec = parse_audit_spec(task["spec"])
+    probes = labels = second = None
+    if task.get("probes"):
+        probes, labels = load_probe_file(task["probes"])
+    if task.get("labels"):
+        labels = _load_labels(task["labels"])
+    if task.get("second_probes"):
+        second, _ = load_probe_file(task["second_probes"])
+    engine = _load_engine(task.get("engine") or "audit_service.audit:run_audit")
+    progress(0.0, "loading model")
+    return engine(task["model"], spec, probes=probes, labels=labels, second_probes=second, progress=progress)
+
+
+def classify_exception(exc: BaseException) -> dict:
+    from ..errors import AuditError
+
+    if isinstance(exc, AuditError):
+        return {"type": type(exc).__name__, "message": exc.message, "field": exc.field}
+    text = str(exc)
+    if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OOM_MARKERS):
+        limit = os.environ.get("AUDIT_SANDBOX_MEMORY_MB")
+        where = f" of {limit} MiB (AUDIT_JOB_MEMORY_MB)" if limit and limit != "0" else ""
+        return {"type": "out_of_memory",
+                "message": f"the audit ran out of memory under the limit{where}: lower options.batch_size / "
+                           f"options.probe_chunk / options.n_probes, or ask the operator to raise the limit "
+                           f"({type(exc).__name__}: {text[:300]})", "field": None}
+    if isinstance(exc, NotImplementedError):
+        return {"type": "not_implemented", "message": f"not implemented in this version: {text[:300]}",
+                "field": None}
+    return {"type": "audit_failed",
+            "message": f"the audit raised {type(exc).__name__}: {text[:500]}", "field": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m audit_service.jobs.sandbox WORKDIR", file=sys.stderr)
+        return 2
+    workdir = Path(argv[0])
+    task = json.loads((workdir / "task.json").read_text())
+    progress = _Progress(workdir / "progress.json")
+    try:
+        report = run_task(task, progress)
+        payload = {"ok": True, "report": report}
+        try:
+            text = json.dumps(payload, allow_nan=False)
+        except ValueError:  # NaN/Inf in the report: JSON has no such numbers, make them null
+            text = json.dumps(_finite(payload))
+        tmp = workdir / "result.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, workdir / "result.json")
+    except BaseException as exc:  # noqa: BLE001 - everything becomes a reason in the job
+        traceback.print_exc(file=sys.stderr)
+        try:
+            _write_json(workdir / "result.json", {"ok": False, "error": classify_exception(exc)})
+        except BaseException:  # noqa: BLE001 - e.g. MemoryError again; the parent reports the exit
+            return 3
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

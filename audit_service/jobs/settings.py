@@ -1,0 +1,99 @@
+"""Settings shared by the web app and the job workers: defaults, overridden by ``AUDIT_*`` variables.
+
+One frozen dataclass, read once per process (``Settings.from_env()``); the Flask app copies it
+into ``app.config`` and tests pass overrides as a mapping. Every field's environment variable is
+its upper-cased name with the ``AUDIT_`` prefix (``data_dir`` -> ``AUDIT_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: where the SQLite database, blobs and job scratch dirs live
+    data_dir: Path = Path(".audit-data")
+    #: SQLAlchemy URL of the job store; default ``sqlite:///<data_dir>/jobs.sqlite3``
+    database_url: str = ""
+    #: ``local`` (worker processes polling the database); ``celery`` is reserved for the broker mode
+    executor: str = "local"
+    #: whole request body cap (Flask ``MAX_CONTENT_LENGTH``), MiB
+    max_upload_mb: int = 512
+    #: per-file caps, MiB
+    max_model_mb: int = 200
+    max_probes_mb: int = 256
+    #: jobs waiting in the queue before ``POST /audit`` answers 429
+    max_queued: int = 64
+    #: local audit worker processes (``serve`` / ``worker``)
+    workers: int = 1
+    #: gunicorn web worker processes and threads per worker (``serve``)
+    web_workers: int = 2
+    web_threads: int = 8
+    #: per-audit limits: wall clock (s), CPU time (s), address space (MiB; 0 = no limit)
+    job_timeout_s: float = 3600.0
+    job_cpu_s: int = 7200
+    job_memory_mb: int = 8192
+    #: a running job whose worker has not renewed its lease for this long is taken back
+    lease_s: float = 30.0
+    #: a job taken back from a lost worker is tried at most this many times in all
+    max_attempts: int = 2
+    #: upper bound of ``POST /audit?wait=``
+    max_wait_s: float = 60.0
+    #: how often idle workers look for queued jobs
+    poll_s: float = 0.2
+    #: the audit function the sandbox calls, ``module:function``
+    engine: str = "audit_service.audit:run_audit"
+    #: host and port for ``audit-service serve``
+    host: str = "127.0.0.1"
+    port: int = 8000
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.sqlite3'}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = environ.get(f"AUDIT_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f, raw)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = _coerce(_field(cls, key), value) if isinstance(value, str) else value
+        settings = cls(**values)
+        return dataclasses.replace(settings, data_dir=Path(settings.data_dir))
+
+    def as_env(self) -> dict[str, str]:
+        """The ``AUDIT_*`` variables that reproduce these settings in a child process."""
+        return {f"AUDIT_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise TypeError(f"Expected a setting name, but got {name!r}")
+
+
+def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"Expected AUDIT_{f.name.upper()} to be {kind}, but got {raw!r}") from None

@@ -1,0 +1,375 @@
+"""The job store: job rows and reports in one SQL database (SQLite file by default, WAL mode).
+
+Every state change goes through ``JobStore.transition`` — a single ``UPDATE ... WHERE id = :id AND
+status IN (:allowed)`` — so two workers can never both claim a job, and a worker that lost its lease
+(the job was cancelled or taken back) finds out on its next heartbeat. Specs and inputs are stored
+as JSON, never pickled. Every job carries a ``tenant`` (``"default"`` until authentication exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
+                        delete, event, func, insert, select, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+
+from .states import READY_STATES, JobKind, JobStatus, check_transition
+
+DEFAULT_TENANT = "default"
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(128), nullable=False, default=DEFAULT_TENANT, index=True),
+    Column("kind", String(32), nullable=False, default=JobKind.AUDIT.value),
+    Column("status", String(16), nullable=False, index=True),
+    #: which pool of workers may take the job (``cpu`` / ``gpu``); the Celery mode routes on it
+    Column("queue", String(32), nullable=False, default="default"),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("stage", String(128), nullable=False, default="queued"),
+    Column("spec_json", Text, nullable=False),
+    Column("inputs_json", Text, nullable=False),
+    Column("error_json", Text),
+    Column("verdict", String(32)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=2),
+    Column("timeout_s", Float, nullable=False),
+    Column("owner", String(255)),
+    Column("lease_expires_at", Float),
+    Column("sandbox_pid", Integer),
+)
+
+reports = Table(
+    "reports", metadata,
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("report_json", Text, nullable=False),
+)
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"{depth} jobs are queued (limit {limit})")
+        self.depth, self.limit = depth, limit
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed: ``type`` is a short code (``crashed``, ``timeout``, ``out_of_memory``, an
+    ``AuditError`` class name...), ``message`` says what happened and what to do."""
+
+    type: str
+    message: str
+    field: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "message": self.message, "field": self.field}
+
+
+_ENGINES: dict[tuple[str, int], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per (URL, process): engines must not cross ``fork``."""
+    key = (url, os.getpid())
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            if url.startswith("sqlite"):
+                engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                                       pool_size=16, max_overflow=16)
+                event.listen(engine, "connect", _sqlite_pragmas)
+            else:
+                engine = create_engine(url, pool_pre_ping=True)
+            _ENGINES[key] = engine
+        return engine
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def owner_id() -> str:
+    """``host:pid:random`` — who holds a job's lease."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.url)
+
+    def init_schema(self) -> None:
+        for attempt in range(5):  # several processes may start at once
+            try:
+                metadata.create_all(self.engine)
+                return
+            except OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued"))
+
+    # ------------------------------------------------------------------ create / read
+    def create(self, *, kind: JobKind, spec: dict, inputs: dict, timeout_s: float, max_attempts: int,
+               tenant: str = DEFAULT_TENANT, queue: str = "default", max_queued: int | None = None) -> dict:
+        now = time.time()
+        job_id = new_job_id()
+        with self.engine.begin() as conn:
+            if max_queued is not None:
+                depth = conn.execute(select(func.count()).select_from(jobs)
+                                     .where(jobs.c.status == JobStatus.QUEUED.value)).scalar_one()
+                if depth >= max_queued:
+                    raise QueueFull(depth, max_queued)
+            conn.execute(insert(jobs).values(
+                id=job_id, tenant=tenant, kind=str(kind), status=JobStatus.QUEUED.value, queue=queue,
+                created_at=now, updated_at=now, progress=0.0, stage="queued",
+                spec_json=json.dumps(spec), inputs_json=json.dumps(inputs),
+                attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s),
+            ))
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str, tenant: str | None = None) -> dict | None:
+        query = select(jobs).where(jobs.c.id == job_id)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _decode(row) if row else None
+
+    def list(self, tenant: str | None = None, limit: int = 20, offset: int = 0,
+             status: JobStatus | None = None, kind: JobKind | None = None) -> tuple[list[dict], int]:
+        cond = []
+        if tenant is not None:
+            cond.append(jobs.c.tenant == tenant)
+        if status is not None:
+            cond.append(jobs.c.status == str(status))
+        if kind is not None:
+            cond.append(jobs.c.kind == str(kind))
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(jobs).where(*cond)).scalar_one()
+            rows = conn.execute(select(jobs).where(*cond)
+                                .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+                                .limit(limit).offset(offset)).mappings().all()
+        return [_decode(r) for r in rows], int(total)
+
+    def report(self, job_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+        return json.loads(text) if text is not None else None
+
+    # ------------------------------------------------------------------ the one state-change path
+    def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
+                   owner: str | None = None, **values: Any) -> bool:
+        """Move ``job_id`` from one of ``sources`` to ``target`` atomically; False if it was not in them
+        (or, with ``owner``, not held by that owner)."""
+        sources = [JobStatus(s) for s in sources]
+        for source in sources:
+            check_transition(source, target)
+        now = time.time()
+        values.setdefault("updated_at", now)
+        if target in READY_STATES:
+            values.setdefault("finished_at", now)
+            values.setdefault("owner", None)
+            values.setdefault("lease_expires_at", None)
+        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources]))
+                .values(status=target.value, **values))
+        if owner is not None:
+            stmt = stmt.where(jobs.c.owner == owner)
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def claim(self, owner: str, lease_s: float, job_id: str | None = None,
+              queues: Iterable[str] | None = None) -> dict | None:
+        """Take the oldest queued job (or ``job_id``) for ``owner``; None when there is none to take."""
+        for _ in range(20):
+            if job_id is None:
+                query = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value)
+                if queues is not None:
+                    query = query.where(jobs.c.queue.in_(list(queues)))
+                with self.engine.connect() as conn:
+                    candidate = conn.execute(query.order_by(jobs.c.created_at, jobs.c.id).limit(1)).scalar()
+                if candidate is None:
+                    return None
+            else:
+                candidate = job_id
+            now = time.time()
+            if self._claim_one(candidate, owner, now, lease_s):
+                return self.get(candidate)
+            if job_id is not None:
+                return None
+        return None
+
+    def _claim_one(self, job_id: str, owner: str, now: float, lease_s: float) -> bool:
+        check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
+        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value)
+                .values(status=JobStatus.RUNNING.value, owner=owner, lease_expires_at=now + lease_s,
+                        started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
+                        stage="starting", progress=0.0, sandbox_pid=None))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def heartbeat(self, job_id: str, owner: str, lease_s: float, progress: float | None = None,
+                  stage: str | None = None, sandbox_pid: int | None = None) -> bool:
+        """Renew the lease (and record progress). False: the job is no longer ours (cancelled, taken back)."""
+        now = time.time()
+        values: dict[str, Any] = {"lease_expires_at": now + lease_s, "updated_at": now}
+        if progress is not None:
+            values["progress"] = max(0.0, min(1.0, float(progress)))
+        if stage is not None:
+            values["stage"] = str(stage)[:128]
+        if sandbox_pid is not None:
+            values["sandbox_pid"] = sandbox_pid
+        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                   jobs.c.status == JobStatus.RUNNING.value).values(**values))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def succeed(self, job_id: str, owner: str, report: dict) -> bool:
+        verdict = report.get("verdict") if isinstance(report, dict) else None
+        label = verdict.get("label") if isinstance(verdict, dict) else None
+        now = time.time()
+        with self.engine.begin() as conn:
+            # both writes in one transaction: a job is never succeeded without its report
+            moved = conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                   jobs.c.status == JobStatus.RUNNING.value)
+                .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
+                        finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
+            if moved:
+                conn.execute(delete(reports).where(reports.c.job_id == job_id))
+                conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+        return moved
+
+    def fail(self, job_id: str, error: JobError, owner: str | None = None,
+             sources: Iterable[JobStatus] = (JobStatus.RUNNING,)) -> bool:
+        return self.transition(job_id, sources, JobStatus.FAILED, owner=owner,
+                               error_json=json.dumps(error.to_dict()), stage="failed")
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """Graceful worker shutdown: put the job back in the queue without counting the attempt."""
+        check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
+        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                   jobs.c.status == JobStatus.RUNNING.value)
+                .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None, started_at=None,
+                        sandbox_pid=None, stage="queued", progress=0.0, updated_at=time.time(),
+                        attempts=func.max(jobs.c.attempts - 1, 0) if self.url.startswith("sqlite")
+                        else func.greatest(jobs.c.attempts - 1, 0)))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> bool:
+        if tenant is not None and self.get(job_id, tenant) is None:
+            return False
+        return self.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], JobStatus.CANCELLED,
+                               stage="cancelled")
+
+    def delete(self, job_id: str, tenant: str | None = None) -> bool:
+        """Delete a finished job and its report."""
+        cond = [jobs.c.id == job_id, jobs.c.status.in_([s.value for s in READY_STATES])]
+        if tenant is not None:
+            cond.append(jobs.c.tenant == tenant)
+        with self.engine.begin() as conn:
+            conn.execute(delete(reports).where(reports.c.job_id == job_id))
+            return conn.execute(delete(jobs).where(*cond)).rowcount == 1
+
+    # ------------------------------------------------------------------ recovery
+    def recover_lost(self, now: float | None = None, dead_owners: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """Running jobs whose lease expired (or whose owner is known dead) go back to the queue if they
+        have attempts left, else fail with the reason. Returns [(job_id, "requeued"|"failed")]."""
+        now = time.time() if now is None else now
+        dead = list(dead_owners)
+        cond = jobs.c.lease_expires_at < now
+        if dead:
+            cond = cond | jobs.c.owner.in_(dead)
+        with self.engine.connect() as conn:
+            lost = conn.execute(select(jobs.c.id, jobs.c.owner, jobs.c.attempts, jobs.c.max_attempts)
+                                .where(jobs.c.status == JobStatus.RUNNING.value, cond)).all()
+        outcome = []
+        for job_id, owner, attempts, max_attempts in lost:
+            if attempts < max_attempts:
+                check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
+                stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                           jobs.c.status == JobStatus.RUNNING.value)
+                        .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None,
+                                sandbox_pid=None, stage="queued (retry after lost worker)", progress=0.0,
+                                updated_at=now))
+                with self.engine.begin() as conn:
+                    if conn.execute(stmt).rowcount == 1:
+                        outcome.append((job_id, "requeued"))
+            else:
+                err = JobError("worker_lost", f"the worker running this job stopped (owner {owner}) "
+                                              f"{attempts} time(s); it was retried and is not tried again")
+                if self.transition(job_id, [JobStatus.RUNNING], JobStatus.FAILED, owner=owner,
+                                   error_json=json.dumps(err.to_dict()), stage="failed"):
+                    outcome.append((job_id, "failed"))
+        return outcome
+
+    def running_owners(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(jobs.c.owner).distinct()
+                                               .where(jobs.c.status == JobStatus.RUNNING.value)).all() if r[0]]
+
+    # ------------------------------------------------------------------ numbers for /metrics and 429
+    def counts_by_status(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
+        counts = {s.value: 0 for s in JobStatus}
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+    def durations(self, limit: int = 10_000) -> list[float]:
+        """Run times (s) of the most recent finished audits."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.finished_at - jobs.c.started_at)
+                                .where(jobs.c.status.in_([JobStatus.SUCCEEDED.value, JobStatus.FAILED.value]),
+                                       jobs.c.started_at.is_not(None), jobs.c.finished_at.is_not(None),
+                                       jobs.c.kind == JobKind.AUDIT.value)
+                                .order_by(jobs.c.finished_at.desc()).limit(limit)).all()
+        return [float(r[0]) for r in rows]
+
+
+def _decode(row: Any) -> dict:
+    job = dict(row)
+    job["spec"] = json.loads(job.pop("spec_json"))
+    job["inputs"] = json.loads(job.pop("inputs_json"))
+    err = job.pop("error_json")
+    job["error"] = json.loads(err) if err else None
+    job["status"] = JobStatus(job["status"])
+    return job

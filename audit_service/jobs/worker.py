@@ -1,0 +1,325 @@
+"""Local workers: claim queued jobs from the store and run each in a sandboxed child process.
+
+``run_job`` is the executor-independent part (the Celery task of the scale-out mode calls the same
+function for the job it was handed); ``Worker.run`` is the local loop: recover lost jobs, claim the
+oldest queued one, run it, repeat. A worker holds a lease on its job and renews it while the child
+runs; a worker that dies stops renewing and the job is taken back (retried once, then failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .blobs import BlobStore
+from .settings import Settings
+from .states import JobKind, JobStatus
+from .store import JobError, JobStore
+
+log = logging.getLogger("audit_service.worker")
+
+#: the directory holding ``audit_service``: child processes run exactly this code
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+_SIGNAL_REASONS = {
+    signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV) inside the model runtime",
+    signal.SIGABRT: "aborted (SIGABRT) inside the model runtime; with a memory limit set this is often "
+                    "an allocation that failed",
+    signal.SIGBUS: "crashed with a bus error (SIGBUS)",
+    signal.SIGILL: "crashed with an illegal instruction (SIGILL)",
+    signal.SIGFPE: "crashed with a floating-point exception (SIGFPE)",
+    signal.SIGXCPU: "exceeded its CPU-time limit (SIGXCPU)",
+    signal.SIGKILL: "was killed (SIGKILL), most often by the kernel's out-of-memory killer",
+}
+
+
+def process_owner_id() -> str:
+    """``host:pid:starttime:rand`` — identifies this process even across pid reuse."""
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}:{uuid.uuid4().hex[:6]}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def owner_is_dead_locally(owner: str) -> bool:
+    """True when ``owner`` names a process on this host that no longer exists."""
+    parts = owner.split(":")
+    if len(parts) < 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if not Path(f"/proc/{pid}").exists():
+        return True
+    return _start_time(pid) != parts[2]
+
+
+def _limit_child(memory_mb: int, cpu_s: int) -> None:  # pragma: no cover - runs in the child
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if cpu_s > 0:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:  # die with the worker: PR_SET_PDEATHSIG = 1
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _gpu_present() -> bool:
+    return os.path.exists("/dev/nvidiactl")
+
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    detail: str = ""
+
+
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "npy": ".npy", "npz": ".npz"}
+
+
+def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -> dict:
+    """The sandbox's ``task.json``; input blobs are linked into ``workdir`` under telling suffixes."""
+    if job["kind"] == JobKind.REFERENCE_RUN.value:
+        return {"kind": "reference_run", **job["spec"]}
+    inputs = job["inputs"]
+
+    def blob(name: str) -> str | None:
+        entry = inputs.get(name)
+        if not entry:
+            return None
+        link = workdir / f"{name}{_SUFFIX.get(entry.get('format') or '', '')}"
+        link.symlink_to(blobs.path(entry["sha256"]))
+        return str(link)
+
+    return {"kind": "audit", "engine": settings.engine, "spec": job["spec"], "model": blob("model"),
+            "probes": blob("probes"), "labels": blob("labels"), "second_probes": blob("second_probes")}
+
+
+def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
+            stop: threading.Event | None = None) -> Outcome:
+    """Run a job this worker has claimed (status running, owner ``owner``) to its end."""
+    stop = stop or threading.Event()
+    job_id = job["id"]
+    workdir = Path(settings.data_dir) / "work" / f"{job_id}-{job['attempts']}"
+    if workdir.exists():
+        shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "tmp").mkdir(parents=True)
+    (workdir / "task.json").write_text(json.dumps(build_task(job, blobs, settings, workdir)))
+
+    spec_device = (job["spec"].get("options") or {}).get("device", "auto") if isinstance(job["spec"], dict) else "auto"
+    memory_mb = settings.job_memory_mb
+    if memory_mb > 0 and spec_device != "cpu" and _gpu_present():
+        # CUDA reserves far more address space than it uses; RLIMIT_AS would break it
+        memory_mb = 0
+    # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIT_") or k.startswith("AUDIT_ORT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env.update(TMPDIR=str(workdir / "tmp"), AUDIT_SANDBOX_MEMORY_MB=str(memory_mb), PYTHONUNBUFFERED="1",
+               AUDIT_MAX_MODEL_BYTES=str(settings.max_model_mb * 1024 * 1024))
+    timeout_s = float(job["timeout_s"])
+    stderr_path = workdir / "stderr.log"
+    with open(stderr_path, "wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "audit_service.jobs.sandbox", str(workdir)],
+            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            start_new_session=True,
+            preexec_fn=lambda: _limit_child(memory_mb, settings.job_cpu_s),
+        )
+    started = time.monotonic()
+    lease_every = max(0.5, settings.lease_s / 3)
+    last_beat = 0.0
+    last_progress: bytes | None = None
+    reason: str | None = None  # why the parent stopped the child
+    store.heartbeat(job_id, owner, settings.lease_s, stage="starting", sandbox_pid=child.pid)
+    while child.poll() is None:
+        time.sleep(0.1)
+        now = time.monotonic()
+        progress = stage = None
+        try:
+            raw = (workdir / "progress.json").read_bytes()
+            if raw != last_progress:
+                last_progress = raw
+                data = json.loads(raw)
+                progress, stage = float(data["progress"]), str(data["stage"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if progress is not None or now - last_beat >= lease_every:
+            last_beat = now
+            if not store.heartbeat(job_id, owner, settings.lease_s, progress=progress, stage=stage):
+                reason = "lost"  # cancelled, or taken back by recovery
+        if reason is None and now - started > timeout_s:
+            reason = "timeout"
+        if reason is None and stop.is_set():
+            reason = "shutdown"
+        if reason is not None:
+            _kill_group(child)
+            break
+    rc = child.wait()
+    elapsed = time.monotonic() - started
+    try:
+        outcome = _settle(job, store, owner, workdir, rc, reason, elapsed, timeout_s, memory_mb, settings)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reason: str | None,
+            elapsed: float, timeout_s: float, memory_mb: int, settings: Settings) -> Outcome:
+    job_id = job["id"]
+    if reason == "lost":
+        return Outcome(JobStatus.CANCELLED, "the job was cancelled or taken back while running")
+    if reason == "shutdown":
+        store.release(job_id, owner)
+        return Outcome(JobStatus.QUEUED, "worker shutting down; job put back in the queue")
+    if reason == "timeout":
+        err = JobError("timeout", f"the audit did not finish within its wall-clock limit of {timeout_s:g} s "
+                                  f"and was killed with its process group; lower options.n_probes / ig_steps or "
+                                  f"the number of shifts, or raise timeout_s (server cap AUDIT_JOB_TIMEOUT_S="
+                                  f"{settings.job_timeout_s:g})")
+        store.fail(job_id, err, owner=owner)
+        return Outcome(JobStatus.FAILED, err.message)
+    result = None
+    try:
+        result = json.loads((workdir / "result.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if rc == 0 and isinstance(result, dict) and result.get("ok"):
+        if store.succeed(job_id, owner, result.get("report") or {}):
+            return Outcome(JobStatus.SUCCEEDED)
+        return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")
+    if isinstance(result, dict) and not result.get("ok") and isinstance(result.get("error"), dict):
+        e = result["error"]
+        err = JobError(str(e.get("type") or "audit_failed"), str(e.get("message") or "the audit failed"),
+                       e.get("field"))
+    else:
+        err = JobError(*_crash_reason(rc, elapsed, memory_mb, settings, workdir))
+    store.fail(job_id, err, owner=owner)
+    return Outcome(JobStatus.FAILED, err.message)
+
+
+def _crash_reason(rc: int, elapsed: float, memory_mb: int, settings: Settings, workdir: Path) -> tuple[str, str]:
+    limits = (f"limits: memory {memory_mb or 'unlimited'} MiB, CPU {settings.job_cpu_s} s")
+    if rc < 0:
+        sig = signal.Signals(-rc)
+        what = _SIGNAL_REASONS.get(sig, f"was killed by signal {sig.name}")
+        kind = {signal.SIGXCPU: "cpu_time_limit", signal.SIGKILL: "killed"}.get(sig, "crashed")
+        return kind, f"the audit process {what} after {elapsed:.1f} s ({limits}); the service and other jobs " \
+                     f"are unaffected"
+    tail = ""
+    try:
+        lines = (workdir / "stderr.log").read_text(errors="replace").strip().splitlines()
+        tail = lines[-1][:300] if lines else ""
+    except OSError:
+        pass
+    return "crashed", f"the audit process exited with status {rc} after {elapsed:.1f} s without a result " \
+                      f"({limits}){': ' + tail if tail else ''}"
+
+
+class Worker:
+    """One local worker: a loop that claims and runs one job at a time."""
+
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.resolved_database_url)
+        self.blobs = BlobStore(Path(settings.data_dir) / "blobs")
+        self.owner = process_owner_id()
+        self.stop = stop or threading.Event()
+        self._last_recovery = 0.0
+
+    def recover(self) -> None:
+        dead = [o for o in self.store.running_owners() if owner_is_dead_locally(o)]
+        for job_id, what in self.store.recover_lost(dead_owners=dead):
+            log.warning("job %s from a lost worker: %s", job_id, what)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        now = time.monotonic()
+        if now - self._last_recovery > max(1.0, self.settings.lease_s / 2):
+            self._last_recovery = now
+            self.recover()
+        job = self.store.claim(self.owner, self.settings.lease_s)
+        if job is None:
+            return False
+        log.info("job %s claimed (attempt %d)", job["id"], job["attempts"])
+        outcome = run_job(job, self.store, self.blobs, self.settings, self.owner, self.stop)
+        log.info("job %s -> %s %s", job["id"], outcome.status.value, outcome.detail)
+        return True
+
+    def run(self) -> None:
+        self.store.init_schema()
+        while not self.stop.is_set():
+            try:
+                if not self.run_once():
+                    self.stop.wait(self.settings.poll_s)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the worker
+                log.exception("worker loop error; retrying")
+                self.stop.wait(1.0)
+
+
+def _worker_process_main(env: dict[str, str]) -> None:  # pragma: no cover - child process
+    os.environ.update(env)
+    run_workers(Settings.from_env(), processes=1)
+
+
+def run_workers(settings: Settings, processes: int = 1) -> int:
+    """Run ``processes`` workers until SIGTERM/SIGINT; a running job is put back in the queue."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    JobStore(settings.resolved_database_url).init_schema()
+    if processes <= 1:
+        Worker(settings, stop).run()
+        return 0
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    children = [ctx.Process(target=_worker_process_main, args=(settings.as_env(),), daemon=False)
+                for _ in range(processes)]
+    for child in children:
+        child.start()
+    while not stop.is_set() and any(c.is_alive() for c in children):
+        stop.wait(0.5)
+    for child in children:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    for child in children:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    return 0

@@ -1,0 +1,223 @@
+"""``/audit`` and ``/audits``: submit, follow, read, list, cancel and delete audit jobs."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from pydantic import BaseModel, ValidationError
+
+from ..errors import SpecError
+from ..jobs.states import READY_STATES, JobKind, JobStatus
+from ..jobs.store import QueueFull
+from ..spec import parse_audit_spec
+from .app import current_tenant, state
+from .errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
+from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
+from .uploads import array_kind, save_upload, validate_model
+
+bp = Blueprint("audits", __name__)
+
+_FILE_FIELDS = ("model", "probes", "labels", "second_probes")
+
+
+def parse_model(model: type[BaseModel], data: dict, error: type = BadRequest) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise error(f"Expected a valid `{field}`: {first['msg']}", field=field or None) from None
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
+    response = Response(model.model_dump_json(), status=status, mimetype="application/json")
+    for k, v in (headers or {}).items():
+        response.headers[k] = v
+    return response
+
+
+def get_job_or_404(job_id: str, kind: JobKind | None = None) -> dict:
+    job = state().store.get(job_id, tenant=current_tenant())
+    if job is None or (kind is not None and job["kind"] != kind.value):
+        raise NotFound(f"no audit with id {job_id!r}; list yours with GET /audits")
+    return job
+
+
+def retry_after_s() -> int:
+    st = state()
+    counts = st.store.counts_by_status()
+    recent = st.store.durations(limit=20)
+    mean = sum(recent) / len(recent) if recent else 30.0
+    workers = max(1, st.settings.workers)
+    return int(min(3600, max(1, math.ceil(mean * (counts["queued"] + counts["running"]) / workers / 4))))
+
+
+def queue_full(depth: int, limit: int) -> TooManyRequests:
+    return TooManyRequests(f"the queue is full ({depth} jobs waiting, limit {limit}); retry after the "
+                           f"Retry-After seconds", headers={"Retry-After": str(retry_after_s())})
+
+
+@bp.post("/audit")
+def submit_audit() -> Response:
+    st = state()
+    query = parse_model(SubmitQuery, request.args.to_dict())
+    if not request.mimetype == "multipart/form-data":
+        raise BadRequest("Expected a multipart/form-data body with a `model` file and a `spec` field, but got "
+                         f"{request.mimetype or 'no body'}; e.g. curl -F model=@model.onnx -F 'spec={{\"group\":\"C4\"}}'")
+    # cheap early check; the insert checks again atomically
+    depth = st.store.counts_by_status()["queued"]
+    if depth >= st.settings.max_queued:
+        raise queue_full(depth, st.settings.max_queued)
+
+    form = {k: v for k, v in request.form.items() if k != "spec"}
+    unknown = sorted(set(form) - {"timeout_s"} | (set(request.files) - set(_FILE_FIELDS) - {"spec"}))
+    if unknown:
+        raise BadRequest(f"Expected only the fields model, spec, probes, labels, second_probes, timeout_s, but got "
+                         f"{', '.join(unknown)}", field=unknown[0])
+    options = parse_model(SubmitForm, form, Unprocessable)
+
+    spec_text = request.form.get("spec")
+    if spec_text is None and "spec" in request.files:
+        spec_text = request.files["spec"].read(1024 * 1024).decode("utf-8", errors="replace")
+    if spec_text is None:
+        raise BadRequest('Expected a `spec` form field with the audit spec JSON (e.g. {"group": "C4"}), but got none',
+                         field="spec")
+    try:
+        spec = parse_audit_spec(spec_text)
+    except SpecError as exc:
+        field = exc.field if exc.field in (None, "spec") else f"spec.{exc.field}"
+        raise Unprocessable(exc.message, field=field) from None
+
+    if "model" not in request.files:
+        raise BadRequest("Expected a `model` file part (ONNX or TorchScript), but got none", field="model")
+    inputs: dict[str, dict] = {}
+    probe_shape = None
+    for name in ("probes", "labels", "second_probes", "model"):  # probes first: their shape guides the model check
+        upload = request.files.get(name)
+        if upload is None:
+            continue
+        cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
+        entry = save_upload(st.blobs, upload, name, cap)
+        path = st.blobs.path(entry["sha256"])
+        if name == "model":
+            entry = validate_model(path, entry, cap, probe_shape)
+        else:
+            entry["format"], shape = array_kind(path, name)
+            if name == "probes" and shape is not None and len(shape) >= 2:
+                probe_shape = tuple(shape[1:])
+        inputs[name] = entry
+    if "labels" in inputs and "probes" not in inputs:
+        raise Unprocessable("Expected `probes` with `labels` (labels name the class of each probe), "
+                            "but got labels alone", field="labels")
+    second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
+    if second_needed and "second_probes" not in inputs:
+        raise Unprocessable("Expected a `second_probes` file: a blend shift targets second_probes",
+                            field="second_probes")
+
+    timeout = min(options.timeout_s or st.settings.job_timeout_s, st.settings.job_timeout_s)
+    spec_json = spec.model_dump(mode="json", exclude_none=False)
+    try:
+        job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
+                              max_attempts=st.settings.max_attempts, tenant=current_tenant(),
+                              max_queued=st.settings.max_queued,
+                              queue="gpu" if spec.options.device == "cuda" else "default")
+    except QueueFull as exc:
+        raise queue_full(exc.depth, exc.limit) from None
+    st.executor.dispatch(job)
+    location = f"/audits/{job['id']}"
+
+    wait = min(query.wait, st.settings.max_wait_s)
+    if wait > 0:
+        deadline = time.monotonic() + wait
+        delay = 0.05
+        while time.monotonic() < deadline:
+            current = st.store.get(job["id"])
+            if current is None:
+                break
+            job = current
+            if JobStatus(job["status"]) in READY_STATES:
+                break
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+        if JobStatus(job["status"]) == JobStatus.SUCCEEDED:
+            report = st.store.report(job["id"]) or {}
+            response = jsonify(report)
+            response.headers["Location"] = location
+            return response
+    return _json(job_out(job, time.time()), 202, {"Location": location})
+
+
+@bp.get("/audits")
+def list_audits() -> Response:
+    query = parse_model(ListQuery, request.args.to_dict())
+    rows, total = state().store.list(tenant=current_tenant(), limit=query.limit, offset=query.offset,
+                                     status=query.status)
+    now = time.time()
+    nxt = None
+    if query.offset + len(rows) < total:
+        nxt = f"/audits?limit={query.limit}&offset={query.offset + query.limit}"
+        if query.status is not None:
+            nxt += f"&status={query.status.value}"
+    return _json(JobList(items=[job_out(r, now) for r in rows], total=total, limit=query.limit,
+                         offset=query.offset, next=nxt))
+
+
+@bp.get("/audits/<job_id>")
+def get_audit(job_id: str) -> Response:
+    return _json(job_out(get_job_or_404(job_id), time.time()))
+
+
+def _finished_report(job_id: str) -> tuple[dict, dict]:
+    job = get_job_or_404(job_id)
+    status = JobStatus(job["status"])
+    if status != JobStatus.SUCCEEDED:
+        if status == JobStatus.FAILED:
+            reason = (job.get("error") or {}).get("message", "")
+            raise Conflict(f"audit {job_id} failed, so it has no report: {reason}")
+        raise Conflict(f"audit {job_id} is {status.value} ({job['progress']:.0%}, {job['stage']}); its report is "
+                       f"ready when GET /audits/{job_id} says succeeded")
+    report = state().store.report(job_id)
+    if report is None:
+        raise Conflict(f"audit {job_id} has no stored report")
+    return job, report
+
+
+@bp.get("/audits/<job_id>/report")
+def get_report(job_id: str) -> Response:
+    job, report = _finished_report(job_id)
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"], default="application/json")
+    if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]:
+        return _html(job, report)
+    response = jsonify(report)
+    response.headers["Vary"] = "Accept"
+    return response
+
+
+@bp.get("/audits/<job_id>/report.html")
+def get_report_html(job_id: str) -> Response:
+    job, report = _finished_report(job_id)
+    return _html(job, report)
+
+
+def _html(job: dict, report: dict) -> Response:
+    from ..report.html import render_report_html
+
+    html = render_report_html(report, job=job_out(job, time.time()).model_dump(mode="json"))
+    response = Response(html, mimetype="text/html")
+    response.headers["Vary"] = "Accept"
+    return response
+
+
+@bp.delete("/audits/<job_id>")
+def delete_audit(job_id: str) -> Response:
+    st = state()
+    job = get_job_or_404(job_id)
+    if JobStatus(job["status"]) not in READY_STATES and st.store.cancel(job_id, tenant=current_tenant()):
+        return _json(job_out(st.store.get(job_id), time.time()), 202)
+    if st.store.delete(job_id, tenant=current_tenant()):
+        return Response(status=204)
+    raise NotFound(f"no audit with id {job_id!r}")

@@ -1,0 +1,214 @@
+"""Sub-commands ``serve``, ``worker`` and ``submit`` of ``audit-service``.
+
+* ``serve``  — gunicorn (web workers) + local audit worker processes, supervised together: a
+  SIGTERM/SIGINT stops both (a running audit is put back in the queue), one dying stops the other.
+* ``worker`` — the audit workers alone (another machine, or a second pool on the same database).
+* ``submit`` — send a model to a running service, follow progress, apply ``--require``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the HTTP service (gunicorn) and local audit workers",
+                       description="Start gunicorn and the local audit worker processes (configure with AUDIT_* "
+                                   "variables; flags override them).")
+    p.add_argument("--host", default=None, help="bind address (AUDIT_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (AUDIT_PORT, default 8000)")
+    p.add_argument("--workers", type=int, default=None, help="audit worker processes (AUDIT_WORKERS, default 1)")
+    p.add_argument("--web-workers", type=int, default=None, help="gunicorn workers (AUDIT_WEB_WORKERS, default 2)")
+    p.add_argument("--data-dir", default=None, help="data directory (AUDIT_DATA_DIR, default ./.audit-data)")
+    p.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run audit worker processes only",
+                       description="Run audit workers that take queued jobs from the job store.")
+    w.add_argument("--processes", "--workers", dest="processes", type=int, default=None,
+                   help="worker processes (AUDIT_WORKERS, default 1)")
+    w.add_argument("--data-dir", default=None, help="data directory (AUDIT_DATA_DIR)")
+    w.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("submit", help="audit a model on a running service",
+                       description="Submit MODEL to a running audit service, follow its progress and apply "
+                                   "--require. Exit 0 passed, 1 gate failed, 2 bad input or failed audit.")
+    s.add_argument("model", type=Path, help="ONNX or TorchScript file")
+    s.add_argument("--group", help="group: a name (C4), JSON, or @file.json (overrides the spec's group)")
+    s.add_argument("--spec", help="the whole audit spec: JSON text or @file.json")
+    s.add_argument("--shifts", help='shifts as JSON (e.g. \'[{"name":"blur","severity":3}]\'), or "none"')
+    s.add_argument("--probes", type=Path, help=".npy / .npz probes (x, optional y)")
+    s.add_argument("--labels", type=Path, help=".npy labels")
+    s.add_argument("--second-probes", type=Path, help=".npy / .npz second data set for blend shifts")
+    s.add_argument("--url", default=os.environ.get("AUDIT_URL", "http://127.0.0.1:8000"),
+                   help="service URL (AUDIT_URL, default http://127.0.0.1:8000)")
+    s.add_argument("--token", default=os.environ.get("AUDIT_TOKEN"), help="bearer token (AUDIT_TOKEN)")
+    s.add_argument("--require", default="", help="comma-separated verdict labels that pass, e.g. genuine,learned")
+    s.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    s.add_argument("--report", type=Path, dest="report_out", help="write the report JSON here")
+    s.add_argument("--html", type=Path, dest="html_out", help="write the HTML report here")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=cmd_submit)
+
+
+# ----------------------------------------------------------------------------- serve / worker
+def _settings(args: argparse.Namespace, **extra: object):
+    from ..jobs.settings import Settings
+
+    return Settings.from_env(data_dir=getattr(args, "data_dir", None), **extra)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ..jobs.worker import run_workers
+
+    settings = _settings(args, workers=args.processes)
+    return run_workers(settings, processes=settings.workers)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..jobs.store import JobStore
+
+    settings = _settings(args, host=args.host, port=args.port, workers=args.workers, web_workers=args.web_workers)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    JobStore(settings.resolved_database_url).init_schema()
+    from ..jobs.worker import PACKAGE_ROOT
+
+    env = {**os.environ, **settings.as_env(), "AUDIT_DATA_DIR": str(Path(settings.data_dir).resolve())}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+    gunicorn = [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
+                "--workers", str(settings.web_workers), "--threads", str(settings.web_threads),
+                "--worker-class", "gthread", "--timeout", str(int(settings.max_wait_s + 60)),
+                "--graceful-timeout", "10", "--access-logfile", "-", "--error-logfile", "-",
+                "audit_service.service.wsgi:app"]
+    workers = [sys.executable, "-m", "audit_service.cli", "worker", "--processes", str(settings.workers)]
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"audit-service: serving on http://{settings.host}:{settings.port} with {settings.web_workers} web "
+          f"workers and {settings.workers} audit workers (data: {Path(settings.data_dir).resolve()})",
+          file=sys.stderr, flush=True)
+    children.append(subprocess.Popen(workers, env=env))
+    children.append(subprocess.Popen(gunicorn, env=env))
+    rc = 0
+    try:
+        while not stopping:
+            dead = [c for c in children if c.poll() is not None]
+            if dead:
+                rc = dead[0].returncode or 1
+                print(f"audit-service: {dead[0].args[2]} exited with {dead[0].returncode}; stopping",
+                      file=sys.stderr, flush=True)
+                break
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return 0 if stopping else rc
+
+
+# ----------------------------------------------------------------------------- submit
+def _json_arg(text: str, field: str) -> object:
+    from ..errors import SpecError
+
+    text = text.strip()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise SpecError(f"Expected a readable JSON file, but {text[1:]}: {exc.strerror}", field=field) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"Expected JSON, but it does not parse: {exc}", field=field) from None
+
+
+def build_submit_spec(args: argparse.Namespace) -> dict:
+    from ..errors import SpecError
+    from ..spec import parse_group_arg
+
+    spec: dict = {}
+    if args.spec:
+        loaded = _json_arg(args.spec, "spec")
+        if not isinstance(loaded, dict):
+            raise SpecError("Expected the spec to be a JSON object", field="spec")
+        spec.update(loaded)
+    if args.group:
+        spec["group"] = parse_group_arg(args.group)
+    if args.shifts:
+        spec["shifts"] = [] if args.shifts.strip().lower() == "none" else _json_arg(args.shifts, "shifts")
+    if "group" not in spec:
+        raise SpecError("Expected --group (or a spec with a group), e.g. --group C4", field="group")
+    return spec
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ..client import AuditClient, JobFailed, ServiceError, gate
+    from ..errors import AuditError
+
+    try:
+        spec = build_submit_spec(args)
+    except AuditError as exc:
+        print(f"audit-service: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name in ("model", "probes", "labels", "second_probes"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            print(f"audit-service: error: {name}: Expected a readable file, but {path} does not exist", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    require = {s.strip() for s in args.require.split(",") if s.strip()}
+    client = AuditClient(args.url, token=args.token)
+
+    def show(job: dict) -> None:
+        if not args.quiet:
+            print(f"  {job['status']:<9} {float(job.get('progress') or 0):>4.0%}  {job.get('stage', '')}",
+                  file=sys.stderr, flush=True)
+
+    try:
+        job = client.submit(args.model, spec, probes=args.probes, labels=args.labels,
+                            second_probes=args.second_probes)
+        if not args.quiet:
+            print(f"audit-service: submitted {job['id']} to {args.url}", file=sys.stderr, flush=True)
+        job = client.wait(job["id"], progress=show, timeout=args.timeout)
+        if job["status"] != "succeeded":
+            raise JobFailed(job)
+        report = client.report(job["id"])
+        if args.report_out:
+            args.report_out.write_text(json.dumps(report, indent=2))
+        if args.html_out:
+            args.html_out.write_text(client.report_html(job["id"]))
+    except ServiceError as exc:
+        print(f"audit-service: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except JobFailed as exc:
+        print(f"audit-service: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TimeoutError as exc:
+        print(f"audit-service: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    passed, label = gate(report, require)
+    verdict = report.get("verdict") or {}
+    reasons = verdict.get("reasons") or []
+    print(json.dumps({"id": job["id"], "verdict": label, "passed": passed, "require": sorted(require),
+                      "reasons": reasons, "report": f"{args.url.rstrip('/')}/audits/{job['id']}/report.html"}))
+    return EXIT_OK if passed else EXIT_GATE_FAILED

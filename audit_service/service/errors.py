@@ -1,0 +1,108 @@
+"""``application/problem+json`` (RFC 9457): one exception type per status, one handler builds the body.
+
+Views raise ``NotFound("...")``, ``Unprocessable("...", field="spec.group")`` and so on; library
+errors (``AuditError``: ``SpecError``, ``ModelError``, ``ProbeError``) map to their ``status``;
+werkzeug's own HTTP errors (405, 413 from ``MAX_CONTENT_LENGTH``...) and anything unexpected go
+through the same handler, so every error a client sees has the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException
+
+from ..errors import AuditError
+
+PROBLEM_MIME = "application/problem+json"
+PROBLEM_BASE = "https://invariance-audit.dev/problems/"
+
+log = logging.getLogger("audit_service.service")
+
+
+class ApiError(Exception):
+    status: int = 500
+    title: str = "Internal Server Error"
+    slug: str = "internal-error"
+
+    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status, title, slug = 400, "Bad Request", "bad-request"
+
+
+class NotFound(ApiError):
+    status, title, slug = 404, "Not Found", "not-found"
+
+
+class Conflict(ApiError):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, title, slug = 413, "Payload Too Large", "payload-too-large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class Unprocessable(ApiError):
+    status, title, slug = 422, "Unprocessable Content", "unprocessable"
+
+
+class TooManyRequests(ApiError):
+    status, title, slug = 429, "Too Many Requests", "queue-full"
+
+
+class ServiceUnavailable(ApiError):
+    status, title, slug = 503, "Service Unavailable", "unavailable"
+
+
+_BY_STATUS = {cls.status: cls for cls in (BadRequest, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
+                                          Unprocessable, TooManyRequests, ServiceUnavailable)}
+
+
+def problem(status: int, title: str, detail: str, slug: str, field: str | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail,
+            "instance": request.path if request else None, "field": field}
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_MIME)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def _handle(exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        return problem(exc.status, exc.title, exc.detail, exc.slug, exc.field, exc.headers)
+    if isinstance(exc, AuditError):
+        cls = _BY_STATUS.get(exc.status, Unprocessable)
+        return problem(cls.status, cls.title, exc.message, type(exc).__name__, exc.field)
+    if isinstance(exc, HTTPException):
+        status = exc.code or 500
+        detail = exc.description or exc.name
+        if status == 413:
+            from flask import current_app
+
+            limit = current_app.config.get("MAX_CONTENT_LENGTH")
+            detail = (f"the request body is larger than the service accepts ({limit} bytes, AUDIT_MAX_UPLOAD_MB); "
+                      f"send a smaller model or fewer probes")
+        headers = {}
+        if status == 405 and getattr(exc, "valid_methods", None):
+            headers["Allow"] = ", ".join(exc.valid_methods)
+        slug = exc.name.lower().replace(" ", "-")
+        return problem(status, exc.name, detail, slug, None, headers)
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return problem(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                   "internal-error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(Exception, _handle)

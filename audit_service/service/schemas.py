@@ -1,0 +1,132 @@
+"""Pydantic models for every request and response body of the HTTP API (mirrored in ``openapi.yaml``)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..jobs.states import JobStatus
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- requests
+class SubmitQuery(_Model):
+    """Query of ``POST /audit``."""
+
+    wait: float = Field(default=0.0, ge=0, le=600, description="seconds to wait for the report (capped)")
+
+
+class SubmitForm(_Model):
+    """Non-file form fields of ``POST /audit`` (the spec is parsed by ``spec.parse_audit_spec``)."""
+
+    timeout_s: float | None = Field(default=None, gt=0, description="wall-clock limit, capped by the server")
+
+
+class ListQuery(_Model):
+    limit: int = Field(default=20, ge=1, le=100)
+    offset: int = Field(default=0, ge=0)
+    status: JobStatus | None = None
+
+
+class ReferenceRunRequest(_Model):
+    epochs: int | None = Field(default=None, ge=1, le=1000)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
+# ----------------------------------------------------------------------------- responses
+class JobLinks(_Model):
+    self: str
+    report: str | None = None
+    report_html: str | None = None
+
+
+class JobErrorOut(_Model):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class Timings(_Model):
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    queued_s: float | None = Field(default=None, description="created -> started (or now)")
+    run_s: float | None = Field(default=None, description="started -> finished (or now)")
+
+
+class InputFile(_Model):
+    sha256: str
+    size_bytes: int
+    filename: str | None = None
+    format: str | None = None
+
+
+class JobOut(_Model):
+    id: str
+    kind: Literal["audit", "reference_run"]
+    status: JobStatus
+    progress: float = Field(ge=0, le=1)
+    stage: str
+    attempts: int
+    timeout_s: float
+    timings: Timings
+    error: JobErrorOut | None = None
+    verdict: str | None = None
+    inputs: dict[str, InputFile]
+    spec: dict[str, Any]
+    links: JobLinks
+
+
+class JobList(_Model):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+    next: str | None = None
+
+
+class CatalogueOut(_Model):
+    items: list[dict[str, Any]]
+
+
+class HealthOut(_Model):
+    status: Literal["ok"]
+
+
+class ReadyOut(_Model):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
+    queue_depth: int | None = None
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def job_out(job: dict, now: float) -> JobOut:
+    status = JobStatus(job["status"])
+    jid = job["id"]
+    finished = status == JobStatus.SUCCEEDED
+    started, ended = job.get("started_at"), job.get("finished_at")
+    queued_s = (started if started is not None else (ended if ended is not None else now)) - job["created_at"]
+    run_s = None if started is None else (ended if ended is not None else now) - started
+    return JobOut(
+        id=jid, kind=job["kind"], status=status, progress=float(job["progress"] or 0.0), stage=job["stage"] or "",
+        attempts=int(job["attempts"]), timeout_s=float(job["timeout_s"]),
+        timings=Timings(created_at=_iso(job["created_at"]), started_at=_iso(started), finished_at=_iso(ended),
+                        queued_s=round(max(0.0, queued_s), 6), run_s=None if run_s is None else round(max(0.0, run_s), 6)),
+        error=JobErrorOut(**job["error"]) if job.get("error") else None,
+        verdict=job.get("verdict"),
+        inputs={k: InputFile(**v) for k, v in (job.get("inputs") or {}).items() if isinstance(v, dict)},
+        spec=job["spec"] if isinstance(job["spec"], dict) else {},
+        links=JobLinks(self=f"/audits/{jid}",
+                       report=f"/audits/{jid}/report" if finished else None,
+                       report_html=f"/audits/{jid}/report.html" if finished else None),
+    )
