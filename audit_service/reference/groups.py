@@ -36,12 +36,8 @@ def group_spec(name: str) -> dict:
 
 def _core_orbit(name: str, x: torch.Tensor) -> torch.Tensor:
     """(N, *S) -> (G, N, *S) through ``audit_service.groups.build_group``."""
-    try:
-        from audit_service.groups import build_group
-    except ImportError:  # TEMPORARY until the core group module lands
-        if name == "R4":
-            return torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-        return torch.stack([torch.roll(x, 12 * k, dims=-1) for k in range(3)])
+    from audit_service.groups import build_group
+
     group = build_group(group_spec(name), INPUT_SHAPE)
     return group.orbit(x)
 

