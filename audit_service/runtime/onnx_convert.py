@@ -1,8 +1,9 @@
 """A differentiable torch twin of an ONNX graph (onnx2torch), trusted only after it matches onnxruntime.
 
 Gradient metrics (integrated-gradients saliency, Jacobian spectra) need autograd. onnx2torch covers
-most classifier ops, but not all, and a conversion can be silently wrong (see ``_patch_slice``),
-so the twin is compared with onnxruntime on a seeded batch and used only when it agrees. Otherwise
+most classifier ops, but not all, and a conversion can be silently wrong (onnx2torch 1.5 indexes
+Slice with a list of slices, which torch already warns it will reinterpret), so the twin is compared
+with onnxruntime on a seeded batch and used only when it agrees. Otherwise
 the runner returns None and a note that names the op or the mismatch, and the metrics fall back to
 gradient-free estimates.
 """
@@ -33,7 +34,6 @@ def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape:
         import onnx2torch
     except ImportError as exc:
         return None, f"onnx2torch is not installed ({exc}); {FALLBACK}"
-    _patch_slice()
     missing = unsupported_ops(model)
     if missing:
         return None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}"
@@ -148,30 +148,3 @@ def _mismatch(module: torch.nn.Module, reference: ReferenceFn, input_shape: tupl
         return (f"the onnx2torch conversion does not reproduce onnxruntime's logits (max difference "
                 f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})")
     return None
-
-
-def _patch_slice() -> None:
-    """Fix onnx2torch's Slice for torch >= 2.9, which reads a *list* of slices as a tensor index.
-
-    onnx2torch 1.5 indexes with ``x[list_of_slices]``; recent torch interprets that differently and
-    returns wrong values (seen: 0.45 logit error on a circular-padding CNN). Indexing with a tuple is
-    what onnx2torch means. Idempotent; the onnxruntime comparison still guards the result.
-    """
-    try:
-        from onnx2torch.node_converters import slice as slice_module
-    except ImportError:
-        return
-    if getattr(slice_module, "_audit_patched", False) or not hasattr(slice_module, "_do_slice"):
-        return
-
-    def _do_slice(x: torch.Tensor, flip_dims: list, pos_axes_slices: list, neg_axes_slices: list) -> torch.Tensor:
-        if flip_dims:
-            x = torch.flip(x, dims=flip_dims)
-        if pos_axes_slices:
-            x = x[tuple(pos_axes_slices)]
-        if neg_axes_slices:
-            x = x[tuple(neg_axes_slices)]
-        return x
-
-    slice_module._do_slice = _do_slice
-    slice_module._audit_patched = True
