@@ -37,6 +37,10 @@ from builders import (
     rot90,
 )
 
+# torch.jit.script/save announce their deprecation on every call; the archives they write are still
+# what clients send.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+
 FALLBACK = "saliency uses a gradient-free occlusion estimate and sigma_max a finite-difference estimate"
 
 
@@ -459,3 +463,21 @@ def test_twin_that_disagrees_with_onnxruntime_is_not_trusted(tmp_path):
     assert _mismatch(same, runner.logits, IMAGE_SHAPE, runner.device, None) is None
     problem = _mismatch(other, runner.logits, IMAGE_SHAPE, runner.device, None)
     assert problem.startswith("the onnx2torch conversion does not reproduce onnxruntime's logits")
+
+
+def test_io_binding_path_matches_the_numpy_path(tmp_path):
+    """The IO-binding code used on CUDA, exercised on CPU memory (same binding calls, device 'cpu')."""
+    runner = load_model(export_onnx(CircularCNN(in_ch=3, n_classes=5), RGB_SHAPE, tmp_path / "m.onnx"))
+    x = batch(6, RGB_SHAPE)
+    bound = runner._run_bound(x)
+    assert bound.dtype == torch.float32 and bound.shape == (6, 5)
+    assert torch.equal(bound, runner._run_cpu(x))
+
+
+def test_gradient_module_errors_are_runtime_errors(tmp_path):
+    path = tmp_path / "fails.pt"
+    torch.jit.save(torch.jit.script(FailsOnLargeInputs().eval()), str(path))
+    module = load_model(path, input_shape=IMAGE_SHAPE).torch_module()
+    assert module(batch(2)).shape == (2, 4)
+    with pytest.raises(ModelRuntimeError, match="input out of the calibrated range"):
+        module(batch(2) * 100)

@@ -3,6 +3,7 @@
 A runner supplies ``forward(chunk) -> logits``; this module checks the inputs, cuts them into
 chunks of ``batch_size``, and checks each chunk's logits (shape, then finiteness) so that a model
 that misbehaves on some inputs fails the audit with a clear reason instead of poisoning the metrics.
+``GuardedModule`` gives the differentiable module the same courtesy for exceptions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import ModelRuntimeError, ProbeError
+from ..errors import AuditError, ModelRuntimeError, ProbeError
+from .validation import short_error
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,3 +73,24 @@ def check_finite(logits: torch.Tensor) -> None:
             f"The model returned NaN/Inf logits for {n_bad} of {logits.shape[0]} inputs (first at index "
             f"{first}); expected finite logits for every input. Check the model's numerics (e.g. a log or "
             f"division on zero) or the input scaling", field="model")
+
+
+class GuardedModule(torch.nn.Module):
+    """A model's differentiable module whose forward failures reach callers as ``ModelRuntimeError``.
+
+    Gradient metrics call the module directly (not through ``run_chunked``); without this, an
+    exception raised by the user's model code would surface as a raw traceback.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.inner(x)
+        except AuditError:
+            raise
+        except Exception as exc:
+            raise ModelRuntimeError(f"The model failed on a batch of {x.shape[0]}: {short_error(exc)}",
+                                    field="model") from None

@@ -17,6 +17,7 @@ from typing import Callable
 import onnx
 import torch
 
+from .chunks import GuardedModule
 from .validation import short_error
 
 #: relative tolerance (to the logit scale) for the converted module against onnxruntime
@@ -46,7 +47,7 @@ def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape:
         op = named.group(1) if named else _failing_op(model)
         what = f"{_ops([op])} ({short_error(exc)})" if op else f"this graph ({short_error(exc)})"
         return None, f"onnx2torch cannot convert {what}; {FALLBACK}"
-    module = ConvertedOnnx(graph_module, fixed_batch).to(device).eval()
+    module = GuardedModule(ConvertedOnnx(graph_module, fixed_batch)).to(device).eval()
     for param in module.parameters():
         param.requires_grad_(False)
     problem = _mismatch(module, reference, input_shape, device, fixed_batch)

@@ -124,7 +124,7 @@ class OnnxRunner:
             pad = chunk.new_zeros((self.fixed_batch - n, *chunk.shape[1:]))
             chunk = torch.cat([chunk, pad])
         try:
-            out = self._run_cuda(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
+            out = self._run_bound(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
         except AuditError:
             raise
         except Exception as exc:
@@ -139,19 +139,24 @@ class OnnxRunner:
         (out,) = self._session.run([self._signature.output_name], {self._signature.input_name: array})
         return torch.from_numpy(np.asarray(out))
 
-    def _run_cuda(self, chunk: torch.Tensor) -> torch.Tensor:
-        """IO binding on the torch tensors' device memory: nothing is copied through the host."""
-        index = self.device.index or 0
-        in_dtype = np.dtype(self._signature.input_dtype)
-        chunk = chunk.to(_NP_TO_TORCH[in_dtype]).contiguous()
+    def _run_bound(self, chunk: torch.Tensor) -> torch.Tensor:
+        """IO binding on the torch tensors' own memory: on CUDA nothing is copied through the host.
+
+        Used for CUDA devices; it works on CPU memory too, which is how the tests check the binding.
+        """
+        device_type = "cuda" if chunk.is_cuda else "cpu"
+        index = (chunk.device.index or 0) if chunk.is_cuda else 0
+        in_type = np.dtype(self._signature.input_dtype).type
+        chunk = chunk.to(_NP_TO_TORCH[np.dtype(in_type)]).contiguous()
         out = torch.empty((chunk.shape[0], self.num_classes), dtype=_NP_TO_TORCH[self._output_dtype],
-                          device=self.device)
+                          device=chunk.device)
         binding = self._session.io_binding()
-        binding.bind_input(self._signature.input_name, "cuda", index, in_dtype, tuple(chunk.shape),
+        binding.bind_input(self._signature.input_name, device_type, index, in_type, tuple(chunk.shape),
                            chunk.data_ptr())
-        binding.bind_output(self._signature.output_name, "cuda", index, self._output_dtype, tuple(out.shape),
-                            out.data_ptr())
-        torch.cuda.current_stream(self.device).synchronize()  # the input must be written before ORT reads it
+        binding.bind_output(self._signature.output_name, device_type, index, self._output_dtype.type,
+                            tuple(out.shape), out.data_ptr())
+        if chunk.is_cuda:
+            torch.cuda.current_stream(chunk.device).synchronize()  # the input must be written before ORT reads it
         self._session.run_with_iobinding(binding)
         return out
 

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AuditError, ModelError, ModelRuntimeError
 from .base import ModelFormat
-from .chunks import check_inputs, run_chunked
+from .chunks import GuardedModule, check_inputs, run_chunked
 from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
@@ -51,6 +51,7 @@ class TorchScriptRunner:
         for param in module.parameters():
             param.requires_grad_(False)
         self._module = module
+        self._guarded = GuardedModule(module).eval()
         self.input_shape = _resolve_shape(input_shape, extra[SHAPE_FILE], module)
         self.num_classes = self._probe()
 
@@ -92,8 +93,9 @@ class TorchScriptRunner:
                                     field="model") from None
 
     def torch_module(self) -> torch.nn.Module:
-        """The loaded TorchScript module itself (eval mode, on ``device``, parameters frozen)."""
-        return self._module
+        """The loaded TorchScript module (eval mode, on ``device``, parameters frozen), its forward
+        errors raised as ``ModelRuntimeError``."""
+        return self._guarded
 
     def __repr__(self) -> str:
         return (f"TorchScriptRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
