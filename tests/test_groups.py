@@ -445,3 +445,16 @@ def test_element_rejects_out_of_range():
         Element([0, 1, 3], "bad")
     with pytest.raises(ValueError):
         Element([-1, 0, 1], "bad")
+
+
+def test_orbit_size_cap():
+    with pytest.raises(SpecError) as info:
+        build_group("D4", (3, 4096, 4096))
+    assert info.value.field == "group" and "order x input size" in info.value.message
+
+
+def test_from_table_validates():
+    with pytest.raises(ValueError, match="permutation"):
+        ExactGroup.from_table("bad", torch.tensor([[0, 1, 2], [0, 0, 1]]), ["e", "x"], (3,))
+    g = ExactGroup.from_table("swap", torch.tensor([[0, 1], [1, 0]]), ["e", "s"], (2,))
+    assert g.is_closed() and torch.equal(g.orbit(torch.tensor([[1.0, 2.0]]))[1], torch.tensor([[2.0, 1.0]]))

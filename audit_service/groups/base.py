@@ -106,10 +106,35 @@ class ExactGroup(Group):
                 raise ValueError(f"Expected elements acting on {size} values (shape {input_shape}), but "
                                  f"{el.name!r} acts on {el.size}")
         table = torch.stack([el.perm for el in elements])
+        self._setup(name, table, [el.name for el in elements], input_shape, spec, generators, note)
+
+    @classmethod
+    def from_table(
+        cls,
+        name: str,
+        table: torch.Tensor,
+        element_names: Sequence[str],
+        input_shape: tuple[int, ...],
+        spec: BaseModel | None = None,
+        generators: Sequence[int] = (),
+        note: str | None = None,
+    ) -> "ExactGroup":
+        """Build from a (G, D) int64 gather table directly (validated the same way; no per-element copies)."""
+        group = cls.__new__(cls)
+        group._setup(name, table, list(element_names), input_shape, spec, generators, note)
+        return group
+
+    def _setup(self, name: str, table: torch.Tensor, names: list[str], input_shape: tuple[int, ...],
+               spec: BaseModel | None, generators: Sequence[int], note: str | None) -> None:
+        size = math.prod(input_shape)
+        table = table.to(device="cpu", dtype=torch.long).contiguous()
+        if table.ndim != 2 or table.shape[1] != size or table.shape[0] != len(names) or not names:
+            raise ValueError(f"Expected a (G, {size}) table with one name per row, but got {tuple(table.shape)} "
+                             f"and {len(names)} names")
         if not torch.equal(table[0], torch.arange(size)):
-            raise ValueError(f"Expected element 0 to be the identity, but got {elements[0].name!r}")
+            raise ValueError(f"Expected element 0 to be the identity, but got {names[0]!r}")
         if not is_permutation(table):
-            bad = [el.name for el in elements if not is_permutation(el.perm)]
+            bad = [nm for nm, row in zip(names, table) if not is_permutation(row)]
             raise ValueError(f"Expected every element to be a permutation of range({size}), but got {bad}")
         inverse = torch.empty_like(table)
         inverse.scatter_(1, table, torch.arange(size).expand_as(table))
@@ -117,16 +142,21 @@ class ExactGroup(Group):
         self.name = name
         self.spec = spec
         self.input_shape = tuple(input_shape)
-        self.order = len(elements)
+        self.order = table.shape[0]
         self.size = size
-        self.elements = [Element._trusted(table[i], el.name) for i, el in enumerate(elements)]
-        self.element_names = [el.name for el in self.elements]
+        self.elements = [Element._trusted(table[i], nm) for i, nm in enumerate(names)]
+        self.element_names = list(names)
         self.generators = list(generators)
         self.note = note
         self._table = table
         self._inverse = inverse
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._index: dict[bytes, int] | None = None
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The (G, D) gather table on the CPU: ``orbit(x)[i].flatten() == x.flatten()[table[i]]`` per sample."""
+        return self._table
 
     # -- the action (hot path) --------------------------------------------------------------
     def index_tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import C4Spec, D4Spec, FlipSpec
-from .base import ExactGroup, require_image, require_square_image
+from .base import ExactGroup, check_orbit_size, require_image, require_square_image
 from .element import Element, element_from_rearrangement
 
 ROTATION_NAMES = ("e", "r90", "r180", "r270")
@@ -29,6 +29,7 @@ def flip_element(shape: tuple[int, ...], axis: str = "horizontal") -> Element:
 
 def build_c4(spec: C4Spec, input_shape: tuple[int, ...], field: str = "group") -> ExactGroup:
     require_square_image(input_shape, "C4 rotations", field)
+    check_orbit_size(4, input_shape, field)
     elements = [rotation_element(input_shape, k) for k in range(4)]
     elements[0] = Element.identity(elements[0].size)
     return ExactGroup("C4", elements, input_shape, spec=spec, generators=[1])
@@ -36,6 +37,7 @@ def build_c4(spec: C4Spec, input_shape: tuple[int, ...], field: str = "group") -
 
 def build_d4(spec: D4Spec, input_shape: tuple[int, ...], field: str = "group") -> ExactGroup:
     require_square_image(input_shape, "D4 rotations and flips", field)
+    check_orbit_size(8, input_shape, field)
     rotations = [rotation_element(input_shape, k) for k in range(4)]
     rotations[0] = Element.identity(rotations[0].size)
     flip = flip_element(input_shape, "horizontal")
@@ -45,6 +47,7 @@ def build_d4(spec: D4Spec, input_shape: tuple[int, ...], field: str = "group") -
 
 def build_flip(spec: FlipSpec, input_shape: tuple[int, ...], field: str = "group") -> ExactGroup:
     require_image(input_shape, f"a {spec.axis} flip", field)
+    check_orbit_size(2, input_shape, field)
     flip = flip_element(input_shape, spec.axis)
     return ExactGroup(f"flip({spec.axis})", [Element.identity(flip.size), flip], input_shape, spec=spec,
                       generators=[1])

@@ -97,12 +97,10 @@ def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callab
     notes = [f"factor {f.name}: {f.note}" for f in factors if f.note] + ([note] if note else [])
     note = "; ".join(notes) or None
     if all(isinstance(f, ExactGroup) for f in factors):
-        elements = [_compose_all(parts) for parts in itertools.product(*(f.elements for f in factors))]
-        names = [" @ ".join(p.name for p in parts) if any(p.name != "e" for p in parts) else "e"
-                 for parts in itertools.product(*(f.elements for f in factors))]
-        elements = [type(el)._trusted(el.perm, nm) for el, nm in zip(elements, names)]
-        return ExactGroup(" x ".join(f.name for f in factors), elements, input_shape, spec=spec,
-                          generators=_product_generators(factors), note=note)
+        names = [" @ ".join(parts) if any(p != "e" for p in parts) else "e"
+                 for parts in itertools.product(*(f.element_names for f in factors))]
+        return ExactGroup.from_table(" x ".join(f.name for f in factors), _product_table(factors), names,
+                                     input_shape, spec=spec, generators=_product_generators(factors), note=note)
     return ProductGroup(spec, factors, input_shape, note=note)
 
 
@@ -125,11 +123,14 @@ def _spec_order(spec) -> int | None:
     return None
 
 
-def _compose_all(parts):
-    out = parts[0]
-    for p in parts[1:]:
-        out = out @ p
-    return out
+def _product_table(factors: Sequence[ExactGroup]) -> torch.Tensor:
+    """Row-major table of ``a_i @ b_j @ ...``: with ``(a @ b)[d] = b[a[d]]``, one batched gather per factor."""
+    table = factors[0].table
+    for f in factors[1:]:
+        t, g, d = table.shape[0], f.order, table.shape[1]
+        table = torch.gather(f.table.unsqueeze(0).expand(t, g, d), 2,
+                             table.unsqueeze(1).expand(t, g, d)).reshape(t * g, d)
+    return table
 
 
 def _product_generators(factors: Sequence[ExactGroup]) -> list[int]:
