@@ -97,8 +97,6 @@ def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
 def classify_exception(exc: BaseException) -> dict:
     from ..errors import AuditError
 
-    if isinstance(exc, AuditError):
-        return {"type": type(exc).__name__, "message": exc.message, "field": exc.field}
     text = str(exc)
     if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OOM_MARKERS):
         limit = os.environ.get("AUDIT_SANDBOX_MEMORY_MB")
@@ -107,6 +105,8 @@ def classify_exception(exc: BaseException) -> dict:
                 "message": f"the audit ran out of memory under the limit{where}: lower options.batch_size / "
                            f"options.probe_chunk / options.n_probes, or ask the operator to raise the limit "
                            f"({type(exc).__name__}: {text[:300]})", "field": None}
+    if isinstance(exc, AuditError):
+        return {"type": type(exc).__name__, "message": exc.message, "field": exc.field}
     if isinstance(exc, NotImplementedError):
         return {"type": "not_implemented", "message": f"not implemented in this version: {text[:300]}",
                 "field": None}

@@ -101,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"audit-service: serving on http://{settings.host}:{settings.port} with {settings.web_workers} web "
           f"workers and {settings.workers} audit workers (data: {Path(settings.data_dir).resolve()})",
           file=sys.stderr, flush=True)
-    children.append(subprocess.Popen(workers, env=env))
+    if settings.workers > 0:  # 0: web only (another machine runs `audit-service worker`)
+        children.append(subprocess.Popen(workers, env=env))
     children.append(subprocess.Popen(gunicorn, env=env))
     rc = 0
     try:

@@ -1,0 +1,197 @@
+"""Shared fixtures: a real ``audit-service serve`` (gunicorn + local workers) on a free loopback port,
+small real models, and an OpenAPI checker that validates every response against ``openapi.yaml``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: tiny audits: the whole suite shares 2 cores
+TINY_OPTIONS = {"n_probes": 8, "n_noise_probes": 8, "ig_steps": 4, "jacobian_probes": 4, "bootstrap": 20}
+
+
+def tiny_spec(group: object = "C4", **extra: object) -> dict:
+    return {"group": group, "shifts": [], "options": dict(TINY_OPTIONS), **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """``audit-service serve`` as a child process; ``stop()`` sends SIGTERM like an operator would."""
+
+    def __init__(self, data_dir: Path, workers: int = 1, web_workers: int = 2, **env: str) -> None:
+        self.data_dir, self.workers, self.web_workers = Path(data_dir), workers, web_workers
+        self.env = {k: str(v) for k, v in env.items()}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = self.data_dir.parent / f"service-{self.port}.log"
+
+    def start(self, timeout: float = 90.0) -> "Service":
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "AUDIT_DATA_DIR": str(self.data_dir), "PYTHONPATH": str(ROOT), **self.env}
+        self.log = self.data_dir.parent / f"service-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "audit_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.workers), "--web-workers", str(self.web_workers)],
+            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(ROOT))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory):
+    """The shared running service: 1 audit worker, small upload caps (to test 413 cheaply)."""
+    data = tmp_path_factory.mktemp("service") / "data"
+    svc = Service(data, workers=1, AUDIT_MAX_PROBES_MB=1, AUDIT_MAX_UPLOAD_MB=8, AUDIT_MAX_MODEL_MB=4,
+                  AUDIT_JOB_MEMORY_MB=6144, AUDIT_JOB_TIMEOUT_S=300, AUDIT_MAX_WAIT_S=120).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small real models and probe files, built once."""
+    import torch
+    from builders import IMAGE_SHAPE, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
+
+    out = tmp_path_factory.mktemp("models")
+    paths = {
+        "plain": export_onnx(PlainCNN(seed=0), IMAGE_SHAPE, out / "plain.onnx"),
+        "plain2": export_onnx(PlainCNN(seed=1), IMAGE_SHAPE, out / "plain2.onnx"),
+        "invariant": export_onnx(OrbitAveragedCNN(PlainCNN(seed=2), "C4"), IMAGE_SHAPE, out / "invariant.onnx"),
+    }
+
+    class Hang(torch.nn.Module):
+        """Fine on the loader's probe batch; spins forever on an audit batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(144, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x.flatten(1))
+            if x.shape[0] > 4:
+                s = torch.zeros(1)
+                for i in range(2_000_000_000):
+                    s = s + 1.0
+                y = y + s
+            return y
+
+    class Hog(torch.nn.Module):
+        """Fine on the loader's probe batch; asks for ~40 GB on an audit batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(144, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x.flatten(1))
+            if x.shape[0] > 4:
+                big = torch.ones(10_000_000_000)
+                y = y + big[:1]
+            return y
+
+    paths["hang"] = export_torchscript(Hang(), IMAGE_SHAPE, out / "hang.pt", script=True)
+    paths["hog"] = export_torchscript(Hog(), IMAGE_SHAPE, out / "hog.pt", script=True)
+    rng = np.random.default_rng(0)
+    probes = rng.random((8, *IMAGE_SHAPE), dtype=np.float32)
+    np.save(out / "probes.npy", probes)
+    np.savez(out / "probes_labels.npz", x=probes, y=rng.integers(0, 10, 8))
+    np.save(out / "big_probes.npy", rng.random((300_000,), dtype=np.float64))  # 2.4 MB > 1 MiB cap
+    (out / "garbage.onnx").write_bytes(b"this is not a model" * 10)
+    (out / "spec.json").write_text(json.dumps(tiny_spec()))
+    paths.update({k: out / n for k, n in [("probes", "probes.npy"), ("probes_labels", "probes_labels.npz"),
+                                            ("big_probes", "big_probes.npy"), ("garbage", "garbage.onnx"),
+                                            ("spec", "spec.json")]})
+    return paths
+
+
+class ContractChecker:
+    """Validates responses against ``openapi.yaml`` with openapi-core; records what it checked."""
+
+    def __init__(self) -> None:
+        from openapi_core import Config, OpenAPI
+
+        config = Config(extra_media_type_deserializers={"application/problem+json": json.loads})
+        self.openapi = OpenAPI.from_file_path(str(ROOT / "openapi.yaml"), config=config)
+        self.checked = 0
+
+    def __call__(self, response: requests.Response) -> requests.Response:
+        from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
+
+        request = response.request
+        # multipart bodies are not re-validated here (the server validates them); the response is
+        # (the contract's server is 127.0.0.1:8000; tests run on a free port, so the URL is mapped onto it)
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(request.url)
+        url = urlunsplit(("http", "127.0.0.1:8000", parts.path, parts.query, ""))
+        request_view = requests.Request(request.method, url, headers={}).prepare()
+        self.openapi.validate_response(RequestsOpenAPIRequest(request_view), RequestsOpenAPIResponse(response))
+        self.checked += 1
+        return response
+
+
+@pytest.fixture(scope="session")
+def contract() -> ContractChecker:
+    return ContractChecker()
+
+
+@pytest.fixture
+def api(service: Service, contract: ContractChecker):
+    """``api("GET", "/audits")`` -> response, validated against the contract."""
+
+    def call(method: str, path: str, **kwargs: object) -> requests.Response:
+        kwargs.setdefault("timeout", 150)
+        return contract(requests.request(method, service.url + path, **kwargs))
+
+    return call
+
+
+def wait_for(api_call, job_id: str, timeout: float = 180.0, states=("succeeded", "failed", "cancelled")) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api_call("GET", f"/audits/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
