@@ -55,7 +55,7 @@ class OnnxRunner:
 
     def __init__(self, data: bytes, model: onnx.ModelProto, sha256: str, device: torch.device) -> None:
         self.sha256 = sha256
-        self._model = model
+        self._model: onnx.ModelProto | None = model
         self._signature: GraphSignature = check_graph(model)
         self.input_shape = self._signature.input_shape
         self.fixed_batch = self._signature.fixed_batch
@@ -175,6 +175,7 @@ class OnnxRunner:
                 self._module, self.gradient_note = convert_checked(
                     self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch)
                 self._module_done = True
+                self._model = None  # the protobuf (up to the size cap) is not needed any more
         return self._module
 
     def __repr__(self) -> str:
