@@ -63,23 +63,26 @@ def stderr_progress(prefix: str = "") -> ProgressFn:
     return report
 
 
-def audit_spec(group: str) -> dict:
+def audit_spec(group: str, betas: tuple[float, ...] = BETAS, default_shifts: bool = True,
+               options: dict | None = None) -> dict:
     """The audit spec of a reference run: its group, drift toward the patches, default shifts."""
-    from audit_service.spec import default_shifts
+    from audit_service.spec import default_shifts as _defaults
 
-    shifts = [{"name": "blend", "beta": b, "target": "second_probes"} for b in BETAS]
-    shifts += [s.model_dump(exclude_none=True) for s in default_shifts()]
-    return {"group": group_spec(group), "shifts": shifts, "options": dict(AUDIT_OPTIONS)}
+    shifts = [{"name": "blend", "beta": b, "target": "second_probes"} for b in betas]
+    if default_shifts:
+        shifts += [s.model_dump(exclude_none=True) for s in _defaults()]
+    return {"group": group_spec(group), "shifts": shifts, "options": {**AUDIT_OPTIONS, **(options or {})}}
 
 
-def audit_run(model_path: Path, group: str, progress: ProgressFn | None = None) -> dict:
-    """Run the core engine on a reference model with the test digits, labels and the patch set."""
+def audit_run(model_path: Path, group: str, progress: ProgressFn | None = None, spec: dict | None = None) -> dict:
+    """Run the core engine on a reference model with the test digits (and labels) and the patch set."""
     from audit_service.audit import run_audit
     from audit_service.spec import parse_audit_spec
 
+    spec = spec if spec is not None else audit_spec(group)
     data = load_digits()
-    n = AUDIT_OPTIONS["n_probes"]
-    return run_audit(model_path, parse_audit_spec(audit_spec(group)), probes=np.array(data.test.x[:n]),
+    n = spec["options"]["n_probes"]
+    return run_audit(model_path, parse_audit_spec(spec), probes=np.array(data.test.x[:n]),
                      labels=np.array(data.test.y[:n]), second_probes=np.array(load_patches(N_PATCHES)),
                      progress=progress)
 
@@ -102,7 +105,8 @@ def _named(report: dict, name: str) -> dict | None:
     return None
 
 
-def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: dict | None) -> dict:
+def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: dict | None,
+               spec: dict | None = None) -> dict:
     cfg = result.config
     card: dict = {
         "name": cfg.name,
@@ -130,8 +134,8 @@ def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: di
         card["verdict"] = verdict.get("label")
         card["audit"] = {
             "format": AUDIT_FORMAT,
-            "spec": audit_spec(cfg.group),
-            "probes": f"first {AUDIT_OPTIONS['n_probes']} test digits with labels; second_probes: "
+            "spec": spec,
+            "probes": f"first {spec['options']['n_probes']} test digits with labels; second_probes: "
                       f"{N_PATCHES} scikit-learn image patches",
             "conditions": _condition_summary(report),
             "sensitivity": sens,
@@ -146,8 +150,12 @@ def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: di
 
 def train_and_export(group: str, model: str, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
                      out_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                     progress: ProgressFn | None = None, audit: bool = True, nu: float | None = None) -> dict:
-    """Train (resumably) one run, export it to ``out_dir/<name>/``, audit it, write and return its card."""
+                     progress: ProgressFn | None = None, audit: bool = True, nu: float | None = None,
+                     spec: dict | None = None) -> dict:
+    """Train (resumably) one run, export it to ``out_dir/<name>/``, audit it, write and return its card.
+
+    ``spec`` overrides the audit spec (default :func:`audit_spec` of the group); the tests use a small one.
+    """
     from .catalog import reference_dir
 
     out = Path(out_dir) if out_dir is not None else reference_dir()
@@ -159,13 +167,14 @@ def train_and_export(group: str, model: str, seed: int = 0, epochs: int = DEFAUL
     files = export_model(result.model, run_dir)
     diff = check_export(result.model, run_dir)
     report = None
+    spec = spec if spec is not None else audit_spec(group)
     if audit:
         progress(0.8, f"{cfg.name}: auditing {files[AUDIT_FORMAT]}")
-        report = audit_run(run_dir / files[AUDIT_FORMAT], group,
+        report = audit_run(run_dir / files[AUDIT_FORMAT], group, spec=spec,
                            progress=lambda f, m: progress(0.8 + 0.2 * f, f"{cfg.name}: audit {m}"))
         report.pop("saliency_examples", None)  # images; the card and the table do not need them
         (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
-    card = build_card(result, run_dir, files, diff, report)
+    card = build_card(result, run_dir, files, diff, report, spec)
     write_card(run_dir, card)
     progress(1.0, f"{cfg.name}: done, test accuracy {result.test_accuracy:.4f}"
              + (f", verdict {card['verdict']}" if audit else ""))
@@ -189,7 +198,7 @@ def _stat(values: list[float | None]) -> dict | None:
             "n": len(vals)}
 
 
-def aggregate(cards: list[dict]) -> dict:
+def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
     """Per (group, model): mean / std over seeds of accuracy and the clean / noise / drift metrics."""
     rows = []
     for group in GROUP_NAMES:
@@ -208,13 +217,14 @@ def aggregate(cards: list[dict]) -> dict:
                                                      for c in runs])
             row["sigma_max"] = _stat([c.get("sigma_max") for c in runs])
             drift = {}
-            for beta in BETAS:
+            for beta in betas:
                 label = f"blend(second_probes)@{beta:g}"
                 drift[f"{beta:g}"] = {m: _stat([_cond_metric(c, label, m) for c in runs])
                                       for m in ("DI", "LI", "SI", "LI_normalized", "agreement")}
             row["drift"] = drift
             rows.append(row)
-    return {"rows": rows, "betas": list(BETAS), "data": data_summary(), "audit_options": AUDIT_OPTIONS,
+    options = (cards[0].get("audit", {}).get("spec") or {}).get("options") if cards else None
+    return {"rows": rows, "betas": list(betas), "data": data_summary(), "audit_options": options,
             "audit_format": AUDIT_FORMAT}
 
 
@@ -245,9 +255,10 @@ def _paper(v: float | None, digits: int = 2) -> str:
 def results_markdown(results: dict) -> str:
     rows = results["rows"]
     n_seeds = max((r["accuracy"]["n"] for r in rows if r["accuracy"]), default=0)
+    options = results.get("audit_options") or AUDIT_OPTIONS
     lines = [
-        f"Ours: {n_seeds} seed(s), mean ± std; metrics from `run_audit` on {AUDIT_OPTIONS['n_probes']} test digits "
-        f"(clean condition) and {AUDIT_OPTIONS['n_noise_probes']} uniform-noise probes. Paper: Table 1 "
+        f"Ours: {n_seeds} seed(s), mean ± std; metrics from `run_audit` on {options['n_probes']} test digits "
+        f"(clean condition) and {options['n_noise_probes']} uniform-noise probes. Paper: Table 1 "
         "(Transforming-MNIST, 4 seeds). Accuracy is the orbit accuracy on the whole test split (900 digits x |G|).",
         "",
         "| G | model | acc % (ours) | acc % (paper) | LI (ours) | LI (paper) | DI (ours) | DI (paper) "
@@ -367,7 +378,8 @@ def update_docs(results_md: str, doc: Path, figure_prefix: str = "") -> None:
 def reproduce(seeds: int = 1, epochs: int = DEFAULT_EPOCHS, out_dir: str | Path | None = None,
               work_dir: str | Path | None = None, docs: str | Path | None = "default",
               groups: tuple[str, ...] = GROUP_NAMES, models: tuple[str, ...] = MODEL_KINDS,
-              progress: ProgressFn | None = None) -> dict:
+              progress: ProgressFn | None = None, betas: tuple[float, ...] = BETAS,
+              default_shifts: bool = True, audit_options: dict | None = None) -> dict:
     """Train and audit every (seed, group, model); write results, figures and docs; return the results dict.
 
     Finished runs (same settings) are reused from ``work_dir``, so an interrupted reproduction resumes.
@@ -383,9 +395,10 @@ def reproduce(seeds: int = 1, epochs: int = DEFAULT_EPOCHS, out_dir: str | Path 
     for i, (seed, group, model) in enumerate(jobs):
         def sub(f: float, msg: str, i: int = i) -> None:
             progress((i + f) / len(jobs), f"run {i + 1}/{len(jobs)} {msg}")
+        spec = audit_spec(group, betas, default_shifts, audit_options)
         cards.append(train_and_export(group, model, seed=seed, epochs=epochs, out_dir=out, work_dir=work,
-                                      progress=sub))
-    results = aggregate(cards)
+                                      progress=sub, spec=spec))
+    results = aggregate(cards, betas)
     results["epochs"] = epochs
     results["seeds"] = seeds
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")

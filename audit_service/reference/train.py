@@ -37,6 +37,7 @@ ProgressFn = Callable[[float, str], None]
 #: {1, 3, 10, 30} whose validation SI reached >= 0.95 in the tuning sweep.
 DEFAULT_NU = {"R4": 10.0, "T3": 10.0}
 DEFAULT_EPOCHS = 150
+DEFAULT_PATIENCE = 40
 LR = 8e-4
 BATCH_SIZE = 512
 
@@ -50,6 +51,7 @@ class TrainConfig:
     lr: float = LR
     batch_size: int = BATCH_SIZE
     nu: float = 0.0  # only IR uses it; 0 for WT/DA
+    patience: int = 0  # stop after this many epochs without a better validation accuracy (0: never)
 
     def __post_init__(self) -> None:
         if self.group not in GROUP_NAMES:
@@ -63,12 +65,13 @@ class TrainConfig:
 
     @classmethod
     def make(cls, group: str, model: str, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
-             nu: float | None = None) -> "TrainConfig":
+             nu: float | None = None, patience: int | None = None) -> "TrainConfig":
         if model == "IR":
             nu = DEFAULT_NU.get(group, 10.0) if nu is None else nu
         else:
             nu = 0.0
-        return cls(group=group, model=model, seed=seed, epochs=epochs, nu=float(nu))
+        patience = DEFAULT_PATIENCE if patience is None else patience
+        return cls(group=group, model=model, seed=seed, epochs=epochs, nu=float(nu), patience=patience)
 
     @property
     def name(self) -> str:
@@ -112,6 +115,7 @@ class TrainResult:
             "regularizer": ("nu * LI (paper eq. 2, logit invariance error on the batch orbit)"
                             if self.config.model == "IR" else None),
             "model_selection": "best validation orbit accuracy",
+            "epochs_run": len(self.history),
             "best_epoch": self.best_epoch,
             "val_accuracy": self.val_accuracy,
             "test_accuracy": self.test_accuracy,
@@ -270,13 +274,17 @@ def train_run(config: TrainConfig, work_dir: str | Path, progress: ProgressFn | 
                + " ".join(f"{k}={v / steps:.4g}" for k, v in sums.items())
                + f" val_acc={val:.4f} (best {best_val:.4f} @ {best_epoch})")
         report((epoch + 1) / config.epochs, msg)
-        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs:
+        stop = config.patience > 0 and epoch + 1 - best_epoch >= config.patience
+        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs or stop:
             _save_state(run_dir, model, opt, best, meta(epoch + 1))
+        if stop:
+            report(1.0, f"{config.name}: no better validation accuracy for {config.patience} epochs, stopping")
+            break
 
     model.load_state_dict(best)
     model.eval()
     test = orbit_accuracy(model, config.group, data.test.x, data.test.y)
     result = TrainResult(config, model, best_epoch, best_val, test, seconds, history)
-    done = {**meta(config.epochs), "val_accuracy": best_val, "test_accuracy": test}
+    done = {**meta(len(history)), "val_accuracy": best_val, "test_accuracy": test}
     done_file.write_text(json.dumps(done, indent=1))
     return result
