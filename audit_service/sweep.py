@@ -129,10 +129,13 @@ class OrbitSweep:
         if self.saliency is None:
             return logits, None, None
         target = labels if labels is not None else logits[0].argmax(-1)
-        attributions = self.saliency.attribute(flat, target.repeat(g))
-        maps = postprocess(attributions, sample_rank=len(shape)).reshape(g, n, *shape)
-        aligned = self.group.inverse_orbit(maps)                      # g^-1 m(gx); [0] is m(x)
-        return logits, saliency_similarity(aligned[0], aligned), aligned
+        attributions = self.saliency.attribute(flat, target.repeat(g)).abs().reshape(g, n, *shape)
+        # g^-1 first, then threshold + filter: g^-1 is a permutation, so it commutes with |.| and
+        # the 0.9 x max threshold, and aligning before the Gaussian filter keeps the filter's
+        # border handling from breaking exact equivariance (cyclic translations, permutations).
+        aligned = self.group.inverse_orbit(attributions)
+        maps = postprocess(aligned.reshape(g * n, *shape), sample_rank=len(shape)).reshape(g, n, *shape)
+        return logits, saliency_similarity(maps[0], maps), maps
 
 
 def _keep_worst(

@@ -1,0 +1,172 @@
+"""``audit-service audit``: exit codes 0 / 1 / 2, one-line errors, no tracebacks, the JSON report.
+
+Runs the real console script in a subprocess, as a pipeline would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from builders import (
+    IMAGE_SHAPE,
+    ConstantModel,
+    NaNModel,
+    OddOutputModel,
+    OrbitAveragedCNN,
+    PlainCNN,
+    TwoInputModel,
+    export_onnx,
+    export_torchscript,
+)
+
+CLI = [sys.executable, "-m", "audit_service.cli"]
+FAST = ["--option", "n_probes=16", "--option", "n_noise_probes=16", "--option", "ig_steps=4",
+        "--option", "jacobian_probes=4", "--shift", "none"]
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    probes = rng.normal(size=(16, *IMAGE_SHAPE)).astype(np.float32)
+    np.save(d / "probes.npy", probes)
+    np.savez(d / "probes.npz", x=probes, y=rng.integers(0, 10, 16))
+    return {
+        "dir": d,
+        "genuine": export_onnx(OrbitAveragedCNN(PlainCNN(), group="D4"), IMAGE_SHAPE, d / "genuine.onnx"),
+        "plain": export_onnx(PlainCNN(), IMAGE_SHAPE, d / "plain.onnx"),
+        "plain_ts": export_torchscript(PlainCNN(), IMAGE_SHAPE, d / "plain.pt"),
+        "probes": d / "probes.npy",
+        "probes_npz": d / "probes.npz",
+    }
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr            # one line, no traceback
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def test_audit_writes_report_and_passes_gate(files, tmp_path):
+    out = tmp_path / "report.json"
+    r = cli("audit", files["genuine"], "--group", "D4", "--probes", files["probes"], *FAST,
+            "--output", out, "--require", "genuine")
+    assert r.returncode == 0, r.stderr
+    assert "verdict: genuine" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["verdict"]["label"] == "genuine" and report["verdict"]["passed"] is True
+    assert report["group"]["order"] == 8
+
+
+def test_gate_failure_exits_one(files):
+    r = cli("audit", files["plain"], "--group", "C4", "--probes", files["probes_npz"], *FAST, "--require", "genuine")
+    assert r.returncode == 1, r.stderr
+    assert "gate failed" in r.stderr
+
+
+def test_json_group_spec_from_file_and_stdout_json(files, tmp_path):
+    spec = tmp_path / "group.json"
+    spec.write_text(json.dumps({"name": "translation", "order": 4, "step": 3}))
+    r = cli("audit", files["plain_ts"], "--group", f"@{spec}", "--probes", files["probes"], *FAST, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["group"]["order"] == 4 and report["model"]["format"] == "torchscript"
+
+
+# ----------------------------------------------------------------------------- bad input: exit 2
+def test_truncated_model(files, tmp_path):
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(files["plain"].read_bytes()[:200])
+    assert_bad_input(cli("audit", bad, "--group", "C4", *FAST), "onnx")
+
+
+def test_random_bytes_model(tmp_path):
+    bad = tmp_path / "noise.bin"
+    bad.write_bytes(np.random.default_rng(1).bytes(4096))
+    assert_bad_input(cli("audit", bad, "--group", "C4", *FAST), "expected")
+
+
+class _Marker:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ.get("MARKER", "/tmp/never")),))
+
+
+def test_pickle_is_refused_and_never_loaded(tmp_path):
+    marker = tmp_path / "unpickled"
+    bad = tmp_path / "model.pt"
+    os.environ["MARKER"] = str(marker)
+    bad.write_bytes(pickle.dumps(_Marker()))
+    assert_bad_input(cli("audit", bad, "--group", "C4", *FAST), "pickle")
+    assert not marker.exists()
+
+
+def test_onnx_with_external_data(files, tmp_path):
+    model = onnx.load(str(files["plain"]))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "external")
+
+
+def test_two_input_model(tmp_path):
+    path = export_onnx(TwoInputModel(), list(TwoInputModel.input_shapes), tmp_path / "two.onnx")
+    assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "input")
+
+
+def test_output_not_n_by_c(tmp_path):
+    path = export_onnx(OddOutputModel(kind="3d"), IMAGE_SHAPE, tmp_path / "odd.onnx")
+    assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "(N, C)")
+
+
+def test_nan_model(tmp_path):
+    path = export_onnx(NaNModel(), IMAGE_SHAPE, tmp_path / "nan.onnx")
+    assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "nan")
+
+
+def test_probes_of_wrong_shape_and_dtype(files, tmp_path):
+    wrong_shape = tmp_path / "shape.npy"
+    np.save(wrong_shape, np.zeros((4, 1, 10, 12), dtype=np.float32))
+    assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--probes", wrong_shape, *FAST),
+                     "probes", "(1, 12, 12)")
+    wrong_dtype = tmp_path / "dtype.npy"
+    np.save(wrong_dtype, np.zeros((4, *IMAGE_SHAPE), dtype=np.int64))
+    assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--probes", wrong_dtype, *FAST), "float32")
+
+
+def test_unknown_group(files):
+    assert_bad_input(cli("audit", files["plain"], "--group", "C7", *FAST), "group", "C4")
+
+
+def test_group_that_does_not_fit_the_input(files, tmp_path):
+    step = json.dumps({"name": "translation", "order": 2, "step": 40})
+    assert_bad_input(cli("audit", files["plain"], "--group", step, *FAST), "step")
+    wide = export_onnx(ConstantModel(), (1, 12, 16), tmp_path / "wide.onnx")
+    assert_bad_input(cli("audit", wide, "--group", "C4", *FAST), "square")
+
+
+def test_missing_model_file(tmp_path):
+    assert_bad_input(cli("audit", tmp_path / "absent.onnx", "--group", "C4", *FAST), "absent.onnx")
+
+
+def test_bad_option_and_shift(files):
+    assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--option", "ig_steps=0"), "ig_steps")
+    assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--shift", "fog@3"), "shift")
+    assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--shift", "blur@9"), "severity")
