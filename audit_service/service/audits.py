@@ -74,7 +74,8 @@ def submit_audit() -> Response:
         raise queue_full(depth, st.settings.max_queued)
 
     form = {k: v for k, v in request.form.items() if k != "spec"}
-    unknown = sorted(set(form) - {"timeout_s"} | (set(request.files) - set(_FILE_FIELDS) - {"spec"}))
+    names = {str(k) for k in form} | {str(k) for k in request.files}
+    unknown = sorted(names - {"timeout_s", "spec", *_FILE_FIELDS})
     if unknown:
         raise BadRequest(f"Expected only the fields model, spec, probes, labels, second_probes, timeout_s, but got "
                          f"{', '.join(unknown)}", field=unknown[0])

@@ -29,7 +29,7 @@ class SubmitForm(_Model):
 
 class ListQuery(_Model):
     limit: int = Field(default=20, ge=1, le=100)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
     status: JobStatus | None = None
 
 
