@@ -19,7 +19,7 @@ test: install
 	$(BIN)/python -m pytest -q -ra
 
 run: install
-	$(BIN)/audit-service demo
+	$(BIN)/audit-service serve --host $(HOST) --port $(PORT)
 
 bench: install
 	$(BIN)/python benchmarks/bench_sweep.py

@@ -1,0 +1,115 @@
+"""Job store, states and blob store without a server: atomic claims, checked transitions, leases."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+
+from audit_service.jobs import BlobStore, BlobTooLarge, JobKind, JobStatus, JobStore, QueueFull, Settings
+from audit_service.jobs.states import check_transition
+
+
+@pytest.fixture
+def store(tmp_path) -> JobStore:
+    s = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    s.init_schema()
+    return s
+
+
+def make(store: JobStore, **kw) -> dict:
+    return store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2, **kw)
+
+
+def test_new_jobs_are_queued_for_the_default_tenant(store):
+    job = make(store)
+    assert job["status"] == JobStatus.QUEUED and job["tenant"] == "default" and job["attempts"] == 0
+    assert store.get(job["id"], tenant="someone-else") is None
+    assert store.list(tenant="default")[1] == 1 and store.list(tenant="other")[1] == 0
+
+
+def test_two_workers_never_claim_the_same_job(store):
+    ids = {make(store)["id"] for _ in range(20)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        while True:
+            job = store.claim(f"host:{n}:x", lease_s=30)
+            if job is None:
+                return
+            with lock:
+                claimed.append(job["id"])
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)  # each exactly once
+
+
+def test_transitions_are_checked():
+    with pytest.raises(ValueError, match="Expected a transition"):
+        check_transition(JobStatus.SUCCEEDED, JobStatus.RUNNING)
+    check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
+
+
+def test_only_the_owner_can_finish_and_cancel_stops_the_heartbeat(store):
+    job = make(store)
+    store.claim("me", lease_s=30)
+    assert not store.succeed(job["id"], "someone-else", {"verdict": {"label": "genuine"}})
+    assert store.heartbeat(job["id"], "me", 30, progress=0.5, stage="sweep")
+    assert store.get(job["id"])["progress"] == 0.5
+    assert store.cancel(job["id"])
+    assert not store.heartbeat(job["id"], "me", 30)  # the worker learns it lost the job
+    assert not store.succeed(job["id"], "me", {})
+    assert store.get(job["id"])["status"] == JobStatus.CANCELLED
+    assert store.delete(job["id"]) and store.get(job["id"]) is None
+
+
+def test_success_stores_the_report_and_verdict(store):
+    job = make(store)
+    store.claim("me", lease_s=30)
+    assert store.succeed(job["id"], "me", {"verdict": {"label": "learned"}})
+    done = store.get(job["id"])
+    assert done["status"] == JobStatus.SUCCEEDED and done["verdict"] == "learned" and done["progress"] == 1.0
+    assert store.report(job["id"]) == {"verdict": {"label": "learned"}}
+    assert store.durations()
+
+
+def test_graceful_release_does_not_count_the_attempt(store):
+    job = make(store)
+    store.claim("me", lease_s=30)
+    assert store.release(job["id"], "me")
+    again = store.get(job["id"])
+    assert again["status"] == JobStatus.QUEUED and again["attempts"] == 0
+
+
+def test_bounded_queue(store):
+    make(store, max_queued=2)
+    make(store, max_queued=2)
+    with pytest.raises(QueueFull):
+        make(store, max_queued=2)
+
+
+def test_blob_store_is_content_addressed(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    sha, size = blobs.put_bytes(b"hello")
+    assert size == 5 and blobs.path(sha).read_bytes() == b"hello"
+    assert blobs.put_bytes(b"hello") == (sha, size)
+    with pytest.raises(BlobTooLarge):
+        blobs.put_stream(io.BytesIO(b"x" * 100), max_bytes=10)
+    assert [p.name for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".upload")] == []
+    with pytest.raises(ValueError):
+        blobs.path("../../etc/passwd")
+
+
+def test_settings_from_environment(tmp_path):
+    s = Settings.from_env({"AUDIT_DATA_DIR": str(tmp_path), "AUDIT_MAX_QUEUED": "5", "AUDIT_LEASE_S": "2.5"})
+    assert s.max_queued == 5 and s.lease_s == 2.5
+    assert s.resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'jobs.sqlite3'}"
+    assert Settings.from_env({"AUDIT_DATABASE_URL": "postgresql://x/y"}).resolved_database_url == "postgresql://x/y"
+    with pytest.raises(ValueError, match="AUDIT_WORKERS"):
+        Settings.from_env({"AUDIT_WORKERS": "many"})
