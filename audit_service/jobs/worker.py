@@ -136,7 +136,8 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
         # CUDA reserves far more address space than it uses; RLIMIT_AS would break it
         memory_mb = 0
     # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIT_") or k.startswith("AUDIT_ORT_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AUDIT_") or k.startswith(("AUDIT_ORT_", "AUDIT_REFERENCE_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
     env.update(TMPDIR=str(workdir / "tmp"), AUDIT_SANDBOX_MEMORY_MB=str(memory_mb), PYTHONUNBUFFERED="1",
                AUDIT_MAX_MODEL_BYTES=str(settings.max_model_mb * 1024 * 1024))
