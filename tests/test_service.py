@@ -39,6 +39,16 @@ def test_operations_endpoints(api):
     assert {s["name"] for s in api("GET", "/shifts").json()["items"]} >= {"blur", "gaussian_noise", "blend"}
 
 
+def test_reference_endpoints(api):
+    cards = api("GET", "/references").json()["items"]
+    for card in cards:
+        assert card["links"]["self"] == f"/references/{card['name']}"
+        assert api("GET", card["links"]["self"]).json()["name"] == card["name"]
+    missing = api("GET", "/references/no-such-run")
+    assert missing.status_code == 404 and "no reference run" in missing.json()["detail"]
+    assert api("POST", "/references/no-such-run/runs", json={"epochs": 1}).status_code == 404
+
+
 def test_submit_poll_and_read_the_report(api, models):
     r = submit(api, models, probes="probes_labels")
     assert r.status_code == 202, r.text
