@@ -57,7 +57,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=_non_negative, default=0)
     train.add_argument("--nu", type=float, default=None, help="IR regularizer weight (default: the tuned value)")
     train.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
-    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: <out>/_work)")
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: .audit-data/reference-work)")
     train.add_argument("--no-audit", action="store_true", help="skip the audit (no metrics in the card)")
     train.set_defaults(func=_train)
 
@@ -68,10 +68,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--epochs", type=_positive("epochs"), default=DEFAULT_EPOCHS)
     rep.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
     rep.add_argument("--work-dir", type=Path, default=None,
-                     help="checkpoints (default: .reference-work next to the output directory)")
+                     help="checkpoints (default: .audit-data/reference-work)")
     rep.add_argument("--docs", type=Path, default=None,
                      help="markdown file to update (default: docs/reference.md of the repository)")
     rep.add_argument("--no-docs", action="store_true", help="do not touch docs/reference.md")
+    rep.add_argument("--model-file-seeds", type=_positive("model-file-seeds"), default=None,
+                     help="keep ONNX/TorchScript files only for seeds below this (default: all)")
     rep.set_defaults(func=_reproduce)
 
 
@@ -102,7 +104,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     _check_out(args.out)
     docs = None if args.no_docs else (args.docs if args.docs is not None else "default")
     results = reproduce(seeds=args.seeds, epochs=args.epochs, out_dir=args.out, work_dir=args.work_dir,
-                        docs=docs, progress=stderr_progress())
+                        docs=docs, progress=stderr_progress(), model_file_seeds=args.model_file_seeds)
     from .reproduce import results_markdown
 
     sys.stdout.write(results_markdown(results))

@@ -3,7 +3,7 @@
 ``audit-service reference reproduce --seeds N`` calls :func:`reproduce`. Every run is audited by
 :func:`audit_service.audit.run_audit` on the test digits (labels given) with the spec from :func:`audit_spec`:
 the run's group, the drift toward the scikit-learn patches (``blend`` with ``target="second_probes"`` at
-beta 0, 0.1, ..., 0.5, the paper's Figure 4) and the service's default shifts; pure noise is always added.
+beta 0.1, ..., 0.5; beta 0 is the clean condition; the paper's Figure 4) and the service's default shifts; pure noise is always added.
 
 Outputs (``out`` defaults to ``models/reference``):
 * ``<out>/<run>/``: ``model.onnx``, ``model.pt``, ``card.json``, ``report.json``
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ from .train import DEFAULT_EPOCHS, TrainConfig, train_run
 
 ProgressFn = Callable[[float, str], None]
 
-BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+BETAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # beta = 0 is the clean condition (blend at 0 is the identity)
 AUDIT_OPTIONS = {"n_probes": 256, "n_noise_probes": 128, "jacobian_probes": 64, "ig_steps": 16,
                  "bootstrap": 200, "seed": 0, "device": "cpu"}
 AUDIT_FORMAT = "onnx"  # what clients upload most; gradients go through the engine's ONNX -> torch conversion
@@ -159,15 +160,19 @@ def train_and_export(group: str, model: str, seed: int = 0, epochs: int = DEFAUL
     from .catalog import reference_dir
 
     out = Path(out_dir) if out_dir is not None else reference_dir()
-    work = Path(work_dir) if work_dir is not None else out / "_work"
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
     progress = progress or (lambda f, m: None)
     cfg = TrainConfig.make(group, model, seed=seed, epochs=epochs, nu=nu)
-    result = train_run(cfg, work, progress=lambda f, m: progress(0.8 * f if audit else f, m))
     run_dir = out / cfg.name
+    spec = spec if spec is not None else audit_spec(group)
+    cached = _finished_card(run_dir, cfg, spec if audit else None)
+    if cached is not None:
+        progress(1.0, f"{cfg.name}: trained, exported and audited with these settings already, reusing")
+        return {**cached, "path": str(run_dir)}
+    result = train_run(cfg, work, progress=lambda f, m: progress(0.8 * f if audit else f, m))
     files = export_model(result.model, run_dir)
     diff = check_export(result.model, run_dir)
     report = None
-    spec = spec if spec is not None else audit_spec(group)
     if audit:
         progress(0.8, f"{cfg.name}: auditing {files[AUDIT_FORMAT]}")
         report = audit_run(run_dir / files[AUDIT_FORMAT], group, spec=spec,
@@ -178,6 +183,41 @@ def train_and_export(group: str, model: str, seed: int = 0, epochs: int = DEFAUL
     write_card(run_dir, card)
     progress(1.0, f"{cfg.name}: done, test accuracy {result.test_accuracy:.4f}"
              + (f", verdict {card['verdict']}" if audit else ""))
+    return {**card, "path": str(run_dir)}
+
+
+def default_work_dir() -> Path:
+    """Checkpoints: ``$AUDIT_REFERENCE_WORK_DIR`` or ``.audit-data/reference-work`` in the working directory."""
+    return Path(os.environ.get("AUDIT_REFERENCE_WORK_DIR", ".audit-data/reference-work"))
+
+
+def _finished_card(run_dir: Path, cfg: TrainConfig, spec: dict | None) -> dict | None:
+    """The run's card if it was made with the same training settings and audit spec and its files are intact."""
+    from .export import sha256_file
+
+    try:
+        card = json.loads((run_dir / "card.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if card.get("training", {}).get("digest") != cfg.digest():
+        return None
+    if spec is not None and (card.get("audit") or {}).get("spec") != json.loads(json.dumps(spec)):
+        return None
+    for fmt, f in (card.get("files") or {}).items():
+        path = run_dir / f
+        if not path.is_file() or sha256_file(path) != card.get("sha256", {}).get(fmt):
+            return None
+    return card
+
+
+def _drop_model_files(run_dir: Path) -> dict:
+    """Remove a run's model files, keeping its card (metrics) and report; return the updated card."""
+    card = json.loads((run_dir / "card.json").read_text())
+    for f in (card.get("files") or {}).values():
+        (run_dir / f).unlink(missing_ok=True)
+    card["files"] = {}
+    card["files_note"] = "model files not shipped for this seed (size); retrain with `audit-service reference train`"
+    write_card(run_dir, card)
     return {**card, "path": str(run_dir)}
 
 
@@ -217,14 +257,14 @@ def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
                                                      for c in runs])
             row["sigma_max"] = _stat([c.get("sigma_max") for c in runs])
             drift = {}
-            for beta in betas:
-                label = f"blend(second_probes)@{beta:g}"
+            for beta in (0.0, *betas):
+                label = f"blend(second_probes)@{beta:g}" if beta > 0 else "clean"
                 drift[f"{beta:g}"] = {m: _stat([_cond_metric(c, label, m) for c in runs])
                                       for m in ("DI", "LI", "SI", "LI_normalized", "agreement")}
             row["drift"] = drift
             rows.append(row)
     options = (cards[0].get("audit", {}).get("spec") or {}).get("options") if cards else None
-    return {"rows": rows, "betas": list(betas), "data": data_summary(), "audit_options": options,
+    return {"rows": rows, "betas": [0.0, *betas], "data": data_summary(), "audit_options": options,
             "audit_format": AUDIT_FORMAT}
 
 
@@ -379,16 +419,18 @@ def reproduce(seeds: int = 1, epochs: int = DEFAULT_EPOCHS, out_dir: str | Path 
               work_dir: str | Path | None = None, docs: str | Path | None = "default",
               groups: tuple[str, ...] = GROUP_NAMES, models: tuple[str, ...] = MODEL_KINDS,
               progress: ProgressFn | None = None, betas: tuple[float, ...] = BETAS,
-              default_shifts: bool = True, audit_options: dict | None = None) -> dict:
+              default_shifts: bool = True, audit_options: dict | None = None,
+              model_file_seeds: int | None = None) -> dict:
     """Train and audit every (seed, group, model); write results, figures and docs; return the results dict.
 
     Finished runs (same settings) are reused from ``work_dir``, so an interrupted reproduction resumes.
-    ``docs=None`` skips ``docs/reference.md``.
+    ``docs=None`` skips ``docs/reference.md``. ``model_file_seeds``: keep the ONNX / TorchScript files only for
+    seeds below it (the others keep card and report; ~1.8 MB per run saved); None keeps all.
     """
     from .catalog import reference_dir
 
     out = Path(out_dir) if out_dir is not None else reference_dir()
-    work = Path(work_dir) if work_dir is not None else out.parent / ".reference-work"
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
     progress = progress or (lambda f, m: None)
     jobs = [(s, g, m) for s in range(seeds) for g in groups for m in models]
     cards = []
@@ -396,8 +438,11 @@ def reproduce(seeds: int = 1, epochs: int = DEFAULT_EPOCHS, out_dir: str | Path 
         def sub(f: float, msg: str, i: int = i) -> None:
             progress((i + f) / len(jobs), f"run {i + 1}/{len(jobs)} {msg}")
         spec = audit_spec(group, betas, default_shifts, audit_options)
-        cards.append(train_and_export(group, model, seed=seed, epochs=epochs, out_dir=out, work_dir=work,
-                                      progress=sub, spec=spec))
+        card = train_and_export(group, model, seed=seed, epochs=epochs, out_dir=out, work_dir=work,
+                                progress=sub, spec=spec)
+        if model_file_seeds is not None and seed >= model_file_seeds:
+            card = _drop_model_files(Path(card["path"]))
+        cards.append(card)
     results = aggregate(cards, betas)
     results["epochs"] = epochs
     results["seeds"] = seeds
