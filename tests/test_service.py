@@ -17,11 +17,13 @@ from conftest import ROOT, tiny_spec, wait_for
 pytestmark = pytest.mark.slow
 
 
-def submit(api, models, model="plain", spec=None, params=None, **files):
+def submit(api, models, model="plain", spec=None, params=None, reuse=True, **files):
     parts = {"model": (Path(models[model]).name, open(models[model], "rb"))}
     for name, key in files.items():
         parts[name] = (Path(models[key]).name, open(models[key], "rb"))
     data = {"spec": json.dumps(spec if spec is not None else tiny_spec())}
+    if not reuse:  # a fresh run even when an identical audit already finished
+        data["reuse"] = "false"
     return api("POST", "/audit", files=parts, data=data, params=params)
 
 
@@ -170,7 +172,7 @@ def test_not_multipart_unknown_ids_and_unfinished_reports(api, models):
 
 
 def test_cancel_then_delete(api, models):
-    job = submit(api, models, model="plain2").json()
+    job = submit(api, models, model="plain2", reuse=False).json()
     r = api("DELETE", f"/audits/{job['id']}")
     assert r.status_code == 202 and r.json()["status"] == "cancelled"
     assert api("GET", f"/audits/{job['id']}/report").status_code == 409

@@ -2,16 +2,21 @@
 
 * ``LocalExecutor`` (the embedded default): nothing to send — local worker processes
   (``audit-service worker``, started by ``serve``) poll the job store and claim atomically.
-* A Celery executor (``AUDIT_EXECUTOR=celery``, the scale-out mode) will send the job id to a
-  queue named after ``job["queue"]``; its task claims that id (``JobStore.claim(job_id=...)``) and
-  calls the same ``jobs.worker.run_job``.
+* ``CeleryExecutor`` (``AUDIT_BROKER_URL`` set, or ``AUDIT_EXECUTOR=celery``): sends the job id to the
+  Celery queue named by ``job["queue"]`` (``cpu`` / ``gpu``); the task (``jobs.celery_app``) claims that
+  id and calls the same ``jobs.worker.run_job``. A broker that cannot be reached does not lose the job:
+  it stays queued with no ``dispatched_at`` and the workers' reaper sends it later.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from .settings import Settings
+from .store import JobStore
+
+log = logging.getLogger("audit_service.executor")
 
 
 class Executor(Protocol):
@@ -28,7 +33,31 @@ class LocalExecutor:
         return None
 
 
+class CeleryExecutor:
+    name = "celery"
+
+    def __init__(self, settings: Settings) -> None:
+        from .celery_app import make_celery
+
+        if not settings.broker_url:
+            raise ValueError("Expected AUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0) with AUDIT_EXECUTOR=celery, "
+                             "but it is not set")
+        self.celery = make_celery(settings)
+        self.store = JobStore(settings.resolved_database_url)
+
+    def dispatch(self, job: dict) -> None:
+        from .celery_app import send
+
+        try:
+            send(self.celery, job, self.store)
+        except Exception as exc:  # noqa: BLE001 - the job is safe in the database; the reaper re-sends it
+            log.warning("broker unreachable, job %s stays queued for the reaper: %s", job["id"], exc)
+
+
 def get_executor(settings: Settings) -> Executor:
-    if settings.executor == "local":
+    kind = settings.resolved_executor
+    if kind == "local":
         return LocalExecutor()
-    raise ValueError(f"Expected AUDIT_EXECUTOR to be one of: local, but got {settings.executor!r}")
+    if kind == "celery":
+        return CeleryExecutor(settings)
+    raise ValueError(f"Expected AUDIT_EXECUTOR to be one of: auto, local, celery, but got {settings.executor!r}")

@@ -6,10 +6,15 @@ kills the whole process group on timeout, cancellation or shutdown. The sandbox 
 parent only through files in ``WORKDIR``:
 
 * ``task.json``   (in)  ``{"kind": "audit", "engine": "module:function", "spec": {...},
-                         "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``
+                         "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``,
+                         ``{"kind": "validate", "model": path, "input_shape": [...]|null, "max_bytes": n}``
+                         (the submission-time model check: load + one zero-batch forward)
                          or ``{"kind": "reference_run", "name": ..., "epochs": ..., "seed": ...}``
 * ``progress.json`` (out) ``{"progress": 0..1, "stage": "..."}``, replaced atomically, throttled
 * ``result.json``   (out) ``{"ok": true, "report": {...}}`` or ``{"ok": false, "error": {type, message, field}}``
+
+Before anything of the task is loaded, audit and validate tasks install ``install_network_guard``
+(a ``sys.addaudithook`` hook; see ``jobs.launcher`` for the network namespace around it).
 
 Exit status 0 means ``result.json`` was written; anything else (a signal, no result) is a crash
 the parent turns into a failed job with the reason.
@@ -28,6 +33,51 @@ from typing import Any, Callable
 
 _OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "bad_alloc",
                 "std::bad_alloc", "failed to allocate")
+
+
+class SandboxViolation(PermissionError):
+    """Model code (or code it drove) tried something the sandbox refuses."""
+
+
+#: audit events refused inside the sandbox (network and starting programs)
+_REFUSED_EVENTS = frozenset({"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+                             "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+                             "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+                             "pty.spawn"})
+
+
+def _network_guard(event: str, args: tuple) -> None:
+    if event == "socket.__new__":
+        family = args[1] if len(args) > 1 else None
+        if family != 1:  # AF_UNIX (1) is local IPC; everything else (and -1, "the default": AF_INET) is network
+            raise SandboxViolation(f"the audit sandbox has no network: refused to open a socket (family "
+                                   f"{family})")
+        return
+    if event in _REFUSED_EVENTS:
+        if event.startswith("socket.") and args and _is_unix(args[0]):
+            return
+        raise SandboxViolation(f"the audit sandbox refuses {event}: models get no network and cannot start "
+                               f"programs")
+
+
+def _is_unix(sock: Any) -> bool:
+    import socket
+
+    return getattr(sock, "family", None) == socket.AF_UNIX
+
+
+_GUARD_INSTALLED = False
+
+
+def install_network_guard() -> None:
+    """Refuse, from now on and for good (audit hooks cannot be removed), Python-level network access
+    (non-AF_UNIX sockets, connect/bind/sendto/DNS) and starting programs. This stops Python code —
+    our engine, converted ONNX models, anything they import — but not native code that calls the C
+    library directly; the network namespace (``jobs.launcher.isolate_network``) stops that."""
+    global _GUARD_INSTALLED
+    if not _GUARD_INSTALLED:
+        sys.addaudithook(_network_guard)
+        _GUARD_INSTALLED = True
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -72,7 +122,20 @@ def _load_labels(path: str) -> Any:
     return np.load(path, allow_pickle=False)
 
 
+def validate_model(task: dict) -> dict:
+    from ..runtime import load_model
+
+    shape = task.get("input_shape")
+    runner = load_model(task["model"], device="cpu", max_bytes=task.get("max_bytes"),
+                        input_shape=tuple(shape) if shape else None)
+    return {"format": str(getattr(runner, "format", "") or "") or None,
+            "input_shape": [int(d) for d in getattr(runner, "input_shape", ()) or ()],
+            "num_classes": getattr(runner, "num_classes", None)}
+
+
 def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
+    if task["kind"] == "validate":
+        return validate_model(task)
     if task["kind"] == "reference_run":
         from ..reference.catalog import train_reference_run
 
@@ -121,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(argv[0])
     task = json.loads((workdir / "task.json").read_text())
+    if task.get("kind") != "reference_run":  # our own training code needs no guard; uploaded models do
+        install_network_guard()
     progress = _Progress(workdir / "progress.json")
     try:
         report = run_task(task, progress)

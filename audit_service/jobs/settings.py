@@ -20,8 +20,28 @@ class Settings:
     data_dir: Path = Path(".audit-data")
     #: SQLAlchemy URL of the job store; default ``sqlite:///<data_dir>/jobs.sqlite3``
     database_url: str = ""
-    #: ``local`` (worker processes polling the database); ``celery`` is reserved for the broker mode
-    executor: str = "local"
+    #: ``auto`` (``celery`` when ``broker_url`` is set, else ``local``), ``local`` (worker processes
+    #: polling the database) or ``celery`` (audits sent to Celery workers through ``broker_url``)
+    executor: str = "auto"
+    #: Celery broker (``redis://host:6379/0``); setting it switches audits to Celery workers
+    broker_url: str = ""
+    #: seconds an unacknowledged broker message waits before Redis hands it to another worker
+    broker_visibility_s: float = 0.0
+    #: queue for audits whose spec does not ask for ``device: cuda`` (``cpu`` or ``gpu``)
+    default_queue: str = "cpu"
+    #: queues this machine's workers take (comma-separated; empty = all: ``cpu,gpu``)
+    worker_queues: str = ""
+    #: bearer tokens ``token:tenant,token:tenant`` (or one per line in ``tokens_file``); empty = open
+    tokens: str = ""
+    tokens_file: str = ""
+    #: tenants that may retrain the shared reference runs (comma-separated) when tokens are on
+    admin_tenants: str = ""
+    #: queued + running jobs one tenant may have before ``POST /audit`` answers 429
+    max_tenant_jobs: int = 16
+    #: reuse a finished report for an identical submission (same model, spec, probes; per tenant)
+    dedupe: int = 1
+    #: limits of the sandboxed model check at submission: wall clock (s)
+    validate_timeout_s: float = 60.0
     #: whole request body cap (Flask ``MAX_CONTENT_LENGTH``), MiB
     max_upload_mb: int = 512
     #: per-file caps, MiB
@@ -46,12 +66,27 @@ class Settings:
     max_wait_s: float = 60.0
     #: how often idle workers look for queued jobs
     poll_s: float = 0.2
+    #: ``auto``: the sandbox gets its own network namespace when the kernel allows it (an audit hook
+    #: refuses sockets in any case); ``off``: audit hook only
+    sandbox_netns: str = "auto"
+    #: start sandboxes by forking a process that has imported torch already (``1``) or fresh (``0``)
+    warm_sandbox: int = 1
     #: the audit function the sandbox calls, ``module:function``
     engine: str = "audit_service.audit:run_audit"
     #: host and port for ``audit-service serve``
     host: str = "127.0.0.1"
     port: int = 8000
     extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def resolved_executor(self) -> str:
+        if self.executor == "auto":
+            return "celery" if self.broker_url else "local"
+        return self.executor
+
+    @property
+    def queues(self) -> list[str]:
+        return [q.strip() for q in (self.worker_queues or "cpu,gpu").split(",") if q.strip()]
 
     @property
     def resolved_database_url(self) -> str:

@@ -52,7 +52,14 @@ jobs = Table(
     Column("owner", String(255)),
     Column("lease_expires_at", Float),
     Column("sandbox_pid", Integer),
+    #: sha256 over tenant, model, canonical spec and probe hashes (``dedupe_key``): finds a finished twin
+    Column("dedupe_key", String(64), index=True),
+    #: when the job was last handed to the broker (Celery mode); None = not yet (re-sent by the reaper)
+    Column("dispatched_at", Float),
 )
+
+#: columns added after the first release: ``init_schema`` adds them to an existing table
+_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT"}
 
 reports = Table(
     "reports", metadata,
@@ -65,6 +72,14 @@ class QueueFull(Exception):
     def __init__(self, depth: int, limit: int) -> None:
         super().__init__(f"{depth} jobs are queued (limit {limit})")
         self.depth, self.limit = depth, limit
+
+
+class TenantLimit(QueueFull):
+    """The tenant already has ``limit`` jobs queued or running."""
+
+    def __init__(self, depth: int, limit: int, tenant: str) -> None:
+        super().__init__(depth, limit)
+        self.tenant = tenant
 
 
 @dataclass(frozen=True)
@@ -85,12 +100,19 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (``_sqlite_begin``)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """``BEGIN IMMEDIATE`` for check-then-insert writes (``immediate=True``): the write lock is taken
+    before the count is read, so two submissions can never both pass a limit."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
 
 def get_engine(url: str) -> Engine:
@@ -103,6 +125,7 @@ def get_engine(url: str) -> Engine:
                 engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                        pool_size=16, max_overflow=16)
                 event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", _sqlite_begin)
             else:
                 engine = create_engine(url, pool_pre_ping=True)
             _ENGINES[key] = engine
@@ -134,11 +157,41 @@ class JobStore:
         for attempt in range(5):  # several processes may start at once
             try:
                 metadata.create_all(self.engine)
+                self._add_missing_columns()
                 return
             except OperationalError:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        from sqlalchemy import inspect, text
+
+        present = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
+        for name, sql_type in _ADDED_COLUMNS.items():
+            if name not in present:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}"))
+                except OperationalError:  # another process added it first
+                    pass
+
+    def _write_tx(self):  # noqa: ANN202
+        """A transaction that serialises check-then-insert writes (SQLite: BEGIN IMMEDIATE;
+        PostgreSQL: a transaction-scoped advisory lock)."""
+        if self.url.startswith("sqlite"):
+            return self.engine.execution_options(immediate=True).begin()
+        from contextlib import contextmanager
+        from sqlalchemy import text
+
+        @contextmanager
+        def tx():  # noqa: ANN202
+            with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+                yield conn
+
+        return tx()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -146,10 +199,20 @@ class JobStore:
 
     # ------------------------------------------------------------------ create / read
     def create(self, *, kind: JobKind, spec: dict, inputs: dict, timeout_s: float, max_attempts: int,
-               tenant: str = DEFAULT_TENANT, queue: str = "default", max_queued: int | None = None) -> dict:
+               tenant: str = DEFAULT_TENANT, queue: str = "cpu", max_queued: int | None = None,
+               max_tenant_jobs: int | None = None, dedupe_key: str | None = None) -> dict:
+        """Insert a queued job. Raises ``QueueFull`` past ``max_queued`` queued jobs in all and
+        ``TenantLimit`` past ``max_tenant_jobs`` queued + running jobs of ``tenant`` (checked and
+        inserted in one serialised transaction)."""
         now = time.time()
         job_id = new_job_id()
-        with self.engine.begin() as conn:
+        with self._write_tx() as conn:
+            if max_tenant_jobs is not None:
+                mine = conn.execute(select(func.count()).select_from(jobs).where(
+                    jobs.c.tenant == tenant,
+                    jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))).scalar_one()
+                if mine >= max_tenant_jobs:
+                    raise TenantLimit(mine, max_tenant_jobs, tenant)
             if max_queued is not None:
                 depth = conn.execute(select(func.count()).select_from(jobs)
                                      .where(jobs.c.status == JobStatus.QUEUED.value)).scalar_one()
@@ -159,11 +222,61 @@ class JobStore:
                 id=job_id, tenant=tenant, kind=str(kind), status=JobStatus.QUEUED.value, queue=queue,
                 created_at=now, updated_at=now, progress=0.0, stage="queued",
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs),
-                attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s),
+                attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s), dedupe_key=dedupe_key,
             ))
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def create_reused(self, *, source: dict, report: dict, spec: dict, inputs: dict, timeout_s: float,
+                      tenant: str, queue: str, dedupe_key: str) -> dict:
+        """A job born ``succeeded`` with a copy of ``source``'s report (a duplicate submission)."""
+        now = time.time()
+        job_id = new_job_id()
+        with self.engine.begin() as conn:
+            conn.execute(insert(jobs).values(
+                id=job_id, tenant=tenant, kind=source["kind"], status=JobStatus.SUCCEEDED.value, queue=queue,
+                created_at=now, started_at=now, finished_at=now, updated_at=now, progress=1.0,
+                stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
+                spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
+                timeout_s=float(timeout_s), dedupe_key=dedupe_key))
+            conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, dict] | None:
+        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key, jobs.c.tenant == tenant,
+                                                  jobs.c.status == JobStatus.SUCCEEDED.value)
+                               .order_by(jobs.c.finished_at.desc()).limit(1)).mappings().first()
+        if row is None:
+            return None
+        report = self.report(row["id"])
+        return (_decode(row), report) if report is not None else None
+
+    def count_active(self, tenant: str) -> int:
+        """Queued + running jobs of ``tenant``."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.tenant == tenant,
+                jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))).scalar_one())
+
+    def mark_dispatched(self, job_id: str, when: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id)
+                         .values(dispatched_at=time.time() if when is None else when))
+
+    def undispatched(self, older_than: float, redispatch_after: float, limit: int = 500) -> list[dict]:
+        """Queued jobs never handed to the broker (created before ``older_than``), or handed before
+        ``redispatch_after`` and still waiting (the broker may have lost the message)."""
+        cond = ((jobs.c.dispatched_at.is_(None) & (jobs.c.created_at < older_than))
+                | (jobs.c.dispatched_at < redispatch_after))
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, cond)
+                                .order_by(jobs.c.created_at).limit(limit)).mappings().all()
+        return [_decode(r) for r in rows]
 
     def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         query = select(jobs).where(jobs.c.id == job_id)
@@ -288,7 +401,7 @@ class JobStore:
         stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
                                    jobs.c.status == JobStatus.RUNNING.value)
                 .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None, started_at=None,
-                        sandbox_pid=None, stage="queued", progress=0.0, updated_at=time.time(),
+                        sandbox_pid=None, stage="queued", progress=0.0, updated_at=time.time(), dispatched_at=None,
                         attempts=func.max(jobs.c.attempts - 1, 0) if self.url.startswith("sqlite")
                         else func.greatest(jobs.c.attempts - 1, 0)))
         with self.engine.begin() as conn:
@@ -329,7 +442,7 @@ class JobStore:
                                            jobs.c.status == JobStatus.RUNNING.value)
                         .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None,
                                 sandbox_pid=None, stage="queued (retry after lost worker)", progress=0.0,
-                                updated_at=now))
+                                updated_at=now, dispatched_at=None))
                 with self.engine.begin() as conn:
                     if conn.execute(stmt).rowcount == 1:
                         outcome.append((job_id, "requeued"))

@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import BlobStore
+from .launcher import PACKAGE_ROOT, Handle, Limits, launch
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore
 
 log = logging.getLogger("audit_service.worker")
-
-#: the directory holding ``audit_service``: child processes run exactly this code
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 _SIGNAL_REASONS = {
     signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV) inside the model runtime",
@@ -71,21 +69,6 @@ def owner_is_dead_locally(owner: str) -> bool:
     if not Path(f"/proc/{pid}").exists():
         return True
     return _start_time(pid) != parts[2]
-
-
-def _limit_child(memory_mb: int, cpu_s: int) -> None:  # pragma: no cover - runs in the child
-    if memory_mb > 0:
-        limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    if cpu_s > 0:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:  # die with the worker: PR_SET_PDEATHSIG = 1
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _gpu_present() -> bool:
@@ -135,21 +118,13 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     if memory_mb > 0 and spec_device != "cpu" and _gpu_present():
         # CUDA reserves far more address space than it uses; RLIMIT_AS would break it
         memory_mb = 0
-    # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AUDIT_") or k.startswith(("AUDIT_ORT_", "AUDIT_REFERENCE_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    env.update(TMPDIR=str(workdir / "tmp"), AUDIT_SANDBOX_MEMORY_MB=str(memory_mb), PYTHONUNBUFFERED="1",
-               AUDIT_MAX_MODEL_BYTES=str(settings.max_model_mb * 1024 * 1024))
+    # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass (launcher)
+    limits = Limits(memory_mb=memory_mb, cpu_s=settings.job_cpu_s,
+                    netns=settings.sandbox_netns != "off" and job["kind"] != JobKind.REFERENCE_RUN.value,
+                    env={"TMPDIR": str(workdir / "tmp"), "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
+                         "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * 1024 * 1024)})
     timeout_s = float(job["timeout_s"])
-    stderr_path = workdir / "stderr.log"
-    with open(stderr_path, "wb") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "audit_service.jobs.sandbox", str(workdir)],
-            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            start_new_session=True,
-            preexec_fn=lambda: _limit_child(memory_mb, settings.job_cpu_s),
-        )
+    child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
     started = time.monotonic()
     lease_every = max(0.5, settings.lease_s / 3)
     last_beat = 0.0
@@ -188,11 +163,8 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     return outcome
 
 
-def _kill_group(child: subprocess.Popen) -> None:
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_group(child: Handle) -> None:
+    child.kill()
 
 
 def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reason: str | None,
@@ -269,7 +241,8 @@ class Worker:
         if now - self._last_recovery > max(1.0, self.settings.lease_s / 2):
             self._last_recovery = now
             self.recover()
-        job = self.store.claim(self.owner, self.settings.lease_s)
+        queues = self.settings.queues if self.settings.worker_queues else None
+        job = self.store.claim(self.owner, self.settings.lease_s, queues=queues)
         if job is None:
             return False
         log.info("job %s claimed (attempt %d)", job["id"], job["attempts"])
@@ -279,6 +252,10 @@ class Worker:
 
     def run(self) -> None:
         self.store.init_schema()
+        if self.settings.warm_sandbox:
+            from .launcher import fork_server
+
+            fork_server().warm()  # imports torch once, now, instead of in the first audit
         while not self.stop.is_set():
             try:
                 if not self.run_once():
@@ -289,6 +266,11 @@ class Worker:
 
 
 def _worker_process_main(env: dict[str, str]) -> None:  # pragma: no cover - child process
+    from .launcher import _libc
+
+    libc = _libc()
+    if libc is not None:  # go when the supervisor goes, even on kill -9
+        libc.prctl(1, signal.SIGTERM)
     os.environ.update(env)
     run_workers(Settings.from_env(), processes=1)
 
@@ -314,7 +296,17 @@ def run_workers(settings: Settings, processes: int = 1) -> int:
                 for _ in range(processes)]
     for child in children:
         child.start()
-    while not stop.is_set() and any(c.is_alive() for c in children):
+    restarts: list[float] = []
+    while not stop.is_set():
+        for i, child in enumerate(children):
+            if not child.is_alive() and len([t for t in restarts if t > time.monotonic() - 60]) < 10:
+                # killed under us: a fresh process takes back the job it held (owner dead) and goes on
+                log.warning("worker process %s exited with %s; starting another", child.pid, child.exitcode)
+                restarts.append(time.monotonic())
+                children[i] = ctx.Process(target=_worker_process_main, args=(settings.as_env(),), daemon=False)
+                children[i].start()
+        if not any(c.is_alive() for c in children):
+            break
         stop.wait(0.5)
     for child in children:
         if child.is_alive():

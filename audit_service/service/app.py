@@ -18,6 +18,7 @@ from ..jobs.blobs import BlobStore
 from ..jobs.executor import Executor, get_executor
 from ..jobs.settings import Settings
 from ..jobs.store import DEFAULT_TENANT, JobStore
+from .auth import init_auth
 from .errors import register_error_handlers
 
 MiB = 1024 * 1024
@@ -53,6 +54,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     register_error_handlers(app)
+    init_auth(app, settings)
     from . import audits, catalog, ops, references
 
     app.register_blueprint(audits.bp)
@@ -68,5 +70,5 @@ def state() -> ServiceState:
 
 
 def current_tenant() -> str:
-    """The tenant of this request; authentication (a later issue) sets ``g.tenant``."""
+    """The tenant of this request (``auth`` sets ``g.tenant`` from the bearer token; ``default`` when open)."""
     return g.get("tenant", DEFAULT_TENANT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
 from ..jobs.states import READY_STATES, JobKind, JobStatus
-from ..jobs.store import QueueFull
+from ..jobs.store import QueueFull, TenantLimit
 from ..spec import parse_audit_spec
 from .app import current_tenant, state
 from .errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
@@ -61,6 +63,28 @@ def queue_full(depth: int, limit: int) -> TooManyRequests:
                            f"Retry-After seconds", headers={"Retry-After": str(retry_after_s())})
 
 
+def tenant_full(depth: int, limit: int) -> TooManyRequests:
+    return TooManyRequests(f"you have {depth} audits queued or running, the most one tenant may have at once "
+                           f"(AUDIT_MAX_TENANT_JOBS={limit}); retry after the Retry-After seconds, or cancel some "
+                           f"with DELETE /audits/{{id}}", headers={"Retry-After": str(retry_after_s())},
+                           slug="tenant-limit")
+
+
+def too_many(exc: QueueFull) -> TooManyRequests:
+    if isinstance(exc, TenantLimit):
+        return tenant_full(exc.depth, exc.limit)
+    return queue_full(exc.depth, exc.limit)
+
+
+def dedupe_key(tenant: str, spec_json: dict, inputs: dict, engine: str) -> str:
+    """What makes two submissions the same audit: sha256 of the canonical JSON (sorted keys, no spaces)
+    of the tenant, the engine, the validated spec with defaults filled in, and the sha256 of the
+    model, probes, labels and second_probes files (file names and ``timeout_s`` do not count)."""
+    identity = {"v": 1, "tenant": tenant, "engine": engine, "spec": spec_json,
+                "files": {name: (inputs.get(name) or {}).get("sha256") for name in _FILE_FIELDS}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 @bp.post("/audit")
 def submit_audit() -> Response:
     st = state()
@@ -68,16 +92,19 @@ def submit_audit() -> Response:
     if not request.mimetype == "multipart/form-data":
         raise BadRequest("Expected a multipart/form-data body with a `model` file and a `spec` field, but got "
                          f"{request.mimetype or 'no body'}; e.g. curl -F model=@model.onnx -F 'spec={{\"group\":\"C4\"}}'")
-    # cheap early check; the insert checks again atomically
+    # cheap early checks before reading the upload; the insert checks again atomically
     depth = st.store.counts_by_status()["queued"]
     if depth >= st.settings.max_queued:
         raise queue_full(depth, st.settings.max_queued)
+    mine = st.store.count_active(current_tenant())
+    if mine >= st.settings.max_tenant_jobs:
+        raise tenant_full(mine, st.settings.max_tenant_jobs)
 
     form = {k: v for k, v in request.form.items() if k != "spec"}
     names = {str(k) for k in form} | {str(k) for k in request.files}
-    unknown = sorted(names - {"timeout_s", "spec", *_FILE_FIELDS})
+    unknown = sorted(names - {"timeout_s", "reuse", "spec", *_FILE_FIELDS})
     if unknown:
-        raise BadRequest(f"Expected only the fields model, spec, probes, labels, second_probes, timeout_s, but got "
+        raise BadRequest(f"Expected only the fields model, spec, probes, labels, second_probes, timeout_s, reuse, but got "
                          f"{', '.join(unknown)}", field=unknown[0])
     options = parse_model(SubmitForm, form, Unprocessable)
 
@@ -105,7 +132,7 @@ def submit_audit() -> Response:
         entry = save_upload(st.blobs, upload, name, cap)
         path = st.blobs.path(entry["sha256"])
         if name == "model":
-            entry = validate_model(path, entry, cap, probe_shape)
+            entry = validate_model(path, entry, st.settings, probe_shape)
         else:
             entry["format"], shape = array_kind(path, name)
             if name == "probes" and shape is not None and len(shape) >= 2:
@@ -121,14 +148,22 @@ def submit_audit() -> Response:
 
     timeout = min(options.timeout_s or st.settings.job_timeout_s, st.settings.job_timeout_s)
     spec_json = spec.model_dump(mode="json", exclude_none=False)
-    try:
-        job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
-                              max_attempts=st.settings.max_attempts, tenant=current_tenant(),
-                              max_queued=st.settings.max_queued,
-                              queue="gpu" if spec.options.device == "cuda" else "default")
-    except QueueFull as exc:
-        raise queue_full(exc.depth, exc.limit) from None
-    st.executor.dispatch(job)
+    queue = "gpu" if spec.options.device == "cuda" else st.settings.default_queue
+    key = dedupe_key(current_tenant(), spec_json, inputs, st.settings.engine)
+    twin = st.store.find_finished(key, current_tenant()) if st.settings.dedupe and options.reuse else None
+    if twin is not None:
+        source, report = twin
+        job = st.store.create_reused(source=source, report=report, spec=spec_json, inputs=inputs, timeout_s=timeout,
+                                     tenant=current_tenant(), queue=queue, dedupe_key=key)
+    else:
+        try:
+            job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
+                                  max_attempts=st.settings.max_attempts, tenant=current_tenant(),
+                                  max_queued=st.settings.max_queued, max_tenant_jobs=st.settings.max_tenant_jobs,
+                                  queue=queue, dedupe_key=key)
+        except QueueFull as exc:
+            raise too_many(exc) from None
+        st.executor.dispatch(job)
     location = f"/audits/{job['id']}"
 
     wait = min(query.wait, st.settings.max_wait_s)

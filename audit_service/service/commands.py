@@ -36,6 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--processes", "--workers", dest="processes", type=int, default=None,
                    help="worker processes (AUDIT_WORKERS, default 1)")
     w.add_argument("--data-dir", default=None, help="data directory (AUDIT_DATA_DIR)")
+    w.add_argument("--queues", default=None,
+                   help="queues to take, comma-separated: cpu, gpu (AUDIT_WORKER_QUEUES, default both)")
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("submit", help="audit a model on a running service",
@@ -69,14 +71,48 @@ def _settings(args: argparse.Namespace, **extra: object):
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..jobs.worker import run_workers
 
-    settings = _settings(args, workers=args.processes)
+    settings = _settings(args, workers=args.processes, worker_queues=args.queues)
+    if settings.resolved_executor == "celery":
+        return run_celery_worker(settings)
     return run_workers(settings, processes=settings.workers)
+
+
+def run_celery_worker(settings) -> int:  # noqa: ANN001
+    """``celery worker`` for this machine's queues: prefork, ``--concurrency`` = AUDIT_WORKERS, one task
+    per process at a time (prefetch 1, acks late: see ``jobs.celery_app``)."""
+    from ..jobs.store import JobStore
+    from ..jobs.worker import PACKAGE_ROOT
+
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    JobStore(settings.resolved_database_url).init_schema()
+    env = {**os.environ, **settings.as_env(), "AUDIT_DATA_DIR": str(Path(settings.data_dir).resolve())}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+    import uuid
+
+    cmd = [sys.executable, "-m", "celery", "-A", "audit_service.jobs.celery_app", "worker",
+           "--queues", ",".join(settings.queues), "--concurrency", str(max(1, settings.workers)),
+           "--pool", "prefork", "--prefetch-multiplier", "1", "-O", "fair", "--without-gossip",
+           "--without-mingle", "--loglevel", "INFO", "--hostname", f"audit-{uuid.uuid4().hex[:8]}@%h"]
+    proc = subprocess.Popen(cmd, env=env)
+
+    def _forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    return proc.wait()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..jobs.store import JobStore
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers, web_workers=args.web_workers)
+    from .auth import check_bind
+
+    refusal = check_bind(settings.host, settings)
+    if refusal:
+        print(f"audit-service: error: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     JobStore(settings.resolved_database_url).init_schema()
     from ..jobs.worker import PACKAGE_ROOT
@@ -101,13 +137,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"audit-service: serving on http://{settings.host}:{settings.port} with {settings.web_workers} web "
           f"workers and {settings.workers} audit workers (data: {Path(settings.data_dir).resolve()})",
           file=sys.stderr, flush=True)
+    def start(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
     if settings.workers > 0:  # 0: web only (another machine runs `audit-service worker`)
-        children.append(subprocess.Popen(workers, env=env))
-    children.append(subprocess.Popen(gunicorn, env=env))
+        children.append(start(workers))
+    children.append(start(gunicorn))
     rc = 0
+    restarts: list[float] = []
     try:
         while not stopping:
             dead = [c for c in children if c.poll() is not None]
+            if dead and dead[0].args is workers and len([t for t in restarts if t > time.monotonic() - 60]) < 5:
+                # a worker pool killed under us (OOM killer, kill -9): start a new one; it takes back the
+                # jobs the dead one held (their owner is dead) and runs them again
+                print(f"audit-service: audit workers exited with {dead[0].returncode}; restarting them",
+                      file=sys.stderr, flush=True)
+                restarts.append(time.monotonic())
+                children[children.index(dead[0])] = start(workers)
+                continue
             if dead:
                 rc = dead[0].returncode or 1
                 print(f"audit-service: {dead[0].args[2]} exited with {dead[0].returncode}; stopping",
@@ -126,6 +174,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 child.kill()
                 child.wait()
     return 0 if stopping else rc
+
+
+def _die_with_parent() -> None:  # pragma: no cover - child
+    """PR_SET_PDEATHSIG: gunicorn and the workers go when ``serve`` is killed (even with -9)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 # ----------------------------------------------------------------------------- submit

@@ -37,6 +37,14 @@ class BadRequest(ApiError):
     status, title, slug = 400, "Bad Request", "bad-request"
 
 
+class Unauthorized(ApiError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
 class NotFound(ApiError):
     status, title, slug = 404, "Not Found", "not-found"
 
@@ -60,12 +68,18 @@ class Unprocessable(ApiError):
 class TooManyRequests(ApiError):
     status, title, slug = 429, "Too Many Requests", "queue-full"
 
+    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 slug: str | None = None) -> None:
+        super().__init__(detail, field, headers)
+        if slug:
+            self.slug = slug
+
 
 class ServiceUnavailable(ApiError):
     status, title, slug = 503, "Service Unavailable", "unavailable"
 
 
-_BY_STATUS = {cls.status: cls for cls in (BadRequest, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
+_BY_STATUS = {cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
                                           Unprocessable, TooManyRequests, ServiceUnavailable)}
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
 
 from ..jobs.states import JobKind
 from ..jobs.store import QueueFull
 from .app import current_tenant, state
-from .audits import _json, parse_model, queue_full
-from .errors import BadRequest, NotFound, ServiceUnavailable, Unprocessable
+from .audits import _json, parse_model, too_many
+from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .schemas import ReferenceRunRequest, job_out
 
 bp = Blueprint("references", __name__)
@@ -77,6 +77,9 @@ def download_reference_model(name: str, fmt: str) -> Response:
 def train_reference(name: str) -> Response:
     st = state()
     _card(_catalog(), name)
+    if not current_app.extensions["audit_auth"].is_admin(current_tenant()):
+        raise Forbidden(f"retraining a reference run replaces the model every tenant downloads; tenant "
+                        f"{current_tenant()!r} is not in AUDIT_ADMIN_TENANTS")
     body: Any = {}
     if request.content_length:
         body = request.get_json(silent=True)
@@ -87,8 +90,9 @@ def train_reference(name: str) -> Response:
     try:
         job = st.store.create(kind=JobKind.REFERENCE_RUN, spec=spec, inputs={},
                               timeout_s=st.settings.job_timeout_s, max_attempts=st.settings.max_attempts,
-                              tenant=current_tenant(), max_queued=st.settings.max_queued)
+                              tenant=current_tenant(), max_queued=st.settings.max_queued,
+                              max_tenant_jobs=st.settings.max_tenant_jobs, queue=st.settings.default_queue)
     except QueueFull as exc:
-        raise queue_full(exc.depth, exc.limit) from None
+        raise too_many(exc) from None
     st.executor.dispatch(job)
     return _json(job_out(job, time.time()), 202, {"Location": f"/audits/{job['id']}"})

@@ -25,6 +25,7 @@ class SubmitForm(_Model):
     """Non-file form fields of ``POST /audit`` (the spec is parsed by ``spec.parse_audit_spec``)."""
 
     timeout_s: float | None = Field(default=None, gt=0, description="wall-clock limit, capped by the server")
+    reuse: bool = Field(default=True, description="answer with a finished identical audit's report (dedupe key)")
 
 
 class ListQuery(_Model):

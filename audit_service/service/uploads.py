@@ -1,13 +1,18 @@
 """Uploaded files: stream into the blob store under a per-file cap, then check what they are.
 
 Models are validated with ``runtime.load_model`` before a job is queued (a file that does not load
-is a 422 at submission). Probe files are checked by their ``.npy`` / ``.npz`` headers only — no
+is a 422 at submission) — inside a sandboxed child process (``jobs.launcher``), never in the web process. Probe files are checked by their ``.npy`` / ``.npz`` headers only — no
 array is read and nothing is unpickled here; the sandbox loads them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import threading
+import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +22,8 @@ import numpy as np
 from werkzeug.datastructures import FileStorage
 
 from ..jobs.blobs import BlobStore, BlobTooLarge
+from ..jobs.launcher import Limits, launch
+from ..jobs.settings import Settings
 from .errors import PayloadTooLarge, Unprocessable
 
 MiB = 1024 * 1024
@@ -36,36 +43,63 @@ def save_upload(blobs: BlobStore, upload: FileStorage, field: str, max_mb: int) 
     return {"sha256": sha, "size_bytes": size, "filename": name}
 
 
-def validate_model(path: Path, entry: dict, max_mb: int, input_shape: tuple[int, ...] | None = None) -> dict:
-    """Load the model once (cached by sha256 and shape); fill ``format``; raise 422 when it does not load."""
+def validate_model(path: Path, entry: dict, settings: Settings, input_shape: tuple[int, ...] | None = None) -> dict:
+    """Check the model in a sandboxed child (cached by sha256 and shape); fill ``format``; 422 when it
+    does not load. Untrusted model code (TorchScript, or our conversion of ONNX) never runs in the web
+    process: the child has the audits' memory / CPU limits, no network, and a wall-clock timeout."""
     sha = (entry["sha256"], input_shape)
     with _VALIDATED_LOCK:
         info = _VALIDATED.get(sha)
     if info is None:
-        try:
-            from ..runtime import load_model
-        except ImportError as exc:  # the runtime layer is not installed
-            raise Unprocessable(f"model runtimes are unavailable in this installation ({exc})", field="model") from None
-        from ..errors import AuditError
-
-        try:
-            runner = load_model(path, device="cpu", max_bytes=max_mb * MiB, input_shape=input_shape)
-        except AuditError as exc:
-            field = exc.field if exc.field and exc.field != "model" else "model"
-            raise Unprocessable(exc.message if field != "model" else
-                                f"Expected a loadable ONNX or TorchScript classifier, but {exc.message}",
-                                field=field) from None
-        except Exception as exc:  # noqa: BLE001 - any parser failure is the file's fault
-            raise Unprocessable(f"Expected a loadable ONNX or TorchScript classifier, but loading failed with "
-                                f"{type(exc).__name__}: {str(exc)[:300]}", field="model") from None
-        info = {"format": str(getattr(runner, "format", "") or "") or None,
-                "input_shape": list(getattr(runner, "input_shape", ()) or ()),
-                "num_classes": getattr(runner, "num_classes", None)}
+        info = _check_in_sandbox(path, settings, input_shape)
         with _VALIDATED_LOCK:
             _VALIDATED[sha] = info
             while len(_VALIDATED) > 256:
                 _VALIDATED.popitem(last=False)
     return {**entry, "format": info["format"]}
+
+
+def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None) -> dict:
+    workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
+    (workdir / "tmp").mkdir(parents=True)
+    try:
+        model = workdir / "model"
+        os.symlink(path.resolve(), model)
+        max_bytes = settings.max_model_mb * MiB
+        (workdir / "task.json").write_text(json.dumps({"kind": "validate", "model": str(model), "max_bytes": max_bytes,
+                                                       "input_shape": list(input_shape) if input_shape else None}))
+        cpu = max(5, int(settings.validate_timeout_s))
+        limits = Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
+                        env={"TMPDIR": str(workdir / "tmp"), "AUDIT_MAX_MODEL_BYTES": str(max_bytes),
+                             "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
+        child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
+        try:
+            rc = child.wait(settings.validate_timeout_s)
+        except TimeoutError:
+            child.kill()
+            raise Unprocessable(f"Expected a model that loads and runs one zero batch within "
+                                f"{settings.validate_timeout_s:g} s, but checking it did not finish in time "
+                                f"and was stopped", field="model") from None
+        try:
+            result = json.loads((workdir / "result.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        if isinstance(result, dict) and result.get("ok"):
+            return result["report"]
+        if isinstance(result, dict) and isinstance(result.get("error"), dict):
+            err = result["error"]
+            field = err.get("field") or "model"
+            message = str(err.get("message") or "the model could not be loaded")
+            if err.get("type") in ("audit_failed", "out_of_memory", "not_implemented"):
+                message = f"loading failed: {message}"
+            if field == "model" and not message.startswith("Expected"):
+                message = f"Expected a loadable ONNX or TorchScript classifier, but {message}"
+            raise Unprocessable(message, field=field)
+        what = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
+        raise Unprocessable(f"Expected a loadable ONNX or TorchScript classifier, but the sandboxed model check "
+                            f"{what} without a result (memory limit {settings.job_memory_mb} MiB)", field="model")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def array_kind(path: Path, field: str) -> tuple[str, tuple[int, ...] | None]:

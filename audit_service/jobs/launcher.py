@@ -1,0 +1,335 @@
+"""Starting sandboxed child processes (``jobs.sandbox``), for audits and for the submission-time model check.
+
+Every sandbox child, however it is started:
+
+* runs in its own session (killed with its process group), with ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``,
+  no core dumps, and ``PR_SET_PDEATHSIG`` (it dies with whoever started it);
+* gets its own empty network namespace when the kernel allows unprivileged user namespaces
+  (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``: no interface but a down loopback, so no connection of
+  any kind can leave it, from Python or native code) — ``AUDIT_SANDBOX_NETNS=off`` skips it;
+* installs a Python audit hook (``sandbox.install_network_guard``) that refuses socket creation for
+  anything but AF_UNIX, connect/bind/sendto/getaddrinfo, and ``subprocess``/``os.exec*``/``os.system``,
+  whether or not the namespace could be made;
+* sees only a scrubbed environment (no ``AUDIT_*`` except the runtime's own knobs: no database URL,
+  broker URL or tokens), its own ``TMPDIR`` inside its work dir, and talks to its parent only
+  through files in that work dir.
+
+Two ways to start one, same code inside:
+
+* ``ForkServer`` (``AUDIT_WARM_SANDBOX=1``, the default): a helper process that imported torch,
+  onnxruntime and the engine once forks a fresh child per task (milliseconds instead of seconds of
+  imports); the helper never runs model code itself and stays single-use per child.
+* ``spawn_fresh``: ``python -m audit_service.jobs.sandbox WORKDIR`` (the fallback, and ``=0``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("audit_service.launcher")
+
+#: the directory holding ``audit_service``: child processes run exactly this code
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+PR_SET_PDEATHSIG = 1
+#: modules the fork server imports once, so that its children start warm
+PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "audit_service.runtime", "audit_service.audit",
+           "audit_service.jobs.sandbox")
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 0
+    cpu_s: int = 0
+    netns: bool = True
+    env: dict = field(default_factory=dict)  # per-task additions (TMPDIR...)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def isolate_network() -> bool:
+    """Move this (single-threaded) process into a new user + network namespace; False when refused."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "unshare"):
+        return False
+    return libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+
+
+def apply_limits(limits: Limits) -> None:  # pragma: no cover - runs in the child
+    if limits.memory_mb > 0:
+        cap = limits.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if limits.cpu_s > 0:
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if limits.netns:
+        os.environ["AUDIT_SANDBOX_NETNS_ACTIVE"] = "1" if isolate_network() else "0"
+
+
+def sandbox_env(extra: dict | None = None) -> dict[str, str]:
+    """The parent's environment without ``AUDIT_*`` secrets; the runtime's own knobs pass."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AUDIT_") or k.startswith(("AUDIT_ORT_", "AUDIT_REFERENCE_", "AUDIT_MAX_MODEL_BYTES",
+                                                           "AUDIT_SANDBOX_MEMORY_MB"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class Handle:
+    """A started sandbox child: ``poll()`` -> exit status or None, ``kill()`` its process group."""
+
+    pid: int
+
+    def poll(self) -> int | None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rc = self.poll()
+            if rc is not None:
+                return rc
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
+            time.sleep(0.02)
+
+
+class _PopenHandle(Handle):
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.pid = proc, proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError from None
+
+
+def spawn_fresh(workdir: Path, limits: Limits) -> Handle:
+    env = sandbox_env(limits.env)
+    with open(workdir / "stderr.log", "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "audit_service.jobs.sandbox", str(workdir)],
+                                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                start_new_session=True, preexec_fn=lambda: apply_limits(limits))
+    return _PopenHandle(proc)
+
+
+class _ForkedHandle(Handle):
+    """A child of the fork server: its exit status arrives as ``exit.json`` in its work dir."""
+
+    def __init__(self, pid: int, workdir: Path, server: "ForkServer") -> None:
+        self.pid, self.workdir, self.server = pid, workdir, server
+        self._rc: int | None = None
+
+    def poll(self) -> int | None:
+        if self._rc is not None:
+            return self._rc
+        try:
+            self._rc = int(json.loads((self.workdir / "exit.json").read_text())["rc"])
+            return self._rc
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not self.server.alive():  # the server (and with it the child) is gone
+            self._rc = -signal.SIGKILL
+        return self._rc
+
+
+class ForkServer:
+    """One warm helper process per owning process; thread-safe; restarted when it dies."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _ensure(self) -> subprocess.Popen:
+        if not self.alive():
+            self._proc = subprocess.Popen([sys.executable, "-m", "audit_service.jobs.launcher"],
+                                          env=sandbox_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=None, start_new_session=True,
+                                          preexec_fn=_die_with_parent, cwd="/")
+        return self._proc
+
+    def warm(self) -> None:
+        with self._lock:
+            self._ensure()
+
+    def start(self, workdir: Path, limits: Limits, ready_timeout: float = 120.0) -> Handle:
+        request = json.dumps({"workdir": str(Path(workdir).resolve()), "memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s,
+                              "netns": limits.netns, "env": limits.env}) + "\n"
+        with self._lock:
+            proc = self._ensure()
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(request.encode())
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], ready_timeout)  # first call: imports
+            line = proc.stdout.readline() if ready else b""
+            if not line:
+                proc.kill()
+                raise OSError("the sandbox fork server did not answer")
+            return _ForkedHandle(int(json.loads(line)["pid"]), Path(workdir).resolve(), self)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.alive():
+                assert self._proc is not None
+                self._proc.kill()
+                self._proc.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - child
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_SERVER: ForkServer | None = None
+_SERVER_LOCK = threading.Lock()
+
+
+def fork_server() -> ForkServer:
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None or _SERVER_PID != os.getpid():
+            _set_server(ForkServer())
+        assert _SERVER is not None
+        return _SERVER
+
+
+_SERVER_PID = -1
+
+
+def _set_server(server: ForkServer) -> None:
+    global _SERVER, _SERVER_PID
+    _SERVER, _SERVER_PID = server, os.getpid()
+
+
+def launch(workdir: Path, limits: Limits, warm: bool = True) -> Handle:
+    """Start ``jobs.sandbox`` on ``workdir``: forked from the warm server, or fresh when that fails."""
+    if warm:
+        try:
+            return fork_server().start(workdir, limits)
+        except OSError as exc:
+            log.warning("warm sandbox unavailable (%s); starting a fresh process", exc)
+    return spawn_fresh(workdir, limits)
+
+
+# ----------------------------------------------------------------------------- the fork server itself
+def _serve() -> int:  # pragma: no cover - exercised through ForkServer in the tests
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - a missing layer: children import what they need
+            print(f"fork server: preload {name} failed: {exc}", file=sys.stderr)
+    children: dict[int, Path] = {}
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    buffer = b""
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0.05)
+        while children:  # reap: exit status -> exit.json in the child's work dir
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            workdir = children.pop(pid, None)
+            if workdir is not None:
+                rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                try:
+                    tmp = workdir / "exit.tmp"
+                    tmp.write_text(json.dumps({"rc": rc}))
+                    os.replace(tmp, workdir / "exit.json")
+                except OSError:
+                    pass
+        if not ready:
+            continue
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:  # the owner is gone: take the children with us
+            for pid in children:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            return 0
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            request = json.loads(line)
+            workdir = Path(request["workdir"])
+            pid = os.fork()
+            if pid == 0:
+                _child(workdir, Limits(int(request["memory_mb"]), int(request["cpu_s"]), bool(request["netns"]),
+                                       dict(request.get("env") or {})))
+            children[pid] = workdir
+            stdout.write((json.dumps({"pid": pid}) + "\n").encode())
+            stdout.flush()
+
+
+def _child(workdir: Path, limits: Limits) -> None:  # pragma: no cover - forked child
+    rc = 1
+    try:
+        os.setsid()
+        fd = os.open(workdir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.chdir(workdir)
+        os.environ.update(limits.env)
+        apply_limits(limits)
+        import tempfile
+
+        tempfile.tempdir = None  # pick up the new TMPDIR
+        from . import sandbox
+
+        rc = sandbox.main([str(workdir)])
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())
