@@ -61,11 +61,7 @@ def run_audit(
     group = build_group(spec.group, runner.input_shape)
     shifts = spec.effective_shifts
     for i, shift in enumerate(shifts):
-        try:
-            validate_shift(shift, runner.input_shape, has_second_probes=second is not None)
-        except AuditError as exc:
-            exc.field = f"shifts[{i}]" + (f".{exc.field}" if exc.field and not exc.field.startswith("shift") else "")
-            raise
+        validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
 
     device = runner.device
     stats = ProbeStats.from_probes(x.to(device)) if x is not None else ProbeStats.default(runner.input_shape, device)

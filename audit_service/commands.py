@@ -45,6 +45,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run_audit_command)
 
+    d = sub.add_parser("demo", help="rebuild the demo models in models/demo (one per verdict)",
+                       description="Train and export the demo models (plain CNN, its C4 orbit average, a constant "
+                                   "model) and 256 MNIST probes.")
+    d.add_argument("--out", type=Path, default=Path("models/demo"))
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=run_demo_command)
+
 
 def run_audit_command(args: argparse.Namespace) -> int:
     from .audit import load_probe_file, run_audit
@@ -69,6 +76,14 @@ def run_audit_command(args: argparse.Namespace) -> int:
         print(f"audit-service: gate failed: verdict {report['verdict']['label']!r} is not in "
               f"{report['verdict']['require']}", file=sys.stderr)
         return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import build_demo_models
+
+    for name, path in build_demo_models(args.out, seed=args.seed).items():
+        print(f"wrote {path}")
     return EXIT_OK
 
 

@@ -21,22 +21,36 @@ def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4g}"
 
 
-def genuine_failures(condition: dict, policy: Policy) -> list[str]:
-    """Why one condition falls short of genuine invariance (empty when it meets every criterion)."""
-    name, m = condition["name"], condition["metrics"]
-    failures = []
-    if m["LI_normalized"] is None or m["LI_normalized"] > policy.genuine_li_normalized_max:
-        failures.append(f"{name}: LI_normalized {_fmt(m['LI_normalized'])} > {policy.genuine_li_normalized_max:g}")
-    if m["DI"] > policy.genuine_di_max:
-        failures.append(f"{name}: DI {_fmt(m['DI'])} > {policy.genuine_di_max:g}")
-    if m["agreement"] < policy.genuine_agreement_min:
-        failures.append(f"{name}: agreement {_fmt(m['agreement'])} < {policy.genuine_agreement_min:g}")
+def genuine_failures(condition: dict, policy: Policy) -> list[tuple[str, float | None, str]]:
+    """(metric, value, requirement) for each genuine criterion one condition misses."""
+    m = condition["metrics"]
+    checks = [
+        ("LI_normalized", m["LI_normalized"], policy.genuine_li_normalized_max, "max"),
+        ("DI", m["DI"], policy.genuine_di_max, "max"),
+        ("agreement", m["agreement"], policy.genuine_agreement_min, "min"),
+    ]
     if condition.get("saliency_computed", True):
-        if m["SI"] is None:
-            failures.append(f"{name}: SI undefined (all saliency maps zero)")
-        elif m["SI"] < policy.genuine_si_min:
-            failures.append(f"{name}: SI {_fmt(m['SI'])} < {policy.genuine_si_min:g}")
+        checks.append(("SI", m["SI"], policy.genuine_si_min, "min"))
+    failures = []
+    for metric, value, bound, kind in checks:
+        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        if not ok:
+            failures.append((metric, value, f"{'<=' if kind == 'max' else '>='} {bound:g}"))
     return failures
+
+
+def _failure_reasons(conditions: list[dict], policy: Policy, listed: int = 4) -> list[str]:
+    """One line per missed criterion: on how many conditions, and the values of the first few."""
+    by_metric: dict[str, tuple[str, list[str]]] = {}
+    for c in conditions:
+        for metric, value, requirement in genuine_failures(c, policy):
+            by_metric.setdefault(metric, (requirement, []))[1].append(f"{c['name']} {_fmt(value)}")
+    reasons = []
+    for metric, (requirement, where) in by_metric.items():
+        shown = ", ".join(where[:listed]) + (f", ... (+{len(where) - listed})" if len(where) > listed else "")
+        reasons.append(f"{metric} misses genuine ({requirement}) on {len(where)} of {len(conditions)} "
+                       f"conditions: {shown}")
+    return reasons
 
 
 def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
@@ -59,7 +73,7 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
     if trivial:
         label, reasons = "trivial", trivial
     else:
-        failures = [f for c in conditions for f in genuine_failures(c, policy)]
+        failures = _failure_reasons(conditions, policy)
         clean = next((c for c in conditions if c["name"] == "clean"), None)
         if not failures:
             label = "genuine"
@@ -78,7 +92,7 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
             if predictions_hold:
                 label = "learned"
                 reasons = [f"predictions are invariant on in-distribution probes: {summary}",
-                           "but the genuine criteria fail:"] + failures
+                           "but genuine invariance fails:"] + failures
             else:
                 label = "not_invariant"
                 reasons = [f"predictions change across the orbit on in-distribution probes: {summary}"]

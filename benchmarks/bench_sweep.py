@@ -6,7 +6,7 @@ integrated-gradients passes (n_steps forward + backward over G x N samples), plu
 C backward passes. Everything else the audit does (group actions, shifts, captum bookkeeping,
 post-processing, metrics, bootstrap, report) is overhead; the ratio says how much.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--format torchscript|onnx] [--probes 64] [--repeats 3]
+    .venv/bin/python benchmarks/bench_sweep.py [--format torchscript|onnx] [--probes 32] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def floor_seconds(module: nn.Module, n_conditions: int, group_order: int, n_prob
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    parser.add_argument("--probes", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--group", default="D4")
     args = parser.parse_args()
 
@@ -102,6 +102,8 @@ def main() -> None:
         path = export(model, args.format, Path(tmp))
         runner = load_model(path)
         module = runner.torch_module()
+        if module is None:
+            raise SystemExit(f"no differentiable twin for the floor: {runner.gradient_note}")
         order = 8 if args.group == "D4" else 4
         n_conditions = 2 + len(spec.effective_shifts)
         opts = spec.options

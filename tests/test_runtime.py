@@ -394,6 +394,22 @@ def test_unsupported_op_falls_back_with_a_note(tmp_path):
         assert torch.allclose(runner.logits(x), module(x), atol=1e-5)
 
 
+def test_new_opset_is_downgraded_for_the_torch_twin(tmp_path):
+    """Opset 20 AveragePool has no onnx2torch converter; onnx's version converter brings it to one that has."""
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                           nn.Linear(4 * 6 * 6, 10)).eval()
+    path = export_onnx(module, IMAGE_SHAPE, tmp_path / "pool20.onnx", opset=20)
+    graph = onnx.load(str(path))
+    assert "AveragePool" in {node.op_type for node in graph.graph.node} and graph.opset_import[0].version == 20
+    runner = load_model(path)
+    twin = runner.torch_module()
+    assert twin is not None and runner.gradient_note is None
+    x = batch(4)
+    expected = _input_gradient(module, x)
+    assert expected.abs().max() > 1e-4
+    assert torch.allclose(_input_gradient(twin, x), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_converter_refusal_names_the_op(tmp_path):
     module = NormalizedCNN().eval()
     runner = load_model(export_onnx(module, IMAGE_SHAPE, tmp_path / "norm.onnx"))

@@ -19,7 +19,7 @@ def test_genuine_needs_every_condition():
     assert decide([cond("clean"), cond("blur@3"), cond("noise")], POLICY)["label"] == "genuine"
     v = decide([cond("clean"), cond("blur@3"), cond("noise", si=0.5)], POLICY)
     assert v["label"] == "learned"
-    assert any("noise: SI 0.5" in r for r in v["reasons"])
+    assert "SI misses genuine (>= 0.98) on 1 of 3 conditions: noise 0.5" in v["reasons"]
 
 
 def test_learned_vs_not_invariant_on_clean_predictions():

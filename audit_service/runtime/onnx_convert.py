@@ -37,7 +37,10 @@ def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape:
         return None, f"onnx2torch is not installed ({exc}); {FALLBACK}"
     missing = unsupported_ops(model)
     if missing:
-        return None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}"
+        downgraded = downgrade_opset(model)
+        if downgraded is None:
+            return None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}"
+        model = downgraded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -77,6 +80,34 @@ class ConvertedOnnx(torch.nn.Module):
                     piece = torch.cat([piece, piece.new_zeros((self.fixed_batch - n, *piece.shape[1:]))])
                 parts.append(self.graph(piece)[:n].float())
             return torch.cat(parts)
+
+
+#: Opsets tried, newest first, when onnx2torch lacks a converter at the model's own opset (exporters
+#: now default to opset 18-20, whose Reduce*/pooling versions onnx2torch 1.5 does not know).
+DOWNGRADE_OPSETS = (17, 16, 13)
+
+
+def downgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The model at an older opset whose ops onnx2torch converts (``onnx.version_converter``), or None.
+
+    Only the torch twin uses the downgraded graph; logits stay onnxruntime's, and the twin is still
+    checked against them, so a conversion that changed the function is caught.
+    """
+    from onnx import version_converter
+
+    current = max((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), default=0)
+    for target in DOWNGRADE_OPSETS:
+        if target >= current:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = version_converter.convert_version(model, target)
+        except Exception:  # noqa: BLE001 - the converter refuses many graphs; try the next opset
+            continue
+        if not unsupported_ops(converted):
+            return converted
+    return None
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
