@@ -85,6 +85,43 @@ def dedupe_key(tenant: str, spec_json: dict, inputs: dict, engine: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+MiB = 1024 * 1024
+MAX_SPEC_DEPTH = 32
+
+
+def _no_constant(name: str) -> Any:
+    raise SpecError(f"Expected finite JSON numbers, but the spec contains {name}", field="spec")
+
+
+def load_spec_json(text: str) -> Any:
+    """The spec's JSON, refusing NaN / Infinity literals and nesting deeper than ``MAX_SPEC_DEPTH``
+    (deep nesting would exhaust the parser's recursion) with a ``SpecError`` that says so."""
+    depth = level = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before the recursive parser sees it
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            level += 1
+            depth = max(depth, level)
+            if depth > MAX_SPEC_DEPTH:
+                raise SpecError(f"Expected a spec nested at most {MAX_SPEC_DEPTH} levels deep, but it is deeper",
+                                field="spec")
+        elif ch in "]}":
+            level -= 1
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"Expected a JSON object, but the text does not parse: {exc}", field="spec") from None
+
+
 @bp.post("/audit")
 def submit_audit() -> Response:
     st = state()
@@ -115,7 +152,7 @@ def submit_audit() -> Response:
         raise BadRequest('Expected a `spec` form field with the audit spec JSON (e.g. {"group": "C4"}), but got none',
                          field="spec")
     try:
-        spec = parse_audit_spec(spec_text)
+        spec = parse_audit_spec(load_spec_json(spec_text))
     except SpecError as exc:
         field = exc.field if exc.field in (None, "spec") else f"spec.{exc.field}"
         raise Unprocessable(exc.message, field=field) from None
@@ -134,7 +171,7 @@ def submit_audit() -> Response:
         if name == "model":
             entry = validate_model(path, entry, st.settings, probe_shape)
         else:
-            entry["format"], shape = array_kind(path, name)
+            entry["format"], shape = array_kind(path, name, cap * MiB)
             if name == "probes" and shape is not None and len(shape) >= 2:
                 probe_shape = tuple(shape[1:])
         inputs[name] = entry

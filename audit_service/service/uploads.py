@@ -8,6 +8,7 @@ array is read and nothing is unpickled here; the sandbox loads them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -102,24 +103,51 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def array_kind(path: Path, field: str) -> tuple[str, tuple[int, ...] | None]:
-    """(``npy`` | ``npz``, shape of the probe array) from the file's headers; 422 when neither parses."""
+#: an .npz may declare at most this many times the probe cap in uncompressed bytes (zip bombs)
+NPZ_EXPANSION = 4
+MAX_NPZ_MEMBERS = 16
+MAX_ARRAY_RANK = 8
+
+
+def array_kind(path: Path, field: str, max_bytes: int | None = None) -> tuple[str, tuple[int, ...] | None]:
+    """(``npy`` | ``npz``, shape of the probe array) from the file's headers; 422 when neither parses, when
+    a header declares more data than the file holds (truncated, or a tiny file claiming a huge array), or
+    when an .npz would expand past ``NPZ_EXPANSION`` x the cap (zip bomb). Nothing is decompressed."""
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(6)
     if head == b"\x93NUMPY":
         with open(path, "rb") as fh:
-            return "npy", _read_npy_header(fh, field)
+            shape, nbytes = _read_npy_header(fh, field)
+            available = size - fh.tell()
+        if nbytes > available:
+            raise Unprocessable(f"Expected `{field}` to hold the {nbytes} bytes its header declares for shape "
+                                f"{list(shape)}, but the file has {available}: it is truncated or lies", field=field)
+        return "npy", shape
     if head[:2] == b"PK":
         shapes: dict[str, tuple[int, ...]] = {}
+        cap = (max_bytes or 256 * MiB) * NPZ_EXPANSION
         try:
             with zipfile.ZipFile(path) as zf:
                 members = [m for m in zf.infolist() if m.filename.endswith(".npy")]
                 if not members:
                     raise Unprocessable(f"Expected `{field}` .npz to hold .npy arrays, but it holds none", field=field)
+                if len(zf.infolist()) > MAX_NPZ_MEMBERS:
+                    raise Unprocessable(f"Expected `{field}` .npz to hold at most {MAX_NPZ_MEMBERS} arrays, but it "
+                                        f"holds {len(zf.infolist())}", field=field)
+                declared = sum(m.file_size for m in zf.infolist())
+                if declared > cap:
+                    raise Unprocessable(f"Expected `{field}` .npz to expand to at most {cap} bytes "
+                                        f"({NPZ_EXPANSION} x AUDIT_MAX_PROBES_MB), but its members declare "
+                                        f"{declared} (a zip bomb?)", field=field)
                 for m in members:
                     with zf.open(m) as fh:
-                        shapes[m.filename[:-4]] = _read_npy_header(fh, field)
-        except zipfile.BadZipFile as exc:
+                        shape, nbytes = _read_npy_header(fh, field)
+                    if nbytes > m.file_size:
+                        raise Unprocessable(f"Expected `{field}` member {m.filename!r} to hold the {nbytes} bytes "
+                                            f"its header declares, but it has {m.file_size}", field=field)
+                    shapes[m.filename[:-4]] = shape
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
             raise Unprocessable(f"Expected `{field}` to be a .npz archive, but {exc}", field=field) from None
         key = next((k for k in ("x", "probes", "X") if k in shapes), None)
         return "npz", shapes.get(key) if key else None
@@ -127,7 +155,8 @@ def array_kind(path: Path, field: str) -> tuple[str, tuple[int, ...] | None]:
                         field=field)
 
 
-def _read_npy_header(fh: Any, field: str) -> tuple[int, ...]:
+def _read_npy_header(fh: Any, field: str) -> tuple[tuple[int, ...], int]:
+    """(shape, declared data bytes) of one .npy header; refuses object arrays and absurd shapes."""
     try:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -138,4 +167,8 @@ def _read_npy_header(fh: Any, field: str) -> tuple[int, ...]:
     if dtype.hasobject:
         raise Unprocessable(f"Expected `{field}` to hold numeric arrays, but it holds Python objects "
                             f"(which the service never unpickles)", field=field)
-    return tuple(int(d) for d in shape)
+    if len(shape) > MAX_ARRAY_RANK:
+        raise Unprocessable(f"Expected `{field}` arrays of rank at most {MAX_ARRAY_RANK}, but got shape "
+                            f"{list(shape)}", field=field)
+    dims = tuple(int(d) for d in shape)
+    return dims, math.prod(dims) * int(dtype.itemsize)
