@@ -246,7 +246,9 @@ def test_closest_profile_without_references_is_none(tmp_path, monkeypatch):
 def test_policy_notes_compare_thresholds_with_the_runs(fake_refs):
     notes = catalog.calibrated_policy_notes()
     li = notes["fields"]["genuine_li_normalized_max"]
-    assert li["WT"]["max"] == 0 and li["DA"]["min"] == 0.1 and li["WT_passes"] and li["DA_fails"]
+    assert li["WT"]["clean"]["max"] == 0 and li["DA"]["clean"]["min"] == 0.1 and li["DA"]["noise"]["max"] == 0.8
+    assert li["WT_passes"] and li["DA_fails"] and li["IR_fails"]
+    assert 1e-7 < li["suggested"] < 0.1
     assert {r["name"] for r in notes["runs"]} == {"R4_WT_s0", "R4_DA_s0", "R4_IR_s0", "T3_DA_s0"}
 
 

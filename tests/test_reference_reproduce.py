@@ -91,4 +91,4 @@ def test_outputs_and_catalog(small_reproduction, monkeypatch):
     report = json.loads((out / "T3_DA_s0" / "report.json").read_text())
     assert catalog.closest_profile(report)["model"] == "DA"
     notes = catalog.calibrated_policy_notes()
-    assert notes["fields"]["genuine_di_max"]["WT"]["max"] < 1e-6
+    assert notes["fields"]["genuine_di_max"]["WT"]["noise"]["max"] < 1e-6

@@ -178,6 +178,8 @@ def train_and_export(group: str, model: str, seed: int = 0, epochs: int = DEFAUL
         report = audit_run(run_dir / files[AUDIT_FORMAT], group, spec=spec,
                            progress=lambda f, m: progress(0.8 + 0.2 * f, f"{cfg.name}: audit {m}"))
         report.pop("saliency_examples", None)  # images; the card and the table do not need them
+        # made against whatever reference cards existed mid-reproduction (possibly this run's own): not meaningful
+        report.pop("reference_profile", None)
         (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     card = build_card(result, run_dir, files, diff, report, spec)
     write_card(run_dir, card)
@@ -288,6 +290,13 @@ def _fmt(stat: dict | None, digits: int = 2, pct: bool = False) -> str:
     return s
 
 
+def _scaled(stat: dict | None, factor: float) -> dict | None:
+    """A stat in other units (sigma_max w.r.t. the normalized input = sigma_max w.r.t. pixels x pixel std)."""
+    if stat is None:
+        return None
+    return {**stat, **{k: stat[k] * factor for k in ("mean", "std", "min", "max")}}
+
+
 def _paper(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -314,32 +323,34 @@ def results_markdown(results: dict) -> str:
             f"| {', '.join(str(v) for v in r['verdicts'])} |")
     lines += [
         "",
-        "Pure noise (uniform), drift toward the image patches (beta = 0.5) and Jacobian sensitivity:",
+        "Pure noise (uniform in [0, 1]), drift toward the image patches (beta = 0.5) and Jacobian sensitivity. "
+        "Our models take [0, 1] pixels and normalize inside, so their Jacobian is 1/std = "
+        f"{1 / results['data']['normalization']['std']:.2f} times the Jacobian with respect to the normalized input; "
+        "the second sigma_max column converts to those units.",
         "",
         "| G | model | noise LI | noise DI | noise SI | noise agreement | DI @ beta 0.5 (ours) | (paper, Fig. 4) "
-        "| sigma_max (ours) | (paper, Fig. 5) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sigma_max (ours, [0,1] pixels) | sigma_max x std (normalized input) | (paper, Fig. 5) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    std = results["data"]["normalization"]["std"]
     for r in rows:
         key = (r["group"], r["model"])
         d05 = r["drift"].get("0.5", {}).get("DI")
         lines.append(
             f"| {r['group']} | {r['model']} | {_fmt(r['noise.LI'])} | {_fmt(r['noise.DI'], 3)} "
             f"| {_fmt(r['noise.SI'])} | {_fmt(r['noise.agreement'], 3)} | {_fmt(d05, 3)} "
-            f"| {_paper(DRIFT_DI_AT_HALF.get(key), 1)} | {_fmt(r['sigma_max'])} "
+            f"| {_paper(DRIFT_DI_AT_HALF.get(key), 1)} | {_fmt(r['sigma_max'])} | {_fmt(_scaled(r['sigma_max'], std))} "
             f"| {'~' + _paper(SIGMA_MAX.get(key), 1) if SIGMA_MAX.get(key) is not None else '–'} |")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- figures
 def plot_drift(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
     groups = [g for g in GROUP_NAMES if any(r["group"] == g for r in results["rows"])]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(groups), 3.6))
+    axes = fig.subplots(1, len(groups), squeeze=False)
     colors = {"WT": "tab:green", "DA": "tab:red", "IR": "tab:blue"}
     for ax, group in zip(axes[0], groups):
         for r in (r for r in results["rows"] if r["group"] == group):
@@ -361,35 +372,32 @@ def plot_drift(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_sigma(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = [r for r in results["rows"] if r["sigma_max"]]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    std = results["data"]["normalization"]["std"]
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     xs = np.arange(len(rows))
     colors = {"WT": "tab:green", "DA": "tab:red", "IR": "tab:blue"}
-    ax.bar(xs, [r["sigma_max"]["mean"] for r in rows], color=[colors[r["model"]] for r in rows],
-           yerr=[r["sigma_max"]["std"] for r in rows], capsize=3, label="ours")
+    ax.bar(xs, [r["sigma_max"]["mean"] * std for r in rows], color=[colors[r["model"]] for r in rows],
+           yerr=[r["sigma_max"]["std"] * std for r in rows], capsize=3)
     for x, r in zip(xs, rows):
         paper = SIGMA_MAX.get((r["group"], r["model"]))
         if paper is not None:
             ax.plot([x], [paper], "k_", markersize=22, mew=2)
     ax.plot([], [], "k_", markersize=12, mew=2, label="paper (Fig. 5, approx.)")
     ax.set_xticks(xs, [f"{r['group']} {r['model']}" for r in rows])
-    ax.set_ylabel("sigma_max of the input-output Jacobian")
+    ax.set_ylabel("sigma_max of df/dx, x = normalized input")
     ax.set_yscale("log")
-    ax.set_title("Spectral decay: largest singular value of df/dx (test digits)")
+    ax.set_title("Spectral decay: largest singular value of the Jacobian (test digits)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- docs
