@@ -312,6 +312,8 @@ def _child(workdir: Path, limits: Limits) -> None:  # pragma: no cover - forked 
         os.dup2(devnull, 0)
         os.chdir(workdir)
         os.environ.update(limits.env)
+        if limits.env.get("PYTHONPATH"):  # the interpreter is already running: extend its path too
+            sys.path[:0] = [p for p in limits.env["PYTHONPATH"].split(os.pathsep) if p]
         apply_limits(limits)
         import tempfile
 
