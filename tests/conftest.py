@@ -36,8 +36,10 @@ def free_port() -> int:
 class Service:
     """``audit-service serve`` as a child process; ``stop()`` sends SIGTERM like an operator would."""
 
-    def __init__(self, data_dir: Path, workers: int = 1, web_workers: int = 2, **env: str) -> None:
+    def __init__(self, data_dir: Path, workers: int = 1, web_workers: int = 2, new_session: bool = False,
+                 **env: str) -> None:
         self.data_dir, self.workers, self.web_workers = Path(data_dir), workers, web_workers
+        self.new_session = new_session  # its own process group, so a test can kill -9 all of it
         self.env = {k: str(v) for k, v in env.items()}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,7 +54,8 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "audit_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(self.workers), "--web-workers", str(self.web_workers)],
-            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(ROOT))
+            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(ROOT),
+            start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,6 +68,12 @@ class Service:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def kill_all(self) -> None:
+        """kill -9 the whole service (serve, gunicorn, workers) at once, like a power cut."""
+        assert self.proc is not None and self.new_session
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -1,0 +1,92 @@
+"""Crash safety of the embedded mode: kill -9 the audit worker in the middle of an audit, or the whole
+service; every accepted job still ends `succeeded` (or `failed` with a reason) after the restart —
+none stays `running`, none disappears."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import requests
+
+from conftest import Service, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def submit(url: str, models: dict, seed: int) -> str:
+    spec = tiny_spec(options={**tiny_spec()["options"], "seed": seed, "n_probes": 16, "ig_steps": 8})
+    r = requests.post(url + "/audit", files={"model": ("m.onnx", open(models["plain"], "rb"))},
+                      data={"spec": json.dumps(spec), "reuse": "false"}, timeout=120)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def running_row(store, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = store.get(job_id)
+        if row["status"] == "running" and row["sandbox_pid"]:
+            return row
+        assert row["status"] == "queued" or row["status"] == "running", row
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never started")
+
+
+def settle(url: str, ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    jobs: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30).json() for i in ids}
+        if all(j["status"] in TERMINAL for j in jobs.values()):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"jobs not finished: { {i: j['status'] for i, j in jobs.items()} }")
+
+
+def test_kill_9_of_the_audit_worker_mid_audit_retries_the_job(tmp_path, models):
+    from audit_service.jobs.store import JobStore
+
+    svc = Service(tmp_path / "data", workers=1, web_workers=1).start()
+    try:
+        store = JobStore(f"sqlite:///{svc.data_dir.resolve() / 'jobs.sqlite3'}")
+        ids = [submit(svc.url, models, seed) for seed in range(2)]
+        row = running_row(store, ids[0])
+        worker_pid = int(row["owner"].split(":")[1])
+        assert worker_pid != svc.proc.pid
+        os.kill(worker_pid, signal.SIGKILL)  # the worker (and with it its sandbox child) dies mid-audit
+        jobs = settle(svc.url, ids)
+        assert [j["status"] for j in jobs.values()] == ["succeeded", "succeeded"], jobs
+        assert jobs[ids[0]]["attempts"] == 2  # taken back from the dead worker and run again
+        assert requests.get(svc.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        svc.stop()
+
+
+def test_kill_9_of_the_whole_service_loses_no_job(tmp_path, models):
+    from audit_service.jobs.store import JobStore
+
+    data = tmp_path / "data"
+    svc = Service(data, workers=1, web_workers=1, new_session=True).start()
+    store = JobStore(f"sqlite:///{data.resolve() / 'jobs.sqlite3'}")
+    ids = [submit(svc.url, models, seed) for seed in range(10, 14)]
+    running_row(store, ids[0])
+    svc.kill_all()  # serve, gunicorn, the worker, its sandbox: all at once, no clean-up
+    states = {i: store.get(i)["status"] for i in ids}
+    assert "running" in states.values() and len(states) == 4  # accepted, and one caught mid-audit
+
+    restarted = Service(data, workers=1, web_workers=1).start()
+    try:
+        jobs = settle(restarted.url, ids)
+        for job in jobs.values():
+            assert job["status"] == "succeeded" or (job["status"] == "failed" and job["error"]["message"]), job
+        assert sum(j["status"] == "succeeded" for j in jobs.values()) == 4, jobs
+        listing = requests.get(restarted.url + "/audits", params={"limit": 100}, timeout=30).json()
+        assert {j["id"] for j in listing["items"]} == set(ids)
+    finally:
+        restarted.stop()
