@@ -55,7 +55,7 @@ def digits():
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, augment: bool, seed: int = 0) -> nn.Module:
     """Adam on the digits; with ``augment`` every batch is rotated by a random multiple of 90 degrees."""
     gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(epochs):
