@@ -186,3 +186,17 @@ def test_sampled_rotation_is_marked_inexact_with_its_error(tmp_path, digits):
     report = run_audit(path, spec({"name": "rotation", "n_angles": 8}, shifts=[]), probes=digits[2])
     assert report["group"]["exact"] is False and report["group"]["order"] == 8
     assert 0 < report["group"]["interpolation_error"] < 1
+
+
+def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
+    """Chunking is an implementation detail: per-probe streaming must not change any metric."""
+    path = export_onnx(PlainCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "m.onnx")
+    whole = run_audit(path, spec("C4", probe_chunk=64, batch_size=4096), probes=digits[2], labels=digits[3])
+    small = run_audit(path, spec("C4", probe_chunk=5, batch_size=7), probes=digits[2], labels=digits[3])
+    for a, b in zip(whole["conditions"], small["conditions"]):
+        assert a["n_probes"] == b["n_probes"]
+        for key, va in a["metrics"].items():
+            if va is None:
+                assert b["metrics"][key] is None
+            else:
+                assert va == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-6), (a["name"], key)

@@ -120,3 +120,28 @@ def test_jacobian_of_linear_model_has_its_singular_values():
     with torch.no_grad():
         sketch = finite_difference_jacobian_sketch(lin, x, n_directions=12)
     assert torch.allclose(singular_values(sketch)[0], expected, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+_logits = arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(2, 6)),
+                 elements=st.floats(-30, 30, width=32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_logits)
+def test_metric_laws_on_random_orbits(fgx_np):
+    """DI, LI >= 0; both 0 and agreement 1 on the identity; DI blind to a constant logit shift."""
+    fgx = torch.from_numpy(fgx_np)
+    fx = fgx[0]
+    assert (distribution_invariance_error(fx, fgx) >= 0).all()
+    assert (logit_invariance_error(fx, fgx) >= 0).all()
+    assert logit_invariance_error(fx, fgx)[0].abs().max().item() == 0.0
+    assert distribution_invariance_error(fx, fgx)[0].abs().max().item() < 1e-6
+    assert prediction_agreement(fx, fgx)[0].min().item() == 1.0
+    shifted = torch.cat([fx[None], fgx[1:] + 5.0]) if fgx.shape[0] > 1 else fgx
+    assert torch.allclose(distribution_invariance_error(fx, shifted), distribution_invariance_error(fx, fgx),
+                          atol=1e-4)
