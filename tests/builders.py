@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from audit_service.demo import rot90  # noqa: F401 - torch.rot90 from flips/transposes (ONNX-exportable)
+
 Shape = Sequence[int]
 
 IMAGE_SHAPE = (1, 12, 12)
@@ -81,18 +83,6 @@ class PlainCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
-
-
-def rot90(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``torch.rot90(x, k, dims=(-2, -1))`` from flips and transposes, which every ONNX exporter supports."""
-    k %= 4
-    if k == 1:
-        return x.flip(-1).transpose(-2, -1)
-    if k == 2:
-        return x.flip(-2).flip(-1)
-    if k == 3:
-        return x.transpose(-2, -1).flip(-1)
-    return x
 
 
 class OrbitAveragedCNN(nn.Module):
