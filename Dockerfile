@@ -1,6 +1,8 @@
 # Invariance audit service on a CUDA runtime (onnxruntime-gpu / torch use the GPU when run with --gpus all).
 # Install and start use the very commands CI and developers use (`make install`, the Makefile's `run`
 # command); tests/test_service_packaging.py checks that they stay identical.
+# The container binds 0.0.0.0, so `serve` refuses to start without tokens: pass AUDIT_TOKENS or mount a
+# file and set AUDIT_TOKENS_FILE (README, "Authentication").
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install test run bench clean
+.PHONY: install test run bench bench-load clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ run: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_sweep.py
+
+bench-load: install
+	$(BIN)/python benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

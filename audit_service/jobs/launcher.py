@@ -183,9 +183,18 @@ class ForkServer:
                                           preexec_fn=_die_with_parent, cwd="/")
         return self._proc
 
-    def warm(self) -> None:
+    def warm(self, wait: bool = False, timeout: float = 180.0) -> None:
+        """Start the server; with ``wait``, return once its imports are done (it answers a ping)."""
         with self._lock:
-            self._ensure()
+            proc = self._ensure()
+            if not wait:
+                return
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b'{"ping": true}\n')
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready or not proc.stdout.readline():
+                proc.kill()
 
     def start(self, workdir: Path, limits: Limits, ready_timeout: float = 120.0) -> Handle:
         request = json.dumps({"workdir": str(Path(workdir).resolve()), "memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s,
@@ -291,6 +300,10 @@ def _serve() -> int:  # pragma: no cover - exercised through ForkServer in the t
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             request = json.loads(line)
+            if request.get("ping"):  # imports are done: say so
+                stdout.write(b'{"pid": 0}\n')
+                stdout.flush()
+                continue
             workdir = Path(request["workdir"])
             pid = os.fork()
             if pid == 0:
