@@ -277,16 +277,19 @@ def _cond_metric(card: dict, name: str, metric: str) -> float | None:
     return None
 
 
+def _num(v: float, digits: int) -> str:
+    """Fixed ``digits`` decimals in [10^-digits, 1000); two significant digits outside (0 stays 0)."""
+    if v == 0 or 10 ** -digits <= abs(v) < 1000:
+        return f"{v:.{digits}f}"
+    return f"{v:.2g}"
+
+
 def _fmt(stat: dict | None, digits: int = 2, pct: bool = False) -> str:
     if stat is None:
         return "n/a"
-    mean = stat["mean"]
-    if not pct and mean != 0 and (abs(mean) < 10 ** -digits or abs(mean) >= 1000):
-        s = f"{mean:.1e}"
-    else:
-        s = f"{mean:.{digits}f}"
+    s = _num(stat["mean"], digits)
     if stat["n"] > 1:
-        s += f" ± {stat['std']:.{digits}f}" if not (0 < stat["std"] < 10 ** -digits) else f" ± {stat['std']:.0e}"
+        s += f" ± {stat['std']:.2g}"
     return s
 
 
