@@ -18,7 +18,7 @@ import torch
 
 from .data import INPUT_SHAPE
 
-ONNX_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE, CARD_FILE = "model.onnx", "model.pt", "weights.npz", "card.json"
+ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE = "model.onnx", "model.pt", "card.json"
 ONNX_OPSET = 17
 
 
@@ -52,15 +52,6 @@ def export_model(model: torch.nn.Module, run_dir: str | Path) -> dict[str, str]:
         torch.jit.save(traced, str(run_dir / TORCHSCRIPT_FILE),
                        _extra_files={"input_shape.json": json.dumps(list(INPUT_SHAPE))})
     return {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
-
-
-def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """The state dict as plain arrays (reload with ``train.load_weights(path, model, prefix="")``)."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
-    os.replace(tmp, path)
-    return path
 
 
 def check_export(model: torch.nn.Module, run_dir: str | Path, atol: float = 1e-4) -> dict[str, float]:
