@@ -78,7 +78,7 @@ def train_reference(name: str) -> Response:
     st = state()
     _card(_catalog(), name)
     if not current_app.extensions["audit_auth"].is_admin(current_tenant()):
-        raise Forbidden(f"retraining a reference run replaces the model every tenant downloads; tenant "
+        raise Forbidden(f"retraining a reference run costs minutes of CPU on the shared workers; tenant "
                         f"{current_tenant()!r} is not in AUDIT_ADMIN_TENANTS")
     body: Any = {}
     if request.content_length:
