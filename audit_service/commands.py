@@ -21,25 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "ran (and --require passed), 1 --require failed, 2 bad input.",
     )
     p.add_argument("model", type=Path, help="ONNX (.onnx) or TorchScript (torch.jit.save) file")
-    p.add_argument("--group", required=True,
-                   help='group name (C4, D4, flip), JSON (\'{"name": "translation", "order": 4, "step": 7}\') '
-                        "or @file.json")
-    p.add_argument("--probes", type=Path, help="in-distribution probes: .npy (N, C, H, W) float32, or .npz "
-                                                "with x (and y)")
-    p.add_argument("--labels", type=Path, help=".npy of integer labels, one per probe")
-    p.add_argument("--second-probes", type=Path, help="second probe set for blend(second_probes) shifts")
-    p.add_argument("--shift", action="append", default=None, metavar="NAME[@SEVERITY]",
-                   help="input shift, repeatable: gaussian_noise@3, blur@5, contrast, brightness, occlusion, "
-                        "blend@0.5 (toward noise), blend:second@0.3 (toward --second-probes); "
-                        "'none' for no shifts. Default: gaussian_noise, blur, contrast at severities 1, 3, 5")
-    p.add_argument("--spec", type=Path, help="full JSON audit spec (group, shifts, options, policy); "
-                                             "flags given here override it")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="sweep option, repeatable: n_probes=256, ig_steps=32, device=cuda, seed=1, ...")
-    p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
-                   help="verdict threshold override, repeatable: genuine_si_min=0.95, ...")
-    p.add_argument("--require", help="comma-separated verdict labels that pass the gate, e.g. genuine or "
-                                     "genuine,learned; exit 1 otherwise")
+    add_spec_arguments(p)
     p.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of a summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -51,6 +33,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", type=Path, default=Path("models/demo"))
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=run_demo_command)
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that make an audit spec; ``audit`` and ``submit`` share them (see ``build_spec_dict``)."""
+    p.add_argument("--group",
+                   help='group name (C4, D4, flip), JSON (\'{"name": "translation", "order": 4, "step": 7}\') '
+                        "or @file.json (required unless --spec has one)")
+    p.add_argument("--probes", type=Path, help="in-distribution probes: .npy (N, C, H, W) float32, or .npz "
+                                                "with x (and y)")
+    p.add_argument("--labels", type=Path, help=".npy of integer labels, one per probe")
+    p.add_argument("--second-probes", type=Path, help="second probe set for blend(second_probes) shifts")
+    p.add_argument("--shift", action="append", default=None, metavar="NAME[@SEVERITY]",
+                   help="input shift, repeatable: gaussian_noise@3, blur@5, contrast, brightness, occlusion, "
+                        "blend@0.5 (toward noise), blend:second@0.3 (toward --second-probes), a JSON object; "
+                        "'none' for no shifts. Default: gaussian_noise, blur, contrast at severities 1, 3, 5")
+    p.add_argument("--spec", help="full audit spec (group, shifts, options, policy, require): JSON text, "
+                                  "@file.json or a file path; the flags here override it")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="sweep option, repeatable: n_probes=256, ig_steps=32, device=cuda, seed=1, ...")
+    p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="verdict threshold override, repeatable: genuine_si_min=0.95, ...")
+    p.add_argument("--require", help="comma-separated verdict labels that pass the gate, e.g. genuine or "
+                                     "genuine,learned; exit 1 otherwise")
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -88,17 +93,17 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def build_spec(args: argparse.Namespace) -> AuditSpec:
-    """Merge --spec, --group, --shift, --option, --policy and --require into one validated spec."""
-    data: dict = {}
-    if args.spec:
-        try:
-            data = json.loads(args.spec.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SpecError(f"Expected a readable JSON spec file, but {args.spec}: {exc}", field="spec") from None
-        if not isinstance(data, dict):
-            raise SpecError("Expected the spec file to hold a JSON object", field="spec")
+    """The validated spec from the flags (``build_spec_dict``)."""
+    return parse_audit_spec(build_spec_dict(args))
+
+
+def build_spec_dict(args: argparse.Namespace) -> dict:
+    """Merge --spec, --group, --shift, --option, --policy and --require into one spec dict (unvalidated)."""
+    data: dict = _read_spec_arg(args.spec) if args.spec else {}
     if args.group:
         data["group"] = parse_group_arg(args.group)
+    if "group" not in data:
+        raise SpecError("Expected --group (or a --spec with a group), e.g. --group C4", field="group")
     if args.shift is not None:
         data["shifts"] = [] if args.shift == ["none"] else [parse_shift_arg(s) for s in args.shift]
     if args.option:
@@ -107,7 +112,26 @@ def build_spec(args: argparse.Namespace) -> AuditSpec:
         data["policy"] = {**data.get("policy", {}), **_key_values(args.policy, "policy")}
     if args.require is not None:
         data["require"] = [label.strip() for label in args.require.split(",") if label.strip()]
-    return parse_audit_spec(data)
+    return data
+
+
+def _read_spec_arg(text: str) -> dict:
+    """--spec: JSON text, @file.json, or a path to a JSON file."""
+    source = text.strip()
+    if not source.startswith("{"):
+        path = Path(source[1:] if source.startswith("@") else source)
+        try:
+            source = path.read_text()
+        except OSError as exc:
+            raise SpecError(f"Expected JSON text or a readable JSON file, but {path}: {exc.strerror}",
+                            field="spec") from None
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"Expected a JSON object, but the spec does not parse: {exc}", field="spec") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"Expected the spec to be a JSON object, but got {type(data).__name__}", field="spec")
+    return data
 
 
 def parse_shift_arg(text: str) -> dict:

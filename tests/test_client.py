@@ -44,7 +44,7 @@ def test_submit_exit_codes(service, models, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["verdict"]["label"] == "genuine"
     assert "Verdict" in (tmp_path / "r.html").read_text()
 
-    gate = submit_cli(service, str(models["plain"]), "--group", "C4", "--shifts", "none", "--spec", spec,
+    gate = submit_cli(service, str(models["plain"]), "--group", "C4", "--shift", "none", "--spec", spec,
                       "--require", "genuine,learned")
     assert gate.returncode == 1, gate.stderr + gate.stdout
     assert json.loads(gate.stdout)["passed"] is False

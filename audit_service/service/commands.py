@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..commands import add_spec_arguments, build_spec_dict  # the same spec flags as `audit`
+
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -44,16 +46,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Submit MODEL to a running audit service, follow its progress and apply "
                                    "--require. Exit 0 passed, 1 gate failed, 2 bad input or failed audit.")
     s.add_argument("model", type=Path, help="ONNX or TorchScript file")
-    s.add_argument("--group", help="group: a name (C4), JSON, or @file.json (overrides the spec's group)")
-    s.add_argument("--spec", help="the whole audit spec: JSON text or @file.json")
-    s.add_argument("--shifts", help='shifts as JSON (e.g. \'[{"name":"blur","severity":3}]\'), or "none"')
-    s.add_argument("--probes", type=Path, help=".npy / .npz probes (x, optional y)")
-    s.add_argument("--labels", type=Path, help=".npy labels")
-    s.add_argument("--second-probes", type=Path, help=".npy / .npz second data set for blend shifts")
+    add_spec_arguments(s)  # the same spec flags as `audit`
     s.add_argument("--url", default=os.environ.get("AUDIT_URL", "http://127.0.0.1:8000"),
                    help="service URL (AUDIT_URL, default http://127.0.0.1:8000)")
     s.add_argument("--token", default=os.environ.get("AUDIT_TOKEN"), help="bearer token (AUDIT_TOKEN)")
-    s.add_argument("--require", default="", help="comma-separated verdict labels that pass, e.g. genuine,learned")
     s.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     s.add_argument("--report", type=Path, dest="report_out", help="write the report JSON here")
     s.add_argument("--html", type=Path, dest="html_out", help="write the HTML report here")
@@ -187,46 +183,12 @@ def _die_with_parent() -> None:  # pragma: no cover - child
 
 
 # ----------------------------------------------------------------------------- submit
-def _json_arg(text: str, field: str) -> object:
-    from ..errors import SpecError
-
-    text = text.strip()
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except OSError as exc:
-            raise SpecError(f"Expected a readable JSON file, but {text[1:]}: {exc.strerror}", field=field) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"Expected JSON, but it does not parse: {exc}", field=field) from None
-
-
-def build_submit_spec(args: argparse.Namespace) -> dict:
-    from ..errors import SpecError
-    from ..spec import parse_group_arg
-
-    spec: dict = {}
-    if args.spec:
-        loaded = _json_arg(args.spec, "spec")
-        if not isinstance(loaded, dict):
-            raise SpecError("Expected the spec to be a JSON object", field="spec")
-        spec.update(loaded)
-    if args.group:
-        spec["group"] = parse_group_arg(args.group)
-    if args.shifts:
-        spec["shifts"] = [] if args.shifts.strip().lower() == "none" else _json_arg(args.shifts, "shifts")
-    if "group" not in spec:
-        raise SpecError("Expected --group (or a spec with a group), e.g. --group C4", field="group")
-    return spec
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from ..client import AuditClient, JobFailed, ServiceError, gate
     from ..errors import AuditError
 
     try:
-        spec = build_submit_spec(args)
+        spec = build_spec_dict(args)
     except AuditError as exc:
         print(f"audit-service: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -235,7 +197,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             print(f"audit-service: error: {name}: Expected a readable file, but {path} does not exist", file=sys.stderr)
             return EXIT_BAD_INPUT
-    require = {s.strip() for s in args.require.split(",") if s.strip()}
+    require = {s.strip() for s in (args.require or "").split(",") if s.strip()}
     client = AuditClient(args.url, token=args.token)
 
     def show(job: dict) -> None:
