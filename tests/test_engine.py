@@ -21,6 +21,7 @@ from builders import (
     MLP,
     CircularCNN,
     ConstantModel,
+    GeluCNN,
     OrbitAveragedCNN,
     PlainCNN,
     export_onnx,
@@ -200,3 +201,22 @@ def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
                 assert b["metrics"][key] is None
             else:
                 assert va == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-6), (a["name"], key)
+
+
+def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits):
+    """onnx2torch has no Gelu converter: saliency becomes occlusion, sigma_max a finite-difference sketch,
+    the report says so, and an exactly invariant model still gets SI 1 (per-pixel occlusion is equivariant)."""
+    model = OrbitAveragedCNN(GeluCNN(n_classes=9), group="C4")
+    path = export_onnx(model, IMAGE_SHAPE, tmp_path / "gelu.onnx", opset=GeluCNN.ONNX_OPSET)
+    report = run_audit(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2])
+    assert report["model"]["saliency_method"].startswith("occlusion")
+    assert "Gelu" in report["model"]["gradient_note"] and "gradient-free" in report["model"]["gradient_note"]
+    assert report["sensitivity"]["method"].startswith("finite-difference")
+    assert report["sensitivity"]["sigma_max"]["mean"] > 0
+    assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
+    assert metrics(report, "clean")["SI"] == pytest.approx(1.0, abs=1e-6)
+    # the finite-difference sketch estimates the autograd spectrum of the same network
+    ts = run_audit(export_torchscript(model, IMAGE_SHAPE, tmp_path / "gelu.pt"),
+                   spec("C4", n_probes=16, n_noise_probes=8, saliency=False), probes=digits[2])
+    exact = ts["sensitivity"]["sigma_max"]["mean"]
+    assert report["sensitivity"]["sigma_max"]["mean"] == pytest.approx(exact, rel=0.25)
