@@ -164,6 +164,8 @@ class Policy(_Strict):
     learned_di_max: float = Field(default=0.5, ge=0)
     # trivial: logits hardly vary across inputs (relative to their magnitude)
     trivial_variation_max: float = Field(default=1e-6, ge=0)
+    # flagged (not failed): invariance that may come from insensitivity; trained reference runs sit at 1.6-1.9
+    low_sensitivity_variation: float = Field(default=1e-3, ge=0)
 
 
 class Options(_Strict):

@@ -66,6 +66,17 @@ def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
     return []
 
 
+def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[str]:
+    """A model that reacts little to any input looks invariant for the wrong reason: say so."""
+    anchor = next((c for c in conditions if c["name"] == "clean"), None) or \
+        next((c for c in conditions if c["name"] == "noise"), None)
+    variation = anchor["relative_variation"] if anchor else None
+    if variation is not None and variation < policy.low_sensitivity_variation:
+        return [f"{anchor['name']}: logits vary little across inputs (relative variation {_fmt(variation)} < "
+                f"{policy.low_sensitivity_variation:g}); the invariance may come from insensitivity, not symmetry"]
+    return []
+
+
 def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE) -> dict:
     """Label the model from its per-condition metrics; return {label, reasons, policy, passed, require}."""
     require = list(require)
@@ -96,9 +107,11 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
             else:
                 label = "not_invariant"
                 reasons = [f"predictions change across the orbit on in-distribution probes: {summary}"]
+    flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
     return {
         "label": label,
-        "reasons": reasons,
+        "reasons": reasons + [f"warning: {f}" for f in flags],
+        "flags": ["low_sensitivity"] if flags else [],
         "policy": policy.model_dump(),
         "require": require,
         "passed": label in require,

@@ -51,3 +51,10 @@ def test_policy_overrides_move_the_boundary():
     loose = Policy(genuine_si_min=0.95)
     v = decide(c, loose)
     assert v["label"] == "genuine" and v["policy"]["genuine_si_min"] == 0.95
+
+
+def test_low_sensitivity_is_flagged_not_hidden():
+    v = decide([cond("clean", variation=1e-4), cond("noise", variation=1e-4)], POLICY)
+    assert v["label"] == "genuine" and v["flags"] == ["low_sensitivity"]
+    assert any(r.startswith("warning: clean: logits vary little") for r in v["reasons"])
+    assert decide([cond("clean"), cond("noise")], POLICY)["flags"] == []
