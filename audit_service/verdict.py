@@ -8,7 +8,6 @@ apart; the label is then ``not_genuine`` and the reasons say so.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 from .spec import Policy
@@ -116,7 +115,3 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
         "require": require,
         "passed": label in require,
     }
-
-
-def finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None

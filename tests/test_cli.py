@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from builders import (
     IMAGE_SHAPE,

@@ -26,7 +26,6 @@ MiB = 1024 * 1024
 
 # ----------------------------------------------------------------------------- hostile models
 def _onnx(input_shape=(1, 1, 12, 12), elem=None, outputs=1, out_rank=2, inputs=1, external=False):
-    import onnx
     from onnx import TensorProto, helper
 
     elem = TensorProto.FLOAT if elem is None else elem
@@ -290,7 +289,5 @@ def test_the_sandbox_refuses_network_from_python_and_native_code(tmp_path):
         assert report["python_connect"].startswith("refused"), report
         assert report["python_dns"].startswith("refused"), report
         assert report["subprocess"].startswith("refused"), report
-    from audit_service.jobs.launcher import isolate_network  # noqa: F401 - documented capability
-
     if results[True]["report"]["netns"] == "1":
         assert results[True]["report"]["native_connect"] != "connected", results[True]

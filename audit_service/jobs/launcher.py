@@ -230,7 +230,6 @@ _SERVER_LOCK = threading.Lock()
 
 
 def fork_server() -> ForkServer:
-    global _SERVER
     with _SERVER_LOCK:
         if _SERVER is None or _SERVER_PID != os.getpid():
             _set_server(ForkServer())

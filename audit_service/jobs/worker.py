@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import BlobStore
-from .launcher import PACKAGE_ROOT, Handle, Limits, launch
+from .launcher import Handle, Limits, launch
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore

@@ -29,7 +29,7 @@ from .data import INPUT_SHAPE, NUM_CLASSES, data_summary, load_digits, load_patc
 from .export import check_export, export_model, write_card
 from .groups import GROUP_NAMES, group_spec
 from .models import MODEL_KINDS
-from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, TABLE1, paper_numbers
+from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
 
 ProgressFn = Callable[[float, str], None]

@@ -8,14 +8,13 @@ made-up number.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 
 import numpy as np
 import torch
 
-from .. import __version__
 from ..metrics import summarize
 from ..sweep import ConditionResult
-from ..verdict import finite_or_none
 
 
 def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool) -> dict:
@@ -55,6 +54,11 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
     }
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN / Inf: undefined values become null."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
 def sensitivity_report(singular_values: torch.Tensor | None, probes_from: str, method: str,
                        note: str | None = None, spectrum_length: int = 10) -> dict:
     """sigma_max mean / p5 / p95 over probes and the mean leading spectrum."""
@@ -79,5 +83,3 @@ def sensitivity_report(singular_values: torch.Tensor | None, probes_from: str, m
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-
-SERVICE_VERSION = __version__

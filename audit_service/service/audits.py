@@ -6,10 +6,9 @@ import hashlib
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
