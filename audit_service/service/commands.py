@@ -77,7 +77,7 @@ def run_celery_worker(settings) -> int:  # noqa: ANN001
     """``celery worker`` for this machine's queues: prefork, ``--concurrency`` = AUDIT_WORKERS, one task
     per process at a time (prefetch 1, acks late: see ``jobs.celery_app``)."""
     from ..jobs.store import JobStore
-    from ..jobs.worker import PACKAGE_ROOT
+    from ..jobs.launcher import PACKAGE_ROOT
 
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     JobStore(settings.resolved_database_url).init_schema()
@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     JobStore(settings.resolved_database_url).init_schema()
-    from ..jobs.worker import PACKAGE_ROOT
+    from ..jobs.launcher import PACKAGE_ROOT
 
     env = {**os.environ, **settings.as_env(), "AUDIT_DATA_DIR": str(Path(settings.data_dir).resolve())}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
