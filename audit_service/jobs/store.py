@@ -61,6 +61,10 @@ jobs = Table(
 #: columns added after the first release: ``init_schema`` adds them to an existing table
 _ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT"}
 
+#: PostgreSQL advisory lock keys: schema creation, and check-then-insert submissions (``_write_tx``)
+_SCHEMA_LOCK_KEY = 727273
+_SUBMIT_LOCK_KEY = 727274
+
 reports = Table(
     "reports", metadata,
     Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
@@ -154,6 +158,10 @@ class JobStore:
         return get_engine(self.url)
 
     def init_schema(self) -> None:
+        """Create the tables and add columns introduced later; safe when many processes start at once."""
+        if self.engine.dialect.name == "postgresql":
+            self._init_schema_locked()
+            return
         for attempt in range(5):  # several processes may start at once
             try:
                 metadata.create_all(self.engine)
@@ -163,6 +171,21 @@ class JobStore:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _init_schema_locked(self) -> None:
+        """PostgreSQL: concurrent ``CREATE TABLE``s do not wait for each other, they fail (unique violation
+        in ``pg_type``, "relation already exists"; a duplicate ``ADD COLUMN`` is a ProgrammingError, not an
+        OperationalError). One transaction-scoped advisory lock makes them take turns; DDL is transactional
+        there, so whoever comes next sees the tables and columns and does nothing."""
+        from sqlalchemy import inspect, text
+
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            metadata.create_all(conn)
+            present = {c["name"] for c in inspect(conn).get_columns("jobs")}
+            for name, sql_type in _ADDED_COLUMNS.items():
+                if name not in present:
+                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}"))
 
     def _add_missing_columns(self) -> None:
         from sqlalchemy import inspect, text
@@ -188,7 +211,7 @@ class JobStore:
         def tx():  # noqa: ANN202
             with self.engine.begin() as conn:
                 if self.engine.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SUBMIT_LOCK_KEY})
                 yield conn
 
         return tx()
