@@ -204,3 +204,20 @@ def wait_for(api_call, job_id: str, timeout: float = 180.0, states=("succeeded",
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private throwaway PostgreSQL server on a free loopback port (``tests/pg.py``); the tests that
+    use it skip when the server binaries are not installed."""
+    from pg import serve_postgres
+
+    yield from serve_postgres()
+
+
+@pytest.fixture
+def postgres_url(postgres):
+    """The SQLAlchemy URL of a fresh, empty database on that server, dropped afterwards."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)

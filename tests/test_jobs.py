@@ -11,9 +11,12 @@ from audit_service.jobs import BlobStore, BlobTooLarge, JobKind, JobStatus, JobS
 from audit_service.jobs.states import check_transition
 
 
-@pytest.fixture
-def store(tmp_path) -> JobStore:
-    s = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> JobStore:
+    """The store on both backends: the embedded SQLite file and a real PostgreSQL (``tests/pg.py``)."""
+    url = (f"sqlite:///{tmp_path / 'jobs.sqlite3'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    s = JobStore(url)
     s.init_schema()
     return s
 

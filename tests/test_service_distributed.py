@@ -79,11 +79,15 @@ class CeleryWorker:
                 self.kill()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, redis_url):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def cluster(request, tmp_path_factory, redis_url):
+    """The job database: a SQLite file on the shared data dir, or a real PostgreSQL (``tests/pg.py``)."""
     data = tmp_path_factory.mktemp("cluster") / "data"
     common = {"AUDIT_BROKER_URL": redis_url, "AUDIT_LEASE_S": "3", "AUDIT_BROKER_VISIBILITY_S": "60",
               "AUDIT_JOB_MEMORY_MB": "6144", "AUDIT_JOB_TIMEOUT_S": "300"}
+    postgres = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    if postgres is not None:
+        common["AUDIT_DATABASE_URL"] = postgres.create_database()
     web = Service(data, workers=0, web_workers=1, **common).start()
     env = {**os.environ, "AUDIT_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), **common}
     workers = [CeleryWorker(env, data.parent / f"celery-{i}.log") for i in range(2)]
@@ -96,6 +100,8 @@ def cluster(tmp_path_factory, redis_url):
     for w in workers:
         w.stop()
     web.stop()
+    if postgres is not None:
+        postgres.drop_database(common["AUDIT_DATABASE_URL"])
 
 
 def submit(url: str, models: dict, seed: int, heavy: bool = False) -> str:
@@ -132,7 +138,7 @@ def test_killing_a_celery_worker_mid_audit_does_not_lose_the_job(cluster, models
     from audit_service.jobs.store import JobStore
 
     web, workers, data = cluster
-    store = JobStore(f"sqlite:///{data.resolve() / 'jobs.sqlite3'}")
+    store = JobStore(web.env.get("AUDIT_DATABASE_URL") or f"sqlite:///{data.resolve() / 'jobs.sqlite3'}")
     job_id = submit(web.url, models, 100, heavy=True)
     deadline = time.monotonic() + 120
     row = store.get(job_id)
