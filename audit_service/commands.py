@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import SpecError
-from .spec import AuditSpec, parse_audit_spec, parse_group_arg
+from .spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 
@@ -117,18 +117,7 @@ def build_spec_dict(args: argparse.Namespace) -> dict:
 
 def _read_spec_arg(text: str) -> dict:
     """--spec: JSON text, @file.json, or a path to a JSON file."""
-    source = text.strip()
-    if not source.startswith("{"):
-        path = Path(source[1:] if source.startswith("@") else source)
-        try:
-            source = path.read_text()
-        except OSError as exc:
-            raise SpecError(f"Expected JSON text or a readable JSON file, but {path}: {exc.strerror}",
-                            field="spec") from None
-    try:
-        data = json.loads(source)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"Expected a JSON object, but the spec does not parse: {exc}", field="spec") from None
+    data = read_json_arg(text, "spec", bare_path=True)
     if not isinstance(data, dict):
         raise SpecError(f"Expected the spec to be a JSON object, but got {type(data).__name__}", field="spec")
     return data

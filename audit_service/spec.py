@@ -248,19 +248,27 @@ def parse_audit_spec(data: dict | str) -> AuditSpec:
         raise _format_validation_error(err) from None
 
 
+def read_json_arg(text: str, field: str, bare_path: bool = False) -> Any:
+    """A CLI value that holds JSON: the text itself or ``@file.json`` (or, with ``bare_path``, a path).
+
+    Text that is neither JSON nor a file reference is returned unchanged (e.g. a group name).
+    """
+    text = text.strip()
+    if text.startswith("@") or (bare_path and not text.startswith(("{", "["))):
+        path = Path(text.removeprefix("@"))
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise SpecError(f"Expected JSON text or a readable JSON file, but {path}: {exc.strerror}",
+                            field=field) from None
+    if not text.startswith(("{", "[")):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"Expected JSON, but the {field} does not parse: {exc}", field=field) from None
+
+
 def parse_group_arg(text: str) -> Any:
     """The CLI's ``--group``: a name (``C4``), JSON text, or ``@file.json``."""
-    text = text.strip()
-    if text.startswith("@"):
-        path = Path(text[1:])
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError(f"Expected a readable JSON file, but {path}: {exc.strerror}", field="group") from None
-    if text.startswith("{") or text.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"Expected a group name or JSON object, but the JSON does not parse: {exc}",
-                            field="group") from None
-    return text
+    return read_json_arg(text, "group")
