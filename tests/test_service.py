@@ -57,6 +57,7 @@ def test_submit_poll_and_read_the_report(api, models):
     job = r.json()
     assert r.headers["Location"] == f"/audits/{job['id']}"
     assert job["status"] in ("queued", "running") and job["inputs"]["model"]["format"] == "onnx"
+    assert job["passed"] is None
     assert len(job["inputs"]["model"]["sha256"]) == 64
 
     seen_running = False
@@ -75,6 +76,7 @@ def test_submit_poll_and_read_the_report(api, models):
     report = api("GET", job["links"]["report"]).json()
     assert report["verdict"]["label"] in ("genuine", "learned", "not_invariant", "trivial", "not_genuine")
     assert report["verdict"]["label"] == job["verdict"]
+    assert job["passed"] is report["verdict"]["passed"]   # the gate, readable from the job alone
     assert {c["name"] for c in report["conditions"]} >= {"clean", "noise"}
 
     html = api("GET", job["links"]["report_html"])

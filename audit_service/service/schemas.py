@@ -78,6 +78,7 @@ class JobOut(_Model):
     timings: Timings
     error: JobErrorOut | None = None
     verdict: str | None = None
+    passed: bool | None = Field(default=None, description="the gate: verdict in spec.require (null until done)")
     inputs: dict[str, InputFile]
     spec: dict[str, Any]
     links: JobLinks
@@ -111,6 +112,14 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _gate(job: dict) -> bool | None:
+    """Whether a finished audit passed its gate: the verdict is one of the spec's ``require`` labels."""
+    spec = job["spec"] if isinstance(job["spec"], dict) else {}
+    if job["kind"] != "audit" or not job.get("verdict"):
+        return None
+    return job["verdict"] in spec.get("require", ["genuine", "learned"])
+
+
 def job_out(job: dict, now: float) -> JobOut:
     status = JobStatus(job["status"])
     jid = job["id"]
@@ -125,6 +134,7 @@ def job_out(job: dict, now: float) -> JobOut:
                         queued_s=round(max(0.0, queued_s), 6), run_s=None if run_s is None else round(max(0.0, run_s), 6)),
         error=JobErrorOut(**job["error"]) if job.get("error") else None,
         verdict=job.get("verdict"),
+        passed=_gate(job),
         inputs={k: InputFile(**v) for k, v in (job.get("inputs") or {}).items() if isinstance(v, dict)},
         spec=job["spec"] if isinstance(job["spec"], dict) else {},
         links=JobLinks(self=f"/audits/{jid}",
