@@ -1,7 +1,8 @@
 """Streaming accumulation of one condition's metrics over probe chunks.
 
 Memory is bounded by the number of probes (one float per probe and metric, for the spread) and
-the class count (running sums for the sample variation); orbit tensors are never kept.
+the class count (running sums for the sample variation); orbit tensors are never kept. Everything
+stays on the model's device until the condition is read out, so a GPU sweep never waits on a copy.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ class ConditionAccumulator:
     """Collects per-probe means over the orbit, and running logit moments for the sample variation."""
 
     num_classes: int
-    per_probe: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
+    per_probe: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
     n: int = 0
     _sum: torch.Tensor | None = None
     _sumsq: torch.Tensor | None = None
-    _sq_norm: float = 0.0
+    _sq_norm: torch.Tensor | float = 0.0
     si_pairs_total: int = 0
-    si_pairs_undefined: int = 0
-    zero_maps: int = 0
+    _si_undefined: torch.Tensor | int = 0
 
     def update(
         self,
@@ -46,22 +46,28 @@ class ConditionAccumulator:
             self._add("accuracy", F.orbit_accuracy(logits_gx, labels))
         if si_pairs is not None:
             self.si_pairs_total += si_pairs.numel()
-            self.si_pairs_undefined += int(torch.isnan(si_pairs).sum())
+            self._si_undefined = self._si_undefined + torch.isnan(si_pairs).sum()
             self._add("SI", si_pairs, nan_aware=True)
         x64 = logits_x.double()
         s, ss = x64.sum(0), x64.pow(2).sum(0)
         self._sum = s if self._sum is None else self._sum + s
         self._sumsq = ss if self._sumsq is None else self._sumsq + ss
-        self._sq_norm += float(x64.pow(2).sum())
+        self._sq_norm = self._sq_norm + x64.pow(2).sum()
         self.n += logits_x.shape[0]
 
     def _add(self, name: str, pairs: torch.Tensor, nan_aware: bool = False) -> None:
         per_probe = torch.nanmean(pairs.double(), dim=0) if nan_aware else pairs.double().mean(dim=0)
-        self.per_probe[name].append(per_probe.cpu().numpy())
+        self.per_probe[name].append(per_probe)
 
     def values(self, name: str) -> np.ndarray:
+        """Per-probe values of one metric (host numpy; one copy per condition and metric)."""
         chunks = self.per_probe[name]
-        return np.concatenate(chunks) if chunks else np.empty(0)
+        return torch.cat(chunks).cpu().numpy() if chunks else np.empty(0)
+
+    @property
+    def si_pairs_undefined(self) -> int:
+        """(x, g) pairs whose saliency cosine is undefined (an all-zero map)."""
+        return int(self._si_undefined)
 
     @property
     def sample_variation(self) -> float:
@@ -75,7 +81,7 @@ class ConditionAccumulator:
     @property
     def mean_squared_norm(self) -> float:
         """E_x ||f(x)||^2: the logit scale that ``relative_variation`` is measured against."""
-        return self._sq_norm / self.n if self.n else float("nan")
+        return float(self._sq_norm) / self.n if self.n else float("nan")
 
     @property
     def relative_variation(self) -> float:
