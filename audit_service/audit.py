@@ -52,9 +52,10 @@ def run_audit(
     runner = load_model(model_path, device=options.device, input_shape=hint)
     t_loaded = time.perf_counter()
 
+    # only the probes the audit uses are checked and converted (a client may send far more)
+    if isinstance(probes, np.ndarray) and probes.ndim:
+        probes = probes[: options.n_probes]
     x = check_probes(probes, runner.input_shape, "probes") if probes is not None else None
-    if x is not None:
-        x = x[: options.n_probes]
     y = check_labels(labels, x, runner.num_classes) if labels is not None else None
     second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
 
