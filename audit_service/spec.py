@@ -184,6 +184,8 @@ class Options(_Strict):
 
 
 VerdictLabel = Literal["genuine", "learned", "not_invariant", "trivial", "not_genuine"]
+#: The default gate: the model has invariance of some kind.
+DEFAULT_REQUIRE: tuple[str, ...] = ("genuine", "learned")
 
 
 class AuditSpec(_Strict):
@@ -193,7 +195,7 @@ class AuditSpec(_Strict):
     shifts: list[ShiftSpec] | None = Field(default=None, description="None: the default shift sweep")
     options: Options = Options()
     policy: Policy = Policy()
-    require: list[VerdictLabel] = Field(default=["genuine", "learned"], min_length=1,
+    require: list[VerdictLabel] = Field(default=list(DEFAULT_REQUIRE), min_length=1,
                                         description="the gate: verdict labels that pass")
 
     @field_validator("group", mode="before")
@@ -218,7 +220,7 @@ def _expand_group_shorthand(value: Any) -> Any:
 
 def _format_validation_error(err: ValidationError, prefix: str = "") -> SpecError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in first["loc"])
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     msg = first["msg"]
     if first["type"] == "union_tag_invalid" or "does not match any of the expected tags" in msg:

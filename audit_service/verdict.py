@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .spec import Policy
+from .spec import DEFAULT_REQUIRE, Policy
 
-LABELS = ("genuine", "learned", "not_invariant", "trivial", "not_genuine")
-DEFAULT_REQUIRE = ("genuine", "learned")
 
 
 def _fmt(value: float | None) -> str:
