@@ -29,6 +29,10 @@ from .rotation import build_rotation
 from .translation import build_translation
 
 _ADAPTER: TypeAdapter = TypeAdapter(GroupSpec)
+_BUILDERS = {
+    C4Spec: build_c4, D4Spec: build_d4, FlipSpec: build_flip, TranslationSpec: build_translation,
+    PermutationSpec: build_permutation, RotationSpec: build_rotation,
+}
 
 
 def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
@@ -47,21 +51,12 @@ def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], fiel
     if not input_shape or any(s < 1 for s in input_shape):
         raise SpecError(f"Expected a per-sample input shape of positive sizes, but got {shape_str(input_shape)}",
                         field="model.input_shape")
-    if isinstance(spec, C4Spec):
-        return build_c4(spec, input_shape, field)
-    if isinstance(spec, D4Spec):
-        return build_d4(spec, input_shape, field)
-    if isinstance(spec, FlipSpec):
-        return build_flip(spec, input_shape, field)
-    if isinstance(spec, TranslationSpec):
-        return build_translation(spec, input_shape, field)
-    if isinstance(spec, PermutationSpec):
-        return build_permutation(spec, input_shape, field)
-    if isinstance(spec, RotationSpec):
-        return build_rotation(spec, input_shape, field)
-    if isinstance(spec, ProductSpec):
+    if isinstance(spec, ProductSpec):  # builds its factors with build_group
         return build_product(spec, input_shape, build_group, field)
-    raise SpecError(f"Expected a group spec, but got {type(spec).__name__}", field=field)
+    builder = _BUILDERS.get(type(spec))
+    if builder is None:
+        raise SpecError(f"Expected a group spec, but got {type(spec).__name__}", field=field)
+    return builder(spec, input_shape, field)
 
 
 # ----------------------------------------------------------------------------- catalogue

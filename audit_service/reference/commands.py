@@ -16,26 +16,19 @@ class ReferenceError(AuditError):
     status = 422
 
 
-def _positive(name: str):
+def _int_at_least(minimum: int, name: str):
+    """An argparse type: an integer >= ``minimum``, with a message naming the flag."""
+    kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a positive integer, but got {text!r}")
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a positive integer, but got {value}")
+            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a {kind} integer, but got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a {kind} integer, but got {value}")
         return value
     return parse
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"Expected `seed` to be a non-negative integer, but got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"Expected `seed` to be a non-negative integer, but got {value}")
-    return value
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -53,8 +46,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                                description="Train one run (resumable), export ONNX + TorchScript + card, audit it.")
     train.add_argument("--group", required=True, choices=GROUP_NAMES, help="R4 (C4 rotations) or T3 (x-shifts)")
     train.add_argument("--model", required=True, choices=MODEL_KINDS, help="WT, DA or IR")
-    train.add_argument("--epochs", type=_positive("epochs"), default=DEFAULT_EPOCHS)
-    train.add_argument("--seed", type=_non_negative, default=0)
+    train.add_argument("--epochs", type=_int_at_least(1, "epochs"), default=DEFAULT_EPOCHS)
+    train.add_argument("--seed", type=_int_at_least(0, "seed"), default=0)
     train.add_argument("--nu", type=float, default=None, help="IR regularizer weight (default: the tuned value)")
     train.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: .audit-data/reference-work)")
@@ -64,15 +57,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     rep = ref_sub.add_parser("reproduce", help="train and audit all six runs; write tables, plots and docs",
                              description="Reproduce the paper's Table 1, Figure 4 (drift) and Figure 5 "
                                          "(sigma_max). Finished runs are reused, so it resumes.")
-    rep.add_argument("--seeds", type=_positive("seeds"), default=1, help="seeds 0..N-1 per run")
-    rep.add_argument("--epochs", type=_positive("epochs"), default=DEFAULT_EPOCHS)
+    rep.add_argument("--seeds", type=_int_at_least(1, "seeds"), default=1, help="seeds 0..N-1 per run")
+    rep.add_argument("--epochs", type=_int_at_least(1, "epochs"), default=DEFAULT_EPOCHS)
     rep.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
     rep.add_argument("--work-dir", type=Path, default=None,
                      help="checkpoints (default: .audit-data/reference-work)")
     rep.add_argument("--docs", type=Path, default=None,
                      help="markdown file to update (default: docs/reference.md of the repository)")
     rep.add_argument("--no-docs", action="store_true", help="do not touch docs/reference.md")
-    rep.add_argument("--model-file-seeds", type=_positive("model-file-seeds"), default=None,
+    rep.add_argument("--model-file-seeds", type=_int_at_least(1, "model-file-seeds"), default=None,
                      help="keep ONNX/TorchScript files only for seeds below this (default: all)")
     rep.set_defaults(func=_reproduce)
 
