@@ -196,7 +196,22 @@ def api(service: Service, contract: ContractChecker):
     return call
 
 
-def wait_for(api_call, job_id: str, timeout: float = 180.0, states=("succeeded", "failed", "cancelled")) -> dict:
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def settle(url: str, ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
+    """Poll the (unauthenticated) service until every job in ``ids`` is final; {id: job}."""
+    deadline = time.monotonic() + timeout
+    jobs: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30).json() for i in ids}
+        if all(j["status"] in TERMINAL for j in jobs.values()):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"jobs not finished: { {i: (j['status'], j['stage']) for i, j in jobs.items()} }")
+
+
+def wait_for(api_call, job_id: str, timeout: float = 180.0, states=TERMINAL) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = api_call("GET", f"/audits/{job_id}").json()

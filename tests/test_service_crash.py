@@ -12,11 +12,10 @@ import time
 import pytest
 import requests
 
-from conftest import Service, tiny_spec
+from conftest import Service, settle, tiny_spec
 
 pytestmark = pytest.mark.slow
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def submit(url: str, models: dict, seed: int) -> str:
@@ -36,17 +35,6 @@ def running_row(store, job_id: str, timeout: float = 120.0) -> dict:
         assert row["status"] == "queued" or row["status"] == "running", row
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} never started")
-
-
-def settle(url: str, ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
-    jobs: dict[str, dict] = {}
-    while time.monotonic() < deadline:
-        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30).json() for i in ids}
-        if all(j["status"] in TERMINAL for j in jobs.values()):
-            return jobs
-        time.sleep(0.5)
-    raise AssertionError(f"jobs not finished: { {i: j['status'] for i, j in jobs.items()} }")
 
 
 def test_kill_9_of_the_audit_worker_mid_audit_retries_the_job(tmp_path, models):

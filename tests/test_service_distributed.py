@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, Service, free_port, tiny_spec
+from conftest import ROOT, Service, free_port, settle, tiny_spec
 
 pytestmark = pytest.mark.slow
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +111,6 @@ def submit(url: str, models: dict, seed: int, heavy: bool = False) -> str:
                       data={"spec": json.dumps(tiny_spec(options=options)), "reuse": "false"}, timeout=120)
     assert r.status_code == 202, r.text
     return r.json()["id"]
-
-
-def settle(url: str, ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
-    jobs: dict[str, dict] = {}
-    while time.monotonic() < deadline:
-        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30).json() for i in ids}
-        if all(j["status"] in TERMINAL for j in jobs.values()):
-            return jobs
-        time.sleep(0.5)
-    raise AssertionError(f"jobs not finished: { {i: (j['status'], j['stage']) for i, j in jobs.items()} }")
 
 
 def test_audits_run_on_both_celery_workers(cluster, models):
