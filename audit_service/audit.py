@@ -100,7 +100,7 @@ def run_audit(
         "conditions": condition_reports,
         "sensitivity": sensitivity,
         "verdict": verdict,
-        "saliency_examples": [e for r in results if r.condition.name in ("clean", "noise") for e in r.examples],
+        "saliency_examples": [e for r in results for e in r.examples],
         "spec": spec.model_dump(mode="json"),
         "timing": {
             "load_s": round(t_loaded - t_start, 4),
@@ -182,9 +182,9 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
 def _conditions(spec: AuditSpec, has_probes: bool) -> list[Condition]:
     conditions = []
     if has_probes:
-        conditions.append(Condition("clean"))
+        conditions.append(Condition("clean", keep_examples=True))
         conditions += [Condition(s.label, shift=s) for s in spec.effective_shifts]
-    conditions.append(Condition("noise", noise=True))
+    conditions.append(Condition("noise", noise=True, keep_examples=True))
     return conditions
 
 

@@ -34,6 +34,8 @@ class Condition:
     name: str
     shift: ShiftSpec | None = None
     noise: bool = False
+    #: keep the worst-similarity saliency maps for the report (the clean and noise conditions)
+    keep_examples: bool = False
 
 
 @dataclass
@@ -82,19 +84,19 @@ class OrbitSweep:
         """Sweep one condition. ``probes`` / ``labels`` may live on the host; chunks move to the device."""
         start = time.perf_counter()
         acc = ConditionAccumulator(self.runner.num_classes)
-        examples: list[dict] = []
+        worst: list[dict] = []
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.options.seed * 1_000_003 + zlib.crc32(condition.name.encode()))
         use_labels = labels is not None and not condition.noise
         for x, y in self._chunks(condition, probes, labels if use_labels else None, generator):
             logits_gx, si_pairs, maps = self._orbit_batch(x, y)
             acc.update(logits_gx, y, si_pairs)
-            if si_pairs is not None:
-                examples = _keep_worst(examples, si_pairs, maps, acc.n - x.shape[0], condition.name,
-                                       self.group.element_names)
+            if si_pairs is not None and condition.keep_examples:
+                worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0])
             on_chunk()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        examples = [_example(e, condition.name, self.group.element_names) for e in worst]
         return ConditionResult(condition, acc, examples, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ internals
@@ -138,11 +140,12 @@ class OrbitSweep:
         return logits, saliency_similarity(maps[0], maps), maps
 
 
-def _keep_worst(
-    kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int, condition: str,
-    element_names: list[str],
-) -> list[dict]:
-    """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded)."""
+def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int) -> list[dict]:
+    """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded).
+
+    Maps stay tensors (views of this chunk's maps, cloned) until the condition ends; only the few
+    survivors are turned into JSON lists by ``_example``.
+    """
     if si_pairs.shape[0] < 2:
         return kept
     scores = si_pairs[1:].nan_to_num(nan=-2.0)                       # undefined (zero map) first
@@ -151,16 +154,22 @@ def _keep_worst(
     n = si_pairs.shape[1]
     for value, idx in zip(values.tolist(), flat_idx.tolist()):
         element, probe = 1 + idx // n, idx % n
-        kept.append({
-            "condition": condition,
-            "probe": offset + probe,
-            "element": element_names[element],
-            "similarity": None if value == -2.0 else round(value, 6),
-            "map_x": _example_map(maps[0, probe]),
-            "map_gx_aligned": _example_map(maps[element, probe]),
-        })
-    kept.sort(key=lambda e: -2.0 if e["similarity"] is None else e["similarity"])
+        kept.append({"probe": offset + probe, "element": element, "score": value,
+                     "map_x": maps[0, probe].clone(), "map_gx_aligned": maps[element, probe].clone()})
+    kept.sort(key=lambda e: e["score"])
     return kept[:EXAMPLES_PER_CONDITION]
+
+
+def _example(kept: dict, condition: str, element_names: list[str]) -> dict:
+    """One kept pair as the report's JSON (a score of -2 marks an undefined similarity)."""
+    return {
+        "condition": condition,
+        "probe": kept["probe"],
+        "element": element_names[kept["element"]],
+        "similarity": None if kept["score"] == -2.0 else round(kept["score"], 6),
+        "map_x": _example_map(kept["map_x"]),
+        "map_gx_aligned": _example_map(kept["map_gx_aligned"]),
+    }
 
 
 def _example_map(m: torch.Tensor) -> list:

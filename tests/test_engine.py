@@ -169,6 +169,14 @@ def test_report_contract_and_progress(tmp_path, digits):
     assert clean["n_probes"] == 48 and clean["metrics"]["accuracy"] is None
     assert set(clean["spread"]["LI"]) >= {"mean", "p5", "p95", "ci95"}
     assert report["sensitivity"]["sigma_max"]["p5"] <= report["sensitivity"]["sigma_max"]["mean"]
+    examples = report["saliency_examples"]
+    assert {e["condition"] for e in examples} == {"clean", "noise"}            # not the shifted conditions
+    for name in ("clean", "noise"):
+        worst = [e for e in examples if e["condition"] == name]
+        assert 1 <= len(worst) <= 3 and worst[0]["element"] != "e"
+        sims = [-2.0 if e["similarity"] is None else e["similarity"] for e in worst]
+        assert sims == sorted(sims) and sims[0] <= metrics(report, name)["SI"]  # the worst pairs, worst first
+        assert len(worst[0]["map_x"]) == 12 and len(worst[0]["map_gx_aligned"][0]) == 12
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(seen) >= 5
 
