@@ -32,9 +32,7 @@ def _int_at_least(minimum: int, name: str):
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    from .groups import GROUP_NAMES
-    from .models import MODEL_KINDS
-    from .train import DEFAULT_EPOCHS
+    from .names import DEFAULT_EPOCHS, GROUP_NAMES, MODEL_KINDS
 
     ref = subparsers.add_parser(
         "reference", help="train / reproduce the paper's reference runs (WT, DA, IR on R4, T3)",

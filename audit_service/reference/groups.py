@@ -18,12 +18,7 @@ import numpy as np
 import torch
 
 from .data import INPUT_SHAPE
-
-GROUP_SPECS: dict[str, dict] = {
-    "R4": {"name": "C4"},
-    "T3": {"name": "translation", "order": 3, "step": 12},
-}
-GROUP_NAMES = tuple(GROUP_SPECS)
+from .names import GROUP_NAMES, GROUP_SPECS  # noqa: F401 - re-exported: the reference code's group names
 
 
 def group_spec(name: str) -> dict:

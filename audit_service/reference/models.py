@@ -20,8 +20,8 @@ from torch import nn
 
 from .data import INPUT_SHAPE, NUM_CLASSES
 from .groups import permutation_table
+from .names import MODEL_KINDS  # noqa: F401 - re-exported beside the architectures
 
-MODEL_KINDS = ("WT", "DA", "IR")
 HIDDEN = 128
 DEPTH = 5  # linear layers
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .data import data_summary, load_digits
 from .groups import GROUP_NAMES, group_order, orbit
 from .models import MODEL_KINDS, build_model, count_parameters, logit_invariance
+from .names import DEFAULT_EPOCHS
 
 #: progress(fraction in [0, 1], message)
 ProgressFn = Callable[[float, str], None]
@@ -37,7 +38,6 @@ ProgressFn = Callable[[float, str], None]
 #: R4: the smallest of {1, 10, 30, 100} with validation SI >= 0.95 (10: SI 0.96). T3: none of
 #: {3, 10, 30, 100} reached 0.95 (SI 0.91, 0.91, 0.91, 0.94); 100 came closest.
 DEFAULT_NU = {"R4": 10.0, "T3": 100.0}
-DEFAULT_EPOCHS = 300
 DEFAULT_PATIENCE = 60
 LR = 8e-4
 BATCH_SIZE = 512
