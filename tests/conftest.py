@@ -199,12 +199,12 @@ def api(service: Service, contract: ContractChecker):
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def settle(url: str, ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
-    """Poll the (unauthenticated) service until every job in ``ids`` is final; {id: job}."""
+def settle(url: str, ids: list[str], timeout: float = 300.0, headers: dict | None = None) -> dict[str, dict]:
+    """Poll the service until every job in ``ids`` is final; {id: job}."""
     deadline = time.monotonic() + timeout
     jobs: dict[str, dict] = {}
     while time.monotonic() < deadline:
-        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30).json() for i in ids}
+        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30, headers=headers).json() for i in ids}
         if all(j["status"] in TERMINAL for j in jobs.values()):
             return jobs
         time.sleep(0.5)

@@ -41,3 +41,67 @@ def network_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
         "native_connect": _native_connect(port),
         "netns": os.environ.get("AUDIT_SANDBOX_NETNS_ACTIVE", "?"),
     }
+
+
+def _try_read(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64)
+        return f"read {len(data)} bytes"
+    except OSError as exc:
+        return f"refused: errno {exc.errno} ({exc.strerror})"
+
+
+def _try_write(path: str) -> str:
+    try:
+        with open(path, "ab") as fh:
+            fh.write(b"written by the sandbox\n")
+        return "written"
+    except OSError as exc:
+        return f"refused: errno {exc.errno} ({exc.strerror})"
+
+
+def _try_from_file(path: str, shared: bool) -> str:
+    import torch
+
+    try:
+        t = torch.from_file(path, shared=shared, size=16, dtype=torch.uint8)
+        return f"{'mapped' if shared else 'read'} {t.numel()} bytes"
+    except Exception as exc:  # noqa: BLE001
+        return f"refused: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _try_unix_connect(path: str) -> str:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+        return "connected"
+    except OSError as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
+
+
+def _try_signal(pid: int) -> str:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGCONT)  # harmless if delivered; refused when signals are scoped
+        return "delivered"
+    except OSError as exc:
+        return f"refused: errno {exc.errno} ({exc.strerror})"
+
+
+def file_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
+    """Tries, from inside the cage, every file access in ``PROBE_FILES`` (a JSON object
+    ``{"read": [...], "write": [...], "from_file": [...], "from_file_shared": [...], "unix": [...]}``)."""
+    import json
+
+    asked = json.loads(os.environ["PROBE_FILES"])
+    return {
+        "read": {p: _try_read(p) for p in asked.get("read", [])},
+        "write": {p: _try_write(p) for p in asked.get("write", [])},
+        "from_file": {p: _try_from_file(p, False) for p in asked.get("from_file", [])},
+        "from_file_shared": {p: _try_from_file(p, True) for p in asked.get("from_file_shared", [])},
+        "unix": {p: _try_unix_connect(p) for p in asked.get("unix", [])},
+        "signal_parent": _try_signal(os.getppid()),
+        "confinement": json.loads(os.environ.get("AUDIT_SANDBOX_CONFINEMENT", "{}")),
+    }

@@ -37,6 +37,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger("audit_service.launcher")
 
@@ -46,7 +50,7 @@ CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PR_SET_PDEATHSIG = 1
 #: modules the fork server imports once, so that its children start warm
 PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "audit_service.runtime", "audit_service.audit",
-           "audit_service.jobs.sandbox")
+           "audit_service.jobs.sandbox", "pyseccomp")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,22 @@ class Limits:
     cpu_s: int = 0
     netns: bool = True
     env: dict = field(default_factory=dict)  # per-task additions (TMPDIR...)
+    #: largest file the child may write (RLIMIT_FSIZE; its stderr.log included), MiB; 0 = no limit
+    file_mb: int = 0
+
+
+def task_env(workdir: Path, settings: "Settings") -> dict[str, str]:
+    """Per-task environment: scratch, home and caches inside ``workdir`` (the only place the
+    confined child may write), the paths its file rules must never contain, and the operator's
+    confinement switches (``jobs.sandbox.confine_task`` reads them)."""
+    tmp = str(Path(workdir).resolve() / "tmp")
+    env = {"TMPDIR": tmp, "HOME": tmp, "XDG_CACHE_HOME": tmp, "CUDA_CACHE_PATH": tmp,
+           "TORCHINDUCTOR_CACHE_DIR": tmp,
+           "AUDIT_SANDBOX_PROTECTED": os.pathsep.join(settings.sandbox_protected_paths),
+           "AUDIT_SANDBOX_LANDLOCK": settings.sandbox_landlock}
+    if settings.allow_unconfined_models:
+        env["AUDIT_ALLOW_UNCONFINED_MODELS"] = "1"
+    return env
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -79,6 +99,10 @@ def apply_limits(limits: Limits) -> None:  # pragma: no cover - runs in the chil
     if limits.cpu_s > 0:
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 5))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if limits.file_mb > 0:  # a file past the cap fails with EFBIG instead of killing the child
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        cap = limits.file_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
     libc = _libc()
     if libc is not None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -197,8 +221,9 @@ class ForkServer:
                 proc.kill()
 
     def start(self, workdir: Path, limits: Limits, ready_timeout: float = 120.0) -> Handle:
-        request = json.dumps({"workdir": str(Path(workdir).resolve()), "memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s,
-                              "netns": limits.netns, "env": limits.env}) + "\n"
+        request = json.dumps({"workdir": str(Path(workdir).resolve()), "memory_mb": limits.memory_mb,
+                              "cpu_s": limits.cpu_s, "netns": limits.netns, "env": limits.env,
+                              "file_mb": limits.file_mb}) + "\n"
         with self._lock:
             proc = self._ensure()
             assert proc.stdin is not None and proc.stdout is not None
@@ -307,7 +332,7 @@ def _serve() -> int:  # pragma: no cover - exercised through ForkServer in the t
             pid = os.fork()
             if pid == 0:
                 _child(workdir, Limits(int(request["memory_mb"]), int(request["cpu_s"]), bool(request["netns"]),
-                                       dict(request.get("env") or {})))
+                                       dict(request.get("env") or {}), int(request.get("file_mb") or 0)))
             children[pid] = workdir
             stdout.write((json.dumps({"pid": pid}) + "\n").encode())
             stdout.flush()
@@ -317,7 +342,7 @@ def _child(workdir: Path, limits: Limits) -> None:  # pragma: no cover - forked 
     rc = 1
     try:
         os.setsid()
-        fd = os.open(workdir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(workdir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -106,6 +106,46 @@ class _Progress:
         _write_json(self.path, {"progress": max(0.0, min(1.0, fraction)), "stage": str(stage)[:128]})
 
 
+DEFAULT_ENGINE = "audit_service.audit:run_audit"
+#: formats that carry a program (TorchScript, torch.export): zip archives; ONNX is a protobuf whose
+#: ops cannot reach files (external data is refused by the loader)
+_CODE_MAGIC = b"PK"
+ALLOW_UNCONFINED_ENV = "AUDIT_ALLOW_UNCONFINED_MODELS"
+PROTECTED_ENV = "AUDIT_SANDBOX_PROTECTED"
+LANDLOCK_ENV = "AUDIT_SANDBOX_LANDLOCK"
+
+
+def confine_task(task: dict, workdir: Path) -> dict:
+    """Close the kernel cage before the task's model is touched: read the environment and the
+    task's inputs, write ``workdir`` only (``jobs.confine``). A code-bearing model (TorchScript,
+    ``.pt2``) is refused when the file system could not be confined, unless the operator opted in."""
+    from ..errors import AuditError
+    from .confine import ConfinementError, confine
+
+    inputs = [task.get(k) for k in ("model", "probes", "labels", "second_probes") if task.get(k)]
+    protected = [p for p in os.environ.get(PROTECTED_ENV, "").split(os.pathsep) if p]
+    try:
+        applied = confine(workdir, inputs, protected, landlock=os.environ.get(LANDLOCK_ENV) != "off").as_dict()
+    except ConfinementError as exc:
+        applied = {"filesystem": False, "notes": [str(exc)]}
+    os.environ["AUDIT_SANDBOX_CONFINEMENT"] = json.dumps(applied)
+    if not applied["filesystem"] and os.environ.get(ALLOW_UNCONFINED_ENV) != "1" and _carries_code(task):
+        raise AuditError(
+            "Expected an ONNX model on this server: TorchScript and torch.export (.pt2) models are programs, "
+            "and this kernel cannot confine their file access (no Landlock: "
+            f"{'; '.join(applied['notes']) or 'unavailable'}). Export to ONNX, or ask the operator to run on "
+            f"Linux 5.13+ with Landlock enabled (or to opt in with {ALLOW_UNCONFINED_ENV}=1)", field="model")
+    return applied
+
+
+def _carries_code(task: dict) -> bool:
+    try:
+        with open(task["model"], "rb") as fh:
+            return fh.read(2) == _CODE_MAGIC
+    except (OSError, KeyError, TypeError):
+        return True  # unknown: fail closed
+
+
 def _load_engine(ref: str) -> Callable[..., dict]:
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name or "run_audit")
@@ -152,9 +192,18 @@ def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
         labels = _load_labels(task["labels"])
     if task.get("second_probes"):
         second, _ = load_probe_file(task["second_probes"])
-    engine = _load_engine(task.get("engine") or "audit_service.audit:run_audit")
+    engine = _load_engine(task.get("engine") or DEFAULT_ENGINE)
     progress(0.0, "loading model")
     return engine(task["model"], spec, probes=probes, labels=labels, second_probes=second, progress=progress)
+
+
+#: model-controlled text (exception messages, prints) never reaches a client or a log longer than this
+MAX_MESSAGE_CHARS = 600
+
+
+def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters cut]"
 
 
 def classify_exception(exc: BaseException) -> dict:
@@ -169,7 +218,7 @@ def classify_exception(exc: BaseException) -> dict:
                            f"options.probe_chunk / options.n_probes, or ask the operator to raise the limit "
                            f"({type(exc).__name__}: {text[:300]})", "field": None}
     if isinstance(exc, AuditError):
-        return {"type": type(exc).__name__, "message": exc.message, "field": exc.field}
+        return {"type": type(exc).__name__, "message": cap_text(exc.message), "field": exc.field}
     if isinstance(exc, NotImplementedError):
         return {"type": "not_implemented", "message": f"not implemented in this version: {text[:300]}",
                 "field": None}
@@ -184,10 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(argv[0])
     task = json.loads((workdir / "task.json").read_text())
-    if task.get("kind") != "reference_run":  # our own training code needs no guard; uploaded models do
-        install_network_guard()
     progress = _Progress(workdir / "progress.json")
     try:
+        if task.get("kind") != "reference_run":  # our own training code needs no cage; uploaded models do
+            from .confine import load_seccomp
+
+            load_seccomp()  # finds libseccomp with a subprocess, which the guard refuses from now on
+            install_network_guard()
+            _load_engine(task.get("engine") or DEFAULT_ENGINE)  # trusted code, imported before the cage closes
+            confine_task(task, workdir)
         report = run_task(task, progress)
         payload = {"ok": True, "report": report}
         try:

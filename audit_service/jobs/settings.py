@@ -69,6 +69,14 @@ class Settings:
     #: ``auto``: the sandbox gets its own network namespace when the kernel allows it (an audit hook
     #: refuses sockets in any case); ``off``: audit hook only
     sandbox_netns: str = "auto"
+    #: run TorchScript / ``.pt2`` models even where the kernel cannot confine their file access
+    #: (no Landlock); off by default: such uploads are refused with a 422 (fail closed)
+    allow_unconfined_models: int = 0
+    #: ``auto``: sandboxed children confine their file access with Landlock where the kernel has
+    #: it; ``off``: never (then TorchScript / ``.pt2`` need ``allow_unconfined_models``)
+    sandbox_landlock: str = "auto"
+    #: largest file a sandboxed child may write (RLIMIT_FSIZE), and the cap on its whole work dir, MiB
+    job_scratch_mb: int = 512
     #: start sandboxes by forking a process that has imported torch already (``1``) or fresh (``0``)
     warm_sandbox: int = 1
     #: the audit function the sandbox calls, ``module:function``
@@ -91,6 +99,17 @@ class Settings:
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.sqlite3'}"
+
+    @property
+    def sandbox_protected_paths(self) -> list[str]:
+        """Paths no file rule of a sandboxed child may contain: the data dir, the SQLite file, tokens."""
+        paths = [str(Path(self.data_dir).resolve())]
+        url = self.resolved_database_url
+        if url.startswith("sqlite:///"):
+            paths.append(str(Path(url[len("sqlite:///"):]).resolve().parent))
+        if self.tokens_file:
+            paths.append(str(Path(self.tokens_file).resolve()))
+        return paths
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

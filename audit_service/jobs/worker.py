@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import BlobStore
-from .launcher import Handle, Limits, launch
+from .launcher import Handle, Limits, launch, task_env
+from .sandbox import cap_text
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore
@@ -118,13 +119,16 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass (launcher)
     limits = Limits(memory_mb=memory_mb, cpu_s=settings.job_cpu_s,
                     netns=settings.sandbox_netns != "off" and job["kind"] != JobKind.REFERENCE_RUN.value,
-                    env={"TMPDIR": str(workdir / "tmp"), "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
+                    file_mb=settings.job_scratch_mb,
+                    env={**task_env(workdir, settings),
+                         "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
                          "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * 1024 * 1024)})
     timeout_s = float(job["timeout_s"])
     child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
     started = time.monotonic()
     lease_every = max(0.5, settings.lease_s / 3)
-    last_beat = 0.0
+    last_beat = last_scratch_check = 0.0
+    last_renewed = time.monotonic()
     last_progress: bytes | None = None
     reason: str | None = None  # why the parent stopped the child
     store.heartbeat(job_id, owner, settings.lease_s, stage="starting", sandbox_pid=child.pid)
@@ -142,10 +146,20 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
             pass
         if progress is not None or now - last_beat >= lease_every:
             last_beat = now
-            if not store.heartbeat(job_id, owner, settings.lease_s, progress=progress, stage=stage):
-                reason = "lost"  # cancelled, or taken back by recovery
+            try:
+                if not store.heartbeat(job_id, owner, settings.lease_s, progress=progress, stage=stage):
+                    reason = "lost"  # cancelled, or taken back by recovery
+                last_renewed = now
+            except Exception as exc:  # noqa: BLE001 - disk full, database gone: keep supervising
+                log.warning("job %s: heartbeat failed (%s); supervising on", job_id, exc)
+                if now - last_renewed > settings.lease_s:
+                    reason = "lost"  # the lease has lapsed: another worker may take the job back
         if reason is None and now - started > timeout_s:
             reason = "timeout"
+        if reason is None and now - last_scratch_check >= 1.0:
+            last_scratch_check = now
+            if _dir_bytes(workdir) > settings.job_scratch_mb * 1024 * 1024:
+                reason = "scratch"
         if reason is None and stop.is_set():
             reason = "shutdown"
         if reason is not None:
@@ -164,6 +178,23 @@ def _kill_group(child: Handle) -> None:
     child.kill()
 
 
+def _dir_bytes(root: Path) -> int:
+    """Bytes under ``root`` (the sandbox's work dir), without following links."""
+    total = 0
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
 def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reason: str | None,
             elapsed: float, timeout_s: float, memory_mb: int, settings: Settings) -> Outcome:
     job_id = job["id"]
@@ -172,6 +203,12 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
     if reason == "shutdown":
         store.release(job_id, owner)
         return Outcome(JobStatus.QUEUED, "worker shutting down; job put back in the queue")
+    if reason == "scratch":
+        err = JobError("scratch_limit", f"the audit wrote more than {settings.job_scratch_mb} MiB into its "
+                                        f"scratch dir (AUDIT_JOB_SCRATCH_MB) and was stopped; the model writes "
+                                        f"files or prints without bound")
+        store.fail(job_id, err, owner=owner)
+        return Outcome(JobStatus.FAILED, err.message)
     if reason == "timeout":
         err = JobError("timeout", f"the audit did not finish within its wall-clock limit of {timeout_s:g} s "
                                   f"and was killed with its process group; lower options.n_probes / ig_steps or "
@@ -190,8 +227,9 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
         return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")
     if isinstance(result, dict) and not result.get("ok") and isinstance(result.get("error"), dict):
         e = result["error"]
-        err = JobError(str(e.get("type") or "audit_failed"), str(e.get("message") or "the audit failed"),
-                       e.get("field"))
+        err = JobError(str(e.get("type") or "audit_failed")[:64],
+                       cap_text(str(e.get("message") or "the audit failed")),
+                       str(e["field"])[:128] if e.get("field") else None)
     else:
         err = JobError(*_crash_reason(rc, elapsed, memory_mb, settings, workdir))
     store.fail(job_id, err, owner=owner)
@@ -208,7 +246,9 @@ def _crash_reason(rc: int, elapsed: float, memory_mb: int, settings: Settings, w
                      f"are unaffected"
     tail = ""
     try:
-        lines = (workdir / "stderr.log").read_text(errors="replace").strip().splitlines()
+        with open(workdir / "stderr.log", "rb") as fh:  # only its end: a model may print without bound
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            lines = fh.read().decode(errors="replace").strip().splitlines()
         tail = lines[-1][:300] if lines else ""
     except OSError:
         pass

@@ -23,7 +23,8 @@ import numpy as np
 from werkzeug.datastructures import FileStorage
 
 from ..jobs.blobs import BlobStore, BlobTooLarge
-from ..jobs.launcher import Limits, launch
+from ..jobs.launcher import Limits, launch, task_env
+from ..jobs.sandbox import cap_text
 from ..jobs.settings import Settings
 from .errors import PayloadTooLarge, Unprocessable
 
@@ -71,7 +72,9 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
                                                        "input_shape": list(input_shape) if input_shape else None}))
         cpu = max(5, int(settings.validate_timeout_s))
         limits = Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
-                        env={"TMPDIR": str(workdir / "tmp"), "AUDIT_MAX_MODEL_BYTES": str(max_bytes),
+                        file_mb=settings.job_scratch_mb,
+                        env={**task_env(workdir, settings),
+                             "AUDIT_MAX_MODEL_BYTES": str(max_bytes),
                              "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
         child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
         try:
@@ -89,8 +92,8 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
             return result["report"]
         if isinstance(result, dict) and isinstance(result.get("error"), dict):
             err = result["error"]
-            field = err.get("field") or "model"
-            message = str(err.get("message") or "the model could not be loaded")
+            field = str(err.get("field") or "model")[:128]
+            message = cap_text(str(err.get("message") or "the model could not be loaded"))
             if err.get("type") in ("audit_failed", "out_of_memory", "not_implemented"):
                 message = f"loading failed: {message}"
             if field == "model" and not message.startswith("Expected"):

@@ -1,0 +1,224 @@
+"""The audit sandbox's kernel cage (``jobs.confine``): what a hostile model can touch.
+
+Two levels. At the launcher, a probe engine tries, from inside the cage, to read the database, the
+tokens file, ``/etc/shadow``, home and the parent's environment, to write into the venv (a ``.pth``
+drop), the blob store and ``/tmp``, to map files with ``torch.from_file``, to connect to a unix
+socket and to signal its parent: all refused, for the warm fork server and a fresh process alike,
+while its own work dir stays writable. The same probe with Landlock switched off reads the secrets,
+so the assertions can fail. Against a running service with tokens, TorchScript models that call
+``aten::from_file`` on the tokens file, the SQLite WAL and the venv get a 422 or a failed job that
+holds none of the bytes, and nothing is created outside the sandbox; where the operator switches
+Landlock off, TorchScript uploads are refused (fail closed) and ONNX still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sysconfig
+from pathlib import Path
+from typing import List
+
+import pytest
+import requests
+import torch
+
+from audit_service.jobs.confine import landlock_abi
+from audit_service.jobs.launcher import Limits, launch, task_env
+from audit_service.jobs.settings import Settings
+from conftest import ROOT, Service, settle, tiny_spec
+
+HERE = Path(__file__).resolve().parent
+needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="this kernel offers no Landlock: the service "
+                                    "refuses TorchScript there instead (test_fail_closed_without_landlock)")
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """A data dir laid out like the service's, a tokens file beside it, a unix socket."""
+    root = tmp_path_factory.mktemp("cage")
+    data = root / "data"
+    (data / "blobs").mkdir(parents=True)
+    (data / "jobs.sqlite3").write_bytes(b"SQLite format 3\x00 SECRET-JOBS")
+    tokens = root / "tokens"
+    tokens.write_text("admin-token-0123456789abcdef:admin\n")
+    blob = data / "blobs" / "abc"
+    blob.write_bytes(b"PK\x03\x04 a model")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "control.sock"))
+    sock.listen(1)
+    yield {"root": root, "data": data, "tokens": tokens, "blob": blob, "sock": root / "control.sock"}
+    sock.close()
+
+
+def run_probe(layout: dict, name: str, warm: bool, **settings: object) -> dict:
+    data = layout["data"]
+    work = data / "work" / name
+    (work / "tmp").mkdir(parents=True)
+    os.symlink(layout["blob"], work / "model.pt")
+    (work / "task.json").write_text(json.dumps({
+        "kind": "audit", "engine": "sandbox_probe:file_probe", "spec": {"group": "C4"},
+        "model": str(work / "model.pt"), "probes": None, "labels": None, "second_probes": None}))
+    st = Settings.from_env({}, data_dir=data, tokens_file=str(layout["tokens"]), **settings)
+    secrets = [str(data / "jobs.sqlite3"), str(layout["tokens"])]
+    env = {**task_env(work, st), "PYTHONPATH": f"{HERE}:{ROOT}", "PROBE_FILES": json.dumps({
+        "read": [*secrets, "/etc/shadow", "/etc/passwd", str(Path.home() / ".bashrc"),
+                 f"/proc/{os.getpid()}/environ", str(ROOT / "README.md"), str(work / "model.pt")],
+        "write": [f"{SITE_PACKAGES}/audit-cage-test.pth", str(data / "blobs" / "dropped"), "/tmp/audit-cage-test",
+                  str(work / "tmp" / "scratch")],
+        "from_file": secrets,
+        "from_file_shared": [str(layout["root"] / "created-by-model")],
+        "unix": [str(layout["sock"])]})}
+    handle = launch(work, Limits(memory_mb=0, cpu_s=120, env=env, file_mb=16), warm=warm)
+    assert handle.wait(180) == 0, (work / "stderr.log").read_text()[-3000:]
+    result = json.loads((work / "result.json").read_text())
+    assert result["ok"], result
+    return result["report"]
+
+
+@needs_landlock
+@pytest.mark.parametrize("warm", [True, False], ids=["fork-server", "fresh-process"])
+def test_the_cage_refuses_everything_outside_the_work_dir(layout, warm):
+    report = run_probe(layout, f"probe-{warm}", warm)
+    for path, what in report["read"].items():
+        if path.endswith("model.pt"):
+            assert what.startswith("read"), (path, what)  # its own input
+        else:
+            assert what.startswith("refused"), (path, what)
+    for path, what in report["write"].items():
+        expected = "written" if path.endswith("/tmp/scratch") else "refused"
+        assert what.startswith(expected), (path, what)
+    for group in ("from_file", "from_file_shared", "unix"):
+        assert all(v.startswith("refused") for v in report[group].values()), report[group]
+    assert report["signal_parent"].startswith("refused"), report["signal_parent"]
+    confinement = report["confinement"]
+    assert confinement["filesystem"] and confinement["landlock_abi"] == landlock_abi()
+    assert confinement["seccomp"], confinement["notes"]
+    assert not Path(f"{SITE_PACKAGES}/audit-cage-test.pth").exists()
+    assert not (layout["data"] / "blobs" / "dropped").exists() and not Path("/tmp/audit-cage-test").exists()
+    assert not (layout["root"] / "created-by-model").exists()
+
+
+def test_without_landlock_the_same_probe_reads_the_secrets(layout):
+    """The control: the assertions above fail when the file rules are off, so they test the cage."""
+    report = run_probe(layout, "probe-off", True, sandbox_landlock="off", allow_unconfined_models=1)
+    assert report["read"][str(layout["tokens"])].startswith("read"), report["read"]
+    assert report["from_file"][str(layout["data"] / "jobs.sqlite3")].startswith("read"), report["from_file"]
+    assert report["confinement"]["filesystem"] is False
+
+
+# ----------------------------------------------------------------------------- against a running service
+ADMIN, BOB = "admin-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+class FromFile(torch.nn.Module):
+    """``aten::from_file`` on a path of the attacker's choice, at the model check (``every_batch``) or
+    only on audit batches; a read puts the bytes into the exception message."""
+
+    def __init__(self, path: str, size: int, shared: bool, every_batch: bool) -> None:
+        super().__init__()
+        self.path, self.size, self.shared, self.every_batch = path, size, shared, every_batch
+        self.fc = torch.nn.Linear(144, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if self.every_batch or x.shape[0] > 4:
+            t = torch.from_file(self.path, shared=self.shared, size=self.size, dtype=torch.uint8)
+            if not self.shared:
+                stolen: List[int] = t.tolist()
+                raise RuntimeError("STOLEN" + str(stolen))
+            y = y + t.float().sum() * 0.0
+        return y
+
+
+def _leak_marker(text: str) -> str:
+    return str(list(text.encode()[:16]))[1:-1]  # the first bytes as the model would print them
+
+
+@pytest.fixture(scope="module")
+def caged_service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caged")
+    tokens = root / "tokens"
+    tokens.write_text(f"{BOB}:bob\n")
+    svc = Service(root / "data", workers=1, web_workers=1, AUDIT_TOKENS=f"{ADMIN}:admin",
+                  AUDIT_TOKENS_FILE=str(tokens)).start()
+    yield svc, tokens
+    svc.stop()
+
+
+def _submit(svc: Service, model: Path, token: str) -> requests.Response:
+    return requests.post(svc.url + "/audit", headers={"Authorization": f"Bearer {token}"},
+                         files={"model": (model.name, model.read_bytes())},
+                         data={"spec": json.dumps(tiny_spec("flip"))}, timeout=180)
+
+
+@pytest.mark.slow
+@needs_landlock
+def test_from_file_models_reach_nothing_outside_the_sandbox(caged_service, tmp_path):
+    from builders import IMAGE_SHAPE, export_torchscript
+
+    svc, tokens = caged_service
+    wal = svc.data_dir / "jobs.sqlite3-wal"
+    drop = Path(SITE_PACKAGES) / "audit-cage-attack.pth"
+    outside = svc.data_dir / "planted-by-model"
+    secret_texts = {str(tokens): tokens.read_text(), str(svc.data_dir / "jobs.sqlite3"): "SQLite format 3"}
+    cases = {
+        "tokens": FromFile(str(tokens), len(tokens.read_bytes()), False, True),
+        "database": FromFile(str(svc.data_dir / "jobs.sqlite3"), 64, False, True),
+        "wal": FromFile(str(wal), 32, False, True),
+        "pth_drop": FromFile(str(drop), 64, True, True),
+        "plant_in_data_dir": FromFile(str(outside), 64, True, True),
+    }
+    for name, module in cases.items():
+        model = export_torchscript(module.eval(), IMAGE_SHAPE, tmp_path / f"{name}.pt", script=True)
+        r = _submit(svc, model, BOB)
+        assert r.status_code == 422, (name, r.status_code, r.text[:500])
+        body = r.text
+        assert "Permission denied" in body, (name, body[:500])
+        assert "STOLEN" not in body
+        for text in secret_texts.values():
+            assert _leak_marker(text) not in body, name
+        assert len(body) < 4000
+    assert not drop.exists() and not outside.exists()
+
+    # the same attack only on audit batches: the check passes, the job fails, nothing leaks
+    late = export_torchscript(FromFile(str(tokens), len(tokens.read_bytes()), False, False).eval(), IMAGE_SHAPE,
+                              tmp_path / "late.pt", script=True)
+    r = _submit(svc, late, BOB)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    job = settle(svc.url, [job_id], headers={"Authorization": f"Bearer {BOB}"})[job_id]
+    assert job["status"] == "failed", job
+    assert "Permission denied" in job["error"]["message"] and "STOLEN" not in job["error"]["message"]
+    assert _leak_marker(tokens.read_text()) not in json.dumps(job)
+    log = svc.log.read_text(errors="replace")
+    assert ADMIN not in log and BOB not in log
+
+
+@pytest.mark.slow
+def test_fail_closed_without_landlock(tmp_path, models):
+    """Landlock off (or a kernel without it): TorchScript is refused with a 422 that says what to do,
+    ONNX is still audited; the operator's opt-in setting lets TorchScript through again."""
+    svc = Service(tmp_path / "data", workers=0, web_workers=1, AUDIT_SANDBOX_LANDLOCK="off").start()
+    try:
+        r = requests.post(svc.url + "/audit", files={"model": ("hang.pt", models["hang"].read_bytes())},
+                          data={"spec": json.dumps(tiny_spec())}, timeout=180)
+        assert r.status_code == 422, r.text
+        problem = r.json()
+        assert problem["field"] == "model" and "ONNX" in problem["detail"]
+        assert "AUDIT_ALLOW_UNCONFINED_MODELS" in problem["detail"]
+        ok = requests.post(svc.url + "/audit", files={"model": ("plain.onnx", models["plain"].read_bytes())},
+                           data={"spec": json.dumps(tiny_spec())}, timeout=180)
+        assert ok.status_code == 202, ok.text
+    finally:
+        svc.stop()
+    opted_in = Service(tmp_path / "data2", workers=0, web_workers=1, AUDIT_SANDBOX_LANDLOCK="off",
+                       AUDIT_ALLOW_UNCONFINED_MODELS="1").start()
+    try:
+        r = requests.post(opted_in.url + "/audit", files={"model": ("hang.pt", models["hang"].read_bytes())},
+                          data={"spec": json.dumps(tiny_spec())}, timeout=180)
+        assert r.status_code == 202, r.text
+    finally:
+        opted_in.stop()
