@@ -222,3 +222,110 @@ def test_fail_closed_without_landlock(tmp_path, models):
         assert r.status_code == 202, r.text
     finally:
         opted_in.stop()
+
+
+class Printer(torch.nn.Module):
+    """Prints about 1 MB a batch on audit batches: a model that fills the disk through its log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(144, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            for _ in range(5000):
+                print("spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam "
+                      "spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam")
+        return self.fc(x.flatten(1))
+
+
+class Filler(torch.nn.Module):
+    """Creates 1 MiB files in its work dir (``from_file(shared=True)`` on relative names) on audit batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(144, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if x.shape[0] > 4:
+            for i in range(64):
+                t = torch.from_file("fill-" + str(i) + ".bin", shared=True, size=1 << 20, dtype=torch.uint8)
+                t.fill_(1)
+                y = y + t[:1].float() * 0.0
+        return y
+
+
+@pytest.mark.slow
+def test_printing_and_file_filling_models_stay_within_the_scratch_cap(tmp_path):
+    """A model's stderr.log is capped by RLIMIT_FSIZE (writes past it fail; the model goes on); a model
+    that fills its work dir with files is killed by the worker's scratch check and fails with the
+    reason. Neither work dir grows past the cap and the service answers throughout."""
+    import threading
+
+    from builders import IMAGE_SHAPE, export_torchscript
+
+    printer = export_torchscript(Printer(), IMAGE_SHAPE, tmp_path / "printer.pt", script=True)
+    filler = export_torchscript(Filler(), IMAGE_SHAPE, tmp_path / "filler.pt", script=True)
+    svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_JOB_SCRATCH_MB="2").start()
+    biggest = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for log in (svc.data_dir / "work").glob("*/stderr.log"):
+                try:
+                    biggest[0] = max(biggest[0], log.stat().st_size)
+                except OSError:
+                    pass
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        ids = []
+        for model in (printer, filler):
+            r = requests.post(svc.url + "/audit", files={"model": (model.name, model.read_bytes())},
+                              data={"spec": json.dumps(tiny_spec("flip"))}, timeout=180)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        jobs = settle(svc.url, ids, timeout=240)
+        done.set()
+        printed, filled = jobs[ids[0]], jobs[ids[1]]
+        assert 1024 * 1024 < biggest[0] <= 2 * 1024 * 1024, biggest[0]  # it printed ~5 MB; 2 MiB were kept
+        assert printed["status"] == "succeeded", printed
+        assert filled["status"] == "failed" and filled["error"]["type"] == "scratch_limit", filled
+        assert "AUDIT_JOB_SCRATCH_MB" in filled["error"]["message"]
+        assert requests.get(svc.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        done.set()
+        svc.stop()
+
+
+def test_the_wall_clock_limit_holds_when_the_heartbeat_cannot_be_written(tmp_path, models):
+    """The database refuses writes (a full disk) while a model spins: the worker keeps supervising and
+    kills the audit at its timeout instead of leaving it running unsupervised."""
+    import time
+
+    from audit_service.jobs import BlobStore, JobKind, JobStore
+    from audit_service.jobs.states import JobStatus
+    from audit_service.jobs.worker import run_job
+
+    class FullDiskStore(JobStore):
+        def heartbeat(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            raise OSError(28, "No space left on device")
+
+    settings = Settings.from_env({}, data_dir=tmp_path / "data", lease_s=60.0)
+    store = FullDiskStore(settings.resolved_database_url)
+    store.init_schema()
+    blobs = BlobStore(Path(settings.data_dir) / "blobs")
+    with open(models["hang"], "rb") as fh:
+        sha, size = blobs.put_stream(fh, max_bytes=10 ** 8)
+    job = store.create(kind=JobKind.AUDIT, spec=tiny_spec("flip"), timeout_s=3, max_attempts=1,
+                       inputs={"model": {"sha256": sha, "size_bytes": size, "format": "torchscript"}})
+    claimed = store.claim("test-owner", lease_s=60)
+    assert claimed is not None and claimed["id"] == job["id"]
+    started = time.monotonic()
+    outcome = run_job(claimed, store, blobs, settings, "test-owner")
+    assert outcome.status == JobStatus.FAILED and "wall-clock limit of 3 s" in outcome.detail, outcome
+    assert time.monotonic() - started < 60

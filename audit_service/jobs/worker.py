@@ -131,7 +131,10 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     last_renewed = time.monotonic()
     last_progress: bytes | None = None
     reason: str | None = None  # why the parent stopped the child
-    store.heartbeat(job_id, owner, settings.lease_s, stage="starting", sandbox_pid=child.pid)
+    try:
+        store.heartbeat(job_id, owner, settings.lease_s, stage="starting", sandbox_pid=child.pid)
+    except Exception as exc:  # noqa: BLE001 - the child runs already: supervise it whatever the database says
+        log.warning("job %s: heartbeat failed (%s); supervising on", job_id, exc)
     while child.poll() is None:
         time.sleep(0.1)
         now = time.monotonic()
