@@ -53,7 +53,7 @@ def layout(tmp_path_factory):
     sock.close()
 
 
-def run_probe(layout: dict, name: str, warm: bool, **settings: object) -> dict:
+def run_probe(layout: dict, name: str, warm: bool, writes: bool = True, **settings: object) -> dict:
     data = layout["data"]
     work = data / "work" / name
     (work / "tmp").mkdir(parents=True)
@@ -67,9 +67,9 @@ def run_probe(layout: dict, name: str, warm: bool, **settings: object) -> dict:
         "read": [*secrets, "/etc/shadow", "/etc/passwd", str(Path.home() / ".bashrc"),
                  f"/proc/{os.getpid()}/environ", str(ROOT / "README.md"), str(work / "model.pt")],
         "write": [f"{SITE_PACKAGES}/audit-cage-test.pth", str(data / "blobs" / "dropped"), "/tmp/audit-cage-test",
-                  str(work / "tmp" / "scratch")],
+                  str(work / "tmp" / "scratch")] if writes else [],
         "from_file": secrets,
-        "from_file_shared": [str(layout["root"] / "created-by-model")],
+        "from_file_shared": [str(layout["root"] / "created-by-model")] if writes else [],
         "unix": [str(layout["sock"])]})}
     handle = launch(work, Limits(memory_mb=0, cpu_s=120, env=env, file_mb=16), warm=warm)
     assert handle.wait(180) == 0, (work / "stderr.log").read_text()[-3000:]
@@ -103,7 +103,7 @@ def test_the_cage_refuses_everything_outside_the_work_dir(layout, warm):
 
 def test_without_landlock_the_same_probe_reads_the_secrets(layout):
     """The control: the assertions above fail when the file rules are off, so they test the cage."""
-    report = run_probe(layout, "probe-off", True, sandbox_landlock="off", allow_unconfined_models=1)
+    report = run_probe(layout, "probe-off", True, writes=False, sandbox_landlock="off", allow_unconfined_models=1)
     assert report["read"][str(layout["tokens"])].startswith("read"), report["read"]
     assert report["from_file"][str(layout["data"] / "jobs.sqlite3")].startswith("read"), report["from_file"]
     assert report["confinement"]["filesystem"] is False

@@ -194,6 +194,7 @@ class ForkServer:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._home: str | None = None
         self._lock = threading.Lock()
 
     def alive(self) -> bool:
@@ -201,8 +202,16 @@ class ForkServer:
 
     def _ensure(self) -> subprocess.Popen:
         if not self.alive():
+            import tempfile
+
+            # libraries the server preloads open files under $HOME at import (onnxruntime keeps a
+            # SQLite file open in ~/.cache): a throwaway home, so the fds every child inherits point
+            # at nothing of the service user's
+            self._drop_home()
+            home = self._home = tempfile.mkdtemp(prefix="audit-forkserver-")
+            env = sandbox_env({"HOME": home, "XDG_CACHE_HOME": home})
             self._proc = subprocess.Popen([sys.executable, "-m", "audit_service.jobs.launcher"],
-                                          env=sandbox_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=None, start_new_session=True,
                                           preexec_fn=_die_with_parent, cwd="/")
         return self._proc
@@ -242,6 +251,14 @@ class ForkServer:
                 assert self._proc is not None
                 self._proc.kill()
                 self._proc.wait()
+            self._drop_home()
+
+    def _drop_home(self) -> None:
+        if self._home:
+            import shutil
+
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - child
@@ -347,6 +364,8 @@ def _child(workdir: Path, limits: Limits) -> None:  # pragma: no cover - forked 
         os.dup2(fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
+        os.close(fd)
+        os.close(devnull)
         os.chdir(workdir)
         os.environ.update(limits.env)
         if limits.env.get("PYTHONPATH"):  # the interpreter is already running: extend its path too
