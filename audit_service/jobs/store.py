@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
                         delete, event, func, insert, select, update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from .states import READY_STATES, JobKind, JobStatus, check_transition
 
@@ -70,6 +70,9 @@ reports = Table(
     Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     Column("report_json", Text, nullable=False),
 )
+
+
+MiB = 1024 * 1024
 
 
 class QueueFull(Exception):
@@ -146,8 +149,12 @@ def owner_id() -> str:
 
 
 class JobStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_report_bytes: int | None = None) -> None:
         self.url = url
+        if max_report_bytes is None:
+            max_report_bytes = int(os.environ.get("AUDIT_MAX_REPORT_MB") or 8) * MiB
+        #: hard cap on one stored report (``bounded_report_json``)
+        self.max_report_bytes = max_report_bytes
         if url.startswith("sqlite:///"):
             from pathlib import Path
 
@@ -251,7 +258,7 @@ class JobStore:
         assert job is not None
         return job
 
-    def create_reused(self, *, source: dict, report: dict, spec: dict, inputs: dict, timeout_s: float,
+    def create_reused(self, *, source: dict, report: str | dict, spec: dict, inputs: dict, timeout_s: float,
                       tenant: str, queue: str, dedupe_key: str) -> dict:
         """A job born ``succeeded`` with a copy of ``source``'s report (a duplicate submission)."""
         now = time.time()
@@ -263,20 +270,21 @@ class JobStore:
                 stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key))
-            conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+            conn.execute(insert(reports).values(
+                job_id=job_id, report_json=report if isinstance(report, str) else json.dumps(report)))
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, dict] | None:
-        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report."""
+    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, str] | None:
+        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report's JSON text."""
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key, jobs.c.tenant == tenant,
                                                   jobs.c.status == JobStatus.SUCCEEDED.value)
                                .order_by(jobs.c.finished_at.desc()).limit(1)).mappings().first()
         if row is None:
             return None
-        report = self.report(row["id"])
+        report = self.report_text(row["id"])
         return (_decode(row), report) if report is not None else None
 
     def count_active(self, tenant: str) -> int:
@@ -326,9 +334,13 @@ class JobStore:
         return [_decode(r) for r in rows], int(total)
 
     def report(self, job_id: str) -> dict | None:
-        with self.engine.connect() as conn:
-            text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+        text = self.report_text(job_id)
         return json.loads(text) if text is not None else None
+
+    def report_text(self, job_id: str) -> str | None:
+        """The stored report JSON as text (served as is: no parse, no second copy)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
 
     # ------------------------------------------------------------------ the one state-change path
     def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
@@ -398,19 +410,39 @@ class JobStore:
             return conn.execute(stmt).rowcount == 1
 
     def succeed(self, job_id: str, owner: str, report: dict) -> bool:
+        """Store the report and mark the job succeeded, in one transaction. A report past
+        ``max_report_bytes`` fails the job (``report_too_large``) instead; a database that cannot take the
+        write because it is damaged fails the job with that cause (when the job's row can still be
+        written) rather than leaving it to expire as ``worker_lost``."""
         verdict = report.get("verdict") if isinstance(report, dict) else None
         label = verdict.get("label") if isinstance(verdict, dict) else None
+        try:
+            text = bounded_report_json(report, self.max_report_bytes)
+        except ReportTooLarge as exc:
+            return self.fail(job_id, JobError("report_too_large", str(exc)), owner=owner)
         now = time.time()
-        with self.engine.begin() as conn:
-            # both writes in one transaction: a job is never succeeded without its report
-            moved = conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
-                                   jobs.c.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
-                        finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
-            if moved:
-                conn.execute(delete(reports).where(reports.c.job_id == job_id))
-                conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+        try:
+            with self.engine.begin() as conn:
+                # both writes in one transaction: a job is never succeeded without its report
+                moved = conn.execute(
+                    update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                       jobs.c.status == JobStatus.RUNNING.value)
+                    .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
+                            finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
+                if moved:
+                    conn.execute(delete(reports).where(reports.c.job_id == job_id))
+                    conn.execute(insert(reports).values(job_id=job_id, report_json=text))
+        except DatabaseError as exc:
+            if not is_damaged(exc):
+                raise
+            cause = JobError("database_damaged", f"the audit finished, but the job database refused its report "
+                             f"({str(exc.orig)[:200]}); the operator must check the database (PRAGMA "
+                             f"integrity_check) and restore it from a backup; then submit again")
+            try:
+                self.fail(job_id, cause, owner=owner)
+            except DatabaseError:
+                pass
+            raise
         return moved
 
     def fail(self, job_id: str, error: JobError, owner: str | None = None,
@@ -499,6 +531,36 @@ class JobStore:
                                        jobs.c.kind == JobKind.AUDIT.value)
                                 .order_by(jobs.c.finished_at.desc()).limit(limit)).all()
         return [float(r[0]) for r in rows]
+
+
+class ReportTooLarge(ValueError):
+    pass
+
+
+def bounded_report_json(report: dict, max_bytes: int) -> str:
+    """The report as JSON text of at most ``max_bytes``: past it the saliency examples (the only part that
+    can be large) are dropped with a note; a report still too large raises ``ReportTooLarge``."""
+    text = json.dumps(report)
+    if len(text) <= max_bytes:
+        return text
+    if isinstance(report, dict) and report.get("saliency_examples"):
+        notes = list(report.get("notes") or [])
+        notes.append(f"saliency_examples were dropped: the report was {len(text)} bytes, more than the "
+                     f"service stores ({max_bytes} bytes, AUDIT_MAX_REPORT_MB)")
+        text = json.dumps({**report, "saliency_examples": [], "notes": notes})
+        if len(text) <= max_bytes:
+            return text
+    raise ReportTooLarge(f"the report is {len(text)} bytes, more than the service stores ({max_bytes} bytes, "
+                         f"AUDIT_MAX_REPORT_MB); audit fewer shifts or ask the operator to raise the cap")
+
+
+#: SQLite's words for a damaged file (as opposed to busy / locked / full)
+_DAMAGED_MARKERS = ("malformed", "not a database", "disk i/o error", "corrupt")
+
+
+def is_damaged(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(m in text for m in _DAMAGED_MARKERS)
 
 
 def _decode(row: Any) -> dict:

@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
@@ -216,8 +216,8 @@ def submit_audit() -> Response:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.5)
         if JobStatus(job["status"]) == JobStatus.SUCCEEDED:
-            report = st.store.report(job["id"]) or {}
-            response = jsonify(report)
+            text = st.store.report_text(job["id"]) or "{}"
+            response = Response(text, mimetype="application/json")
             response.headers["Location"] = location
             return response
     return _json(job_out(job, time.time()), 202, {"Location": location})
@@ -243,7 +243,8 @@ def get_audit(job_id: str) -> Response:
     return _json(job_out(get_job_or_404(job_id), time.time()))
 
 
-def _finished_report(job_id: str) -> tuple[dict, dict]:
+def _finished_report_text(job_id: str) -> tuple[dict, str]:
+    """The job and its stored report JSON text (never parsed here: one copy in the web worker)."""
     job = get_job_or_404(job_id)
     status = JobStatus(job["status"])
     if status != JobStatus.SUCCEEDED:
@@ -252,27 +253,27 @@ def _finished_report(job_id: str) -> tuple[dict, dict]:
             raise Conflict(f"audit {job_id} failed, so it has no report: {reason}")
         raise Conflict(f"audit {job_id} is {status.value} ({job['progress']:.0%}, {job['stage']}); its report is "
                        f"ready when GET /audits/{job_id} says succeeded")
-    report = state().store.report(job_id)
-    if report is None:
+    text = state().store.report_text(job_id)
+    if text is None:
         raise Conflict(f"audit {job_id} has no stored report")
-    return job, report
+    return job, text
 
 
 @bp.get("/audits/<job_id>/report")
 def get_report(job_id: str) -> Response:
-    job, report = _finished_report(job_id)
+    job, text = _finished_report_text(job_id)
     best = request.accept_mimetypes.best_match(["application/json", "text/html"], default="application/json")
     if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]:
-        return _html(job, report)
-    response = jsonify(report)
+        return _html(job, json.loads(text))
+    response = Response(text, mimetype="application/json")
     response.headers["Vary"] = "Accept"
     return response
 
 
 @bp.get("/audits/<job_id>/report.html")
 def get_report_html(job_id: str) -> Response:
-    job, report = _finished_report(job_id)
-    return _html(job, report)
+    job, text = _finished_report_text(job_id)
+    return _html(job, json.loads(text))
 
 
 def _html(job: dict, report: dict) -> Response:
