@@ -75,6 +75,18 @@ reports = Table(
 MiB = 1024 * 1024
 
 
+#: a counter outside the jobs table: ``jobs_created`` counts every job ever inserted (never decremented)
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Integer, nullable=False),
+)
+
+#: the sidecar next to a SQLite file: the highest ``jobs_created`` known committed (``JobStore.open_checked``)
+SIDECAR_SUFFIX = ".committed"
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
 class QueueFull(Exception):
     def __init__(self, depth: int, limit: int) -> None:
         super().__init__(f"{depth} jobs are queued (limit {limit})")
@@ -110,7 +122,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (``_sqlite_begin``)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # FULL: the WAL is fsynced at every commit, so a job answered 202 survives a power cut (NORMAL would
+    # keep the file consistent but may lose the last commits); docs/deployment.md states this promise
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -173,6 +187,7 @@ class JobStore:
             try:
                 metadata.create_all(self.engine)
                 self._add_missing_columns()
+                self._init_counter(self.engine)
                 return
             except OperationalError:
                 if attempt == 4:
@@ -193,6 +208,133 @@ class JobStore:
             for name, sql_type in _ADDED_COLUMNS.items():
                 if name not in present:
                     conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}"))
+        self._init_counter(self.engine)
+
+    @staticmethod
+    def _init_counter(engine: Engine) -> None:
+        """The ``jobs_created`` row; an existing database starts it at its number of jobs."""
+        from sqlalchemy.exc import IntegrityError
+
+        with engine.connect() as conn:
+            if conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).first() is not None:
+                return
+        try:
+            with engine.begin() as conn:
+                n = conn.execute(select(func.count()).select_from(jobs)).scalar_one()
+                conn.execute(insert(meta).values(key="jobs_created", value=int(n)))
+        except (IntegrityError, OperationalError):  # another process made it first
+            pass
+
+    # ------------------------------------------------------------------ damage and lost commits (SQLite)
+    @property
+    def sqlite_path(self) -> "Path | None":
+        from pathlib import Path
+
+        return Path(self.url[len("sqlite:///"):]) if self.url.startswith("sqlite:///") else None
+
+    def open_checked(self) -> str | None:
+        """Check the database before the service starts; None when it is sound, else what happened and
+        what to do (``serve`` prints it and exits). SQLite: the file is a SQLite database,
+        ``PRAGMA quick_check`` passes, and no committed job is missing: the count of jobs ever created
+        is kept in the database (``meta``) and, after each commit, in a sidecar file beside it
+        (``<db>.committed``); a database that counts fewer than its sidecar lost commits (a truncated or
+        deleted ``-wal``, a restored older copy). Loss from the last checkpoint's main file itself, or of the
+        database and the sidecar together, is not detectable this way. Then creates the schema."""
+        path = self.sqlite_path
+        try:
+            if path is not None:
+                problem = self._check_sqlite(path)
+                if problem:
+                    return problem
+            self.init_schema()
+            if path is not None:
+                return self._check_sidecar(path)
+        except Exception as exc:  # noqa: BLE001 - a message, never a traceback
+            where = f"the job database {path}" if path is not None else "the job database"
+            return (f"{where} could not be opened ({type(exc).__name__}: {str(getattr(exc, 'orig', exc))[:300]}); "
+                    f"if the file is damaged, restore it from a backup or move it aside (with its -wal, -shm and "
+                    f"{SIDECAR_SUFFIX} files) to start with an empty one")
+        return None
+
+    def _check_sqlite(self, path: "Path") -> str | None:
+        aside = (f"restore {path.name} from a backup, or move {path.name}, {path.name}-wal, {path.name}-shm and "
+                 f"{path.name}{SIDECAR_SUFFIX} aside to start with an empty database (the jobs in it are then gone)")
+        if not path.exists():
+            if self._sidecar(path).exists():
+                return (f"the job database {path} is missing, but {path.name}{SIDECAR_SUFFIX} says "
+                        f"{self._sidecar_count(path)} jobs were committed to it: it was deleted or the data dir is "
+                        f"not the one the service used; {aside}")
+            return None
+        if path.stat().st_size > 0:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+            if head != SQLITE_MAGIC:
+                return f"the job database {path} is not a SQLite database (its first bytes are {head[:16]!r}); {aside}"
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(str(path), timeout=30)
+            try:
+                rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return f"the job database {path} is damaged ({exc}); {aside}"
+        if rows != ["ok"]:
+            return f"the job database {path} failed its integrity check ({'; '.join(map(str, rows))[:400]}); {aside}"
+        return None
+
+    def _check_sidecar(self, path: "Path") -> str | None:
+        recorded = self._sidecar_count(path)
+        if recorded is None:
+            return None
+        with self.engine.connect() as conn:
+            have = conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).scalar() or 0
+        if have < recorded:
+            return (f"the job database {path} lost committed jobs: it counts {have} jobs ever created, but "
+                    f"{path.name}{SIDECAR_SUFFIX} recorded {recorded} after they were committed (a truncated or "
+                    f"deleted {path.name}-wal after a crash, or an older copy of the file); restore it from a backup, "
+                    f"or to accept the loss and start with what is left, move {path.name}{SIDECAR_SUFFIX} aside")
+        return None
+
+    @staticmethod
+    def _sidecar(path: "Path") -> "Path":
+        return path.with_name(path.name + SIDECAR_SUFFIX)
+
+    def _sidecar_count(self, path: "Path") -> int | None:
+        try:
+            return int(self._sidecar(path).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+
+    def _record_committed(self, count: int) -> None:
+        """After a commit: raise the sidecar's count to ``count`` (never lower it; one writer at a time)."""
+        path = self.sqlite_path
+        if path is None:
+            return
+        import fcntl
+
+        try:
+            fd = os.open(self._sidecar(path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # e.g. disk full: the marker lags, which only weakens detection
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = os.read(fd, 64).strip()
+            if not current.isdigit() or int(current) < count:
+                data = str(count).encode()
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, data)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _count_created(conn: Any) -> int:
+        conn.execute(update(meta).where(meta.c.key == "jobs_created").values(value=meta.c.value + 1))
+        return int(conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).scalar() or 0)
 
     def _add_missing_columns(self) -> None:
         from sqlalchemy import inspect, text
@@ -254,6 +396,8 @@ class JobStore:
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs),
                 attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s), dedupe_key=dedupe_key,
             ))
+            created = self._count_created(conn)
+        self._record_committed(created)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -272,6 +416,8 @@ class JobStore:
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key))
             conn.execute(insert(reports).values(
                 job_id=job_id, report_json=report if isinstance(report, str) else json.dumps(report)))
+            created = self._count_created(conn)
+        self._record_committed(created)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -308,6 +454,12 @@ class JobStore:
             rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, cond)
                                 .order_by(jobs.c.created_at).limit(limit)).mappings().all()
         return [_decode(r) for r in rows]
+
+    def references_blob(self, sha256: str) -> bool:
+        """Whether any job's inputs refer to the blob ``sha256`` (a scan; used when deleting)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.id).where(jobs.c.inputs_json.contains(sha256)).limit(1)).first() \
+                is not None
 
     def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         query = select(jobs).where(jobs.c.id == job_id)
