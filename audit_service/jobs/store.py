@@ -517,14 +517,16 @@ class JobStore:
 
     def claim(self, owner: str, lease_s: float, job_id: str | None = None,
               queues: Iterable[str] | None = None) -> dict | None:
-        """Take the oldest queued job (or ``job_id``) for ``owner``; None when there is none to take."""
+        """Take the next queued job (or ``job_id``) for ``owner``; None when there is none to take.
+
+        Round-robin across tenants: the tenant with the fewest running jobs goes first, then the one whose
+        last job started longest ago (never = first), then the oldest job; within the chosen tenant, its
+        oldest job. One tenant's burst therefore cannot make another's single job wait behind all of it."""
         for _ in range(20):
             if job_id is None:
-                query = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value)
-                if queues is not None:
-                    query = query.where(jobs.c.queue.in_(list(queues)))
+                query = self._next_job_query(queues)
                 with self.engine.connect() as conn:
-                    candidate = conn.execute(query.order_by(jobs.c.created_at, jobs.c.id).limit(1)).scalar()
+                    candidate = conn.execute(query).scalar()
                 if candidate is None:
                     return None
             else:
@@ -535,6 +537,21 @@ class JobStore:
             if job_id is not None:
                 return None
         return None
+
+    @staticmethod
+    def _next_job_query(queues: Iterable[str] | None):  # noqa: ANN205
+        running = (select(jobs.c.tenant, func.count().label("n")).where(jobs.c.status == JobStatus.RUNNING.value)
+                   .group_by(jobs.c.tenant).subquery("running"))
+        last = (select(jobs.c.tenant, func.max(jobs.c.started_at).label("at")).where(jobs.c.started_at.is_not(None))
+                .group_by(jobs.c.tenant).subquery("last_start"))
+        query = (select(jobs.c.id)
+                 .select_from(jobs.outerjoin(running, running.c.tenant == jobs.c.tenant)
+                              .outerjoin(last, last.c.tenant == jobs.c.tenant))
+                 .where(jobs.c.status == JobStatus.QUEUED.value))
+        if queues is not None:
+            query = query.where(jobs.c.queue.in_(list(queues)))
+        return query.order_by(func.coalesce(running.c.n, 0), func.coalesce(last.c.at, 0.0), jobs.c.created_at,
+                              jobs.c.id).limit(1)
 
     def _claim_one(self, job_id: str, owner: str, now: float, lease_s: float) -> bool:
         check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
