@@ -32,14 +32,15 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _submit(url: str, model: bytes | Path, spec: dict | None = None, probes: bytes | None = None,
-            labels: bytes | None = None, **params: object) -> requests.Response:
+            labels: bytes | None = None, form: dict | None = None, **params: object) -> requests.Response:
     data = model.read_bytes() if isinstance(model, Path) else model
     files = {"model": ("m.onnx", data)}
     if probes is not None:
         files["probes"] = ("p.npy", probes)
     if labels is not None:
         files["labels"] = ("y.npy", labels)
-    return requests.post(url + "/audit", files=files, data={"spec": json.dumps(spec or tiny_spec(options=FAST))},
+    return requests.post(url + "/audit", files=files,
+                         data={"spec": json.dumps(spec or tiny_spec(options=FAST)), **(form or {})},
                          params=params, timeout=240)
 
 
@@ -101,8 +102,8 @@ def test_rejected_uploads_leave_nothing_on_disk(svc, models, contract):
 def test_delete_removes_blobs_no_other_job_refers_to(svc, models, contract):
     rng = np.random.default_rng(11)
     p1, p2 = (_npy(rng.random((8, 1, 12, 12), dtype=np.float32)) for _ in range(2))
-    a = contract(_submit(svc.url, models["plain2"], probes=p1, reuse="false"))
-    b = contract(_submit(svc.url, models["plain2"], probes=p2, reuse="false"))
+    a = contract(_submit(svc.url, models["plain2"], probes=p1, form={"reuse": "false"}))
+    b = contract(_submit(svc.url, models["plain2"], probes=p2, form={"reuse": "false"}))
     assert a.status_code == b.status_code == 202, (a.text, b.text)
     a, b = a.json(), b.json()
     settle(svc.url, [a["id"], b["id"]])
