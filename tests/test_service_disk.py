@@ -259,3 +259,56 @@ def test_serve_starts_on_a_sound_database_after_a_crash(tmp_path):
         assert requests.get(svc.url + "/audits", timeout=10).json()["total"] == 5
     finally:
         svc.stop()
+
+
+# ----------------------------------------------------------------------------- model-check limits
+def test_model_checks_take_tenant_and_global_slots(tmp_path):
+    from audit_service.jobs.settings import Settings
+    from audit_service.service.errors import ServiceUnavailable, TooManyRequests
+    from audit_service.service.uploads import check_slot
+
+    settings = Settings.from_env({}, data_dir=str(tmp_path), max_model_checks=2, max_tenant_checks=1,
+                                 max_tenant_jobs=3)
+    with check_slot(settings, "a"):
+        with pytest.raises(TooManyRequests) as over:  # a's one check slot is taken
+            with check_slot(settings, "a"):
+                pass
+        assert over.value.slug == "tenant-limit" and int(over.value.headers["Retry-After"]) >= 1
+        with check_slot(settings, "b"):
+            with pytest.raises(ServiceUnavailable):  # both global slots are taken
+                with check_slot(settings, "c"):
+                    pass
+    with pytest.raises(TooManyRequests):  # a check counts as a job: 3 active jobs leave no room
+        with check_slot(settings, "a", active=3):
+            pass
+    with check_slot(settings, "c"):  # every slot came back
+        pass
+
+
+def test_a_finished_job_on_a_damaged_page_fails_with_the_cause_not_worker_lost(tmp_path):
+    """The reports table's page is corrupt: storing the report fails, and the job says why (not worker_lost)."""
+    import sqlite3
+
+    from sqlalchemy.exc import DatabaseError
+
+    from audit_service.jobs import JobKind, JobStore
+
+    db = tmp_path / "jobs.sqlite3"
+    store = JobStore(f"sqlite:///{db}")
+    store.init_schema()
+    job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2)
+    assert store.claim("host:1:x", lease_s=30)["id"] == job["id"]
+    store.engine.dispose()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'reports'").fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\xde\xad\xbe\xef" * (page_size // 4))
+    with pytest.raises(DatabaseError):
+        store.succeed(job["id"], "host:1:x", {"verdict": {"label": "genuine"}})
+    failed = store.get(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "database_damaged", failed
+    assert "restore" in failed["error"]["message"]
