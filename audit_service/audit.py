@@ -48,21 +48,8 @@ def run_audit(
     options = spec.options
     t_start = time.perf_counter()
     progress(0.0, "loading model")
-    hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
-    runner = load_model(model_path, device=options.device, input_shape=hint)
+    runner, x, y, second, group = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device)
     t_loaded = time.perf_counter()
-
-    # only the probes the audit uses are checked and converted (a client may send far more)
-    if isinstance(probes, np.ndarray) and probes.ndim:
-        probes = probes[: options.n_probes]
-    x = check_probes(probes, runner.input_shape, "probes") if probes is not None else None
-    y = check_labels(labels, x, runner.num_classes) if labels is not None else None
-    second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
-
-    group = build_group(spec.group, runner.input_shape)
-    shifts = spec.effective_shifts
-    for i, shift in enumerate(shifts):
-        validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
 
     device = runner.device
     stats = ProbeStats.from_probes(x.to(device)) if x is not None else ProbeStats.default(runner.input_shape, device)
@@ -113,6 +100,44 @@ def run_audit(
     report["reference_profile"] = _closest_reference(report)
     progress(1.0, "done")
     return report
+
+
+def precheck_audit(
+    model_path: str | Path,
+    spec: AuditSpec,
+    probes: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    second_probes: np.ndarray | None = None,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Everything ``run_audit`` checks before it sweeps, and nothing more: the model loads (on the CPU), the
+    probes and labels fit it, the group fits its input shape (axes, sizes, closure and product orders under
+    the caps), the shifts apply. The service runs it at submission (an ``engine`` in the sandbox) so that a
+    spec that cannot fit the model is a 422 naming the field, never a job that fails later. Returns
+    ``format``, ``input_shape``, ``num_classes`` and ``group_order``."""
+    runner, _x, _y, _second, group = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu")
+    return {"format": str(getattr(runner, "format", "") or "") or None,
+            "input_shape": [int(d) for d in runner.input_shape], "num_classes": runner.num_classes,
+            "group_order": len(group.element_names)}
+
+
+def _checked_inputs(model_path: str | Path, spec: AuditSpec, probes: np.ndarray | None, labels: np.ndarray | None,
+                    second_probes: np.ndarray | None, device: str):  # noqa: ANN202
+    """(runner, probes, labels, second probes, group), each checked against the model's input shape."""
+    options = spec.options
+    hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
+    runner = load_model(model_path, device=device, input_shape=hint)
+    # only the probes the audit uses are checked and converted (a client may send far more)
+    if isinstance(probes, np.ndarray) and probes.ndim:
+        probes = probes[: options.n_probes]
+    x = check_probes(probes, runner.input_shape, "probes") if probes is not None else None
+    y = check_labels(labels, x, runner.num_classes) if labels is not None else None
+    second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
+
+    group = build_group(spec.group, runner.input_shape)
+    for i, shift in enumerate(spec.effective_shifts):
+        validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
+    return runner, x, y, second, group
 
 
 # --------------------------------------------------------------------------- inputs

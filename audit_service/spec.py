@@ -178,7 +178,7 @@ class Options(_Strict):
     jacobian_probes: int = Field(default=16, ge=0, le=10_000)
     batch_size: int = Field(default=1024, ge=1, le=1_000_000, description="model batch (samples)")
     probe_chunk: int = Field(default=64, ge=1, le=100_000, description="probes per streamed chunk")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seeds every random choice of the audit")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bootstrap: int = Field(default=200, ge=0, le=10_000)
 

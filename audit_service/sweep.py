@@ -25,6 +25,8 @@ from .spec import Options, ShiftSpec
 #: Worst-similarity examples kept per condition for the HTML report.
 EXAMPLES_PER_CONDITION = 3
 EXAMPLE_MAX_SIDE = 48
+#: at most this many values per example map, whatever the input's rank or size (the report stays bounded)
+EXAMPLE_MAX_VALUES = EXAMPLE_MAX_SIDE * EXAMPLE_MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,18 @@ def _example(kept: dict, condition: str, element_names: list[str]) -> dict:
 
 
 def _example_map(m: torch.Tensor) -> list:
-    """A saliency map small enough for JSON: channels summed, at most 48 px a side, 4 decimals."""
+    """A saliency map small enough for JSON, for any input rank: channels summed (rank >= 3), images
+    average-pooled to at most 48 px a side, 1-D maps to at most ``EXAMPLE_MAX_VALUES`` values; 4 decimals.
+    The size of the report therefore does not grow with the size of the model's input."""
     m = m.detach().float()
     if m.ndim >= 3:
         m = m.reshape(-1, *m.shape[-2:]).sum(0)
+    if m.ndim == 0:
+        m = m.reshape(1)
     if m.ndim == 2 and max(m.shape) > EXAMPLE_MAX_SIDE:
         side = (min(m.shape[0], EXAMPLE_MAX_SIDE), min(m.shape[1], EXAMPLE_MAX_SIDE))
         m = F.adaptive_avg_pool2d(m[None, None], side)[0, 0]
+    if m.ndim == 1 and m.shape[0] > EXAMPLE_MAX_VALUES:
+        m = F.adaptive_avg_pool1d(m[None, None], EXAMPLE_MAX_VALUES)[0, 0]
     return [[round(v, 4) for v in row] for row in m.cpu().tolist()] if m.ndim == 2 else \
         [round(v, 4) for v in m.cpu().tolist()]

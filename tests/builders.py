@@ -227,3 +227,19 @@ class TwoInputModel(nn.Module):
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         return self.image(image.flatten(1)) + self.meta(meta)
+
+
+def rank1_onnx(path: str | Path, features: int) -> Path:
+    """A tiny (~200-byte) ONNX classifier on (N, features) inputs: logits [mean(x), -mean(x)]. Its size does not
+    depend on ``features``, so it is the report-size bomb of issue 8 (a huge rank-1 input)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Neg", ["m"], ["n"]),
+             helper.make_node("Concat", ["m", "n"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "rank1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    Path(path).write_bytes(model.SerializeToString())
+    return Path(path)

@@ -116,3 +116,24 @@ def test_settings_from_environment(tmp_path):
     assert Settings.from_env({"AUDIT_DATABASE_URL": "postgresql://x/y"}).resolved_database_url == "postgresql://x/y"
     with pytest.raises(ValueError, match="AUDIT_WORKERS"):
         Settings.from_env({"AUDIT_WORKERS": "many"})
+
+
+def test_claims_go_round_robin_across_tenants(store):
+    """Tenant a queues 4 jobs, then b queues 2: claims alternate a, b, a, b, a, a (each tenant's oldest first),
+    not first-come-first-served."""
+    a = [make(store, tenant="a")["id"] for _ in range(4)]
+    b = [make(store, tenant="b")["id"] for _ in range(2)]
+    order = []
+    while (job := store.claim("host:1:x", lease_s=30)) is not None:
+        order.append(job["id"])
+        assert store.succeed(job["id"], "host:1:x", {})  # finished: no running job counts against a tenant
+    assert order == [a[0], b[0], a[1], b[1], a[2], a[3]]
+
+
+def test_a_tenant_with_a_running_job_waits_for_one_without(store):
+    busy = make(store, tenant="busy")["id"]
+    queued_busy = make(store, tenant="busy")["id"]
+    other = make(store, tenant="other")["id"]
+    assert store.claim("host:1:x", lease_s=30)["id"] == busy
+    assert store.claim("host:2:x", lease_s=30)["id"] == other  # busy has one running, other none
+    assert store.claim("host:3:x", lease_s=30)["id"] == queued_busy

@@ -211,7 +211,7 @@ def test_dedupe_lookup_and_dispatch_bookkeeping(store):
     report = {"verdict": {"label": "genuine"}, "metrics": {"di": 0.125, "nested": [1, 2.5, None, "ü"]}}
     assert store.succeed(job["id"], "me", report)
     source, found = store.find_finished(key, "default")
-    assert source["id"] == job["id"] and found == report
+    assert source["id"] == job["id"] and json.loads(found) == report
     assert store.find_finished(key, "other-tenant") is None
     twin = store.create_reused(source=source, report=found, spec={"group": "C4"}, inputs={}, timeout_s=60,
                                tenant="default", queue="cpu", dedupe_key=key)

@@ -141,6 +141,16 @@ def corpus(models: dict) -> list[tuple[str, dict, dict, tuple[int, ...], str]]:
 
     from onnx import TensorProto
 
+    def group(g: object) -> str:
+        return json.dumps({**good, "group": g})
+
+    import tempfile
+
+    from builders import rank1_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rank1 = rank1_onnx(Path(tmp) / "rank1.onnx", 1000).read_bytes()
+
     nan = probes.copy()
     nan[0, 0, 0, 0] = np.nan
     inf = probes.copy()
@@ -196,9 +206,32 @@ def corpus(models: dict) -> list[tuple[str, dict, dict, tuple[int, ...], str]]:
         ("timeout not a number", m(plain), {"timeout_s": "soon"}, (422,), "timeout_s"),
         ("timeout zero", m(plain), {"timeout_s": "0"}, (422,), "timeout_s"),
         ("hostile model filename", {"model": ("../../../etc/passwd\n<script>", plain)}, {}, (202,), None),
-        # --- accepted, failed at run time with the reason
-        ("NaN probes", with_probes(_npy(nan)), {"reuse": "false"}, (202,), "failed:finite"),
-        ("Inf probes", with_probes(_npy(inf)), {"reuse": "false"}, (202,), "failed:finite"),
+        # --- checked at submission against the model (issue 8): a 422 naming the field, never a failed job
+        ("NaN probes", with_probes(_npy(nan)), {"reuse": "false"}, (422,), "probes"),
+        ("Inf probes", with_probes(_npy(inf)), {"reuse": "false"}, (422,), "probes"),
+        ("spec axis out of range", m(plain), {"spec": group({"name": "translation", "order": 2, "axis": 5})},
+         (422,), "spec.group.axis"),
+        ("spec translation step past the axis", m(plain), {"spec": group({"name": "translation", "order": 3,
+                                                                          "step": 12})}, (422,), "spec.group.step"),
+        ("spec permutation of the wrong size", m(plain), {"spec": group({"name": "permutation",
+                                                                         "generators": [[1, 0, 2]]})},
+         (422,), "spec.group.generators[0]"),
+        ("spec permutation closure past max_order", m(plain),
+         {"spec": group({"name": "permutation", "generators": [list(range(1, 12)) + [0], [1, 0, *range(2, 12)]],
+                         "max_order": 100})}, (422,), "spec.group.max_order"),
+        ("spec product past the cap", m(plain), {"spec": group({"name": "product", "factors": ["D4"] * 4})},
+         (422,), "spec.group.factors"),
+        ("C4 on a rank-1 input", m(rank1), {}, (422,), "spec.group"),
+        ("labels out of range", {**with_probes(_npy(probes)), "labels": ("y.npy", _npy(np.full(8, 99)))}, {},
+         (422,), "labels"),
+        ("labels fewer than probes", {**with_probes(_npy(probes)), "labels": ("y.npy", _npy(np.arange(3)))}, {},
+         (422,), "labels"),
+        ("labels not integers", {**with_probes(_npy(probes)), "labels": ("y.npy", _npy(np.zeros(8)))}, {},
+         (422,), "labels"),
+        ("seed 2**70", m(plain), {"spec": json.dumps({**good, "options": {**good["options"], "seed": 2**70}})},
+         (422,), "spec.options.seed"),
+        ("seed negative", m(plain), {"spec": json.dumps({**good, "options": {**good["options"], "seed": -1}})},
+         (422,), "spec.options.seed"),
     ]
     out = []
     for kind, files, form, statuses, field in cases:

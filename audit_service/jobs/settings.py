@@ -47,6 +47,15 @@ class Settings:
     #: per-file caps, MiB
     max_model_mb: int = 200
     max_probes_mb: int = 256
+    #: hard cap on one stored report's JSON, MiB: past it the saliency examples are dropped, and a report
+    #: still larger fails its job (``report_too_large``) instead of being stored
+    max_report_mb: int = 8
+    #: ``/readyz`` answers 503 and ``POST /audit`` 507 while the data dir's file system has less free space, MiB
+    min_free_mb: int = 64
+    #: sandboxed model checks at submission running at once, in all (``503`` + Retry-After past it) and per
+    #: tenant (``429`` + Retry-After past it); each also counts against ``max_tenant_jobs``
+    max_model_checks: int = 4
+    max_tenant_checks: int = 2
     #: jobs waiting in the queue before ``POST /audit`` answers 429
     max_queued: int = 64
     #: local audit worker processes (``serve`` / ``worker``)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
                         delete, event, func, insert, select, update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from .states import READY_STATES, JobKind, JobStatus, check_transition
 
@@ -72,6 +72,21 @@ reports = Table(
 )
 
 
+MiB = 1024 * 1024
+
+
+#: a counter outside the jobs table: ``jobs_created`` counts every job ever inserted (never decremented)
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Integer, nullable=False),
+)
+
+#: the sidecar next to a SQLite file: the highest ``jobs_created`` known committed (``JobStore.open_checked``)
+SIDECAR_SUFFIX = ".committed"
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
 class QueueFull(Exception):
     def __init__(self, depth: int, limit: int) -> None:
         super().__init__(f"{depth} jobs are queued (limit {limit})")
@@ -107,7 +122,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (``_sqlite_begin``)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # FULL: the WAL is fsynced at every commit, so a job answered 202 survives a power cut (NORMAL would
+    # keep the file consistent but may lose the last commits); docs/deployment.md states this promise
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -146,8 +163,12 @@ def owner_id() -> str:
 
 
 class JobStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_report_bytes: int | None = None) -> None:
         self.url = url
+        if max_report_bytes is None:
+            max_report_bytes = int(os.environ.get("AUDIT_MAX_REPORT_MB") or 8) * MiB
+        #: hard cap on one stored report (``bounded_report_json``)
+        self.max_report_bytes = max_report_bytes
         if url.startswith("sqlite:///"):
             from pathlib import Path
 
@@ -166,6 +187,7 @@ class JobStore:
             try:
                 metadata.create_all(self.engine)
                 self._add_missing_columns()
+                self._init_counter(self.engine)
                 return
             except OperationalError:
                 if attempt == 4:
@@ -186,6 +208,133 @@ class JobStore:
             for name, sql_type in _ADDED_COLUMNS.items():
                 if name not in present:
                     conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}"))
+        self._init_counter(self.engine)
+
+    @staticmethod
+    def _init_counter(engine: Engine) -> None:
+        """The ``jobs_created`` row; an existing database starts it at its number of jobs."""
+        from sqlalchemy.exc import IntegrityError
+
+        with engine.connect() as conn:
+            if conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).first() is not None:
+                return
+        try:
+            with engine.begin() as conn:
+                n = conn.execute(select(func.count()).select_from(jobs)).scalar_one()
+                conn.execute(insert(meta).values(key="jobs_created", value=int(n)))
+        except (IntegrityError, OperationalError):  # another process made it first
+            pass
+
+    # ------------------------------------------------------------------ damage and lost commits (SQLite)
+    @property
+    def sqlite_path(self) -> "Path | None":
+        from pathlib import Path
+
+        return Path(self.url[len("sqlite:///"):]) if self.url.startswith("sqlite:///") else None
+
+    def open_checked(self) -> str | None:
+        """Check the database before the service starts; None when it is sound, else what happened and
+        what to do (``serve`` prints it and exits). SQLite: the file is a SQLite database,
+        ``PRAGMA quick_check`` passes, and no committed job is missing: the count of jobs ever created
+        is kept in the database (``meta``) and, after each commit, in a sidecar file beside it
+        (``<db>.committed``); a database that counts fewer than its sidecar lost commits (a truncated or
+        deleted ``-wal``, a restored older copy). Loss from the last checkpoint's main file itself, or of the
+        database and the sidecar together, is not detectable this way. Then creates the schema."""
+        path = self.sqlite_path
+        try:
+            if path is not None:
+                problem = self._check_sqlite(path)
+                if problem:
+                    return problem
+            self.init_schema()
+            if path is not None:
+                return self._check_sidecar(path)
+        except Exception as exc:  # noqa: BLE001 - a message, never a traceback
+            where = f"the job database {path}" if path is not None else "the job database"
+            return (f"{where} could not be opened ({type(exc).__name__}: {str(getattr(exc, 'orig', exc))[:300]}); "
+                    f"if the file is damaged, restore it from a backup or move it aside (with its -wal, -shm and "
+                    f"{SIDECAR_SUFFIX} files) to start with an empty one")
+        return None
+
+    def _check_sqlite(self, path: "Path") -> str | None:
+        aside = (f"restore {path.name} from a backup, or move {path.name}, {path.name}-wal, {path.name}-shm and "
+                 f"{path.name}{SIDECAR_SUFFIX} aside to start with an empty database (the jobs in it are then gone)")
+        if not path.exists():
+            if self._sidecar(path).exists():
+                return (f"the job database {path} is missing, but {path.name}{SIDECAR_SUFFIX} says "
+                        f"{self._sidecar_count(path)} jobs were committed to it: it was deleted or the data dir is "
+                        f"not the one the service used; {aside}")
+            return None
+        if path.stat().st_size > 0:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+            if head != SQLITE_MAGIC:
+                return f"the job database {path} is not a SQLite database (its first bytes are {head[:16]!r}); {aside}"
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(str(path), timeout=30)
+            try:
+                rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return f"the job database {path} is damaged ({exc}); {aside}"
+        if rows != ["ok"]:
+            return f"the job database {path} failed its integrity check ({'; '.join(map(str, rows))[:400]}); {aside}"
+        return None
+
+    def _check_sidecar(self, path: "Path") -> str | None:
+        recorded = self._sidecar_count(path)
+        if recorded is None:
+            return None
+        with self.engine.connect() as conn:
+            have = conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).scalar() or 0
+        if have < recorded:
+            return (f"the job database {path} lost committed jobs: it counts {have} jobs ever created, but "
+                    f"{path.name}{SIDECAR_SUFFIX} recorded {recorded} after they were committed (a truncated or "
+                    f"deleted {path.name}-wal after a crash, or an older copy of the file); restore it from a backup, "
+                    f"or to accept the loss and start with what is left, move {path.name}{SIDECAR_SUFFIX} aside")
+        return None
+
+    @staticmethod
+    def _sidecar(path: "Path") -> "Path":
+        return path.with_name(path.name + SIDECAR_SUFFIX)
+
+    def _sidecar_count(self, path: "Path") -> int | None:
+        try:
+            return int(self._sidecar(path).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+
+    def _record_committed(self, count: int) -> None:
+        """After a commit: raise the sidecar's count to ``count`` (never lower it; one writer at a time)."""
+        path = self.sqlite_path
+        if path is None:
+            return
+        import fcntl
+
+        try:
+            fd = os.open(self._sidecar(path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # e.g. disk full: the marker lags, which only weakens detection
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = os.read(fd, 64).strip()
+            if not current.isdigit() or int(current) < count:
+                data = str(count).encode()
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, data)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _count_created(conn: Any) -> int:
+        conn.execute(update(meta).where(meta.c.key == "jobs_created").values(value=meta.c.value + 1))
+        return int(conn.execute(select(meta.c.value).where(meta.c.key == "jobs_created")).scalar() or 0)
 
     def _add_missing_columns(self) -> None:
         from sqlalchemy import inspect, text
@@ -247,11 +396,13 @@ class JobStore:
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs),
                 attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s), dedupe_key=dedupe_key,
             ))
+            created = self._count_created(conn)
+        self._record_committed(created)
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def create_reused(self, *, source: dict, report: dict, spec: dict, inputs: dict, timeout_s: float,
+    def create_reused(self, *, source: dict, report: str | dict, spec: dict, inputs: dict, timeout_s: float,
                       tenant: str, queue: str, dedupe_key: str) -> dict:
         """A job born ``succeeded`` with a copy of ``source``'s report (a duplicate submission)."""
         now = time.time()
@@ -263,20 +414,23 @@ class JobStore:
                 stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key))
-            conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+            conn.execute(insert(reports).values(
+                job_id=job_id, report_json=report if isinstance(report, str) else json.dumps(report)))
+            created = self._count_created(conn)
+        self._record_committed(created)
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, dict] | None:
-        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report."""
+    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, str] | None:
+        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report's JSON text."""
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key, jobs.c.tenant == tenant,
                                                   jobs.c.status == JobStatus.SUCCEEDED.value)
                                .order_by(jobs.c.finished_at.desc()).limit(1)).mappings().first()
         if row is None:
             return None
-        report = self.report(row["id"])
+        report = self.report_text(row["id"])
         return (_decode(row), report) if report is not None else None
 
     def count_active(self, tenant: str) -> int:
@@ -300,6 +454,12 @@ class JobStore:
             rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, cond)
                                 .order_by(jobs.c.created_at).limit(limit)).mappings().all()
         return [_decode(r) for r in rows]
+
+    def references_blob(self, sha256: str) -> bool:
+        """Whether any job's inputs refer to the blob ``sha256`` (a scan; used when deleting)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.id).where(jobs.c.inputs_json.contains(sha256)).limit(1)).first() \
+                is not None
 
     def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         query = select(jobs).where(jobs.c.id == job_id)
@@ -326,9 +486,13 @@ class JobStore:
         return [_decode(r) for r in rows], int(total)
 
     def report(self, job_id: str) -> dict | None:
-        with self.engine.connect() as conn:
-            text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+        text = self.report_text(job_id)
         return json.loads(text) if text is not None else None
+
+    def report_text(self, job_id: str) -> str | None:
+        """The stored report JSON as text (served as is: no parse, no second copy)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
 
     # ------------------------------------------------------------------ the one state-change path
     def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
@@ -353,14 +517,16 @@ class JobStore:
 
     def claim(self, owner: str, lease_s: float, job_id: str | None = None,
               queues: Iterable[str] | None = None) -> dict | None:
-        """Take the oldest queued job (or ``job_id``) for ``owner``; None when there is none to take."""
+        """Take the next queued job (or ``job_id``) for ``owner``; None when there is none to take.
+
+        Round-robin across tenants: the tenant with the fewest running jobs goes first, then the one whose
+        last job started longest ago (never = first), then the oldest job; within the chosen tenant, its
+        oldest job. One tenant's burst therefore cannot make another's single job wait behind all of it."""
         for _ in range(20):
             if job_id is None:
-                query = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value)
-                if queues is not None:
-                    query = query.where(jobs.c.queue.in_(list(queues)))
+                query = self._next_job_query(queues)
                 with self.engine.connect() as conn:
-                    candidate = conn.execute(query.order_by(jobs.c.created_at, jobs.c.id).limit(1)).scalar()
+                    candidate = conn.execute(query).scalar()
                 if candidate is None:
                     return None
             else:
@@ -371,6 +537,21 @@ class JobStore:
             if job_id is not None:
                 return None
         return None
+
+    @staticmethod
+    def _next_job_query(queues: Iterable[str] | None):  # noqa: ANN205
+        running = (select(jobs.c.tenant, func.count().label("n")).where(jobs.c.status == JobStatus.RUNNING.value)
+                   .group_by(jobs.c.tenant).subquery("running"))
+        last = (select(jobs.c.tenant, func.max(jobs.c.started_at).label("at")).where(jobs.c.started_at.is_not(None))
+                .group_by(jobs.c.tenant).subquery("last_start"))
+        query = (select(jobs.c.id)
+                 .select_from(jobs.outerjoin(running, running.c.tenant == jobs.c.tenant)
+                              .outerjoin(last, last.c.tenant == jobs.c.tenant))
+                 .where(jobs.c.status == JobStatus.QUEUED.value))
+        if queues is not None:
+            query = query.where(jobs.c.queue.in_(list(queues)))
+        return query.order_by(func.coalesce(running.c.n, 0), func.coalesce(last.c.at, 0.0), jobs.c.created_at,
+                              jobs.c.id).limit(1)
 
     def _claim_one(self, job_id: str, owner: str, now: float, lease_s: float) -> bool:
         check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
@@ -398,19 +579,39 @@ class JobStore:
             return conn.execute(stmt).rowcount == 1
 
     def succeed(self, job_id: str, owner: str, report: dict) -> bool:
+        """Store the report and mark the job succeeded, in one transaction. A report past
+        ``max_report_bytes`` fails the job (``report_too_large``) instead; a database that cannot take the
+        write because it is damaged fails the job with that cause (when the job's row can still be
+        written) rather than leaving it to expire as ``worker_lost``."""
         verdict = report.get("verdict") if isinstance(report, dict) else None
         label = verdict.get("label") if isinstance(verdict, dict) else None
+        try:
+            text = bounded_report_json(report, self.max_report_bytes)
+        except ReportTooLarge as exc:
+            return self.fail(job_id, JobError("report_too_large", str(exc)), owner=owner)
         now = time.time()
-        with self.engine.begin() as conn:
-            # both writes in one transaction: a job is never succeeded without its report
-            moved = conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
-                                   jobs.c.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
-                        finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
-            if moved:
-                conn.execute(delete(reports).where(reports.c.job_id == job_id))
-                conn.execute(insert(reports).values(job_id=job_id, report_json=json.dumps(report)))
+        try:
+            with self.engine.begin() as conn:
+                # both writes in one transaction: a job is never succeeded without its report
+                moved = conn.execute(
+                    update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
+                                       jobs.c.status == JobStatus.RUNNING.value)
+                    .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
+                            finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
+                if moved:
+                    conn.execute(delete(reports).where(reports.c.job_id == job_id))
+                    conn.execute(insert(reports).values(job_id=job_id, report_json=text))
+        except DatabaseError as exc:
+            if not is_damaged(exc):
+                raise
+            cause = JobError("database_damaged", f"the audit finished, but the job database refused its report "
+                             f"({str(exc.orig)[:200]}); the operator must check the database (PRAGMA "
+                             f"integrity_check) and restore it from a backup; then submit again")
+            try:
+                self.fail(job_id, cause, owner=owner)
+            except DatabaseError:
+                pass
+            raise
         return moved
 
     def fail(self, job_id: str, error: JobError, owner: str | None = None,
@@ -499,6 +700,36 @@ class JobStore:
                                        jobs.c.kind == JobKind.AUDIT.value)
                                 .order_by(jobs.c.finished_at.desc()).limit(limit)).all()
         return [float(r[0]) for r in rows]
+
+
+class ReportTooLarge(ValueError):
+    pass
+
+
+def bounded_report_json(report: dict, max_bytes: int) -> str:
+    """The report as JSON text of at most ``max_bytes``: past it the saliency examples (the only part that
+    can be large) are dropped with a note; a report still too large raises ``ReportTooLarge``."""
+    text = json.dumps(report)
+    if len(text) <= max_bytes:
+        return text
+    if isinstance(report, dict) and report.get("saliency_examples"):
+        notes = list(report.get("notes") or [])
+        notes.append(f"saliency_examples were dropped: the report was {len(text)} bytes, more than the "
+                     f"service stores ({max_bytes} bytes, AUDIT_MAX_REPORT_MB)")
+        text = json.dumps({**report, "saliency_examples": [], "notes": notes})
+        if len(text) <= max_bytes:
+            return text
+    raise ReportTooLarge(f"the report is {len(text)} bytes, more than the service stores ({max_bytes} bytes, "
+                         f"AUDIT_MAX_REPORT_MB); audit fewer shifts or ask the operator to raise the cap")
+
+
+#: SQLite's words for a damaged file (as opposed to busy / locked / full)
+_DAMAGED_MARKERS = ("malformed", "not a database", "disk i/o error", "corrupt")
+
+
+def is_damaged(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(m in text for m in _DAMAGED_MARKERS)
 
 
 def _decode(row: Any) -> dict:

@@ -6,9 +6,10 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
@@ -16,7 +17,9 @@ from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import QueueFull, TenantLimit
 from ..spec import parse_audit_spec
 from .app import current_tenant, state
-from .errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
+from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRequests,
+                     Unprocessable)
+from .ops import free_space_mb
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
 from .uploads import array_kind, save_upload, validate_model
 
@@ -129,6 +132,10 @@ def submit_audit() -> Response:
         raise BadRequest("Expected a multipart/form-data body with a `model` file and a `spec` field, but got "
                          f"{request.mimetype or 'no body'}; e.g. curl -F model=@model.onnx -F 'spec={{\"group\":\"C4\"}}'")
     # cheap early checks before reading the upload; the insert checks again atomically
+    free_mb = free_space_mb(Path(st.settings.data_dir))
+    if free_mb is not None and free_mb < st.settings.min_free_mb:
+        raise InsufficientStorage(f"{DISK_FULL_DETAIL} ({free_mb:.0f} MiB free, AUDIT_MIN_FREE_MB="
+                                  f"{st.settings.min_free_mb})", headers={"Retry-After": "60"})
     depth = st.store.counts_by_status()["queued"]
     if depth >= st.settings.max_queued:
         raise queue_full(depth, st.settings.max_queued)
@@ -158,47 +165,64 @@ def submit_audit() -> Response:
 
     if "model" not in request.files:
         raise BadRequest("Expected a `model` file part (ONNX or TorchScript), but got none", field="model")
-    inputs: dict[str, dict] = {}
-    probe_shape = None
-    for name in ("probes", "labels", "second_probes", "model"):  # probes first: their shape guides the model check
-        upload = request.files.get(name)
-        if upload is None:
-            continue
-        cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
-        entry = save_upload(st.blobs, upload, name, cap)
-        path = st.blobs.path(entry["sha256"])
-        if name == "model":
-            entry = validate_model(path, entry, st.settings, probe_shape)
-        else:
-            entry["format"], shape = array_kind(path, name, cap * MiB)
-            if name == "probes" and shape is not None and len(shape) >= 2:
-                probe_shape = tuple(shape[1:])
-        inputs[name] = entry
-    if "labels" in inputs and "probes" not in inputs:
-        raise Unprocessable("Expected `probes` with `labels` (labels name the class of each probe), "
-                            "but got labels alone", field="labels")
-    second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
-    if second_needed and "second_probes" not in inputs:
-        raise Unprocessable("Expected a `second_probes` file: a blend shift targets second_probes",
-                            field="second_probes")
-
-    timeout = min(options.timeout_s or st.settings.job_timeout_s, st.settings.job_timeout_s)
     spec_json = spec.model_dump(mode="json", exclude_none=False)
-    queue = "gpu" if spec.options.device == "cuda" else st.settings.default_queue
-    key = dedupe_key(current_tenant(), spec_json, inputs, st.settings.engine)
-    twin = st.store.find_finished(key, current_tenant()) if st.settings.dedupe and options.reuse else None
-    if twin is not None:
-        source, report = twin
-        job = st.store.create_reused(source=source, report=report, spec=spec_json, inputs=inputs, timeout_s=timeout,
-                                     tenant=current_tenant(), queue=queue, dedupe_key=key)
-    else:
-        try:
-            job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
-                                  max_attempts=st.settings.max_attempts, tenant=current_tenant(),
-                                  max_queued=st.settings.max_queued, max_tenant_jobs=st.settings.max_tenant_jobs,
-                                  queue=queue, dedupe_key=key)
-        except QueueFull as exc:
-            raise too_many(exc) from None
+    staged: dict[str, Path] = {}  # field -> private staging file; adopted into the store only when accepted
+    adopted: list[str] = []
+    try:
+        inputs: dict[str, dict] = {}
+        probe_shape = None
+        for name in ("probes", "labels", "second_probes", "model"):
+            upload = request.files.get(name)
+            if upload is None:
+                continue
+            cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
+            entry, staged[name] = save_upload(st.blobs, upload, name, cap)
+            if name != "model":
+                entry["format"], shape = array_kind(staged[name], name, cap * MiB)
+                if name == "probes" and shape is not None and len(shape) >= 2:
+                    probe_shape = tuple(shape[1:])
+            inputs[name] = entry
+        if "labels" in inputs and "probes" not in inputs:
+            raise Unprocessable("Expected `probes` with `labels` (labels name the class of each probe), "
+                                "but got labels alone", field="labels")
+        second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
+        if second_needed and "second_probes" not in inputs:
+            raise Unprocessable("Expected a `second_probes` file: a blend shift targets second_probes",
+                                field="second_probes")
+        # the model check also fits the spec, probes and labels to the model: a 422 naming the field now,
+        # never a job that fails later
+        files = {n: (staged[n], inputs[n]["format"], inputs[n]["sha256"]) for n in inputs if n != "model"}
+        inputs["model"] = validate_model(staged["model"], inputs["model"], st.settings, probe_shape, spec=spec_json,
+                                         files=files, tenant=current_tenant(),
+                                         active=st.store.count_active(current_tenant()))
+
+        timeout = min(options.timeout_s or st.settings.job_timeout_s, st.settings.job_timeout_s)
+        queue = "gpu" if spec.options.device == "cuda" else st.settings.default_queue
+        key = dedupe_key(current_tenant(), spec_json, inputs, st.settings.engine)
+        twin = st.store.find_finished(key, current_tenant()) if st.settings.dedupe and options.reuse else None
+        with st.blobs.pinned():  # no blob collection between adopting the files and committing the job
+            for name, path in staged.items():
+                st.blobs.adopt(path, inputs[name]["sha256"])
+                adopted.append(inputs[name]["sha256"])
+            if twin is not None:
+                source, report = twin
+                job = st.store.create_reused(source=source, report=report, spec=spec_json, inputs=inputs,
+                                             timeout_s=timeout, tenant=current_tenant(), queue=queue, dedupe_key=key)
+            else:
+                try:
+                    job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
+                                          max_attempts=st.settings.max_attempts, tenant=current_tenant(),
+                                          max_queued=st.settings.max_queued,
+                                          max_tenant_jobs=st.settings.max_tenant_jobs, queue=queue, dedupe_key=key)
+                except QueueFull as exc:
+                    raise too_many(exc) from None
+        adopted.clear()
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        if adopted:  # adopted, but no job refers to them: the submission failed after all
+            st.blobs.remove_unreferenced(adopted, st.store.references_blob)
+    if twin is None:
         st.executor.dispatch(job)
     location = f"/audits/{job['id']}"
 
@@ -216,8 +240,8 @@ def submit_audit() -> Response:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.5)
         if JobStatus(job["status"]) == JobStatus.SUCCEEDED:
-            report = st.store.report(job["id"]) or {}
-            response = jsonify(report)
+            text = st.store.report_text(job["id"]) or "{}"
+            response = Response(text, mimetype="application/json")
             response.headers["Location"] = location
             return response
     return _json(job_out(job, time.time()), 202, {"Location": location})
@@ -243,7 +267,8 @@ def get_audit(job_id: str) -> Response:
     return _json(job_out(get_job_or_404(job_id), time.time()))
 
 
-def _finished_report(job_id: str) -> tuple[dict, dict]:
+def _finished_report_text(job_id: str) -> tuple[dict, str]:
+    """The job and its stored report JSON text (never parsed here: one copy in the web worker)."""
     job = get_job_or_404(job_id)
     status = JobStatus(job["status"])
     if status != JobStatus.SUCCEEDED:
@@ -252,27 +277,27 @@ def _finished_report(job_id: str) -> tuple[dict, dict]:
             raise Conflict(f"audit {job_id} failed, so it has no report: {reason}")
         raise Conflict(f"audit {job_id} is {status.value} ({job['progress']:.0%}, {job['stage']}); its report is "
                        f"ready when GET /audits/{job_id} says succeeded")
-    report = state().store.report(job_id)
-    if report is None:
+    text = state().store.report_text(job_id)
+    if text is None:
         raise Conflict(f"audit {job_id} has no stored report")
-    return job, report
+    return job, text
 
 
 @bp.get("/audits/<job_id>/report")
 def get_report(job_id: str) -> Response:
-    job, report = _finished_report(job_id)
+    job, text = _finished_report_text(job_id)
     best = request.accept_mimetypes.best_match(["application/json", "text/html"], default="application/json")
     if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]:
-        return _html(job, report)
-    response = jsonify(report)
+        return _html(job, json.loads(text))
+    response = Response(text, mimetype="application/json")
     response.headers["Vary"] = "Accept"
     return response
 
 
 @bp.get("/audits/<job_id>/report.html")
 def get_report_html(job_id: str) -> Response:
-    job, report = _finished_report(job_id)
-    return _html(job, report)
+    job, text = _finished_report_text(job_id)
+    return _html(job, json.loads(text))
 
 
 def _html(job: dict, report: dict) -> Response:
@@ -291,5 +316,7 @@ def delete_audit(job_id: str) -> Response:
     if JobStatus(job["status"]) not in READY_STATES and st.store.cancel(job_id, tenant=current_tenant()):
         return _json(job_out(st.store.get(job_id), time.time()), 202)
     if st.store.delete(job_id, tenant=current_tenant()):
+        shas = [e["sha256"] for e in (job.get("inputs") or {}).values() if isinstance(e, dict) and e.get("sha256")]
+        st.blobs.remove_unreferenced(shas, st.store.references_blob)  # blobs no other job refers to
         return Response(status=204)
     raise NotFound(f"no audit with id {job_id!r}")

@@ -20,6 +20,8 @@ from pathlib import Path
 from ..commands import add_spec_arguments, build_spec_dict  # the same spec flags as `audit`
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: ``serve`` refuses to start on a damaged job database (see ``JobStore.open_checked``)
+EXIT_DAMAGED_STORE = 3
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"audit-service: error: {refusal}", file=sys.stderr)
         return EXIT_BAD_INPUT
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    JobStore(settings.resolved_database_url).init_schema()
+    damage = JobStore(settings.resolved_database_url).open_checked()  # integrity, lost commits; then the schema
+    if damage:
+        print(f"audit-service: error: refusing to start: {damage}", file=sys.stderr)
+        return EXIT_DAMAGED_STORE
     from ..jobs.launcher import PACKAGE_ROOT
 
     env = {**os.environ, **settings.as_env(), "AUDIT_DATA_DIR": str(Path(settings.data_dir).resolve())}

@@ -79,6 +79,14 @@ class ServiceUnavailable(ApiError):
     status, title, slug = 503, "Service Unavailable", "unavailable"
 
 
+class InsufficientStorage(ApiError):
+    status, title, slug = 507, "Insufficient Storage", "insufficient-storage"
+
+
+DISK_FULL_DETAIL = ("the service's disk is full, so nothing was stored and no job was created; retry after the "
+                    "Retry-After seconds (the operator must free space in the data dir; the service recovers by "
+                    "itself once there is room)")
+
 _BY_STATUS = {cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
                                           Unprocessable, TooManyRequests, ServiceUnavailable)}
 
@@ -113,6 +121,12 @@ def _handle(exc: Exception) -> Response:
             headers["Allow"] = ", ".join(exc.valid_methods)
         slug = exc.name.lower().replace(" ", "-")
         return problem(status, exc.name, detail, slug, None, headers)
+    from ..jobs.blobs import is_disk_full
+
+    if is_disk_full(exc):
+        log.error("disk full on %s %s: %s", request.method, request.path, exc)
+        return problem(507, InsufficientStorage.title, DISK_FULL_DETAIL, InsufficientStorage.slug, None,
+                       {"Retry-After": "60"})
     log.exception("unhandled error on %s %s", request.method, request.path)
     return problem(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
                    "internal-error")

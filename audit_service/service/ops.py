@@ -35,9 +35,22 @@ def readyz() -> Response:
         checks["database"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
     data_dir = Path(st.settings.data_dir)
     checks["data_dir"] = "ok" if os.access(data_dir, os.W_OK) else f"error: {data_dir} is not writable"
+    free_mb = free_space_mb(data_dir)
+    checks["disk"] = ("ok" if free_mb is None or free_mb >= st.settings.min_free_mb else
+                      f"error: {free_mb:.0f} MiB free in the data dir, less than AUDIT_MIN_FREE_MB="
+                      f"{st.settings.min_free_mb}; free some space")
     ok = all(v == "ok" for v in checks.values())
     body = ReadyOut(status="ready" if ok else "not_ready", checks=checks, queue_depth=depth)
     return Response(body.model_dump_json(), status=200 if ok else 503, mimetype="application/json")
+
+
+def free_space_mb(path: Path) -> float | None:
+    """Free space (MiB) for unprivileged writers on the file system of ``path``; None when unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
 
 
 @bp.get("/metrics")

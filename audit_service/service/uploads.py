@@ -7,6 +7,9 @@ array is read and nothing is unpickled here; the sandbox loads them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -17,7 +20,7 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from werkzeug.datastructures import FileStorage
@@ -33,43 +36,114 @@ _VALIDATED: "OrderedDict[str, dict]" = OrderedDict()
 _VALIDATED_LOCK = threading.Lock()
 
 
-def save_upload(blobs: BlobStore, upload: FileStorage, field: str, max_mb: int) -> dict:
+def save_upload(blobs: BlobStore, upload: FileStorage, field: str, max_mb: int) -> tuple[dict, Path]:
+    """Stream one upload into a private staging file (``BlobStore.stage``); (entry, staged path). The
+    caller adopts the file into the store once the submission is accepted, or deletes it."""
     try:
-        sha, size = blobs.put_stream(upload.stream, max_bytes=max_mb * MiB)
+        staged, sha, size = blobs.stage(upload.stream, max_bytes=max_mb * MiB)
     except BlobTooLarge:
         raise PayloadTooLarge(f"Expected `{field}` to be at most {max_mb} MiB, but the upload is larger "
                               f"(AUDIT_MAX_{'MODEL' if field == 'model' else 'PROBES'}_MB)", field=field) from None
     if size == 0:
+        staged.unlink(missing_ok=True)
         raise Unprocessable(f"Expected a non-empty `{field}` file, but got 0 bytes", field=field)
     name = Path(upload.filename or "").name[:255] or None
-    return {"sha256": sha, "size_bytes": size, "filename": name}
+    return {"sha256": sha, "size_bytes": size, "filename": name}, staged
 
 
-def validate_model(path: Path, entry: dict, settings: Settings, input_shape: tuple[int, ...] | None = None) -> dict:
-    """Check the model in a sandboxed child (cached by sha256 and shape); fill ``format``; 422 when it
-    does not load. Untrusted model code (TorchScript, or our conversion of ONNX) never runs in the web
-    process: the child has the audits' memory / CPU limits, no network, and a wall-clock timeout."""
-    sha = (entry["sha256"], input_shape)
+#: the engine the submission-time check runs in the sandbox: load the model, fit probes, labels, group, shifts
+PRECHECK_ENGINE = "audit_service.audit:precheck_audit"
+#: spec fields as the client names them (the engine names them from the spec's root)
+_SPEC_FIELDS = ("group", "shifts", "options", "policy", "require")
+
+
+def validate_model(path: Path, entry: dict, settings: Settings, input_shape: tuple[int, ...] | None = None,
+                   spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None,
+                   tenant: str = "default", active: int = 0) -> dict:
+    """Check the model in a sandboxed child (cached); fill ``format``; 422 when it does not load. With
+    ``spec`` (and the probe ``files``: {field: (path, format, sha256)}), the child also checks everything the audit
+    would check before it sweeps (``audit.precheck_audit``): probes and labels against the model, the group
+    against its input shape (axes, sizes, closure and product orders), the shifts; a 422 names the field.
+    Untrusted model code (TorchScript, or our conversion of ONNX) never runs in the web process: the child
+    has the audits' memory / CPU limits, no network, and a wall-clock timeout. Each check takes one of
+    ``max_model_checks`` global and ``max_tenant_checks`` per-tenant slots (``check_slot``)."""
+    files = files or {}
+    key = (entry["sha256"], input_shape, json.dumps(spec, sort_keys=True) if spec is not None else None,
+           tuple(sorted((k, v[2]) for k, v in files.items())))
     with _VALIDATED_LOCK:
-        info = _VALIDATED.get(sha)
+        info = _VALIDATED.get(key)
     if info is None:
-        info = _check_in_sandbox(path, settings, input_shape)
+        with check_slot(settings, tenant, active):
+            info = _check_in_sandbox(path, settings, input_shape, spec, files)
         with _VALIDATED_LOCK:
-            _VALIDATED[sha] = info
+            _VALIDATED[key] = info
             while len(_VALIDATED) > 256:
                 _VALIDATED.popitem(last=False)
     return {**entry, "format": info["format"]}
 
 
-def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None) -> dict:
+@contextlib.contextmanager
+def check_slot(settings: Settings, tenant: str, active: int = 0) -> Iterator[None]:
+    """One of ``max_tenant_checks`` slots of ``tenant`` (fewer when its queued + running jobs ``active``
+    leave less room under ``max_tenant_jobs``: a check counts as a job) and one of ``max_model_checks``
+    global slots, as ``flock``s on files of the data dir, so every web worker process shares them; 429
+    (tenant) or 503 (global) with Retry-After when none is free."""
+    from .errors import ServiceUnavailable, TooManyRequests
+
+    locks = Path(settings.data_dir) / "locks"
+    locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    retry = {"Retry-After": str(max(1, min(60, int(settings.validate_timeout_s // 4))))}
+    tenant_key = hashlib.sha256(tenant.encode()).hexdigest()[:16]
+    room = max(0, min(settings.max_tenant_checks, settings.max_tenant_jobs - active))
+    mine = _take_slot(locks, f"check-{tenant_key}", room)
+    if mine is None:
+        raise TooManyRequests(f"you have {room} model checks running (AUDIT_MAX_TENANT_CHECKS="
+                              f"{settings.max_tenant_checks}, and each counts against AUDIT_MAX_TENANT_JOBS="
+                              f"{settings.max_tenant_jobs} with your {active} queued or running audits); retry "
+                              f"after the Retry-After seconds", headers=retry, slug="tenant-limit")
+    try:
+        shared = _take_slot(locks, "check", settings.max_model_checks)
+        if shared is None:
+            raise ServiceUnavailable(f"the service is checking {settings.max_model_checks} models already "
+                                     f"(AUDIT_MAX_MODEL_CHECKS); retry after the Retry-After seconds", headers=retry)
+        try:
+            yield
+        finally:
+            os.close(shared)
+    finally:
+        os.close(mine)
+
+
+def _take_slot(locks: Path, prefix: str, n: int) -> int | None:
+    """An fd holding an exclusive flock on one of ``prefix-0..n-1``; None when all are held."""
+    for i in range(n):
+        fd = os.open(locks / f"{prefix}-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+    return None
+
+
+def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None,
+                      spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None) -> dict:
     workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
     (workdir / "tmp").mkdir(parents=True)
     try:
         model = workdir / "model"
         os.symlink(path.resolve(), model)
         max_bytes = settings.max_model_mb * MiB
-        (workdir / "task.json").write_text(json.dumps({"kind": "validate", "model": str(model), "max_bytes": max_bytes,
-                                                       "input_shape": list(input_shape) if input_shape else None}))
+        if spec is None:
+            task = {"kind": "validate", "model": str(model), "max_bytes": max_bytes,
+                    "input_shape": list(input_shape) if input_shape else None}
+        else:
+            task = {"kind": "audit", "engine": PRECHECK_ENGINE, "spec": spec, "model": str(model)}
+            for name, (file_path, fmt, _sha) in (files or {}).items():
+                link = workdir / f"{name}.{fmt}"
+                os.symlink(file_path.resolve(), link)
+                task[name] = str(link)
+        (workdir / "task.json").write_text(json.dumps(task))
         cpu = max(5, int(settings.validate_timeout_s))
         limits = Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
                         file_mb=settings.job_scratch_mb,
@@ -93,8 +167,10 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
         if isinstance(result, dict) and isinstance(result.get("error"), dict):
             err = result["error"]
             field = str(err.get("field") or "model")[:128]
+            if field.split(".")[0].split("[")[0] in _SPEC_FIELDS:
+                field = f"spec.{field}"
             message = cap_text(str(err.get("message") or "the model could not be loaded"))
-            if err.get("type") in ("audit_failed", "out_of_memory", "not_implemented"):
+            if field == "model" and err.get("type") in ("audit_failed", "out_of_memory", "not_implemented"):
                 message = f"loading failed: {message}"
             if field == "model" and not message.startswith("Expected"):
                 message = f"Expected a loadable ONNX or TorchScript classifier, but {message}"
