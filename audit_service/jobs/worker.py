@@ -221,6 +221,13 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
         return Outcome(JobStatus.FAILED, err.message)
     result = None
     try:
+        # read no more than a report may hold (with room for the examples the store drops): a model
+        # that writes a huge result.json must not make the worker load it
+        if (workdir / "result.json").stat().st_size > 4 * settings.max_report_mb * 1024 * 1024:
+            err = JobError("report_too_large", f"the audit's result is larger than 4 x AUDIT_MAX_REPORT_MB="
+                                               f"{settings.max_report_mb} MiB and was not read")
+            store.fail(job_id, err, owner=owner)
+            return Outcome(JobStatus.FAILED, err.message)
         result = json.loads((workdir / "result.json").read_text())
     except (OSError, ValueError):
         pass
