@@ -51,7 +51,7 @@ class BlobStore:
             sha = digest.hexdigest()
             target = self.path(sha)
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o600)  # the service user's alone (the data dir is 0700 too)
             os.replace(tmp, target)
             return sha, size
         except BaseException:
