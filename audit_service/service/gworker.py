@@ -16,6 +16,7 @@ check) yield to other greenlets while they wait; SQLite calls run briefly on the
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import gevent
@@ -67,5 +68,24 @@ class AuditWorker(GeventWorker):
         status, reason = int(status_line[1]), status_line[2]
         try:
             util.write_nonblock(client, problem_bytes(status, reason, error_detail(status, exc, self.cfg)))
+            _lingering_close(client)
         except Exception:  # noqa: BLE001 - the client is gone
             self.log.debug("failed to send the error answer")
+
+
+#: after an error answer, read (and drop) what the client still sends for at most this long / this much
+LINGER_S, LINGER_BYTES = 1.0, 1024 * 1024
+
+
+def _lingering_close(client: Any) -> None:
+    """Half-close, then drain the rest of the request before the caller closes the socket: closing it with
+    unread bytes (the rest of a 10 kB request line) sends a TCP reset, which may destroy the answer
+    before the client has read it."""
+    client.shutdown(socket.SHUT_WR)
+    drained = 0
+    with gevent.Timeout(LINGER_S, False):
+        while drained < LINGER_BYTES:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
