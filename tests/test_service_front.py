@@ -19,7 +19,7 @@ from conftest import Service, tiny_spec
 
 pytestmark = pytest.mark.slow
 
-ALICE = "alice-token-0123456789abcdef"
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
 HEADER_TIMEOUT_S = 4
 FAST_S = 1.0
 
@@ -28,7 +28,7 @@ FAST_S = 1.0
 def front(tmp_path_factory):
     data = tmp_path_factory.mktemp("front") / "data"
     # web only: accepted jobs stay queued, so `?wait=` waiters wait for as long as they asked
-    svc = Service(data, workers=0, web_workers=2, AUDIT_TOKENS=f"{ALICE}:alice", AUDIT_MAX_TENANT_JOBS=64,
+    svc = Service(data, workers=0, web_workers=2, AUDIT_TOKENS=f"{ALICE}:alice,{BOB}:bob", AUDIT_MAX_TENANT_JOBS=64,
                   AUDIT_MAX_WAIT_S=60, AUDIT_HEADER_TIMEOUT_S=HEADER_TIMEOUT_S).start()
     yield svc
     svc.stop()
@@ -142,6 +142,48 @@ def test_wait_waiters_do_not_hold_the_web_workers(front, models):
     for t in threads:
         t.join(10)
     assert len(answers) == 16 and all(code == 202 and loc.startswith("/audits/") for code, loc in answers), answers
+
+
+def test_a_slow_model_check_does_not_block_other_requests(front, tmp_path):
+    """The submission-time model check waits for its sandboxed child cooperatively (gevent-patched
+    ``subprocess`` / ``select`` / ``sleep``): the web worker running it keeps answering."""
+    import torch
+    from builders import IMAGE_SHAPE, export_torchscript
+
+    class SlowCheck(torch.nn.Module):
+        """A valid classifier whose every forward spins for a few seconds."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(144, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = torch.zeros(1)
+            for i in range(600_000):
+                s = s + 1.0
+            return self.fc(x.flatten(1)) + 0.0 * s
+
+    model = export_torchscript(SlowCheck(), IMAGE_SHAPE, tmp_path / "slow.pt", script=True).read_bytes()
+    answers: list = []
+
+    def submit() -> None:
+        start = time.monotonic()
+        r = requests.post(front.url + "/audit", headers=auth(BOB), files={"model": ("slow.pt", model)},
+                          data={"spec": json.dumps(tiny_spec())}, timeout=120)
+        answers.append((r.status_code, time.monotonic() - start))
+
+    threads = [threading.Thread(target=submit, daemon=True) for _ in range(2)]  # one per web worker, likely
+    for t in threads:
+        t.start()
+    latencies = []
+    while any(t.is_alive() for t in threads):
+        latencies.append(timed_get(front.url + "/healthz"))
+        time.sleep(0.1)
+    print(f"/healthz during 2 slow model checks ({[round(a[1], 1) for a in answers]} s): "
+          f"max {max(latencies):.3f} s over {len(latencies)} calls")
+    assert [a[0] for a in answers] == [202, 202], answers
+    assert min(a[1] for a in answers) > 1.5  # the checks were slow ...
+    assert max(latencies) < FAST_S, latencies  # ... and nothing waited for them
 
 
 def test_gunicorn_level_errors_are_problem_json(front):
