@@ -76,7 +76,7 @@ class BlobStore:
         """Move a staged file into the store under ``sha256`` (which the caller computed while staging)."""
         target = self.path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(staged, 0o644)
+        os.chmod(staged, 0o600)  # the service user's alone (the data dir is 0700 too)
         os.replace(staged, target)
         return target
 

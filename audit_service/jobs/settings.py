@@ -60,9 +60,15 @@ class Settings:
     max_queued: int = 64
     #: local audit worker processes (``serve`` / ``worker``)
     workers: int = 1
-    #: gunicorn web worker processes and threads per worker (``serve``)
+    #: gunicorn web worker processes (``serve``; gevent: one greenlet per connection) and the most
+    #: connections each holds at once
     web_workers: int = 2
-    web_threads: int = 8
+    web_connections: int = 1000
+    #: seconds a client has to send a request's line and headers (and the most a kept-alive connection
+    #: waits for the next request); slower clients are disconnected
+    header_timeout_s: float = 10.0
+    #: seconds any later read or write on a connection (request body, answer) may stall
+    request_idle_s: float = 60.0
     #: per-audit limits: wall clock (s), CPU time (s), address space (MiB; 0 = no limit)
     job_timeout_s: float = 3600.0
     job_cpu_s: int = 7200

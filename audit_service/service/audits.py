@@ -228,6 +228,8 @@ def submit_audit() -> Response:
 
     wait = min(query.wait, st.settings.max_wait_s)
     if wait > 0:
+        # a poll of the job store with growing pauses; under serve's gevent workers ``time.sleep`` is
+        # patched to a greenlet sleep, so a waiter holds no thread and no database connection meanwhile
         deadline = time.monotonic() + wait
         delay = 0.05
         while time.monotonic() < deadline:

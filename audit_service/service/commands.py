@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,6 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ..jobs.worker import run_workers
 
     settings = _settings(args, workers=args.processes, worker_queues=args.queues)
+    private_data_dir(settings.data_dir)
     if settings.resolved_executor == "celery":
         return run_celery_worker(settings)
     return run_workers(settings, processes=settings.workers)
@@ -111,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"audit-service: error: {refusal}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings.data_dir)
     damage = JobStore(settings.resolved_database_url).open_checked()  # integrity, lost commits; then the schema
     if damage:
         print(f"audit-service: error: refusing to start: {damage}", file=sys.stderr)
@@ -120,11 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     env = {**os.environ, **settings.as_env(), "AUDIT_DATA_DIR": str(Path(settings.data_dir).resolve())}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
-    gunicorn = [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
-                "--workers", str(settings.web_workers), "--threads", str(settings.web_threads),
-                "--worker-class", "gthread", "--timeout", str(int(settings.max_wait_s + 60)),
-                "--graceful-timeout", "10", "--access-logfile", "-", "--error-logfile", "-",
-                "audit_service.service.wsgi:app"]
+    gunicorn = [sys.executable, "-m", "gunicorn", *gunicorn_options(settings), "audit_service.service.wsgi:app"]
     workers = [sys.executable, "-m", "audit_service.cli", "worker", "--processes", str(settings.workers)]
     children: list[subprocess.Popen] = []
     stopping = False
@@ -175,6 +173,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 child.kill()
                 child.wait()
     return 0 if stopping else rc
+
+
+#: gunicorn's own request limits (its defaults, stated): longer lines answer 414, more or larger headers 431
+LIMIT_REQUEST_LINE, LIMIT_REQUEST_FIELDS, LIMIT_REQUEST_FIELD_SIZE = 4094, 100, 8190
+
+
+def gunicorn_options(settings) -> list[str]:  # noqa: ANN001
+    """The gunicorn command line of ``serve``: gevent workers (``service.gworker``: a greenlet per
+    connection, header and idle timeouts, problem+json refusals), a logger that redacts tokens in URLs,
+    and no control socket (gunicorn's default is one per user, shared by every instance)."""
+    return ["--bind", f"{settings.host}:{settings.port}", "--workers", str(settings.web_workers),
+            "--worker-class", "audit_service.service.gworker.AuditWorker",
+            "--worker-connections", str(settings.web_connections),
+            # a worker whose event loop is blocked this long (it cannot send its heartbeat) is replaced;
+            # also the budget for loading the app and warming the sandbox fork server
+            "--timeout", "120", "--graceful-timeout", "10",
+            "--keep-alive", str(max(1, math.ceil(settings.header_timeout_s))),
+            "--limit-request-line", str(LIMIT_REQUEST_LINE), "--limit-request-fields", str(LIMIT_REQUEST_FIELDS),
+            "--limit-request-field_size", str(LIMIT_REQUEST_FIELD_SIZE),
+            "--logger-class", "audit_service.service.front.RedactingLogger", "--no-control-socket",
+            "--access-logfile", "-", "--error-logfile", "-"]
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """Files this process and its children create are the service user's alone (umask 077: files
+    0600, folders 0700), and so is the data dir, whatever its mode was."""
+    os.umask(0o077)
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.chmod(0o700)
+    except PermissionError:  # another user's (shared) dir: leave it to its owner
+        print(f"audit-service: warning: cannot make {path} private (chmod 700): not its owner", file=sys.stderr)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - child
