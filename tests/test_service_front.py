@@ -29,7 +29,10 @@ def front(tmp_path_factory):
     data = tmp_path_factory.mktemp("front") / "data"
     # web only: accepted jobs stay queued, so `?wait=` waiters wait for as long as they asked
     svc = Service(data, workers=0, web_workers=2, AUDIT_TOKENS=f"{ALICE}:alice,{BOB}:bob", AUDIT_MAX_TENANT_JOBS=64,
-                  AUDIT_MAX_WAIT_S=60, AUDIT_HEADER_TIMEOUT_S=HEADER_TIMEOUT_S).start()
+                  AUDIT_MAX_WAIT_S=60, AUDIT_HEADER_TIMEOUT_S=HEADER_TIMEOUT_S,
+                  # 16 simultaneous first submissions: room for their model checks (the check limits
+                  # have their own tests in test_service_disk.py)
+                  AUDIT_MAX_TENANT_CHECKS=16, AUDIT_MAX_MODEL_CHECKS=16).start()
     yield svc
     svc.stop()
 
