@@ -78,8 +78,8 @@ def test_saliency_renders_for_1_and_3_channels_and_feature_vectors(channels):
 
 
 def test_page_explains_the_verdict_folds_reasons_and_defines_the_metrics():
-    html = render_report_html(_report(examples=[_example(0, 0.1, 1.0)]),
-                              job={"links": {"report": "/audits/x/report"}, "inputs": {"model": {"filename": "net.onnx"}}})
+    job = {"links": {"report": "/audits/x/report"}, "inputs": {"model": {"filename": "net.onnx"}}}
+    html = render_report_html(_report(examples=[_example(0, 0.1, 1.0)]), job=job)
     assert "orbit averaging" in html and "invariance regularizer" in html
     assert "<details><summary>SI outside &gt;= 0.98 on 3 of 3 conditions</summary>" in html
     for name in ("DI", "LI", "SI", "LI_normalized"):

@@ -57,7 +57,8 @@ DEFINITIONS = [
     ("DI", "predictive-distribution invariance error",
      "DI = E<sub>x,g</sub> KL( softmax f(x) ‖ softmax f(gx) )", "0 is perfect."),
     ("LI", "logit invariance error",
-     "LI = E<sub>x,g</sub> ½ ‖f(x) − f(gx)‖²", "0 is perfect; stricter than DI, and depends on the logits' scale."),
+     "LI = E<sub>x,g</sub> ½ ‖f(x) − f(gx)‖²",
+     "0 is perfect; stricter than DI, and depends on the logits' scale."),
     ("SI", "saliency invariance similarity",
      "SI = E<sub>x,g</sub> cos( m(x), g<sup>−1</sup> m(gx) )",
      "1 is perfect. m is |integrated gradients| of the target logit, values below 0.9 × max set to 0, then a "
@@ -491,7 +492,8 @@ def timing_text(timing: dict) -> str:
     if timing.get("device"):
         parts.append(f"on {timing['device']}")
     for k, v in timing.items():
-        if k not in ("load_s", "conditions_s", "sensitivity_s", "total_s", "device") and not isinstance(v, (dict, list)):
+        known = ("load_s", "conditions_s", "sensitivity_s", "total_s", "device")
+        if k not in known and not isinstance(v, (dict, list)):
             parts.append(f"{k.removesuffix('_s').replace('_', ' ')} {sec(v) if k.endswith('_s') else v}")
     return " · ".join(parts)
 
