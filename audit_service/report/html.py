@@ -428,26 +428,46 @@ def spectrum_plot(sensitivity: dict) -> str | None:
     return _png(fig)
 
 
-def reference_plot(profile: dict) -> str | None:
-    """This model's scale-free metrics beside the closest reference run's, one row per metric."""
-    mine, ref = profile.get("vector") or {}, profile.get("reference_vector") or {}
-    keys = [k for k in mine if _num(mine.get(k)) is not None or _num(ref.get(k)) is not None]
+def _reference_runs(group: str | None) -> list[dict]:
+    """The shipped reference profiles (WT / DA / IR) of ``group``; [] when none ship. Imported on use, like
+    the engine's closest-profile courtesy: the report never needs them to render."""
+    try:
+        from ..reference.catalog import reference_profiles
+
+        return [p for p in reference_profiles() if p.get("group") == group]
+    except Exception:  # noqa: BLE001 - a courtesy; the chart falls back to the closest profile alone
+        return []
+
+
+_RUN_COLOURS = {"WT": "#2e9d4a", "DA": "#d9743a", "IR": "#4a6fa5"}
+
+
+def reference_plot(profile: dict, runs: list[dict] | None = None) -> str | None:
+    """This model's scale-free metrics among the reference runs of its group (WT / DA / IR), one row per
+    metric; LI_normalized and DI on a log axis, SI and agreement on [0, 1]."""
+    mine = profile.get("vector") or {}
+    closest = f"{profile.get('name', 'reference')} (closest)"
+    sources = [(p.get("vector") or {}, "s", _RUN_COLOURS.get(p.get("model"), "#2c3e50"),
+                closest if p.get("name") == profile.get("name") else p.get("name", "?")) for p in (runs or [])]
+    if not sources:
+        sources = [(profile.get("reference_vector") or {}, "s", "#2c3e50", closest)]
+    sources.append((mine, "o", "#c0392b", "this model"))
+    keys = [k for k in mine if any(_num(src.get(k)) is not None for src, *_ in sources)]
     if not keys:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 0.35 * len(keys) + 1.0), sharey=True)
     log_keys = [k for k in keys if k.endswith(("LI_normalized", ".DI"))]
-    lin_keys = [k for k in keys if k not in log_keys]
-    for ax, subset, log in ((axes[0], log_keys, True), (axes[1], lin_keys, False)):
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 0.35 * len(keys) + 1.0), sharey=True)
+    for ax, log in ((axes[0], True), (axes[1], False)):
         for i, k in enumerate(keys):
-            if k not in subset:
+            if (k in log_keys) != log:
                 continue
-            for source, marker, colour, name in ((mine, "o", "#c0392b", "this model"),
-                                                 (ref, "s", "#2c3e50", profile.get("name", "reference"))):
+            for source, marker, colour, name in sources:
                 v = _num(source.get(k))
                 if v is not None:
-                    ax.plot(max(v, ROUND_OFF) if log else v, i, marker, color=colour, label=name,
-                            alpha=0.85, markersize=6)
+                    size = 8 if name == "this model" else 6
+                    ax.plot(max(v, ROUND_OFF) if log else v, i, marker, color=colour, label=name, alpha=0.85,
+                            markersize=size, markerfacecolor="none" if name == closest else colour)
         if log:
             ax.set_xscale("log")
             ax.set_xlim(ROUND_OFF / 3, 10)
@@ -466,7 +486,7 @@ def reference_plot(profile: dict) -> str | None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, bbox_to_anchor=(0.5, -0.08))
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     return _png(fig)
 
@@ -540,7 +560,8 @@ def render_report_html(report: dict, job: dict | None = None, base_url: str | No
         sigma=sigma if isinstance(sigma, dict) else {"mean": sigma}, fmt=fmt,
         model=report.get("model") or {}, model_name=_model_name(report, job),
         group=report.get("group") or {}, timing=timing_text(report.get("timing") or {}),
-        profile=profile, profile_plot=reference_plot(profile) if profile else None,
+        profile=profile,
+        profile_plot=reference_plot(profile, _reference_runs(profile.get("group"))) if profile else None,
         trivial_profile_hidden=label == "trivial" and bool(report.get("reference_profile")),
         json_link=json_link,
     )
