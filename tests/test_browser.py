@@ -104,3 +104,14 @@ def test_front_door_submits_a_demo_model_and_shows_its_verdict(browser, service,
     page.screenshot(path=str(shots / "front.png"), full_page=True)
     page.close()
     assert not problems, problems
+
+
+def test_docs_render_the_contract_from_packaged_assets(browser, service):
+    page, problems = _page(browser)
+    remote: list[str] = []
+    page.on("request", lambda r: remote.append(r.url) if not r.url.startswith((service.url, "data:")) else None)
+    page.goto(service.url + "/docs")
+    title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "audit" in title.inner_text().lower()
+    page.close()
+    assert not problems and not remote, (problems, remote)

@@ -1,9 +1,14 @@
 """The front door: ``/`` (a page to submit a model, follow the job and see the verdict, and the caller's
-recent audits), ``/docs`` (Swagger UI served from the ``swagger-ui-bundle`` package, no CDN) and its
+recent audits), ``/docs`` (Swagger UI 5, which reads OpenAPI 3.1, served from the ``swagger-ui-py`` package's static
+files; no CDN) and its
 static files. The pages hold no data: their scripts call the API with the caller's token, so they are public
 (``auth.PUBLIC_PATHS``, ``auth.PUBLIC_PREFIXES``)."""
 
 from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
@@ -33,10 +38,19 @@ def docs() -> Response:
     return _html(render_template("docs.html", version=__version__))
 
 
+@lru_cache(maxsize=1)
+def swagger_ui_dir() -> Path | None:
+    """The ``swagger-ui-py`` package's copy of Swagger UI, found without importing the package."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return static if (static / "swagger-ui-bundle.js").is_file() else None
+
+
 @bp.get("/docs/static/<path:name>")
 def docs_static(name: str) -> Response:
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-    except ImportError:  # pragma: no cover - a dependency; the page says what is missing
+    static = swagger_ui_dir()
+    if static is None:  # pragma: no cover - a dependency
         abort(404)
-    return send_from_directory(str(swagger_ui_path), name, max_age=3600)
+    return send_from_directory(static, name, max_age=3600)
