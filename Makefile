@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install test run bench bench-load clean
+.PHONY: install test run bench bench-load screenshots clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q -ra
+
+# docs/report.png and docs/front.png, from the browser tests (needs /usr/bin/chromium: apt-get install chromium)
+screenshots: install
+	AUDIT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_browser.py
 
 run: install
 	$(BIN)/audit-service serve --host $(HOST) --port $(PORT)

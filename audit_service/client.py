@@ -79,7 +79,7 @@ class AuditClient:
     def submit(self, model: str | Path, spec: dict | str, probes: str | Path | None = None,
                labels: str | Path | None = None, second_probes: str | Path | None = None,
                timeout_s: float | None = None, wait: float | None = None) -> dict:
-        """POST /audit; returns the job (202) or, with ``wait`` and a quick audit, ``{"report": ...}`` too."""
+        """POST /audit; returns the job (202) or, with ``wait`` and a quick audit, ``{"summary": ..., "report": ...}``."""
         spec_text = spec if isinstance(spec, str) else json.dumps(spec)
         files_in = {"model": model, "probes": probes, "labels": labels, "second_probes": second_probes}
         with ExitStack() as stack:
@@ -97,9 +97,9 @@ class AuditClient:
             response = self._request("POST", "/audit", files=files, data=data, params=params, _rewind=rewind,
                                      timeout=max(self.timeout, (wait or 0) + 30))
         body = response.json()
-        if response.status_code == 200:  # waited, and the report is ready
-            job_id = response.headers.get("Location", "").rsplit("/", 1)[-1]
-            return {"id": job_id, "status": "succeeded", "report": body}
+        if response.status_code == 200:  # waited, and the report is ready: the answer is its summary
+            job_id = body.get("id") or response.headers.get("Location", "").rsplit("/", 1)[-1]
+            return {"id": job_id, "status": "succeeded", "summary": body, "report": self.report(job_id)}
         return body
 
     def get(self, job_id: str) -> dict:

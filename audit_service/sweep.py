@@ -91,10 +91,10 @@ class OrbitSweep:
         generator.manual_seed(self.options.seed * 1_000_003 + zlib.crc32(condition.name.encode()))
         use_labels = labels is not None and not condition.noise
         for x, y in self._chunks(condition, probes, labels if use_labels else None, generator):
-            logits_gx, si_pairs, maps = self._orbit_batch(x, y)
+            logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y)
             acc.update(logits_gx, y, si_pairs)
             if si_pairs is not None and condition.keep_examples:
-                worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0])
+                worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
             on_chunk()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -123,15 +123,16 @@ class OrbitSweep:
 
     def _orbit_batch(
         self, x: torch.Tensor, labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Logits (G, n, C), SI per pair (G, n) and the aligned saliency maps (G, n, *S)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+        """Logits (G, n, C), SI per pair (G, n), the aligned saliency maps (G, n, *S) and what the
+        report's examples show beside them: the orbit (G, n, *S) and the raw |IG| in each input's frame."""
         n, shape = x.shape[0], x.shape[1:]
         orbit = self.group.orbit(x)                                  # (G, n, *S)
         g = orbit.shape[0]
         flat = orbit.reshape(g * n, *shape)
         logits = self.runner.logits(flat, self.options.batch_size).reshape(g, n, -1)
         if self.saliency is None:
-            return logits, None, None
+            return logits, None, None, {}
         target = labels if labels is not None else logits[0].argmax(-1)
         attributions = self.saliency.attribute(flat, target.repeat(g)).abs().reshape(g, n, *shape)
         # g^-1 first, then threshold + filter: g^-1 is a permutation, so it commutes with |.| and
@@ -139,39 +140,85 @@ class OrbitSweep:
         # border handling from breaking exact equivariance (cyclic translations, permutations).
         aligned = self.group.inverse_orbit(attributions)
         maps = postprocess(aligned.reshape(g * n, *shape), sample_rank=len(shape)).reshape(g, n, *shape)
-        return logits, saliency_similarity(maps[0], maps), maps
+        return logits, saliency_similarity(maps[0], maps), maps, {"orbit": orbit, "raw": attributions}
 
 
-def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int) -> list[dict]:
-    """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded).
+def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,
+                logits: torch.Tensor | None = None, seen: dict | None = None) -> list[dict]:
+    """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded);
+    ties in similarity (common: many pairs at exactly 1 or undefined) go to the larger logit error LI.
 
     Maps stay tensors (views of this chunk's maps, cloned) until the condition ends; only the few
     survivors are turned into JSON lists by ``_example``.
     """
     if si_pairs.shape[0] < 2:
         return kept
-    scores = si_pairs[1:].nan_to_num(nan=-2.0)                       # undefined (zero map) first
-    k = min(EXAMPLES_PER_CONDITION, scores.numel())
-    values, flat_idx = torch.topk(scores.flatten(), k, largest=False)
+    scores = si_pairs[1:].nan_to_num(nan=-2.0).flatten()             # undefined (zero map) first
+    if logits is not None:
+        li = 0.5 * (logits[1:] - logits[:1]).double().pow(2).sum(-1).flatten()
+    else:
+        li = torch.zeros_like(scores, dtype=torch.float64)
+    by_li = torch.argsort(-li, stable=True)
+    order = by_li[torch.argsort(scores[by_li], stable=True)][:EXAMPLES_PER_CONDITION]
     n = si_pairs.shape[1]
-    for value, idx in zip(values.tolist(), flat_idx.tolist()):
+    seen = seen or {}
+    for idx in order.tolist():
         element, probe = 1 + idx // n, idx % n
-        kept.append({"probe": offset + probe, "element": element, "score": value,
-                     "map_x": maps[0, probe].clone(), "map_gx_aligned": maps[element, probe].clone()})
-    kept.sort(key=lambda e: e["score"])
+        entry = {"probe": offset + probe, "element": element, "score": float(scores[idx]), "li": float(li[idx]),
+                 "map_x": maps[0, probe].clone(), "map_gx_aligned": maps[element, probe].clone()}
+        if "orbit" in seen:
+            entry["image_x"] = seen["orbit"][0, probe].clone()
+            entry["image_gx"] = seen["orbit"][element, probe].clone()
+        if "raw" in seen:
+            entry["raw_x"] = seen["raw"][0, probe].clone()
+            entry["raw_gx"] = seen["raw"][element, probe].clone()
+        kept.append(entry)
+    kept.sort(key=lambda e: (e["score"], -e["li"]))
     return kept[:EXAMPLES_PER_CONDITION]
 
 
 def _example(kept: dict, condition: str, element_names: list[str]) -> dict:
-    """One kept pair as the report's JSON (a score of -2 marks an undefined similarity)."""
-    return {
+    """One kept pair as the report's JSON (a score of -2 marks an undefined similarity).
+
+    Beside the thresholded, filtered maps in x's frame (``map_x``, ``map_gx_aligned``: what SI compares)
+    it carries small copies of the probe and of g x (``image_x``, ``image_gx``, channels kept) and the raw
+    |integrated gradients| of each in its own frame (``raw_x``, ``raw_gx``), for the HTML report.
+    """
+    out = {
         "condition": condition,
         "probe": kept["probe"],
         "element": element_names[kept["element"]],
         "similarity": None if kept["score"] == -2.0 else round(kept["score"], 6),
+        "LI": round(kept.get("li", 0.0), 6),
         "map_x": _example_map(kept["map_x"]),
         "map_gx_aligned": _example_map(kept["map_gx_aligned"]),
     }
+    for key in ("image_x", "image_gx"):
+        if key in kept:
+            out[key] = _example_image(kept[key])
+    for key in ("raw_x", "raw_gx"):
+        if key in kept:
+            out[key] = _example_map(kept[key])
+    return out
+
+
+def _example_image(x: torch.Tensor) -> list:
+    """A probe small enough for JSON: (C, H, W) with channels kept, at most 48 px a side; 1-D features
+    as they are (at most 256); 3 decimals."""
+    x = x.detach().float()
+    if x.ndim >= 3:
+        x = x.reshape(-1, *x.shape[-2:])
+        if max(x.shape[-2:]) > EXAMPLE_MAX_SIDE:
+            side = (min(x.shape[-2], EXAMPLE_MAX_SIDE), min(x.shape[-1], EXAMPLE_MAX_SIDE))
+            x = F.adaptive_avg_pool2d(x[None], side)[0]
+    elif x.ndim == 2 and max(x.shape) > EXAMPLE_MAX_SIDE:
+        side = (min(x.shape[0], EXAMPLE_MAX_SIDE), min(x.shape[1], EXAMPLE_MAX_SIDE))
+        x = F.adaptive_avg_pool2d(x[None, None], side)[0, 0]
+    elif x.ndim == 1:
+        x = x[:256]
+    def rounded(v):
+        return [rounded(u) for u in v] if isinstance(v, list) else round(v, 3)
+    return rounded(x.cpu().tolist())
 
 
 def _example_map(m: torch.Tensor) -> list:

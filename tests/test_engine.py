@@ -115,6 +115,7 @@ def test_constant_model_is_trivial(tmp_path, digits):
     path = export_onnx(ConstantModel(n_classes=9), IMAGE_SHAPE, tmp_path / "const.onnx")
     report = run_audit(path, spec("D4"), probes=digits[2])
     assert report["verdict"]["label"] == "trivial"
+    assert report["reference_profile"] is None  # it ignores its input: it resembles no reference run
     clean = metrics(report, "clean")
     assert clean["SI"] is None and clean["LI_normalized"] is None and clean["LI"] == 0.0
     assert any("every saliency map is zero" in n for c in report["conditions"] for n in c["notes"])

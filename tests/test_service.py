@@ -93,10 +93,16 @@ def test_submit_poll_and_read_the_report(api, models):
     assert api("GET", "/audits", params={"status": "succeeded"}).json()["items"][0]["status"] == "succeeded"
 
 
-def test_wait_answers_200_with_the_report(api, models):
+def test_wait_answers_200_with_a_summary_and_the_report_at_its_link(api, models):
     r = submit(api, models, model="plain2", params={"wait": 120})
     assert r.status_code == 200, r.text
-    assert "verdict" in r.json() and r.headers["Location"].startswith("/audits/")
+    summary = r.json()
+    assert list(summary)[:4] == ["id", "status", "verdict", "passed"] and r.headers["Location"].startswith("/audits/")
+    assert summary["verdict"] in ("genuine", "learned", "not_invariant", "not_genuine", "trivial")
+    assert "noise" in summary["conditions"] and "DI" in summary["conditions"]["noise"]
+    assert len(r.content) < 4000, "the compact answer stays small"
+    report = api("GET", summary["links"]["report"]).json()
+    assert report["verdict"]["label"] == summary["verdict"]
 
 
 def test_listing_is_newest_first_and_paginated(api, models):

@@ -60,6 +60,15 @@ def test_tokens_are_required_except_for_health(secured, contract):
     assert call(secured, contract, "GET", "/audits", BOB).status_code == 200  # from the tokens file
 
 
+def test_front_door_pages_are_public_and_ask_for_a_token(secured, contract):
+    page = call(secured, contract, "GET", "/")
+    assert page.status_code == 200 and 'id="token"' in page.text  # the page holds no data; its script sends the token
+    docs = call(secured, contract, "GET", "/docs")
+    assert docs.status_code == 200
+    assert call(secured, contract, "GET", "/docs/static/swagger-ui-bundle.js").status_code == 200
+    assert call(secured, contract, "GET", "/audits").status_code == 401  # the data still needs a token
+
+
 def test_tenants_see_only_their_own_audits_and_have_their_own_limits(secured, contract, models):
     first = post_audit(secured, contract, models, ALICE, seed=1)
     assert first.status_code == 202, first.text

@@ -55,12 +55,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     init_auth(app, settings)
-    from . import audits, catalog, ops, references
+    from . import audits, catalog, front, ops, references
 
     app.register_blueprint(audits.bp)
     app.register_blueprint(catalog.bp)
     app.register_blueprint(references.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(front.bp)
     logging.getLogger("audit_service").setLevel(logging.INFO)
     return app
 

@@ -242,11 +242,22 @@ def submit_audit() -> Response:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.5)
         if JobStatus(job["status"]) == JobStatus.SUCCEEDED:
-            text = st.store.report_text(job["id"]) or "{}"
-            response = Response(text, mimetype="application/json")
-            response.headers["Location"] = location
-            return response
+            return _waited_answer(job, st.store.report(job["id"]) or {}, location)
     return _json(job_out(job, time.time()), 202, {"Location": location})
+
+
+def _waited_answer(job: dict, report: dict, location: str) -> Response:
+    """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
+    report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
+    from ..report.summary import report_summary
+
+    if request.accept_mimetypes.best == "text/html":
+        response = _html(job, report)
+    else:
+        response = jsonify(report_summary(report, job["id"]))
+    response.headers["Location"] = location
+    response.headers["Vary"] = "Accept"
+    return response
 
 
 @bp.get("/audits")
@@ -305,7 +316,8 @@ def get_report_html(job_id: str) -> Response:
 def _html(job: dict, report: dict) -> Response:
     from ..report.html import render_report_html
 
-    html = render_report_html(report, job=job_out(job, time.time()).model_dump(mode="json"))
+    html = render_report_html(report, job=job_out(job, time.time()).model_dump(mode="json"),
+                              base_url=request.host_url)
     response = Response(html, mimetype="text/html")
     response.headers["Vary"] = "Accept"
     return response

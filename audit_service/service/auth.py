@@ -21,7 +21,9 @@ from ..jobs.settings import Settings
 from ..jobs.store import DEFAULT_TENANT
 
 #: answered without a token: liveness, readiness and the contract itself
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml", "/", "/docs"})
+#: the front door's static files (Swagger UI); the pages hold no data, their scripts send the token
+PUBLIC_PREFIXES = ("/docs/static/",)
 MIN_TOKEN_CHARS = 16
 
 
@@ -125,7 +127,7 @@ def init_auth(app: Flask, settings: Settings) -> Authenticator:
         if not auth.enabled:
             g.tenant = DEFAULT_TENANT
             return
-        if request.path in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")

@@ -192,7 +192,7 @@ def gunicorn_options(settings) -> list[str]:  # noqa: ANN001
             "--keep-alive", str(max(1, math.ceil(settings.header_timeout_s))),
             "--limit-request-line", str(LIMIT_REQUEST_LINE), "--limit-request-fields", str(LIMIT_REQUEST_FIELDS),
             "--limit-request-field_size", str(LIMIT_REQUEST_FIELD_SIZE),
-            "--logger-class", "audit_service.service.front.RedactingLogger", "--no-control-socket",
+            "--logger-class", "audit_service.service.edge.RedactingLogger", "--no-control-socket",
             "--access-logfile", "-", "--error-logfile", "-"]
 
 

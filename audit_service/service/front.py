@@ -1,85 +1,56 @@
-"""What gunicorn itself does in front of the Flask app: its log lines without secrets, its own error
-answers as ``application/problem+json``.
-
-* ``redact(text)`` hides the value of ``token``, ``access_token`` and similar query parameters;
-  ``RedactingLogger`` (gunicorn ``logger_class``) applies it to every access-log atom and every
-  error-log line, so a bearer token sent in a URL never reaches a log file.
-* ``problem_bytes(...)`` is the raw HTTP answer ``gworker.AuditWorker`` sends for requests gunicorn
-  refuses before the app sees them (400 bad request line, 414 line too long, 431 too many / too
-  large headers).
-
-This module imports no gevent: the gunicorn master loads the logger class too.
-"""
+"""The front door: ``/`` (a page to submit a model, follow the job and see the verdict, and the caller's
+recent audits), ``/docs`` (Swagger UI 5, which reads OpenAPI 3.1, served from the ``swagger-ui-py`` package's static
+files; no CDN) and its
+static files. The pages hold no data: their scripts call the API with the caller's token, so they are public
+(``auth.PUBLIC_PATHS``, ``auth.PUBLIC_PREFIXES``)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from typing import Any
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
 
-from gunicorn import glogging
+from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
-from .errors import PROBLEM_BASE, PROBLEM_MIME
+from .. import __version__
 
-#: query parameters whose values never reach a log (``?token=...``, ``&access_token=...``)
-SECRET_PARAMS = ("access_token", "token", "api_key", "apikey", "key", "password", "secret")
-_SECRET = re.compile(r"(?i)((?:^|[?&;\s'\"])(?:%s)=)[^&;\s'\"#]*" % "|".join(SECRET_PARAMS))
-REDACTED = "[REDACTED]"
-#: the longest detail taken from a gunicorn parse error (it may quote what the client sent)
-MAX_DETAIL = 200
+bp = Blueprint("front", __name__, template_folder="templates")
 
 
-def redact(text: str) -> str:
-    """``text`` with the value of every secret-looking query parameter replaced by ``[REDACTED]``."""
-    return _SECRET.sub(r"\1" + REDACTED, text) if "=" in text else text
+def _tokens_on() -> bool:
+    auth = current_app.extensions.get("audit_auth")
+    return bool(auth is not None and auth.enabled)
 
 
-class _RedactFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-        return True
+def _html(text: str) -> Response:
+    response = Response(text, mimetype="text/html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
-_FILTER = _RedactFilter()
+@bp.get("/")
+def index() -> Response:
+    return _html(render_template("front.html", version=__version__, tokens=_tokens_on()))
 
 
-class RedactingLogger(glogging.Logger):
-    """gunicorn's logger with secrets taken out of the access log's atoms and the error log's lines."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        for log in (self.error_log, self.access_log):
-            log.addFilter(_FILTER)
-
-    def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict:
-        atoms = super().atoms(resp, req, environ, request_time)
-        return {k: redact(v) if isinstance(v, str) else v for k, v in atoms.items()}
+@bp.get("/docs")
+def docs() -> Response:
+    return _html(render_template("docs.html", version=__version__))
 
 
-def problem_bytes(status: int, reason: str, detail: str) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 answer with an RFC 9457 body."""
-    slug = reason.lower().replace(" ", "-")
-    body = json.dumps({"type": PROBLEM_BASE + slug, "title": reason, "status": status, "detail": detail,
-                       "instance": None, "field": None}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {PROBLEM_MIME}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode("latin1") + body
+@lru_cache(maxsize=1)
+def swagger_ui_dir() -> Path | None:
+    """The ``swagger-ui-py`` package's copy of Swagger UI, found without importing the package."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return static if (static / "swagger-ui-bundle.js").is_file() else None
 
 
-def error_detail(status: int, exc: BaseException, cfg: Any) -> str:
-    """What a client is told about a request gunicorn refused (no secret it sent is echoed back)."""
-    if status == 414:
-        return (f"Expected a request line of at most {cfg.limit_request_line} bytes, but it is longer; send long "
-                f"parameters in the request body")
-    if status == 431:
-        return (f"Expected at most {cfg.limit_request_fields} request headers of at most "
-                f"{cfg.limit_request_field_size} bytes each, but got more: {redact(str(exc))[:MAX_DETAIL]}")
-    if status >= 500:
-        return "an unexpected error occurred; it has been logged"
-    return redact(str(exc))[:MAX_DETAIL] or "the request could not be parsed"
+@bp.get("/docs/static/<path:name>")
+def docs_static(name: str) -> Response:
+    static = swagger_ui_dir()
+    if static is None:  # pragma: no cover - a dependency
+        abort(404)
+    return send_from_directory(static, name, max_age=3600)

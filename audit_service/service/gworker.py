@@ -24,7 +24,7 @@ from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
 from ..jobs.settings import Settings
-from .front import error_detail, problem_bytes
+from .edge import error_detail, problem_bytes
 
 
 class _Capture:

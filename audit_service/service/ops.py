@@ -8,7 +8,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from .app import state
 from .schemas import HealthOut, ReadyOut
@@ -94,4 +94,11 @@ def openapi_text() -> str:
 
 @bp.get("/openapi.yaml")
 def openapi_yaml() -> Response:
-    return Response(openapi_text(), mimetype="application/yaml")
+    """``application/yaml`` for tools; a browser (``text/html`` or ``text/plain`` preferred) gets ``text/plain``
+    shown inline instead of a download."""
+    best = request.accept_mimetypes.best
+    mimetype = "text/plain" if best in ("text/html", "text/plain") else "application/yaml"
+    response = Response(openapi_text(), mimetype=mimetype)
+    response.headers["Content-Disposition"] = 'inline; filename="openapi.yaml"'
+    response.headers["Vary"] = "Accept"
+    return response

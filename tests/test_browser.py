@@ -1,0 +1,117 @@
+"""The pages in a real browser: Debian's Chromium driven by Playwright (pointed at the system browser;
+nothing is downloaded). The report of a real audit renders with no console errors and its images load;
+the front door's form submits a shipped demo model and shows its verdict.
+
+Screenshots go to ``$AUDIT_SCREENSHOTS`` when set (``make screenshots`` writes docs/report.png and
+docs/front.png), else to the test's temporary directory. ``.ci/run`` installs Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_OPTIONS
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+DEMO = ROOT / "models" / "demo"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no system Chromium at /usr/bin/chromium "
+                       "(apt-get install chromium; .ci/run installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the `test` extra")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    out = Path(os.environ.get("AUDIT_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_probes(tmp_path_factory) -> Path:
+    """The shipped demo probes, cut to 32 (the test service caps probe uploads at 1 MB)."""
+    with np.load(DEMO / "probes.npz") as data:
+        arrays = {k: data[k][:32] for k in data.files}
+    path = tmp_path_factory.mktemp("demo") / "probes.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _page(browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    return page, problems
+
+
+def test_report_renders_without_errors_and_its_images_load(browser, api, service, demo_probes, shots):
+    spec = {"group": "C4", "shifts": [{"name": "blur", "severity": 2}, {"name": "gaussian_noise", "severity": 3}],
+            "options": {**TINY_OPTIONS, "n_probes": 16, "ig_steps": 8}}
+    r = api("POST", "/audit", params={"wait": 120}, data={"spec": json.dumps(spec)},
+            files={"model": ("plain_cnn.onnx", open(DEMO / "plain_cnn.onnx", "rb")),
+                   "probes": ("probes.npz", open(demo_probes, "rb"))})
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    page, problems = _page(browser)
+    page.goto(service.url + summary["links"]["report_html"])
+    assert page.locator(".verdict").get_attribute("data-label") == summary["verdict"]
+    assert page.locator("#meaning").inner_text().strip()
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth])")
+    assert len(images) >= 5, images
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert page.locator("figure.saliency").count() >= 1
+    assert "{'" not in page.locator("#timing-line").inner_text()
+    assert "plain_cnn.onnx" in page.title()
+    page.screenshot(path=str(shots / "report.png"), full_page=True)
+    page.close()
+    assert not problems, problems
+
+
+def test_front_door_submits_a_demo_model_and_shows_its_verdict(browser, service, demo_probes, shots):
+    page, problems = _page(browser)
+    page.goto(service.url + "/")
+    assert "Invariance audit service" in page.locator("h1").inner_text()
+    page.set_input_files("#model", str(DEMO / "c4_averaged_cnn.onnx"))
+    page.set_input_files("#probes", str(demo_probes))
+    page.select_option("#group", "C4")
+    page.fill("#spec", json.dumps({"shifts": [], "options": TINY_OPTIONS}))
+    page.click("#submit")
+    verdict = page.wait_for_selector("#verdict, #failure", timeout=240_000)
+    assert verdict.get_attribute("id") == "verdict", verdict.inner_text()
+    assert verdict.get_attribute("data-label") == "genuine"
+    page.wait_for_function("document.querySelector('#recent table') !== null", timeout=30_000)
+    assert "c4_averaged_cnn.onnx" in page.locator("#recent").inner_text()
+    page.screenshot(path=str(shots / "front.png"), full_page=True)
+    page.close()
+    assert not problems, problems
+
+
+def test_docs_render_the_contract_from_packaged_assets(browser, service):
+    page, problems = _page(browser)
+    remote: list[str] = []
+    page.on("request", lambda r: remote.append(r.url) if not r.url.startswith((service.url, "data:")) else None)
+    page.goto(service.url + "/docs")
+    title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "audit" in title.inner_text().lower()
+    page.close()
+    assert not problems and not remote, (problems, remote)

@@ -1,0 +1,56 @@
+"""The front door against the real service: ``/``, ``/docs`` (Swagger UI from a package, no CDN), the
+contract viewable in a browser, and ``Accept`` on the ``?wait=`` answer. Every response is checked against
+``openapi.yaml`` (the ``api`` fixture)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from audit_service import __version__
+from conftest import ROOT, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_front_page_names_the_service_and_has_the_form(api):
+    r = api("GET", "/")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    page = r.text
+    assert "Invariance audit service" in page and __version__ in page
+    for element in ('id="model"', 'id="group"', 'id="probes"', 'id="submit"', 'id="recent"'):
+        assert element in page
+    assert 'id="token"' not in page  # tokens are off in the test service
+    assert not re.search(r'(src|href)="https?://', page), "no assets from elsewhere"
+
+
+def test_docs_serve_swagger_ui_from_the_package(api):
+    page = api("GET", "/docs").text
+    assert "SwaggerUIBundle" in page and "/openapi.yaml" in page
+    assert not re.search(r'(src|href)="https?://', page), "no CDN"
+    for asset in re.findall(r'(?:src|href)="(/docs/static/[^"]+)"', page):
+        r = api("GET", asset)
+        assert r.status_code == 200 and len(r.content) > 100, asset
+    assert api("GET", "/docs/static/no-such-file.js").status_code == 404
+
+
+def test_openapi_is_shown_inline_in_a_browser(api):
+    browser = api("GET", "/openapi.yaml", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert browser.headers["Content-Type"].startswith("text/plain")
+    assert browser.headers["Content-Disposition"].startswith("inline")
+    assert browser.text == (ROOT / "openapi.yaml").read_text()
+    tool = api("GET", "/openapi.yaml")
+    assert tool.headers["Content-Type"].startswith("application/yaml")
+
+
+def test_wait_answer_as_html_when_asked(api, models):
+    r = api("POST", "/audit", files={"model": (Path(models["plain"]).name, open(models["plain"], "rb"))},
+            data={"spec": json.dumps(tiny_spec())}, params={"wait": 120}, headers={"Accept": "text/html"})
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert "Verdict" in r.text and "{'" not in r.text
+    job_id = r.headers["Location"].rsplit("/", 1)[-1]
+    # the JSON link is absolute, so a saved copy of the page still works
+    assert re.search(rf'href="http://[^"]+/audits/{job_id}/report"', r.text)
