@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
@@ -227,7 +228,7 @@ class JobStore:
 
     # ------------------------------------------------------------------ damage and lost commits (SQLite)
     @property
-    def sqlite_path(self) -> "Path | None":
+    def sqlite_path(self) -> Path | None:
         from pathlib import Path
 
         return Path(self.url[len("sqlite:///"):]) if self.url.startswith("sqlite:///") else None

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, request, jsonify
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
