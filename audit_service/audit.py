@@ -127,7 +127,9 @@ def _checked_inputs(model_path: str | Path, spec: AuditSpec, probes: np.ndarray 
     """(runner, probes, labels, second probes, group), each checked against the model's input shape."""
     options = spec.options
     hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
-    runner = load_model(model_path, device=device, input_shape=hint)
+    # a runner built by the caller (the Python API's in-memory module) is used as it is
+    runner = model_path if isinstance(model_path, ModelRunner) else load_model(model_path, device=device,
+                                                                                input_shape=hint)
     # only the probes the audit uses are checked and converted (a client may send far more)
     if isinstance(probes, np.ndarray) and probes.ndim:
         probes = probes[: options.n_probes]
