@@ -34,6 +34,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=run_demo_command)
 
+    s = sub.add_parser("symmetrize", help="write the orbit-averaged (genuinely invariant) model as ONNX",
+                       description="Average MODEL's logits over the orbit of --group: the result is invariant "
+                                   "for every input by construction and costs |G| forward passes of MODEL per "
+                                   "sample. Written as ONNX with a dynamic batch axis.")
+    s.add_argument("model", type=Path, help="ONNX, TorchScript or torch.export (.pt2) file")
+    s.add_argument("--group", required=True, help="an exact group: C4, D4, flip, JSON or @file.json")
+    s.add_argument("--input-shape", help="per-sample input shape when the file does not record it, e.g. 1,28,28")
+    s.add_argument("--output", "-o", type=Path, required=True, help="where to write the ONNX file")
+    s.set_defaults(func=run_symmetrize_command)
+
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that make an audit spec; ``audit`` and ``submit`` share them (see ``build_spec_dict``)."""
@@ -89,6 +99,30 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     for name, path in build_demo_models(args.out, seed=args.seed).items():
         print(f"wrote {path}")
+    return EXIT_OK
+
+
+def run_symmetrize_command(args: argparse.Namespace) -> int:
+    from .errors import ModelError
+    from .groups import build_group
+    from .runtime import load_model
+    from .symmetrize import export_symmetrized_onnx
+
+    hint = None
+    if args.input_shape:
+        try:
+            hint = tuple(int(v) for v in args.input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise SpecError(f"Expected --input-shape like 1,28,28, but got {args.input_shape!r}",
+                            field="input_shape") from None
+    runner = load_model(args.model, device="cpu", input_shape=hint)
+    module = runner.torch_module()
+    if module is None:
+        raise ModelError(f"Expected a model with a torch twin to wrap, but {runner.gradient_note}", field="model")
+    group = build_group(parse_group_arg(args.group), runner.input_shape)
+    export_symmetrized_onnx(module, group, runner.input_shape, args.output)
+    print(f"wrote {args.output}: {args.model.name} averaged over {group.name} ({group.order} forward passes of "
+          f"the original per sample)")
     return EXIT_OK
 
 
