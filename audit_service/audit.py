@@ -238,8 +238,17 @@ def _model_section(runner: ModelRunner, saliency: SaliencyMethod | None, salienc
         "device": str(runner.device),
         "providers": list(runner.providers),
         "saliency_method": saliency.name if saliency else None,
+        "gradient_path": _gradient_path(runner),
+        "twin_max_error": getattr(runner, "twin_error", None),
         "gradient_note": saliency_note or runner.gradient_note,
     }
+
+
+def _gradient_path(runner: ModelRunner) -> str:
+    """How saliency and the Jacobian get their gradients: autograd through which module, or the fallback."""
+    if runner.torch_module() is not None:
+        return f"autograd: {getattr(runner, 'gradient_path', None) or 'torch module'}"
+    return "fallback: gradient-free (occlusion saliency, finite-difference sigma_max)"
 
 
 def _group_section(group: Group, probes: torch.Tensor) -> dict:

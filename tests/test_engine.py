@@ -17,15 +17,16 @@ from audit_service.audit import run_audit
 from audit_service.reference.data import load_digits
 from audit_service.spec import parse_audit_spec
 from builders import (
+    UNCONVERTIBLE_OP,
     IMAGE_SHAPE,
     MLP,
     CircularCNN,
     ConstantModel,
-    GeluCNN,
     OrbitAveragedCNN,
     PlainCNN,
     export_onnx,
     export_torchscript,
+    export_unconvertible,
 )
 
 FAST = {"n_probes": 48, "n_noise_probes": 32, "ig_steps": 8, "jacobian_probes": 8, "bootstrap": 50}
@@ -212,13 +213,15 @@ def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
 
 
 def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits):
-    """onnx2torch has no Gelu converter: saliency becomes occlusion, sigma_max a finite-difference sketch,
+    """No converter for ThresholdedRelu: saliency becomes occlusion, sigma_max a finite-difference sketch,
     the report says so, and an exactly invariant model still gets SI 1 (per-pixel occlusion is equivariant)."""
-    model = OrbitAveragedCNN(GeluCNN(n_classes=9), group="C4")
-    path = export_onnx(model, IMAGE_SHAPE, tmp_path / "gelu.onnx", opset=GeluCNN.ONNX_OPSET)
+    model = OrbitAveragedCNN(PlainCNN(n_classes=9), group="C4")
+    path = export_unconvertible(model, IMAGE_SHAPE, tmp_path / "unconvertible.onnx")
     report = run_audit(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2])
     assert report["model"]["saliency_method"].startswith("occlusion")
-    assert "Gelu" in report["model"]["gradient_note"] and "gradient-free" in report["model"]["gradient_note"]
+    assert report["model"]["gradient_path"].startswith("fallback")
+    assert UNCONVERTIBLE_OP in report["model"]["gradient_note"]
+    assert "gradient-free" in report["model"]["gradient_note"]
     assert report["sensitivity"]["method"].startswith("finite-difference")
     assert report["sensitivity"]["sigma_max"]["mean"] > 0
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
