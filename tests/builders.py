@@ -76,6 +76,20 @@ def export_unconvertible(module: nn.Module, input_shape: Shape, path: str | Path
     return path
 
 
+def export_pt2(module: nn.Module, input_shape: Shape, path: str | Path, *, dynamic_batch: bool = True,
+               batch: int = 2) -> Path:
+    """Save ``module`` with torch.export.export + torch.export.save (a dynamic batch axis unless told)."""
+    path = Path(path)
+    module = module.eval()
+    example = (torch.rand((batch, *input_shape)),)
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=shapes)
+        torch.export.save(program, str(path))
+    return path
+
+
 def export_torchscript(module: nn.Module, input_shape: Shape, path: str | Path, *, script: bool = False,
                        record_shape: bool = True) -> Path:
     """Save ``module`` with torch.jit.save (traced unless ``script``), recording ``input_shape.json``."""

@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-ModelFormat = Literal["onnx", "torchscript"]
+ModelFormat = Literal["onnx", "torchscript", "pt2"]
 
 
 @runtime_checkable
