@@ -203,7 +203,7 @@ def test_zip_without_torchscript_code_is_refused(tmp_path):
     path = tmp_path / "model.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/readme.txt", "not a model")
-    with pytest.raises(ModelError, match="zip archive without TorchScript code"):
+    with pytest.raises(ModelError, match="zip archive with neither TorchScript code"):
         load_model(path)
 
 
