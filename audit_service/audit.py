@@ -16,10 +16,13 @@ import torch
 from . import __version__
 from .errors import AuditError, ModelRuntimeError, ProbeError
 from .groups import Group, build_group
+from .metrics import chance_corrected
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 from .report.build import condition_report, now_iso, sensitivity_report
 from .runtime import ModelRunner, load_model
+from .runtime.outputs import NOTES as OUTPUT_NOTES
+from .runtime.outputs import LogProbabilityRunner, detect_output_kind
 from .shifts import ProbeStats, uniform_noise, validate_shift
 from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec
 from .sweep import Condition, OrbitSweep
@@ -59,6 +62,8 @@ def run_audit(
     y = check_labels(labels, x, runner.num_classes) if labels is not None else None
     second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
 
+    runner, output_kind = _adapt_outputs(runner, x, options)
+
     group = build_group(spec.group, runner.input_shape)
     shifts = spec.effective_shifts
     for i, shift in enumerate(shifts):
@@ -89,13 +94,15 @@ def run_audit(
     sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
     t_sens = time.perf_counter() - t_sens
 
-    condition_reports = [condition_report(r, options.bootstrap, options.seed, options.saliency) for r in results]
+    condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, options.saliency),
+                                            r.accumulator) for r in results]
     verdict = decide(condition_reports, spec.policy, spec.require)
     report = {
         "schema_version": SCHEMA_VERSION,
         "service_version": __version__,
         "created_at": now_iso(),
-        "model": _model_section(runner, saliency, saliency_note),
+        "model": {**_model_section(runner, saliency, saliency_note), "output_kind": output_kind,
+                  "output_note": OUTPUT_NOTES.get(output_kind)},
         "group": _group_section(group, x if x is not None else _noise(16, runner, stats, options.seed)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
@@ -179,6 +186,40 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
 
 
 # --------------------------------------------------------------------------- pieces
+def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tuple[ModelRunner, str]:
+    """Detect probability / log-probability outputs on the probes (or seeded noise); see ``runtime.outputs``."""
+    if x is not None:
+        sample = x[:64].to(runner.device)
+    else:
+        stats = ProbeStats.default(runner.input_shape, runner.device)
+        sample = _noise(16, runner, stats, options.seed)
+    kind = _guarded(lambda: detect_output_kind(runner.logits(sample, options.batch_size)), "reading its outputs")
+    return (LogProbabilityRunner(runner) if kind == "probabilities" else runner), kind
+
+
+def with_chance_levels(condition: dict, accumulator) -> dict:
+    """Add the chance levels beside agreement and accuracy, and the predicted-class summary.
+
+    ``metrics.agreement_chance`` (from the predicted-class frequencies), ``metrics.kappa`` (Cohen's
+    chance-corrected agreement; null for a single predicted class), ``metrics.accuracy_chance`` (the
+    majority-label rate) and ``metrics.accuracy_kappa`` (orbit accuracy corrected for it), and
+    ``predictions`` {classes_predicted, majority_class, majority_fraction}.
+    """
+    summary = accumulator.prediction_summary()
+    m = condition["metrics"]
+    m["agreement_chance"] = summary["agreement_chance"]
+    m["kappa"] = chance_corrected(m.get("agreement"), summary["agreement_chance"])
+    m["accuracy_chance"] = summary["accuracy_chance"]
+    m["accuracy_kappa"] = chance_corrected(m.get("accuracy"), summary["accuracy_chance"])
+    condition["predictions"] = {k: summary[k] for k in ("classes_predicted", "majority_class", "majority_fraction")}
+    if summary["classes_predicted"] == 1:
+        condition.setdefault("notes", []).append(
+            f"every probe and orbit element is predicted as class {summary['majority_class']}: agreement is 1 by "
+            "chance and kappa is null")
+    return condition
+
+
+
 def _conditions(spec: AuditSpec, has_probes: bool) -> list[Condition]:
     conditions = []
     if has_probes:

@@ -145,6 +145,9 @@ def default_shifts() -> list[ShiftSpec]:
 class Policy(_Strict):
     """Verdict thresholds. Named and versioned; every field can be overridden per request.
 
+    Version 2 adds the chance levels: one predicted class everywhere is `trivial`, and `learned` needs a
+    chance-corrected agreement (Cohen's kappa) and, with labels, a chance-corrected orbit accuracy (docs/audit.md).
+
     Calibrated on the shipped reference runs (docs/verdict-policy.md): the genuine bounds sit between
     the weight-tied networks (LI_normalized and DI exactly 0, SI 1.00 everywhere) and the best
     invariance-regularized ones (clean LI_normalized ~1.3e-4, DI ~5e-4, SI 0.94-0.96), an order of
@@ -153,15 +156,21 @@ class Policy(_Strict):
     """
 
     name: str = "moskalev2023"
-    version: str = "1"
+    version: str = "2"
     # genuine: must hold on clean probes, under every shift and on pure noise
     genuine_li_normalized_max: float = Field(default=1e-5, ge=0)
     genuine_di_max: float = Field(default=1e-5, ge=0)
     genuine_si_min: float = Field(default=0.98, ge=-1, le=1)
     genuine_agreement_min: float = Field(default=0.99, ge=0, le=1)
-    # learned: predictions invariant on in-distribution probes
+    # learned: predictions invariant on in-distribution probes, clearly above chance (version 2)
     learned_agreement_min: float = Field(default=0.8, ge=0, le=1)
     learned_di_max: float = Field(default=0.5, ge=0)
+    #: Cohen's kappa of the clean agreement against its chance level (augmented MLPs: 0.93-0.98)
+    learned_kappa_min: float = Field(default=0.5, ge=-1, le=1)
+    #: with labels: clean orbit accuracy corrected for the majority-label rate, (acc - chance) / (1 - chance)
+    learned_accuracy_kappa_min: float = Field(default=0.3, ge=-1, le=1)
+    # trivial: one predicted class for every clean probe and orbit element (needs at least this many probes)
+    trivial_single_class_min_probes: int = Field(default=2, ge=1)
     # trivial: logits hardly vary across inputs (relative to their magnitude)
     trivial_variation_max: float = Field(default=1e-6, ge=0)
     # flagged (not failed): invariance that may come from insensitivity; trained reference runs sit at 1.6-1.9

@@ -112,6 +112,25 @@ def test_plain_cnn_is_not_invariant(tmp_path, digits):
     assert not report["verdict"]["passed"]
 
 
+def test_single_class_network_is_trivial_not_learned(tmp_path, digits):
+    """Like an untrained ResNet: logits move with the input, but one class wins everywhere. Policy 1 called
+    it `learned` (agreement 1); agreement 1 is chance here, so it is `trivial`, and the report says why."""
+    model = PlainCNN(n_classes=9).eval()
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias[3] += 1e3
+    path = export_onnx(model, IMAGE_SHAPE, tmp_path / "one_class.onnx")
+    report = run_audit(path, spec("flip", shifts=(), n_probes=16, n_noise_probes=8, ig_steps=2), probes=digits[2],
+                       labels=digits[3])
+    clean = next(c for c in report["conditions"] if c["name"] == "clean")
+    assert clean["predictions"]["classes_predicted"] == 1 and clean["predictions"]["majority_class"] == 3
+    assert clean["metrics"]["agreement"] == 1.0 and clean["metrics"]["agreement_chance"] == pytest.approx(1.0)
+    assert clean["metrics"]["kappa"] is None and clean["metrics"]["LI_normalized"] > 1e-3
+    assert report["verdict"]["label"] == "trivial" and not report["verdict"]["passed"]
+    assert "predicted as class 3" in report["verdict"]["reasons"][0]
+    assert report["verdict"]["policy"]["version"] == "2"
+
+
 def test_constant_model_is_trivial(tmp_path, digits):
     path = export_onnx(ConstantModel(n_classes=9), IMAGE_SHAPE, tmp_path / "const.onnx")
     report = run_audit(path, spec("D4"), probes=digits[2])
@@ -231,3 +250,22 @@ def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_pat
                    spec("C4", n_probes=16, n_noise_probes=8, saliency=False), probes=digits[2])
     exact = ts["sensitivity"]["sigma_max"]["mean"]
     assert report["sensitivity"]["sigma_max"]["mean"] == pytest.approx(exact, rel=0.25)
+
+
+@pytest.mark.parametrize("head, kind", [(nn.Softmax(dim=-1), "probabilities"),
+                                        (nn.LogSoftmax(dim=-1), "log_probabilities")])
+def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_path, digits, head, kind):
+    """A graph ending in softmax: DI on the model's own distribution (equal to the bare logits' DI), LI on
+    log-probabilities, and the report says so."""
+    base = PlainCNN(n_classes=9).eval()
+    options = dict(n_probes=16, n_noise_probes=8, ig_steps=2, jacobian_probes=2)
+    bare = run_audit(export_onnx(base, IMAGE_SHAPE, tmp_path / "bare.onnx"), spec("C4", shifts=(), **options),
+                     probes=digits[2])
+    wrapped = run_audit(export_onnx(nn.Sequential(base, head), IMAGE_SHAPE, tmp_path / "head.onnx"),
+                        spec("C4", shifts=(), **options), probes=digits[2])
+    assert bare["model"]["output_kind"] == "logits" and bare["model"]["output_note"] is None
+    assert wrapped["model"]["output_kind"] == kind and "DI is measured on" in wrapped["model"]["output_note"]
+    for name in ("clean", "noise"):
+        assert metrics(wrapped, name)["DI"] == pytest.approx(metrics(bare, name)["DI"], rel=1e-3, abs=1e-6)
+        assert metrics(wrapped, name)["agreement"] == metrics(bare, name)["agreement"]
+    assert metrics(wrapped, "clean")["DI"] > 0.05  # not squashed as DI of softmax(probabilities) would be

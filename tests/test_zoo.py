@@ -52,39 +52,43 @@ BUILDERS = {
 SLOW = {"mobilenet_v3_small", "efficientnet_b0", "vit_tiny", "regnet_y_400mf"}
 
 
-def export(model: nn.Module, how: str, path) -> None:
+def export(model: nn.Module, how: str, path, programs: dict) -> None:
+    """Write ``model`` in one of the four formats; the torch.export program is made once per model
+    (the dynamo ONNX exporter accepts it, which saves a second trace)."""
     example = (torch.rand((2, *SHAPE), generator=torch.Generator().manual_seed(1)),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if how in ("onnx-dynamo", "pt2") and "program" not in programs:
+            programs["program"] = torch.export.export(model, example,
+                                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
         if how == "onnx-legacy":
             torch.onnx.export(model, example, str(path), dynamo=False, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
         elif how == "onnx-dynamo":
-            torch.onnx.export(model, example, str(path), dynamo=True, input_names=["x"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
-                              verbose=False)
+            torch.onnx.export(programs["program"], example, str(path), dynamo=True, input_names=["x"],
+                              output_names=["logits"], external_data=False, verbose=False)
         elif how == "torchscript":
-            torch.jit.save(torch.jit.trace(model, example), str(path),
+            torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path),
                            _extra_files={"input_shape.json": json.dumps(list(SHAPE))})
         else:
-            program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, str(path))
+            torch.export.save(programs["program"], str(path))
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """name -> (eager model, {export: path}); each model is exported lazily, once per module."""
-    cache: dict[str, tuple[nn.Module, dict]] = {}
+    cache: dict[str, tuple[nn.Module, dict, dict]] = {}
 
     def get(name: str, how: str):
         if name not in cache:
+            cache.clear()  # one model in memory at a time
             torch.manual_seed(0)
-            cache[name] = (BUILDERS[name]().eval(), {})
-        model, paths = cache[name]
+            cache[name] = (BUILDERS[name]().eval(), {}, {})
+        model, paths, programs = cache[name]
         if how not in paths:
             suffix = {"onnx-legacy": ".onnx", "onnx-dynamo": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}[how]
             path = tmp_path_factory.mktemp(name) / f"{how}{suffix}"
-            export(model, how, path)
+            export(model, how, path, programs)
             paths[how] = path
         return model, paths[how]
 
@@ -100,7 +104,7 @@ CASES = [pytest.param(name, how, id=f"{name}-{how}", marks=[pytest.mark.slow] if
 
 
 @pytest.mark.parametrize("name, how", CASES)
-def test_zoo_model_loads_with_a_matching_differentiable_module(zoo, name, how):
+def test_zoo_model_loads_matches_and_audits_with_integrated_gradients(zoo, name, how):
     model, path = zoo(name, how)
     runner = load_model(path, device="cpu")
     assert runner.input_shape == SHAPE and runner.num_classes == CLASSES
@@ -112,26 +116,19 @@ def test_zoo_model_loads_with_a_matching_differentiable_module(zoo, name, how):
         eager = model(x)
         twin = module(x)
     scale = max(1.0, float(reference.abs().max()))
-    error = float((twin - reference).abs().max()) / scale
-    assert error <= TOLERANCE, error
+    error = float((twin - reference).abs().max())
+    assert error / scale <= TOLERANCE, error
     assert float((reference - eager).abs().max()) / scale <= TOLERANCE  # the export itself is faithful
     if runner.format == "onnx":
         assert runner.twin_error is not None and runner.twin_error <= TOLERANCE
-    xg = x.clone().requires_grad_(True)
-    module(xg)[:, 0].sum().backward()
-    assert torch.isfinite(xg.grad).all() and xg.grad.abs().max() > 0
 
-
-@pytest.mark.parametrize("name, how", CASES)
-def test_zoo_model_audits_with_integrated_gradients(zoo, name, how):
-    _, path = zoo(name, how)
     spec = parse_audit_spec({"group": "flip", "shifts": [], "options": TINY})
     start = time.perf_counter()
     report = run_audit(path, spec, probes=probes())
     seconds = time.perf_counter() - start
-    model = report["model"]
-    assert model["saliency_method"].startswith("integrated"), model["gradient_note"]
-    assert model["gradient_path"].startswith("autograd"), model["gradient_path"]
+    section = report["model"]
+    assert section["saliency_method"].startswith("integrated"), section["gradient_note"]
+    assert section["gradient_path"].startswith("autograd"), section["gradient_path"]
     assert report["sensitivity"]["method"] == "autograd Jacobian"
-    print(f"\nZOO {name} {how} path={model['gradient_path']!r} twin_error={model.get('twin_max_error')} "
-          f"audit_s={seconds:.1f} verdict={report['verdict']['label']}")
+    print(f"\nZOO | {name} | {how} | {section['gradient_path']} | {error:.1e} | {seconds:.1f} s | "
+          f"{report['verdict']['label']} |")
