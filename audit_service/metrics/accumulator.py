@@ -83,7 +83,7 @@ class ConditionAccumulator:
             return {"classes_predicted": None, "majority_class": None, "majority_fraction": None,
                     "agreement_chance": None, "accuracy_chance": None}
         at_x, on_orbit = self._pred_x.double(), self._pred_gx.double()
-        both = at_x + on_orbit
+        both = on_orbit  # the orbit includes the identity, so the probes' own predictions too
         majority = int(both.argmax())
         labels = self._labels.double() if self._labels is not None else None
         return {
