@@ -75,9 +75,17 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, augment: 
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def plain_cnn(digits):
+    """PlainCNN after one epoch on the digits (no augmentation): it predicts several classes. An untrained one
+    predicts a single class for every digit, which policy 2 calls `trivial` even when weight-tied."""
+    xtr, ytr, _, _ = digits
+    return train(PlainCNN(n_classes=9), xtr, ytr, epochs=1, augment=False)
+
+
 # ----------------------------------------------------------------------------- verdicts
-def test_orbit_averaged_cnn_is_genuine(tmp_path, digits):
-    model = OrbitAveragedCNN(PlainCNN(n_classes=9), group="C4")
+def test_orbit_averaged_cnn_is_genuine(tmp_path, digits, plain_cnn):
+    model = OrbitAveragedCNN(plain_cnn, group="C4")
     path = export_onnx(model, IMAGE_SHAPE, tmp_path / "avg.onnx")
     report = run_audit(path, spec("C4"), probes=digits[2], labels=digits[3])
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
@@ -231,10 +239,10 @@ def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
                 assert va == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-6), (a["name"], key)
 
 
-def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits):
+def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits, plain_cnn):
     """No converter for ThresholdedRelu: saliency becomes occlusion, sigma_max a finite-difference sketch,
     the report says so, and an exactly invariant model still gets SI 1 (per-pixel occlusion is equivariant)."""
-    model = OrbitAveragedCNN(PlainCNN(n_classes=9), group="C4")
+    model = OrbitAveragedCNN(plain_cnn, group="C4")
     path = export_unconvertible(model, IMAGE_SHAPE, tmp_path / "unconvertible.onnx")
     report = run_audit(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2])
     assert report["model"]["saliency_method"].startswith("occlusion")
@@ -254,10 +262,11 @@ def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_pat
 
 @pytest.mark.parametrize("head, kind", [(nn.Softmax(dim=-1), "probabilities"),
                                         (nn.LogSoftmax(dim=-1), "log_probabilities")])
-def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_path, digits, head, kind):
+def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_path, digits, plain_cnn, head,
+                                                                           kind):
     """A graph ending in softmax: DI on the model's own distribution (equal to the bare logits' DI), LI on
     log-probabilities, and the report says so."""
-    base = PlainCNN(n_classes=9).eval()
+    base = plain_cnn
     options = dict(n_probes=16, n_noise_probes=8, ig_steps=2, jacobian_probes=2)
     bare = run_audit(export_onnx(base, IMAGE_SHAPE, tmp_path / "bare.onnx"), spec("C4", shifts=(), **options),
                      probes=digits[2])
