@@ -23,8 +23,8 @@ from .report.build import condition_report, now_iso, sensitivity_report
 from .runtime import ModelRunner, load_model
 from .runtime.outputs import NOTES as OUTPUT_NOTES
 from .runtime.outputs import LogProbabilityRunner, detect_output_kind
-from .shifts import ProbeStats, uniform_noise, validate_shift
-from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec
+from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
+from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
 from .verdict import decide
 
@@ -65,7 +65,10 @@ def run_audit(
     runner, output_kind = _adapt_outputs(runner, x, options)
 
     group = build_group(spec.group, runner.input_shape)
-    shifts = spec.effective_shifts
+    if spec.shifts is None:
+        shifts, skipped_shifts = applicable_default_shifts(default_shifts(), runner.input_shape)
+    else:
+        shifts, skipped_shifts = list(spec.shifts), []
     for i, shift in enumerate(shifts):
         validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
 
@@ -75,7 +78,7 @@ def run_audit(
     saliency, saliency_note = _saliency_method(runner, spec) if options.saliency else (None, None)
     sweep = OrbitSweep(runner, group, options, stats, saliency, second_t)
 
-    conditions = _conditions(spec, has_probes=x is not None)
+    conditions = _conditions(shifts, has_probes=x is not None)
     n_probes = x.shape[0] if x is not None else 0
     total_chunks = sum(sweep.n_chunks(c, n_probes) for c in conditions) + 1
     done = 0
@@ -109,6 +112,7 @@ def run_audit(
         "verdict": verdict,
         "saliency_examples": [e for r in results for e in r.examples],
         "spec": spec.model_dump(mode="json"),
+        "shifts_skipped": skipped_shifts,
         "timing": {
             "load_s": round(t_loaded - t_start, 4),
             "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
@@ -220,11 +224,11 @@ def with_chance_levels(condition: dict, accumulator) -> dict:
 
 
 
-def _conditions(spec: AuditSpec, has_probes: bool) -> list[Condition]:
+def _conditions(shifts: list, has_probes: bool) -> list[Condition]:
     conditions = []
     if has_probes:
         conditions.append(Condition("clean", keep_examples=True))
-        conditions += [Condition(s.label, shift=s) for s in spec.effective_shifts]
+        conditions += [Condition(s.label, shift=s) for s in shifts]
     conditions.append(Condition("noise", noise=True, keep_examples=True))
     return conditions
 

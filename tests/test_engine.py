@@ -278,3 +278,20 @@ def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_
         assert metrics(wrapped, name)["DI"] == pytest.approx(metrics(bare, name)["DI"], rel=1e-3, abs=1e-6)
         assert metrics(wrapped, name)["agreement"] == metrics(bare, name)["agreement"]
     assert metrics(wrapped, "clean")["DI"] > 0.05  # not squashed as DI of softmax(probabilities) would be
+
+
+@pytest.mark.parametrize("shape", [(12,), (4, 3)])
+def test_default_spec_on_inputs_without_image_axes_skips_spatial_shifts(tmp_path, shape):
+    """A tabular (N, F) or sequence (N, S, F) model with the default shifts: blur is skipped and said so."""
+    path = export_torchscript(MLP(in_features=12, n_classes=3), shape, tmp_path / "tab.pt")
+    probes = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+    group = {"name": "permutation", "generators": [[1, 0] + list(range(2, shape[-1]))]}
+    audit_spec = parse_audit_spec({"group": group, "options": {**FAST, "n_probes": 8, "n_noise_probes": 4,
+                                                               "ig_steps": 2, "jacobian_probes": 2}})
+    report = run_audit(path, audit_spec, probes=probes)
+    names = [c["name"] for c in report["conditions"]]
+    assert names == ["clean", "gaussian_noise@1", "gaussian_noise@3", "gaussian_noise@5", "contrast@1",
+                     "contrast@3", "contrast@5", "noise"]
+    skipped = report["shifts_skipped"]
+    assert [s["shift"] for s in skipped] == ["blur@1", "blur@3", "blur@5"]
+    assert all("needs image axes" in s["reason"] for s in skipped)
