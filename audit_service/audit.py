@@ -6,6 +6,7 @@ Everything the client can fix raises an ``AuditError`` subclass naming the field
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -99,6 +100,9 @@ def run_audit(
 
     condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, options.saliency),
                                             r.accumulator) for r in results]
+    if group.sampled is not None:
+        for condition, r in zip(condition_reports, results):
+            condition["group_sample_ci"] = group_sample_ci(r.accumulator)
     verdict = decide(condition_reports, spec.policy, spec.require)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -190,6 +194,28 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
 
 
 # --------------------------------------------------------------------------- pieces
+#: the pair metrics whose group average a sampled group estimates
+SAMPLED_METRICS = ("DI", "LI", "agreement", "SI", "accuracy")
+
+
+def group_sample_ci(accumulator, z: float = 1.96) -> dict:
+    """95% normal intervals for the group averages, from the per-element means of the sampled elements.
+
+    The identity (element 0, always included) is left out of the statistics: the other elements are the
+    uniform sample. {metric: {mean, lo, hi, n_elements}}; a metric with no values is null.
+    """
+    out: dict = {}
+    for name in SAMPLED_METRICS:
+        means = accumulator.element_means(name)[1:]
+        means = means[np.isfinite(means)]
+        if means.size < 2:
+            out[name] = None
+            continue
+        centre, half = float(means.mean()), z * float(means.std(ddof=1)) / math.sqrt(means.size)
+        out[name] = {"mean": centre, "lo": centre - half, "hi": centre + half, "n_elements": int(means.size)}
+    return out
+
+
 def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tuple[ModelRunner, str]:
     """Detect probability / log-probability outputs on the probes (or seeded noise); see ``runtime.outputs``."""
     if x is not None:

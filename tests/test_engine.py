@@ -295,3 +295,37 @@ def test_default_spec_on_inputs_without_image_axes_skips_spatial_shifts(tmp_path
     skipped = report["shifts_skipped"]
     assert [s["shift"] for s in skipped] == ["blur@1", "blur@3", "blur@5"]
     assert all("needs image axes" in s["reason"] for s in skipped)
+
+
+class _SetModel(nn.Module):
+    """DeepSets on 8 scalars: sum of per-element features, invariant to every permutation of the set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.phi = nn.Sequential(nn.Linear(1, 16), nn.Tanh())
+        self.rho = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rho(self.phi(x.unsqueeze(-1)).sum(dim=1))
+
+
+def test_symmetric_group_past_the_cap_is_audited_on_a_seeded_sample(tmp_path):
+    """S8 (40,320 elements) on a set model: sampled elements, the sample stated, a CI per metric."""
+    gens = [[1, 0, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 0]]
+    group = {"name": "permutation", "generators": gens, "sample": 32, "seed": 1}
+    probes = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    options = {**FAST, "n_probes": 16, "n_noise_probes": 8, "ig_steps": 2, "jacobian_probes": 2}
+    audit_spec = parse_audit_spec({"group": group, "shifts": [], "options": options})
+    invariant = run_audit(export_torchscript(_SetModel(), (8,), tmp_path / "set.pt"), audit_spec, probes=probes)
+    sampled = invariant["group"]["sampled"]
+    assert sampled["size"] == 32 and sampled["group_order"] == 40320 and sampled["seed"] == 1
+    assert invariant["group"]["order"] == 32 and "drawn uniformly" in invariant["group"]["note"]
+    assert invariant["verdict"]["label"] == "genuine", invariant["verdict"]["reasons"]
+    ci = next(c for c in invariant["conditions"] if c["name"] == "clean")["group_sample_ci"]
+    assert ci["DI"]["n_elements"] == 31 and ci["DI"]["hi"] < 1e-6
+    plain = run_audit(export_torchscript(MLP(in_features=8, n_classes=3), (8,), tmp_path / "mlp.pt"), audit_spec,
+                      probes=probes)
+    ci = next(c for c in plain["conditions"] if c["name"] == "clean")["group_sample_ci"]
+    assert ci["LI"]["lo"] < ci["LI"]["mean"] < ci["LI"]["hi"] and ci["LI"]["lo"] > 0
+    assert plain["verdict"]["label"] != "genuine"

@@ -33,6 +33,9 @@ class ConditionAccumulator:
     _pred_x: torch.Tensor | None = None
     _pred_gx: torch.Tensor | None = None
     _labels: torch.Tensor | None = None
+    #: per group element: sums over probes (and counts, for SI's undefined pairs) of each pair metric
+    _elem_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    _elem_count: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def update(
         self,
@@ -96,8 +99,25 @@ class ConditionAccumulator:
         }
 
     def _add(self, name: str, pairs: torch.Tensor, nan_aware: bool = False) -> None:
+        values = pairs.double()
+        defined = ~torch.isnan(values)
+        sums, counts = torch.where(defined, values, 0.0).sum(dim=1), defined.sum(dim=1)
+        if name in self._elem_sum:
+            self._elem_sum[name] = self._elem_sum[name] + sums
+            self._elem_count[name] = self._elem_count[name] + counts
+        else:
+            self._elem_sum[name], self._elem_count[name] = sums, counts
         per_probe = torch.nanmean(pairs.double(), dim=0) if nan_aware else pairs.double().mean(dim=0)
         self.per_probe[name].append(per_probe)
+
+    def element_means(self, name: str) -> np.ndarray:
+        """Mean of one pair metric per group element (G,), over the probes where it is defined."""
+        if name not in self._elem_sum:
+            return np.empty(0)
+        counts = self._elem_count[name].double()
+        means = self._elem_sum[name] / counts.clamp_min(1)
+        means[counts == 0] = float("nan")
+        return means.cpu().numpy()
 
     def values(self, name: str) -> np.ndarray:
         """Per-probe values of one metric (host numpy; one copy per condition and metric)."""
