@@ -134,3 +134,25 @@ def test_custom_operator_targets_are_refused(cnn_pt2, tmp_path):
     bad = _rewrite(path, tmp_path / "custom.pt2", replace={"models/model.json": json.dumps(program).encode()})
     with pytest.raises(ModelError, match="torch.ops.evil.run.default"):
         load_model(bad, device="cpu")
+
+
+def test_cli_audits_a_pt2_program(cnn_pt2, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    _, path = cnn_pt2
+    probes = tmp_path / "probes.npy"
+    np.save(probes, batch(8).numpy())
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "audit_service.cli", "audit", str(path), "--group", "flip",
+                        "--probes", str(probes), "--shift", "none", "--option", "n_probes=8",
+                        "--option", "n_noise_probes=4", "--option", "ig_steps=2", "--option", "jacobian_probes=2",
+                        "--output", str(out), "--require", "genuine,learned,not_invariant,trivial"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["model"]["format"] == "pt2" and report["model"]["num_classes"] == 7
+    assert report["model"]["saliency_method"].startswith("integrated")
+    assert report["model"]["gradient_path"].startswith("autograd: torch.export")
