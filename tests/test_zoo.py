@@ -118,6 +118,8 @@ def test_zoo_model_loads_matches_and_audits_with_integrated_gradients(zoo, name,
     scale = max(1.0, float(reference.abs().max()))
     error = float((twin - reference).abs().max())
     assert error / scale <= TOLERANCE, error
+    # random-weight MobileNet / EfficientNet logits are ~1e-10 / 1e-14: check the twin on their own scale too
+    assert error <= TOLERANCE * float(reference.abs().max()), (error, float(reference.abs().max()))
     assert float((reference - eager).abs().max()) / scale <= TOLERANCE  # the export itself is faithful
     if runner.format == "onnx":
         assert runner.twin_error is not None and runner.twin_error <= TOLERANCE
