@@ -6,7 +6,9 @@ Everything the client can fix raises an ``AuditError`` subclass naming the field
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,12 +18,15 @@ import torch
 from . import __version__
 from .errors import AuditError, ModelRuntimeError, ProbeError
 from .groups import Group, build_group
+from .metrics import chance_corrected
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 from .report.build import condition_report, now_iso, sensitivity_report
 from .runtime import ModelRunner, load_model
-from .shifts import ProbeStats, uniform_noise, validate_shift
-from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec
+from .runtime.outputs import NOTES as OUTPUT_NOTES
+from .runtime.outputs import LogProbabilityRunner, detect_output_kind
+from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
+from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
 from .verdict import decide
 
@@ -48,7 +53,9 @@ def run_audit(
     options = spec.options
     t_start = time.perf_counter()
     progress(0.0, "loading model")
-    runner, x, y, second, group = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device)
+    inputs = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device)
+    runner, x, y, second, group = inputs.runner, inputs.x, inputs.y, inputs.second, inputs.group
+    shifts, skipped_shifts, output_kind = inputs.shifts, inputs.skipped_shifts, inputs.output_kind
     t_loaded = time.perf_counter()
 
     device = runner.device
@@ -57,7 +64,7 @@ def run_audit(
     saliency, saliency_note = _saliency_method(runner, spec) if options.saliency else (None, None)
     sweep = OrbitSweep(runner, group, options, stats, saliency, second_t)
 
-    conditions = _conditions(spec, has_probes=x is not None)
+    conditions = _conditions(shifts, has_probes=x is not None)
     n_probes = x.shape[0] if x is not None else 0
     total_chunks = sum(sweep.n_chunks(c, n_probes) for c in conditions) + 1
     done = 0
@@ -76,19 +83,25 @@ def run_audit(
     sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
     t_sens = time.perf_counter() - t_sens
 
-    condition_reports = [condition_report(r, options.bootstrap, options.seed, options.saliency) for r in results]
+    condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, options.saliency),
+                                            r.accumulator) for r in results]
+    if group.sampled is not None:
+        for condition, r in zip(condition_reports, results):
+            condition["group_sample_ci"] = group_sample_ci(r.accumulator)
     verdict = decide(condition_reports, spec.policy, spec.require)
     report = {
         "schema_version": SCHEMA_VERSION,
         "service_version": __version__,
         "created_at": now_iso(),
-        "model": _model_section(runner, saliency, saliency_note),
+        "model": {**_model_section(runner, saliency, saliency_note), "output_kind": output_kind,
+                  "output_note": OUTPUT_NOTES.get(output_kind)},
         "group": _group_section(group, x if x is not None else _noise(16, runner, stats, options.seed)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
         "verdict": verdict,
         "saliency_examples": [e for r in results for e in r.examples],
         "spec": spec.model_dump(mode="json"),
+        "shifts_skipped": skipped_shifts,
         "timing": {
             "load_s": round(t_loaded - t_start, 4),
             "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
@@ -116,15 +129,31 @@ def precheck_audit(
     the caps), the shifts apply. The service runs it at submission (an ``engine`` in the sandbox) so that a
     spec that cannot fit the model is a 422 naming the field, never a job that fails later. Returns
     ``format``, ``input_shape``, ``num_classes`` and ``group_order``."""
-    runner, _x, _y, _second, group = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu")
+    checked = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu")
+    runner, group = checked.runner, checked.group
     return {"format": str(getattr(runner, "format", "") or "") or None,
             "input_shape": [int(d) for d in runner.input_shape], "num_classes": runner.num_classes,
             "group_order": len(group.element_names)}
 
 
-def _checked_inputs(model_path: str | Path, spec: AuditSpec, probes: np.ndarray | None, labels: np.ndarray | None,
-                    second_probes: np.ndarray | None, device: str):  # noqa: ANN202
-    """(runner, probes, labels, second probes, group), each checked against the model's input shape."""
+@dataclass
+class CheckedInputs:
+    """What ``run_audit`` and ``precheck_audit`` know once everything is checked against the model."""
+
+    runner: ModelRunner
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    second: torch.Tensor | None
+    group: Group
+    shifts: list
+    skipped_shifts: list
+    output_kind: str
+
+
+def _checked_inputs(model_path: str | Path | ModelRunner, spec: AuditSpec, probes: np.ndarray | None,
+                    labels: np.ndarray | None, second_probes: np.ndarray | None, device: str) -> CheckedInputs:
+    """The runner (outputs adapted: log-probabilities where the model gives probabilities), the probes,
+    labels, second probes, the group and the shifts, each checked against the model's input shape."""
     options = spec.options
     hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
     # a runner built by the caller (the Python API's in-memory module) is used as it is
@@ -137,10 +166,15 @@ def _checked_inputs(model_path: str | Path, spec: AuditSpec, probes: np.ndarray 
     y = check_labels(labels, x, runner.num_classes) if labels is not None else None
     second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
 
+    runner, output_kind = _adapt_outputs(runner, x, options)
     group = build_group(spec.group, runner.input_shape)
-    for i, shift in enumerate(spec.effective_shifts):
+    if spec.shifts is None:
+        shifts, skipped_shifts = applicable_default_shifts(default_shifts(), runner.input_shape)
+    else:
+        shifts, skipped_shifts = list(spec.shifts), []
+    for i, shift in enumerate(shifts):
         validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
-    return runner, x, y, second, group
+    return CheckedInputs(runner, x, y, second, group, shifts, skipped_shifts, output_kind)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -207,11 +241,67 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
 
 
 # --------------------------------------------------------------------------- pieces
-def _conditions(spec: AuditSpec, has_probes: bool) -> list[Condition]:
+#: the pair metrics whose group average a sampled group estimates
+SAMPLED_METRICS = ("DI", "LI", "agreement", "SI", "accuracy")
+
+
+def group_sample_ci(accumulator, z: float = 1.96) -> dict:
+    """95% normal intervals for the group averages, from the per-element means of the sampled elements.
+
+    The identity (element 0, always included) is left out of the statistics: the other elements are the
+    uniform sample. {metric: {mean, lo, hi, n_elements}}; a metric with no values is null.
+    """
+    out: dict = {}
+    for name in SAMPLED_METRICS:
+        means = accumulator.element_means(name)[1:]
+        means = means[np.isfinite(means)]
+        if means.size < 2:
+            out[name] = None
+            continue
+        centre, half = float(means.mean()), z * float(means.std(ddof=1)) / math.sqrt(means.size)
+        out[name] = {"mean": centre, "lo": centre - half, "hi": centre + half, "n_elements": int(means.size)}
+    return out
+
+
+def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tuple[ModelRunner, str]:
+    """Detect probability / log-probability outputs on the probes (or seeded noise); see ``runtime.outputs``."""
+    if x is not None:
+        sample = x[:64].to(runner.device)
+    else:
+        stats = ProbeStats.default(runner.input_shape, runner.device)
+        sample = _noise(16, runner, stats, options.seed)
+    kind = _guarded(lambda: detect_output_kind(runner.logits(sample, options.batch_size)), "reading its outputs")
+    return (LogProbabilityRunner(runner) if kind == "probabilities" else runner), kind
+
+
+def with_chance_levels(condition: dict, accumulator) -> dict:
+    """Add the chance levels beside agreement and accuracy, and the predicted-class summary.
+
+    ``metrics.agreement_chance`` (from the predicted-class frequencies), ``metrics.kappa`` (Cohen's
+    chance-corrected agreement; null for a single predicted class), ``metrics.accuracy_chance`` (the
+    majority-label rate) and ``metrics.accuracy_kappa`` (orbit accuracy corrected for it), and
+    ``predictions`` {classes_predicted, majority_class, majority_fraction}.
+    """
+    summary = accumulator.prediction_summary()
+    m = condition["metrics"]
+    m["agreement_chance"] = summary["agreement_chance"]
+    m["kappa"] = chance_corrected(m.get("agreement"), summary["agreement_chance"])
+    m["accuracy_chance"] = summary["accuracy_chance"]
+    m["accuracy_kappa"] = chance_corrected(m.get("accuracy"), summary["accuracy_chance"])
+    condition["predictions"] = {k: summary[k] for k in ("classes_predicted", "majority_class", "majority_fraction")}
+    if summary["classes_predicted"] == 1:
+        condition.setdefault("notes", []).append(
+            f"every probe and orbit element is predicted as class {summary['majority_class']}: agreement is 1 by "
+            "chance and kappa is null")
+    return condition
+
+
+
+def _conditions(shifts: list, has_probes: bool) -> list[Condition]:
     conditions = []
     if has_probes:
         conditions.append(Condition("clean", keep_examples=True))
-        conditions += [Condition(s.label, shift=s) for s in spec.effective_shifts]
+        conditions += [Condition(s.label, shift=s) for s in shifts]
     conditions.append(Condition("noise", noise=True, keep_examples=True))
     return conditions
 
@@ -266,8 +356,17 @@ def _model_section(runner: ModelRunner, saliency: SaliencyMethod | None, salienc
         "device": str(runner.device),
         "providers": list(runner.providers),
         "saliency_method": saliency.name if saliency else None,
+        "gradient_path": _gradient_path(runner),
+        "twin_max_error": getattr(runner, "twin_error", None),
         "gradient_note": saliency_note or runner.gradient_note,
     }
+
+
+def _gradient_path(runner: ModelRunner) -> str:
+    """How saliency and the Jacobian get their gradients: autograd through which module, or the fallback."""
+    if runner.torch_module() is not None:
+        return f"autograd: {getattr(runner, 'gradient_path', None) or 'torch module'}"
+    return "fallback: gradient-free (occlusion saliency, finite-difference sigma_max)"
 
 
 def _group_section(group: Group, probes: torch.Tensor) -> dict:

@@ -17,10 +17,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="audit a model file locally",
-        description="Audit an ONNX or TorchScript classifier's invariance to a group. Exit status: 0 the audit "
+        description="Audit an ONNX, TorchScript or torch.export (.pt2) classifier's invariance to a group. Exit status: 0 the audit "
                     "ran (and --require passed), 1 --require failed, 2 bad input.",
     )
-    p.add_argument("model", type=Path, help="ONNX (.onnx) or TorchScript (torch.jit.save) file")
+    p.add_argument("model", type=Path, help="ONNX (.onnx), TorchScript (torch.jit.save) or torch.export program (torch.export.save, .pt2)")
     add_spec_arguments(p)
     p.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of a summary")

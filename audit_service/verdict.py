@@ -51,6 +51,13 @@ def _failure_reasons(conditions: list[dict], policy: Policy, listed: int = 4) ->
 
 
 def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
+    clean = next((c for c in conditions if c["name"] == "clean"), None)
+    predictions = (clean or {}).get("predictions") or {}
+    if predictions.get("classes_predicted") == 1 and \
+            (clean.get("n_probes") or 0) >= policy.trivial_single_class_min_probes:
+        return [f"clean: every probe and every orbit element is predicted as class {predictions['majority_class']} "
+                f"({clean.get('n_probes')} probes): the decision ignores the input, so agreement 1 is chance, "
+                "whatever the logits do"]
     anchors = [c for c in conditions if c["name"] in ("clean", "noise")]
     variations = [c["relative_variation"] for c in anchors if c["relative_variation"] is not None]
     if variations and all(v <= policy.trivial_variation_max for v in variations):
@@ -74,6 +81,33 @@ def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[str]:
     return []
 
 
+def _learned_criteria(m: dict, policy: Policy) -> tuple[bool, list[str], str]:
+    """(learned holds, the missed requirements, a summary of the clean prediction metrics).
+
+    Chance-corrected criteria apply when the report carries them (``kappa``, ``accuracy_kappa``);
+    hand-built summaries without them are judged on agreement and DI alone.
+    """
+    checks = [
+        ("agreement", m.get("agreement"), policy.learned_agreement_min, "min"),
+        ("DI", m.get("DI"), policy.learned_di_max, "max"),
+    ]
+    if "kappa" in m:  # null kappa (one predicted class): agreement cannot be told from chance
+        checks.append(("kappa (agreement corrected for its chance level "
+                       f"{_fmt(m.get('agreement_chance'))})", m["kappa"], policy.learned_kappa_min, "min"))
+    if m.get("accuracy") is not None and "accuracy_kappa" in m:
+        checks.append((f"accuracy_kappa (orbit accuracy {_fmt(m['accuracy'])} corrected for the majority-label "
+                       f"rate {_fmt(m.get('accuracy_chance'))})", m["accuracy_kappa"],
+                       policy.learned_accuracy_kappa_min, "min"))
+    misses, parts = [], []
+    for name, value, bound, kind in checks:
+        ok = value is not None and (value >= bound if kind == "min" else value <= bound)
+        requirement = f"{'>=' if kind == 'min' else '<='} {bound:g}"
+        parts.append(f"{name} {_fmt(value)} (learned needs {requirement})")
+        if not ok:
+            misses.append(f"{name} {requirement}, got {_fmt(value)}")
+    return not misses, misses, "clean: " + ", ".join(parts)
+
+
 def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE) -> dict:
     """Label the model from its per-condition metrics; return {label, reasons, policy, passed, require}."""
     require = list(require)
@@ -92,18 +126,15 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
             reasons = failures + ["no in-distribution probes were given, so learned and not_invariant "
                                   "cannot be separated: pass --probes to decide"]
         else:
-            m = clean["metrics"]
-            predictions_hold = (m["agreement"] >= policy.learned_agreement_min
-                                and m["DI"] <= policy.learned_di_max)
-            summary = (f"clean: agreement {_fmt(m['agreement'])} (learned needs >= {policy.learned_agreement_min:g}), "
-                       f"DI {_fmt(m['DI'])} (learned needs <= {policy.learned_di_max:g})")
-            if predictions_hold:
+            holds, misses, summary = _learned_criteria(clean["metrics"], policy)
+            if holds:
                 label = "learned"
                 reasons = [f"predictions are invariant on in-distribution probes: {summary}",
                            "but genuine invariance fails:"] + failures
             else:
                 label = "not_invariant"
-                reasons = [f"predictions change across the orbit on in-distribution probes: {summary}"]
+                reasons = [f"predictions are not invariant beyond chance on in-distribution probes: {summary}"] + \
+                    [f"learned needs {miss}" for miss in misses]
     flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
     return {
         "label": label,

@@ -54,6 +54,42 @@ def export_onnx(module: nn.Module, input_shape: Shape | Sequence[Shape], path: s
     return path
 
 
+#: an op no converter handles (onnx2torch 1.5 lacks it, the runtime adds none): the gradient fallback case
+UNCONVERTIBLE_OP = "ThresholdedRelu"
+
+
+def export_unconvertible(module: nn.Module, input_shape: Shape, path: str | Path) -> Path:
+    """Export ``module`` (which must use ReLU) to ONNX, then write each ``Relu`` as the equal
+    ``ThresholdedRelu(alpha=0)``: onnxruntime runs it, no torch converter exists for it."""
+    import onnx
+
+    path = export_onnx(module, input_shape, path)
+    model = onnx.load(str(path))
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = UNCONVERTIBLE_OP
+            node.attribute.append(onnx.helper.make_attribute("alpha", 0.0))
+            count += 1
+    assert count, "export_unconvertible needs a module with ReLU"
+    onnx.save_model(model, str(path))
+    return path
+
+
+def export_pt2(module: nn.Module, input_shape: Shape, path: str | Path, *, dynamic_batch: bool = True,
+               batch: int = 2) -> Path:
+    """Save ``module`` with torch.export.export + torch.export.save (a dynamic batch axis unless told)."""
+    path = Path(path)
+    module = module.eval()
+    example = (torch.rand((batch, *input_shape)),)
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=shapes)
+        torch.export.save(program, str(path))
+    return path
+
+
 def export_torchscript(module: nn.Module, input_shape: Shape, path: str | Path, *, script: bool = False,
                        record_shape: bool = True) -> Path:
     """Save ``module`` with torch.jit.save (traced unless ``script``), recording ``input_shape.json``."""
@@ -120,8 +156,8 @@ class CircularCNN(nn.Module):
 
 class GeluCNN(nn.Module):
     """A CNN with GELU activations. Exported at ``ONNX_OPSET`` (20) the graph holds the ONNX ``Gelu``
-    op, which onnx2torch has no converter for: the ONNX runner must fall back to gradient-free
-    estimates. (At opset 17 GELU is decomposed into Erf arithmetic, which converts fine.)"""
+    op, which onnx2torch 1.5 lacks and the runtime adds (``runtime/onnx_ops.py``). (At opset 17 GELU
+    is decomposed into Erf arithmetic.)"""
 
     ONNX_OPSET = 20
 

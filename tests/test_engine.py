@@ -17,15 +17,16 @@ from audit_service.audit import run_audit
 from audit_service.reference.data import load_digits
 from audit_service.spec import parse_audit_spec
 from builders import (
+    UNCONVERTIBLE_OP,
     IMAGE_SHAPE,
     MLP,
     CircularCNN,
     ConstantModel,
-    GeluCNN,
     OrbitAveragedCNN,
     PlainCNN,
     export_onnx,
     export_torchscript,
+    export_unconvertible,
 )
 
 FAST = {"n_probes": 48, "n_noise_probes": 32, "ig_steps": 8, "jacobian_probes": 8, "bootstrap": 50}
@@ -74,9 +75,17 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, augment: 
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def plain_cnn(digits):
+    """PlainCNN after one epoch on the digits (no augmentation): it predicts several classes. An untrained one
+    predicts a single class for every digit, which policy 2 calls `trivial` even when weight-tied."""
+    xtr, ytr, _, _ = digits
+    return train(PlainCNN(n_classes=9), xtr, ytr, epochs=1, augment=False)
+
+
 # ----------------------------------------------------------------------------- verdicts
-def test_orbit_averaged_cnn_is_genuine(tmp_path, digits):
-    model = OrbitAveragedCNN(PlainCNN(n_classes=9), group="C4")
+def test_orbit_averaged_cnn_is_genuine(tmp_path, digits, plain_cnn):
+    model = OrbitAveragedCNN(plain_cnn, group="C4")
     path = export_onnx(model, IMAGE_SHAPE, tmp_path / "avg.onnx")
     report = run_audit(path, spec("C4"), probes=digits[2], labels=digits[3])
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
@@ -109,6 +118,25 @@ def test_plain_cnn_is_not_invariant(tmp_path, digits):
     assert report["verdict"]["label"] == "not_invariant", report["verdict"]["reasons"]
     assert clean["agreement"] < 0.7 and clean["DI"] > 0.5
     assert not report["verdict"]["passed"]
+
+
+def test_single_class_network_is_trivial_not_learned(tmp_path, digits):
+    """Like an untrained ResNet: logits move with the input, but one class wins everywhere. Policy 1 called
+    it `learned` (agreement 1); agreement 1 is chance here, so it is `trivial`, and the report says why."""
+    model = PlainCNN(n_classes=9).eval()
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias[3] += 1e3
+    path = export_onnx(model, IMAGE_SHAPE, tmp_path / "one_class.onnx")
+    report = run_audit(path, spec("flip", shifts=(), n_probes=16, n_noise_probes=8, ig_steps=2), probes=digits[2],
+                       labels=digits[3])
+    clean = next(c for c in report["conditions"] if c["name"] == "clean")
+    assert clean["predictions"]["classes_predicted"] == 1 and clean["predictions"]["majority_class"] == 3
+    assert clean["metrics"]["agreement"] == 1.0 and clean["metrics"]["agreement_chance"] == pytest.approx(1.0)
+    assert clean["metrics"]["kappa"] is None and clean["metrics"]["LI_normalized"] > 1e-3
+    assert report["verdict"]["label"] == "trivial" and not report["verdict"]["passed"]
+    assert "predicted as class 3" in report["verdict"]["reasons"][0]
+    assert report["verdict"]["policy"]["version"] == "2"
 
 
 def test_constant_model_is_trivial(tmp_path, digits):
@@ -212,14 +240,16 @@ def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
                 assert va == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-6), (a["name"], key)
 
 
-def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits):
-    """onnx2torch has no Gelu converter: saliency becomes occlusion, sigma_max a finite-difference sketch,
+def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_path, digits, plain_cnn):
+    """No converter for ThresholdedRelu: saliency becomes occlusion, sigma_max a finite-difference sketch,
     the report says so, and an exactly invariant model still gets SI 1 (per-pixel occlusion is equivariant)."""
-    model = OrbitAveragedCNN(GeluCNN(n_classes=9), group="C4")
-    path = export_onnx(model, IMAGE_SHAPE, tmp_path / "gelu.onnx", opset=GeluCNN.ONNX_OPSET)
+    model = OrbitAveragedCNN(plain_cnn, group="C4")
+    path = export_unconvertible(model, IMAGE_SHAPE, tmp_path / "unconvertible.onnx")
     report = run_audit(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2])
     assert report["model"]["saliency_method"].startswith("occlusion")
-    assert "Gelu" in report["model"]["gradient_note"] and "gradient-free" in report["model"]["gradient_note"]
+    assert report["model"]["gradient_path"].startswith("fallback")
+    assert UNCONVERTIBLE_OP in report["model"]["gradient_note"]
+    assert "gradient-free" in report["model"]["gradient_note"]
     assert report["sensitivity"]["method"].startswith("finite-difference")
     assert report["sensitivity"]["sigma_max"]["mean"] > 0
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
@@ -229,3 +259,74 @@ def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_pat
                    spec("C4", n_probes=16, n_noise_probes=8, saliency=False), probes=digits[2])
     exact = ts["sensitivity"]["sigma_max"]["mean"]
     assert report["sensitivity"]["sigma_max"]["mean"] == pytest.approx(exact, rel=0.25)
+
+
+@pytest.mark.parametrize("head, kind", [(nn.Softmax(dim=-1), "probabilities"),
+                                        (nn.LogSoftmax(dim=-1), "log_probabilities")])
+def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_path, digits, plain_cnn, head,
+                                                                           kind):
+    """A graph ending in softmax: DI on the model's own distribution (equal to the bare logits' DI), LI on
+    log-probabilities, and the report says so."""
+    base = plain_cnn
+    options = dict(n_probes=16, n_noise_probes=8, ig_steps=2, jacobian_probes=2)
+    bare = run_audit(export_onnx(base, IMAGE_SHAPE, tmp_path / "bare.onnx"), spec("C4", shifts=(), **options),
+                     probes=digits[2])
+    wrapped = run_audit(export_onnx(nn.Sequential(base, head), IMAGE_SHAPE, tmp_path / "head.onnx"),
+                        spec("C4", shifts=(), **options), probes=digits[2])
+    assert bare["model"]["output_kind"] == "logits" and bare["model"]["output_note"] is None
+    assert wrapped["model"]["output_kind"] == kind and "DI is measured on" in wrapped["model"]["output_note"]
+    for name in ("clean", "noise"):
+        assert metrics(wrapped, name)["DI"] == pytest.approx(metrics(bare, name)["DI"], rel=1e-3, abs=1e-6)
+        assert metrics(wrapped, name)["agreement"] == metrics(bare, name)["agreement"]
+    assert metrics(wrapped, "clean")["DI"] > 0.05  # not squashed as DI of softmax(probabilities) would be
+
+
+@pytest.mark.parametrize("shape", [(12,), (4, 3)])
+def test_default_spec_on_inputs_without_image_axes_skips_spatial_shifts(tmp_path, shape):
+    """A tabular (N, F) or sequence (N, S, F) model with the default shifts: blur is skipped and said so."""
+    path = export_torchscript(MLP(in_features=12, n_classes=3), shape, tmp_path / "tab.pt")
+    probes = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+    group = {"name": "permutation", "generators": [[1, 0] + list(range(2, shape[-1]))]}
+    audit_spec = parse_audit_spec({"group": group, "options": {**FAST, "n_probes": 8, "n_noise_probes": 4,
+                                                               "ig_steps": 2, "jacobian_probes": 2}})
+    report = run_audit(path, audit_spec, probes=probes)
+    names = [c["name"] for c in report["conditions"]]
+    assert names == ["clean", "gaussian_noise@1", "gaussian_noise@3", "gaussian_noise@5", "contrast@1",
+                     "contrast@3", "contrast@5", "noise"]
+    skipped = report["shifts_skipped"]
+    assert [s["shift"] for s in skipped] == ["blur@1", "blur@3", "blur@5"]
+    assert all("needs image axes" in s["reason"] for s in skipped)
+
+
+class _SetModel(nn.Module):
+    """DeepSets on 8 scalars: sum of per-element features, invariant to every permutation of the set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.phi = nn.Sequential(nn.Linear(1, 16), nn.Tanh())
+        self.rho = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rho(self.phi(x.unsqueeze(-1)).sum(dim=1))
+
+
+def test_symmetric_group_past_the_cap_is_audited_on_a_seeded_sample(tmp_path):
+    """S8 (40,320 elements) on a set model: sampled elements, the sample stated, a CI per metric."""
+    gens = [[1, 0, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 0]]
+    group = {"name": "permutation", "generators": gens, "sample": 32, "seed": 1}
+    probes = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    options = {**FAST, "n_probes": 16, "n_noise_probes": 8, "ig_steps": 2, "jacobian_probes": 2}
+    audit_spec = parse_audit_spec({"group": group, "shifts": [], "options": options})
+    invariant = run_audit(export_torchscript(_SetModel(), (8,), tmp_path / "set.pt"), audit_spec, probes=probes)
+    sampled = invariant["group"]["sampled"]
+    assert sampled["size"] == 32 and sampled["group_order"] == 40320 and sampled["seed"] == 1
+    assert invariant["group"]["order"] == 32 and "drawn uniformly" in invariant["group"]["note"]
+    assert invariant["verdict"]["label"] == "genuine", invariant["verdict"]["reasons"]
+    ci = next(c for c in invariant["conditions"] if c["name"] == "clean")["group_sample_ci"]
+    assert ci["DI"]["n_elements"] == 31 and ci["DI"]["hi"] < 1e-6
+    plain = run_audit(export_torchscript(MLP(in_features=8, n_classes=3), (8,), tmp_path / "mlp.pt"), audit_spec,
+                      probes=probes)
+    ci = next(c for c in plain["conditions"] if c["name"] == "clean")["group_sample_ci"]
+    assert ci["LI"]["lo"] < ci["LI"]["mean"] < ci["LI"]["hi"] and ci["LI"]["lo"] > 0
+    assert plain["verdict"]["label"] != "genuine"

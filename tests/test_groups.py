@@ -225,14 +225,14 @@ def test_permutation_acts_along_axis():
 
 
 def test_permutation_too_large_group():
-    # a transposition and an 8-cycle generate S8 (40320 elements)
+    # a transposition and an 8-cycle generate S8 (40320 elements); sample = 0 refuses instead of sampling
     gens = [[1, 0, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 0]]
     with pytest.raises(SpecError) as info:
-        build_group({"name": "permutation", "generators": gens, "max_order": 100}, (8,))
+        build_group({"name": "permutation", "generators": gens, "max_order": 100, "sample": 0}, (8,))
     assert info.value.field == "group.max_order"
     assert "more than 100" in info.value.message and "raise `max_order`" in info.value.message
     with pytest.raises(SpecError) as info:
-        build_group({"name": "permutation", "generators": gens}, (8,))
+        build_group({"name": "permutation", "generators": gens, "sample": 0}, (8,))
     assert info.value.field == "group.generators"
     assert f"more than {MAX_GROUP_ORDER}" in info.value.message
 
@@ -458,3 +458,24 @@ def test_from_table_validates():
         ExactGroup.from_table("bad", torch.tensor([[0, 1, 2], [0, 0, 1]]), ["e", "x"], (3,))
     g = ExactGroup.from_table("swap", torch.tensor([[0, 1], [1, 0]]), ["e", "s"], (2,))
     assert g.is_closed() and torch.equal(g.orbit(torch.tensor([[1.0, 2.0]]))[1], torch.tensor([[2.0, 1.0]]))
+
+
+@pytest.mark.parametrize("gens, order, symmetric", [
+    ([[1, 0, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 0]], 40320, True),           # S8
+    ([[1, 2, 3, 0, 4, 5, 6, 7], [0, 1, 2, 3, 5, 6, 7, 4], [4, 5, 6, 7, 0, 1, 2, 3],  # S4 wr C2: not symmetric
+      [1, 0, 2, 3, 4, 5, 6, 7]], 1152, False),
+])
+def test_groups_past_the_cap_are_sampled_uniformly_and_seeded(gens, order, symmetric):
+    spec = {"name": "permutation", "generators": gens, "max_order": 1000, "sample": 64, "seed": 3}
+    g = build_group(spec, (8,))
+    assert g.order == 64 and g.exact and g.sampled["group_order"] == order and g.sampled["size"] == 64
+    assert ("symmetric" in g.sampled["method"]) == symmetric
+    table = torch.stack([el.perm for el in g.elements])
+    assert torch.equal(table[0], torch.arange(8)) and len({tuple(r.tolist()) for r in table}) == 64
+    assert "drawn uniformly" in g.describe()["note"] and g.describe()["sampled"]["seed"] == 3
+    again = build_group(spec, (8,))
+    assert torch.equal(table, torch.stack([el.perm for el in again.elements]))  # seeded
+    if not symmetric:  # every sampled element lies in the group: it preserves the blocks {0..3}, {4..7}
+        blocks = [{0, 1, 2, 3}, {4, 5, 6, 7}]
+        for row in table.tolist():
+            assert {row[i] for i in range(4)} in blocks

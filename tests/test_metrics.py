@@ -145,3 +145,33 @@ def test_metric_laws_on_random_orbits(fgx_np):
     shifted = torch.cat([fx[None], fgx[1:] + 5.0]) if fgx.shape[0] > 1 else fgx
     assert torch.allclose(distribution_invariance_error(fx, shifted), distribution_invariance_error(fx, fgx),
                           atol=1e-4)
+
+
+def test_chance_agreement_and_kappa():
+    from audit_service.metrics import chance_agreement, chance_corrected
+
+    uniform = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    assert chance_agreement(uniform, uniform) == pytest.approx(0.25)
+    one = torch.tensor([0.0, 7.0, 0.0])
+    assert chance_agreement(one, one * 3) == pytest.approx(1.0)
+    assert chance_agreement(torch.tensor([9.0, 1.0]), torch.tensor([9.0, 1.0])) == pytest.approx(0.82)
+    assert chance_corrected(1.0, 1.0) is None           # one class: agreement cannot beat chance
+    assert chance_corrected(0.25, 0.25) == pytest.approx(0.0)
+    assert chance_corrected(1.0, 0.25) == pytest.approx(1.0)
+    assert chance_corrected(None, 0.5) is None
+    with pytest.raises(ValueError, match="Expected two class-count vectors"):
+        chance_agreement(uniform, torch.ones(3))
+
+
+def test_accumulator_counts_predictions_and_labels():
+    from audit_service.metrics import ConditionAccumulator
+
+    acc = ConditionAccumulator(num_classes=3)
+    logits_x = torch.tensor([[5.0, 0, 0], [0, 5.0, 0]])
+    logits_gx = torch.stack([logits_x, torch.tensor([[5.0, 0, 0], [5.0, 0, 0]])])
+    acc.update(logits_gx, labels=torch.tensor([0, 0]))
+    s = acc.prediction_summary()
+    assert s["classes_predicted"] == 2 and s["majority_class"] == 0 and s["majority_fraction"] == pytest.approx(0.75)
+    # at x: (1/2, 1/2, 0); on the orbit: (3/4, 1/4, 0) -> 3/8 + 1/8
+    assert s["agreement_chance"] == pytest.approx(0.5)
+    assert s["accuracy_chance"] == pytest.approx(1.0)

@@ -20,6 +20,7 @@ from torch import nn
 from audit_service.errors import ModelError, ModelRuntimeError, ProbeError, SpecError
 from audit_service.runtime import ModelRunner, load_model, resolve_device, sniff_format
 from builders import (
+    UNCONVERTIBLE_OP,
     IMAGE_SHAPE,
     MLP,
     RGB_SHAPE,
@@ -34,6 +35,7 @@ from builders import (
     TwoInputModel,
     export_onnx,
     export_torchscript,
+    export_unconvertible,
     rot90,
 )
 
@@ -201,7 +203,7 @@ def test_zip_without_torchscript_code_is_refused(tmp_path):
     path = tmp_path / "model.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/readme.txt", "not a model")
-    with pytest.raises(ModelError, match="zip archive without TorchScript code"):
+    with pytest.raises(ModelError, match="zip archive with neither TorchScript code"):
         load_model(path)
 
 
@@ -382,16 +384,50 @@ def test_converted_onnx_gradient_equals_torchscript_gradient(tmp_path, make, sha
 
 
 def test_unsupported_op_falls_back_with_a_note(tmp_path):
+    module = PlainCNN().eval()
+    path = export_unconvertible(module, IMAGE_SHAPE, tmp_path / "unconvertible.onnx")
+    assert UNCONVERTIBLE_OP in {node.op_type for node in onnx.load(str(path)).graph.node}
+    runner = load_model(path)
+    assert runner.gradient_note is None  # decided lazily
+    assert runner.torch_module() is None
+    assert runner.gradient_note == f"onnx2torch cannot convert op '{UNCONVERTIBLE_OP}'; {FALLBACK}"
+    assert runner.gradient_path is None
+    x = batch(5)
+    with torch.no_grad():
+        assert torch.allclose(runner.logits(x), module(x), atol=1e-5)
+
+
+def test_opset20_gelu_gets_a_twin(tmp_path):
+    """onnx2torch 1.5 has no Gelu-20 converter; the runtime's own (runtime/onnx_ops.py) fills the gap."""
     module = GeluCNN().eval()
     path = export_onnx(module, IMAGE_SHAPE, tmp_path / "gelu.onnx", opset=GeluCNN.ONNX_OPSET)
     assert "Gelu" in {node.op_type for node in onnx.load(str(path)).graph.node}
     runner = load_model(path)
-    assert runner.gradient_note is None  # decided lazily
-    assert runner.torch_module() is None
-    assert runner.gradient_note == f"onnx2torch cannot convert op 'Gelu'; {FALLBACK}"
-    x = batch(5)
-    with torch.no_grad():
-        assert torch.allclose(runner.logits(x), module(x), atol=1e-5)
+    twin = runner.torch_module()
+    assert twin is not None, runner.gradient_note
+    assert runner.twin_error is not None and runner.twin_error <= 1e-4
+    assert runner.gradient_path.startswith("onnx2torch twin")
+    x = batch(4)
+    assert torch.allclose(_input_gradient(twin, x), _input_gradient(module, x), atol=1e-5, rtol=1e-4)
+
+
+def test_legacy_export_with_shared_initializers_gets_a_twin(tmp_path):
+    """The legacy exporter folds BatchNorm into Conv and shares equal folded biases (here two zero
+    vectors, as in every untrained ResNet) through Identity nodes; onnx2torch refuses a Conv whose bias
+    is not an initializer, so the graph is normalized (Identity folded) first."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * IMAGE_SHAPE[1] * IMAGE_SHAPE[2], 4)).eval()
+    path = export_onnx(module, IMAGE_SHAPE, tmp_path / "shared.onnx")
+    assert "Identity" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    runner = load_model(path)
+    twin = runner.torch_module()
+    assert twin is not None, runner.gradient_note
+    assert "Identity" in runner.gradient_path
+    x = batch(3)
+    assert torch.allclose(_input_gradient(twin, x), _input_gradient(module, x), atol=1e-5, rtol=1e-4)
 
 
 def test_new_opset_is_downgraded_for_the_torch_twin(tmp_path):

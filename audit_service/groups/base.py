@@ -39,6 +39,8 @@ class Group(ABC):
     input_shape: tuple[int, ...]
     #: Why the listed elements are not a group (not closed, or repeated elements), else None.
     note: str | None = None
+    #: For a group too large to enumerate: {size, group_order, method, seed} of the element sample, else None.
+    sampled: dict | None = None
 
     @abstractmethod
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,8 @@ class Group(ABC):
         }
         if self.note:
             out["note"] = self.note
+        if self.sampled is not None:
+            out["sampled"] = dict(self.sampled)
         return out
 
     def __len__(self) -> int:

@@ -70,7 +70,9 @@ _MEANINGS: dict[str, dict[str, str]] = {
     "permutation": {
         "generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
         "axis": "per-sample axis the generators permute",
-        "max_order": "refuse groups with more elements than this",
+        "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
+        "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
+        "seed": "seed of the element sample",
     },
     "rotation": {
         "n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",

@@ -79,7 +79,7 @@ class Outcome:
     detail: str = ""
 
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "npy": ".npy", "npz": ".npz"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "npy": ".npy", "npz": ".npz"}
 
 
 def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -> dict:

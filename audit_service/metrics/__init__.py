@@ -2,6 +2,8 @@
 
 from .accumulator import ConditionAccumulator
 from .functional import (
+    chance_agreement,
+    chance_corrected,
     distribution_invariance_error,
     logit_invariance_error,
     orbit_accuracy,
@@ -14,6 +16,8 @@ from .summary import summarize
 
 __all__ = [
     "ConditionAccumulator",
+    "chance_agreement",
+    "chance_corrected",
     "distribution_invariance_error",
     "logit_invariance_error",
     "orbit_accuracy",

@@ -29,6 +29,13 @@ class ConditionAccumulator:
     _sq_norm: torch.Tensor | float = 0.0
     si_pairs_total: int = 0
     _si_undefined: torch.Tensor | int = 0
+    #: predicted-class counts at x, over the orbit g x (identity included), and label counts
+    _pred_x: torch.Tensor | None = None
+    _pred_gx: torch.Tensor | None = None
+    _labels: torch.Tensor | None = None
+    #: per group element: sums over probes (and counts, for SI's undefined pairs) of each pair metric
+    _elem_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    _elem_count: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def update(
         self,
@@ -48,6 +55,7 @@ class ConditionAccumulator:
             self.si_pairs_total += si_pairs.numel()
             self._si_undefined = self._si_undefined + torch.isnan(si_pairs).sum()
             self._add("SI", si_pairs, nan_aware=True)
+        self._count_predictions(logits_x, logits_gx, labels)
         x64 = logits_x.double()
         s, ss = x64.sum(0), x64.pow(2).sum(0)
         self._sum = s if self._sum is None else self._sum + s
@@ -55,9 +63,61 @@ class ConditionAccumulator:
         self._sq_norm = self._sq_norm + x64.pow(2).sum()
         self.n += logits_x.shape[0]
 
+    def _count_predictions(self, logits_x: torch.Tensor, logits_gx: torch.Tensor,
+                           labels: torch.Tensor | None) -> None:
+        c = self.num_classes
+        at_x = torch.bincount(logits_x.argmax(dim=-1).flatten(), minlength=c)[:c]
+        on_orbit = torch.bincount(logits_gx.argmax(dim=-1).flatten(), minlength=c)[:c]
+        self._pred_x = at_x if self._pred_x is None else self._pred_x + at_x
+        self._pred_gx = on_orbit if self._pred_gx is None else self._pred_gx + on_orbit
+        if labels is not None:
+            counted = torch.bincount(labels.to(logits_x.device).flatten(), minlength=c)[:c]
+            self._labels = counted if self._labels is None else self._labels + counted
+
+    def prediction_summary(self) -> dict:
+        """Predicted-class frequencies and the chance levels they imply (``functional.chance_agreement``).
+
+        ``classes_predicted``: distinct classes predicted over the probes and their orbits (1: the
+        decision ignores the input); ``agreement_chance``: the agreement two independent draws from the
+        predicted-class frequencies at x and on the orbit would reach; ``accuracy_chance``: the orbit
+        accuracy of always guessing the most frequent label (None without labels).
+        """
+        if self._pred_x is None:
+            return {"classes_predicted": None, "majority_class": None, "majority_fraction": None,
+                    "agreement_chance": None, "accuracy_chance": None}
+        at_x, on_orbit = self._pred_x.double(), self._pred_gx.double()
+        both = on_orbit  # the orbit includes the identity, so the probes' own predictions too
+        majority = int(both.argmax())
+        labels = self._labels.double() if self._labels is not None else None
+        return {
+            "classes_predicted": int((both > 0).sum()),
+            "majority_class": majority,
+            "majority_fraction": float(both[majority] / both.sum()),
+            "agreement_chance": F.chance_agreement(at_x, on_orbit),
+            "accuracy_chance": float(labels.max() / labels.sum()) if labels is not None and labels.sum() > 0
+            else None,
+        }
+
     def _add(self, name: str, pairs: torch.Tensor, nan_aware: bool = False) -> None:
+        values = pairs.double()
+        defined = ~torch.isnan(values)
+        sums, counts = torch.where(defined, values, 0.0).sum(dim=1), defined.sum(dim=1)
+        if name in self._elem_sum:
+            self._elem_sum[name] = self._elem_sum[name] + sums
+            self._elem_count[name] = self._elem_count[name] + counts
+        else:
+            self._elem_sum[name], self._elem_count[name] = sums, counts
         per_probe = torch.nanmean(pairs.double(), dim=0) if nan_aware else pairs.double().mean(dim=0)
         self.per_probe[name].append(per_probe)
+
+    def element_means(self, name: str) -> np.ndarray:
+        """Mean of one pair metric per group element (G,), over the probes where it is defined."""
+        if name not in self._elem_sum:
+            return np.empty(0)
+        counts = self._elem_count[name].double()
+        means = self._elem_sum[name] / counts.clamp_min(1)
+        means[counts == 0] = float("nan")
+        return means.cpu().numpy()
 
     def values(self, name: str) -> np.ndarray:
         """Per-probe values of one metric (host numpy; one copy per condition and metric)."""

@@ -56,6 +56,27 @@ def orbit_accuracy(logits_gx: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (logits_gx.argmax(-1) == labels.unsqueeze(0)).to(logits_gx.dtype)
 
 
+def chance_agreement(counts_x: torch.Tensor, counts_gx: torch.Tensor) -> float:
+    """The agreement expected by chance: sum_k p_k q_k for the predicted-class frequencies p at x and q
+    on the orbit (Cohen's p_e). 1 when one class is predicted everywhere, 1/C for uniform predictions."""
+    if counts_x.ndim != 1 or counts_x.shape != counts_gx.shape:
+        raise ValueError(f"Expected two class-count vectors of one shape (C,), but got {tuple(counts_x.shape)} "
+                         f"and {tuple(counts_gx.shape)}")
+    total_x, total_gx = float(counts_x.sum()), float(counts_gx.sum())
+    if total_x <= 0 or total_gx <= 0:
+        raise ValueError("Expected at least one prediction on each side, but got an empty count vector")
+    return float((counts_x.double() / total_x * counts_gx.double() / total_gx).sum())
+
+
+def chance_corrected(observed: float | None, chance: float | None) -> float | None:
+    """Cohen's kappa (observed - chance) / (1 - chance); None when chance is 1 (a single predicted class:
+    agreement cannot beat chance) or either input is unknown. Also used for orbit accuracy against the
+    majority-label rate."""
+    if observed is None or chance is None or chance >= 1.0 - 1e-12:
+        return None
+    return (observed - chance) / (1.0 - chance)
+
+
 def saliency_similarity(map_x: torch.Tensor, maps_gx_aligned: torch.Tensor) -> torch.Tensor:
     """SI per pair: cosine( m(x), g^-1 m(gx) ). NaN where either map is all zero (undefined cosine).
 

@@ -1,4 +1,4 @@
-"""Model runtimes: ONNX (onnxruntime) and TorchScript behind one ``ModelRunner`` protocol.
+"""Model runtimes: ONNX (onnxruntime), TorchScript and torch.export (.pt2) behind one ``ModelRunner`` protocol.
 
 ``load_model`` is the front door; it checks the file (size cap, format by content, pickles refused
 unread, no ONNX external data) and returns a runner that computes logits in batches on its device

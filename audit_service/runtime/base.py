@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-ModelFormat = Literal["onnx", "torchscript"]
+ModelFormat = Literal["onnx", "torchscript", "pt2"]
 
 
 @runtime_checkable
@@ -27,6 +27,8 @@ class ModelRunner(Protocol):
     providers: list[str]
     #: why gradients are unavailable (``torch_module()`` is None), else None
     gradient_note: str | None
+    #: how gradients are computed when ``torch_module()`` is not None (e.g. "onnx2torch twin ..."), else None
+    gradient_path: str | None
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(N, *input_shape) float32 on ``device`` -> (N, num_classes) float32 on ``device``.

@@ -15,6 +15,7 @@ import torch
 from ..errors import ProbeError, SpecError
 from .base import ModelFormat, ModelRunner
 from .onnx_runner import OnnxRunner
+from .pt2_runner import ExportedProgramRunner
 from .torchscript_runner import TorchScriptRunner
 from .validation import identify, read_model_bytes
 
@@ -47,14 +48,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def sniff_format(source: str | Path | bytes, max_bytes: int | None = None) -> ModelFormat:
-    """``"onnx"`` or ``"torchscript"`` from the file's content (never its name); ``ModelError`` otherwise."""
+    """``"onnx"``, ``"torchscript"`` or ``"pt2"`` from the file's content (never its name); ``ModelError`` otherwise."""
     fmt, _ = identify(read_model_bytes(source, max_bytes))
     return fmt
 
 
 def load_model(path: str | Path | bytes, device: str | torch.device = "auto", max_bytes: int | None = None,
                input_shape: Sequence[int] | None = None) -> ModelRunner:
-    """Load an ONNX model or TorchScript archive as a checked ``ModelRunner`` on ``device``.
+    """Load an ONNX model, TorchScript archive or ``torch.export`` program as a checked ``ModelRunner``.
 
     ``max_bytes`` defaults to ``AUDIT_MAX_MODEL_BYTES`` or 200 MB. ``input_shape`` is the per-sample
     shape (batch excluded); TorchScript needs it unless the archive carries ``input_shape.json``,
@@ -68,6 +69,8 @@ def load_model(path: str | Path | bytes, device: str | torch.device = "auto", ma
     hint = tuple(int(d) for d in input_shape) if input_shape is not None else None
     if fmt == "torchscript":
         return TorchScriptRunner(data, sha256, target, input_shape=hint)
+    if fmt == "pt2":
+        return ExportedProgramRunner(data, sha256, target, input_shape=hint)
     runner = OnnxRunner(data, onnx_model, sha256, target)
     if hint is not None and hint != runner.input_shape:
         raise ProbeError(f"Expected inputs of the model's shape {runner.input_shape}, but the probes have "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import onnx
@@ -28,19 +29,38 @@ FALLBACK = "saliency uses a gradient-free occlusion estimate and sigma_max a fin
 ReferenceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """The outcome of converting an ONNX graph to a torch twin, for the runner and the report."""
+
+    module: torch.nn.Module | None
+    #: why there is no twin (the fallback is stated in it), else None
+    note: str | None
+    #: the graph rewrites made before conversion (Identity folding, constant folding, opset downgrade)
+    steps: tuple[str, ...] = ()
+    #: max |twin - onnxruntime| on the check batch, relative to max(1, logit scale); None without a twin
+    max_error: float | None = None
+
+
 def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape: tuple[int, ...],
-                    device: torch.device, fixed_batch: int | None) -> tuple[torch.nn.Module | None, str | None]:
-    """(module, None) when the conversion reproduces ``reference``; else (None, why)."""
+                    device: torch.device, fixed_batch: int | None) -> Conversion:
+    """A twin when the (normalized) conversion reproduces ``reference`` within ``MATCH_TOLERANCE``."""
     try:
         import onnx2torch
     except ImportError as exc:
-        return None, f"onnx2torch is not installed ({exc}); {FALLBACK}"
+        return Conversion(None, f"onnx2torch is not installed ({exc}); {FALLBACK}")
+    from .onnx_graph import normalize_for_conversion
+    from .onnx_ops import register_converters
+
+    register_converters()
+    model, steps = normalize_for_conversion(model)
     missing = unsupported_ops(model)
     if missing:
         downgraded = downgrade_opset(model)
         if downgraded is None:
-            return None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}"
-        model = downgraded
+            return Conversion(None, f"onnx2torch cannot convert {_ops(missing)}; {FALLBACK}", tuple(steps))
+        model, target = downgraded
+        steps.append(f"opset downgraded to {target}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -49,14 +69,14 @@ def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape:
         named = re.search(r"operation_type='([^']+)'", str(exc))
         op = named.group(1) if named else _failing_op(model)
         what = f"{_ops([op])} ({short_error(exc)})" if op else f"this graph ({short_error(exc)})"
-        return None, f"onnx2torch cannot convert {what}; {FALLBACK}"
+        return Conversion(None, f"onnx2torch cannot convert {what}; {FALLBACK}", tuple(steps))
     module = GuardedModule(ConvertedOnnx(graph_module, fixed_batch)).to(device).eval()
     for param in module.parameters():
         param.requires_grad_(False)
-    problem = _mismatch(module, reference, input_shape, device, fixed_batch)
+    problem, error = _compare(module, reference, input_shape, device, fixed_batch)
     if problem:
-        return None, f"{problem}; {FALLBACK}"
-    return module, None
+        return Conversion(None, f"{problem}; {FALLBACK}", tuple(steps), error)
+    return Conversion(module, None, tuple(steps), error)
 
 
 class ConvertedOnnx(torch.nn.Module):
@@ -87,8 +107,8 @@ class ConvertedOnnx(torch.nn.Module):
 DOWNGRADE_OPSETS = (17, 16, 13)
 
 
-def downgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The model at an older opset whose ops onnx2torch converts (``onnx.version_converter``), or None.
+def downgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int] | None:
+    """(the model at an older opset whose ops onnx2torch converts, that opset), or None.
 
     Only the torch twin uses the downgraded graph; logits stay onnxruntime's, and the twin is still
     checked against them, so a conversion that changed the function is caught.
@@ -106,7 +126,7 @@ def downgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto | None:
         except Exception:  # noqa: BLE001 - the converter refuses many graphs; try the next opset
             continue
         if not unsupported_ops(converted):
-            return converted
+            return converted, target
     return None
 
 
@@ -158,25 +178,31 @@ def _ops(names: list[str]) -> str:
 def _mismatch(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple[int, ...],
               device: torch.device, fixed_batch: int | None) -> str | None:
     """Why the converted module cannot stand in for onnxruntime, or None when it matches."""
+    return _compare(module, reference, input_shape, device, fixed_batch)[0]
+
+
+def _compare(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple[int, ...],
+             device: torch.device, fixed_batch: int | None) -> tuple[str | None, float | None]:
+    """(why the twin cannot stand in for onnxruntime or None, its max relative difference)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((fixed_batch or VERIFY_BATCH, *input_shape), generator=generator).to(device)
     try:
         expected = reference(x)
     except Exception as exc:
-        return f"onnxruntime failed on the check batch ({short_error(exc)})"
+        return f"onnxruntime failed on the check batch ({short_error(exc)})", None
     try:
         with torch.no_grad():
             got = module(x)
     except Exception as exc:
-        return f"the onnx2torch conversion fails to run ({short_error(exc)})"
+        return f"the onnx2torch conversion fails to run ({short_error(exc)})", None
     if tuple(got.shape) != tuple(expected.shape):
         return (f"the onnx2torch conversion returns shape {tuple(got.shape)}, onnxruntime "
-                f"{tuple(expected.shape)}")
+                f"{tuple(expected.shape)}"), None
     if not torch.isfinite(expected).all():
-        return "the model's logits are not finite, so the onnx2torch conversion cannot be checked"
+        return "the model's logits are not finite, so the onnx2torch conversion cannot be checked", None
     scale = max(1.0, float(expected.abs().max()))
     error = float((got - expected).abs().max()) / scale
     if not error <= MATCH_TOLERANCE:  # also catches NaN
         return (f"the onnx2torch conversion does not reproduce onnxruntime's logits (max difference "
-                f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})")
-    return None
+                f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})"), error
+    return None, error

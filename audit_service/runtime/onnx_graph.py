@@ -154,3 +154,71 @@ def _read_output(value: onnx.ValueInfoProto) -> int | None:
         raise ModelError(f"Expected logits of shape (N, C), but the output '{value.name}' is declared as "
                          f"{shape} (rank {len(dims)})", field="model")
     return int(dims[1].dim_value) if dims[1].HasField("dim_value") and dims[1].dim_value > 0 else None
+
+
+# ----------------------------------------------------------------------------- normalization
+def fold_identities(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy without ``Identity`` nodes (their consumers read the Identity's input directly), and how many.
+
+    The legacy exporter shares one initializer between several uses through ``Identity`` nodes, and
+    onnx2torch then sees a weight that is not an initializer (it refuses ``Conv``). An Identity whose
+    output is a graph output is kept (the graph's output name must stay).
+    """
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 \
+                and node.output[0] not in outputs:
+            source = node.input[0]
+            rename[node.output[0]] = rename.get(source, source)
+        else:
+            keep.append(node)
+    if not rename:
+        return folded, 0
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded, len(rename)
+
+
+def normalize_for_conversion(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph a torch converter can read: Identity on initializers folded, constants folded.
+
+    Constant folding (``Shape -> Gather -> Concat`` chains on static axes, ``Constant`` /
+    ``ConstantOfShape`` / ``Cast`` of constants) uses onnxslim when it is installed; a step that
+    fails is skipped and named in the returned notes. Only the gradient twin uses the result: the
+    logits stay onnxruntime's, and the twin is checked against them.
+    """
+    notes: list[str] = []
+    model, n_identities = fold_identities(model)
+    if n_identities:
+        notes.append(f"folded {n_identities} Identity node{'s' if n_identities != 1 else ''}")
+    try:
+        import onnxslim
+    except ImportError:
+        notes.append("constant folding skipped (onnxslim is not installed)")
+        return model, notes
+    import contextlib
+    import io
+    import warnings
+
+    before = len(model.graph.node)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            slimmed = onnxslim.slim(model)
+    except Exception as exc:  # noqa: BLE001 - an optimizer bug must not cost the gradient path
+        notes.append(f"constant folding skipped (onnxslim failed: {short_error(exc, 200)})")
+        return model, notes
+    if isinstance(slimmed, onnx.ModelProto) and len(slimmed.graph.node) > 0:
+        if len(slimmed.graph.node) != before:
+            notes.append(f"constant-folded with onnxslim ({before} -> {len(slimmed.graph.node)} nodes)")
+        return slimmed, notes
+    return model, notes

@@ -64,6 +64,10 @@ class OnnxRunner:
         self.device = torch.device("cuda", device.index or 0) if device.type == "cuda" else torch.device("cpu")
         self.num_classes, self._output_dtype = self._probe()
         self.gradient_note: str | None = None
+        #: how gradients are obtained, once ``torch_module()`` has run (see ``onnx_convert.Conversion``)
+        self.gradient_path: str | None = None
+        #: max |twin - onnxruntime| relative to max(1, logit scale) on the check batch, once converted
+        self.twin_error: float | None = None
         self._module: torch.nn.Module | None = None
         self._module_done = False
         self._lock = threading.Lock()
@@ -172,8 +176,14 @@ class OnnxRunner:
             if not self._module_done:
                 from .onnx_convert import convert_checked  # onnx2torch is slow to import; only when needed
 
-                self._module, self.gradient_note = convert_checked(
+                conversion = convert_checked(
                     self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch)
+                self._module, self.gradient_note = conversion.module, conversion.note
+                self.twin_error = conversion.max_error
+                if conversion.module is not None:
+                    steps = f" after {', '.join(conversion.steps)}" if conversion.steps else ""
+                    self.gradient_path = (f"onnx2torch twin{steps}; max |twin - onnxruntime| "
+                                          f"{conversion.max_error:.1e} (relative to max(1, |logits|))")
                 self._module_done = True
                 self._model = None  # the protobuf (up to the size cap) is not needed any more
         return self._module

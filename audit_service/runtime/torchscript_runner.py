@@ -39,6 +39,7 @@ class TorchScriptRunner:
         self.device = device
         self.providers = [f"torch.jit ({device})"]
         self.gradient_note: str | None = None
+        self.gradient_path = "TorchScript module (autograd)"
         extra = {SHAPE_FILE: ""}
         try:
             with warnings.catch_warnings():

@@ -27,14 +27,15 @@ MAX_BYTES_ENV = "AUDIT_MAX_MODEL_BYTES"
 MAX_INPUT_ELEMENTS = 50_000_000
 
 _PICKLE_REFUSAL = (
-    "Expected an ONNX model or a TorchScript archive (torch.jit.save), but got a Python pickle; "
-    "pickles are never loaded, because unpickling runs arbitrary code. Export the model with "
-    "torch.onnx.export or torch.jit.save (torch.jit.script / torch.jit.trace first)"
+    "Expected an ONNX model, a TorchScript archive (torch.jit.save) or a torch.export program "
+    "(torch.export.save, .pt2), but got a Python pickle; pickles are never loaded, because unpickling "
+    "runs arbitrary code. Export the model with torch.onnx.export, torch.export.save or torch.jit.save"
 )
 _CHECKPOINT_REFUSAL = (
-    "Expected an ONNX model or a TorchScript archive (torch.jit.save), but got a torch.save checkpoint "
-    "(a Python pickle inside a zip, no TorchScript code); pickles are never loaded, because unpickling "
-    "runs arbitrary code. Export the model with torch.onnx.export or torch.jit.save"
+    "Expected an ONNX model, a TorchScript archive (torch.jit.save) or a torch.export program "
+    "(torch.export.save, .pt2), but got a torch.save checkpoint (a Python pickle inside a zip, no "
+    "TorchScript code); pickles are never loaded, because unpickling runs arbitrary code. Export the "
+    "model with torch.onnx.export, torch.export.save or torch.jit.save"
 )
 
 
@@ -78,7 +79,7 @@ def read_model_bytes(source: str | Path | bytes, max_bytes: int | None = None) -
     if len(data) > cap:
         raise ModelError(_too_big(len(data), cap), field="model")
     if not data:
-        raise ModelError("Expected an ONNX model or a TorchScript archive, but the file is empty", field="model")
+        raise ModelError("Expected an ONNX model, a TorchScript archive or a torch.export program, but the file is empty", field="model")
     return data
 
 
@@ -114,17 +115,32 @@ def _identify_zip(data: bytes) -> ModelFormat:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
+            if is_pt2_archive(names, archive.read):
+                return "pt2"
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ModelError(f"Expected a TorchScript archive (zip), but the zip is damaged: {exc}",
-                         field="model") from None
+        raise ModelError(f"Expected a TorchScript archive or torch.export program (zip), but the zip is "
+                         f"damaged: {exc}", field="model") from None
     has_code = any("/code/" in f"/{name}" for name in names)
     has_constants = any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in names)
     if has_code or has_constants:
         return "torchscript"
     if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
         raise ModelError(_CHECKPOINT_REFUSAL, field="model")
-    raise ModelError("Expected an ONNX model or a TorchScript archive (torch.jit.save), but got a zip "
-                     "archive without TorchScript code (no code/ folder or constants.pkl)", field="model")
+    raise ModelError("Expected an ONNX model, a TorchScript archive (torch.jit.save) or a torch.export program "
+                     "(torch.export.save), but got a zip "
+                     "archive with neither TorchScript code (code/, constants.pkl) nor a pt2 archive_format",
+                     field="model")
+
+
+def is_pt2_archive(names: list[str], read) -> bool:
+    """True for a zip whose ``<root>/archive_format`` member says ``pt2`` (``torch.export.save``)."""
+    for name in names:
+        if name.rsplit("/", 1)[-1] == "archive_format" and name.count("/") <= 1:
+            try:
+                return read(name).strip() == b"pt2"
+            except Exception:  # noqa: BLE001 - a damaged member: not an archive we can read
+                return False
+    return False
 
 
 def parse_onnx(data: bytes) -> onnx.ModelProto:

@@ -3,12 +3,13 @@
 See :mod:`audit_service.shifts.registry` for the severity table.
 """
 
-from .registry import SEVERITIES, apply_shift, severity_parameter, shift_catalogue, uniform_noise, validate_shift
+from .registry import SEVERITIES, applicable_default_shifts, apply_shift, severity_parameter, shift_catalogue, uniform_noise, validate_shift
 from .stats import ProbeStats
 
 __all__ = [
     "ProbeStats",
     "SEVERITIES",
+    "applicable_default_shifts",
     "apply_shift",
     "severity_parameter",
     "shift_catalogue",

@@ -77,6 +77,29 @@ def validate_shift(shift: ShiftSpec, input_shape: tuple[int, ...], has_second_pr
                         "upload second probes or use target='noise'", field=f"{field}.target")
 
 
+#: rank of the per-sample shape from which inputs are taken as images (C, H, W): spatial shifts join the defaults
+IMAGE_RANK = 3
+
+
+def applicable_default_shifts(defaults: list[ShiftSpec], input_shape: tuple[int, ...]
+                              ) -> tuple[list[ShiftSpec], list[dict]]:
+    """(the default shifts that act on ``input_shape``, [{shift, reason}] for those skipped).
+
+    Spatial shifts (blur, occlusion) need image axes: in the defaults they run only on (C, H, W)-like
+    inputs. A feature vector (F,) or a sequence (S, F) keeps the others, so a default spec never fails
+    on the input's shape. (Asked for explicitly, a spatial shift still runs on any rank >= 2 input.)
+    """
+    kept, skipped = [], []
+    for shift in defaults:
+        if shift.name in _SPATIAL and len(input_shape) < IMAGE_RANK:
+            kind = "a feature vector (F,)" if len(input_shape) == 1 else f"{_shape_str(input_shape)} without image axes"
+            skipped.append({"shift": shift.label, "reason": f"{shift.name} needs image axes (C, H, W); the model's "
+                                                            f"input is {kind}"})
+        else:
+            kept.append(shift)
+    return kept, skipped
+
+
 def uniform_noise(n: int, input_shape: tuple[int, ...], stats: ProbeStats, generator: torch.Generator,
                   device: torch.device | str) -> torch.Tensor:
     """(n, *input_shape) float32 uniform in [low, high] per channel: the pure out-of-distribution condition."""
