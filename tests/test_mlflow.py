@@ -166,3 +166,12 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
         assert r.status_code == 422, r.text
     finally:
         svc.stop()
+
+
+def test_service_without_allow_list_refuses_model_uri(api):
+    """The shared service has no AUDIT_MLFLOW_ALLOWED_URIS: the feature is off, whatever URI is named."""
+    parts = {"spec": (None, json.dumps(tiny_spec())), "model_uri": (None, "models:/tiny-onnx/1")}
+    r = api("POST", "/audit", files=parts)
+    assert r.status_code == 403 and "AUDIT_MLFLOW_ALLOWED_URIS" in r.json()["detail"], r.text
+    r = api("POST", "/audit", files={"spec": parts["spec"], "mlflow_write_back": (None, "true")})
+    assert r.status_code == 422 and r.json()["field"] == "mlflow_write_back", r.text
