@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
@@ -108,6 +109,9 @@ class Located:
 
 
 def _mlflow() -> Any:
+    # MLflow's usage telemetry would contact a host outside the registry (the service must reach none):
+    # off unless the operator turned it on explicitly
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         import mlflow  # noqa: F401
         from mlflow import MlflowClient
@@ -123,6 +127,9 @@ class Registry:
     names (the service's rule: it fetches only from registries its operator allowed)."""
 
     def __init__(self, tracking_uri: str | None = None, *, proxied_only: bool = False) -> None:
+        if proxied_only:  # in a web request: fail in seconds, not after MLflow's minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         client_cls = _mlflow()
         import mlflow
 
