@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import ModelError, SpecError
 from .mlflow_registry import is_registry_uri
 from .spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 
@@ -80,8 +80,14 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
         with fetched_model(args.model) as (path, located, registry):
             with _progress_bar(disabled=args.quiet) as progress:
-                report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
-                                   progress=progress)
+                try:
+                    report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
+                                       progress=progress)
+                except ModelError as exc:
+                    if "externally" not in exc.message:
+                        raise
+                    raise ModelError(f"{exc.message} (MLflow: log it with mlflow.onnx.log_model(..., "
+                                     "save_as_external_data=False))", field=exc.field) from None
         if args.mlflow_write_back:
             from .report.html import render_report_html
 

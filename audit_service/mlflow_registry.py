@@ -151,11 +151,30 @@ class Registry:
                 run_id = ref.run_id
                 base = self.client.get_run(ref.run_id).info.artifact_uri.rstrip("/")
                 root = f"{base}/{ref.path}" if ref.path else base
+        with self._errors(ref):
+            root = self._underlying(root)
         self._check_location(root)
         with self._errors(ref):
             located = self._find_model(ref, root)
         located.version, located.run_id = version, run_id
         return located
+
+    def _underlying(self, uri: str) -> str:
+        """The storage location behind a version source of the form ``runs:/RUN/PATH`` or ``models:/m-ID``
+        (an MLflow 3 logged model), resolved through this tracking server."""
+        for _ in range(4):
+            if uri.startswith("runs:/"):
+                run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+                base = self.client.get_run(run_id).info.artifact_uri.rstrip("/")
+                uri = f"{base}/{path}" if path else base
+            elif uri.startswith("models:/m-"):
+                model_id, _, path = uri[len("models:/"):].strip("/").partition("/")
+                base = self.client.get_logged_model(model_id).artifact_location.rstrip("/")
+                uri = f"{base}/{path}" if path else base
+            else:
+                return uri
+        raise RegistryError(f"Expected a model version source that resolves to storage, but got {uri[:200]}",
+                            field="model_uri")
 
     def _find_model(self, ref: ModelRef, root: str) -> Located:
         if root.lower().endswith(MODEL_SUFFIXES):  # the version / path is the file itself
@@ -373,8 +392,9 @@ class Registry:
 
 
 def too_large(located: Located, max_bytes: int) -> RegistryError:
-    err = RegistryError(f"Expected the model file {located.file} of {located.ref.uri} to be at most "
-                        f"{max_bytes // (1 << 20)} MiB, but it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
+    cap = f"{max_bytes / (1 << 20):g} MiB" if max_bytes >= 1 << 20 else f"{max_bytes} bytes"
+    err = RegistryError(f"Expected the model file {located.file} of {located.ref.uri} to be at most {cap}, but "
+                        "it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
     err.status = 413
     return err
 

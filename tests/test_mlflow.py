@@ -62,8 +62,8 @@ def tracking(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def registered(tracking, tmp_path_factory) -> dict:
-    """tiny-onnx v1 (the onnx flavor, alias champion), tiny-plain v1 (a plain .onnx artifact of a run),
-    tiny-torch v1 (the pytorch flavor, pickled)."""
+    """tiny-onnx v1 (the onnx flavor, alias champion), tiny-external v1 (the same with external data),
+    tiny-plain v1 (a plain .onnx artifact of a run), tiny-torch v1 (the pytorch flavor, pickled)."""
     d = tmp_path_factory.mktemp("models")
     os.environ.update(QUIET_MLFLOW)
     mlflow.set_tracking_uri(tracking)
@@ -74,6 +74,9 @@ def registered(tracking, tmp_path_factory) -> dict:
         mlflow.onnx.log_model(onnx.load(str(genuine)), name="model", registered_model_name="tiny-onnx",
                               pip_requirements=["onnx"], save_as_external_data=False)
     client.set_registered_model_alias("tiny-onnx", "champion", "1")
+    with mlflow.start_run():  # MLflow's default: the weights in a side file (external data)
+        mlflow.onnx.log_model(onnx.load(str(genuine)), name="model", registered_model_name="tiny-external",
+                              pip_requirements=["onnx"])
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(plain), "export")
         plain_run = run.info.run_id
@@ -134,8 +137,24 @@ def test_cli_plain_onnx_artifact_gate_and_runs_uri(tracking, registered):
 def test_cli_refuses_pickled_flavor_and_bad_uris(tracking, registered):
     assert_bad_input(cli(tracking, "audit", "models:/tiny-torch/1", "--group", "C4", *FAST),
                      "'pytorch' flavor", "pickle", "mlflow.onnx.log_model")
+    assert_bad_input(cli(tracking, "audit", "models:/tiny-external/1", "--group", "C4", *FAST),
+                     "externally", "save_as_external_data=False")
     assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx/7", "--group", "C4", *FAST), "models:/tiny-onnx/7")
     assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx", "--group", "C4"), "models:/NAME/VERSION")
+
+
+def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, tmp_path):
+    from audit_service.mlflow_registry import Registry, RegistryError, parse_model_uri
+
+    registry = Registry(tracking, proxied_only=True)
+    located = registry.locate(parse_model_uri("models:/tiny-plain/1"))  # source runs:/...: resolved
+    assert located.directory.startswith("mlflow-artifacts:/") and located.file == "plain.onnx"
+    assert registry.fetch(located, tmp_path, max_bytes=located.size).stat().st_size == located.size
+    for size in (located.size, None):  # refused by the listed size, and while streaming
+        located.size = size
+        with pytest.raises(RegistryError, match="at most 1000 bytes") as err:
+            registry.fetch(located, tmp_path, max_bytes=1000)
+        assert err.value.status == 413
 
 
 def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_path):
@@ -158,6 +177,8 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
             time.sleep(0.5)
         assert tags["invariance.verdict"] == "genuine"
 
+        r = post(model_uri="models:/tiny-plain/1", reuse="false")  # a run artifact, through the same checks
+        assert r.status_code == 200 and r.json()["verdict"]["label"] != "genuine", r.text
         r = post(model_uri="models:/tiny-onnx/1", mlflow_registry="elsewhere")
         assert r.status_code == 403 and "allowed registry" in r.json()["detail"]
         r = post(model_uri="models:/tiny-torch/1")
