@@ -3,8 +3,10 @@ port, real ONNX models registered in it, audited through the CLI and the service
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +39,7 @@ def tracking(tmp_path_factory) -> str:
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
          "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=d, stdout=log, stderr=subprocess.STDOUT,
+        cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its uvicorn child dies with it
         env={**os.environ, **QUIET_MLFLOW, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -50,14 +52,17 @@ def tracking(tmp_path_factory) -> str:
             pass
         time.sleep(0.5)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("mlflow server did not come up:\n" + (d / "server.log").read_text()[-3000:])
     yield url
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="module")
