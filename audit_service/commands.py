@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import ModelError, SpecError
+from .mlflow_registry import is_registry_uri
 from .spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
@@ -20,8 +21,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Audit an ONNX, TorchScript or torch.export (.pt2) classifier's invariance to a group. Exit status: 0 the audit "
                     "ran (and --require passed), 1 --require failed, 2 bad input.",
     )
-    p.add_argument("model", type=Path, help="ONNX (.onnx), TorchScript (torch.jit.save) or torch.export program (torch.export.save, .pt2)")
+    p.add_argument("model", help="ONNX (.onnx), TorchScript (torch.jit.save) or torch.export program (.pt2) file, "
+                                 "or an MLflow registry URI: models:/NAME/VERSION, models:/NAME@ALIAS, "
+                                 "runs:/RUN_ID/PATH (registry from MLFLOW_TRACKING_URI; the ONNX flavor or a .onnx "
+                                 "/ .pt2 artifact is fetched)")
     add_spec_arguments(p)
+    p.add_argument("--mlflow-write-back", action="store_true",
+                   help="with a models:/ or runs:/ MODEL: tag the version (or run) with the verdict and headline "
+                        "metrics and log the reports to a run (see docs/mlflow.md)")
     p.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of a summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -79,8 +86,30 @@ def run_audit_command(args: argparse.Namespace) -> int:
         labels, _ = load_probe_file(args.labels)
     if args.second_probes:
         second, _ = load_probe_file(args.second_probes)
-    with _progress_bar(disabled=args.quiet) as progress:
-        report = run_audit(args.model, spec, probes=probes, labels=labels, second_probes=second, progress=progress)
+    if is_registry_uri(args.model):
+        from .mlflow_registry import fetched_model
+
+        with fetched_model(args.model) as (path, located, registry):
+            with _progress_bar(disabled=args.quiet) as progress:
+                try:
+                    report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
+                                       progress=progress)
+                except ModelError as exc:
+                    if "externally" not in exc.message:
+                        raise
+                    raise ModelError(f"{exc.message} (MLflow: log it with mlflow.onnx.log_model(..., "
+                                     "save_as_external_data=False))", field=exc.field) from None
+        if args.mlflow_write_back:
+            from .report.html import render_report_html
+
+            registry.write_back(located, report, render_report_html(report))
+    else:
+        if args.mlflow_write_back:
+            raise SpecError("Expected a models:/ or runs:/ MODEL with --mlflow-write-back, but got a file",
+                            field="mlflow_write_back")
+        with _progress_bar(disabled=args.quiet) as progress:
+            report = run_audit(Path(args.model), spec, probes=probes, labels=labels, second_probes=second,
+                               progress=progress)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))
     if args.json:

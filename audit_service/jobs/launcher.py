@@ -110,11 +110,17 @@ def apply_limits(limits: Limits) -> None:  # pragma: no cover - runs in the chil
         os.environ["AUDIT_SANDBOX_NETNS_ACTIVE"] = "1" if isolate_network() else "0"
 
 
+#: the only variables a sandbox inherits (an allow-list: credentials such as MLFLOW_TRACKING_TOKEN,
+#: AWS_*, database or broker URLs and the service's tokens never reach model code)
+SANDBOX_ENV_NAMES = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "SYSTEMROOT")
+SANDBOX_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_", "NVIDIA_", "CUBLAS_",
+                        "CUDNN_", "TORCH_", "ORT_", "AUDIT_ORT_", "AUDIT_REFERENCE_", "AUDIT_MAX_MODEL_BYTES",
+                        "AUDIT_SANDBOX_MEMORY_MB")
+
+
 def sandbox_env(extra: dict | None = None) -> dict[str, str]:
-    """The parent's environment without ``AUDIT_*`` secrets; the runtime's own knobs pass."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AUDIT_") or k.startswith(("AUDIT_ORT_", "AUDIT_REFERENCE_", "AUDIT_MAX_MODEL_BYTES",
-                                                           "AUDIT_SANDBOX_MEMORY_MB"))}
+    """The runtime's part of the parent's environment (``SANDBOX_ENV_*``), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k in SANDBOX_ENV_NAMES or k.startswith(SANDBOX_ENV_PREFIXES)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

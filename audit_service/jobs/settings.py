@@ -100,6 +100,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     extra: dict = field(default_factory=dict, compare=False)
+    #: MLflow tracking servers ``POST /audit`` may fetch a ``model_uri`` from: comma-separated ``URI`` or
+    #: ``NAME=URI`` (clients name one with ``mlflow_registry``; the first is the default); empty = off
+    mlflow_allowed_uris: str = ""
 
     @property
     def resolved_executor(self) -> str:

@@ -21,6 +21,7 @@ from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage
                      Unprocessable)
 from .ops import free_space_mb
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
+from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model, start_write_back
 from .uploads import array_kind, save_upload, validate_model
 
 bp = Blueprint("audits", __name__)
@@ -145,10 +146,12 @@ def submit_audit() -> Response:
 
     form = {k: v for k, v in request.form.items() if k != "spec"}
     names = {str(k) for k in form} | {str(k) for k in request.files}
-    unknown = sorted(names - {"timeout_s", "reuse", "spec", *_FILE_FIELDS})
+    unknown = sorted(names - {"timeout_s", "reuse", "spec", *_FILE_FIELDS, *REGISTRY_FIELDS})
     if unknown:
-        raise BadRequest(f"Expected only the fields model, spec, probes, labels, second_probes, timeout_s, reuse, but got "
+        raise BadRequest(f"Expected only the fields model (or model_uri, mlflow_registry, mlflow_write_back), spec, probes, "
+                         f"labels, second_probes, timeout_s, reuse, but got "
                          f"{', '.join(unknown)}", field=unknown[0])
+    registry_fields = pop_registry_fields(form)  # model_uri: the model comes from an allowed MLflow registry
     options = parse_model(SubmitForm, form, Unprocessable)
 
     spec_text = request.form.get("spec")
@@ -163,16 +166,20 @@ def submit_audit() -> Response:
         field = exc.field if exc.field in (None, "spec") else f"spec.{exc.field}"
         raise Unprocessable(exc.message, field=field) from None
 
-    if "model" not in request.files:
+    if "model" not in request.files and not registry_fields.get("model_uri"):
         raise BadRequest("Expected a `model` file part (ONNX or TorchScript), but got none", field="model")
     spec_json = spec.model_dump(mode="json", exclude_none=False)
     staged: dict[str, Path] = {}  # field -> private staging file; adopted into the store only when accepted
     adopted: list[str] = []
+    source = None  # (located, registry) of a model_uri
     try:
         inputs: dict[str, dict] = {}
         probe_shape = None
         for name in ("probes", "labels", "second_probes", "model"):
             upload = request.files.get(name)
+            if name == "model" and registry_fields.get("model_uri"):
+                inputs[name], staged[name], *source = stage_registry_model(st, registry_fields, upload is not None)
+                continue
             if upload is None:
                 continue
             cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
@@ -224,6 +231,8 @@ def submit_audit() -> Response:
             st.blobs.remove_unreferenced(adopted, st.store.references_blob)
     if twin is None:
         st.executor.dispatch(job)
+    if source and registry_fields.get("mlflow_write_back"):
+        start_write_back(st, job["id"], *source)
     location = f"/audits/{job['id']}"
 
     wait = min(query.wait, st.settings.max_wait_s)

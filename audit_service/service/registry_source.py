@@ -1,0 +1,119 @@
+"""``POST /audit`` with ``model_uri``: the model comes from an operator-allowed MLflow registry instead of an upload.
+
+The client names a registry of ``AUDIT_MLFLOW_ALLOWED_URIS`` (``mlflow_registry``, default the first), never a
+URL; the model must be served by that registry itself (``mlflow-artifacts``), so the service reaches no other
+host. The file streams into the upload staging area under ``AUDIT_MAX_MODEL_MB`` and then follows the exact
+path of an uploaded model (content checks, sandboxed model check, adoption). With ``mlflow_write_back=true``
+a thread of the web process waits for the job and writes the verdict back (``Registry.write_back``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import AuditError
+from ..jobs.blobs import BlobTooLarge
+from ..jobs.states import READY_STATES, JobStatus
+from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
+from .errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unprocessable
+
+REGISTRY_FIELDS = ("model_uri", "mlflow_registry", "mlflow_write_back")
+MiB = 1024 * 1024
+log = logging.getLogger(__name__)
+
+
+def pop_registry_fields(form: dict) -> dict[str, Any]:
+    """Take ``model_uri``, ``mlflow_registry`` and ``mlflow_write_back`` out of the form fields."""
+    fields = {k: form.pop(k) for k in REGISTRY_FIELDS if k in form}
+    flag = str(fields.get("mlflow_write_back", "false")).strip().lower()
+    if flag not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise Unprocessable(f"Expected `mlflow_write_back` to be true or false, but got {flag[:40]!r}",
+                            field="mlflow_write_back")
+    fields["mlflow_write_back"] = flag in ("true", "1", "yes")
+    if not fields.get("model_uri"):
+        for name in ("mlflow_registry", "mlflow_write_back"):
+            if fields.get(name):
+                raise Unprocessable(f"Expected `{name}` only with a `model_uri`, but got no model_uri", field=name)
+    return fields
+
+
+def _api_error(exc: AuditError) -> ApiError:
+    if exc.status == 413:
+        return PayloadTooLarge(exc.message, field="model_uri")
+    if exc.status == 403:
+        return Forbidden(exc.message, field="mlflow_registry")
+    return Unprocessable(exc.message, field="model_uri")
+
+
+def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> tuple[dict, Path, Located, Registry]:
+    """Resolve ``model_uri`` in the allowed registry and stream its model file into the upload staging
+    (``BlobStore.stage``) under the model cap: (entry, staged path, located, registry)."""
+    if has_upload:
+        raise BadRequest("Expected either a `model` file or a `model_uri`, but got both", field="model_uri")
+    allowed = parse_allowed(st.settings.mlflow_allowed_uris)
+    if not allowed:
+        raise Forbidden("Expected a `model` upload: this service fetches from no MLflow registry "
+                        "(the operator's AUDIT_MLFLOW_ALLOWED_URIS is empty)", field="model_uri")
+    name = str(fields.get("mlflow_registry") or next(iter(allowed)))
+    if name not in allowed:
+        raise Forbidden(f"Expected `mlflow_registry` to name an allowed registry ({', '.join(allowed)}), but got "
+                        f"{name[:80]!r}; the operator's AUDIT_MLFLOW_ALLOWED_URIS lists them", field="mlflow_registry")
+    cap = st.settings.max_model_mb * MiB
+    try:
+        ref = parse_model_uri(str(fields["model_uri"]))
+        registry = Registry(allowed[name], proxied_only=True)
+        located = registry.locate(ref)
+        if located.size is not None and located.size > cap:
+            raise _too_large(located, st.settings.max_model_mb)
+        with registry._errors(ref), registry.open(located.directory, located.file) as stream:
+            staged, sha, size = st.blobs.stage(stream, max_bytes=cap)
+    except BlobTooLarge:
+        raise _too_large(located, st.settings.max_model_mb) from None
+    except AuditError as exc:
+        raise _api_error(exc) from None
+    if size == 0:
+        staged.unlink(missing_ok=True)
+        raise Unprocessable(f"Expected a non-empty model file at {ref.uri}, but got 0 bytes", field="model_uri")
+    return {"sha256": sha, "size_bytes": size, "filename": ref.uri[:255]}, staged, located, registry
+
+
+def _too_large(located: Located, max_mb: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Expected the model file {located.file} of {located.ref.uri} to be at most {max_mb} "
+                           f"MiB, but it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
+
+
+def start_write_back(st: Any, job_id: str, located: Located, registry: Registry) -> threading.Thread:
+    """Wait (in a daemon thread; a greenlet under gevent) for the job, then write its verdict back."""
+    deadline = time.monotonic() + st.settings.job_timeout_s * max(1, st.settings.max_attempts) + 600
+
+    def run() -> None:
+        delay = 0.2
+        while time.monotonic() < deadline:
+            job = st.store.get(job_id)
+            if job is None:
+                return
+            status = JobStatus(job["status"])
+            if status in READY_STATES:
+                if status != JobStatus.SUCCEEDED:
+                    return
+                try:
+                    import json
+
+                    from ..report.html import render_report_html
+
+                    report = json.loads(st.store.report_text(job_id) or "{}")
+                    registry.write_back(located, report, render_report_html(report))
+                except Exception as exc:  # noqa: BLE001 - logged; the audit itself succeeded
+                    log.warning("MLflow write-back of audit %s to %s failed: %s", job_id, located.ref.uri,
+                                str(exc)[:300])
+                return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+
+    thread = threading.Thread(target=run, name=f"mlflow-write-back-{job_id}", daemon=True)
+    thread.start()
+    return thread

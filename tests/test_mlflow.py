@@ -1,0 +1,203 @@
+"""MLflow registry: a real ``mlflow server`` (SQLite backend, proxied local artifact store) on a free loopback
+port, real ONNX models registered in it, audited through the CLI and the service, the verdict read back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+mlflow = pytest.importorskip("mlflow")
+onnx = pytest.importorskip("onnx")
+
+from builders import IMAGE_SHAPE, OrbitAveragedCNN, PlainCNN, export_onnx  # noqa: E402
+from conftest import Service, free_port, tiny_spec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "audit_service.cli"]
+FAST = ["--option", "n_probes=8", "--option", "n_noise_probes=8", "--option", "ig_steps=4",
+        "--option", "jacobian_probes=4", "--option", "bootstrap=20", "--shift", "none", "--quiet"]
+QUIET_MLFLOW = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """``mlflow server`` with SQLite and a proxied artifact store; its URL once /health answers."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its uvicorn child dies with it
+        env={**os.environ, **QUIET_MLFLOW, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not come up:\n" + (d / "server.log").read_text()[-3000:])
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def registered(tracking, tmp_path_factory) -> dict:
+    """tiny-onnx v1 (the onnx flavor, alias champion), tiny-external v1 (the same with external data),
+    tiny-plain v1 (a plain .onnx artifact of a run), tiny-torch v1 (the pytorch flavor, pickled)."""
+    d = tmp_path_factory.mktemp("models")
+    os.environ.update(QUIET_MLFLOW)
+    mlflow.set_tracking_uri(tracking)
+    client = mlflow.MlflowClient(tracking)
+    genuine = export_onnx(OrbitAveragedCNN(PlainCNN(), group="C4"), IMAGE_SHAPE, d / "genuine.onnx")
+    plain = export_onnx(PlainCNN(), IMAGE_SHAPE, d / "plain.onnx")
+    with mlflow.start_run():
+        mlflow.onnx.log_model(onnx.load(str(genuine)), name="model", registered_model_name="tiny-onnx",
+                              pip_requirements=["onnx"], save_as_external_data=False)
+    client.set_registered_model_alias("tiny-onnx", "champion", "1")
+    with mlflow.start_run():  # MLflow's default: the weights in a side file (external data)
+        mlflow.onnx.log_model(onnx.load(str(genuine)), name="model", registered_model_name="tiny-external",
+                              pip_requirements=["onnx"])
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(plain), "export")
+        plain_run = run.info.run_id
+    client.create_registered_model("tiny-plain")
+    client.create_model_version("tiny-plain", f"runs:/{plain_run}/export/plain.onnx", run_id=plain_run)
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(PlainCNN(), name="model", registered_model_name="tiny-torch",
+                                 pip_requirements=["torch"], serialization_format="pickle")
+    return {"client": client, "plain_run": plain_run}
+
+
+def cli(tracking: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **QUIET_MLFLOW, "MLFLOW_TRACKING_URI": tracking})
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def test_cli_audits_onnx_flavor_by_alias_and_writes_back(tracking, registered, tmp_path):
+    out = tmp_path / "report.json"
+    r = cli(tracking, "audit", "models:/tiny-onnx@champion", "--group", "C4", *FAST, "--require", "genuine",
+            "--mlflow-write-back", "--output", out)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["verdict"]["label"] == "genuine"
+    client = registered["client"]
+    tags = client.get_model_version("tiny-onnx", "1").tags  # the alias named version 1
+    assert tags["invariance.verdict"] == "genuine" and tags["invariance.passed"] == "true"
+    assert tags["invariance.policy"].startswith(report["verdict"]["policy"]["name"] + "@")
+    assert float(tags["invariance.LI_normalized"]) < 1e-3 and "invariance.DI" in tags
+    run = client.get_run(tags["invariance.run_id"])
+    assert run.data.tags["model_name"] == "tiny-onnx" and run.data.tags["model_version"] == "1"
+    assert client.get_experiment(run.info.experiment_id).name == "invariance-audits"
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "invariance")} == {
+        "invariance/report.json", "invariance/report.html"}
+    back = json.loads(Path(client.download_artifacts(run.info.run_id, "invariance/report.json", str(tmp_path)))
+                      .read_text())
+    assert back["verdict"] == report["verdict"]
+
+
+def test_cli_plain_onnx_artifact_gate_and_runs_uri(tracking, registered):
+    r = cli(tracking, "audit", "models:/tiny-plain/1", "--group", "C4", *FAST, "--require", "genuine")
+    assert r.returncode == 1, r.stderr  # a plain CNN is no genuine C4 invariant: the gate fails
+    run_id = registered["plain_run"]
+    r = cli(tracking, "audit", f"runs:/{run_id}/export/plain.onnx", "--group", "C4", *FAST, "--mlflow-write-back")
+    assert r.returncode == 0, r.stderr
+    run = registered["client"].get_run(run_id)
+    assert run.data.tags["invariance.verdict"] != "genuine" and run.data.tags["invariance.passed"] in ("true", "false")
+    assert "invariance/report.json" in {f.path for f in registered["client"].list_artifacts(run_id, "invariance")}
+
+
+def test_cli_refuses_pickled_flavor_and_bad_uris(tracking, registered):
+    assert_bad_input(cli(tracking, "audit", "models:/tiny-torch/1", "--group", "C4", *FAST),
+                     "'pytorch' flavor", "pickle", "mlflow.onnx.log_model")
+    assert_bad_input(cli(tracking, "audit", "models:/tiny-external/1", "--group", "C4", *FAST),
+                     "externally", "save_as_external_data=False")
+    assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx/7", "--group", "C4", *FAST), "models:/tiny-onnx/7")
+    assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx", "--group", "C4"), "models:/NAME/VERSION")
+
+
+def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, tmp_path):
+    from audit_service.mlflow_registry import Registry, RegistryError, parse_model_uri
+
+    registry = Registry(tracking, proxied_only=True)
+    located = registry.locate(parse_model_uri("models:/tiny-plain/1"))  # source runs:/...: resolved
+    assert located.directory.startswith("mlflow-artifacts:/") and located.file == "plain.onnx"
+    assert registry.fetch(located, tmp_path, max_bytes=located.size).stat().st_size == located.size
+    for size in (located.size, None):  # refused by the listed size, and while streaming
+        located.size = size
+        with pytest.raises(RegistryError, match="at most 1000 bytes") as err:
+            registry.fetch(located, tmp_path, max_bytes=1000)
+        assert err.value.status == 413
+
+
+def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_path):
+    svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_MLFLOW_ALLOWED_URIS=f"main={tracking}",
+                  AUDIT_MAX_MODEL_MB=4, AUDIT_JOB_TIMEOUT_S=300, AUDIT_MAX_WAIT_S=120).start()
+    try:
+        spec = json.dumps(tiny_spec())
+        def post(**form: str) -> requests.Response:  # multipart form fields, no file part
+            parts = {k: (None, v) for k, v in {"spec": spec, **form}.items()}
+            return requests.post(f"{svc.url}/audit?wait=120", files=parts, timeout=150)
+
+        r = post(model_uri="models:/tiny-onnx@champion", mlflow_write_back="true")
+        assert r.status_code == 200, r.text
+        assert r.json()["verdict"]["label"] == "genuine"
+        job = requests.get(svc.url + r.headers["Location"], timeout=30).json()
+        assert job["inputs"]["model"]["filename"] == "models:/tiny-onnx@champion"
+        deadline = time.monotonic() + 60  # the web process writes back once the job succeeded
+        while "invariance.verdict" not in (tags := registered["client"].get_model_version("tiny-onnx", "1").tags):
+            assert time.monotonic() < deadline, "no write-back"
+            time.sleep(0.5)
+        assert tags["invariance.verdict"] == "genuine"
+
+        r = post(model_uri="models:/tiny-plain/1", reuse="false")  # a run artifact, through the same checks
+        assert r.status_code == 200 and r.json()["verdict"]["label"] != "genuine", r.text
+        r = post(model_uri="models:/tiny-onnx/1", mlflow_registry="elsewhere")
+        assert r.status_code == 403 and "allowed registry" in r.json()["detail"]
+        r = post(model_uri="models:/tiny-torch/1")
+        assert r.status_code == 422 and "'pytorch' flavor" in r.json()["detail"]
+        r = post(model_uri=f"{tracking}/models:/tiny-onnx/1")
+        assert r.status_code == 422, r.text
+    finally:
+        svc.stop()
+
+
+def test_service_without_allow_list_refuses_model_uri(api):
+    """The shared service has no AUDIT_MLFLOW_ALLOWED_URIS: the feature is off, whatever URI is named."""
+    parts = {"spec": (None, json.dumps(tiny_spec())), "model_uri": (None, "models:/tiny-onnx/1")}
+    r = api("POST", "/audit", files=parts)
+    assert r.status_code == 403 and "AUDIT_MLFLOW_ALLOWED_URIS" in r.json()["detail"], r.text
+    r = api("POST", "/audit", files={"spec": parts["spec"], "mlflow_write_back": (None, "true")})
+    assert r.status_code == 422 and r.json()["field"] == "mlflow_write_back", r.text
