@@ -105,3 +105,8 @@ def file_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
         "signal_parent": _try_signal(os.getppid()),
         "confinement": json.loads(os.environ.get("AUDIT_SANDBOX_CONFINEMENT", "{}")),
     }
+
+
+def env_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
+    """The names of the variables the sandbox sees."""
+    return {"names": sorted(os.environ)}

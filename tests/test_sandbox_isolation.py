@@ -329,3 +329,23 @@ def test_the_wall_clock_limit_holds_when_the_heartbeat_cannot_be_written(tmp_pat
     outcome = run_job(claimed, store, blobs, settings, "test-owner")
     assert outcome.status == JobStatus.FAILED and "wall-clock limit of 3 s" in outcome.detail, outcome
     assert time.monotonic() - started < 60
+
+
+def test_the_sandbox_environment_is_an_allow_list(tmp_path, monkeypatch):
+    """Credentials in the service's environment (registry tokens, cloud keys, database URLs, the
+    service's own tokens) never reach the sandbox; the runtime's knobs do."""
+    secrets = {"MLFLOW_TRACKING_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "k", "DATABASE_URL": "postgresql://x",
+               "AUDIT_TOKENS": "tok:admin", "AUDIT_DATABASE_URL": "sqlite:///x", "GITHUB_TOKEN": "g"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    work = tmp_path / "env"
+    (work / "tmp").mkdir(parents=True)
+    (work / "task.json").write_text(json.dumps({"kind": "audit", "engine": "sandbox_probe:env_probe",
+                                                "spec": {"group": "C4"}, "model": None}))
+    st = Settings.from_env({}, data_dir=tmp_path)
+    handle = launch(work, Limits(cpu_s=60, env={**task_env(work, st), "PYTHONPATH": f"{HERE}:{ROOT}"}), warm=False)
+    assert handle.wait(120) == 0, (work / "stderr.log").read_text()[-2000:]
+    names = json.loads((work / "result.json").read_text())["report"]["names"]
+    assert not set(secrets) & set(names), set(secrets) & set(names)
+    assert "OMP_NUM_THREADS" in names and "PATH" in names
