@@ -110,8 +110,9 @@ def run_audit(
             "device": str(device),
         },
     }
-    # a trivial model ignores its input: resembling a reference run would mean nothing
-    report["reference_profile"] = _closest_reference(report) if verdict["label"] != "trivial" else None
+    # which reference run the model resembles is attached by whoever serves the report
+    # (reference.catalog.attach_reference_profile): the core never reads the reference runs
+    report["reference_profile"] = None
     progress(1.0, "done")
     return report
 
@@ -382,15 +383,3 @@ def _noise(count: int, runner: ModelRunner, stats: ProbeStats, seed: int) -> tor
     gen = torch.Generator(device=runner.device)
     gen.manual_seed(seed)
     return uniform_noise(count, runner.input_shape, stats, gen, runner.device)
-
-
-def _closest_reference(report: dict) -> dict | None:
-    """Which shipped reference run (WT / DA / IR) this model's metrics resemble; None if unavailable."""
-    try:
-        from .reference.catalog import closest_profile
-    except ImportError:
-        return None
-    try:
-        return closest_profile(report)
-    except Exception:  # noqa: BLE001 - the comparison is a courtesy, never a reason to fail an audit
-        return None

@@ -99,6 +99,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
                         raise
                     raise ModelError(f"{exc.message} (MLflow: log it with mlflow.onnx.log_model(..., "
                                      "save_as_external_data=False))", field=exc.field) from None
+        _attach_reference_profile(report)
         if args.mlflow_write_back:
             from .report.html import render_report_html
 
@@ -110,6 +111,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
         with _progress_bar(disabled=args.quiet) as progress:
             report = run_audit(Path(args.model), spec, probes=probes, labels=labels, second_probes=second,
                                progress=progress)
+        _attach_reference_profile(report)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))
     if args.json:
@@ -121,6 +123,13 @@ def run_audit_command(args: argparse.Namespace) -> int:
               f"{report['verdict']['require']}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return EXIT_OK
+
+
+def _attach_reference_profile(report: dict) -> None:
+    """The closest reference run, for the summary and the HTML (the CLI serves the report to a person)."""
+    from .reference.catalog import attach_reference_profile
+
+    attach_reference_profile(report)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

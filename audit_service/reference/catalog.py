@@ -232,6 +232,23 @@ def closest_profile(report: dict) -> dict | None:
             "explanation": explanation, "vector": target, "reference_vector": p["vector"]}
 
 
+def attach_reference_profile(report: dict) -> dict:
+    """Set ``report["reference_profile"]``: the closest shipped run with the runs of its group (for the
+    report's chart), or None for a ``trivial`` model (resembling a reference run would mean nothing) and
+    when no runs ship. Called where reports are made for people (the job worker, the CLI), outside the
+    sandbox and outside the core library, which never reads the reference runs."""
+    profile = None
+    if (report.get("verdict") or {}).get("label") != "trivial":
+        try:
+            profile = closest_profile(report)
+            if profile is not None:
+                profile["runs"] = [p for p in reference_profiles() if p["group"] == profile["group"]]
+        except Exception:  # noqa: BLE001 - a courtesy, never a reason to fail an audit
+            profile = None
+    report["reference_profile"] = profile
+    return report
+
+
 # ----------------------------------------------------------------------------- policy calibration
 def _values(model: str, key: str) -> list[float]:
     out = []

@@ -428,17 +428,6 @@ def spectrum_plot(sensitivity: dict) -> str | None:
     return _png(fig)
 
 
-def _reference_runs(group: str | None) -> list[dict]:
-    """The shipped reference profiles (WT / DA / IR) of ``group``; [] when none ship. Imported on use, like
-    the engine's closest-profile courtesy: the report never needs them to render."""
-    try:
-        from ..reference.catalog import reference_profiles
-
-        return [p for p in reference_profiles() if p.get("group") == group]
-    except Exception:  # noqa: BLE001 - a courtesy; the chart falls back to the closest profile alone
-        return []
-
-
 _RUN_COLOURS = {"WT": "#2e9d4a", "DA": "#d9743a", "IR": "#4a6fa5"}
 
 
@@ -561,7 +550,7 @@ def render_report_html(report: dict, job: dict | None = None, base_url: str | No
         model=report.get("model") or {}, model_name=_model_name(report, job),
         group=report.get("group") or {}, timing=timing_text(report.get("timing") or {}),
         profile=profile,
-        profile_plot=reference_plot(profile, _reference_runs(profile.get("group"))) if profile else None,
+        profile_plot=reference_plot(profile, profile.get("runs") or []) if profile else None,
         trivial_profile_hidden=label == "trivial" and bool(report.get("reference_profile")),
         json_link=json_link,
     )
