@@ -160,8 +160,11 @@ class AuditClient:
         return self._request("GET", "/healthz").json()
 
 
-def gate(report: dict, require: set[str] | None) -> tuple[bool, str]:
-    """(passed, label): passed when ``require`` is empty or the verdict label is in it."""
+def gate(report: dict) -> tuple[bool, str]:
+    """(passed, label) by the one rule (``verdict.gate``) and the labels the audit was run with
+    (``spec.require``, which ``--require`` sets)."""
+    from .verdict import gate as passes
+
     verdict = report.get("verdict") or {}
     label = str(verdict.get("label", "unknown"))
-    return (not require or label in require), label
+    return bool(passes(label, verdict.get("require"))), label

@@ -108,6 +108,14 @@ def _learned_criteria(m: dict, policy: Policy) -> tuple[bool, list[str], str]:
     return not misses, misses, "clean: " + ", ".join(parts)
 
 
+def gate(label: str | None, require: Iterable[str] | None = None) -> bool | None:
+    """The one pass/fail rule: the verdict is one of the ``require`` labels (default ``DEFAULT_REQUIRE``);
+    None while there is no verdict. The report, the job status and both CLIs use this."""
+    if label is None:
+        return None
+    return label in (DEFAULT_REQUIRE if require is None else tuple(require))
+
+
 def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE) -> dict:
     """Label the model from its per-condition metrics; return {label, reasons, policy, passed, require}."""
     require = list(require)
@@ -142,5 +150,5 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
         "flags": ["low_sensitivity"] if flags else [],
         "policy": policy.model_dump(),
         "require": require,
-        "passed": label in require,
+        "passed": gate(label, require),
     }

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..jobs.states import JobStatus
-from ..spec import DEFAULT_REQUIRE
+from ..verdict import gate
 
 
 class _Model(BaseModel):
@@ -118,7 +118,7 @@ def _gate(job: dict) -> bool | None:
     spec = job["spec"] if isinstance(job["spec"], dict) else {}
     if job["kind"] != "audit" or not job.get("verdict"):
         return None
-    return job["verdict"] in spec.get("require", DEFAULT_REQUIRE)
+    return gate(job["verdict"], spec.get("require"))
 
 
 def job_out(job: dict, now: float) -> JobOut:
