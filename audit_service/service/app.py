@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from flask import Flask, current_app, g
+from flask import Flask
 
 from ..jobs.blobs import BlobStore
-from ..jobs.executor import Executor, get_executor
+from ..jobs.executor import get_executor
 from ..jobs.settings import Settings
-from ..jobs.store import DEFAULT_TENANT, JobStore
+from ..jobs.store import JobStore
 from .auth import init_auth
 from .errors import register_error_handlers
+from .state import ServiceState
 
 MiB = 1024 * 1024
-
-
-@dataclass
-class ServiceState:
-    settings: Settings
-    store: JobStore
-    blobs: BlobStore
-    executor: Executor
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -64,12 +56,3 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(front.bp)
     logging.getLogger("audit_service").setLevel(logging.INFO)
     return app
-
-
-def state() -> ServiceState:
-    return current_app.extensions["audit"]
-
-
-def current_tenant() -> str:
-    """The tenant of this request (``auth`` sets ``g.tenant`` from the bearer token; ``default`` when open)."""
-    return g.get("tenant", DEFAULT_TENANT)

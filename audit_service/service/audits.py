@@ -16,7 +16,7 @@ from ..errors import SpecError
 from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import QueueFull, TenantLimit
 from ..spec import parse_audit_spec
-from .app import current_tenant, state
+from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRequests,
                      Unprocessable)
 from .ops import free_space_mb

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request
 
-from .app import state
+from .state import state
 from .schemas import HealthOut, ReadyOut
 
 bp = Blueprint("ops", __name__)

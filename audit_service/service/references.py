@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file
 
 from ..jobs.states import JobKind
 from ..jobs.store import QueueFull
-from .app import current_tenant, state
+from .state import current_tenant, state
 from .audits import _json, parse_model, too_many
 from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .schemas import ReferenceRunRequest, job_out
