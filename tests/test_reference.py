@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from audit_service.reference import catalog
 from audit_service.reference.data import INPUT_SHAPE, NUM_CLASSES, load_digits, load_patches
 from audit_service.reference.groups import GROUP_NAMES, group_order, orbit, permutation_table
-from audit_service.reference.models import MLP, WeightTiedMLP, build_model, count_parameters, logit_invariance
+from audit_service.metrics.training import orbit_logit_invariance as logit_invariance
+from audit_service.reference.models import MLP, WeightTiedMLP, build_model, count_parameters
 from audit_service.reference.train import TrainConfig, batch_loss, parse_run_name, train_run
 
 
@@ -336,4 +337,7 @@ def test_engine_still_audits_a_shipped_run_as_its_card_says():
                                "bootstrap": 0})
     report = audit_run(catalog.reference_model_path(card["name"], "onnx"), "T3", spec=spec)
     assert report["verdict"]["label"] == "genuine"
+    assert report["reference_profile"] is None  # the core never reads the reference runs ...
+    catalog.attach_reference_profile(report)  # ... the worker and the CLI attach the closest one
     assert report["reference_profile"]["name"] == "T3_WT"
+    assert {r["model"] for r in report["reference_profile"]["runs"]} == {"WT", "DA", "IR"}

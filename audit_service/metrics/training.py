@@ -26,11 +26,16 @@ def orbit_logits(model: torch.nn.Module, x: torch.Tensor, group: Group) -> torch
     return out.reshape(g, n, -1)
 
 
-def logit_invariance_loss(model: torch.nn.Module, x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Mean over samples and group elements of 1/2 ||f(x) - f(gx)||^2: a scalar to add to the loss."""
-    logits = orbit_logits(model, x, group)
+def orbit_logit_invariance(logits: torch.Tensor) -> torch.Tensor:
+    """LI of an orbit batch (G, N, C) whose row 0 is the identity: the mean over g and x of
+    1/2 ||f(x) - f(gx)||^2, differentiable (for callers that have the orbit's logits already)."""
     diff = logits - logits[:1]
     return 0.5 * diff.pow(2).sum(-1).mean()
+
+
+def logit_invariance_loss(model: torch.nn.Module, x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Mean over samples and group elements of 1/2 ||f(x) - f(gx)||^2: a scalar to add to the loss."""
+    return orbit_logit_invariance(orbit_logits(model, x, group))
 
 
 @dataclass(frozen=True)

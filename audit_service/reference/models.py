@@ -6,7 +6,7 @@
   so the network is exactly invariant: every later layer only sees ``h``.
 * ``DA``: the plain MLP, trained on the orbits of the training digits (data augmentation).
 * ``IR``: the same MLP and augmentation, plus ``nu * LI`` with LI the paper's logit invariance error
-  (:func:`logit_invariance`).
+  (``metrics.training.orbit_logit_invariance``, the same LI the audit measures).
 
 Every model starts with a fixed ``Normalize`` layer (train-split pixel mean / std), so it takes [0, 1] pixels
 of shape (N, 1, 36, 36) and returns (N, 9) logits.
@@ -96,12 +96,3 @@ def build_model(kind: str, group: str, mean: float, std: float) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def logit_invariance(orbit_logits: torch.Tensor) -> torch.Tensor:
-    """The paper's LI on an orbit batch: mean over g (identity included) and x of 1/2 ||f(x) - f(gx)||^2.
-
-    ``orbit_logits`` is (G, N, C) with ``orbit_logits[0]`` the logits of the untransformed x.
-    """
-    diff = orbit_logits - orbit_logits[:1]
-    return 0.5 * diff.pow(2).sum(dim=-1).mean()

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .data import data_summary, load_digits
 from .groups import GROUP_NAMES, group_order, orbit
-from .models import MODEL_KINDS, build_model, count_parameters, logit_invariance
+from ..metrics.training import orbit_logit_invariance
+from .models import MODEL_KINDS, build_model, count_parameters
 from .names import DEFAULT_EPOCHS
 
 #: progress(fraction in [0, 1], message)
@@ -142,7 +143,7 @@ def batch_loss(model: torch.nn.Module, config: TrainConfig, x: torch.Tensor, y: 
     ce = F.cross_entropy(logits.reshape(g * b, -1), y.repeat(g))
     if config.model == "DA":
         return ce, {"ce": float(ce.detach())}
-    li = logit_invariance(logits)
+    li = orbit_logit_invariance(logits)
     return ce + config.nu * li, {"ce": float(ce.detach()), "li": float(li.detach())}
 
 
