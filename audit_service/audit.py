@@ -28,6 +28,7 @@ from .runtime.outputs import LogProbabilityRunner, detect_output_kind
 from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
 from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
+from .symmetrization import symmetrized_summary
 from .verdict import decide
 
 #: progress(fraction in [0, 1], stage name) — called once per probe chunk; must be cheap.
@@ -113,6 +114,9 @@ def run_audit(
     # which reference run the model resembles is attached by whoever serves the report
     # (reference.catalog.attach_reference_profile): the core never reads the reference runs
     report["reference_profile"] = None
+    if verdict["label"] not in ("genuine", "trivial"):  # the fix on offer, and what it keeps
+        report["symmetrized"] = _guarded(lambda: symmetrized_summary(runner, group, x, y, options.batch_size),
+                                         "measuring the symmetrized model")
     progress(1.0, "done")
     return report
 

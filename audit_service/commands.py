@@ -144,7 +144,7 @@ def run_symmetrize_command(args: argparse.Namespace) -> int:
     from .errors import ModelError
     from .groups import build_group
     from .runtime import load_model
-    from .symmetrize import export_symmetrized_onnx
+    from .symmetrization import export_symmetrized_onnx
 
     hint = None
     if args.input_shape:

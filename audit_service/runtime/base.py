@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-ModelFormat = Literal["onnx", "torchscript", "pt2"]
+ModelFormat = Literal["onnx", "torchscript", "pt2", "module"]
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ PROBE_BATCH = 2
 class ModuleRunner:
     """``module`` on ``device`` (moved there), for samples of ``input_shape``."""
 
-    format: ModelFormat = "module"  # type: ignore[assignment]
+    format: ModelFormat = "module"
 
     def __init__(self, module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device) -> None:
         if not isinstance(module, torch.nn.Module):
@@ -34,6 +34,7 @@ class ModuleRunner:
         self._guarded = GuardedModule(self._module)
         self.providers = [f"torch ({device})"]
         self.gradient_note: str | None = None
+        self.gradient_path: str | None = "autograd through the module itself"
         self.sha256 = _fingerprint(module)
         self.num_classes = self._probe()
 

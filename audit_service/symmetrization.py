@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SpecError
 from .groups import ExactGroup, Group, build_group
+
+if TYPE_CHECKING:
+    from .runtime import ModelRunner
 
 
 class SymmetrizedModel(torch.nn.Module):
@@ -64,3 +68,27 @@ def export_symmetrized_onnx(model: torch.nn.Module, group: Group | str | dict, i
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                       dynamo=False)
     return path
+
+
+def symmetrized_summary(runner: "ModelRunner", group: Group, x: torch.Tensor | None, y: torch.Tensor | None,
+                        batch_size: int = 256) -> dict:
+    """What ``symmetrize`` would keep and cost, for the report of a model that is not genuine: its cost
+    (|G| forward passes per sample) and, with labeled probes, its accuracy beside the original's."""
+    out: dict = {"available": bool(group.exact), "forward_passes_per_sample": int(group.order),
+                 "accuracy": None, "accuracy_original": None,
+                 "how": "audit-service symmetrize MODEL --group ... -o fixed.onnx, or "
+                        "audit_service.symmetrize(model, group) in Python"}
+    if not group.exact:
+        out["note"] = "the group is sampled or interpolated: an average over it would not be invariant"
+        return out
+    if x is None or y is None:
+        out["note"] = "give labeled probes to see the symmetrized model's accuracy"
+        return out
+    with torch.inference_mode():
+        xs = x.to(runner.device)
+        orbit = group.orbit(xs)  # (G, N, *S)
+        logits = runner.logits(orbit.reshape(-1, *orbit.shape[2:]), batch_size).reshape(group.order, xs.shape[0], -1)
+        labels = y.to(logits.device)
+        out["accuracy"] = float((logits.mean(0).argmax(-1) == labels).float().mean())
+        out["accuracy_original"] = float((logits[0].argmax(-1) == labels).float().mean())
+    return out

@@ -1,0 +1,140 @@
+"""The Python API on what users hold: a stock torchvision ResNet-18 in memory, its ONNX export, bytes;
+``symmetrize`` (audited genuine, exported to ONNX and audited again through the CLI); the training
+faces (``logit_invariance_loss`` equals the audit's LI; ``OrbitInvariance`` streams to the one-shot value)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from audit_service import AuditResult, OrbitInvariance, audit, build_group, logit_invariance_loss, symmetrize
+from conftest import ROOT
+
+SHAPE = (3, 32, 32)
+OPTS = {"n_probes": 8, "n_noise_probes": 8, "ig_steps": 4, "jacobian_probes": 2, "bootstrap": 20}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    with torch.no_grad():  # spread the logits so the metrics are well above round-off
+        model.fc.weight.mul_(20.0)
+    return model.train()  # as a training loop holds it: the audit must not leave it in eval mode
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return torch.rand(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def onnx_file(resnet, probes, tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "resnet18.onnx"
+    resnet.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet, (probes[:2],), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+    resnet.train()
+    return path
+
+
+def test_an_in_memory_module_audits_like_its_onnx_export(resnet, probes, onnx_file):
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    in_memory = audit(resnet, "flip", probes, shifts=[], **OPTS)
+    from_file = audit(onnx_file, "flip", probes.numpy(), shifts=[], **OPTS)
+    from_bytes = audit(onnx_file.read_bytes(), {"name": "flip"}, probes, shifts=[], **OPTS)
+    assert isinstance(in_memory, AuditResult) and in_memory.model["format"] == "module"
+    assert in_memory.label == from_file.label == from_bytes.label
+    for metric in ("LI", "LI_normalized", "DI", "agreement"):
+        a, b = in_memory.condition("clean").metrics[metric], from_file.condition("clean").metrics[metric]
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6), metric
+    assert from_bytes.condition("clean").metrics == from_file.condition("clean").metrics
+    assert in_memory.to_json()["verdict"]["label"] == in_memory.label and "<html" in in_memory.to_html()
+    assert resnet.training and all(m.training for m in resnet.modules())  # its mode is given back
+    assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())  # weights untouched
+
+
+def test_symmetrize_is_genuine_in_memory_and_as_onnx(resnet, probes, tmp_path, onnx_file):
+    """A trained digit CNN (the shipped demo, through its onnx2torch twin) symmetrized in memory audits
+    genuine under the default shifts; the stock ResNet-18 symmetrized by the CLI is exactly invariant
+    as ONNX and computes what the torch module computes."""
+    from audit_service.runtime import load_model
+
+    demo = np.load(ROOT / "models" / "demo" / "probes.npz")
+    twin = load_model(ROOT / "models" / "demo" / "plain_cnn.onnx", device="cpu").torch_module()
+    digits = demo["x"][:16]
+    fixed = symmetrize(twin, "C4", input_shape=digits.shape[1:]).eval()
+    result = audit(fixed, "C4", digits, demo["y"][:16], **{**OPTS, "n_probes": 16})
+    assert result.label == "genuine", result.verdict.reasons
+
+    out = tmp_path / "fixed.onnx"
+    cli = subprocess.run([sys.executable, "-m", "audit_service.cli", "symmetrize", str(onnx_file), "--group", "C4",
+                          "-o", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    assert "4 forward passes" in cli.stdout
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: probes.numpy()})[0]
+    rotated = session.run(None, {name: torch.rot90(probes, 1, (2, 3)).contiguous().numpy()})[0]
+    np.testing.assert_allclose(rotated, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+    resnet.eval()
+    with torch.no_grad():
+        torch_logits = symmetrize(resnet, build_group("C4", SHAPE))(probes).numpy()
+    resnet.train()
+    np.testing.assert_allclose(logits, torch_logits, rtol=1e-3, atol=1e-3 * np.abs(logits).max())
+
+
+def test_a_model_that_is_not_genuine_is_offered_its_symmetrization(resnet, probes):
+    labels = torch.arange(8) % 10
+    result = audit(resnet, "C4", probes, labels, shifts=[], **OPTS)
+    assert result.label != "genuine"
+    offer = result.to_json()["symmetrized"]
+    assert offer["available"] and offer["forward_passes_per_sample"] == 4
+    assert 0.0 <= offer["accuracy"] <= 1.0
+    with torch.no_grad():  # what the report says the original gets right on the labeled probes
+        resnet.eval()
+        assert offer["accuracy_original"] == pytest.approx(float((resnet(probes).argmax(-1) == labels).float().mean()))
+    resnet.train()
+
+
+def test_the_regularizer_is_the_audits_logit_error_and_it_trains(resnet, probes):
+    group = build_group("flip", SHAPE)
+    resnet.eval()
+    loss = logit_invariance_loss(resnet, probes, group)
+    reported = audit(resnet, "flip", probes, shifts=[], **OPTS).condition("clean").metrics["LI"]
+    assert float(loss.detach()) == pytest.approx(reported, rel=1e-3)
+    loss.backward()
+    assert resnet.fc.weight.grad is not None and resnet.fc.weight.grad.abs().sum() > 0
+    resnet.zero_grad()
+    sym = symmetrize(resnet, group)
+    assert float(logit_invariance_loss(sym, probes, group)) < 1e-8 * max(1.0, float(loss))
+    resnet.train()
+
+
+def test_the_streaming_metric_matches_one_pass(resnet, probes):
+    group = build_group("flip", SHAPE)
+    resnet.eval()
+    metric = OrbitInvariance(group)
+    metric.update(resnet, probes[:3])
+    metric.update(resnet, probes[3:])
+    streamed = metric.compute()
+    metric.reset()
+    metric.update(resnet, probes)
+    once = metric.compute()
+    assert streamed.n_pairs == once.n_pairs == 16
+    assert streamed.LI == pytest.approx(once.LI, rel=1e-5) and streamed.DI == pytest.approx(once.DI, rel=1e-5)
+    assert streamed.LI == pytest.approx(float(logit_invariance_loss(resnet, probes, group)), rel=1e-4)
+    metric.reset()
+    with pytest.raises(ValueError, match="update"):
+        metric.compute()
+    resnet.train()
