@@ -8,7 +8,7 @@
 * ``constant.onnx``: ignores its input — ``trivial``;
 * ``probes.npz``: 256 test digits (``x`` float32 (N, 1, 36, 36), ``y`` labels 0-8).
 
-The learned case is the shipped reference run ``models/reference/R4_DA_s0``.
+The learned case is the shipped reference run ``audit_service/reference/runs/R4_DA_s0``.
 """
 
 from __future__ import annotations

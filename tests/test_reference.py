@@ -282,7 +282,7 @@ def _shipped() -> list[dict]:
 
 
 SHIPPED = _shipped()
-needs_shipped = pytest.mark.skipif(not SHIPPED, reason="no reference runs shipped in models/reference")
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="no reference runs shipped in audit_service/reference/runs")
 
 
 def _card(group, model):

@@ -1,6 +1,6 @@
 """The shipped reference runs, as the service sees them.
 
-``models/reference/<group>_<model>_s<seed>/`` holds each run's ``card.json``, ``model.onnx`` and ``model.pt``
+``audit_service/reference/runs/<group>_<model>_s<seed>/`` holds each run's ``card.json``, ``model.onnx`` and ``model.pt``
 (written by ``audit-service reference reproduce``). The directory is found relative to the repository (or
 set with the environment variable ``AUDIT_REFERENCE_DIR``).
 
@@ -36,11 +36,12 @@ _LOG_FLOOR = 1e-4  # LI_normalized and DI enter as log10(v + floor) / 4: 0 -> -1
 
 # ----------------------------------------------------------------------------- where the runs live
 def reference_dir() -> Path:
-    """``$AUDIT_REFERENCE_DIR`` if set, else ``models/reference`` of the repository holding this package."""
+    """``$AUDIT_REFERENCE_DIR`` if set, else the runs shipped inside the package (``reference/runs``,
+    package data: present in an installed wheel as in a checkout)."""
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "reference"
+    return Path(__file__).resolve().parent / "runs"
 
 
 def runs_dir() -> Path:

@@ -47,7 +47,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--epochs", type=_int_at_least(1, "epochs"), default=DEFAULT_EPOCHS)
     train.add_argument("--seed", type=_int_at_least(0, "seed"), default=0)
     train.add_argument("--nu", type=float, default=None, help="IR regularizer weight (default: the tuned value)")
-    train.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
+    train.add_argument("--out", type=Path, default=None, help="output directory (default: audit_service/reference/runs)")
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: .audit-data/reference-work)")
     train.add_argument("--no-audit", action="store_true", help="skip the audit (no metrics in the card)")
     train.set_defaults(func=_train)
@@ -57,7 +57,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                                          "(sigma_max). Finished runs are reused, so it resumes.")
     rep.add_argument("--seeds", type=_int_at_least(1, "seeds"), default=1, help="seeds 0..N-1 per run")
     rep.add_argument("--epochs", type=_int_at_least(1, "epochs"), default=DEFAULT_EPOCHS)
-    rep.add_argument("--out", type=Path, default=None, help="output directory (default: models/reference)")
+    rep.add_argument("--out", type=Path, default=None, help="output directory (default: audit_service/reference/runs)")
     rep.add_argument("--work-dir", type=Path, default=None,
                      help="checkpoints (default: .audit-data/reference-work)")
     rep.add_argument("--docs", type=Path, default=None,

@@ -5,7 +5,7 @@
 the run's group, the drift toward the scikit-learn patches (``blend`` with ``target="second_probes"`` at
 beta 0.1, ..., 0.5; beta 0 is the clean condition; the paper's Figure 4) and the service's default shifts; pure noise is always added.
 
-Outputs (``out`` defaults to ``models/reference``):
+Outputs (``out`` defaults to ``audit_service/reference/runs``):
 * ``<out>/<run>/``: ``model.onnx``, ``model.pt``, ``card.json``, ``report.json``
 * ``<out>/results.json`` and ``<out>/results.md``: the table side by side with the paper's Table 1
 * ``<out>/drift_di.png`` (Figure 4) and ``<out>/sigma_max.png`` (Figure 5), copied to ``docs/``
