@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from .audit import ProgressFn, run_audit
+from .audit import run_audit
 from .errors import ProbeError
+from .progress import ProgressFn
 from .result import AuditResult
 from .runtime.loader import resolve_device
 from .runtime.module_runner import ModuleRunner

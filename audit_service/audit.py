@@ -30,9 +30,8 @@ from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
 from .symmetrization import symmetrized_summary
 from .verdict import decide
+from .progress import ProgressFn
 
-#: progress(fraction in [0, 1], stage name) — called once per probe chunk; must be cheap.
-ProgressFn = Callable[[float, str], None]
 
 __all__ = ["run_audit", "load_probe_file", "check_probes", "REPORT_KEYS"]
 

@@ -48,9 +48,6 @@ class ConditionResult:
     seconds: float = 0.0
 
 
-ProgressFn = Callable[[float, str], None]
-
-
 class OrbitSweep:
     """Runs conditions for one (model, group) pair; see the module docstring for the data flow."""
 

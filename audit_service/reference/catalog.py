@@ -18,11 +18,11 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from ..progress import ProgressFn
 
-ProgressFn = Callable[[float, str], None]
 
 ENV_DIR = "AUDIT_REFERENCE_DIR"
 ENV_RUNS_DIR = "AUDIT_REFERENCE_RUNS_DIR"

@@ -21,7 +21,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -31,8 +30,8 @@ from .groups import GROUP_NAMES, group_spec
 from .models import MODEL_KINDS
 from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
+from ..progress import ProgressFn
 
-ProgressFn = Callable[[float, str], None]
 
 BETAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # beta = 0 is the clean condition (blend at 0 is the identity)
 AUDIT_OPTIONS = {"n_probes": 256, "n_noise_probes": 128, "jacobian_probes": 64, "ig_steps": 16,

@@ -20,7 +20,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +30,8 @@ from .groups import GROUP_NAMES, group_order, orbit
 from ..metrics.training import orbit_logit_invariance
 from .models import MODEL_KINDS, build_model, count_parameters
 from .names import DEFAULT_EPOCHS
+from ..progress import ProgressFn
 
-#: progress(fraction in [0, 1], message)
-ProgressFn = Callable[[float, str], None]
 
 #: The IR weight per group (docs/reference.md, "Choosing nu"): tuned on validation SI as the paper does.
 #: R4: the smallest of {1, 10, 30, 100} with validation SI >= 0.95 (10: SI 0.96). T3: none of
