@@ -138,3 +138,12 @@ def test_the_streaming_metric_matches_one_pass(resnet, probes):
     with pytest.raises(ValueError, match="update"):
         metric.compute()
     resnet.train()
+
+
+def test_the_readme_example_runs_as_pasted(tmp_path):
+    import re
+
+    code = re.search(r"## The Python API.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("AuditResult(trivial") and (tmp_path / "report.html").stat().st_size > 10_000
