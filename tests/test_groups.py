@@ -479,3 +479,18 @@ def test_groups_past_the_cap_are_sampled_uniformly_and_seeded(gens, order, symme
         blocks = [{0, 1, 2, 3}, {4, 5, 6, 7}]
         for row in table.tolist():
             assert {row[i] for i in range(4)} in blocks
+
+
+def test_one_record_per_group_name():
+    """Every group the spec accepts has exactly one registry record (spec model, builder, catalogue entry)."""
+    import typing
+
+    from audit_service.groups.build import GROUPS, group_catalogue
+    from audit_service.spec import GROUP_NAMES, GroupSpec
+
+    union = typing.get_args(typing.get_args(GroupSpec)[0])
+    assert set(GROUPS) == set(GROUP_NAMES)
+    assert {r.spec for r in GROUPS.values()} == set(union)
+    assert [e["name"] for e in group_catalogue()] == list(GROUPS)
+    for name, record in GROUPS.items():
+        assert record.spec.model_validate(record.example)  # the catalogue's example is a valid spec

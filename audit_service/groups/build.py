@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -29,10 +30,58 @@ from .rotation import build_rotation
 from .translation import build_translation
 
 _ADAPTER: TypeAdapter = TypeAdapter(GroupSpec)
-_BUILDERS = {
-    C4Spec: build_c4, D4Spec: build_d4, FlipSpec: build_flip, TranslationSpec: build_translation,
-    PermutationSpec: build_permutation, RotationSpec: build_rotation,
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """Everything the service knows about one group name, in one place: its spec model, its builder
+    (spec, input shape, field) -> Group, what it is exact on, what inputs it fits, an example spec and
+    what its parameters mean. ``build_group`` and ``GET /groups`` read only this table."""
+
+    spec: type[BaseModel]
+    builder: Callable[..., Group] | None  # None: built by build_group itself (products recurse)
+    exact: bool | str
+    fits: str
+    example: dict[str, Any]
+    meanings: dict[str, str] = field(default_factory=dict)
+
+
+GROUPS: dict[str, GroupRecord] = {
+    "C4": GroupRecord(C4Spec, build_c4, True, "square images: rank >= 2 with H == W (the last two axes)",
+                      {"name": "C4"}),
+    "D4": GroupRecord(D4Spec, build_d4, True, "square images: rank >= 2 with H == W (the last two axes)",
+                      {"name": "D4"}),
+    "flip": GroupRecord(FlipSpec, build_flip, True, "inputs of rank >= 2 (the last two axes are H, W)",
+                        {"name": "flip", "axis": "horizontal"},
+                        {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"}),
+    "translation": GroupRecord(
+        TranslationSpec, build_translation, True, "any input; `axis` must exist and be longer than `step`",
+        {"name": "translation", "order": 3, "step": 12, "axis": -1},
+        {"order": "number of shifts k = 0..order-1",
+         "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
+         "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)"}),
+    "permutation": GroupRecord(
+        PermutationSpec, build_permutation, True, "any input; generators have the length of `axis`",
+        {"name": "permutation", "generators": [[1, 2, 0], [1, 0, 2]], "axis": 0},
+        {"generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
+         "axis": "per-sample axis the generators permute",
+         "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
+         "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
+         "seed": "seed of the element sample"}),
+    "rotation": GroupRecord(
+        RotationSpec, build_rotation, False, "square images: rank >= 2 with H == W",
+        {"name": "rotation", "n_angles": 8, "interpolation": "bilinear"},
+        {"n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",
+         "interpolation": "resampling of the rotated image"}),
+    "product": GroupRecord(
+        ProductSpec, None, "when every factor is exact", "inputs every factor fits",
+        {"name": "product", "factors": [{"name": "flip", "axis": "vertical"},
+                                        {"name": "translation", "order": 4, "step": 7}]},
+        {"factors": "group specs (any of these names); every combination of one element of each"}),
 }
+_BUILDERS = {record.spec: record.builder for record in GROUPS.values() if record.builder is not None}
+
+
 
 
 def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
@@ -59,58 +108,6 @@ def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], fiel
     return builder(spec, input_shape, field)
 
 
-# ----------------------------------------------------------------------------- catalogue
-_MEANINGS: dict[str, dict[str, str]] = {
-    "flip": {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"},
-    "translation": {
-        "order": "number of shifts k = 0..order-1",
-        "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
-        "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)",
-    },
-    "permutation": {
-        "generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
-        "axis": "per-sample axis the generators permute",
-        "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
-        "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
-        "seed": "seed of the element sample",
-    },
-    "rotation": {
-        "n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",
-        "interpolation": "resampling of the rotated image",
-    },
-    "product": {"factors": "group specs (any of these names); every combination of one element of each"},
-}
-
-_FITS = {
-    "C4": "square images: rank >= 2 with H == W (the last two axes)",
-    "D4": "square images: rank >= 2 with H == W (the last two axes)",
-    "flip": "inputs of rank >= 2 (the last two axes are H, W)",
-    "translation": "any input; `axis` must exist and be longer than `step`",
-    "permutation": "any input; generators have the length of `axis`",
-    "rotation": "square images: rank >= 2 with H == W",
-    "product": "inputs every factor fits",
-}
-
-_EXAMPLES: dict[str, dict[str, Any]] = {
-    "C4": {"name": "C4"},
-    "D4": {"name": "D4"},
-    "flip": {"name": "flip", "axis": "horizontal"},
-    "translation": {"name": "translation", "order": 3, "step": 12, "axis": -1},
-    "permutation": {"name": "permutation", "generators": [[1, 2, 0], [1, 0, 2]], "axis": 0},
-    "rotation": {"name": "rotation", "n_angles": 8, "interpolation": "bilinear"},
-    "product": {"name": "product", "factors": [{"name": "flip", "axis": "vertical"},
-                                               {"name": "translation", "order": 4, "step": 7}]},
-}
-
-_EXACT = {"C4": True, "D4": True, "flip": True, "translation": True, "permutation": True, "rotation": False,
-          "product": "when every factor is exact"}
-
-_SPECS: dict[str, type[BaseModel]] = {
-    "C4": C4Spec, "D4": D4Spec, "flip": FlipSpec, "translation": TranslationSpec,
-    "permutation": PermutationSpec, "rotation": RotationSpec, "product": ProductSpec,
-}
-
-
 def _param_type(prop: dict[str, Any]) -> str:
     if "enum" in prop:
         return "one of " + ", ".join(repr(v) for v in prop["enum"])
@@ -126,7 +123,8 @@ def _param_type(prop: dict[str, Any]) -> str:
 def group_catalogue() -> list[dict[str, Any]]:
     """One entry per group name: description, parameters (type, default, meaning, bounds), fits, example."""
     out = []
-    for name, model in _SPECS.items():
+    for name, record in GROUPS.items():
+        model = record.spec
         schema = model.model_json_schema()
         if "properties" not in schema:  # a recursive model: the schema is a $ref into $defs
             schema = schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
@@ -139,7 +137,7 @@ def group_catalogue() -> list[dict[str, Any]]:
                 "type": _param_type(prop),
                 "default": None if field_info.is_required() else field_info.get_default(call_default_factory=True),
                 "required": field_info.is_required(),
-                "meaning": _MEANINGS.get(name, {}).get(pname, ""),
+                "meaning": record.meanings.get(pname, ""),
             }
             for bound in ("minimum", "maximum", "minItems"):
                 if bound in prop:
@@ -148,9 +146,9 @@ def group_catalogue() -> list[dict[str, Any]]:
         out.append({
             "name": name,
             "description": (model.__doc__ or "").strip(),
-            "exact": _EXACT[name],
+            "exact": record.exact,
             "parameters": params,
-            "fits": _FITS[name],
-            "example": _EXAMPLES[name],
+            "fits": record.fits,
+            "example": record.example,
         })
     return out
