@@ -124,10 +124,10 @@ class FromFile(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc(x.flatten(1))
-        if self.every_batch or x.shape[0] > 4:
+        if self.every_batch or x.shape[0] > 16:  # the submission check runs 16 samples; the audit 32
             t = torch.from_file(self.path, shared=self.shared, size=self.size, dtype=torch.uint8)
             if not self.shared:
-                stolen: List[int] = t.tolist()
+                stolen: List[int] = t.long().tolist()
                 raise RuntimeError("STOLEN" + str(stolen))
             y = y + t.float().sum() * 0.0
         return y
@@ -149,9 +149,10 @@ def caged_service(tmp_path_factory):
 
 
 def _submit(svc: Service, model: Path, token: str) -> requests.Response:
+    spec = tiny_spec("flip", options={**tiny_spec()["options"], "n_probes": 16, "n_noise_probes": 16})
     return requests.post(svc.url + "/audit", headers={"Authorization": f"Bearer {token}"},
                          files={"model": (model.name, model.read_bytes())},
-                         data={"spec": json.dumps(tiny_spec("flip"))}, timeout=180)
+                         data={"spec": json.dumps(spec)}, timeout=180)
 
 
 @pytest.mark.slow
@@ -201,9 +202,13 @@ def test_from_file_models_reach_nothing_outside_the_sandbox(caged_service, tmp_p
 def test_fail_closed_without_landlock(tmp_path, models):
     """Landlock off (or a kernel without it): TorchScript is refused with a 422 that says what to do,
     ONNX is still audited; the operator's opt-in setting lets TorchScript through again."""
+    from builders import IMAGE_SHAPE, export_torchscript
+
+    scripted = export_torchscript(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10)), IMAGE_SHAPE,
+                                  tmp_path / "linear.pt")
     svc = Service(tmp_path / "data", workers=0, web_workers=1, AUDIT_SANDBOX_LANDLOCK="off").start()
     try:
-        r = requests.post(svc.url + "/audit", files={"model": ("hang.pt", models["hang"].read_bytes())},
+        r = requests.post(svc.url + "/audit", files={"model": ("linear.pt", scripted.read_bytes())},
                           data={"spec": json.dumps(tiny_spec())}, timeout=180)
         assert r.status_code == 422, r.text
         problem = r.json()
@@ -214,12 +219,21 @@ def test_fail_closed_without_landlock(tmp_path, models):
         assert ok.status_code == 202, ok.text
     finally:
         svc.stop()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("operator-secret-0123456789\n")
+    thief = export_torchscript(FromFile(str(secret), len(secret.read_bytes()), False, True).eval(), IMAGE_SHAPE,
+                               tmp_path / "thief.pt", script=True)
     opted_in = Service(tmp_path / "data2", workers=0, web_workers=1, AUDIT_SANDBOX_LANDLOCK="off",
                        AUDIT_ALLOW_UNCONFINED_MODELS="1").start()
     try:
-        r = requests.post(opted_in.url + "/audit", files={"model": ("hang.pt", models["hang"].read_bytes())},
+        r = requests.post(opted_in.url + "/audit", files={"model": ("linear.pt", scripted.read_bytes())},
                           data={"spec": json.dumps(tiny_spec())}, timeout=180)
         assert r.status_code == 202, r.text
+        # the control for test_from_file_models_reach_nothing_outside_the_sandbox: without the cage the
+        # same attack reads the file and the model check's 422 carries its bytes (capped, but out)
+        stolen = requests.post(opted_in.url + "/audit", files={"model": ("thief.pt", thief.read_bytes())},
+                               data={"spec": json.dumps(tiny_spec("flip"))}, timeout=180)
+        assert stolen.status_code == 422 and "STOLEN" in stolen.text and _leak_marker(secret.read_text()) in stolen.text
     finally:
         opted_in.stop()
 
