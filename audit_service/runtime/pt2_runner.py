@@ -6,7 +6,7 @@ described by JSON configs, which is safe; but it also
 
 * unpickles every weight or constant marked ``use_pickle`` (tensor subclasses) with
   ``torch.load`` with ``weights_only=False``, and constants named ``custom_obj_*`` / ``opaque_obj_*`` with
-  TorchScript's and Python's ``pickle.loads``;
+  TorchScript's and Python's unpickler;
 * reads the legacy ``data/weights/<model>.pt`` and older zip layouts through ``torch.load``;
 * unpickles the example inputs (``data/sample_inputs/<model>.pt``) with ``weights_only=True`` and,
   when that fails, **retries with** ``weights_only=False`` — arbitrary code for a crafted file;
