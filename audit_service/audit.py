@@ -380,6 +380,11 @@ def _sweep_plan(sweep: OrbitSweep, conditions: list[Condition], x, y, spec: Audi
             for condition in shifted:
                 reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
                                            f"already fail ({listed}), so SI here cannot change the verdict")
+    elif scope == "decisive":
+        plan.scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)" if plan.stopped
+                             else "SI on every condition (there are no shifts)")
+    elif scope == "all":
+        plan.scope_reason = "SI on every condition (options.saliency_scope = all)"
     elif scope == "none":
         why = ("options.saliency = false" if not options.saliency else
                "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
