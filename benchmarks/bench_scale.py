@@ -1,8 +1,9 @@
 """Scale benchmark: a default-spec audit of a ResNet against the floors of its own method.
 
 In one run, on the CPU (all figures from this process, so load on the machine shifts them together):
-* a random-weights torchvision ResNet-18 (10 classes) at 3x64x64 as TorchScript, default spec (D4, the
-  default shifts: 11 conditions): the audit time with ``saliency_scope`` ``decisive`` (default) and
+* a random-weights torchvision ResNet-18 (10 classes; BatchNorm statistics from N(0, 1) inputs, N(0, 1)
+  probes, so it predicts several classes: not_invariant, not trivial) at 3x64x64 as TorchScript, default
+  spec (D4, the default shifts: 11 conditions): the audit time with ``saliency_scope`` ``decisive`` (default) and
   ``all`` (the old behaviour), their verdicts, and the per-condition cost (forward / saliency seconds);
 * the all-IG floor: the bare forward + backward passes of the method, conditions x elements x probes x
   (ig_steps + 1) samples, in the audit's batch sizes; and the forward-only floor (conditions x elements
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit_service.audit import run_audit  # noqa: E402
 from audit_service.groups import build_group  # noqa: E402
+from audit_service.runtime import load_model  # noqa: E402
 from audit_service.spec import parse_audit_spec  # noqa: E402
 
 CLASSES = 10
@@ -159,9 +161,9 @@ def scaling_child(probes: int, group: str, folder: Path) -> None:
     """One audit of the tiny CNN in this fresh process; prints JSON (seconds, memory)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = folder / "tiny.pt"
-    x = np.random.default_rng(0).random((probes, 1, 16, 16), dtype=np.float32)
+    x = np.random.default_rng(0).normal(size=(probes, 1, 16, 16)).astype(np.float32)
     spec = spec_for(group, probes, 32, "decisive", jacobian_probes=8, bootstrap=50)
-    run_audit(path, spec_for(group, 8, 8, "decisive", jacobian_probes=2, bootstrap=0), x[:8])  # warm-up
+    run_audit(path, spec_for(group, 64, 32, "decisive", jacobian_probes=8, bootstrap=0), x[:64])  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     seconds, report = timed_audit(path, spec, x)
@@ -183,7 +185,8 @@ def probe_scaling(counts: list[int], group: str) -> None:
                                   "--_folder", tmp], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"probe scaling (tiny CNN 1x16x16, {group}, default spec, 32 noise probes; fresh process each):")
+    print(f"probe scaling (tiny CNN 1x16x16, {group}, default spec, 32 noise probes; fresh process each, warmed "
+          "up by a 64-probe audit; maxrss is the process's peak, so a flat figure means bounded memory):")
     for r in rows:
         print(f"  {r['probes']:5d} probes: {r['seconds']:7.2f} s ({r['seconds'] / base['seconds']:.2f}x for "
               f"{r['probes'] / base['probes']:.0f}x probes), maxrss {r['maxrss_mb']:.0f} MB "
@@ -195,23 +198,30 @@ def probe_scaling(counts: list[int], group: str) -> None:
 def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noise: int, device: str,
                  with_all: bool, compile_flag: bool) -> None:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES).eval()
+    model = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES)
+    with torch.no_grad():  # BatchNorm statistics of N(0, 1) inputs (normalised images): several classes predicted
+        for _ in range(4):
+            model(torch.randn(32, *shape))
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     dev = torch.device(device)
-    x = np.random.default_rng(0).random((probes, *shape), dtype=np.float32)
+    x = np.random.default_rng(0).normal(size=(probes, *shape)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_torchscript(model, shape, Path(tmp) / f"{name}.pt")
         decisive = spec_for(group, probes, noise, "decisive", device=device)
         opts = decisive.options
-        run_audit(path, spec_for(group, 2, 2, "decisive", device=device, jacobian_probes=1, bootstrap=0,
-                                 ig_steps=2), x[:2])  # warm-up: allocator, captum import
+        warm = parse_audit_spec({"group": group, "shifts": [],
+                                 "options": {"n_probes": probes, "n_noise_probes": noise, "device": device,
+                                             "saliency_scope": "all", "bootstrap": 0}})
+        run_audit(path, warm, x)  # warm-up on the audit's own shapes: allocator, oneDNN / TorchScript, captum
         t_dec, rep_dec = timed_audit(path, decisive, x)
         t_all, rep_all = timed_audit(path, spec_for(group, probes, noise, "all", device=device), x) if with_all \
             else (None, None)
         order = len(build_group(decisive.group, shape).element_names)
         n_conditions = len(rep_dec["conditions"])
-        module = model.to(dev)
+        module = load_model(path, device=device).torch_module()  # the module the audit differentiates
+        floors(module, shape, 2, order, probes, noise, opts.probe_chunk, opts.ig_steps, opts.batch_size, dev)
         ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
                                      opts.ig_steps, opts.batch_size, dev)
     print(f"{name} (random weights, {CLASSES} classes) {'x'.join(map(str, shape))} as TorchScript on "
