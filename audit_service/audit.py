@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +28,9 @@ from .runtime.outputs import LogProbabilityRunner, detect_output_kind
 from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
 from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
-from .symmetrization import symmetrized_summary
-from .verdict import decide
 from .progress import ProgressFn
+from .symmetrization import symmetrized_summary
+from .verdict import decide, genuine_failures
 
 
 __all__ = ["run_audit", "load_probe_file", "check_probes", "REPORT_KEYS"]
@@ -69,21 +69,28 @@ def run_audit(
     total_chunks = sum(sweep.n_chunks(c, n_probes) for c in conditions) + 1
     done = 0
 
-    results = []
-    for condition in conditions:
-        def tick(name: str = condition.name) -> None:
+    def tick(name: str) -> Callable[[], None]:
+        def on_chunk() -> None:
             nonlocal done
             done += 1
             progress(min(done / total_chunks, 0.99), f"condition {name}")
-        progress(done / total_chunks, f"condition {condition.name}")
-        results.append(_guarded(lambda: sweep.run(condition, x, y, tick), f"sweeping condition {condition.name}"))
+        progress(min(done / total_chunks, 0.99), f"condition {name}")
+        return on_chunk
 
-    progress(done / total_chunks, "sensitivity")
+    autocast = _check_autocast(sweep, x, stats, options)
+    plan = _sweep_plan(sweep, conditions, x, y, spec, tick)
+    results = plan.results
+
+    progress(min(done / total_chunks, 0.99), "sensitivity")
     t_sens = time.perf_counter()
-    sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
+    if plan.stopped:
+        sensitivity = sensitivity_report(None, "none", "skipped", note=f"skipped (options.early_stop): {plan.stopped}")
+    else:
+        sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
     t_sens = time.perf_counter() - t_sens
 
-    condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, options.saliency),
+    condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, r.saliency_computed,
+                                                             plan.saliency_reasons.get(r.condition.name)),
                                             r.accumulator) for r in results]
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
@@ -94,7 +101,7 @@ def run_audit(
         "service_version": __version__,
         "created_at": now_iso(),
         "model": {**_model_section(runner, saliency, saliency_note), "output_kind": output_kind,
-                  "output_note": OUTPUT_NOTES.get(output_kind)},
+                  "output_note": OUTPUT_NOTES.get(output_kind), "autocast": autocast},
         "group": _group_section(group, x if x is not None else _noise(16, runner, stats, options.seed)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
@@ -102,9 +109,14 @@ def run_audit(
         "saliency_examples": [e for r in results for e in r.examples],
         "spec": spec.model_dump(mode="json"),
         "shifts_skipped": skipped_shifts,
+        "saliency": {"scope": plan.scope, "computed_on": [r.condition.name for r in results if r.saliency_computed],
+                     "reason": plan.scope_reason},
+        "early_stop": {"enabled": options.early_stop, "stopped": plan.stopped is not None, "reason": plan.stopped,
+                       "conditions_skipped": plan.skipped, "sensitivity_skipped": plan.stopped is not None},
         "timing": {
             "load_s": round(t_loaded - t_start, 4),
             "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
+            "saliency_s": {r.condition.name: round(r.saliency_seconds, 4) for r in results},
             "sensitivity_s": round(t_sens, 4),
             "total_s": round(time.perf_counter() - t_start, 4),
             "device": str(device),
@@ -299,6 +311,139 @@ def with_chance_levels(condition: dict, accumulator) -> dict:
             "chance and kappa is null")
     return condition
 
+
+
+#: bf16 autocast is used only when its logits stay this close to fp32 (max |difference| over the logits'
+#: scale, on the first clean chunk): well inside what moves LI_normalized / DI at the genuine bounds' scale
+#: is not claimed; the check guards the forward metrics of learned / not_invariant models.
+AUTOCAST_TOLERANCE = 2e-2
+
+
+@dataclass
+class SweepPlan:
+    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere,
+    and what early stopping skipped."""
+
+    scope: str
+    results: list
+    saliency_reasons: dict[str, str]
+    scope_reason: str | None = None
+    stopped: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+
+def _sweep_plan(sweep: OrbitSweep, conditions: list[Condition], x, y, spec: AuditSpec,
+                tick: Callable[[str], Callable[[], None]]) -> SweepPlan:
+    """Sweep the conditions, computing SI where it can change the verdict (``options.saliency_scope``).
+
+    The anchors (clean, noise) come first, with SI unless the scope is ``none``: the report always needs
+    the paper's SI there. Then the shifts, forward-only unless the scope is ``all``. With ``decisive``, SI
+    is added to the shifts only when every condition meets the genuine criteria measured so far (then SI
+    decides genuine vs not), or when every anchor's saliency map is zero (then SI decides trivial).
+    """
+    options, policy = spec.options, spec.policy
+    scope = options.saliency_scope if options.saliency and sweep.saliency is not None else "none"
+    anchors = [c for c in conditions if c.name in ("clean", "noise")]
+    shifted = [c for c in conditions if c not in anchors]
+    done: dict[str, object] = {}
+    reasons: dict[str, str] = {}
+
+    def run(condition: Condition, with_si: bool):
+        return _guarded(lambda: sweep.run(condition, x, y, tick(condition.name), saliency=with_si),
+                        f"sweeping condition {condition.name}")
+
+    for condition in anchors:
+        done[condition.name] = run(condition, scope != "none")
+    plan = SweepPlan(scope, [], reasons)
+    if options.early_stop and shifted:
+        settled = _settled(done.values(), spec)
+        if settled:
+            plan.stopped = settled
+            plan.skipped = [{"name": c.name, "reason": settled} for c in shifted]
+            shifted = []
+    for condition in shifted:
+        done[condition.name] = run(condition, scope == "all")
+
+    if scope == "decisive" and shifted:
+        provisional = [_provisional(r) for r in done.values()]
+        failing = [f"{c['name']} {metric}" for c in provisional for metric, _, _ in genuine_failures(c, policy)]
+        computed = [c for c in provisional if c["saliency_computed"]]
+        anchors_zero = bool(computed) and all(c["metrics"]["SI"] is None for c in computed)
+        if not failing or anchors_zero:
+            plan.scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
+                                 "metrics everywhere, so SI decides" if not failing else
+                                 "SI on every condition: every saliency map on clean and noise is zero, so SI "
+                                 "decides whether the model is trivial")
+            for condition in shifted:
+                _guarded(lambda: sweep.add_saliency(done[condition.name], x, y, tick(condition.name)),
+                         f"computing the saliency of condition {condition.name}")
+        else:
+            listed = ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
+            plan.scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
+                                 f"({listed}), so SI on the shifts cannot change the verdict")
+            for condition in shifted:
+                reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
+                                           f"already fail ({listed}), so SI here cannot change the verdict")
+    elif scope == "decisive":
+        plan.scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)" if plan.stopped
+                             else "SI on every condition (there are no shifts)")
+    elif scope == "all":
+        plan.scope_reason = "SI on every condition (options.saliency_scope = all)"
+    elif scope == "none":
+        why = ("options.saliency = false" if not options.saliency else
+               "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
+        plan.scope_reason = f"SI not computed: {why}"
+        reasons.update({name: f"saliency was switched off ({why})" for name in done})
+    plan.results = [done[c.name] for c in conditions if c.name in done]
+    return plan
+
+
+def _provisional(result) -> dict:
+    """A condition's means, enough for ``genuine_failures`` (no bootstrap: the sweep is not done yet)."""
+    return condition_report(result, 0, 0, result.saliency_computed)
+
+
+def _settled(anchor_results, spec: AuditSpec) -> str | None:
+    """Why clean and noise already settle the verdict, or None.
+
+    A genuine criterion that fails on clean or noise rules out ``genuine`` whatever the shifts show; the
+    label is then ``learned``, ``not_invariant`` or ``trivial``, which depend on clean and noise only
+    (``verdict.decide``). Unless every anchor saliency map is zero: then the shifts' SI can decide trivial.
+    """
+    reports = [with_chance_levels(_provisional(r), r.accumulator) for r in anchor_results]
+    if any(c["saliency_computed"] for c in reports) and \
+            all(c["metrics"]["SI"] is None for c in reports if c["saliency_computed"]):
+        return None
+    failing = [f"{c['name']} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
+               for c in reports for metric, value, need in genuine_failures(c, spec.policy)]
+    if not failing:
+        return None
+    label = decide(reports, spec.policy, spec.require)["label"]
+    return (f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
+            "the Jacobian would only fill the report")
+
+
+def _check_autocast(sweep: OrbitSweep, x, stats: ProbeStats, options) -> dict | None:
+    """The opt-in bf16 autocast, checked against fp32 on the first probes' orbits; switched off past
+    ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for."""
+    if not options.autocast_bf16:
+        return None
+    if not sweep.autocast:
+        return {"dtype": None, "used": False, "note": f"autocast_bf16 needs CUDA; ran fp32 on {sweep.device}"}
+    runner = sweep.runner
+    sample = x[:16].to(sweep.device) if x is not None else _noise(16, runner, stats, options.seed)
+    flat = sweep.group.orbit(sample).reshape(-1, *sample.shape[1:])
+    sweep.autocast = False
+    reference = runner.logits(flat, options.batch_size)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = runner.logits(flat, options.batch_size).float()
+    scale = float(reference.abs().max().clamp_min(1e-12))
+    error = float((low - reference).abs().max()) / scale
+    sweep.autocast = error <= AUTOCAST_TOLERANCE
+    return {"dtype": "bfloat16" if sweep.autocast else None, "used": sweep.autocast,
+            "max_relative_logit_error": error, "tolerance": AUTOCAST_TOLERANCE,
+            "note": "forward-only logits under bf16 autocast (saliency and the Jacobian stay fp32)"
+            if sweep.autocast else "bf16 logits differ from fp32 past the tolerance: ran fp32"}
 
 
 def _conditions(shifts: list, has_probes: bool) -> list[Condition]:

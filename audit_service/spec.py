@@ -195,6 +195,19 @@ class Options(_Strict):
     n_noise_probes: int = Field(default=32, ge=1, le=10_000, description="uniform-noise probes")
     ig_steps: int = Field(default=16, ge=1, le=512, description="integrated-gradients steps")
     saliency: bool = Field(default=True, description="compute SI (costs ig_steps backward passes)")
+    saliency_scope: Literal["decisive", "all", "none"] = Field(
+        default="decisive",
+        description="where SI is computed: 'decisive' on clean and noise, and on every shift only when the "
+                    "model meets the genuine criteria everywhere else (SI then decides); 'all' on every "
+                    "condition; 'none' nowhere")
+    early_stop: bool = Field(
+        default=False,
+        description="once clean and noise settle the verdict (a genuine criterion fails there), skip the shift "
+                    "conditions and the Jacobian, which would only fill the report; the report lists what was skipped")
+    autocast_bf16: bool = Field(
+        default=False,
+        description="CUDA only, torch runtimes: forward-only logits under bf16 autocast, used only when a "
+                    "check against fp32 on the first probes is within tolerance (else fp32, said in the report)")
     jacobian_probes: int = Field(default=16, ge=0, le=10_000)
     batch_size: int = Field(default=1024, ge=1, le=1_000_000, description="model batch (samples)")
     probe_chunk: int = Field(default=64, ge=1, le=100_000, description="probes per streamed chunk")

@@ -1,7 +1,9 @@
 """The orbit sweep: stream probe chunks through (shift ->) whole group orbit -> model -> metrics.
 
 Each chunk of ``n`` probes becomes one (G * n) batch for the logits and, for the saliency, one
-(G * n) batch of integrated gradients, all on the model's device. Only per-probe scalars and a
+(G * n) batch of integrated gradients, all on the model's device. A condition can be swept
+forward-only first (one pass a sample) and get its saliency later (``add_saliency``, ``ig_steps + 1``
+passes a sample), over the same seeded chunks: the audit decides in between where SI is worth it. Only per-probe scalars and a
 few example maps are kept, so memory is bounded by the chunk size, not the probe count.
 """
 
@@ -46,6 +48,10 @@ class ConditionResult:
     accumulator: ConditionAccumulator
     examples: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: whether SI was computed on this condition (``run(saliency=...)``, ``add_saliency``)
+    saliency_computed: bool = False
+    #: the part of ``seconds`` spent on the saliency pass (integrated gradients and their logits)
+    saliency_seconds: float = 0.0
 
 
 class OrbitSweep:
@@ -67,6 +73,8 @@ class OrbitSweep:
         self.saliency = saliency
         self.second_probes = second_probes
         self.device = runner.device
+        #: bf16 autocast for forward-only logits: opt-in, CUDA and torch runtimes only (see ``_logits``)
+        self.autocast = bool(getattr(options, "autocast_bf16", False)) and self.device.type == "cuda"
 
     # ------------------------------------------------------------------ public
     def n_chunks(self, condition: Condition, n_probes: int) -> int:
@@ -79,24 +87,57 @@ class OrbitSweep:
         probes: torch.Tensor | None,
         labels: torch.Tensor | None,
         on_chunk: Callable[[], None] = lambda: None,
+        saliency: bool = True,
     ) -> ConditionResult:
-        """Sweep one condition. ``probes`` / ``labels`` may live on the host; chunks move to the device."""
+        """Sweep one condition. ``probes`` / ``labels`` may live on the host; chunks move to the device.
+
+        ``saliency=False`` is the forward-only pass (one model pass a sample); ``add_saliency`` can add
+        SI to its result later, over the very same chunks."""
         start = time.perf_counter()
         acc = ConditionAccumulator(self.runner.num_classes)
         worst: list[dict] = []
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.options.seed * 1_000_003 + zlib.crc32(condition.name.encode()))
+        with_si = saliency and self.saliency is not None
         use_labels = labels is not None and not condition.noise
-        for x, y in self._chunks(condition, probes, labels if use_labels else None, generator):
-            logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y)
+        for x, y in self._chunks(condition, probes, labels if use_labels else None, self._generator(condition)):
+            logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, with_si)
             acc.update(logits_gx, y, si_pairs)
             if si_pairs is not None and condition.keep_examples:
                 worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
             on_chunk()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         examples = [_example(e, condition.name, self.group.element_names) for e in worst]
-        return ConditionResult(condition, acc, examples, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return ConditionResult(condition, acc, examples, seconds, saliency_computed=with_si,
+                               saliency_seconds=seconds if with_si else 0.0)
+
+    def add_saliency(
+        self,
+        result: ConditionResult,
+        probes: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        on_chunk: Callable[[], None] = lambda: None,
+    ) -> None:
+        """SI for a condition that ``run`` swept forward-only: the same seeded chunks again, their
+        logits (for the IG target) and integrated gradients; only SI is added to the accumulator."""
+        if result.saliency_computed or self.saliency is None:
+            return
+        start = time.perf_counter()
+        condition, acc = result.condition, result.accumulator
+        worst: list[dict] = []
+        offset = 0
+        use_labels = labels is not None and not condition.noise
+        for x, y in self._chunks(condition, probes, labels if use_labels else None, self._generator(condition)):
+            logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True)
+            acc.update_saliency(si_pairs)
+            if condition.keep_examples:
+                worst = _keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
+            offset += x.shape[0]
+            on_chunk()
+        self._sync()
+        result.examples = [_example(e, condition.name, self.group.element_names) for e in worst]
+        result.saliency_computed = True
+        result.saliency_seconds = time.perf_counter() - start
+        result.seconds += result.saliency_seconds
 
     # ------------------------------------------------------------------ internals
     def _chunks(
@@ -118,8 +159,26 @@ class OrbitSweep:
             y = None if labels is None else labels[start:start + size].to(self.device, non_blocking=True)
             yield x, y
 
+    def _generator(self, condition: Condition) -> torch.Generator:
+        """The condition's own seeded generator: a second pass over a condition draws the same chunks."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.options.seed * 1_000_003 + zlib.crc32(condition.name.encode()))
+        return generator
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """Forward-only logits (the runners run them under ``torch.inference_mode``); with
+        ``options.autocast_bf16`` on CUDA, under bf16 autocast (the audit checks it against fp32 first)."""
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.runner.logits(flat, self.options.batch_size).float()
+        return self.runner.logits(flat, self.options.batch_size)
+
     def _orbit_batch(
-        self, x: torch.Tensor, labels: torch.Tensor | None,
+        self, x: torch.Tensor, labels: torch.Tensor | None, saliency: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
         """Logits (G, n, C), SI per pair (G, n), the aligned saliency maps (G, n, *S) and what the
         report's examples show beside them: the orbit (G, n, *S) and the raw |IG| in each input's frame."""
@@ -127,8 +186,8 @@ class OrbitSweep:
         orbit = self.group.orbit(x)                                  # (G, n, *S)
         g = orbit.shape[0]
         flat = orbit.reshape(g * n, *shape)
-        logits = self.runner.logits(flat, self.options.batch_size).reshape(g, n, -1)
-        if self.saliency is None:
+        logits = self._logits(flat).reshape(g, n, -1)
+        if self.saliency is None or not saliency:
             return logits, None, None, {}
         target = labels if labels is not None else logits[0].argmax(-1)
         attributions = self.saliency.attribute(flat, target.repeat(g)).abs().reshape(g, n, *shape)

@@ -52,9 +52,7 @@ class ConditionAccumulator:
         if labels is not None:
             self._add("accuracy", F.orbit_accuracy(logits_gx, labels))
         if si_pairs is not None:
-            self.si_pairs_total += si_pairs.numel()
-            self._si_undefined = self._si_undefined + torch.isnan(si_pairs).sum()
-            self._add("SI", si_pairs, nan_aware=True)
+            self.update_saliency(si_pairs)
         self._count_predictions(logits_x, logits_gx, labels)
         x64 = logits_x.double()
         s, ss = x64.sum(0), x64.pow(2).sum(0)
@@ -62,6 +60,13 @@ class ConditionAccumulator:
         self._sumsq = ss if self._sumsq is None else self._sumsq + ss
         self._sq_norm = self._sq_norm + x64.pow(2).sum()
         self.n += logits_x.shape[0]
+
+    def update_saliency(self, si_pairs: torch.Tensor) -> None:
+        """Add one chunk's SI pairs (G, n) alone: the saliency pass that follows a forward-only pass
+        over the same chunks, in the same order (``OrbitSweep.add_saliency``)."""
+        self.si_pairs_total += si_pairs.numel()
+        self._si_undefined = self._si_undefined + torch.isnan(si_pairs).sum()
+        self._add("SI", si_pairs, nan_aware=True)
 
     def _count_predictions(self, logits_x: torch.Tensor, logits_gx: torch.Tensor,
                            labels: torch.Tensor | None) -> None:

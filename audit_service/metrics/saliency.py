@@ -31,17 +31,52 @@ class SaliencyMethod:
 
 
 def integrated_gradients(module: torch.nn.Module, n_steps: int, internal_batch_size: int) -> SaliencyMethod:
+    """IG with the model passes batched over steps and samples together: each captum call gets up to
+    ``limit`` samples and runs ``limit`` (sample, step) evaluations a pass. On the CPU ``limit`` is
+    ``internal_batch_size`` (options.batch_size); on CUDA it is sized to the free device memory, measured
+    once with one forward + backward (``cuda_batch_limit``), so a large orbit batch never runs out of it."""
     ig = IntegratedGradients(module)
+    sized: dict[str, int] = {}
 
     def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if "limit" not in sized:
+            sized["limit"] = cuda_batch_limit(module, x) if x.is_cuda else internal_batch_size
+        limit = max(1, sized["limit"])
+        parts = []
         with torch.enable_grad():
-            attr = ig.attribute(
-                x, baselines=torch.zeros_like(x), target=target, n_steps=n_steps,
-                internal_batch_size=max(internal_batch_size, x.shape[0]),
-            )
-        return attr.detach()
+            for start in range(0, x.shape[0], limit):
+                part = x[start:start + limit]
+                attr = ig.attribute(
+                    part, baselines=torch.zeros_like(part), target=target[start:start + limit], n_steps=n_steps,
+                    internal_batch_size=max(limit, part.shape[0]),
+                )
+                parts.append(attr.detach())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return SaliencyMethod(f"integrated_gradients(n_steps={n_steps}, baseline=0)", None, attribute)
+
+
+#: the share of the free device memory the IG passes may fill (the rest: the orbit, maps, allocator slack)
+CUDA_MEMORY_FRACTION = 0.5
+
+
+def cuda_batch_limit(module: torch.nn.Module, x: torch.Tensor, fraction: float = CUDA_MEMORY_FRACTION,
+                     probe: int = 4) -> int:
+    """How many samples one forward + backward may hold on ``x``'s CUDA device: the peak memory of one
+    probe pass of ``probe`` samples, per sample, against ``fraction`` of the free memory."""
+    device = x.device
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    sample = x[:probe].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = module(sample)
+        torch.autograd.grad(out[:, 0].sum(), sample)
+    torch.cuda.synchronize(device)
+    per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) // sample.shape[0])
+    del sample, out
+    return max(1, int(fraction * free // per_sample))
 
 
 def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],

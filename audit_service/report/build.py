@@ -17,8 +17,12 @@ from ..metrics import summarize
 from ..sweep import ConditionResult
 
 
-def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool) -> dict:
-    """Metrics (means over probes and group elements) and their spread for one condition."""
+def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool,
+                     saliency_reason: str | None = None) -> dict:
+    """Metrics (means over probes and group elements) and their spread for one condition.
+
+    ``saliency_reason``: why SI was not computed here (``options.saliency_scope``); it goes into the notes
+    and ``saliency_skipped``."""
     acc = result.accumulator
     variation = acc.sample_variation
     notes: list[str] = []
@@ -36,7 +40,8 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
     if saliency_computed and acc.si_pairs_total and acc.si_pairs_undefined == acc.si_pairs_total:
         notes.append("SI is null: every saliency map is zero (the target logit does not depend on the input)")
     if not saliency_computed:
-        notes.append("SI is null: saliency was switched off (options.saliency = false)")
+        saliency_reason = saliency_reason or "saliency was switched off (options.saliency = false)"
+        notes.append(f"SI is null: {saliency_reason}")
     spread = {name: summarize(values, n_bootstrap, seed) for name, values in per_probe.items()}
     metrics = {name: (s["mean"] if s else None) for name, s in spread.items()}
     shift = result.condition.shift
@@ -49,6 +54,7 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
         "sample_variation": finite_or_none(variation),
         "relative_variation": finite_or_none(acc.relative_variation),
         "saliency_computed": saliency_computed,
+        "saliency_skipped": None if saliency_computed else saliency_reason,
         "notes": notes,
         "seconds": round(result.seconds, 4),
     }

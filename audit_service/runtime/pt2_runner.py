@@ -264,7 +264,7 @@ class ExportedProgramRunner:
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return self._guarded.inner(chunk)  # _BatchSizes: padding, one tensor out
         except AuditError:
             raise

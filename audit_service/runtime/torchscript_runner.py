@@ -85,7 +85,7 @@ class TorchScriptRunner:
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return self._module(chunk)
         except AuditError:
             raise

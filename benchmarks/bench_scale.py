@@ -1,0 +1,279 @@
+"""Scale benchmark: a default-spec audit of a ResNet against the floors of its own method.
+
+In one run, on the CPU (all figures from this process, so load on the machine shifts them together):
+* a random-weights torchvision ResNet-18 (10 classes; BatchNorm statistics from N(0, 1) inputs, N(0, 1)
+  probes, so it predicts several classes: not_invariant, not trivial) at 3x64x64 as TorchScript, default
+  spec (D4, the default shifts: 11 conditions): the audit time with ``saliency_scope`` ``decisive`` (default) and
+  ``all`` (the old behaviour), their verdicts, and the per-condition cost (forward / saliency seconds);
+* the all-IG floor: the bare forward + backward passes of the method, conditions x elements x probes x
+  (ig_steps + 1) samples, in the audit's batch sizes; and the forward-only floor (conditions x elements
+  x probes forward passes under ``torch.inference_mode``);
+* the pass cost: per-sample forward + backward at several batch sizes, channels-last vs contiguous, and
+  optionally (``--compile``) ``torch.compile`` of the eager twin: compile time and when it pays back;
+* the scaling in probes (64 -> 1024) of a default audit of a tiny CNN, each in a fresh subprocess:
+  wall time and peak memory (ru_maxrss growth over the audit, tracemalloc peak of Python objects).
+With CUDA, the same default audit of a ResNet-50 at 3x224x224 (D4, 64 probes); skipped otherwise.
+
+    .venv/bin/python benchmarks/bench_scale.py [--probes 64] [--group D4] [--quick] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from audit_service.audit import run_audit  # noqa: E402
+from audit_service.groups import build_group  # noqa: E402
+from audit_service.runtime import load_model  # noqa: E402
+from audit_service.spec import parse_audit_spec  # noqa: E402
+
+CLASSES = 10
+
+
+def export_torchscript(model: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
+    example = torch.rand((2, *shape), generator=torch.Generator().manual_seed(1))
+    torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path),
+                   _extra_files={"input_shape.json": json.dumps(list(shape))})
+    return path
+
+
+def spec_for(group: str, probes: int, noise: int, scope: str, **options) -> object:
+    return parse_audit_spec({"group": group, "options": {"n_probes": probes, "n_noise_probes": noise,
+                                                         "saliency_scope": scope, **options}})
+
+
+def timed_audit(path: Path, spec, x: np.ndarray) -> tuple[float, dict]:
+    start = time.perf_counter()
+    report = run_audit(path, spec, x)
+    return time.perf_counter() - start, report
+
+
+def floors(module: nn.Module, shape: tuple[int, ...], n_conditions: int, order: int, probes: int, noise: int,
+           chunk: int, ig_steps: int, batch: int, device: torch.device) -> tuple[float, float]:
+    """(all-IG floor, forward-only floor) in seconds: the bare passes, same batch layout as the audit."""
+    ig_s = fwd_s = 0.0
+    for c in range(n_conditions):
+        total = noise if c == n_conditions - 1 else probes
+        for s in range(0, total, chunk):
+            n = min(chunk, total - s) * order
+            x = torch.rand(n, *shape, device=device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for b in range(0, n, batch):
+                    module(x[b:b + batch])
+            sync(device)
+            fwd_s += time.perf_counter() - t
+            t = time.perf_counter()
+            scaled = x.repeat(ig_steps, *([1] * len(shape)))
+            per = max(batch, n)
+            for b in range(0, scaled.shape[0], per):
+                part = scaled[b:b + per].requires_grad_(True)
+                out = module(part)
+                torch.autograd.grad(out[:, 0].sum(), part)
+            sync(device)
+            ig_s += time.perf_counter() - t
+    return ig_s + fwd_s, fwd_s
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pass_cost(model: nn.Module, shape: tuple[int, ...], batches: list[int], repeats: int = 2) -> None:
+    """Per-sample forward + backward at several batch sizes, contiguous vs channels-last."""
+    for fmt in ("contiguous", "channels_last"):
+        memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        m = model.to(memory_format=memory)
+        cells = []
+        for b in batches:
+            x = torch.rand(b, *shape).contiguous(memory_format=memory)
+            best = float("inf")
+            for _ in range(repeats):
+                part = x.clone().requires_grad_(True)
+                t = time.perf_counter()
+                torch.autograd.grad(m(part)[:, 0].sum(), part)
+                best = min(best, time.perf_counter() - t)
+            cells.append(f"b={b}: {1000 * best / b:.2f} ms")
+        x = torch.rand(batches[-1], *shape).contiguous(memory_format=memory)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            m(x)
+        fwd = (time.perf_counter() - t) / batches[-1]
+        print(f"  {fmt:13s} fwd+bwd per sample: {', '.join(cells)}; fwd-only (b={batches[-1]}) {1000 * fwd:.2f} ms")
+    model.to(memory_format=torch.contiguous_format)
+
+
+def compile_cost(model: nn.Module, shape: tuple[int, ...], batch: int, passes_in_audit: int) -> None:
+    """torch.compile of the eager twin: compile time vs the per-pass saving, and the break-even."""
+    x = torch.rand(batch, *shape)
+
+    def step(m):
+        part = x.clone().requires_grad_(True)
+        t = time.perf_counter()
+        torch.autograd.grad(m(part)[:, 0].sum(), part)
+        return time.perf_counter() - t
+
+    eager = min(step(model) for _ in range(2))
+    compiled = torch.compile(model)
+    t = time.perf_counter()
+    step(compiled)
+    first = time.perf_counter() - t
+    steady = min(step(compiled) for _ in range(2))
+    saving = eager - steady
+    print(f"  torch.compile: first call {first:.1f} s (compile), steady {steady:.3f} s vs eager {eager:.3f} s "
+          f"per batch of {batch}")
+    if saving > 0:
+        need = (first - steady) / saving
+        print(f"  pays back after {need:.0f} batches; this audit runs ~{passes_in_audit} such batches: "
+              f"{'worth it' if need < passes_in_audit else 'not worth it'}")
+    else:
+        print("  no steady-state saving: never pays back on this device")
+
+
+# ----------------------------------------------------------------------------- probe scaling (subprocess)
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                                 nn.Flatten(), nn.Linear(64, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def scaling_child(probes: int, group: str, folder: Path) -> None:
+    """One audit of the tiny CNN in this fresh process; prints JSON (seconds, memory)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path = folder / "tiny.pt"
+    x = np.random.default_rng(0).normal(size=(probes, 1, 16, 16)).astype(np.float32)
+    spec = spec_for(group, probes, 32, "decisive", jacobian_probes=8, bootstrap=50)
+    run_audit(path, spec_for(group, 64, 32, "decisive", jacobian_probes=8, bootstrap=0), x[:64])  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    seconds, report = timed_audit(path, spec, x)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"probes": probes, "seconds": seconds, "maxrss_mb": after / 1024,
+                      "maxrss_growth_mb": (after - before) / 1024, "tracemalloc_peak_mb": peak / 2**20,
+                      "verdict": report["verdict"]["label"]}))
+
+
+def probe_scaling(counts: list[int], group: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        export_torchscript(TinyCNN().eval(), (1, 16, 16), Path(tmp) / "tiny.pt")
+        rows = []
+        for n in counts:
+            out = subprocess.run([sys.executable, __file__, "--_scaling-child", str(n), "--group", group,
+                                  "--_folder", tmp], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"probe scaling (tiny CNN 1x16x16, {group}, default spec, 32 noise probes; fresh process each, warmed "
+          "up by a 64-probe audit; maxrss is the process's peak, so a flat figure means bounded memory):")
+    for r in rows:
+        print(f"  {r['probes']:5d} probes: {r['seconds']:7.2f} s ({r['seconds'] / base['seconds']:.2f}x for "
+              f"{r['probes'] / base['probes']:.0f}x probes), maxrss {r['maxrss_mb']:.0f} MB "
+              f"(+{r['maxrss_growth_mb']:.0f} MB during the audit), tracemalloc peak "
+              f"{r['tracemalloc_peak_mb']:.1f} MB, verdict {r['verdict']}")
+
+
+# ----------------------------------------------------------------------------- the ResNet audit
+def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noise: int, device: str,
+                 with_all: bool, compile_flag: bool) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES)
+    with torch.no_grad():  # BatchNorm statistics of N(0, 1) inputs (normalised images): several classes predicted
+        for _ in range(4):
+            model(torch.randn(32, *shape))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dev = torch.device(device)
+    x = np.random.default_rng(0).normal(size=(probes, *shape)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_torchscript(model, shape, Path(tmp) / f"{name}.pt")
+        decisive = spec_for(group, probes, noise, "decisive", device=device)
+        opts = decisive.options
+        warm = parse_audit_spec({"group": group, "shifts": [],
+                                 "options": {"n_probes": probes, "n_noise_probes": noise, "device": device,
+                                             "saliency_scope": "all", "bootstrap": 0}})
+        run_audit(path, warm, x)  # warm-up on the audit's own shapes: allocator, oneDNN / TorchScript, captum
+        t_dec, rep_dec = timed_audit(path, decisive, x)
+        t_all, rep_all = timed_audit(path, spec_for(group, probes, noise, "all", device=device), x) if with_all \
+            else (None, None)
+        order = len(build_group(decisive.group, shape).element_names)
+        n_conditions = len(rep_dec["conditions"])
+        module = load_model(path, device=device).torch_module()  # the module the audit differentiates
+        floors(module, shape, 2, order, probes, noise, opts.probe_chunk, opts.ig_steps, opts.batch_size, dev)
+        ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
+                                     opts.ig_steps, opts.batch_size, dev)
+    print(f"{name} (random weights, {CLASSES} classes) {'x'.join(map(str, shape))} as TorchScript on "
+          f"{rep_dec['timing']['device']}; {group} (order {order}); {probes} probes, {noise} noise probes; "
+          f"{n_conditions} conditions; ig_steps {opts.ig_steps}; torch threads {torch.get_num_threads()}")
+    print(f"  all-IG floor      : {ig_floor:8.2f} s  ({n_conditions} conditions x {order} elements x probes x "
+          f"{opts.ig_steps + 1} passes)")
+    print(f"  forward-only floor: {fwd_floor:8.2f} s")
+    print(f"  audit decisive    : {t_dec:8.2f} s = {t_dec / ig_floor:.3f}x the all-IG floor (target <= 0.3x); "
+          f"verdict {rep_dec['verdict']['label']}; SI on {rep_dec['saliency']['computed_on']}")
+    if t_all is not None:
+        same = rep_all["verdict"]["label"] == rep_dec["verdict"]["label"]
+        print(f"  audit all         : {t_all:8.2f} s = {t_all / ig_floor:.3f}x the all-IG floor; verdict "
+              f"{rep_all['verdict']['label']} ({'same' if same else 'DIFFERENT'} verdict)")
+    print("  per condition (decisive: total s / saliency s" + (" | all: total s)" if t_all else ")"))
+    for name_c, secs in rep_dec["timing"]["conditions_s"].items():
+        extra = f" | {rep_all['timing']['conditions_s'][name_c]:7.2f}" if t_all else ""
+        print(f"    {name_c:22s} {secs:7.2f} / {rep_dec['timing']['saliency_s'][name_c]:7.2f}{extra}")
+    print(f"    {'sensitivity (Jacobian)':22s} {rep_dec['timing']['sensitivity_s']:7.2f}")
+    if dev.type == "cpu":
+        print("pass cost (ResNet, CPU):")
+        pass_cost(model, shape, [16, 64, 256])
+        if compile_flag:
+            batches = n_conditions * -(-probes // opts.probe_chunk) * opts.ig_steps
+            compile_cost(model, shape, min(opts.batch_size, order * probes), batches)
+        else:
+            print("  torch.compile not measured (pass --compile; on 2 CPU cores it compiles for about a minute)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--probes", type=int, default=64)
+    parser.add_argument("--noise-probes", type=int, default=32)
+    parser.add_argument("--group", default="D4")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 on 4 probes (flip), scaling 64 -> 256")
+    parser.add_argument("--compile", action="store_true", help="measure torch.compile of the eager twin")
+    parser.add_argument("--no-all", action="store_true", help="skip the saliency_scope=all audit")
+    parser.add_argument("--_scaling-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._scaling_child is not None:
+        scaling_child(args._scaling_child, args.group, Path(args._folder))
+        return
+    group = "flip" if args.quick else args.group
+    probes, noise = (4, 4) if args.quick else (args.probes, args.noise_probes)
+    resnet_audit("resnet18", (3, 64, 64), group, probes, noise, "cpu", not args.no_all, args.compile)
+    probe_scaling([64, 256] if args.quick else [64, 256, 1024], "flip" if args.quick else "C4")
+    if torch.cuda.is_available():
+        resnet_audit("resnet50", (3, 224, 224), "D4", 64, 32, "cuda", not args.no_all, False)
+    else:
+        print("ResNet-50 3x224x224 on CUDA: skipped (torch.cuda.is_available() is False on this machine)")
+
+
+if __name__ == "__main__":
+    main()
