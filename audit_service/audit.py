@@ -145,7 +145,7 @@ def precheck_audit(
     the caps), the shifts apply. The service runs it at submission (an ``engine`` in the sandbox) so that a
     spec that cannot fit the model is a 422 naming the field, never a job that fails later. Returns
     ``format``, ``input_shape``, ``num_classes`` and ``group_order``."""
-    checked = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu")
+    checked = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu", read_outputs=False)
     runner, group = checked.runner, checked.group
     return {"format": str(getattr(runner, "format", "") or "") or None,
             "input_shape": [int(d) for d in runner.input_shape], "num_classes": runner.num_classes,
@@ -167,7 +167,8 @@ class CheckedInputs:
 
 
 def _checked_inputs(model_path: str | Path | ModelRunner, spec: AuditSpec, probes: np.ndarray | None,
-                    labels: np.ndarray | None, second_probes: np.ndarray | None, device: str) -> CheckedInputs:
+                    labels: np.ndarray | None, second_probes: np.ndarray | None, device: str,
+                    read_outputs: bool = True) -> CheckedInputs:
     """The runner (outputs adapted: log-probabilities where the model gives probabilities), the probes,
     labels, second probes, the group and the shifts, each checked against the model's input shape."""
     options = spec.options
@@ -182,7 +183,8 @@ def _checked_inputs(model_path: str | Path | ModelRunner, spec: AuditSpec, probe
     y = check_labels(labels, x, runner.num_classes) if labels is not None else None
     second = check_probes(second_probes, runner.input_shape, "second_probes") if second_probes is not None else None
 
-    runner, output_kind = _adapt_outputs(runner, x, options)
+    # the submission check (read_outputs=False) runs no forward pass beyond the loader's zero batch
+    runner, output_kind = _adapt_outputs(runner, x, options) if read_outputs else (runner, "unread")
     group = build_group(spec.group, runner.input_shape)
     if spec.shifts is None:
         shifts, skipped_shifts = applicable_default_shifts(default_shifts(), runner.input_shape)

@@ -272,7 +272,8 @@ class Filler(torch.nn.Module):
 
 @pytest.mark.slow
 def test_printing_and_file_filling_models_stay_within_the_scratch_cap(tmp_path):
-    """A model's stderr.log is capped by RLIMIT_FSIZE (writes past it fail; the model goes on); a model
+    """A model's stderr.log is capped by RLIMIT_FSIZE at half the scratch cap (writes past it fail; the model
+    goes on); a model
     that fills its work dir with files is killed by the worker's scratch check and fails with the
     reason. Neither work dir grows past the cap and the service answers throughout."""
     import threading
@@ -306,7 +307,7 @@ def test_printing_and_file_filling_models_stay_within_the_scratch_cap(tmp_path):
         jobs = settle(svc.url, ids, timeout=240)
         done.set()
         printed, filled = jobs[ids[0]], jobs[ids[1]]
-        assert 1024 * 1024 < biggest[0] <= 2 * 1024 * 1024, biggest[0]  # it printed ~5 MB; 2 MiB were kept
+        assert 512 * 1024 < biggest[0] <= 1024 * 1024, biggest[0]  # it printed ~5 MB; one file holds half the cap
         assert printed["status"] == "succeeded", printed
         assert filled["status"] == "failed" and filled["error"]["type"] == "scratch_limit", filled
         assert "AUDIT_JOB_SCRATCH_MB" in filled["error"]["message"]

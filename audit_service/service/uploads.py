@@ -146,7 +146,7 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
         (workdir / "task.json").write_text(json.dumps(task))
         cpu = max(5, int(settings.validate_timeout_s))
         limits = Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
-                        file_mb=settings.job_scratch_mb,
+                        file_mb=max(1, settings.job_scratch_mb // 2),
                         env={**task_env(workdir, settings),
                              "AUDIT_MAX_MODEL_BYTES": str(max_bytes),
                              "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
