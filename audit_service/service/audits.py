@@ -21,7 +21,7 @@ from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage
                      Unprocessable)
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
 from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model, start_write_back
-from .uploads import array_kind, save_upload, validate_model
+from .uploads import array_kind, check_slot, save_upload, symmetrize_in_sandbox, validate_model
 
 bp = Blueprint("audits", __name__)
 
@@ -275,6 +275,23 @@ def _html(job: Job | dict, report: dict) -> Response:
                               base_url=request.host_url)
     response = Response(html, mimetype="text/html")
     response.headers["Vary"] = "Accept"
+    return response
+
+
+@bp.get("/audits/<job_id>/symmetrized.onnx")
+def get_symmetrized(job_id: str) -> Response:
+    """The orbit-averaged (genuinely invariant) model of a finished audit, built in the sandbox: 409 until
+    the audit succeeded, 422 when its group is not exact or the model has no torch twin."""
+    st, tenant = state(), current_tenant()
+    job = Job.from_dict(get_job_or_404(job_id, JobKind.AUDIT))
+    if job.status != JobStatus.SUCCEEDED:
+        raise Conflict(f"audit {job_id} is {job.status.value}; its symmetrized model is ready when GET "
+                       f"/audits/{job_id} says succeeded")
+    model = st.blobs.path(job.inputs["model"]["sha256"])
+    with check_slot(st.settings, tenant, st.store.count_active(tenant)):
+        data = symmetrize_in_sandbox(model, job.spec, st.settings)
+    response = Response(data, mimetype="application/octet-stream")
+    response.headers["Content-Disposition"] = f'attachment; filename="audit-{job.id}-symmetrized.onnx"'
     return response
 
 
