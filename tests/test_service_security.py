@@ -75,11 +75,13 @@ def test_tenants_see_only_their_own_audits_and_have_their_own_limits(secured, co
     job_id = first.json()["id"]
     assert call(secured, contract, "GET", f"/audits/{job_id}", ALICE).json()["id"] == job_id
     for method, path in (("GET", f"/audits/{job_id}"), ("GET", f"/audits/{job_id}/report"),
-                         ("GET", f"/audits/{job_id}/report.html"), ("DELETE", f"/audits/{job_id}")):
+                         ("GET", f"/audits/{job_id}/report.html"), ("GET", f"/audits/{job_id}/symmetrized.onnx"),
+                         ("DELETE", f"/audits/{job_id}")):
         r = call(secured, contract, method, path, BOB)
         assert r.status_code == 404, (method, path, r.status_code)
         unknown = call(secured, contract, method, path.replace(job_id, "0" * 32), BOB).json()["detail"]
         assert r.json()["detail"] == unknown.replace("0" * 32, job_id)  # indistinguishable from an unknown id
+    assert call(secured, contract, "GET", f"/audits/{job_id}/symmetrized.onnx", ALICE).status_code == 409  # queued
     assert call(secured, contract, "GET", "/audits", BOB).json()["total"] == 0
     assert [j["id"] for j in call(secured, contract, "GET", "/audits", ALICE).json()["items"]] == [job_id]
 

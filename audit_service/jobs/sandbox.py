@@ -9,6 +9,7 @@ parent only through files in ``WORKDIR``:
                          "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``,
                          ``{"kind": "validate", "model": path, "input_shape": [...]|null, "max_bytes": n}``
                          (the submission-time model check: load + one zero-batch forward)
+                         or ``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path}``
                          or ``{"kind": "reference_run", "name": ..., "epochs": ..., "seed": ...}``
 * ``progress.json`` (out) ``{"progress": 0..1, "stage": "..."}``, replaced atomically, throttled
 * ``result.json``   (out) ``{"ok": true, "report": {...}}`` or ``{"ok": false, "error": {type, message, field}}``
@@ -173,9 +174,34 @@ def validate_model(task: dict) -> dict:
             "num_classes": getattr(runner, "num_classes", None)}
 
 
+def symmetrize_model(task: dict) -> dict:
+    """``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path, "max_bytes": n}``: write the
+    orbit average of the model over the spec's group as ONNX to ``output`` (inside the workdir)."""
+    from ..errors import AuditError, SpecError
+    from ..groups import build_group
+    from ..runtime import load_model
+    from ..spec import parse_audit_spec
+    from ..symmetrization import export_symmetrized_onnx
+
+    spec = parse_audit_spec(task["spec"])
+    runner = load_model(task["model"], device="cpu", max_bytes=task.get("max_bytes"))
+    module = runner.torch_module()
+    if module is None:
+        raise AuditError("Expected a model with a torch twin to symmetrize, but this model has none "
+                         f"({getattr(runner, 'gradient_note', None) or 'it could not be converted'})", field="model")
+    group = build_group(spec.group, tuple(runner.input_shape))
+    if not group.exact:
+        raise SpecError(f"Expected an exact finite group to average over, but {group.name} is sampled or "
+                        f"interpolated: an average over it would not be invariant", field="group")
+    export_symmetrized_onnx(module, group, tuple(runner.input_shape), task["output"])
+    return {"group": group.name, "order": int(group.order), "input_shape": [int(d) for d in runner.input_shape]}
+
+
 def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
     if task["kind"] == "validate":
         return validate_model(task)
+    if task["kind"] == "symmetrize":
+        return symmetrize_model(task)
     if task["kind"] == "reference_run":
         from ..reference.catalog import train_reference_run
 

@@ -119,6 +119,11 @@ class Settings:
         return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.sqlite3'}"
 
     @property
+    def sandbox_file_mb(self) -> int:
+        """RLIMIT_FSIZE of a sandboxed child: half the work-dir cap, so one file cannot fill all of it."""
+        return max(1, self.job_scratch_mb // 2)
+
+    @property
     def sandbox_protected_paths(self) -> list[str]:
         """Paths no file rule of a sandboxed child may contain: the data dir, the SQLite file, tokens."""
         paths = [str(Path(self.data_dir).resolve())]

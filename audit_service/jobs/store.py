@@ -1,8 +1,10 @@
 """The job store: job rows and reports in one SQL database (SQLite file by default, WAL mode).
 
-Every state change goes through ``JobStore.transition`` — a single ``UPDATE ... WHERE id = :id AND
-status IN (:allowed)`` — so two workers can never both claim a job, and a worker that lost its lease
-(the job was cancelled or taken back) finds out on its next heartbeat. Specs and inputs are stored
+Every status change (claim, succeed, fail, release, cancel, recovery) goes through ``JobStore.transition``
+— a single ``UPDATE ... WHERE id = :id AND status IN (:allowed)`` that checks ``states.check_transition``
+and writes the status with the fields that go with it — so two workers can never both claim a job, and a
+worker that lost its lease (the job was cancelled or taken back) finds out on its next heartbeat. Jobs are
+read as frozen ``Job`` values (``JobStore.get_job``); the dict-returning readers remain for older callers. Specs and inputs are stored
 as JSON, never pickled. Every job carries a ``tenant`` (``"default"`` until authentication exists).
 """
 
@@ -14,9 +16,9 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
                         delete, event, func, insert, select, update)
@@ -113,6 +115,53 @@ class JobError:
 
     def to_dict(self) -> dict:
         return {"type": self.type, "message": self.message, "field": self.field}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job as stored: what it is (``kind``, ``spec``, ``inputs``), whose (``tenant``), where it stands
+    (``status``, ``progress``, ``stage``, ``attempts``), how it ended (``verdict``, ``error``) and when
+    (unix timestamps). ``to_dict()`` is the shape the dict readers return."""
+
+    id: str
+    tenant: str
+    kind: str
+    status: JobStatus
+    queue: str
+    spec: dict
+    inputs: dict
+    created_at: float
+    updated_at: float
+    progress: float = 0.0
+    stage: str = "queued"
+    attempts: int = 0
+    max_attempts: int = 0
+    timeout_s: float = 0.0
+    verdict: str | None = None
+    error: dict | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    sandbox_pid: int | None = None
+    dedupe_key: str | None = None
+    dispatched_at: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status in READY_STATES
+
+    @classmethod
+    def from_dict(cls, job: "Mapping[str, Any] | Job") -> "Job":
+        if isinstance(job, Job):
+            return job
+        names = {f.name for f in dataclass_fields(cls)}
+        values = {k: v for k, v in job.items() if k in names}
+        values["status"] = JobStatus(values["status"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 _ENGINES: dict[tuple[str, int], Engine] = {}
@@ -462,7 +511,13 @@ class JobStore:
             return conn.execute(select(jobs.c.id).where(jobs.c.inputs_json.contains(sha256)).limit(1)).first() \
                 is not None
 
+    def get_job(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job ``job_id`` (of ``tenant`` when given), or None."""
+        job = self.get(job_id, tenant)
+        return Job.from_dict(job) if job is not None else None
+
     def get(self, job_id: str, tenant: str | None = None) -> dict | None:
+        """``get_job`` as a dict (compatibility for callers not yet on ``Job``)."""
         query = select(jobs).where(jobs.c.id == job_id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
@@ -497,9 +552,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ the one state-change path
     def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
-                   owner: str | None = None, **values: Any) -> bool:
-        """Move ``job_id`` from one of ``sources`` to ``target`` atomically; False if it was not in them
-        (or, with ``owner``, not held by that owner)."""
+                   owner: str | None = None, *, fields: Mapping[str, Any] | None = None, conn: Any = None,
+                   **values: Any) -> bool:
+        """Move ``job_id`` from one of ``sources`` to ``target`` atomically, writing ``values`` (and
+        ``fields``, for column names that clash with the arguments, e.g. a new ``owner``) in the same
+        UPDATE; False if it was not in them (or, with ``owner``, not held by that owner). Entering a ready
+        state stamps ``finished_at`` and drops the lease. ``conn``: run inside the caller's transaction."""
+        values = {**(fields or {}), **values}
         sources = [JobStatus(s) for s in sources]
         for source in sources:
             check_transition(source, target)
@@ -513,8 +572,10 @@ class JobStore:
                 .values(status=target.value, **values))
         if owner is not None:
             stmt = stmt.where(jobs.c.owner == owner)
-        with self.engine.begin() as conn:
+        if conn is not None:
             return conn.execute(stmt).rowcount == 1
+        with self.engine.begin() as tx:
+            return tx.execute(stmt).rowcount == 1
 
     def claim(self, owner: str, lease_s: float, job_id: str | None = None,
               queues: Iterable[str] | None = None) -> dict | None:
@@ -555,13 +616,9 @@ class JobStore:
                               jobs.c.id).limit(1)
 
     def _claim_one(self, job_id: str, owner: str, now: float, lease_s: float) -> bool:
-        check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
-        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value)
-                .values(status=JobStatus.RUNNING.value, owner=owner, lease_expires_at=now + lease_s,
-                        started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
-                        stage="starting", progress=0.0, sandbox_pid=None))
-        with self.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+        return self.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, fields={"owner": owner},
+                               lease_expires_at=now + lease_s, started_at=now, updated_at=now,
+                               attempts=jobs.c.attempts + 1, stage="starting", progress=0.0, sandbox_pid=None)
 
     def heartbeat(self, job_id: str, owner: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None, sandbox_pid: int | None = None) -> bool:
@@ -594,11 +651,9 @@ class JobStore:
         try:
             with self.engine.begin() as conn:
                 # both writes in one transaction: a job is never succeeded without its report
-                moved = conn.execute(
-                    update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
-                                       jobs.c.status == JobStatus.RUNNING.value)
-                    .values(status=JobStatus.SUCCEEDED.value, progress=1.0, stage="done", verdict=label,
-                            finished_at=now, updated_at=now, owner=None, lease_expires_at=None)).rowcount == 1
+                moved = self.transition(job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED, owner=owner, conn=conn,
+                                        progress=1.0, stage="done", verdict=label, finished_at=now,
+                                        updated_at=now)
                 if moved:
                     conn.execute(delete(reports).where(reports.c.job_id == job_id))
                     conn.execute(insert(reports).values(job_id=job_id, report_json=text))
@@ -622,15 +677,11 @@ class JobStore:
 
     def release(self, job_id: str, owner: str) -> bool:
         """Graceful worker shutdown: put the job back in the queue without counting the attempt."""
-        check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
-        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
-                                   jobs.c.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None, started_at=None,
-                        sandbox_pid=None, stage="queued", progress=0.0, updated_at=time.time(), dispatched_at=None,
-                        attempts=func.max(jobs.c.attempts - 1, 0) if self.url.startswith("sqlite")
-                        else func.greatest(jobs.c.attempts - 1, 0)))
-        with self.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+        return self.transition(job_id, [JobStatus.RUNNING], JobStatus.QUEUED, owner=owner,
+                               fields={"owner": None}, lease_expires_at=None, started_at=None, sandbox_pid=None,
+                               stage="queued", progress=0.0, dispatched_at=None,
+                               attempts=func.max(jobs.c.attempts - 1, 0) if self.url.startswith("sqlite")
+                               else func.greatest(jobs.c.attempts - 1, 0))
 
     def cancel(self, job_id: str, tenant: str | None = None) -> bool:
         if tenant is not None and self.get(job_id, tenant) is None:
@@ -662,15 +713,11 @@ class JobStore:
         outcome = []
         for job_id, owner, attempts, max_attempts in lost:
             if attempts < max_attempts:
-                check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
-                stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.owner == owner,
-                                           jobs.c.status == JobStatus.RUNNING.value)
-                        .values(status=JobStatus.QUEUED.value, owner=None, lease_expires_at=None,
-                                sandbox_pid=None, stage="queued (retry after lost worker)", progress=0.0,
-                                updated_at=now, dispatched_at=None))
-                with self.engine.begin() as conn:
-                    if conn.execute(stmt).rowcount == 1:
-                        outcome.append((job_id, "requeued"))
+                if self.transition(job_id, [JobStatus.RUNNING], JobStatus.QUEUED, owner=owner,
+                                   fields={"owner": None}, lease_expires_at=None, sandbox_pid=None,
+                                   stage="queued (retry after lost worker)", progress=0.0, updated_at=now,
+                                   dispatched_at=None):
+                    outcome.append((job_id, "requeued"))
             else:
                 err = JobError("worker_lost", f"the worker running this job stopped (owner {owner}) "
                                               f"{attempts} time(s); it was retried and is not tried again")

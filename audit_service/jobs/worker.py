@@ -119,7 +119,7 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass (launcher)
     limits = Limits(memory_mb=memory_mb, cpu_s=settings.job_cpu_s,
                     netns=settings.sandbox_netns != "off" and job["kind"] != JobKind.REFERENCE_RUN.value,
-                    file_mb=max(1, settings.job_scratch_mb // 2),  # one file may not fill the whole cap
+                    file_mb=settings.sandbox_file_mb,
                     env={**task_env(workdir, settings),
                          "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
                          "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * 1024 * 1024)})

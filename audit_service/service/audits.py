@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Blueprint, Response, request, jsonify
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
+from ..jobs import submission
 from ..jobs.states import READY_STATES, JobKind, JobStatus
-from ..jobs.store import QueueFull, TenantLimit
-from ..spec import parse_audit_spec
+from ..jobs.store import Job, QueueFull, TenantLimit
+from ..spec import AuditSpec, parse_audit_spec
 from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRequests,
                      Unprocessable)
-from .ops import free_space_mb
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
 from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model, start_write_back
-from .uploads import array_kind, save_upload, validate_model
+from .uploads import array_kind, check_slot, save_upload, symmetrize_in_sandbox, validate_model
 
 bp = Blueprint("audits", __name__)
-
-_FILE_FIELDS = ("model", "probes", "labels", "second_probes")
-
 
 def parse_model(model: type[BaseModel], data: dict, error: type = BadRequest) -> Any:
     try:
@@ -52,40 +48,30 @@ def get_job_or_404(job_id: str, kind: JobKind | None = None) -> dict:
     return job
 
 
-def retry_after_s() -> int:
-    st = state()
-    counts = st.store.counts_by_status()
-    recent = st.store.durations(limit=20)
-    mean = sum(recent) / len(recent) if recent else 30.0
-    workers = max(1, st.settings.workers)
-    return int(min(3600, max(1, math.ceil(mean * (counts["queued"] + counts["running"]) / workers / 4))))
-
-
-def queue_full(depth: int, limit: int) -> TooManyRequests:
-    return TooManyRequests(f"the queue is full ({depth} jobs waiting, limit {limit}); retry after the "
-                           f"Retry-After seconds", headers={"Retry-After": str(retry_after_s())})
-
-
-def tenant_full(depth: int, limit: int) -> TooManyRequests:
-    return TooManyRequests(f"you have {depth} audits queued or running, the most one tenant may have at once "
-                           f"(AUDIT_MAX_TENANT_JOBS={limit}); retry after the Retry-After seconds, or cancel some "
-                           f"with DELETE /audits/{{id}}", headers={"Retry-After": str(retry_after_s())},
-                           slug="tenant-limit")
-
-
 def too_many(exc: QueueFull) -> TooManyRequests:
+    """The 429 of a full queue or of a tenant at its limit, with a Retry-After estimate."""
+    st = state()
+    retry = {"Retry-After": str(submission.retry_after_s(st.store, st.settings))}
     if isinstance(exc, TenantLimit):
-        return tenant_full(exc.depth, exc.limit)
-    return queue_full(exc.depth, exc.limit)
+        return TooManyRequests(f"you have {exc.depth} audits queued or running, the most one tenant may have at "
+                               f"once (AUDIT_MAX_TENANT_JOBS={exc.limit}); retry after the Retry-After seconds, or "
+                               f"cancel some with DELETE /audits/{{id}}", headers=retry, slug="tenant-limit")
+    return TooManyRequests(f"the queue is full ({exc.depth} jobs waiting, limit {exc.limit}); retry after the "
+                           f"Retry-After seconds", headers=retry)
 
 
-def dedupe_key(tenant: str, spec_json: dict, inputs: dict, engine: str) -> str:
-    """What makes two submissions the same audit: sha256 of the canonical JSON (sorted keys, no spaces)
-    of the tenant, the engine, the validated spec with defaults filled in, and the sha256 of the
-    model, probes, labels and second_probes files (file names and ``timeout_s`` do not count)."""
-    identity = {"v": 1, "tenant": tenant, "engine": engine, "spec": spec_json,
-                "files": {name: (inputs.get(name) or {}).get("sha256") for name in _FILE_FIELDS}}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+@contextmanager
+def submission_errors() -> Iterator[None]:
+    """The jobs layer's submission errors as problem+json: 429, 507 and 422."""
+    try:
+        yield
+    except QueueFull as exc:
+        raise too_many(exc) from None
+    except submission.DiskFull as exc:
+        raise InsufficientStorage(f"{DISK_FULL_DETAIL} ({exc.free_mb:.0f} MiB free, AUDIT_MIN_FREE_MB="
+                                  f"{exc.min_free_mb})", headers={"Retry-After": "60"}) from None
+    except submission.InvalidSubmission as exc:
+        raise Unprocessable(exc.message, field=exc.field) from None
 
 
 MiB = 1024 * 1024
@@ -127,26 +113,41 @@ def load_spec_json(text: str) -> Any:
 
 @bp.post("/audit")
 def submit_audit() -> Response:
-    st = state()
+    st, tenant = state(), current_tenant()
     query = parse_model(SubmitQuery, request.args.to_dict())
     if not request.mimetype == "multipart/form-data":
         raise BadRequest("Expected a multipart/form-data body with a `model` file and a `spec` field, but got "
                          f"{request.mimetype or 'no body'}; e.g. curl -F model=@model.onnx -F 'spec={{\"group\":\"C4\"}}'")
-    # cheap early checks before reading the upload; the insert checks again atomically
-    free_mb = free_space_mb(Path(st.settings.data_dir))
-    if free_mb is not None and free_mb < st.settings.min_free_mb:
-        raise InsufficientStorage(f"{DISK_FULL_DETAIL} ({free_mb:.0f} MiB free, AUDIT_MIN_FREE_MB="
-                                  f"{st.settings.min_free_mb})", headers={"Retry-After": "60"})
-    depth = st.store.counts_by_status()["queued"]
-    if depth >= st.settings.max_queued:
-        raise queue_full(depth, st.settings.max_queued)
-    mine = st.store.count_active(current_tenant())
-    if mine >= st.settings.max_tenant_jobs:
-        raise tenant_full(mine, st.settings.max_tenant_jobs)
+    staged: dict[str, Path] = {}  # field -> private staging file; adopted into the store only when accepted
+    with submission_errors():
+        submission.admit(st.store, st.settings, tenant)  # cheap early checks before reading the upload
+        options, spec, registry_fields = _parse_form()
+        try:
+            inputs, source = _stage_inputs(st, tenant, spec, registry_fields, staged)
+            done = submission.submit(st.store, st.blobs, st.settings, tenant, submission.Submission(
+                spec=spec.model_dump(mode="json", exclude_none=False), inputs=inputs, staged=staged,
+                timeout_s=options.timeout_s, reuse=options.reuse))
+        finally:
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+    job = done.job
+    if not done.reused:
+        st.executor.dispatch(job.to_dict())
+    if source and registry_fields.get("mlflow_write_back"):
+        start_write_back(st, job.id, *source)
+    location = f"/audits/{job.id}"
+    wait = min(query.wait, st.settings.max_wait_s)
+    job = submission.wait_for(st.store, job, wait)
+    if wait > 0 and job.status == JobStatus.SUCCEEDED:
+        return _waited_answer(job, st.store.report(job.id) or {}, location)
+    return _json(job_out(job, time.time()), 202, {"Location": location})
 
+
+def _parse_form() -> tuple[SubmitForm, AuditSpec, dict[str, Any]]:
+    """The non-file fields of ``POST /audit``: the options, the validated spec and the registry fields."""
     form = {k: v for k, v in request.form.items() if k != "spec"}
     names = {str(k) for k in form} | {str(k) for k in request.files}
-    unknown = sorted(names - {"timeout_s", "reuse", "spec", *_FILE_FIELDS, *REGISTRY_FIELDS})
+    unknown = sorted(names - {"timeout_s", "reuse", "spec", *submission.FILE_FIELDS, *REGISTRY_FIELDS})
     if unknown:
         raise BadRequest(f"Expected only the fields model (or model_uri, mlflow_registry, mlflow_write_back), spec, probes, "
                          f"labels, second_probes, timeout_s, reuse, but got "
@@ -165,97 +166,42 @@ def submit_audit() -> Response:
     except SpecError as exc:
         field = exc.field if exc.field in (None, "spec") else f"spec.{exc.field}"
         raise Unprocessable(exc.message, field=field) from None
-
     if "model" not in request.files and not registry_fields.get("model_uri"):
         raise BadRequest("Expected a `model` file part (ONNX or TorchScript), but got none", field="model")
-    spec_json = spec.model_dump(mode="json", exclude_none=False)
-    staged: dict[str, Path] = {}  # field -> private staging file; adopted into the store only when accepted
-    adopted: list[str] = []
-    source = None  # (located, registry) of a model_uri
-    try:
-        inputs: dict[str, dict] = {}
-        probe_shape = None
-        for name in ("probes", "labels", "second_probes", "model"):
-            upload = request.files.get(name)
-            if name == "model" and registry_fields.get("model_uri"):
-                inputs[name], staged[name], *source = stage_registry_model(st, registry_fields, upload is not None)
-                continue
-            if upload is None:
-                continue
-            cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
-            entry, staged[name] = save_upload(st.blobs, upload, name, cap)
-            if name != "model":
-                entry["format"], shape = array_kind(staged[name], name, cap * MiB)
-                if name == "probes" and shape is not None and len(shape) >= 2:
-                    probe_shape = tuple(shape[1:])
-            inputs[name] = entry
-        if "labels" in inputs and "probes" not in inputs:
-            raise Unprocessable("Expected `probes` with `labels` (labels name the class of each probe), "
-                                "but got labels alone", field="labels")
-        second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
-        if second_needed and "second_probes" not in inputs:
-            raise Unprocessable("Expected a `second_probes` file: a blend shift targets second_probes",
-                                field="second_probes")
-        # the model check also fits the spec, probes and labels to the model: a 422 naming the field now,
-        # never a job that fails later
-        files = {n: (staged[n], inputs[n]["format"], inputs[n]["sha256"]) for n in inputs if n != "model"}
-        inputs["model"] = validate_model(staged["model"], inputs["model"], st.settings, probe_shape, spec=spec_json,
-                                         files=files, tenant=current_tenant(),
-                                         active=st.store.count_active(current_tenant()))
-
-        timeout = min(options.timeout_s or st.settings.job_timeout_s, st.settings.job_timeout_s)
-        queue = "gpu" if spec.options.device == "cuda" else st.settings.default_queue
-        key = dedupe_key(current_tenant(), spec_json, inputs, st.settings.engine)
-        twin = st.store.find_finished(key, current_tenant()) if st.settings.dedupe and options.reuse else None
-        with st.blobs.pinned():  # no blob collection between adopting the files and committing the job
-            for name, path in staged.items():
-                st.blobs.adopt(path, inputs[name]["sha256"])
-                adopted.append(inputs[name]["sha256"])
-            if twin is not None:
-                source, report = twin
-                job = st.store.create_reused(source=source, report=report, spec=spec_json, inputs=inputs,
-                                             timeout_s=timeout, tenant=current_tenant(), queue=queue, dedupe_key=key)
-            else:
-                try:
-                    job = st.store.create(kind=JobKind.AUDIT, spec=spec_json, inputs=inputs, timeout_s=timeout,
-                                          max_attempts=st.settings.max_attempts, tenant=current_tenant(),
-                                          max_queued=st.settings.max_queued,
-                                          max_tenant_jobs=st.settings.max_tenant_jobs, queue=queue, dedupe_key=key)
-                except QueueFull as exc:
-                    raise too_many(exc) from None
-        adopted.clear()
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-        if adopted:  # adopted, but no job refers to them: the submission failed after all
-            st.blobs.remove_unreferenced(adopted, st.store.references_blob)
-    if twin is None:
-        st.executor.dispatch(job)
-    if source and registry_fields.get("mlflow_write_back"):
-        start_write_back(st, job["id"], *source)
-    location = f"/audits/{job['id']}"
-
-    wait = min(query.wait, st.settings.max_wait_s)
-    if wait > 0:
-        # a poll of the job store with growing pauses; under serve's gevent workers ``time.sleep`` is
-        # patched to a greenlet sleep, so a waiter holds no thread and no database connection meanwhile
-        deadline = time.monotonic() + wait
-        delay = 0.05
-        while time.monotonic() < deadline:
-            current = st.store.get(job["id"])
-            if current is None:
-                break
-            job = current
-            if JobStatus(job["status"]) in READY_STATES:
-                break
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 0.5)
-        if JobStatus(job["status"]) == JobStatus.SUCCEEDED:
-            return _waited_answer(job, st.store.report(job["id"]) or {}, location)
-    return _json(job_out(job, time.time()), 202, {"Location": location})
+    return options, spec, registry_fields
 
 
-def _waited_answer(job: dict, report: dict, location: str) -> Response:
+def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[str, Any],
+                  staged: dict[str, Path]) -> tuple[dict[str, dict], list | None]:
+    """Stream the file parts (or the registry's model) into ``staged`` and check them; the model check in
+    the sandbox also fits the spec, probes and labels to the model: a 422 naming the field now, never a job
+    that fails later. Returns the input entries and the (located, registry) of a ``model_uri``."""
+    inputs: dict[str, dict] = {}
+    probe_shape = None
+    source = None
+    for name in ("probes", "labels", "second_probes", "model"):
+        upload = request.files.get(name)
+        if name == "model" and registry_fields.get("model_uri"):
+            inputs[name], staged[name], *source = stage_registry_model(st, registry_fields, upload is not None)
+            continue
+        if upload is None:
+            continue
+        cap = st.settings.max_model_mb if name == "model" else st.settings.max_probes_mb
+        entry, staged[name] = save_upload(st.blobs, upload, name, cap)
+        if name != "model":
+            entry["format"], shape = array_kind(staged[name], name, cap * MiB)
+            if name == "probes" and shape is not None and len(shape) >= 2:
+                probe_shape = tuple(shape[1:])
+        inputs[name] = entry
+    submission.check_inputs(spec, inputs)
+    files = {n: (staged[n], inputs[n]["format"], inputs[n]["sha256"]) for n in inputs if n != "model"}
+    inputs["model"] = validate_model(staged["model"], inputs["model"], st.settings, probe_shape,
+                                     spec=spec.model_dump(mode="json", exclude_none=False), files=files,
+                                     tenant=tenant, active=st.store.count_active(tenant))
+    return inputs, source
+
+
+def _waited_answer(job: Job, report: dict, location: str) -> Response:
     """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
     report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
     from ..report.summary import report_summary
@@ -263,7 +209,7 @@ def _waited_answer(job: dict, report: dict, location: str) -> Response:
     if request.accept_mimetypes.best == "text/html":
         response = _html(job, report)
     else:
-        response = jsonify(report_summary(report, job["id"]))
+        response = jsonify(report_summary(report, job.id))
     response.headers["Location"] = location
     response.headers["Vary"] = "Accept"
     return response
@@ -322,13 +268,30 @@ def get_report_html(job_id: str) -> Response:
     return _html(job, json.loads(text))
 
 
-def _html(job: dict, report: dict) -> Response:
+def _html(job: Job | dict, report: dict) -> Response:
     from ..report.html import render_report_html
 
     html = render_report_html(report, job=job_out(job, time.time()).model_dump(mode="json"),
                               base_url=request.host_url)
     response = Response(html, mimetype="text/html")
     response.headers["Vary"] = "Accept"
+    return response
+
+
+@bp.get("/audits/<job_id>/symmetrized.onnx")
+def get_symmetrized(job_id: str) -> Response:
+    """The orbit-averaged (genuinely invariant) model of a finished audit, built in the sandbox: 409 until
+    the audit succeeded, 422 when its group is not exact or the model has no torch twin."""
+    st, tenant = state(), current_tenant()
+    job = Job.from_dict(get_job_or_404(job_id, JobKind.AUDIT))
+    if job.status != JobStatus.SUCCEEDED:
+        raise Conflict(f"audit {job_id} is {job.status.value}; its symmetrized model is ready when GET "
+                       f"/audits/{job_id} says succeeded")
+    model = st.blobs.path(job.inputs["model"]["sha256"])
+    with check_slot(st.settings, tenant, st.store.count_active(tenant)):
+        data = symmetrize_in_sandbox(model, job.spec, st.settings)
+    response = Response(data, mimetype="application/octet-stream")
+    response.headers["Content-Disposition"] = f'attachment; filename="audit-{job.id}-symmetrized.onnx"'
     return response
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request
 
+from ..jobs.submission import free_space_mb
 from .state import state
 from .schemas import HealthOut, ReadyOut
 
@@ -42,15 +43,6 @@ def readyz() -> Response:
     ok = all(v == "ok" for v in checks.values())
     body = ReadyOut(status="ready" if ok else "not_ready", checks=checks, queue_depth=depth)
     return Response(body.model_dump_json(), status=200 if ok else 503, mimetype="application/json")
-
-
-def free_space_mb(path: Path) -> float | None:
-    """Free space (MiB) for unprivileged writers on the file system of ``path``; None when unknown."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize / (1024 * 1024)
 
 
 @bp.get("/metrics")

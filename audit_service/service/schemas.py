@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..jobs.states import JobStatus
+from ..jobs.store import Job
 from ..verdict import gate
 
 
@@ -113,31 +114,31 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _gate(job: dict) -> bool | None:
+def _gate(job: Job) -> bool | None:
     """Whether a finished audit passed its gate: the verdict is one of the spec's ``require`` labels."""
-    spec = job["spec"] if isinstance(job["spec"], dict) else {}
-    if job["kind"] != "audit" or not job.get("verdict"):
+    spec = job.spec if isinstance(job.spec, dict) else {}
+    if job.kind != "audit" or not job.verdict:
         return None
-    return gate(job["verdict"], spec.get("require"))
+    return gate(job.verdict, spec.get("require"))
 
 
-def job_out(job: dict, now: float) -> JobOut:
-    status = JobStatus(job["status"])
-    jid = job["id"]
-    finished = status == JobStatus.SUCCEEDED
-    started, ended = job.get("started_at"), job.get("finished_at")
-    queued_s = (started if started is not None else (ended if ended is not None else now)) - job["created_at"]
+def job_out(job: Job | dict, now: float) -> JobOut:
+    job = Job.from_dict(job)
+    jid = job.id
+    finished = job.status == JobStatus.SUCCEEDED
+    started, ended = job.started_at, job.finished_at
+    queued_s = (started if started is not None else (ended if ended is not None else now)) - job.created_at
     run_s = None if started is None else (ended if ended is not None else now) - started
     return JobOut(
-        id=jid, kind=job["kind"], status=status, progress=float(job["progress"] or 0.0), stage=job["stage"] or "",
-        attempts=int(job["attempts"]), timeout_s=float(job["timeout_s"]),
-        timings=Timings(created_at=_iso(job["created_at"]), started_at=_iso(started), finished_at=_iso(ended),
+        id=jid, kind=job.kind, status=job.status, progress=float(job.progress or 0.0), stage=job.stage or "",
+        attempts=int(job.attempts), timeout_s=float(job.timeout_s),
+        timings=Timings(created_at=_iso(job.created_at), started_at=_iso(started), finished_at=_iso(ended),
                         queued_s=round(max(0.0, queued_s), 6), run_s=None if run_s is None else round(max(0.0, run_s), 6)),
-        error=JobErrorOut(**job["error"]) if job.get("error") else None,
-        verdict=job.get("verdict"),
+        error=JobErrorOut(**job.error) if job.error else None,
+        verdict=job.verdict,
         passed=_gate(job),
-        inputs={k: InputFile(**v) for k, v in (job.get("inputs") or {}).items() if isinstance(v, dict)},
-        spec=job["spec"] if isinstance(job["spec"], dict) else {},
+        inputs={k: InputFile(**v) for k, v in (job.inputs or {}).items() if isinstance(v, dict)},
+        spec=job.spec if isinstance(job.spec, dict) else {},
         links=JobLinks(self=f"/audits/{jid}",
                        report=f"/audits/{jid}/report" if finished else None,
                        report_html=f"/audits/{jid}/report.html" if finished else None),

@@ -126,6 +126,56 @@ def _take_slot(locks: Path, prefix: str, n: int) -> int | None:
     return None
 
 
+def _check_limits(workdir: Path, settings: Settings) -> Limits:
+    """The submission-time check's sandbox: the audits' memory, CPU of the check timeout, no network."""
+    cpu = max(5, int(settings.validate_timeout_s))
+    return Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
+                  file_mb=settings.sandbox_file_mb,
+                  env={**task_env(workdir, settings),
+                       "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * MiB),
+                       "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
+
+
+def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings) -> bytes:
+    """The orbit-averaged model of ``path`` over ``spec``'s group as ONNX bytes, built in a sandboxed child
+    with the model check's limits (``_check_limits``; Landlock confines it to its workdir). 422 naming the
+    field when the model has no torch twin, the group is not exact, or the child fails or runs out of time."""
+    workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
+    (workdir / "tmp").mkdir(parents=True)
+    try:
+        model = workdir / "model"
+        os.symlink(path.resolve(), model)
+        output = workdir / "symmetrized.onnx"
+        task = {"kind": "symmetrize", "model": str(model), "spec": spec, "output": str(output),
+                "max_bytes": settings.max_model_mb * MiB}
+        (workdir / "task.json").write_text(json.dumps(task))
+        child = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
+        try:
+            rc = child.wait(settings.validate_timeout_s)
+        except TimeoutError:
+            child.kill()
+            raise Unprocessable(f"Expected a model that can be symmetrized within {settings.validate_timeout_s:g} s, "
+                                f"but it did not finish in time and was stopped", field="model") from None
+        try:
+            result = json.loads((workdir / "result.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        if isinstance(result, dict) and result.get("ok") and output.is_file():
+            return output.read_bytes()
+        if isinstance(result, dict) and isinstance(result.get("error"), dict):
+            err = result["error"]
+            field = str(err.get("field") or "model")[:128]
+            if field.split(".")[0].split("[")[0] in _SPEC_FIELDS:
+                field = f"spec.{field}"
+            raise Unprocessable(cap_text(str(err.get("message") or "the model could not be symmetrized")),
+                                field=field)
+        what = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
+        raise Unprocessable(f"Expected a model that can be symmetrized, but the sandboxed child {what} without a "
+                            f"result (memory limit {settings.job_memory_mb} MiB)", field="model")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None,
                       spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None) -> dict:
     workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
@@ -144,13 +194,7 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
                 os.symlink(file_path.resolve(), link)
                 task[name] = str(link)
         (workdir / "task.json").write_text(json.dumps(task))
-        cpu = max(5, int(settings.validate_timeout_s))
-        limits = Limits(memory_mb=settings.job_memory_mb, cpu_s=cpu, netns=settings.sandbox_netns != "off",
-                        file_mb=max(1, settings.job_scratch_mb // 2),
-                        env={**task_env(workdir, settings),
-                             "AUDIT_MAX_MODEL_BYTES": str(max_bytes),
-                             "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
-        child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
+        child = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
         try:
             rc = child.wait(settings.validate_timeout_s)
         except TimeoutError:

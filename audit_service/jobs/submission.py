@@ -1,0 +1,172 @@
+"""Submitting an audit, independent of HTTP: admission (disk, queue and tenant limits), dedupe / reuse of a
+finished twin, adoption of the staged files and job creation, and waiting for a job to finish.
+
+The web layer parses the request, stages and checks the uploads into a ``Submission``, calls ``admit`` early
+and ``submit`` once the inputs are checked, and maps the typed errors here to problem+json answers
+(``QueueFull`` / ``TenantLimit`` -> 429, ``DiskFull`` -> 507, ``InvalidSubmission`` -> 422). Nothing here
+imports the web layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..spec import AuditSpec
+from .blobs import BlobStore
+from .settings import Settings
+from .states import READY_STATES, JobKind
+from .store import Job, JobStore, QueueFull, TenantLimit
+
+#: the file inputs of an audit, in the order they are staged (the model last: its check needs the others)
+FILE_FIELDS = ("model", "probes", "labels", "second_probes")
+
+__all__ = ["FILE_FIELDS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission", "Submitted", "TenantLimit",
+           "admit", "check_inputs", "dedupe_key", "free_space_mb", "retry_after_s", "submit", "wait_for"]
+
+
+class DiskFull(Exception):
+    """The data dir has less than ``min_free_mb`` free: nothing is stored, no job is created."""
+
+    def __init__(self, free_mb: float, min_free_mb: int) -> None:
+        super().__init__(f"{free_mb:.0f} MiB free, AUDIT_MIN_FREE_MB={min_free_mb}")
+        self.free_mb, self.min_free_mb = free_mb, min_free_mb
+
+
+class InvalidSubmission(ValueError):
+    """The inputs do not fit together (e.g. labels without probes); ``field`` names the culprit."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The checked inputs of one audit submission: the validated spec (JSON, defaults filled in), the input
+    entries ({field: {sha256, size_bytes, filename, format}}), their private staging files (adopted into
+    the blob store only when the job is created), and the client's options."""
+
+    spec: dict
+    inputs: dict[str, dict]
+    staged: dict[str, Path] = field(default_factory=dict)
+    timeout_s: float | None = None
+    reuse: bool = True
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The created job; ``reused``: it was born succeeded with a finished twin's report (not dispatched)."""
+
+    job: Job
+    reused: bool
+
+
+def free_space_mb(path: Path) -> float | None:
+    """Free space (MiB) for unprivileged writers on the file system of ``path``; None when unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+
+def admit(store: JobStore, settings: Settings, tenant: str) -> None:
+    """Cheap early checks before an upload is read (``create`` checks the limits again atomically):
+    raises ``DiskFull``, ``QueueFull`` or ``TenantLimit``."""
+    free_mb = free_space_mb(Path(settings.data_dir))
+    if free_mb is not None and free_mb < settings.min_free_mb:
+        raise DiskFull(free_mb, settings.min_free_mb)
+    depth = store.counts_by_status()["queued"]
+    if depth >= settings.max_queued:
+        raise QueueFull(depth, settings.max_queued)
+    mine = store.count_active(tenant)
+    if mine >= settings.max_tenant_jobs:
+        raise TenantLimit(mine, settings.max_tenant_jobs, tenant)
+
+
+def check_inputs(spec: AuditSpec, present: Iterable[str]) -> None:
+    """The file inputs fit together and the spec: labels come with probes, a blend shift that targets
+    ``second_probes`` has them. Raises ``InvalidSubmission``."""
+    present = set(present)
+    if "labels" in present and "probes" not in present:
+        raise InvalidSubmission("Expected `probes` with `labels` (labels name the class of each probe), "
+                                "but got labels alone", field="labels")
+    second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
+    if second_needed and "second_probes" not in present:
+        raise InvalidSubmission("Expected a `second_probes` file: a blend shift targets second_probes",
+                                field="second_probes")
+
+
+def retry_after_s(store: JobStore, settings: Settings) -> int:
+    """Seconds until a queue slot is likely free: the recent mean run time x work ahead / workers / 4."""
+    counts = store.counts_by_status()
+    recent = store.durations(limit=20)
+    mean = sum(recent) / len(recent) if recent else 30.0
+    workers = max(1, settings.workers)
+    return int(min(3600, max(1, math.ceil(mean * (counts["queued"] + counts["running"]) / workers / 4))))
+
+
+def dedupe_key(tenant: str, spec_json: dict, inputs: dict, engine: str) -> str:
+    """What makes two submissions the same audit: sha256 of the canonical JSON (sorted keys, no spaces)
+    of the tenant, the engine, the validated spec with defaults filled in, and the sha256 of the
+    model, probes, labels and second_probes files (file names and ``timeout_s`` do not count)."""
+    identity = {"v": 1, "tenant": tenant, "engine": engine, "spec": spec_json,
+                "files": {name: (inputs.get(name) or {}).get("sha256") for name in FILE_FIELDS}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, submission: Submission) -> Submitted:
+    """Create the job of a checked ``submission``: reuse a finished twin's report when dedupe allows, else
+    insert a queued job under the queue and tenant limits (``QueueFull`` / ``TenantLimit``). The staged
+    files are adopted into the blob store in the same pinned window; on any failure the adopted blobs no
+    job refers to are removed again. The caller still deletes the staging files (adopted ones are moved)."""
+    spec = submission.spec
+    timeout = min(submission.timeout_s or settings.job_timeout_s, settings.job_timeout_s)
+    device = (spec.get("options") or {}).get("device") if isinstance(spec, dict) else None
+    queue = "gpu" if device == "cuda" else settings.default_queue
+    key = dedupe_key(tenant, spec, submission.inputs, settings.engine)
+    twin = store.find_finished(key, tenant) if settings.dedupe and submission.reuse else None
+    adopted: list[str] = []
+    try:
+        with blobs.pinned():  # no blob collection between adopting the files and committing the job
+            for name, path in submission.staged.items():
+                blobs.adopt(path, submission.inputs[name]["sha256"])
+                adopted.append(submission.inputs[name]["sha256"])
+            if twin is not None:
+                source, report = twin
+                job = store.create_reused(source=source, report=report, spec=spec, inputs=submission.inputs,
+                                          timeout_s=timeout, tenant=tenant, queue=queue, dedupe_key=key)
+            else:
+                job = store.create(kind=JobKind.AUDIT, spec=spec, inputs=submission.inputs, timeout_s=timeout,
+                                   max_attempts=settings.max_attempts, tenant=tenant, max_queued=settings.max_queued,
+                                   max_tenant_jobs=settings.max_tenant_jobs, queue=queue, dedupe_key=key)
+        adopted.clear()
+    finally:
+        if adopted:  # adopted, but no job refers to them: the submission failed after all
+            blobs.remove_unreferenced(adopted, store.references_blob)
+    return Submitted(job=Job.from_dict(job), reused=twin is not None)
+
+
+def wait_for(store: JobStore, job: Job, wait_s: float) -> Job:
+    """Poll the store with growing pauses until ``job`` is ready or ``wait_s`` passed; the last state seen.
+    Under serve's gevent workers ``time.sleep`` is a greenlet sleep: a waiter holds no thread and no
+    database connection meanwhile."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while wait_s > 0 and time.monotonic() < deadline:
+        current = store.get_job(job.id)
+        if current is None:
+            break
+        job = current
+        if job.status in READY_STATES:
+            break
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.5)
+    return job

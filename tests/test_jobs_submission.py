@@ -1,0 +1,90 @@
+"""The jobs layer's submission (``jobs.submission``) and typed job (``JobStore.get_job``) without a server:
+admission errors, dedupe / reuse of a finished twin, adoption of staged files, every status change checked."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from audit_service.jobs import BlobStore, Job, JobKind, JobStatus, JobStore, QueueFull, Settings, TenantLimit
+from audit_service.jobs import submission
+from audit_service.spec import parse_audit_spec
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    store.init_schema()
+    blobs = BlobStore(tmp_path / "blobs")
+    settings = Settings(data_dir=tmp_path, max_queued=2, max_tenant_jobs=5, min_free_mb=0)
+    return store, blobs, settings
+
+
+def _submission(blobs: BlobStore, content: bytes = b"model bytes", reuse: bool = True) -> submission.Submission:
+    staged, sha, size = blobs.stage(io.BytesIO(content))
+    spec = parse_audit_spec({"group": "C4"}).model_dump(mode="json", exclude_none=False)
+    return submission.Submission(spec=spec, inputs={"model": {"sha256": sha, "size_bytes": size, "format": "onnx"}},
+                                 staged={"model": staged}, reuse=reuse)
+
+
+def test_submit_creates_a_typed_queued_job_and_adopts_its_files(env):
+    store, blobs, settings = env
+    sub = _submission(blobs)
+    done = submission.submit(store, blobs, settings, "alice", sub)
+    assert isinstance(done.job, Job) and not done.reused
+    assert done.job.status is JobStatus.QUEUED and done.job.tenant == "alice" and done.job.kind == "audit"
+    assert blobs.exists(sub.inputs["model"]["sha256"])
+    assert store.get_job(done.job.id, tenant="bob") is None
+    assert store.get_job(done.job.id) == done.job and done.job.to_dict()["id"] == done.job.id
+
+
+def test_a_finished_twin_is_reused_unless_asked_not_to(env):
+    store, blobs, settings = env
+    first = submission.submit(store, blobs, settings, "alice", _submission(blobs)).job
+    owner = "w1"
+    assert store.claim(owner, 60, job_id=first.id)["status"] == JobStatus.RUNNING
+    assert store.succeed(first.id, owner, {"verdict": {"label": "genuine"}})
+    twin = submission.submit(store, blobs, settings, "alice", _submission(blobs))
+    assert twin.reused and twin.job.status is JobStatus.SUCCEEDED and twin.job.verdict == "genuine"
+    fresh = submission.submit(store, blobs, settings, "alice", _submission(blobs, reuse=False))
+    assert not fresh.reused and fresh.job.status is JobStatus.QUEUED
+    other = submission.submit(store, blobs, settings, "bob", _submission(blobs))
+    assert not other.reused  # dedupe never crosses tenants
+
+
+def test_admission_raises_typed_errors(env):
+    store, blobs, settings = env
+    for _ in range(2):
+        submission.submit(store, blobs, settings, "alice", _submission(blobs, reuse=False))
+    with pytest.raises(QueueFull):
+        submission.admit(store, settings, "bob")
+    with pytest.raises(QueueFull):
+        submission.submit(store, blobs, settings, "bob", _submission(blobs, b"other", reuse=False))
+    small = Settings(data_dir=settings.data_dir, max_queued=10, max_tenant_jobs=2, min_free_mb=0)
+    with pytest.raises(TenantLimit):
+        submission.admit(store, small, "alice")
+    full = Settings(data_dir=settings.data_dir, min_free_mb=10**12)
+    with pytest.raises(submission.DiskFull):
+        submission.admit(store, full, "alice")
+
+
+def test_labels_need_probes(env):
+    spec = parse_audit_spec({"group": "C4"})
+    with pytest.raises(submission.InvalidSubmission) as info:
+        submission.check_inputs(spec, {"model", "labels"})
+    assert info.value.field == "labels"
+    submission.check_inputs(spec, {"model", "probes", "labels"})
+
+
+def test_every_status_change_is_checked(env):
+    store, blobs, settings = env
+    job = store.create(kind=JobKind.AUDIT, spec={}, inputs={}, timeout_s=60, max_attempts=2)
+    with pytest.raises(ValueError):
+        store.transition(job["id"], [JobStatus.QUEUED], JobStatus.SUCCEEDED)
+    assert store.claim("w", 60, job_id=job["id"]) is not None
+    assert store.release(job["id"], "w")
+    got = store.get_job(job["id"])
+    assert got.status is JobStatus.QUEUED and got.attempts == 0 and got.owner is None
+    assert store.cancel(job["id"]) and store.get_job(job["id"]).ready
+    assert not store.release(job["id"], "w")  # a cancelled job is never requeued

@@ -1,0 +1,47 @@
+"""``GET /audits/{id}/symmetrized.onnx`` on a real service: the orbit-averaged model of a finished audit,
+built in the sandbox, downloads as ONNX whose logits do not change under the audit's group."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import tiny_spec, wait_for
+
+
+def _submit(api, models, name, reuse=True):
+    data = {"spec": json.dumps(tiny_spec("C4"))}
+    if not reuse:
+        data["reuse"] = "false"
+    return api("POST", "/audit", files={"model": (f"{name}.onnx", open(models[name], "rb"))}, data=data)
+
+
+def test_symmetrized_model_of_a_finished_audit_is_invariant(api, models):
+    import onnxruntime as ort
+    from builders import IMAGE_SHAPE
+
+    r = _submit(api, models, "plain")
+    assert r.status_code in (200, 202), r.text
+    job = wait_for(api, r.json()["id"])
+    assert job["status"] == "succeeded", job
+
+    r = api("GET", f"/audits/{job['id']}/symmetrized.onnx", timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"] == "application/octet-stream"
+    session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((5, *IMAGE_SHAPE), dtype=np.float32)
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: x})[0]
+    assert logits.shape[0] == 5
+    for k in (1, 2, 3):
+        rotated = np.ascontiguousarray(np.rot90(x, k, axes=(-2, -1)))
+        np.testing.assert_allclose(session.run(None, {name: rotated})[0], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_symmetrized_model_needs_a_succeeded_audit(api, models):
+    assert api("GET", "/audits/nope/symmetrized.onnx").status_code == 404
+    job = _submit(api, models, "plain2", reuse=False).json()
+    assert api("DELETE", f"/audits/{job['id']}").status_code == 202  # cancelled before it can finish
+    r = api("GET", f"/audits/{job['id']}/symmetrized.onnx")
+    assert r.status_code == 409 and r.headers["Content-Type"] == "application/problem+json", r.text
