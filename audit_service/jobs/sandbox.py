@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m audit_service.jobs.sandbox WORKDIR", file=sys.stderr)
         return 2
     workdir = Path(argv[0])
+    sys.stdout, sys.stderr = _Tolerant(sys.stdout), _Tolerant(sys.stderr)
     task = json.loads((workdir / "task.json").read_text())
     progress = _Progress(workdir / "progress.json")
     try:
@@ -284,6 +285,29 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException:  # noqa: BLE001 - e.g. MemoryError again; the parent reports the exit
             return 3
     return 0
+
+
+class _Tolerant:
+    """stdout / stderr that drop what no longer fits: once a model has printed its log up to the file
+    cap (RLIMIT_FSIZE), a warning of ours must not turn into an exception that fails the audit."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _finite(value: Any) -> Any:

@@ -170,6 +170,8 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
             break
     rc = child.wait()
     elapsed = time.monotonic() - started
+    if reason is None and _dir_bytes(workdir) > settings.job_scratch_mb * 1024 * 1024:
+        reason = "scratch"  # a child quicker than the periodic check is held to the same cap
     try:
         outcome = _settle(job, store, owner, workdir, rc, reason, elapsed, timeout_s, memory_mb, settings)
     finally:
