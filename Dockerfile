@@ -8,7 +8,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     AUDIT_DATA_DIR=/data AUDIT_HOST=0.0.0.0 AUDIT_PORT=8000
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make ca-certificates libseccomp2 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 audit \
  && mkdir -p /app /data && chown audit:audit /app /data
