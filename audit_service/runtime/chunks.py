@@ -94,3 +94,46 @@ class GuardedModule(torch.nn.Module):
         except Exception as exc:
             raise ModelRuntimeError(f"The model failed on a batch of {x.shape[0]}: {short_error(exc)}",
                                     field="model") from None
+
+
+def probe_num_classes(call: Forward, input_shape: tuple[int, ...], device: torch.device, batch: int,
+                      what: str = "the model") -> int:
+    """One real forward of ``call`` on a zero batch: the class count C, after checking the output is one
+    floating-point (batch, C) tensor with C >= 2 (a 1-tuple is unwrapped). ``ModelError`` otherwise.
+    Every torch runner (TorchScript, ``.pt2``, in-memory module) loads through this check."""
+    from ..errors import ModelError
+
+    zeros = torch.zeros((batch, *input_shape), device=device)
+    try:
+        with torch.no_grad():
+            out = call(zeros)
+    except Exception as exc:
+        raise ModelError(f"Expected {what} to run on a zero batch of shape {tuple(zeros.shape)}, but it failed: "
+                         f"{short_error(exc)}", field="model") from None
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"Expected {what} to return one logits tensor (N, C), but it returned "
+                         f"{type(out).__name__}", field="model")
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise ModelError(f"Expected logits of shape (N, C), but for a batch of {batch} {what} returned shape "
+                         f"{tuple(out.shape)}", field="model")
+    if not out.is_floating_point():
+        raise ModelError(f"Expected floating-point logits, but {what} returned {out.dtype}", field="model")
+    if out.shape[1] < 2:
+        raise ModelError(f"Expected logits for at least 2 classes, but got (N, {out.shape[1]}); for a binary "
+                         f"classifier with one logit z, return the pair (0, z)", field="model")
+    return int(out.shape[1])
+
+
+def forward_without_grad(call: Forward, chunk: torch.Tensor) -> torch.Tensor:
+    """``call(chunk)`` under ``torch.inference_mode`` (forward-only metrics), the model's own failures
+    raised as ``ModelRuntimeError`` naming the batch size."""
+    try:
+        with torch.inference_mode():
+            return call(chunk)
+    except AuditError:
+        raise
+    except Exception as exc:
+        raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
+                                field="model") from None

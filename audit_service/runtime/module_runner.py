@@ -12,10 +12,11 @@ import hashlib
 
 import torch
 
-from ..errors import AuditError, ModelError, ModelRuntimeError
+from ..errors import ModelError
 from .base import ModelFormat
-from .chunks import GuardedModule, check_inputs, run_chunked
-from .validation import check_input_shape, short_error
+from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
+                     run_chunked)
+from .validation import check_input_shape
 
 PROBE_BATCH = 2
 
@@ -36,37 +37,14 @@ class ModuleRunner:
         self.gradient_note: str | None = None
         self.gradient_path: str | None = "autograd through the module itself"
         self.sha256 = _fingerprint(module)
-        self.num_classes = self._probe()
-
-    def _probe(self) -> int:
-        zeros = torch.zeros((PROBE_BATCH, *self.input_shape), device=self.device)
-        try:
-            with torch.no_grad():
-                out = self._module(zeros)
-        except Exception as exc:
-            raise ModelError(f"Expected the module to run on a zero batch of shape {tuple(zeros.shape)}, but it "
-                             f"failed: {short_error(exc)}", field="model") from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != PROBE_BATCH:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelError(f"Expected the module to return logits of shape (N, C), but for a batch of "
-                             f"{PROBE_BATCH} it returned {shape}", field="model")
-        if out.shape[1] < 2:
-            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {out.shape[1]})", field="model")
-        return int(out.shape[1])
+        self.num_classes = probe_num_classes(self._module, self.input_shape, device, PROBE_BATCH, "the module")
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         x = check_inputs(x, self.input_shape, self.device)
         return run_chunked(self._forward, x, batch_size, self.num_classes)
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        try:
-            with torch.inference_mode():
-                return self._module(chunk).float().clone()
-        except AuditError:
-            raise
-        except Exception as exc:
-            raise ModelRuntimeError(f"The module failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
-                                    field="model") from None
+        return forward_without_grad(lambda c: self._module(c).float().clone(), chunk)
 
     def torch_module(self) -> torch.nn.Module:
         return self._guarded

@@ -29,9 +29,10 @@ import zipfile
 
 import torch
 
-from ..errors import AuditError, ModelError, ModelRuntimeError
+from ..errors import AuditError, ModelError
 from .base import ModelFormat
-from .chunks import GuardedModule, check_inputs, run_chunked
+from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
+                     run_chunked)
 from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: F401 - re-exported
 
 PROBE_BATCH = 2
@@ -233,28 +234,11 @@ class ExportedProgramRunner:
         self.num_classes = self._probe(declared)
 
     def _probe(self, declared: int | None) -> int:
-        batch = self.fixed_batch or PROBE_BATCH
-        zeros = torch.zeros((batch, *self.input_shape), device=self.device)
-        try:
-            with torch.no_grad():
-                out = self._module(zeros)
-        except Exception as exc:
-            raise ModelError(f"Expected the program to run on a zero batch of shape {tuple(zeros.shape)}, but it "
-                             f"failed: {short_error(exc)}", field="model") from None
-        if isinstance(out, (tuple, list)) and len(out) == 1:
-            out = out[0]
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelError(f"Expected logits of shape (N, C), but for a batch of {batch} the program returned "
-                             f"{got}", field="model")
-        if not out.is_floating_point():
-            raise ModelError(f"Expected floating-point logits, but the program returned {out.dtype}", field="model")
-        classes = int(out.shape[1])
+        classes = probe_num_classes(self._module, self.input_shape, self.device, self.fixed_batch or PROBE_BATCH,
+                                    "the program")
         if declared is not None and declared != classes:
             raise ModelError(f"Expected the {declared} classes the program declares, but it returned {classes}",
                              field="model")
-        if classes < 2:
-            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes})", field="model")
         return classes
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -263,14 +247,7 @@ class ExportedProgramRunner:
         return run_chunked(self._forward, x, self.fixed_batch or batch_size, self.num_classes)
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        try:
-            with torch.inference_mode():
-                return self._guarded.inner(chunk)  # _BatchSizes: padding, one tensor out
-        except AuditError:
-            raise
-        except Exception as exc:
-            raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
-                                    field="model") from None
+        return forward_without_grad(self._guarded.inner, chunk)  # _BatchSizes: padding, one tensor out
 
     def torch_module(self) -> torch.nn.Module:
         return self._guarded

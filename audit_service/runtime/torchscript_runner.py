@@ -17,9 +17,10 @@ import warnings
 
 import torch
 
-from ..errors import AuditError, ModelError, ModelRuntimeError
+from ..errors import ModelError
 from .base import ModelFormat
-from .chunks import GuardedModule, check_inputs, run_chunked
+from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
+                     run_chunked)
 from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
@@ -54,29 +55,7 @@ class TorchScriptRunner:
         self._module = module
         self._guarded = GuardedModule(module).eval()
         self.input_shape = _resolve_shape(input_shape, extra[SHAPE_FILE], module)
-        self.num_classes = self._probe()
-
-    def _probe(self) -> int:
-        """One real forward on a zero batch: learn C and confirm the output is (batch, C) floating point."""
-        zeros = torch.zeros((PROBE_BATCH, *self.input_shape), device=self.device)
-        try:
-            with torch.no_grad():
-                out = self._module(zeros)
-        except Exception as exc:
-            raise ModelError(f"Expected the model to run on a zero batch of shape {tuple(zeros.shape)}, but it "
-                             f"failed: {short_error(exc)}", field="model") from None
-        if not isinstance(out, torch.Tensor):
-            raise ModelError(f"Expected the model to return one logits tensor (N, C), but it returned "
-                             f"{type(out).__name__}", field="model")
-        if out.dim() != 2 or out.shape[0] != PROBE_BATCH:
-            raise ModelError(f"Expected logits of shape (N, C), but for a batch of {PROBE_BATCH} the model "
-                             f"returned shape {tuple(out.shape)}", field="model")
-        if not out.is_floating_point():
-            raise ModelError(f"Expected floating-point logits, but the model returned {out.dtype}", field="model")
-        if out.shape[1] < 2:
-            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {out.shape[1]}); for a binary "
-                             f"classifier with one logit z, return the pair (0, z)", field="model")
-        return int(out.shape[1])
+        self.num_classes = probe_num_classes(self._module, self.input_shape, device, PROBE_BATCH)
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
@@ -84,14 +63,7 @@ class TorchScriptRunner:
         return run_chunked(self._forward, x, batch_size, self.num_classes)
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        try:
-            with torch.inference_mode():
-                return self._module(chunk)
-        except AuditError:
-            raise
-        except Exception as exc:
-            raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
-                                    field="model") from None
+        return forward_without_grad(self._module, chunk)
 
     def torch_module(self) -> torch.nn.Module:
         """The loaded TorchScript module (eval mode, on ``device``, parameters frozen), its forward
