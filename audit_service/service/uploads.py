@@ -20,7 +20,7 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from werkzeug.datastructures import FileStorage
@@ -140,88 +140,82 @@ def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings) -> bytes:
     """The orbit-averaged model of ``path`` over ``spec``'s group as ONNX bytes, built in a sandboxed child
     with the model check's limits (``_check_limits``; Landlock confines it to its workdir). 422 naming the
     field when the model has no torch twin, the group is not exact, or the child fails or runs out of time."""
-    workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
-    (workdir / "tmp").mkdir(parents=True)
-    try:
-        model = workdir / "model"
-        os.symlink(path.resolve(), model)
-        output = workdir / "symmetrized.onnx"
-        task = {"kind": "symmetrize", "model": str(model), "spec": spec, "output": str(output),
+    def task(workdir: Path, model: Path) -> dict:
+        return {"kind": "symmetrize", "model": str(model), "spec": spec, "output": str(workdir / "symmetrized.onnx"),
                 "max_bytes": settings.max_model_mb * MiB}
-        (workdir / "task.json").write_text(json.dumps(task))
-        child = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
-        try:
-            rc = child.wait(settings.validate_timeout_s)
-        except TimeoutError:
-            child.kill()
-            raise Unprocessable(f"Expected a model that can be symmetrized within {settings.validate_timeout_s:g} s, "
-                                f"but it did not finish in time and was stopped", field="model") from None
-        try:
-            result = json.loads((workdir / "result.json").read_text())
-        except (OSError, ValueError):
-            result = None
-        if isinstance(result, dict) and result.get("ok") and output.is_file():
-            return output.read_bytes()
-        if isinstance(result, dict) and isinstance(result.get("error"), dict):
-            err = result["error"]
-            field = str(err.get("field") or "model")[:128]
-            if field.split(".")[0].split("[")[0] in _SPEC_FIELDS:
-                field = f"spec.{field}"
-            raise Unprocessable(cap_text(str(err.get("message") or "the model could not be symmetrized")),
-                                field=field)
-        what = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
-        raise Unprocessable(f"Expected a model that can be symmetrized, but the sandboxed child {what} without a "
-                            f"result (memory limit {settings.job_memory_mb} MiB)", field="model")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def collect(result: dict, workdir: Path) -> bytes | None:
+        output = workdir / "symmetrized.onnx"
+        return output.read_bytes() if output.is_file() else None
+
+    return _run_short_task(path, settings, task, collect, expected="a model that can be symmetrized",
+                           child="the sandboxed child", explain=False,
+                           slow=f"Expected a model that can be symmetrized within {settings.validate_timeout_s:g} s, "
+                                f"but it did not finish in time and was stopped")
 
 
 def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None,
                       spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None) -> dict:
+    def task(workdir: Path, model: Path) -> dict:
+        if spec is None:
+            return {"kind": "validate", "model": str(model), "max_bytes": settings.max_model_mb * MiB,
+                    "input_shape": list(input_shape) if input_shape else None}
+        out = {"kind": "audit", "engine": PRECHECK_ENGINE, "spec": spec, "model": str(model)}
+        for name, (file_path, fmt, _sha) in (files or {}).items():
+            link = workdir / f"{name}.{fmt}"
+            os.symlink(file_path.resolve(), link)
+            out[name] = str(link)
+        return out
+
+    return _run_short_task(path, settings, task, lambda result, _workdir: result["report"],
+                           expected="a loadable ONNX or TorchScript classifier", child="the sandboxed model check",
+                           explain=True,
+                           slow=f"Expected a model that loads and runs one zero batch within "
+                                f"{settings.validate_timeout_s:g} s, but checking it did not finish in time "
+                                f"and was stopped")
+
+
+def _run_short_task(path: Path, settings: Settings, make_task: Callable[[Path, Path], dict],
+                    collect: Callable[[dict, Path], Any], expected: str, child: str, explain: bool, slow: str) -> Any:
+    """One short sandboxed task on an uploaded model (the submission check, the symmetrized download):
+    a private workdir with the model linked in, the check's limits and wall clock, the child's error as a
+    422 naming the field (``explain``: model errors say what was expected), the workdir removed after."""
     workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
     (workdir / "tmp").mkdir(parents=True)
     try:
         model = workdir / "model"
         os.symlink(path.resolve(), model)
-        max_bytes = settings.max_model_mb * MiB
-        if spec is None:
-            task = {"kind": "validate", "model": str(model), "max_bytes": max_bytes,
-                    "input_shape": list(input_shape) if input_shape else None}
-        else:
-            task = {"kind": "audit", "engine": PRECHECK_ENGINE, "spec": spec, "model": str(model)}
-            for name, (file_path, fmt, _sha) in (files or {}).items():
-                link = workdir / f"{name}.{fmt}"
-                os.symlink(file_path.resolve(), link)
-                task[name] = str(link)
-        (workdir / "task.json").write_text(json.dumps(task))
-        child = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
+        (workdir / "task.json").write_text(json.dumps(make_task(workdir, model)))
+        handle = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
         try:
-            rc = child.wait(settings.validate_timeout_s)
+            rc = handle.wait(settings.validate_timeout_s)
         except TimeoutError:
-            child.kill()
-            raise Unprocessable(f"Expected a model that loads and runs one zero batch within "
-                                f"{settings.validate_timeout_s:g} s, but checking it did not finish in time "
-                                f"and was stopped", field="model") from None
+            handle.kill()
+            raise Unprocessable(slow, field="model") from None
         try:
             result = json.loads((workdir / "result.json").read_text())
         except (OSError, ValueError):
             result = None
         if isinstance(result, dict) and result.get("ok"):
-            return result["report"]
+            value = collect(result, workdir)
+            if value is not None:
+                return value
         if isinstance(result, dict) and isinstance(result.get("error"), dict):
             err = result["error"]
             field = str(err.get("field") or "model")[:128]
             if field.split(".")[0].split("[")[0] in _SPEC_FIELDS:
                 field = f"spec.{field}"
-            message = cap_text(str(err.get("message") or "the model could not be loaded"))
-            if field == "model" and err.get("type") in ("audit_failed", "out_of_memory", "not_implemented"):
+            default = "the model could not be loaded" if explain else "the model could not be symmetrized"
+            message = cap_text(str(err.get("message") or default))
+            if explain and field == "model" and err.get("type") in ("audit_failed", "out_of_memory",
+                                                                    "not_implemented"):
                 message = f"loading failed: {message}"
-            if field == "model" and not message.startswith("Expected"):
-                message = f"Expected a loadable ONNX or TorchScript classifier, but {message}"
+            if explain and field == "model" and not message.startswith("Expected"):
+                message = f"Expected {expected}, but {message}"
             raise Unprocessable(message, field=field)
         what = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
-        raise Unprocessable(f"Expected a loadable ONNX or TorchScript classifier, but the sandboxed model check "
-                            f"{what} without a result (memory limit {settings.job_memory_mb} MiB)", field="model")
+        raise Unprocessable(f"Expected {expected}, but {child} {what} without a result (memory limit "
+                            f"{settings.job_memory_mb} MiB)", field="model")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
