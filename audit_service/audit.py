@@ -23,6 +23,7 @@ from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 from .report.build import condition_report, now_iso, sensitivity_report
 from .runtime import ModelRunner, load_model
+from .runtime.layout import LayoutChoice, choose_layout, restore
 from .runtime.outputs import NOTES as OUTPUT_NOTES
 from .runtime.outputs import LogProbabilityRunner, detect_output_kind
 from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
@@ -32,6 +33,9 @@ from .progress import ProgressFn
 from .symmetrization import symmetrized_summary
 from .verdict import decide, genuine_failures
 
+
+#: probes the memory-layout check runs (``runtime.layout``)
+LAYOUT_SAMPLE = 8
 
 __all__ = ["run_audit", "load_probe_file", "check_probes", "REPORT_KEYS"]
 
@@ -54,12 +58,28 @@ def run_audit(
     t_start = time.perf_counter()
     progress(0.0, "loading model")
     inputs = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device)
-    runner, x, y, second, group = inputs.runner, inputs.x, inputs.y, inputs.second, inputs.group
-    shifts, skipped_shifts, output_kind = inputs.shifts, inputs.skipped_shifts, inputs.output_kind
+    runner, x = inputs.runner, inputs.x
     t_loaded = time.perf_counter()
 
     device = runner.device
     stats = ProbeStats.from_probes(x.to(device)) if x is not None else ProbeStats.default(runner.input_shape, device)
+    sample = x[:LAYOUT_SAMPLE].to(device) if x is not None else _noise(LAYOUT_SAMPLE, runner, stats, options.seed)
+    layout = choose_layout(runner.torch_module(), runner.input_shape, options.memory_format, sample)
+    try:
+        report = _sweep_and_report(inputs, spec, stats, layout, progress, t_start, t_loaded)
+    finally:
+        restore(runner.torch_module(), layout)  # an in-memory module goes back to its caller as it came
+    progress(1.0, "done")
+    return report
+
+
+def _sweep_and_report(inputs: CheckedInputs, spec: AuditSpec, stats: ProbeStats, layout: LayoutChoice,
+                      progress: ProgressFn, t_start: float, t_loaded: float) -> dict:
+    """The sweep, the Jacobian and the report of one loaded model (``run_audit``)."""
+    options = spec.options
+    runner, x, y, second, group = inputs.runner, inputs.x, inputs.y, inputs.second, inputs.group
+    shifts, skipped_shifts, output_kind = inputs.shifts, inputs.skipped_shifts, inputs.output_kind
+    device = runner.device
     second_t = second.to(device) if second is not None else None
     saliency, saliency_note = _saliency_method(runner, spec) if options.saliency else (None, None)
     sweep = OrbitSweep(runner, group, options, stats, saliency, second_t)
@@ -101,7 +121,8 @@ def run_audit(
         "service_version": __version__,
         "created_at": now_iso(),
         "model": {**_model_section(runner, saliency, saliency_note), "output_kind": output_kind,
-                  "output_note": OUTPUT_NOTES.get(output_kind), "autocast": autocast},
+                  "output_note": OUTPUT_NOTES.get(output_kind), "autocast": autocast,
+                  "memory_format": layout.as_report()},
         "group": _group_section(group, x if x is not None else _noise(16, runner, stats, options.seed)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
@@ -128,7 +149,6 @@ def run_audit(
     if verdict["label"] not in ("genuine", "trivial"):  # the fix on offer, and what it keeps
         report["symmetrized"] = _guarded(lambda: symmetrized_summary(runner, group, x, y, options.batch_size),
                                          "measuring the symmetrized model")
-    progress(1.0, "done")
     return report
 
 

@@ -14,7 +14,8 @@ In one run, on the CPU (all figures from this process, so load on the machine sh
   wall time and peak memory (ru_maxrss growth over the audit, tracemalloc peak of Python objects).
 With CUDA, the same default audit of a ResNet-50 at 3x224x224 (D4, 64 probes); skipped otherwise.
 
-    .venv/bin/python benchmarks/bench_scale.py [--probes 64] [--group D4] [--quick] [--compile]
+    .venv/bin/python benchmarks/bench_scale.py [--probes 64] [--group D4] [--quick] [--compile] [--no-all]
+        [--floor sampled|full] [--no-scaling]
 """
 
 from __future__ import annotations
@@ -62,30 +63,52 @@ def timed_audit(path: Path, spec, x: np.ndarray) -> tuple[float, dict]:
     return time.perf_counter() - start, report
 
 
-def floors(module: nn.Module, shape: tuple[int, ...], n_conditions: int, order: int, probes: int, noise: int,
-           chunk: int, ig_steps: int, batch: int, device: torch.device) -> tuple[float, float]:
-    """(all-IG floor, forward-only floor) in seconds: the bare passes, same batch layout as the audit."""
+def condition_floor(module: nn.Module, shape: tuple[int, ...], order: int, total: int, chunk: int, ig_steps: int,
+                    batch: int, device: torch.device) -> tuple[float, float]:
+    """(IG s, forward s) of one condition's bare passes over ``total`` probes, in the audit's batch layout."""
     ig_s = fwd_s = 0.0
-    for c in range(n_conditions):
-        total = noise if c == n_conditions - 1 else probes
-        for s in range(0, total, chunk):
-            n = min(chunk, total - s) * order
-            x = torch.rand(n, *shape, device=device)
-            t = time.perf_counter()
-            with torch.inference_mode():
-                for b in range(0, n, batch):
-                    module(x[b:b + batch])
-            sync(device)
-            fwd_s += time.perf_counter() - t
-            t = time.perf_counter()
-            scaled = x.repeat(ig_steps, *([1] * len(shape)))
-            per = max(batch, n)
-            for b in range(0, scaled.shape[0], per):
-                part = scaled[b:b + per].requires_grad_(True)
-                out = module(part)
-                torch.autograd.grad(out[:, 0].sum(), part)
-            sync(device)
-            ig_s += time.perf_counter() - t
+    for s in range(0, total, chunk):
+        n = min(chunk, total - s) * order
+        x = torch.rand(n, *shape, device=device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in range(0, n, batch):
+                module(x[b:b + batch])
+        sync(device)
+        fwd_s += time.perf_counter() - t
+        t = time.perf_counter()
+        scaled = x.repeat(ig_steps, *([1] * len(shape)))
+        per = max(batch, n)
+        for b in range(0, scaled.shape[0], per):
+            part = scaled[b:b + per].requires_grad_(True)
+            out = module(part)
+            torch.autograd.grad(out[:, 0].sum(), part)
+        sync(device)
+        ig_s += time.perf_counter() - t
+    return ig_s, fwd_s
+
+
+def floors(module: nn.Module, shape: tuple[int, ...], n_conditions: int, order: int, probes: int, noise: int,
+           chunk: int, ig_steps: int, batch: int, device: torch.device, sampled: bool) -> tuple[float, float]:
+    """(all-IG floor, forward-only floor) in seconds: the bare passes, same batch layout as the audit.
+
+    One condition is the noise condition (``noise`` probes), the others hold ``probes`` probes. Every condition of
+    one size runs the same passes on tensors of the same shape, so ``sampled`` times one condition of each size and
+    counts it ``n_conditions - 1`` times (resp. once): the same figure for a tenth of the wait. ``sampled=False``
+    times every condition.
+    """
+    ig_s = fwd_s = 0.0
+    if sampled:
+        for total, times in ((probes, n_conditions - 1), (noise, 1)):
+            ig, fwd = condition_floor(module, shape, order, total, chunk, ig_steps, batch, device)
+            ig_s += times * ig
+            fwd_s += times * fwd
+    else:
+        for c in range(n_conditions):
+            total = noise if c == n_conditions - 1 else probes
+            ig, fwd = condition_floor(module, shape, order, total, chunk, ig_steps, batch, device)
+            ig_s += ig
+            fwd_s += fwd
     return ig_s + fwd_s, fwd_s
 
 
@@ -196,7 +219,7 @@ def probe_scaling(counts: list[int], group: str) -> None:
 
 # ----------------------------------------------------------------------------- the ResNet audit
 def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noise: int, device: str,
-                 with_all: bool, compile_flag: bool) -> None:
+                 with_all: bool, compile_flag: bool, floor: str = "sampled") -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES)
     with torch.no_grad():  # BatchNorm statistics of N(0, 1) inputs (normalised images): several classes predicted
@@ -211,27 +234,34 @@ def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noi
         path = export_torchscript(model, shape, Path(tmp) / f"{name}.pt")
         decisive = spec_for(group, probes, noise, "decisive", device=device)
         opts = decisive.options
+        module = load_model(path, device=device).torch_module()  # the module the audit differentiates
+        # Warm-up on the audit's own shapes (allocator, oneDNN primitives, the TorchScript profiler): the forward
+        # passes of two conditions and one fwd+bwd batch; cheap next to the audit, unlike a whole IG condition.
         warm = parse_audit_spec({"group": group, "shifts": [],
                                  "options": {"n_probes": probes, "n_noise_probes": noise, "device": device,
-                                             "saliency_scope": "all", "bootstrap": 0}})
-        run_audit(path, warm, x)  # warm-up on the audit's own shapes: allocator, oneDNN / TorchScript, captum
+                                             "saliency_scope": "none", "bootstrap": 0, "jacobian_probes": 0}})
+        run_audit(path, warm, x)
+        order = len(build_group(decisive.group, shape).element_names)
+        condition_floor(module, shape, order, min(probes, opts.probe_chunk), opts.probe_chunk, 2,
+                        opts.batch_size, dev)
         t_dec, rep_dec = timed_audit(path, decisive, x)
+        n_conditions = len(rep_dec["conditions"])
+        t_floor = time.perf_counter()
+        ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
+                                     opts.ig_steps, opts.batch_size, dev, floor == "sampled")
+        t_floor = time.perf_counter() - t_floor
+        print(f"{name} (random weights, {CLASSES} classes) {'x'.join(map(str, shape))} as TorchScript on "
+              f"{rep_dec['timing']['device']}; {group} (order {order}); {probes} probes, {noise} noise probes; "
+              f"{n_conditions} conditions; ig_steps {opts.ig_steps}; torch threads {torch.get_num_threads()}")
+        how = ("one condition of each size timed, counted per condition" if floor == "sampled"
+               else "every condition timed")
+        print(f"  all-IG floor      : {ig_floor:8.2f} s  ({n_conditions} conditions x {order} elements x probes x "
+              f"{opts.ig_steps + 1} passes; {how}; {t_floor:.0f} s of passes timed)")
+        print(f"  forward-only floor: {fwd_floor:8.2f} s")
+        print(f"  audit decisive    : {t_dec:8.2f} s = {t_dec / ig_floor:.3f}x the all-IG floor (target <= 0.3x); "
+              f"verdict {rep_dec['verdict']['label']}; SI on {rep_dec['saliency']['computed_on']}", flush=True)
         t_all, rep_all = timed_audit(path, spec_for(group, probes, noise, "all", device=device), x) if with_all \
             else (None, None)
-        order = len(build_group(decisive.group, shape).element_names)
-        n_conditions = len(rep_dec["conditions"])
-        module = load_model(path, device=device).torch_module()  # the module the audit differentiates
-        floors(module, shape, 2, order, probes, noise, opts.probe_chunk, opts.ig_steps, opts.batch_size, dev)
-        ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
-                                     opts.ig_steps, opts.batch_size, dev)
-    print(f"{name} (random weights, {CLASSES} classes) {'x'.join(map(str, shape))} as TorchScript on "
-          f"{rep_dec['timing']['device']}; {group} (order {order}); {probes} probes, {noise} noise probes; "
-          f"{n_conditions} conditions; ig_steps {opts.ig_steps}; torch threads {torch.get_num_threads()}")
-    print(f"  all-IG floor      : {ig_floor:8.2f} s  ({n_conditions} conditions x {order} elements x probes x "
-          f"{opts.ig_steps + 1} passes)")
-    print(f"  forward-only floor: {fwd_floor:8.2f} s")
-    print(f"  audit decisive    : {t_dec:8.2f} s = {t_dec / ig_floor:.3f}x the all-IG floor (target <= 0.3x); "
-          f"verdict {rep_dec['verdict']['label']}; SI on {rep_dec['saliency']['computed_on']}")
     if t_all is not None:
         same = rep_all["verdict"]["label"] == rep_dec["verdict"]["label"]
         print(f"  audit all         : {t_all:8.2f} s = {t_all / ig_floor:.3f}x the all-IG floor; verdict "
@@ -259,6 +289,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="ResNet-18 on 4 probes (flip), scaling 64 -> 256")
     parser.add_argument("--compile", action="store_true", help="measure torch.compile of the eager twin")
     parser.add_argument("--no-all", action="store_true", help="skip the saliency_scope=all audit")
+    parser.add_argument("--floor", choices=("sampled", "full"), default="sampled",
+                        help="time one condition of each size (sampled) or every condition (full) for the floors")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the probe-scaling runs")
     parser.add_argument("--_scaling-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,10 +300,11 @@ def main() -> None:
         return
     group = "flip" if args.quick else args.group
     probes, noise = (4, 4) if args.quick else (args.probes, args.noise_probes)
-    resnet_audit("resnet18", (3, 64, 64), group, probes, noise, "cpu", not args.no_all, args.compile)
-    probe_scaling([64, 256] if args.quick else [64, 256, 1024], "flip" if args.quick else "C4")
+    resnet_audit("resnet18", (3, 64, 64), group, probes, noise, "cpu", not args.no_all, args.compile, args.floor)
+    if not args.no_scaling:
+        probe_scaling([64, 256] if args.quick else [64, 256, 1024], "flip" if args.quick else "C4")
     if torch.cuda.is_available():
-        resnet_audit("resnet50", (3, 224, 224), "D4", 64, 32, "cuda", not args.no_all, False)
+        resnet_audit("resnet50", (3, 224, 224), "D4", 64, 32, "cuda", not args.no_all, False, args.floor)
     else:
         print("ResNet-50 3x224x224 on CUDA: skipped (torch.cuda.is_available() is False on this machine)")
 
