@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -187,15 +186,24 @@ def scaling_child(probes: int, group: str, folder: Path) -> None:
     x = np.random.default_rng(0).normal(size=(probes, 1, 16, 16)).astype(np.float32)
     spec = spec_for(group, probes, 32, "decisive", jacobian_probes=8, bootstrap=50)
     run_audit(path, spec_for(group, 64, 32, "decisive", jacobian_probes=8, bootstrap=0), x[:64])  # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is this audit's alone
     tracemalloc.start()
     seconds, report = timed_audit(path, spec, x)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"probes": probes, "seconds": seconds, "maxrss_mb": after / 1024,
-                      "maxrss_growth_mb": (after - before) / 1024, "tracemalloc_peak_mb": peak / 2**20,
+    print(json.dumps({"probes": probes, "seconds": seconds, "rss_before_mb": rss_before,
+                      "peak_rss_mb": _status_mb("VmHWM"), "tracemalloc_peak_mb": peak / 2**20,
                       "verdict": report["verdict"]["label"]}))
+
+
+def _status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory figure (kB there) in MB. ``ru_maxrss`` would not do: a child starts
+    with its parent's high-water mark, and the parent here held a ResNet's activations."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
 
 
 def probe_scaling(counts: list[int], group: str) -> None:
@@ -209,12 +217,17 @@ def probe_scaling(counts: list[int], group: str) -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
     print(f"probe scaling (tiny CNN 1x16x16, {group}, default spec, 32 noise probes; fresh process each, warmed "
-          "up by a 64-probe audit; maxrss is the process's peak, so a flat figure means bounded memory):")
+          "up by a 64-probe audit; peak RSS is the audit's own high-water mark (VmHWM reset before it), so a "
+          "flat figure means memory bounded by the chunk, not the probe count):")
     for r in rows:
         print(f"  {r['probes']:5d} probes: {r['seconds']:7.2f} s ({r['seconds'] / base['seconds']:.2f}x for "
-              f"{r['probes'] / base['probes']:.0f}x probes), maxrss {r['maxrss_mb']:.0f} MB "
-              f"(+{r['maxrss_growth_mb']:.0f} MB during the audit), tracemalloc peak "
-              f"{r['tracemalloc_peak_mb']:.1f} MB, verdict {r['verdict']}")
+              f"{r['probes'] / base['probes']:.0f}x probes), peak RSS {r['peak_rss_mb']:.0f} MB (RSS before "
+              f"{r['rss_before_mb']:.0f} MB), tracemalloc peak {r['tracemalloc_peak_mb']:.1f} MB, "
+              f"verdict {r['verdict']}")
+    marginal = [(b["seconds"] - a["seconds"]) / (b["probes"] - a["probes"]) for a, b in zip(rows, rows[1:])]
+    print("  marginal cost a probe: " + ", ".join(f"{1000 * m:.1f} ms ({a['probes']}->{b['probes']})"
+                                                 for m, a, b in zip(marginal, rows, rows[1:])) +
+          " (the 32 noise probes and the Jacobian are a fixed cost)")
 
 
 # ----------------------------------------------------------------------------- the ResNet audit
@@ -245,6 +258,8 @@ def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noi
         condition_floor(module, shape, order, min(probes, opts.probe_chunk), opts.probe_chunk, 2,
                         opts.batch_size, dev)
         t_dec, rep_dec = timed_audit(path, decisive, x)
+        t_contig, rep_contig = timed_audit(path, spec_for(group, probes, noise, "decisive", device=device,
+                                                          memory_format="contiguous"), x)
         n_conditions = len(rep_dec["conditions"])
         t_floor = time.perf_counter()
         ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
@@ -259,7 +274,10 @@ def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noi
               f"{opts.ig_steps + 1} passes; {how}; {t_floor:.0f} s of passes timed)")
         print(f"  forward-only floor: {fwd_floor:8.2f} s")
         print(f"  audit decisive    : {t_dec:8.2f} s = {t_dec / ig_floor:.3f}x the all-IG floor (target <= 0.3x); "
-              f"verdict {rep_dec['verdict']['label']}; SI on {rep_dec['saliency']['computed_on']}", flush=True)
+              f"verdict {rep_dec['verdict']['label']}; SI on {rep_dec['saliency']['computed_on']}; gradient "
+              f"passes {rep_dec['model']['memory_format']['used']}")
+        print(f"  audit decisive, memory_format=contiguous: {t_contig:8.2f} s = {t_contig / ig_floor:.3f}x the floor; "
+              f"channels-last saves {t_contig / t_dec:.2f}x; verdict {rep_contig['verdict']['label']}", flush=True)
         t_all, rep_all = timed_audit(path, spec_for(group, probes, noise, "all", device=device), x) if with_all \
             else (None, None)
     if t_all is not None:
@@ -292,6 +310,7 @@ def main() -> None:
     parser.add_argument("--floor", choices=("sampled", "full"), default="sampled",
                         help="time one condition of each size (sampled) or every condition (full) for the floors")
     parser.add_argument("--no-scaling", action="store_true", help="skip the probe-scaling runs")
+    parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18 CPU audit")
     parser.add_argument("--_scaling-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,7 +319,9 @@ def main() -> None:
         return
     group = "flip" if args.quick else args.group
     probes, noise = (4, 4) if args.quick else (args.probes, args.noise_probes)
-    resnet_audit("resnet18", (3, 64, 64), group, probes, noise, "cpu", not args.no_all, args.compile, args.floor)
+    if not args.no_resnet:
+        resnet_audit("resnet18", (3, 64, 64), group, probes, noise, "cpu", not args.no_all, args.compile,
+                     args.floor)
     if not args.no_scaling:
         probe_scaling([64, 256] if args.quick else [64, 256, 1024], "flip" if args.quick else "C4")
     if torch.cuda.is_available():

@@ -81,14 +81,14 @@ def test_a_model_that_fails_in_channels_last_falls_back_and_the_audit_completes(
     assert report["conditions"][0]["metrics"]["LI"] is not None
 
 
-def test_auto_keeps_small_images_and_vectors_contiguous(tmp_path):
-    small = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 3)).eval()
-    result = audit_api(small, "flip", probes((1, 28, 28)), shifts=[], **OPTIONS)
-    assert result.model["memory_format"]["used"] == "contiguous"
-    assert "below 1024 pixels" in result.model["memory_format"]["reason"]
+def test_auto_keeps_vectors_and_convolution_free_models_contiguous():
     vectors = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     result = audit_api(vectors, {"name": "translation", "order": 12, "axis": 0}, probes((12,)), shifts=[], **OPTIONS)
+    assert result.model["memory_format"]["used"] == "contiguous"
     assert "not images" in result.model["memory_format"]["reason"]
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+    result = audit_api(dense, "C4", probes((3, 8, 8)), shifts=[], **OPTIONS)
+    assert "no 4-D (convolution) weights" in result.model["memory_format"]["reason"]
 
 
 def test_an_in_memory_module_comes_back_in_its_own_layout():

@@ -1,8 +1,8 @@
 """The memory layout of the differentiable module: channels-last where it is the faster convolution layout.
 
 Why: integrated gradients are most of an audit's cost, and on the CPU oneDNN runs NHWC convolutions faster
-than NCHW ones (ResNet-18 at 3x64x64, forward + backward on 2 cores: 8.2 -> 6.8 ms a sample, see
-``benchmarks/bench_scale.py``). A module whose 4-D weights are channels-last runs every convolution in that
+than NCHW ones: forward + backward on 2 cores, 1.2x (EfficientNet-B0) to 2x (ResNet-18 at 3x16x16), 1.3x for a
+two-layer CNN on 1x28x28 (``benchmarks/bench_scale.py`` prints the ResNet's pass cost in both layouts). A module whose 4-D weights are channels-last runs every convolution in that
 layout, whatever the input's strides, so converting the weights is enough.
 
 The conversion is done in place (a copy would double the weights' memory) and it changes the module's forward
@@ -24,11 +24,6 @@ Requested = Literal["auto", "contiguous", "channels_last"]
 #: channels-last logits must match the contiguous ones within this share of the logits' largest magnitude
 #: (both are fp32; a different summation order moves them by about 1e-6)
 LAYOUT_TOLERANCE = 1e-4
-#: ``auto`` converts on the CPU only from this many pixels an image: below it the layout changes little
-#: (measured on the CPU; on CUDA ``auto`` keeps contiguous until it is measured there)
-AUTO_MIN_PIXELS = 32 * 32
-
-
 @dataclass(frozen=True)
 class LayoutChoice:
     """Which layout the gradient passes use, and why (``report.model.memory_format``)."""
@@ -57,14 +52,9 @@ def choose_layout(module: torch.nn.Module | None, input_shape: tuple[int, ...], 
         return LayoutChoice("contiguous", "the model has no 4-D (convolution) weights")
     if not all(w.is_contiguous() for w in weights):
         return LayoutChoice("contiguous", "the model's 4-D weights already have a non-default layout; kept")
-    if requested == "auto":
-        pixels = input_shape[1] * input_shape[2]
-        if sample.device.type != "cpu":
-            return LayoutChoice("contiguous", f"auto: channels-last is not yet measured on {sample.device.type}; "
-                                              "set options.memory_format = channels_last to use it")
-        if pixels < AUTO_MIN_PIXELS:
-            return LayoutChoice("contiguous", f"auto: {input_shape[1]}x{input_shape[2]} images are below "
-                                              f"{AUTO_MIN_PIXELS} pixels, where channels-last gains little")
+    if requested == "auto" and sample.device.type != "cpu":
+        return LayoutChoice("contiguous", f"auto: channels-last is not yet measured on {sample.device.type}; "
+                                          "set options.memory_format = channels_last to use it")
     return _convert_checked(module, sample, requested)
 
 
@@ -76,7 +66,7 @@ def restore(module: torch.nn.Module | None, choice: LayoutChoice) -> None:
 
 def _convert_checked(module: torch.nn.Module, sample: torch.Tensor, requested: Requested) -> LayoutChoice:
     why = "options.memory_format = channels_last" if requested == "channels_last" else \
-        "auto: convolutional model on CPU images"
+        "auto: a convolutional model on CPU images"
     try:
         with torch.no_grad():
             reference = module(sample).float()
