@@ -176,11 +176,16 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
         assert r.json()["verdict"] == "genuine"  # the compact ?wait= answer
         job = requests.get(svc.url + r.headers["Location"], timeout=30).json()
         assert job["inputs"]["model"]["filename"] == "models:/tiny-onnx@champion"
-        deadline = time.monotonic() + 60  # the web process writes back once the job succeeded
-        while "invariance.verdict" not in (tags := registered["client"].get_model_version("tiny-onnx", "1").tags):
-            assert time.monotonic() < deadline, "no write-back"
-            time.sleep(0.5)
-        assert tags["invariance.verdict"] == "genuine"
+        request = job["inputs"]["model"]["mlflow"]  # stored with the job: the worker writes back
+        assert request["registry"] == "main" and request["version"] == "1", request
+        # written before the job was recorded as succeeded: the tags are there the moment it is
+        tags = registered["client"].get_model_version("tiny-onnx", "1").tags
+        assert tags["invariance.verdict"] == "genuine", tags
+        outcome = requests.get(svc.url + job["links"]["report"], timeout=30).json()["mlflow_write_back"]
+        assert outcome["status"] == "written" and outcome["attempts"] == 1, outcome
+        assert outcome["tags"]["invariance.verdict"] == "genuine"
+        again = post(model_uri="models:/tiny-onnx@champion", mlflow_write_back="true")
+        assert again.status_code == 200 and again.json()["id"] != job["id"], "a write-back is never a reused twin"
 
         r = post(model_uri="models:/tiny-plain/1", reuse="false")  # a run artifact, through the same checks
         assert r.status_code == 200 and r.json()["verdict"] != "genuine", r.text
@@ -201,3 +206,21 @@ def test_service_without_allow_list_refuses_model_uri(api):
     assert r.status_code == 403 and "AUDIT_MLFLOW_ALLOWED_URIS" in r.json()["detail"], r.text
     r = api("POST", "/audit", files={"spec": parts["spec"], "mlflow_write_back": (None, "true")})
     assert r.status_code == 422 and r.json()["field"] == "mlflow_write_back", r.text
+
+
+def test_worker_write_back_reports_a_registry_it_cannot_reach(tmp_path):
+    """The worker's write-back on its own: a registry no longer allowed, or one that does not answer, is a
+    ``failed`` outcome with the reason (the audit stands); nothing is raised."""
+    from audit_service.jobs.settings import Settings
+    from audit_service.jobs.write_back import write_back
+
+    request = {"registry": "main", "uri": "models:/tiny-onnx/1", "directory": "mlflow-artifacts:/x", "file": "m.onnx",
+               "flavor": "onnx", "version": "1", "run_id": None}
+    report = {"verdict": {"label": "genuine", "passed": True}, "conditions": []}
+    gone = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris="other=http://x"))
+    assert gone["status"] == "failed" and gone["attempts"] == 0 and "no longer" in gone["error"], gone
+    dead = f"http://127.0.0.1:{free_port()}"
+    down = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}"),
+                      pause_s=0)
+    assert down["status"] == "failed" and down["attempts"] == 3 and down["uri"] == "models:/tiny-onnx/1", down
+    assert "Connection" in down["error"] or "connect" in down["error"], down

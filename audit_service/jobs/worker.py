@@ -25,6 +25,7 @@ from .sandbox import cap_text
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore
+from .write_back import requested, write_back
 
 log = logging.getLogger("audit_service.worker")
 
@@ -239,6 +240,9 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
             from ..reference.catalog import attach_reference_profile
 
             attach_reference_profile(report)  # the shipped runs are outside the sandbox's reach
+        request = requested(job)
+        if request is not None and isinstance(report.get("verdict"), dict):
+            report["mlflow_write_back"] = write_back(request, report, settings)  # before succeed: run again if lost
         if store.succeed(job_id, owner, report):
             return Outcome(JobStatus.SUCCEEDED)
         return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")

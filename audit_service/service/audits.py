@@ -15,12 +15,13 @@ from ..errors import SpecError
 from ..jobs import submission
 from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import Job, QueueFull, TenantLimit
+from ..jobs.write_back import write_back_request
 from ..spec import AuditSpec, parse_audit_spec
 from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRequests,
                      Unprocessable)
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
-from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model, start_write_back
+from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model
 from .uploads import array_kind, check_slot, save_upload, symmetrize_in_sandbox, validate_model
 
 bp = Blueprint("audits", __name__)
@@ -123,18 +124,18 @@ def submit_audit() -> Response:
         submission.admit(st.store, st.settings, tenant)  # cheap early checks before reading the upload
         options, spec, registry_fields = _parse_form()
         try:
-            inputs, source = _stage_inputs(st, tenant, spec, registry_fields, staged)
+            inputs = _stage_inputs(st, tenant, spec, registry_fields, staged)
+            # a write-back is this job's own work (the worker does it): never answered by a finished twin
+            write_back = "mlflow" in inputs["model"]
             done = submission.submit(st.store, st.blobs, st.settings, tenant, submission.Submission(
                 spec=spec.model_dump(mode="json", exclude_none=False), inputs=inputs, staged=staged,
-                timeout_s=options.timeout_s, reuse=options.reuse))
+                timeout_s=options.timeout_s, reuse=options.reuse and not write_back))
         finally:
             for path in staged.values():
                 path.unlink(missing_ok=True)
     job = done.job
     if not done.reused:
         st.executor.dispatch(job.to_dict())
-    if source and registry_fields.get("mlflow_write_back"):
-        start_write_back(st, job.id, *source)
     location = f"/audits/{job.id}"
     wait = min(query.wait, st.settings.max_wait_s)
     job = submission.wait_for(st.store, job, wait)
@@ -172,17 +173,21 @@ def _parse_form() -> tuple[SubmitForm, AuditSpec, dict[str, Any]]:
 
 
 def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[str, Any],
-                  staged: dict[str, Path]) -> tuple[dict[str, dict], list | None]:
+                  staged: dict[str, Path]) -> dict[str, dict]:
     """Stream the file parts (or the registry's model) into ``staged`` and check them; the model check in
     the sandbox also fits the spec, probes and labels to the model: a 422 naming the field now, never a job
-    that fails later. Returns the input entries and the (located, registry) of a ``model_uri``."""
+    that fails later. Returns the input entries; a ``model_uri`` with ``mlflow_write_back`` carries the
+    write-back request in ``inputs.model.mlflow`` (the worker writes back, ``jobs.write_back``)."""
     inputs: dict[str, dict] = {}
     probe_shape = None
-    source = None
+    write_back: dict | None = None
     for name in ("probes", "labels", "second_probes", "model"):
         upload = request.files.get(name)
         if name == "model" and registry_fields.get("model_uri"):
-            inputs[name], staged[name], *source = stage_registry_model(st, registry_fields, upload is not None)
+            inputs[name], staged[name], located, registry_name = stage_registry_model(st, registry_fields,
+                                                                                      upload is not None)
+            if registry_fields.get("mlflow_write_back"):
+                write_back = write_back_request(located, registry_name)
             continue
         if upload is None:
             continue
@@ -198,7 +203,9 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
     inputs["model"] = validate_model(staged["model"], inputs["model"], st.settings, probe_shape,
                                      spec=spec.model_dump(mode="json", exclude_none=False), files=files,
                                      tenant=tenant, active=st.store.count_active(tenant))
-    return inputs, source
+    if write_back is not None:
+        inputs["model"]["mlflow"] = write_back
+    return inputs
 
 
 def _waited_answer(job: Job, report: dict, location: str) -> Response:

@@ -4,26 +4,21 @@ The client names a registry of ``AUDIT_MLFLOW_ALLOWED_URIS`` (``mlflow_registry`
 URL; the model must be served by that registry itself (``mlflow-artifacts``), so the service reaches no other
 host. The file streams into the upload staging area under ``AUDIT_MAX_MODEL_MB`` and then follows the exact
 path of an uploaded model (content checks, sandboxed model check, adoption). With ``mlflow_write_back=true``
-a thread of the web process waits for the job and writes the verdict back (``Registry.write_back``).
+the job carries the request and the worker writes the verdict back (``jobs.write_back``).
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import AuditError
 from ..jobs.blobs import BlobTooLarge
-from ..jobs.states import READY_STATES, JobStatus
 from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
 from .errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 
 REGISTRY_FIELDS = ("model_uri", "mlflow_registry", "mlflow_write_back")
 MiB = 1024 * 1024
-log = logging.getLogger(__name__)
 
 
 def pop_registry_fields(form: dict) -> dict[str, Any]:
@@ -49,9 +44,9 @@ def _api_error(exc: AuditError) -> ApiError:
     return Unprocessable(exc.message, field="model_uri")
 
 
-def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> tuple[dict, Path, Located, Registry]:
+def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> tuple[dict, Path, Located, str]:
     """Resolve ``model_uri`` in the allowed registry and stream its model file into the upload staging
-    (``BlobStore.stage``) under the model cap: (entry, staged path, located, registry)."""
+    (``BlobStore.stage``) under the model cap: (entry, staged path, located, the registry's allow-list name)."""
     if has_upload:
         raise BadRequest("Expected either a `model` file or a `model_uri`, but got both", field="model_uri")
     allowed = parse_allowed(st.settings.mlflow_allowed_uris)
@@ -78,42 +73,9 @@ def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> t
     if size == 0:
         staged.unlink(missing_ok=True)
         raise Unprocessable(f"Expected a non-empty model file at {ref.uri}, but got 0 bytes", field="model_uri")
-    return {"sha256": sha, "size_bytes": size, "filename": ref.uri[:255]}, staged, located, registry
+    return {"sha256": sha, "size_bytes": size, "filename": ref.uri[:255]}, staged, located, name
 
 
 def _too_large(located: Located, max_mb: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Expected the model file {located.file} of {located.ref.uri} to be at most {max_mb} "
                            f"MiB, but it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
-
-
-def start_write_back(st: Any, job_id: str, located: Located, registry: Registry) -> threading.Thread:
-    """Wait (in a daemon thread; a greenlet under gevent) for the job, then write its verdict back."""
-    deadline = time.monotonic() + st.settings.job_timeout_s * max(1, st.settings.max_attempts) + 600
-
-    def run() -> None:
-        delay = 0.2
-        while time.monotonic() < deadline:
-            job = st.store.get(job_id)
-            if job is None:
-                return
-            status = JobStatus(job["status"])
-            if status in READY_STATES:
-                if status != JobStatus.SUCCEEDED:
-                    return
-                try:
-                    import json
-
-                    from ..report.html import render_report_html
-
-                    report = json.loads(st.store.report_text(job_id) or "{}")
-                    registry.write_back(located, report, render_report_html(report))
-                except Exception as exc:  # noqa: BLE001 - logged; the audit itself succeeded
-                    log.warning("MLflow write-back of audit %s to %s failed: %s", job_id, located.ref.uri,
-                                str(exc)[:300])
-                return
-            time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
-
-    thread = threading.Thread(target=run, name=f"mlflow-write-back-{job_id}", daemon=True)
-    thread.start()
-    return thread

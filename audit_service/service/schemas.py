@@ -67,6 +67,8 @@ class InputFile(_Model):
     size_bytes: int
     filename: str | None = None
     format: str | None = None
+    #: the model of a ``model_uri`` audit with ``mlflow_write_back``: where the worker writes back
+    mlflow: dict[str, Any] | None = None
 
 
 class JobOut(_Model):
