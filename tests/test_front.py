@@ -27,6 +27,19 @@ def test_front_page_names_the_service_and_has_the_form(api):
     assert not re.search(r'(src|href)="https?://', page), "no assets from elsewhere"
 
 
+def test_every_group_the_page_offers_is_a_spec_the_api_accepts(api):
+    import html
+
+    from audit_service.groups.build import GROUPS
+    from audit_service.spec import parse_audit_spec
+
+    select = re.search(r'<select id="group".*?</select>', api("GET", "/").text, re.S).group(0)
+    values = [json.loads(html.unescape(v)) for v in re.findall(r'<option value="([^"]+)"', select)]
+    assert [v["name"] for v in values] == list(GROUPS)           # every group, from the one table
+    for value in values:
+        assert parse_audit_spec({"group": value}).group.name == value["name"]   # a translation has its order
+
+
 def test_docs_serve_swagger_ui_from_the_package(api):
     page = api("GET", "/docs").text
     assert "SwaggerUIBundle" in page and "/openapi.yaml" in page

@@ -45,3 +45,33 @@ def test_symmetrized_model_needs_a_succeeded_audit(api, models):
     assert api("DELETE", f"/audits/{job['id']}").status_code == 202  # cancelled before it can finish
     r = api("GET", f"/audits/{job['id']}/symmetrized.onnx")
     assert r.status_code == 409 and r.headers["Content-Type"] == "application/problem+json", r.text
+
+
+def _succeeded_audit(api, path, group, name):
+    r = api("POST", "/audit", files={"model": (name, open(path, "rb"))},
+            data={"spec": json.dumps(tiny_spec(group)), "reuse": "false"})
+    assert r.status_code in (200, 202), r.text
+    job = wait_for(api, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_symmetrized_model_of_an_interpolated_group_is_a_422_naming_the_group(api, models):
+    job = _succeeded_audit(api, models["plain"], {"name": "rotation", "n_angles": 6}, "plain.onnx")
+    r = api("GET", f"/audits/{job['id']}/symmetrized.onnx", timeout=300)
+    assert r.status_code == 422 and r.headers["Content-Type"] == "application/problem+json", r.text
+    problem = r.json()
+    assert problem["field"] == "spec.group", problem
+    assert "exact finite group" in problem["detail"] and "not be invariant" in problem["detail"], problem
+
+
+def test_symmetrized_model_without_a_torch_twin_is_a_422_naming_the_model(api, tmp_path):
+    from builders import IMAGE_SHAPE, PlainCNN, export_unconvertible
+
+    path = export_unconvertible(PlainCNN(seed=4), IMAGE_SHAPE, tmp_path / "thresholded.onnx")
+    job = _succeeded_audit(api, path, "C4", "thresholded.onnx")
+    r = api("GET", f"/audits/{job['id']}/symmetrized.onnx", timeout=300)
+    assert r.status_code == 422 and r.headers["Content-Type"] == "application/problem+json", r.text
+    problem = r.json()
+    assert problem["field"] == "model", problem
+    assert "torch twin" in problem["detail"] and "ThresholdedRelu" in problem["detail"], problem

@@ -7,12 +7,14 @@ static files. The pages hold no data: their scripts call the API with the caller
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import lru_cache
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
 from .. import __version__
+from ..groups.build import GROUPS
 
 bp = Blueprint("front", __name__, template_folder="templates")
 
@@ -30,7 +32,19 @@ def _html(text: str) -> Response:
 
 @bp.get("/")
 def index() -> Response:
-    return _html(render_template("front.html", version=__version__, tokens=_tokens_on()))
+    return _html(render_template("front.html", version=__version__, tokens=_tokens_on(), groups=group_choices()))
+
+
+@lru_cache(maxsize=1)
+def group_choices() -> list[dict[str, str]]:
+    """One choice per group the service knows (``groups.build.GROUPS``), submitted as its example spec (a
+    translation needs its order, a permutation its generators): the page offers nothing the API refuses."""
+    choices = []
+    for name, record in GROUPS.items():
+        params = ", ".join(f"{k} {json.dumps(v)}" for k, v in record.example.items() if k != "name")
+        choices.append({"value": json.dumps(record.example), "label": f"{name} ({params})" if params else name,
+                        "fits": record.fits})
+    return choices
 
 
 @bp.get("/docs")
