@@ -224,3 +224,6 @@ def test_worker_write_back_reports_a_registry_it_cannot_reach(tmp_path):
                       pause_s=0)
     assert down["status"] == "failed" and down["attempts"] == 3 and down["uri"] == "models:/tiny-onnx/1", down
     assert "Connection" in down["error"] or "connect" in down["error"], down
+    cancelled = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}"),
+                           before_attempt=lambda: False)
+    assert cancelled["status"] == "failed" and cancelled["attempts"] == 0 and "cancelled" in cancelled["error"]

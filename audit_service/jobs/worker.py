@@ -29,6 +29,9 @@ from .write_back import requested, write_back
 
 log = logging.getLogger("audit_service.worker")
 
+#: the lease held over one MLflow write-back attempt (MLflow's own HTTP timeout and retries fit inside it)
+WRITE_BACK_LEASE_S = 180.0
+
 _SIGNAL_REASONS = {
     signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV) inside the model runtime",
     signal.SIGABRT: "aborted (SIGABRT) inside the model runtime; with a memory limit set this is often "
@@ -242,7 +245,16 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
             attach_reference_profile(report)  # the shipped runs are outside the sandbox's reach
         request = requested(job)
         if request is not None and isinstance(report.get("verdict"), dict):
-            report["mlflow_write_back"] = write_back(request, report, settings)  # before succeed: run again if lost
+            def hold_lease() -> bool:  # the registry may take a while: keep the job ours, say what it waits on
+                try:
+                    return store.heartbeat(job_id, owner, max(settings.lease_s, WRITE_BACK_LEASE_S),
+                                           stage="writing back to MLflow")
+                except Exception as exc:  # noqa: BLE001 - as in supervision: a failed beat is not a lost job
+                    log.warning("job %s: heartbeat failed (%s); writing back anyway", job_id, exc)
+                    return True
+
+            # before succeed: a worker lost in between leaves a job that runs again, write-back included
+            report["mlflow_write_back"] = write_back(request, report, settings, before_attempt=hold_lease)
         if store.succeed(job_id, owner, report):
             return Outcome(JobStatus.SUCCEEDED)
         return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")

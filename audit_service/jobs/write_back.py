@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .settings import Settings
 
@@ -35,10 +35,12 @@ def requested(job: dict) -> dict[str, Any] | None:
     return request if isinstance(request, dict) else None
 
 
-def write_back(request: dict[str, Any], report: dict, settings: Settings,
-               pause_s: float = 1.0) -> dict[str, Any]:
+def write_back(request: dict[str, Any], report: dict, settings: Settings, pause_s: float = 1.0,
+               before_attempt: Callable[[], bool] = lambda: True) -> dict[str, Any]:
     """Tag the audited model version (or run) with ``report``'s verdict and log the reports (see
-    ``Registry.write_back``); ``{"status": "written", "tags": ...}`` or ``{"status": "failed", "error": ...}``."""
+    ``Registry.write_back``); ``{"status": "written", "tags": ...}`` or ``{"status": "failed", "error": ...}``.
+    ``before_attempt`` runs before each try at the registry (the worker renews the job's lease there); when it
+    says False the job is no longer ours (cancelled) and nothing is written."""
     from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
     from ..report.html import render_report_html
     from .sandbox import cap_text
@@ -51,6 +53,9 @@ def write_back(request: dict[str, Any], report: dict, settings: Settings,
                          "AUDIT_MLFLOW_ALLOWED_URIS"}
     error = "not attempted"
     for attempt in range(1, ATTEMPTS + 1):
+        if not before_attempt():
+            return {"status": "failed", **target, "attempts": attempt - 1,
+                    "error": "the job was cancelled or taken back before its verdict was written"}
         try:
             located = Located(ref=parse_model_uri(str(request["uri"])), directory=str(request["directory"]),
                               file=str(request["file"]), flavor=str(request["flavor"]),
