@@ -15,7 +15,7 @@ In one run, on the CPU (all figures from this process, so load on the machine sh
 With CUDA, the same default audit of a ResNet-50 at 3x224x224 (D4, 64 probes); skipped otherwise.
 
     .venv/bin/python benchmarks/bench_scale.py [--probes 64] [--group D4] [--quick] [--compile] [--no-all]
-        [--floor sampled|full] [--no-scaling]
+        [--floor sampled|full] [--no-scaling] [--no-resnet] [--layouts]
 """
 
 from __future__ import annotations
@@ -138,6 +138,38 @@ def pass_cost(model: nn.Module, shape: tuple[int, ...], batches: list[int], repe
         fwd = (time.perf_counter() - t) / batches[-1]
         print(f"  {fmt:13s} fwd+bwd per sample: {', '.join(cells)}; fwd-only (b={batches[-1]}) {1000 * fwd:.2f} ms")
     model.to(memory_format=torch.contiguous_format)
+
+
+def layout_table() -> None:
+    """Forward + backward a sample, contiguous vs channels-last, across architectures and image sizes: the
+    measurement behind ``memory_format=auto`` (``audit_service/runtime/layout.py``)."""
+    small = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES))
+    cases = [("two-layer CNN", small, (1, 28, 28), 1024),
+             ("resnet18", torchvision.models.resnet18(num_classes=CLASSES), (3, 16, 16), 512),
+             ("resnet18", torchvision.models.resnet18(num_classes=CLASSES), (3, 32, 32), 512),
+             ("resnet18", torchvision.models.resnet18(num_classes=CLASSES), (3, 64, 64), 256),
+             ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small(num_classes=CLASSES), (3, 64, 64), 256),
+             ("efficientnet_b0", torchvision.models.efficientnet_b0(num_classes=CLASSES), (3, 64, 64), 128)]
+    print(f"channels-last vs contiguous, forward + backward a sample (best of 3), {torch.get_num_threads()} "
+          "threads; weights converted, inputs as the audit passes them (contiguous):")
+    for name, model, shape, batch in cases:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        cost = {}
+        for fmt, memory in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            model.to(memory_format=memory)
+            x = torch.rand(batch, *shape)
+            best = float("inf")
+            for _ in range(3):
+                part = x.clone().requires_grad_(True)
+                t = time.perf_counter()
+                torch.autograd.grad(model(part)[:, 0].sum(), part)
+                best = min(best, time.perf_counter() - t)
+            cost[fmt] = 1000 * best / batch
+        print(f"  {name:20s} {'x'.join(map(str, shape)):8s} b={batch:4d}: contiguous {cost['contiguous']:.3f} ms, "
+              f"channels-last {cost['channels_last']:.3f} ms -> {cost['contiguous'] / cost['channels_last']:.2f}x")
 
 
 def compile_cost(model: nn.Module, shape: tuple[int, ...], batch: int, passes_in_audit: int) -> None:
@@ -311,11 +343,16 @@ def main() -> None:
                         help="time one condition of each size (sampled) or every condition (full) for the floors")
     parser.add_argument("--no-scaling", action="store_true", help="skip the probe-scaling runs")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18 CPU audit")
+    parser.add_argument("--layouts", action="store_true",
+                        help="only the channels-last vs contiguous pass cost across architectures (~2 min)")
     parser.add_argument("--_scaling-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._scaling_child is not None:
         scaling_child(args._scaling_child, args.group, Path(args._folder))
+        return
+    if args.layouts:
+        layout_table()
         return
     group = "flip" if args.quick else args.group
     probes, noise = (4, 4) if args.quick else (args.probes, args.noise_probes)

@@ -1,10 +1,10 @@
 """The memory layout of the differentiable module: channels-last where it is the faster convolution layout.
 
 Why: integrated gradients are most of an audit's cost, and on the CPU oneDNN runs NHWC convolutions faster
-than NCHW ones: forward + backward on 2 cores, 1.2x (EfficientNet-B0) to 2x (ResNet-18 at 3x16x16), 1.3x for
-a two-layer CNN on 1x28x28 (``benchmarks/bench_scale.py`` prints the ResNet's pass cost in both layouts). A
-module whose 4-D weights are channels-last runs every convolution in that layout, whatever the input's
-strides, so converting the weights is enough.
+than NCHW ones: forward + backward a sample on 2 cores, 1.35x (ResNet-18 at 3x64x64) to 1.76x (a two-layer CNN
+on 1x28x28) across five architectures (``benchmarks/bench_scale.py --layouts``). A module whose 4-D weights are
+channels-last runs every convolution in that layout, whatever the input's strides, so converting the weights
+is enough (that is how the benchmark measures it, too).
 
 The conversion is done in place (a copy would double the weights' memory) and it changes the module's forward
 too, so it is checked before use: a model that ``.view``s a convolution's output fails in channels-last, and a
