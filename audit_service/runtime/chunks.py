@@ -49,6 +49,22 @@ def run_chunked(forward: Forward, x: torch.Tensor, batch_size: int, num_classes:
     return logits
 
 
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with zero samples appended up to ``size`` (a graph that accepts only that batch size)."""
+    n = x.shape[0]
+    return x if n >= size else torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+
+
+def run_in_fixed_batches(call: Forward, x: torch.Tensor, fixed_batch: int) -> torch.Tensor:
+    """``call`` on ``x`` in pieces of exactly ``fixed_batch`` samples (the last one zero-padded), the
+    padding's outputs dropped: how a graph with a hard-coded batch size (ONNX, ``.pt2``) sees any batch."""
+    parts = []
+    for start in range(0, x.shape[0], fixed_batch):
+        piece = x[start:start + fixed_batch]
+        parts.append(call(pad_batch(piece, fixed_batch))[:piece.shape[0]])
+    return torch.cat(parts)
+
+
 def check_chunk_logits(out: object, n: int, num_classes: int) -> torch.Tensor:
     """One chunk's output as float32, after checking it is a tensor of shape ``(n, num_classes)``."""
     if not isinstance(out, torch.Tensor):

@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 import torch
 
-from .chunks import GuardedModule
+from .chunks import GuardedModule, run_in_fixed_batches
 from .validation import short_error
 
 #: relative tolerance (to the logit scale) for the converted module against onnxruntime
@@ -92,14 +92,7 @@ class ConvertedOnnx(torch.nn.Module):
             warnings.simplefilter("ignore")
             if self.fixed_batch is None:
                 return self.graph(x).float()
-            parts = []
-            for start in range(0, x.shape[0], self.fixed_batch):
-                piece = x[start:start + self.fixed_batch]
-                n = piece.shape[0]
-                if n < self.fixed_batch:
-                    piece = torch.cat([piece, piece.new_zeros((self.fixed_batch - n, *piece.shape[1:]))])
-                parts.append(self.graph(piece)[:n].float())
-            return torch.cat(parts)
+            return run_in_fixed_batches(lambda piece: self.graph(piece).float(), x, self.fixed_batch)
 
 
 #: Opsets tried, newest first, when onnx2torch lacks a converter at the model's own opset (exporters

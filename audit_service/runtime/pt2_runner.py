@@ -31,8 +31,8 @@ import torch
 
 from ..errors import AuditError, ModelError
 from .base import ModelFormat
-from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
-                     run_chunked)
+from .chunks import (GuardedModule, check_inputs, forward_without_grad, pad_batch, probe_num_classes,
+                     run_chunked, run_in_fixed_batches)
 from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: F401 - re-exported
 
 PROBE_BATCH = 2
@@ -273,18 +273,8 @@ class _BatchSizes(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_batch is None:
-            n = x.shape[0]
-            if n >= self.min_batch:
-                return self._call(x)
-            return self._call(torch.cat([x, x.new_zeros((self.min_batch - n, *x.shape[1:]))]))[:n]
-        parts = []
-        for start in range(0, x.shape[0], self.fixed_batch):
-            piece = x[start:start + self.fixed_batch]
-            n = piece.shape[0]
-            if n < self.fixed_batch:
-                piece = torch.cat([piece, piece.new_zeros((self.fixed_batch - n, *piece.shape[1:]))])
-            parts.append(self._call(piece)[:n])
-        return torch.cat(parts)
+            return self._call(pad_batch(x, self.min_batch))[:x.shape[0]]
+        return run_in_fixed_batches(self._call, x, self.fixed_batch)
 
 
 def _signature(program) -> tuple[tuple[int, ...] | None, int | None, int, int | None]:
