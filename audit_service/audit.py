@@ -23,6 +23,7 @@ from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 from .report.build import condition_report, now_iso, sensitivity_report
 from .runtime import ModelRunner, load_model
+from .runtime.loader import Loader
 from .runtime.layout import LayoutChoice, choose_layout, restore
 from .runtime.outputs import NOTES as OUTPUT_NOTES
 from .runtime.outputs import LogProbabilityRunner, detect_output_kind
@@ -47,17 +48,19 @@ def run_audit(
     labels: np.ndarray | None = None,
     second_probes: np.ndarray | None = None,
     progress: ProgressFn | None = None,
+    load: Loader = load_model,
 ) -> dict:
     """Audit one model; return the JSON-ready report (keys: ``spec.REPORT_KEYS``).
 
     Raises ``AuditError`` subclasses (``ModelError``, ``SpecError``, ``ProbeError``,
-    ``ModelRuntimeError``) for anything the client can fix.
+    ``ModelRuntimeError``) for anything the client can fix. ``load`` (``load_model``'s signature) is where
+    the model is loaded: the service passes the cage's, so that the model runs in its own process.
     """
     progress = progress or (lambda fraction, stage: None)
     options = spec.options
     t_start = time.perf_counter()
     progress(0.0, "loading model")
-    inputs = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device)
+    inputs = _checked_inputs(model_path, spec, probes, labels, second_probes, options.device, load=load)
     runner, x = inputs.runner, inputs.x
     t_loaded = time.perf_counter()
 
@@ -159,13 +162,15 @@ def precheck_audit(
     labels: np.ndarray | None = None,
     second_probes: np.ndarray | None = None,
     progress: ProgressFn | None = None,
+    load: Loader = load_model,
 ) -> dict:
     """Everything ``run_audit`` checks before it sweeps, and nothing more: the model loads (on the CPU), the
     probes and labels fit it, the group fits its input shape (axes, sizes, closure and product orders under
     the caps), the shifts apply. The service runs it at submission (an ``engine`` in the sandbox) so that a
     spec that cannot fit the model is a 422 naming the field, never a job that fails later. Returns
     ``format``, ``input_shape``, ``num_classes`` and ``group_order``."""
-    checked = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu", read_outputs=False)
+    checked = _checked_inputs(model_path, spec, probes, labels, second_probes, "cpu", read_outputs=False,
+                               load=load)
     runner, group = checked.runner, checked.group
     return {"format": str(getattr(runner, "format", "") or "") or None,
             "input_shape": [int(d) for d in runner.input_shape], "num_classes": runner.num_classes,
@@ -188,14 +193,14 @@ class CheckedInputs:
 
 def _checked_inputs(model_path: str | Path | ModelRunner, spec: AuditSpec, probes: np.ndarray | None,
                     labels: np.ndarray | None, second_probes: np.ndarray | None, device: str,
-                    read_outputs: bool = True) -> CheckedInputs:
+                    read_outputs: bool = True, load: Loader = load_model) -> CheckedInputs:
     """The runner (outputs adapted: log-probabilities where the model gives probabilities), the probes,
     labels, second probes, the group and the shifts, each checked against the model's input shape."""
     options = spec.options
     hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
     # a runner built by the caller (the Python API's in-memory module) is used as it is
-    runner = model_path if isinstance(model_path, ModelRunner) else load_model(model_path, device=device,
-                                                                                input_shape=hint)
+    runner = model_path if isinstance(model_path, ModelRunner) else load(model_path, device=device,
+                                                                           input_shape=hint)
     # only the probes the audit uses are checked and converted (a client may send far more)
     if isinstance(probes, np.ndarray) and probes.ndim:
         probes = probes[: options.n_probes]

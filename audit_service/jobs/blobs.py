@@ -73,11 +73,22 @@ class BlobStore:
             raise
 
     def adopt(self, staged: Path, sha256: str) -> Path:
-        """Move a staged file into the store under ``sha256`` (which the caller computed while staging)."""
+        """Move a staged file into the store under ``sha256`` (which the caller computed while staging).
+
+        A blob already stored under that hash is kept, never replaced: a running sandbox's Landlock rule
+        names that file's inode, and a replaced file would make its model open fail (the staged copy holds
+        the same bytes and is dropped)."""
         target = self.path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged, 0o600)  # the service user's alone (the data dir is 0700 too)
-        os.replace(staged, target)
+        try:
+            os.link(staged, target)  # atomic create-if-absent: never replaces an existing blob
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: rename, unless the blob is there already
+            if not target.exists():
+                os.replace(staged, target)
+        _unlink(staged)
         return target
 
     def put_stream(self, stream: BinaryIO, max_bytes: int | None = None, chunk: int = 1 << 20) -> tuple[str, int]:

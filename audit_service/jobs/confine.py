@@ -217,7 +217,9 @@ SECCOMP_DENY = ("socket", "ptrace", "process_vm_readv", "process_vm_writev", "bp
                 "setns", "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
                 "open_by_handle_at", "name_to_handle_at", "io_uring_setup", "chroot", "swapon", "swapoff",
                 "reboot", "acct", "quotactl", "fanotify_init", "mount_setattr", "move_mount", "open_tree",
-                "fsopen", "fsmount")
+                "fsopen", "fsmount",
+                # a process that leaves its group escapes the kill that ends every task
+                "setsid", "setpgid")
 
 
 def load_seccomp() -> object | None:

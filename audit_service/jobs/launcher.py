@@ -11,14 +11,21 @@ Every sandbox child, however it is started:
   anything but AF_UNIX, connect/bind/sendto/getaddrinfo, and ``subprocess``/``os.exec*``/``os.system``,
   whether or not the namespace could be made;
 * sees only a scrubbed environment (no ``AUDIT_*`` except the runtime's own knobs: no database URL,
-  broker URL or tokens), its own ``TMPDIR`` inside its work dir, and talks to its parent only
-  through files in that work dir.
+  broker URL or tokens), its own ``TMPDIR`` inside its work dir, no descriptor of its parent's beyond
+  stdin/stdout/stderr (``seal_descriptors``), and talks to its parent only through files in that work dir;
+* ends with its whole process group gone: ``Handle.end`` kills the group and waits, with deadlines, for
+  the leader's exit status and for the group to be empty, whatever the child reported.
+
+The exit status comes from ``waitpid`` (``Popen``, or the fork server's, relayed on its pipe), never from
+a file a child could write.
 
 Two ways to start one, same code inside:
 
 * ``ForkServer`` (``AUDIT_WARM_SANDBOX=1``, the default): a helper process that imported torch,
   onnxruntime and the engine once forks a fresh child per task (milliseconds instead of seconds of
-  imports); the helper never runs model code itself and stays single-use per child.
+  imports); the helper never runs model code itself and stays single-use per child. It is the
+  subreaper of everything its children start, reaps them, and writes ``{"exit": pid, "rc": rc}`` on
+  its stdout for each child it started.
 * ``spawn_fresh``: ``python -m audit_service.jobs.sandbox WORKDIR`` (the fallback, and ``=0``).
 """
 
@@ -48,6 +55,7 @@ log = logging.getLogger("audit_service.launcher")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 #: modules the fork server imports once, so that its children start warm
 PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "audit_service.runtime", "audit_service.audit",
            "audit_service.jobs.sandbox", "pyseccomp")
@@ -127,6 +135,10 @@ def sandbox_env(extra: dict | None = None) -> dict[str, str]:
     return env
 
 
+#: how long ``Handle.end`` waits for a killed group to be gone
+END_TIMEOUT_S = 30.0
+
+
 class Handle:
     """A started sandbox child: ``poll()`` -> exit status or None, ``kill()`` its process group."""
 
@@ -150,6 +162,71 @@ class Handle:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError
             time.sleep(0.02)
+
+    def end(self, timeout: float = END_TIMEOUT_S) -> int:
+        """Kill the whole process group (the engine, its cage, anything they started), then wait until the
+        leader's status is known and no process of the group is left. Its exit status; ``SandboxStuck``
+        when the group outlives ``timeout`` (a process in uninterruptible sleep)."""
+        self.kill()
+        deadline = time.monotonic() + timeout
+        try:
+            rc = self.wait(timeout)
+        except TimeoutError:
+            raise SandboxStuck(f"the sandbox (pid {self.pid}) did not exit within {timeout:g} s of SIGKILL") from None
+        while group_alive(self.pid):
+            if time.monotonic() > deadline:
+                raise SandboxStuck(f"processes of the sandbox's group {self.pid} outlived SIGKILL by {timeout:g} s")
+            self.kill()
+            time.sleep(0.02)
+        return rc
+
+
+class SandboxStuck(OSError):
+    """A sandbox's processes could not be ended: its job fails and says so."""
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (zombies aside) is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg succeeds on zombies waiting for their reaper: look for a live member
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def seal_descriptors(keep: set[int]) -> None:
+    """Point every open descriptor but ``keep`` at a read-only ``/dev/null``: what a library opened before the
+    fork (onnxruntime's SQLite file, the fork server's pipes) can no longer be read or written through, and
+    a library that still writes to its number writes nowhere instead of into a file opened later."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
 
 
 class _PopenHandle(Handle):
@@ -176,32 +253,31 @@ def spawn_fresh(workdir: Path, limits: Limits) -> Handle:
 
 
 class _ForkedHandle(Handle):
-    """A child of the fork server: its exit status arrives as ``exit.json`` in its work dir."""
+    """A child of the fork server: its exit status is the server's ``waitpid``, relayed on the server's pipe."""
 
-    def __init__(self, pid: int, workdir: Path, server: "ForkServer") -> None:
-        self.pid, self.workdir, self.server = pid, workdir, server
+    def __init__(self, pid: int, server: "ForkServer") -> None:
+        self.pid, self.server = pid, server
         self._rc: int | None = None
 
     def poll(self) -> int | None:
-        if self._rc is not None:
-            return self._rc
-        try:
-            self._rc = int(json.loads((self.workdir / "exit.json").read_text())["rc"])
-            return self._rc
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        if not self.server.alive():  # the server (and with it the child) is gone
-            self._rc = -signal.SIGKILL
+        if self._rc is None:
+            self._rc = self.server.exit_status(self.pid)
         return self._rc
 
 
 class ForkServer:
-    """One warm helper process per owning process; thread-safe; restarted when it dies."""
+    """One warm helper process per owning process; thread-safe; restarted when it dies.
+
+    Its stdout carries two kinds of lines, read by one thread: ``{"pid": n}`` answers a start request
+    (in order), ``{"exit": pid, "rc": rc}`` reports a child's end whenever it happens."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
-        self._home: str | None = None
         self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._answers: list[int] = []
+        self._exits: dict[int, int] = {}
+        self._mine: set[int] = set()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -210,17 +286,50 @@ class ForkServer:
         if not self.alive():
             import tempfile
 
-            # libraries the server preloads open files under $HOME at import (onnxruntime keeps a
-            # SQLite file open in ~/.cache): a throwaway home, so the fds every child inherits point
-            # at nothing of the service user's
-            self._drop_home()
-            home = self._home = tempfile.mkdtemp(prefix="audit-forkserver-")
-            env = sandbox_env({"HOME": home, "XDG_CACHE_HOME": home})
-            self._proc = subprocess.Popen([sys.executable, "-m", "audit_service.jobs.launcher"],
-                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=None, start_new_session=True,
-                                          preexec_fn=_die_with_parent, cwd="/")
+            self._orphan_all()
+            # libraries the server preloads open files under $HOME at import (onnxruntime keeps a SQLite
+            # file open in ~/.cache): a throwaway home, removed by the server once its imports are done
+            home = tempfile.mkdtemp(prefix="audit-forkserver-")
+            env = sandbox_env({"HOME": home, "XDG_CACHE_HOME": home, "AUDIT_FORKSERVER_HOME": home})
+            self._proc = proc = subprocess.Popen([sys.executable, "-m", "audit_service.jobs.launcher"],
+                                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=None, start_new_session=True,
+                                                 preexec_fn=_die_with_parent, cwd="/")
+            threading.Thread(target=self._read, args=(proc,), daemon=True, name="forkserver-reader").start()
         return self._proc
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self._changed:
+                if "exit" in message:
+                    self._exits[int(message["exit"])] = int(message["rc"])
+                else:
+                    self._answers.append(int(message["pid"]))
+                self._changed.notify_all()
+        with self._changed:  # the server is gone, and with it (PDEATHSIG) every child it had
+            if self._proc is proc:
+                self._orphan_all()
+            self._changed.notify_all()
+
+    def _orphan_all(self) -> None:
+        for pid in self._mine:
+            self._exits.setdefault(pid, -signal.SIGKILL)
+
+    def _answer(self, proc: subprocess.Popen, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self._answers:
+                left = deadline - time.monotonic()
+                if left <= 0 or proc.poll() is not None:
+                    proc.kill()
+                    raise OSError("the sandbox fork server did not answer")
+                self._changed.wait(min(left, 0.5))
+            return self._answers.pop(0)
 
     def warm(self, wait: bool = False, timeout: float = 180.0) -> None:
         """Start the server; with ``wait``, return once its imports are done (it answers a ping)."""
@@ -228,12 +337,13 @@ class ForkServer:
             proc = self._ensure()
             if not wait:
                 return
-            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdin is not None
             proc.stdin.write(b'{"ping": true}\n')
             proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
-            if not ready or not proc.stdout.readline():
-                proc.kill()
+            try:
+                self._answer(proc, timeout)
+            except OSError:
+                pass
 
     def start(self, workdir: Path, limits: Limits, ready_timeout: float = 120.0) -> Handle:
         request = json.dumps({"workdir": str(Path(workdir).resolve()), "memory_mb": limits.memory_mb,
@@ -241,15 +351,26 @@ class ForkServer:
                               "file_mb": limits.file_mb}) + "\n"
         with self._lock:
             proc = self._ensure()
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(request.encode())
-            proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], ready_timeout)  # first call: imports
-            line = proc.stdout.readline() if ready else b""
-            if not line:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(request.encode())
+                proc.stdin.flush()
+            except OSError as exc:
                 proc.kill()
-                raise OSError("the sandbox fork server did not answer")
-            return _ForkedHandle(int(json.loads(line)["pid"]), Path(workdir).resolve(), self)
+                raise OSError(f"the sandbox fork server is gone ({exc})") from None
+            pid = self._answer(proc, ready_timeout)  # the first call waits for its imports
+            if pid <= 0:
+                raise OSError("the sandbox fork server could not fork")
+            with self._changed:
+                self._mine.add(pid)
+            return _ForkedHandle(pid, self)
+
+    def exit_status(self, pid: int) -> int | None:
+        with self._changed:
+            rc = self._exits.pop(pid, None)
+            if rc is not None:
+                self._mine.discard(pid)
+            return rc
 
     def stop(self) -> None:
         with self._lock:
@@ -257,14 +378,6 @@ class ForkServer:
                 assert self._proc is not None
                 self._proc.kill()
                 self._proc.wait()
-            self._drop_home()
-
-    def _drop_home(self) -> None:
-        if self._home:
-            import shutil
-
-            shutil.rmtree(self._home, ignore_errors=True)
-            self._home = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - child
@@ -312,27 +425,31 @@ def _serve() -> int:  # pragma: no cover - exercised through ForkServer in the t
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - a missing layer: children import what they need
             print(f"fork server: preload {name} failed: {exc}", file=sys.stderr)
-    children: dict[int, Path] = {}
+    home = os.environ.pop("AUDIT_FORKSERVER_HOME", "")
+    if home and Path(home).name.startswith("audit-forkserver-"):
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)  # what the imports keep open stays open, unlinked
+    libc = _libc()
+    if libc is not None:  # the cages the children fork are reaped here when their engine is gone
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    children: set[int] = set()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     buffer = b""
     while True:
         ready, _, _ = select.select([stdin], [], [], 0.05)
-        while children:  # reap: exit status -> exit.json in the child's work dir
+        while True:  # reap: every child's status from waitpid, relayed on the pipe (orphans reaped silently)
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            workdir = children.pop(pid, None)
-            if workdir is not None:
+            if pid in children:
+                children.discard(pid)
                 rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-                try:
-                    tmp = workdir / "exit.tmp"
-                    tmp.write_text(json.dumps({"rc": rc}))
-                    os.replace(tmp, workdir / "exit.json")
-                except OSError:
-                    pass
+                stdout.write((json.dumps({"exit": pid, "rc": rc}) + "\n").encode())
+                stdout.flush()
         if not ready:
             continue
         chunk = os.read(stdin.fileno(), 65536)
@@ -352,11 +469,16 @@ def _serve() -> int:  # pragma: no cover - exercised through ForkServer in the t
                 stdout.flush()
                 continue
             workdir = Path(request["workdir"])
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                print(f"fork server: fork failed: {exc}", file=sys.stderr)
+                pid = -1
             if pid == 0:
                 _child(workdir, Limits(int(request["memory_mb"]), int(request["cpu_s"]), bool(request["netns"]),
                                        dict(request.get("env") or {}), int(request.get("file_mb") or 0)))
-            children[pid] = workdir
+            if pid > 0:
+                children.add(pid)
             stdout.write((json.dumps({"pid": pid}) + "\n").encode())
             stdout.flush()
 
@@ -369,9 +491,10 @@ def _child(workdir: Path, limits: Limits) -> None:  # pragma: no cover - forked 
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        os.dup2(devnull, 0)  # the server's pipes (0, 1) are replaced: a child cannot speak for the server
         os.close(fd)
         os.close(devnull)
+        seal_descriptors(keep={0, 1, 2})
         os.chdir(workdir)
         os.environ.update(limits.env)
         if limits.env.get("PYTHONPATH"):  # the interpreter is already running: extend its path too

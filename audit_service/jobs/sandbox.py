@@ -1,9 +1,14 @@
-"""The child process one audit runs in: ``python -m audit_service.jobs.sandbox WORKDIR``.
+"""The engine process one audit runs in: ``python -m audit_service.jobs.sandbox WORKDIR``.
 
 The worker (``jobs.worker``) starts it in its own session with rlimits on memory (``RLIMIT_AS``)
 and CPU time, strips ``AUDIT_*`` variables (no database URL or tokens reach model code), and
-kills the whole process group on timeout, cancellation or shutdown. The sandbox talks to its
-parent only through files in ``WORKDIR``:
+kills the whole process group on timeout, cancellation or shutdown, and after every task.
+
+The uploaded model never runs in this process: it is loaded in the **cage** (``jobs.cage``), a child
+confined more tightly (writes ``WORKDIR/cage`` only, reads nothing of the task), that answers forward
+and gradient requests on a socket pair. This process computes the metrics and the report from the
+tensors the cage returns, so nothing the worker reads below is writable by model code. It talks to
+its parent only through files in ``WORKDIR``:
 
 * ``task.json``   (in)  ``{"kind": "audit", "engine": "module:function", "spec": {...},
                          "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``,
@@ -18,7 +23,8 @@ Before anything of the task is loaded, audit and validate tasks install ``instal
 (a ``sys.addaudithook`` hook; see ``jobs.launcher`` for the network namespace around it).
 
 Exit status 0 means ``result.json`` was written; anything else (a signal, no result) is a crash
-the parent turns into a failed job with the reason.
+the parent turns into a failed job with the reason. The status reaches the worker from ``waitpid``
+(through the fork server's pipe, or ``Popen``), never from a file.
 """
 
 from __future__ import annotations
@@ -26,14 +32,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
+import stat
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-_OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "bad_alloc",
-                "std::bad_alloc", "failed to allocate")
+if TYPE_CHECKING:
+    from .cage import Cage
+
+from .failures import MAX_MESSAGE_CHARS, cap_text, classify_exception  # noqa: F401 - re-exported
 
 
 class SandboxViolation(PermissionError):
@@ -117,20 +127,26 @@ LANDLOCK_ENV = "AUDIT_SANDBOX_LANDLOCK"
 
 
 def confine_task(task: dict, workdir: Path) -> dict:
-    """Close the kernel cage before the task's model is touched: read the environment and the
-    task's inputs, write ``workdir`` only (``jobs.confine``). A code-bearing model (TorchScript,
-    ``.pt2``) is refused when the file system could not be confined, unless the operator opted in."""
+    """Close the engine's kernel cage before anything of the task is touched: read the environment and the
+    task's inputs, write ``workdir`` only (``jobs.confine``). The cage (``jobs.cage``) nests its own inside."""
+    inputs = [task.get(k) for k in ("model", "probes", "labels", "second_probes") if task.get(k)]
+    return confine_paths(inputs, workdir, model=task.get("model"))
+
+
+def confine_paths(inputs: list[str], workdir: Path, model: str | None) -> dict:
+    """Landlock (read the environment and ``inputs``, write ``workdir``) and seccomp for this process. A
+    code-bearing ``model`` (TorchScript, ``.pt2``) is refused when the file system could not be confined,
+    unless the operator opted in (``AUDIT_ALLOW_UNCONFINED_MODELS=1``)."""
     from ..errors import AuditError
     from .confine import ConfinementError, confine
 
-    inputs = [task.get(k) for k in ("model", "probes", "labels", "second_probes") if task.get(k)]
     protected = [p for p in os.environ.get(PROTECTED_ENV, "").split(os.pathsep) if p]
     try:
         applied = confine(workdir, inputs, protected, landlock=os.environ.get(LANDLOCK_ENV) != "off").as_dict()
     except ConfinementError as exc:
         applied = {"filesystem": False, "notes": [str(exc)]}
     os.environ["AUDIT_SANDBOX_CONFINEMENT"] = json.dumps(applied)
-    if not applied["filesystem"] and os.environ.get(ALLOW_UNCONFINED_ENV) != "1" and _carries_code(task):
+    if not applied["filesystem"] and os.environ.get(ALLOW_UNCONFINED_ENV) != "1" and model and _carries_code(model):
         raise AuditError(
             "Expected an ONNX model on this server: TorchScript and torch.export (.pt2) models are programs, "
             "and this kernel cannot confine their file access (no Landlock: "
@@ -139,11 +155,11 @@ def confine_task(task: dict, workdir: Path) -> dict:
     return applied
 
 
-def _carries_code(task: dict) -> bool:
+def _carries_code(model: str) -> bool:
     try:
-        with open(task["model"], "rb") as fh:
+        with open(model, "rb") as fh:
             return fh.read(2) == _CODE_MAGIC
-    except (OSError, KeyError, TypeError):
+    except (OSError, TypeError):
         return True  # unknown: fail closed
 
 
@@ -163,50 +179,68 @@ def _load_labels(path: str) -> Any:
     return np.load(path, allow_pickle=False)
 
 
-def validate_model(task: dict) -> dict:
-    from ..runtime import load_model
-
+def validate_model(task: dict, cage: "Cage | None") -> dict:
+    if cage is None:
+        raise _no_model()
     shape = task.get("input_shape")
-    runner = load_model(task["model"], device="cpu", max_bytes=task.get("max_bytes"),
-                        input_shape=tuple(shape) if shape else None)
-    return {"format": str(getattr(runner, "format", "") or "") or None,
-            "input_shape": [int(d) for d in getattr(runner, "input_shape", ()) or ()],
-            "num_classes": getattr(runner, "num_classes", None)}
+    runner = cage.load(task["model"], device="cpu", max_bytes=task.get("max_bytes"),
+                       input_shape=tuple(shape) if shape else None)
+    return {"format": runner.format, "input_shape": [int(d) for d in runner.input_shape],
+            "num_classes": runner.num_classes}
 
 
-def symmetrize_model(task: dict) -> dict:
-    """``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path, "max_bytes": n}``: write the
-    orbit average of the model over the spec's group as ONNX to ``output`` (inside the workdir)."""
-    from ..errors import AuditError, SpecError
-    from ..groups import build_group
-    from ..runtime import load_model
+def _no_model() -> Exception:
+    from ..errors import ModelError
+
+    return ModelError("Expected a model file with the task, but it names none", field="model")
+
+
+def symmetrize_model(task: dict, cage: "Cage | None") -> dict:
+    """``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path, "max_bytes": n}``: the orbit
+    average of the model over the spec's group as ONNX at ``output``, exported in the cage and copied out
+    by this process (a regular file under the size cap; a link the model planted is refused)."""
     from ..spec import parse_audit_spec
-    from ..symmetrization import export_symmetrized_onnx
 
-    spec = parse_audit_spec(task["spec"])
-    runner = load_model(task["model"], device="cpu", max_bytes=task.get("max_bytes"))
-    module = runner.torch_module()
-    if module is None:
-        raise AuditError("Expected a model with a torch twin to symmetrize, but this model has none "
-                         f"({getattr(runner, 'gradient_note', None) or 'it could not be converted'})", field="model")
-    group = build_group(spec.group, tuple(runner.input_shape))
-    if not group.exact:
-        raise SpecError(f"Expected an exact finite group to average over, but {group.name} is sampled or "
-                        f"interpolated: an average over it would not be invariant", field="group")
-    export_symmetrized_onnx(module, group, tuple(runner.input_shape), task["output"])
-    return {"group": group.name, "order": int(group.order), "input_shape": [int(d) for d in runner.input_shape]}
+    parse_audit_spec(task["spec"])  # the spec's errors are ours to name, before the model is touched
+    if cage is None:
+        raise _no_model()
+    cage.load(task["model"], device="cpu", max_bytes=task.get("max_bytes"))
+    inside = cage.directory / "symmetrized.onnx"
+    info = cage.symmetrize(task["spec"], inside)
+    copy_regular_file(inside, Path(task["output"]), 2 * (task.get("max_bytes") or _max_model_bytes()))
+    return info
 
 
-def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
-    if task["kind"] == "validate":
-        return validate_model(task)
-    if task["kind"] == "symmetrize":
-        return symmetrize_model(task)
+def _max_model_bytes() -> int:
+    from ..runtime.validation import max_model_bytes
+
+    return max_model_bytes()
+
+
+def copy_regular_file(source: Path, target: Path, max_bytes: int) -> None:
+    """Copy what the cage wrote, without following a link it may have planted, up to ``max_bytes``."""
+    from ..errors import ModelError
+
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise ModelError(f"Expected the symmetrized export to be a regular file of at most {max_bytes} bytes, "
+                             f"but the model's process left something else", field="model")
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def run_task(task: dict, progress: Callable[[float, str], None], cage: "Cage | None") -> dict:
     if task["kind"] == "reference_run":
         from ..reference.catalog import train_reference_run
 
         return train_reference_run(task["name"], epochs=task.get("epochs"), seed=task.get("seed"),
                                    progress=progress)
+    if task["kind"] == "validate":
+        return validate_model(task, cage)
+    if task["kind"] == "symmetrize":
+        return symmetrize_model(task, cage)
     from ..audit import load_probe_file
     from ..spec import parse_audit_spec
 
@@ -220,36 +254,8 @@ def run_task(task: dict, progress: Callable[[float, str], None]) -> dict:
         second, _ = load_probe_file(task["second_probes"])
     engine = _load_engine(task.get("engine") or DEFAULT_ENGINE)
     progress(0.0, "loading model")
-    return engine(task["model"], spec, probes=probes, labels=labels, second_probes=second, progress=progress)
-
-
-#: model-controlled text (exception messages, prints) never reaches a client or a log longer than this
-MAX_MESSAGE_CHARS = 600
-
-
-def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters cut]"
-
-
-def classify_exception(exc: BaseException) -> dict:
-    from ..errors import AuditError
-
-    text = str(exc)
-    if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OOM_MARKERS):
-        limit = os.environ.get("AUDIT_SANDBOX_MEMORY_MB")
-        where = f" of {limit} MiB (AUDIT_JOB_MEMORY_MB)" if limit and limit != "0" else ""
-        return {"type": "out_of_memory",
-                "message": f"the audit ran out of memory under the limit{where}: lower options.batch_size / "
-                           f"options.probe_chunk / options.n_probes, or ask the operator to raise the limit "
-                           f"({type(exc).__name__}: {text[:300]})", "field": None}
-    if isinstance(exc, AuditError):
-        return {"type": type(exc).__name__, "message": cap_text(exc.message), "field": exc.field}
-    if isinstance(exc, NotImplementedError):
-        return {"type": "not_implemented", "message": f"not implemented in this version: {text[:300]}",
-                "field": None}
-    return {"type": "audit_failed",
-            "message": f"the audit raised {type(exc).__name__}: {text[:500]}", "field": None}
+    return engine(task["model"], spec, probes=probes, labels=labels, second_probes=second, progress=progress,
+                  **({"load": cage.load} if cage is not None else {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,15 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = _Tolerant(sys.stdout), _Tolerant(sys.stderr)
     task = json.loads((workdir / "task.json").read_text())
     progress = _Progress(workdir / "progress.json")
+    cage = None
     try:
         if task.get("kind") != "reference_run":  # our own training code needs no cage; uploaded models do
+            from .cage import start_cage
             from .confine import load_seccomp
 
             load_seccomp()  # finds libseccomp with a subprocess, which the guard refuses from now on
             install_network_guard()
             _load_engine(task.get("engine") or DEFAULT_ENGINE)  # trusted code, imported before the cage closes
             confine_task(task, workdir)
-        report = run_task(task, progress)
+            if task.get("model"):  # forked now, single-threaded, inside this process's cage: its own nests in ours
+                cage = start_cage(workdir / "cage", [os.path.realpath(task["model"])])
+        report = run_task(task, progress, cage)
         payload = {"ok": True, "report": report}
         try:
             text = json.dumps(payload, allow_nan=False)
@@ -282,9 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         try:
             _write_json(workdir / "result.json", {"ok": False, "error": classify_exception(exc)})
-        except BaseException:  # noqa: BLE001 - e.g. MemoryError again; the parent reports the exit
-            return 3
+        except BaseException:  # noqa: BLE001 - e.g. MemoryError again, or a full disk; the parent reports the exit
+            return RESULT_UNWRITTEN
+    finally:
+        if cage is not None:
+            cage.close()
     return 0
+
+
+#: the exit status of an engine that could not write its result (the worker says "disk full?")
+RESULT_UNWRITTEN = 3
 
 
 class _Tolerant:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import BlobStore
-from .launcher import Handle, Limits, launch, task_env
-from .sandbox import cap_text
+from .failures import cap_text, signal_reason
+from .launcher import Handle, Limits, SandboxStuck, launch, task_env
+from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore
@@ -31,18 +32,6 @@ log = logging.getLogger("audit_service.worker")
 
 #: the lease held over one MLflow write-back attempt (MLflow's own HTTP timeout and retries fit inside it)
 WRITE_BACK_LEASE_S = 180.0
-
-_SIGNAL_REASONS = {
-    signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV) inside the model runtime",
-    signal.SIGABRT: "aborted (SIGABRT) inside the model runtime; with a memory limit set this is often "
-                    "an allocation that failed",
-    signal.SIGBUS: "crashed with a bus error (SIGBUS)",
-    signal.SIGILL: "crashed with an illegal instruction (SIGILL)",
-    signal.SIGFPE: "crashed with a floating-point exception (SIGFPE)",
-    signal.SIGXCPU: "exceeded its CPU-time limit (SIGXCPU)",
-    signal.SIGKILL: "was killed (SIGKILL), most often by the kernel's out-of-memory killer",
-}
-
 
 def process_owner_id() -> str:
     """``host:pid:starttime:rand`` — identifies this process even across pid reuse."""
@@ -110,10 +99,25 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
     stop = stop or threading.Event()
     job_id = job["id"]
     workdir = Path(settings.data_dir) / "work" / f"{job_id}-{job['attempts']}"
+    try:
+        return _run_in(workdir, job, store, blobs, settings, owner, stop)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_in(workdir: Path, job: dict, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
+            stop: threading.Event) -> Outcome:
+    job_id = job["id"]
     if workdir.exists():
         shutil.rmtree(workdir, ignore_errors=True)
-    (workdir / "tmp").mkdir(parents=True)
-    (workdir / "task.json").write_text(json.dumps(build_task(job, blobs, settings, workdir)))
+    try:
+        (workdir / "tmp").mkdir(parents=True)
+        (workdir / "task.json").write_text(json.dumps(build_task(job, blobs, settings, workdir)))
+    except OSError as exc:  # a full disk, most often: the job fails with the reason, the next one runs
+        err = JobError("worker_disk", f"the worker could not prepare the audit's work dir ({exc}); the disk "
+                                      f"holding AUDIT_DATA_DIR may be full: free space and resubmit")
+        store.fail(job_id, err, owner=owner)
+        return Outcome(JobStatus.FAILED, err.message)
 
     spec_device = (job["spec"].get("options") or {}).get("device", "auto") if isinstance(job["spec"], dict) else "auto"
     memory_mb = settings.job_memory_mb
@@ -128,7 +132,13 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
                          "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
                          "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * 1024 * 1024)})
     timeout_s = float(job["timeout_s"])
-    child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
+    try:
+        child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
+    except OSError as exc:
+        err = JobError("sandbox_start", f"the audit's sandbox could not be started ({exc}); the disk or the "
+                                        f"process table may be full")
+        store.fail(job_id, err, owner=owner)
+        return Outcome(JobStatus.FAILED, err.message)
     started = time.monotonic()
     lease_every = max(0.5, settings.lease_s / 3)
     last_beat = last_scratch_check = 0.0
@@ -170,21 +180,18 @@ def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, ow
         if reason is None and stop.is_set():
             reason = "shutdown"
         if reason is not None:
-            _kill_group(child)
             break
-    rc = child.wait()
+    try:  # whatever happened, the whole group is gone before the job is recorded
+        rc = child.end()
+    except SandboxStuck as exc:
+        err = JobError("sandbox_stuck", f"{exc}; the job is failed and the operator should look at the host")
+        log.error("job %s: %s", job_id, exc)
+        store.fail(job_id, err, owner=owner)
+        return Outcome(JobStatus.FAILED, err.message)
     elapsed = time.monotonic() - started
     if reason is None and _dir_bytes(workdir) > settings.job_scratch_mb * 1024 * 1024:
         reason = "scratch"  # a child quicker than the periodic check is held to the same cap
-    try:
-        outcome = _settle(job, store, owner, workdir, rc, reason, elapsed, timeout_s, memory_mb, settings)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return outcome
-
-
-def _kill_group(child: Handle) -> None:
-    child.kill()
+    return _settle(job, store, owner, workdir, rc, reason, elapsed, timeout_s, memory_mb, settings)
 
 
 def _dir_bytes(root: Path) -> int:
@@ -272,11 +279,12 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
 def _crash_reason(rc: int, elapsed: float, memory_mb: int, settings: Settings, workdir: Path) -> tuple[str, str]:
     limits = (f"limits: memory {memory_mb or 'unlimited'} MiB, CPU {settings.job_cpu_s} s")
     if rc < 0:
-        sig = signal.Signals(-rc)
-        what = _SIGNAL_REASONS.get(sig, f"was killed by signal {sig.name}")
-        kind = {signal.SIGXCPU: "cpu_time_limit", signal.SIGKILL: "killed"}.get(sig, "crashed")
+        kind, what = signal_reason(rc)
         return kind, f"the audit process {what} after {elapsed:.1f} s ({limits}); the service and other jobs " \
                      f"are unaffected"
+    if rc == RESULT_UNWRITTEN:
+        return "result_unwritten", f"the audit finished after {elapsed:.1f} s but could not write its result " \
+                                   f"(the disk holding AUDIT_DATA_DIR may be full); nothing was recorded"
     tail = ""
     try:
         with open(workdir / "stderr.log", "rb") as fh:  # only its end: a model may print without bound

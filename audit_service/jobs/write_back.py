@@ -43,7 +43,7 @@ def write_back(request: dict[str, Any], report: dict, settings: Settings, pause_
     says False the job is no longer ours (cancelled) and nothing is written."""
     from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
     from ..report.html import render_report_html
-    from .sandbox import cap_text
+    from .failures import cap_text
 
     tracking = parse_allowed(settings.mlflow_allowed_uris).get(str(request.get("registry")))
     target = {"uri": request.get("uri"), "version": request.get("version")}

@@ -63,7 +63,11 @@ CUDA_MEMORY_FRACTION = 0.5
 def cuda_batch_limit(module: torch.nn.Module, x: torch.Tensor, fraction: float = CUDA_MEMORY_FRACTION,
                      probe: int = 4) -> int:
     """How many samples one forward + backward may hold on ``x``'s CUDA device: the peak memory of one
-    probe pass of ``probe`` samples, per sample, against ``fraction`` of the free memory."""
+    probe pass of ``probe`` samples, per sample, against ``fraction`` of the free memory. A module that runs
+    in another process (``jobs.cage``) measures there."""
+    own = getattr(module, "cuda_batch_limit", None)
+    if own is not None:
+        return own(x)
     device = x.device
     torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)

@@ -46,6 +46,9 @@ def choose_layout(module: torch.nn.Module | None, input_shape: tuple[int, ...], 
     model still computes the same logits on ``sample`` (a few real inputs on the module's device)."""
     if module is None:
         return LayoutChoice("contiguous", "no differentiable module (gradient-free fallback)")
+    own = getattr(module, "choose_own_layout", None)
+    if own is not None:  # a module whose weights live in another process chooses there (``jobs.cage``)
+        return own(input_shape, requested, sample)
     if requested == "contiguous":
         return LayoutChoice("contiguous", "options.memory_format = contiguous")
     if len(input_shape) != 3:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -18,6 +18,14 @@ from .onnx_runner import OnnxRunner
 from .pt2_runner import ExportedProgramRunner
 from .torchscript_runner import TorchScriptRunner
 from .validation import identify, read_model_bytes
+
+
+class Loader(Protocol):
+    """Where a model gets loaded: ``load_model`` itself, or a stand-in with its signature (the service's
+    cage loads the model in a confined process of its own, ``jobs.cage``)."""
+
+    def __call__(self, path: str | Path, device: str | torch.device = "auto", max_bytes: int | None = None,
+                 input_shape: Sequence[int] | None = None) -> ModelRunner: ...
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -49,6 +49,17 @@ class _LogOf(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(self.inner(x).clamp_min(LOG_FLOOR))
 
+    def choose_own_layout(self, input_shape: tuple[int, ...], requested: str, sample: torch.Tensor):
+        """The layout is the inner model's (its weights; the log adds none)."""
+        from .layout import choose_layout
+
+        return choose_layout(self.inner, input_shape, requested, sample)
+
+    def cuda_batch_limit(self, x: torch.Tensor) -> int:
+        from ..metrics.saliency import cuda_batch_limit
+
+        return cuda_batch_limit(self.inner, x)
+
 
 class LogProbabilityRunner:
     """A runner whose model outputs probabilities, seen through log p (the ``ModelRunner`` protocol)."""

@@ -27,7 +27,7 @@ from werkzeug.datastructures import FileStorage
 
 from ..jobs.blobs import BlobStore, BlobTooLarge
 from ..jobs.launcher import Limits, launch, task_env
-from ..jobs.sandbox import cap_text
+from ..jobs.failures import cap_text
 from ..jobs.settings import Settings
 from .errors import PayloadTooLarge, Unprocessable
 
@@ -188,10 +188,13 @@ def _run_short_task(path: Path, settings: Settings, make_task: Callable[[Path, P
         (workdir / "task.json").write_text(json.dumps(make_task(workdir, model)))
         handle = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
         try:
-            rc = handle.wait(settings.validate_timeout_s)
+            handle.wait(settings.validate_timeout_s)
+            timed_out = False
         except TimeoutError:
-            handle.kill()
-            raise Unprocessable(slow, field="model") from None
+            timed_out = True
+        rc = handle.end()  # the check's slot is released only once its whole process group is gone
+        if timed_out:
+            raise Unprocessable(slow, field="model")
         try:
             result = json.loads((workdir / "result.json").read_text())
         except (OSError, ValueError):
