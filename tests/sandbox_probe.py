@@ -110,3 +110,19 @@ def file_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
 def env_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
     """The names of the variables the sandbox sees."""
     return {"names": sorted(os.environ)}
+
+
+def _fds(pid: str) -> dict:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError as exc:
+            out[fd] = f"unreadable: {exc}"
+    return out
+
+
+def cage_fd_probe(model, spec, load=None, **_kwargs) -> dict:  # noqa: ANN001
+    """The descriptors of the cage holding ``model`` (loaded through the engine's ``load``) and of the engine."""
+    runner = load(model, device="cpu")
+    return {"cage": _fds(str(runner.cage.pid)), "engine": _fds("self")}

@@ -109,6 +109,19 @@ def test_blob_store_is_content_addressed(tmp_path):
         blobs.path("../../etc/passwd")
 
 
+def test_a_stored_blob_is_never_replaced(tmp_path):
+    """The same bytes uploaded again keep the file that is there (issue 17): a running sandbox's Landlock rule
+    names that inode, and a replaced file made its model open fail with "Permission denied"."""
+    blobs = BlobStore(tmp_path / "blobs")
+    sha, _ = blobs.put_bytes(b"model bytes")
+    before = blobs.path(sha).stat().st_ino
+    staged, sha2, _ = blobs.stage(io.BytesIO(b"model bytes"))
+    assert sha2 == sha
+    blobs.adopt(staged, sha2)
+    assert blobs.path(sha).stat().st_ino == before
+    assert not staged.exists() and blobs.path(sha).read_bytes() == b"model bytes"
+
+
 def test_settings_from_environment(tmp_path):
     s = Settings.from_env({"AUDIT_DATA_DIR": str(tmp_path), "AUDIT_MAX_QUEUED": "5", "AUDIT_LEASE_S": "2.5"})
     assert s.max_queued == 5 and s.lease_s == 2.5

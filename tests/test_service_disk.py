@@ -185,6 +185,34 @@ def test_a_full_disk_answers_507_and_the_service_recovers_by_itself(tmpfs, model
         svc.stop()
 
 
+def test_a_worker_that_meets_a_full_disk_goes_on_once_space_is_back(tmpfs, models):
+    """Issue 17: a full disk while an audit runs. The sandbox is still killed at its timeout (its exit status
+    comes from waitpid, not from a file the fork server must write), what cannot be recorded is retried, and
+    once space is back the stuck job ends with its reason and the next job runs, with no restart."""
+    svc = Service(tmpfs, workers=1, web_workers=1, AUDIT_MIN_FREE_MB=4, AUDIT_LEASE_S=4, AUDIT_MAX_ATTEMPTS=2).start()
+    try:
+        stuck = _submit(svc.url, models["hang"].read_bytes(), spec=tiny_spec("flip", options=FAST),
+                        form={"timeout_s": "8"})
+        assert stuck.status_code == 202, stuck.text
+        stuck_id = stuck.json()["id"]
+        deadline = time.monotonic() + 60
+        while requests.get(f"{svc.url}/audits/{stuck_id}", timeout=10).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        filler = _fill(tmpfs, leave_mb=0)
+        time.sleep(12)  # the job's timeout passes while nothing can be written
+        filler.unlink()
+        probes = np.random.default_rng(5).random((8, 1, 12, 12), dtype=np.float32)
+        fresh = _submit(svc.url, models["plain"], probes=_npy(probes), spec=tiny_spec("flip", options=FAST))
+        assert fresh.status_code == 202, fresh.text
+        jobs = settle(svc.url, [stuck_id, fresh.json()["id"]], timeout=150)
+        assert jobs[stuck_id]["status"] == "failed", jobs[stuck_id]
+        assert jobs[stuck_id]["error"]["type"] in ("timeout", "worker_lost"), jobs[stuck_id]
+        assert jobs[fresh.json()["id"]]["status"] == "succeeded", jobs[fresh.json()["id"]]
+    finally:
+        svc.stop()
+
+
 # ----------------------------------------------------------------------------- damaged databases
 def _serve_once(data: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "AUDIT_DATA_DIR": str(data), "PYTHONPATH": str(ROOT)}

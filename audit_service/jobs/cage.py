@@ -39,8 +39,8 @@ from ..runtime.validation import MAX_INPUT_ELEMENTS, max_model_bytes
 from .failures import cap_text, classify_exception, signal_reason
 from .wire import WireError, receive, send
 
-#: graphs the cage keeps for vector-Jacobian products (the Jacobian reuses one; IG one per batch)
-MAX_GRAPHS = 4
+#: graphs the cage keeps until their one vector-Jacobian product (the engine differentiates each graph once)
+MAX_GRAPHS = 2
 #: the most the engine sends in one request (a batch of inputs)
 MAX_REQUEST_BYTES = 8 << 30
 #: how long a cage may take to leave after it was asked to
@@ -411,8 +411,12 @@ class _Server:
         return {"handle": handle}, [y.detach()]
 
     def _op_vjp(self, header: dict, tensors: list) -> tuple[dict, list]:
-        x, y = self.graphs[int(header["handle"])]
-        (gx,) = torch.autograd.grad(y, x, tensors[0].to(device=y.device, dtype=y.dtype), retain_graph=True)
+        handle = int(header["handle"])
+        if handle not in self.graphs:
+            raise RuntimeError(f"graph {handle} was used or dropped already: the engine differentiates each "
+                               f"forward pass once")
+        x, y = self.graphs.pop(handle)  # used once, freed as it is used (as autograd.grad without retain_graph)
+        (gx,) = torch.autograd.grad(y, x, tensors[0].to(device=y.device, dtype=y.dtype))
         return {}, [gx]
 
     def _op_layout(self, header: dict, tensors: list) -> tuple[dict, list]:

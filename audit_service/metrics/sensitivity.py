@@ -11,17 +11,31 @@ from typing import Callable
 import torch
 
 
-def jacobian(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(P, *S) -> (P, C, D) by reverse mode, one batched backward per class (probes are independent)."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = module(x)
-        n_classes = out.shape[1]
-        rows = []
-        for c in range(n_classes):
-            (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c < n_classes - 1)
-            rows.append(g.reshape(x.shape[0], -1))
-    return torch.stack(rows, dim=1).detach()
+#: samples per Jacobian pass (probes x classes of one block)
+JACOBIAN_BATCH = 256
+
+
+def jacobian(module: torch.nn.Module, x: torch.Tensor, max_batch: int = JACOBIAN_BATCH) -> torch.Tensor:
+    """(P, *S) -> (P, C, D) by reverse mode. The probes are repeated once per class of a block (at most
+    ``max_batch`` samples a pass) and copy c is differentiated for class c: every graph is differentiated
+    once, without ``retain_graph``, so a module that runs in another process (``jobs.cage``) frees each graph
+    as it is used and holds one at a time."""
+    p = x.shape[0]
+    x = x.detach()
+    with torch.no_grad():
+        n_classes = module(x[:1]).shape[1]
+    per_pass = max(1, max_batch // max(p, 1))
+    blocks = []
+    for first in range(0, n_classes, per_pass):
+        k = min(per_pass, n_classes - first)
+        rep = x.repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)          # (k*P, *S), class-major
+        with torch.enable_grad():
+            out = module(rep)
+            pick = torch.zeros_like(out)
+            pick.view(k, p, n_classes)[torch.arange(k), :, first + torch.arange(k)] = 1.0
+            (g,) = torch.autograd.grad(out, rep, grad_outputs=pick)
+        blocks.append(g.reshape(k, p, -1))
+    return torch.cat(blocks).transpose(0, 1).detach()
 
 
 def finite_difference_jacobian_sketch(

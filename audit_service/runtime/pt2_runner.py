@@ -13,10 +13,22 @@ described by JSON configs, which is safe; but it also
 * loads AOTInductor shared libraries (``data/aotinductor/``), i.e. native code.
 
 So this module checks the archive with ``zipfile`` and JSON only (an allowlist of members, no
-``use_pickle`` entries, no custom/opaque objects, graph targets in the ``aten`` / ``prims``
-namespaces, sample inputs whose pickle names only tensor-rebuilding globals) and then rebuilds the
-program from the same pieces ``torch.export.load`` uses, passing *no* sample inputs, so nothing is
-unpickled at all. The example inputs are not needed: the input shape comes from the graph.
+``use_pickle`` entries, no custom/opaque objects, sample inputs whose pickle names only
+tensor-rebuilding globals) and then rebuilds the program from the same pieces ``torch.export.load``
+uses, passing *no* sample inputs, so nothing is unpickled at all. The example inputs are not needed:
+the input shape comes from the graph.
+
+The graph itself is a program too. Being in the ``aten`` namespace does not make an operator safe:
+``aten.from_file(path, shared=True)`` maps a file and ``aten.copy_`` writes into it, ``aten.set_`` /
+``aten.resize_`` repoint or grow a tensor's memory, ``aten.empty`` returns stale heap bytes, and any
+in-place or ``out=`` operator can rewrite the caller's probes or the program's own weights between
+calls. So every node must call an operator named in an allow-list (what stock classifiers export to,
+before and after ``run_decompositions()``), and an operator that writes into an argument (its schema's
+``Tensor(a!)``) is accepted only from a short in-place list (``relu_``, ``add_``, ... as
+``nn.ReLU(inplace=True)`` exports) and only into a tensor the graph computed itself, never an input,
+weight or constant (or a view of one). The signature may not write results back into inputs or
+buffers, and the shape expressions, which the loader hands to ``sympy.sympify`` (``eval``), must be
+plain size arithmetic.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import pickletools
+import re
 import warnings
 import zipfile
 
@@ -37,7 +50,76 @@ from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: 
 
 PROBE_BATCH = 2
 MODEL_NAME = "model"
-_ALLOWED_TARGET_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "_operator.", "torch.sym_", "math.")
+#: ATen operators (overload packets) that return new tensors; an overload that writes into an argument
+#: (``out=``) is still refused by its schema
+_PURE_OPS = frozenset(f"aten.{name}" for name in """
+    convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear addmm mm bmm
+    baddbmm matmul mv scaled_dot_product_attention lstm gru embedding
+    batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training instance_norm layer_norm
+    native_layer_norm group_norm native_group_norm rms_norm
+    relu relu6 gelu silu hardswish hardsigmoid hardtanh sigmoid tanh elu selu celu leaky_relu prelu softplus
+    mish glu threshold softmax _softmax log_softmax _log_softmax clamp clamp_min clamp_max
+    max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d
+    avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d
+    _adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d upsample_nearest1d
+    upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d pixel_shuffle pixel_unshuffle
+    channel_shuffle
+    add sub rsub mul div neg abs exp log log1p log2 sqrt rsqrt pow reciprocal erf sin cos maximum minimum
+    where masked_fill sign floor ceil round trunc fmod remainder nan_to_num isnan isinf logical_not
+    logical_and logical_or eq ne lt le gt ge
+    sum mean amax amin max min argmax argmin std var prod any all logsumexp linalg_vector_norm norm cumsum
+    topk sort
+    full full_like zeros zeros_like ones ones_like new_zeros new_ones new_full arange scalar_tensor eye
+    lift_fresh_copy clone _to_copy copy
+    cat stack flip roll rot90 repeat constant_pad_nd pad reflection_pad1d reflection_pad2d replication_pad1d
+    replication_pad2d index index_select gather slice_scatter select_scatter
+    sym_size sym_stride sym_numel sym_storage_offset _assert_scalar _assert_async _assert_tensor_metadata
+    sym_constrain_range sym_constrain_range_for_size _local_scalar_dense item
+    """.split())
+#: operators whose result may be (a view of) one of their inputs; ``dropout`` and ``type_as`` return
+#: their input as it is, and so may ``einsum`` and ``sum_to_size``
+_VIEW_OPS = frozenset(f"aten.{name}" for name in """
+    view view_as reshape flatten unflatten permute transpose t expand expand_as broadcast_to slice select
+    narrow unsqueeze squeeze split split_with_sizes chunk unbind movedim alias detach contiguous to as_strided
+    dropout feature_dropout alpha_dropout native_dropout type_as einsum sum_to_size
+    """.split())
+#: in-place operators as stock models export them (``nn.ReLU(inplace=True)``, ``out += identity``),
+#: accepted only into a tensor the graph computed itself
+_INPLACE_OPS = frozenset(f"aten.{name}" for name in """
+    relu_ relu6_ hardswish_ hardsigmoid_ hardtanh_ silu_ gelu_ sigmoid_ tanh_ elu_ leaky_relu_ clamp_
+    clamp_min_ add_ sub_ mul_ div_ dropout_ feature_dropout_ alpha_dropout_ fill_ zero_ masked_fill_
+    """.split())
+#: arithmetic on symbolic sizes (a dynamic batch), as the serializer names it
+_SYMBOLIC_TARGETS = frozenset({
+    "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv", "_operator.truediv",
+    "_operator.mod", "_operator.neg", "_operator.pos", "_operator.eq", "_operator.ne", "_operator.lt",
+    "_operator.le", "_operator.gt", "_operator.ge", "_operator.and_", "_operator.or_", "_operator.getitem",
+    "torch.sym_int", "torch.sym_float", "torch.sym_not", "torch.sym_max", "torch.sym_min", "torch.sym_ite",
+    "torch.sym_sqrt", "math.trunc", "math.floor", "math.ceil"})
+#: refused by name, with the reason
+_REFUSED_OPS = {
+    "aten.from_file": "reads or writes files", "aten.save": "writes files",
+    **dict.fromkeys(("aten.set_", "aten.set", "aten.set_data", "aten.as_strided_", "aten.resize_",
+                     "aten.resize", "aten.resize_as_", "aten.resize_as", "aten._resize_output_",
+                     "aten._unsafe_view", "aten._reshape_alias"),
+                    "repoints, resizes or aliases a tensor's raw memory"),
+    **dict.fromkeys(("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.empty_permuted",
+                     "aten.new_empty", "aten.new_empty_strided"), "returns uninitialized memory"),
+    "aten.copy_": "writes into an existing tensor",
+    "aten._print": "has a side effect (printing)", "aten.set_grad_enabled": "changes global state"}
+#: operators that update their running statistics in place unless the flag argument is false
+_HIDDEN_WRITES = {"aten.batch_norm": ("training", ("running_mean", "running_var")),
+                  "aten.instance_norm": ("use_input_stats", ("running_mean", "running_var"))}
+#: a token of a sympy ``srepr`` shape expression: a name, a quoted symbol name or number, a number, an operator
+_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|'[\w.+-]*'|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[-+*/%(),<>=!])", re.ASCII)
+_EXPR_NAMES = frozenset("""
+    Symbol Integer Float Rational Add Mul Pow Max Min Mod Abs Eq Ne Lt Le Gt Ge And Or Not true false True False
+    oo floor ceiling StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality BooleanTrue
+    BooleanFalse positive integer real nonnegative negative finite precision FloorDiv ModularIndexing Where
+    PythonMod CleanDiv CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv
+    IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat
+    Identity
+    """.split())
 #: globals a pickle of plain tensors (what torch.save writes for example inputs) may name
 _TENSOR_PICKLE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
                           ("torch._utils", "_rebuild_parameter"), ("collections", "OrderedDict"),
@@ -89,7 +171,7 @@ def check_pt2_archive(data: bytes) -> None:
                 path = str(meta.get("path_name", ""))
                 if not path.startswith(("weight_", "tensor_")):
                     raise _refuse(f"'{fqn}' is stored as '{path}', not as raw tensor bytes")
-        _check_targets(_json(archive, members[f"models/{MODEL_NAME}.json"]))
+        _check_graph(_json(archive, members[f"models/{MODEL_NAME}.json"]))
         sample = members.get(f"data/sample_inputs/{MODEL_NAME}.pt")
         if sample is not None:
             _check_sample_inputs(archive.read(sample))
@@ -98,22 +180,139 @@ def check_pt2_archive(data: bytes) -> None:
 def _json(archive: zipfile.ZipFile, name: str) -> dict:
     try:
         value = json.loads(archive.read(name))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _refuse(f"'{name}' is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _refuse(f"'{name}' is not valid JSON ({short_error(exc)})") from None
     if not isinstance(value, dict):
         raise _refuse(f"'{name}' does not hold a JSON object")
     return value
 
 
-def _check_targets(program: dict) -> None:
-    graph = program.get("graph_module", {}).get("graph", {})
+def _refuse_program(why: str) -> ModelError:
+    return ModelError(f"Expected a torch.export program of pure tensor operators, but {why}", field="model")
+
+
+def _refuse_op(op: str, why: str) -> ModelError:
+    return _refuse_program(f"the graph calls '{op}' ({why}); only the ATen operators that classifiers export to "
+                           "are accepted, in-place ones only into tensors the graph computed itself")
+
+
+def _check_graph(program: dict) -> None:
+    """Every node calls an allow-listed operator, and nothing writes into the program's inputs or weights."""
+    if program.get("guards_code"):
+        raise _refuse_program("it carries guard code, which torch.export turns into Python and runs")
+    for expr in _expressions(program):
+        if not _plain_expression(expr):
+            raise _refuse_program(f"its shape expression {expr[:80]!r} is not plain size arithmetic "
+                                  "(torch.export.load evaluates it as Python)")
+    module = program.get("graph_module", {})
+    graph = module.get("graph", {})
     if graph.get("custom_obj_values"):
         raise _refuse("the graph uses custom (TorchScript-class) objects, which load through a pickle")
+    for spec in module.get("signature", {}).get("output_specs", []):
+        kind = next(iter(spec), "?") if isinstance(spec, dict) else "?"
+        if kind != "user_output":
+            raise _refuse_program(f"its signature has a '{kind}' output, which writes back into an input, weight "
+                                  "or buffer (export with model.eval() and leave the input unchanged)")
+    defined = set(_tensor_names(graph.get("inputs", [])))
+    made_here: set[str] = set()  # tensors the graph computed (or views of them): never inputs or weights
     for node in graph.get("nodes", []):
-        target = str(node.get("target", ""))
-        if not target.startswith(_ALLOWED_TARGET_PREFIXES):
-            raise _refuse(f"the graph calls '{target}'; only core ATen/prims operators are accepted "
-                          "(custom operators need the exporter's Python code)")
+        if not isinstance(node, dict):
+            raise _refuse_program("its graph holds a node that is not a JSON object")
+        _check_node(node, made_here)
+        for name in _tensor_names(node.get("outputs", [])):
+            if name in defined:
+                raise _refuse_program(f"the graph defines the tensor '{name}' twice")
+            defined.add(name)
+
+
+def _check_node(node: dict, made_here: set[str]) -> None:
+    target = str(node.get("target", ""))
+    if target in _SYMBOLIC_TARGETS:
+        return
+    name = target.removeprefix("torch.ops.")
+    parts = name.split(".")
+    is_op = target.startswith("torch.ops.") and len(parts) == 3
+    op = f"{parts[0]}.{parts[1]}" if is_op else name
+    if op not in _PURE_OPS | _VIEW_OPS | _INPLACE_OPS:
+        writes = is_op and (parts[1].endswith("_") and not parts[1].endswith("__") or parts[2].endswith("out"))
+        raise _refuse_op(name, _REFUSED_OPS.get(op) or (
+            "writes into an existing tensor: an in-place or out= variant" if writes
+            else "not on the allow-list of pure tensor operators"))
+    try:
+        schema = torch._C._get_schema(op.replace(".", "::", 1), "" if parts[2] == "default" else parts[2])
+    except RuntimeError:
+        raise _refuse_op(name, f"no such overload in torch {torch.__version__}") from None
+    args: dict[str, list[str]] = {}
+    for entry in node.get("inputs", []):
+        if isinstance(entry, dict):
+            args.setdefault(str(entry.get("name")), []).extend(_tensor_names(entry.get("arg")))
+    written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if written and op not in _INPLACE_OPS:
+        raise _refuse_op(name, f"writes into its argument '{written[0]}': an in-place or out= variant")
+    flag, stats = _HIDDEN_WRITES.get(op, ("", ()))
+    if flag and not any(e.get("name") == flag and e.get("arg") == {"as_bool": False}
+                        for e in node.get("inputs", []) if isinstance(e, dict)):
+        written += stats  # training-mode statistics are updated in place
+    for arg in written:
+        outside = [t for t in args.get(arg, []) if t not in made_here]
+        if outside:
+            raise _refuse_op(name, f"writes in place into '{outside[0]}', an input, weight, buffer or constant "
+                                   "of the program or a view of one; export with model.eval() and leave the "
+                                   "input unchanged")
+    fresh = op in _INPLACE_OPS or (op not in _VIEW_OPS and all(r.alias_info is None for r in schema.returns))
+    if fresh or all(t in made_here for ts in args.values() for t in ts):
+        made_here.update(_tensor_names(node.get("outputs", [])))
+
+
+def _tensor_names(value: object) -> list[str]:
+    """Names of the tensors a serialized argument (or list of them) refers to, at any depth."""
+    names: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if key == "as_tensor" and isinstance(inner, dict):
+                    names.append(str(inner.get("name")))
+                elif key == "as_tensors" and isinstance(inner, list):
+                    names.extend(str(t.get("name")) for t in inner if isinstance(t, dict))
+                else:
+                    stack.append(inner)
+    return names
+
+
+def _expressions(program: dict) -> list[str]:
+    """Every ``expr_str`` in the program: symbolic sizes the deserializer parses with ``sympy.sympify``."""
+    found: list[str] = []
+    stack: list[object] = [program]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if key == "expr_str":
+                    found.append(str(inner))
+                else:
+                    stack.append(inner)
+    return found
+
+
+def _plain_expression(expr: str) -> bool:
+    """A sympy ``srepr`` of size arithmetic: known function names, symbol names, numbers and operators."""
+    expr = expr.strip()
+    pos = 0
+    while pos < len(expr) <= 10_000:
+        match = _EXPR_TOKEN.match(expr, pos)
+        if match is None:
+            return False
+        word = match.group(1)
+        if word is not None and word not in _EXPR_NAMES and not re.fullmatch(r"[a-z]+[0-9]+", word):
+            return False
+        pos = match.end()
+    return pos == len(expr)
 
 
 def _check_sample_inputs(blob: bytes) -> None:

@@ -1,0 +1,98 @@
+"""What the model cage costs: the same audit with the model in the engine's process and in its own cage.
+
+Issue 17 moved every uploaded model into a process of its own (``jobs.cage``): the engine sends inputs and
+receives logits and gradients over a socket pair. This times bench_scale's default audit (a random-weights
+ResNet-18, 10 classes, 3x64x64 TorchScript, D4, the default spec and shifts, ``saliency_scope`` decisive)
+both ways in one process, interleaved (in-process, caged, in-process, caged, ...), and prints the ratio.
+The cage here is the real one: forked before any torch work, Landlock and seccomp applied, sealed fds.
+
+    .venv/bin/python benchmarks/bench_cage.py [--probes 16] [--repeats 2] [--group D4] [--shape 3,64,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probes", type=int, default=16)
+    parser.add_argument("--noise-probes", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--group", default="D4")
+    parser.add_argument("--shape", default="3,64,64")
+    parser.add_argument("--arch", default="resnet18")
+    args = parser.parse_args()
+    shape = tuple(int(d) for d in args.shape.split(","))
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-cage-"))
+    path = folder / f"{args.arch}.pt"
+    path.write_bytes(b"")  # the cage's Landlock rule names this file: it must exist before the fork
+
+    from audit_service.jobs.cage import start_cage
+
+    cage = start_cage(folder / "cage", [str(path)])  # forked first, single-threaded, as the sandbox does
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    from audit_service.audit import run_audit
+    from audit_service.spec import parse_audit_spec
+    from bench_scale import CLASSES, export_torchscript
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=CLASSES)
+    with torch.no_grad():  # BatchNorm statistics of N(0, 1) inputs, as bench_scale
+        for _ in range(4):
+            model(torch.randn(32, *shape))
+    model.eval()
+    export_torchscript(model, shape, path)
+    x = np.random.default_rng(0).normal(size=(args.probes, *shape)).astype(np.float32)
+    spec = parse_audit_spec({"group": args.group, "options": {"n_probes": args.probes, "device": "cpu",
+                                                              "n_noise_probes": args.noise_probes}})
+    warm = parse_audit_spec({"group": args.group, "shifts": [],
+                             "options": {"n_probes": args.probes, "n_noise_probes": args.noise_probes,
+                                         "device": "cpu", "saliency_scope": "none", "bootstrap": 0,
+                                         "jacobian_probes": 0}})
+    run_audit(path, warm, x)
+    run_audit(path, warm, x, load=cage.load)
+
+    times: dict[str, list[float]] = {"in-process": [], "caged": []}
+    reports: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, load in (("in-process", None), ("caged", cage.load)):
+            start = time.perf_counter()
+            reports[name] = run_audit(path, spec, x, **({"load": load} if load else {}))
+            times[name].append(time.perf_counter() - start)
+            print(f"  {name:10s} {times[name][-1]:8.2f} s  verdict {reports[name]['verdict']['label']}", flush=True)
+    cage.close()
+
+    inproc, caged = min(times["in-process"]), min(times["caged"])
+    a, b = reports["in-process"], reports["caged"]
+    same = a["verdict"]["label"] == b["verdict"]["label"]
+    worst = max((abs(ca["metrics"][m] - cb["metrics"][m]) for ca, cb in zip(a["conditions"], b["conditions"])
+                 for m in ("DI", "LI", "SI") if ca["metrics"].get(m) is not None and cb["metrics"].get(m) is not None),
+                default=0.0)
+    print(f"{args.arch} (random weights) {'x'.join(map(str, shape))} TorchScript, {args.group}, {args.probes} probes, "
+          f"{args.noise_probes} noise probes, default spec, CPU, torch threads {torch.get_num_threads()}; "
+          f"best of {args.repeats}")
+    print(f"  in-process model: {inproc:8.2f} s")
+    print(f"  caged model     : {caged:8.2f} s  = {caged / inproc:.3f}x in-process (target <= 1.10x)")
+    print("  per condition, s (in-process / caged): " + "; ".join(
+        f"{name} {a['timing']['conditions_s'][name]:.2f} / {b['timing']['conditions_s'][name]:.2f}"
+        for name in a["timing"]["conditions_s"]) + f"; Jacobian {a['timing']['sensitivity_s']:.2f} / "
+        f"{b['timing']['sensitivity_s']:.2f}")
+    print(f"  verdicts {'identical' if same else 'DIFFERENT'} ({a['verdict']['label']}); largest DI/LI/SI "
+          f"difference {worst:.2e}; gradient passes {b['model']['memory_format']['used']} (caged) vs "
+          f"{a['model']['memory_format']['used']} (in-process)")
+
+
+if __name__ == "__main__":
+    main()
