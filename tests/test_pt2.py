@@ -7,14 +7,19 @@ import io
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
 
 from audit_service.errors import ModelError
 from audit_service.runtime import load_model, sniff_format
-from audit_service.runtime.pt2_runner import pickle_globals
+from audit_service.runtime.pt2_runner import check_pt2_archive, pickle_globals
 from builders import IMAGE_SHAPE, MLP, PlainCNN, export_pt2
 
 
@@ -125,15 +130,194 @@ def test_pickled_weights_and_native_code_are_refused(cnn_pt2, tmp_path):
         load_model(legacy, device="cpu")
 
 
-def test_custom_operator_targets_are_refused(cnn_pt2, tmp_path):
-    _, path = cnn_pt2
+def _program(path):
     with zipfile.ZipFile(path) as src:
         root = src.namelist()[0].split("/", 1)[0]
-        program = json.loads(src.read(f"{root}/models/model.json"))
-    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.evil.run.default"
-    bad = _rewrite(path, tmp_path / "custom.pt2", replace={"models/model.json": json.dumps(program).encode()})
-    with pytest.raises(ModelError, match="torch.ops.evil.run.default"):
+        return json.loads(src.read(f"{root}/models/model.json"))
+
+
+def _with_program(path, out, program):
+    return _rewrite(path, out, replace={"models/model.json": json.dumps(program).encode()})
+
+
+def _saved(program) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def _export(module, shape=IMAGE_SHAPE):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module.eval(), (batch(2, shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+class _ManyOps(nn.Module):
+    """The layers and functions of typical hand-written CNNs and MLPs, in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn, self.ln, self.gn = nn.BatchNorm2d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4)
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.gn(self.bn(self.conv(x)))
+        y = torch.cat([F.gelu(y), F.silu(y), F.hardswish(y), torch.sigmoid(y), torch.tanh(y), F.relu(y)], 1)
+        y = F.max_pool2d(y, 2) + F.avg_pool2d(y, 2) * 0.5 - F.adaptive_avg_pool2d(y, 3).mean() / 2
+        y = self.ln(y.view(y.shape[0], 6, 4, -1).permute(0, 2, 3, 1).reshape(y.shape[0], -1, 4))
+        y = self.fc(self.drop(y).transpose(1, 2).mean(2).unsqueeze(1).squeeze(1).flatten(1).clone())
+        y = y.expand(-1, 3)[:, 1:].select(1, 0).unsqueeze(1) + y.t().t().to(torch.float32) + y.sum(1, keepdim=True)
+        return F.softmax(y, 1) + F.log_softmax(y, 1)
+
+
+CLASSIFIERS = {
+    "many_ops": (_ManyOps, IMAGE_SHAPE),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
+    "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(num_classes=10), (3, 32, 32)),
+    "squeezenet1_0": (lambda: torchvision.models.squeezenet1_0(num_classes=10), (3, 32, 32)),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32)),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name in ("many_ops", "resnet18") else
+                                               [pytest.mark.slow]) for name in CLASSIFIERS])
+def test_stock_classifiers_pass_the_operator_allow_list(name):
+    build, shape = CLASSIFIERS[name]
+    torch.manual_seed(0)
+    program = _export(build(), shape)
+    check_pt2_archive(_saved(program))  # training IR: conv2d, batch_norm, relu_ on computed tensors, ...
+    check_pt2_archive(_saved(program.run_decompositions()))  # core ATen: convolution, addmm, view, ...
+
+
+class _FileWriter(nn.Module):
+    """What the attacker exports first: ``zeros`` + ``copy_``; ``aten.from_file`` has no fake kernel, so
+    torch.export refuses to trace it and the attacker names it in the graph JSON instead."""
+
+    def forward(self, x):
+        buffer = torch.zeros(16, dtype=torch.uint8)
+        buffer.copy_(torch.full((16,), 65, dtype=torch.uint8))
+        return x.flatten(1) * 2 + buffer[:1].float()
+
+
+def test_a_graph_that_maps_a_file_and_copies_into_it_is_refused(tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"0123456789abcdef")
+    plain = tmp_path / "writer.pt2"
+    plain.write_bytes(_saved(_export(_FileWriter())))
+    program = _program(plain)
+    node = program["graph_module"]["graph"]["nodes"][0]
+    assert node["target"] == "torch.ops.aten.zeros.default"
+    node["target"] = "torch.ops.aten.from_file.default"
+    node["inputs"] = [{"name": "filename", "arg": {"as_string": str(victim)}, "kind": 1},
+                      {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                      {"name": "size", "arg": {"as_int": 16}, "kind": 1}, *node["inputs"][1:]]
+    evil = _with_program(plain, tmp_path / "evil.pt2", program)
+    with warnings.catch_warnings():  # the attack is real: torch.export.load runs it
+        warnings.simplefilter("ignore")
+        torch.export.load(str(evil)).module()(batch(2))
+    assert victim.read_bytes() == b"A" * 16
+    victim.write_bytes(b"0123456789abcdef")
+    with pytest.raises(ModelError, match=r"the graph calls 'aten\.from_file\.default' \(reads or writes files\)"):
+        load_model(evil, device="cpu")
+    with pytest.raises(ModelError, match=r"'aten\.copy_\.default' \(writes into an existing tensor\)"):
+        load_model(plain, device="cpu")
+    assert victim.read_bytes() == b"0123456789abcdef"
+
+
+class _AddsToItsInput(nn.Module):
+    def forward(self, x):
+        x.add_(1)
+        return x.flatten(1)
+
+
+class _ClampsAViewOfItsInput(nn.Module):
+    def forward(self, x):
+        x[:, 0].relu_()
+        return x.flatten(1)
+
+
+class _DecaysItsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        self.scale.mul_(0.5)
+        return x.flatten(1) * self.scale
+
+
+@pytest.mark.parametrize("module, op, target", [(_AddsToItsInput, "aten.add_.Tensor", "x"),
+                                                (_ClampsAViewOfItsInput, "aten.relu_.default", "select"),
+                                                (_DecaysItsBuffer, "aten.mul_.Tensor", "b_scale")])
+def test_in_place_writes_into_inputs_or_weights_are_refused(module, op, target):
+    program = _export(module())
+    with pytest.raises(ModelError, match=rf"'{re.escape(op)}' \(writes in place into '{target}', an input, weight"):
+        check_pt2_archive(_saved(program))
+    functional = program.run_decompositions()  # the write moves into the signature
+    with pytest.raises(ModelError, match=r"its signature has a '(user_input|buffer)_mutation' output"):
+        check_pt2_archive(_saved(functional))
+
+
+def test_batch_norm_updating_its_running_statistics_is_refused(tmp_path):
+    path = tmp_path / "bn.pt2"
+    path.write_bytes(_saved(_export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten()))))
+    load_model(path, device="cpu")
+    program = _program(path)
+    (node,) = [n for n in program["graph_module"]["graph"]["nodes"] if n["target"].endswith("batch_norm.default")]
+    (flag,) = [i for i in node["inputs"] if i["name"] == "training"]
+    flag["arg"] = {"as_bool": True}
+    with pytest.raises(ModelError, match=r"'aten\.batch_norm\.default' \(writes in place into 'b_1_running_mean'"):
+        load_model(_with_program(path, tmp_path / "training.pt2", program), device="cpu")
+
+
+@pytest.mark.parametrize("target, shown, why", [
+    ("torch.ops.evil.run.default", "evil.run.default", "not on the allow-list"),
+    ("torch.ops.aten.not_an_operator.default", "aten.not_an_operator.default", "not on the allow-list"),
+    ("torch.ops.aten.nonzero.default", "aten.nonzero.default", "not on the allow-list"),
+    ("torch.ops.aten.index_put_.default", "aten.index_put_.default", "writes into an existing tensor"),
+    ("torch.ops.aten.add.out", "aten.add.out", "writes into its argument 'out'"),
+    ("torch.ops.aten.empty_strided.default", "aten.empty_strided.default", "returns uninitialized memory"),
+    ("torch.ops.aten.set_.source_Storage", "aten.set_.source_Storage", "repoints, resizes or aliases"),
+    ("_operator.call", "_operator.call", "not on the allow-list"),
+    ("torch.sym_float.__globals__", "torch.sym_float.__globals__", "not on the allow-list"),
+])
+def test_operators_off_the_allow_list_are_refused_by_name(cnn_pt2, tmp_path, target, shown, why):
+    _, path = cnn_pt2
+    program = _program(path)
+    program["graph_module"]["graph"]["nodes"][0]["target"] = target
+    bad = _with_program(path, tmp_path / "custom.pt2", program)
+    with pytest.raises(ModelError, match=rf"the graph calls '{re.escape(shown)}' \({why}"):
         load_model(bad, device="cpu")
+
+
+def test_the_allow_list_names_operators_of_this_torch():
+    from audit_service.runtime.pt2_runner import _INPLACE_OPS, _PURE_OPS, _REFUSED_OPS, _VIEW_OPS
+
+    allowed = _PURE_OPS | _VIEW_OPS | _INPLACE_OPS
+    assert not allowed & set(_REFUSED_OPS)
+    missing = [op for op in sorted(allowed | set(_REFUSED_OPS)) if not hasattr(torch.ops.aten, op.split(".")[1])]
+    assert not missing, missing
+
+
+def test_shape_expressions_and_guards_that_are_python_are_refused(cnn_pt2, tmp_path):
+    _, path = cnn_pt2
+    marker = tmp_path / "pwned"
+    text = json.dumps(_program(path))
+    assert "\"expr_str\": \"Symbol('s" in text  # the dynamic batch, as sympy.srepr
+    payload = f"__import__('os').system('touch {marker}')"
+    evil = json.loads(re.sub(r'"expr_str": "[^"]*"', lambda _: json.dumps({"expr_str": payload})[1:-1], text, count=1))
+    with pytest.raises(ModelError, match="is not plain size arithmetic"):
+        load_model(_with_program(path, tmp_path / "expr.pt2", evil), device="cpu")
+    guarded = {**_program(path), "guards_code": [payload]}
+    with pytest.raises(ModelError, match="carries guard code"):
+        load_model(_with_program(path, tmp_path / "guards.pt2", guarded), device="cpu")
+    assert not marker.exists()
 
 
 def test_cli_audits_a_pt2_program(cnn_pt2, tmp_path):
