@@ -12,12 +12,23 @@ The cage here is the real one: forked before any torch work, Landlock and seccom
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds of this process and of ``pids`` (the cage), from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in ("self", *map(str, pids)):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def main() -> None:
@@ -65,16 +76,20 @@ def main() -> None:
     run_audit(path, warm, x, load=cage.load)
 
     times: dict[str, list[float]] = {"in-process": [], "caged": []}
+    cpu: dict[str, list[float]] = {"in-process": [], "caged": []}
     reports: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, load in (("in-process", None), ("caged", cage.load)):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds(cage.pid)
             reports[name] = run_audit(path, spec, x, **({"load": load} if load else {}))
             times[name].append(time.perf_counter() - start)
-            print(f"  {name:10s} {times[name][-1]:8.2f} s  verdict {reports[name]['verdict']['label']}", flush=True)
+            cpu[name].append(cpu_seconds(cage.pid) - cpu_start)
+            print(f"  {name:10s} {times[name][-1]:8.2f} s wall, {cpu[name][-1]:8.2f} s CPU (engine + cage)  verdict "
+                  f"{reports[name]['verdict']['label']}", flush=True)
     cage.close()
 
     inproc, caged = min(times["in-process"]), min(times["caged"])
+    inproc_cpu, caged_cpu = min(cpu["in-process"]), min(cpu["caged"])
     a, b = reports["in-process"], reports["caged"]
     same = a["verdict"]["label"] == b["verdict"]["label"]
     worst = max((abs(ca["metrics"][m] - cb["metrics"][m]) for ca, cb in zip(a["conditions"], b["conditions"])
@@ -83,8 +98,10 @@ def main() -> None:
     print(f"{args.arch} (random weights) {'x'.join(map(str, shape))} TorchScript, {args.group}, {args.probes} probes, "
           f"{args.noise_probes} noise probes, default spec, CPU, torch threads {torch.get_num_threads()}; "
           f"best of {args.repeats}")
-    print(f"  in-process model: {inproc:8.2f} s")
-    print(f"  caged model     : {caged:8.2f} s  = {caged / inproc:.3f}x in-process (target <= 1.10x)")
+    print(f"  in-process model: {inproc:8.2f} s wall, {inproc_cpu:8.2f} s CPU")
+    print(f"  caged model     : {caged:8.2f} s wall = {caged / inproc:.3f}x in-process (target <= 1.10x); "
+          f"{caged_cpu:8.2f} s CPU = {caged_cpu / inproc_cpu:.3f}x (the CPU ratio is the one other load on the "
+          f"machine does not move)")
     print("  per condition, s (in-process / caged): " + "; ".join(
         f"{name} {a['timing']['conditions_s'][name]:.2f} / {b['timing']['conditions_s'][name]:.2f}"
         for name in a["timing"]["conditions_s"]) + f"; Jacobian {a['timing']['sensitivity_s']:.2f} / "

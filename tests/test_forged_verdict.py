@@ -230,3 +230,20 @@ def test_two_tenants_uploading_the_same_bytes_during_each_others_audits_lose_no_
     for job_id, token in ids.items():
         job = settle(svc.url, [job_id], headers={"Authorization": f"Bearer {token}"})[job_id]
         assert job["status"] == "succeeded", job
+
+
+def test_the_fork_servers_home_is_gone_once_it_is_warm():
+    """The throwaway home the fork server's imports write into (onnxruntime's SQLite file) is removed by the
+    server itself once its imports are done: none piles up across restarts, however the owner ends."""
+    import tempfile
+
+    from audit_service.jobs.launcher import ForkServer
+
+    before = set(Path(tempfile.gettempdir()).glob("audit-forkserver-*"))
+    server = ForkServer()
+    try:
+        server.warm(wait=True)
+        assert server.alive()
+        assert set(Path(tempfile.gettempdir()).glob("audit-forkserver-*")) - before == set()
+    finally:
+        server.stop()

@@ -199,6 +199,41 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
         svc.stop()
 
 
+def test_write_back_never_records_a_forged_verdict(tracking, registered, tmp_path):
+    """Issue 17: a ``.pt2`` whose graph maps ``result.json`` with ``aten.from_file`` and copies a verdict into
+    it, registered as a run artifact and sent with write-back: refused at submission naming the op, and the
+    model version gets no verdict tag at all (the registry takes only ONNX and ``.pt2`` files; the TorchScript
+    forger is tests/test_forged_verdict.py's)."""
+    from test_pt2 import _FileWriter, _export, _program, _saved, _with_program
+
+    plain = tmp_path / "writer.pt2"
+    plain.write_bytes(_saved(_export(_FileWriter())))
+    program = _program(plain)
+    node = program["graph_module"]["graph"]["nodes"][0]
+    node["target"] = "torch.ops.aten.from_file.default"
+    node["inputs"] = [{"name": "filename", "arg": {"as_string": "result.json"}, "kind": 1},
+                      {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                      {"name": "size", "arg": {"as_int": 16}, "kind": 1}, *node["inputs"][1:]]
+    forger = _with_program(plain, tmp_path / "forger.pt2", program)
+    client = registered["client"]
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(forger), "export")
+    client.create_registered_model("tiny-forger")
+    client.create_model_version("tiny-forger", f"runs:/{run.info.run_id}/export/forger.pt2", run_id=run.info.run_id)
+    svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_MLFLOW_ALLOWED_URIS=f"main={tracking}",
+                  AUDIT_MAX_WAIT_S=120).start()
+    try:
+        parts = {k: (None, v) for k, v in {"spec": json.dumps(tiny_spec("flip")), "model_uri": "models:/tiny-forger/1",
+                                            "mlflow_write_back": "true"}.items()}
+        r = requests.post(f"{svc.url}/audit?wait=120", files=parts, timeout=150)
+        assert r.status_code == 422, r.text
+        assert "'aten.from_file.default' (reads or writes files)" in r.json()["detail"], r.text
+        tags = client.get_model_version("tiny-forger", "1").tags
+        assert not any(k.startswith("invariance.") for k in tags), tags
+    finally:
+        svc.stop()
+
+
 def test_service_without_allow_list_refuses_model_uri(api):
     """The shared service has no AUDIT_MLFLOW_ALLOWED_URIS: the feature is off, whatever URI is named."""
     parts = {"spec": (None, json.dumps(tiny_spec())), "model_uri": (None, "models:/tiny-onnx/1")}
