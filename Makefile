@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install test run bench bench-load screenshots clean
+.PHONY: install test test-fast run bench bench-load screenshots clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q -ra
+
+# the maintainers' lane: everything but the tests marked slow (servers, training, browsers); CI runs `make test`
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 # docs/report.png and docs/front.png, from the browser tests (needs /usr/bin/chromium: apt-get install chromium)
 screenshots: install
