@@ -158,3 +158,28 @@ def test_store_limits_are_atomic_under_concurrency(tmp_path):
     for t in threads:
         t.join()
     assert len(accepted) == 5 and len(refused) == 19
+
+
+def test_an_open_service_refuses_rebinding_and_cross_site_changes(service, models):
+    """Issue 19: without tokens, only loopback Host names are answered (a DNS-rebound page names its own host)
+    and a browser's cross-site or other-origin POST changes nothing; clients without those headers, and the
+    service's own pages (same-origin), go on working."""
+    url = service.url
+    rebound = requests.get(url + "/audits", headers={"Host": "attacker.example:8000"}, timeout=10)
+    assert rebound.status_code == 403 and "loopback Host" in rebound.json()["detail"], rebound.text
+    for host in ("localhost", "127.0.0.1:1", "[::1]:8000"):
+        assert requests.get(url + "/audits", headers={"Host": host}, timeout=10).status_code == 200, host
+
+    spec = json.dumps(tiny_spec())
+    def post(**headers: str) -> requests.Response:
+        return requests.post(url + "/audit", files={"model": ("m.onnx", models["plain"].read_bytes())},
+                             data={"spec": spec}, headers=headers, timeout=120)
+
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://attacker.example"}, {"Origin": "null"}):
+        r = post(**headers)
+        assert r.status_code == 403 and "other web sites" in r.json()["detail"], (headers, r.text)
+    before = requests.get(url + "/audits?limit=100", timeout=10).json()["total"]
+    assert post(**{"Sec-Fetch-Site": "same-origin", "Origin": url}).status_code in (200, 202)
+    assert post().status_code in (200, 202)  # curl, the CLI, Python clients
+    assert requests.get(url + "/audits?limit=100", timeout=10).json()["total"] == before + 2

@@ -6,7 +6,10 @@ tenant (``g.tenant``); every job belongs to a tenant and every lookup is filtere
 tenant's job id answers 404 exactly like an unknown one. Tokens are compared in constant time.
 
 Without tokens the service is open (every request is tenant ``default``) — allowed only when bound
-to a loopback address (``check_bind``; ``serve`` refuses to start otherwise and says why).
+to a loopback address (``check_bind``; ``serve`` refuses to start otherwise and says why). An open
+service answers only requests whose ``Host`` is a loopback name (a web page cannot reach it through DNS
+rebinding) and refuses state-changing requests a browser marks as cross-site (``Sec-Fetch-Site``) or
+sends from another origin (``Origin``): a page the developer visits cannot submit or delete audits.
 """
 
 from __future__ import annotations
@@ -115,6 +118,43 @@ class Authenticator:
         return not self.enabled or tenant in self.admin_tenants
 
 
+#: methods that change nothing: a cross-site page may cause them (it cannot read the answer: no CORS)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def guard_open_mode() -> None:
+    """``Forbidden`` for a request an open (token-less) service must not answer: a ``Host`` that is not a
+    loopback name (DNS rebinding), or a state-changing request from another site (cross-site form posts)."""
+    from .errors import Forbidden
+
+    name = _host_name(request.host)
+    if not is_loopback(name):
+        raise Forbidden(f"Expected a loopback Host header (localhost, 127.0.0.1 or [::1]) on this service, which "
+                        f"runs without tokens, but got {request.host[:100]!r}; open the service by its loopback "
+                        f"address, or set AUDIT_TOKENS to serve other names")
+    if request.method in SAFE_METHODS:
+        return
+    site = request.headers.get("Sec-Fetch-Site", "")
+    origin = request.headers.get("Origin", "")
+    if site and site not in ("same-origin", "none"):
+        raise Forbidden(f"Expected a request from this service's own pages or a client, but the browser marks it "
+                        f"{site[:40]!r}; a service without tokens refuses changes requested by other web sites")
+    if origin and origin != "null" and not is_loopback(_host_name(origin.split("://", 1)[-1])):
+        raise Forbidden(f"Expected a request from this service's own origin, but it comes from {origin[:100]!r}; a "
+                        f"service without tokens refuses changes requested by other web sites")
+    if origin == "null":
+        raise Forbidden("Expected a request from this service's own origin, but it comes from an opaque origin "
+                        "('null'); a service without tokens refuses changes requested by other web sites")
+
+
+def _host_name(host: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` -> the name alone."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def init_auth(app: Flask, settings: Settings) -> Authenticator:
     admins = {t.strip() for t in settings.admin_tenants.split(",") if t.strip()}
     auth = Authenticator(load_tokens(settings), admins)
@@ -125,6 +165,7 @@ def init_auth(app: Flask, settings: Settings) -> Authenticator:
         from .errors import Unauthorized
 
         if not auth.enabled:
+            guard_open_mode()
             g.tenant = DEFAULT_TENANT
             return
         if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):

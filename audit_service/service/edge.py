@@ -1,9 +1,10 @@
 """What gunicorn itself does in front of the Flask app: its log lines without secrets, its own error
 answers as ``application/problem+json``.
 
-* ``redact(text)`` hides the value of ``token``, ``access_token`` and similar query parameters;
+* ``redact(text)`` hides the value of every query parameter but the API's own harmless ones
+  (``HARMLESS_PARAMS``: an allow-list, so ``%74oken=``, ``auth=`` or ``bearer=`` are hidden too);
   ``RedactingLogger`` (gunicorn ``logger_class``) applies it to every access-log atom and every
-  error-log line, so a bearer token sent in a URL never reaches a log file.
+  error-log line, so a credential sent in a URL never reaches a log file.
 * ``problem_bytes(...)`` is the raw HTTP answer ``gworker.AuditWorker`` sends for requests gunicorn
   refuses before the app sees them (400 bad request line, 414 line too long, 431 too many / too
   large headers).
@@ -17,22 +18,31 @@ import json
 import logging
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from gunicorn import glogging
 
 from .errors import PROBLEM_BASE, PROBLEM_MIME
 
-#: query parameters whose values never reach a log (``?token=...``, ``&access_token=...``)
-SECRET_PARAMS = ("access_token", "token", "api_key", "apikey", "key", "password", "secret")
-_SECRET = re.compile(r"(?i)((?:^|[?&;\s'\"])(?:%s)=)[^&;\s'\"#]*" % "|".join(SECRET_PARAMS))
+#: the only query parameters whose values reach a log: the API's own (``openapi.yaml``), none of them secret
+HARMLESS_PARAMS = frozenset({"wait", "limit", "offset", "status"})
+_PARAM = re.compile(r"([?&;])([^=&;\s?#'\"]*)=([^&;\s'\"#]*)")
 REDACTED = "[REDACTED]"
 #: the longest detail taken from a gunicorn parse error (it may quote what the client sent)
 MAX_DETAIL = 200
 
 
 def redact(text: str) -> str:
-    """``text`` with the value of every secret-looking query parameter replaced by ``[REDACTED]``."""
-    return _SECRET.sub(r"\1" + REDACTED, text) if "=" in text else text
+    """``text`` with the value of every query parameter outside ``HARMLESS_PARAMS`` replaced by ``[REDACTED]``."""
+    if "=" not in text:
+        return text
+
+    def hide(match: re.Match) -> str:
+        sep, name, value = match.groups()
+        keep = unquote(name).lower() in HARMLESS_PARAMS or not value
+        return f"{sep}{name}={value if keep else REDACTED}"
+
+    return _PARAM.sub(hide, text)
 
 
 class _RedactFilter(logging.Filter):
