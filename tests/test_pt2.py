@@ -340,3 +340,25 @@ def test_cli_audits_a_pt2_program(cnn_pt2, tmp_path):
     assert report["model"]["format"] == "pt2" and report["model"]["num_classes"] == 7
     assert report["model"]["saliency_method"].startswith("integrated")
     assert report["model"]["gradient_path"].startswith("autograd: torch.export")
+
+
+@pytest.mark.parametrize("kind", ["pt2", "torchscript"])
+def test_zip_bombs_are_refused_before_anything_is_inflated(cnn_pt2, tmp_path, kind):
+    """Issue 19: a member that deflates 160 MiB of zeros into a few hundred KiB (a legitimate-looking extra
+    file) is refused from the archive's own declarations, in well under a second."""
+    import time
+
+    from builders import PlainCNN, export_torchscript
+
+    source = cnn_pt2[1] if kind == "pt2" else export_torchscript(PlainCNN(), IMAGE_SHAPE, tmp_path / "m.pt")
+    bomb = tmp_path / f"bomb.{kind}"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(bomb, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            dst.writestr(info, src.read(info.filename))
+        dst.writestr(f"{root}/extra/padding", b"\0" * (160 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 2 << 20
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="zip bomb"):
+        load_model(bomb, device="cpu")
+    assert time.perf_counter() - start < 1.0

@@ -43,6 +43,7 @@ import zipfile
 import torch
 
 from ..errors import AuditError, ModelError
+from .archive import check_zip_bounds
 from .base import ModelFormat
 from .chunks import (GuardedModule, check_inputs, forward_without_grad, pad_batch, probe_num_classes,
                      run_chunked, run_in_fixed_batches)
@@ -133,6 +134,7 @@ def _refuse(why: str) -> ModelError:
 
 def check_pt2_archive(data: bytes) -> None:
     """``ModelError`` unless the archive holds one exported program that loads with no pickle at all."""
+    check_zip_bounds(data, "a torch.export program")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ..errors import ModelError
+from .archive import check_zip_bounds
 from .base import ModelFormat
 from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
                      run_chunked)
@@ -42,6 +43,7 @@ class TorchScriptRunner:
         self.gradient_note: str | None = None
         self.gradient_path = "TorchScript module (autograd)"
         extra = {SHAPE_FILE: ""}
+        check_zip_bounds(data, "a TorchScript archive")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still the safe loader
