@@ -241,3 +241,24 @@ def test_data_dir_is_private_and_there_is_no_stray_control_socket(front, models)
     assert not loose
     # gunicorn's control socket (one per user by default, shared by every instance) is off
     assert "Control socket listening" not in front.log.read_text(errors="replace")
+
+
+def test_healthz_stays_answered_under_2100_idle_connections(front):
+    """Issue 19: 2,100 idle, unauthenticated connections (more than the old pool of 2 x 1000) do not starve a
+    fresh client: each of three /healthz calls answers within 2 s."""
+    import socket as socket_mod
+
+    host, port = front.url.rsplit("/", 1)[-1].split(":")
+    idle = []
+    try:
+        for _ in range(2100):
+            s = socket_mod.create_connection((host, int(port)), timeout=5)
+            idle.append(s)
+        time.sleep(0.5)
+        for _ in range(3):
+            start = time.monotonic()
+            r = requests.get(front.url + "/healthz", timeout=5)
+            assert r.status_code == 200 and time.monotonic() - start < 2.0
+    finally:
+        for s in idle:
+            s.close()

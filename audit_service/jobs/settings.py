@@ -60,10 +60,11 @@ class Settings:
     max_queued: int = 64
     #: local audit worker processes (``serve`` / ``worker``)
     workers: int = 1
-    #: gunicorn web worker processes (``serve``; gevent: one greenlet per connection) and the most
-    #: connections each holds at once
+    #: gunicorn web worker processes (``serve``; gevent: one greenlet per connection, a few KiB each) and
+    #: the most connections each holds at once: room for thousands of idle keep-alive clients, each closed
+    #: after ``header_timeout_s`` (``serve`` raises the open-file limit to match)
     web_workers: int = 2
-    web_connections: int = 1000
+    web_connections: int = 4096
     #: seconds a client has to send a request's line and headers (and the most a kept-alive connection
     #: waits for the next request); slower clients are disconnected
     header_timeout_s: float = 10.0

@@ -114,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"audit-service: error: {refusal}", file=sys.stderr)
         return EXIT_BAD_INPUT
     private_data_dir(settings.data_dir)
+    raise_open_files(settings.web_workers * settings.web_connections)
     damage = JobStore(settings.resolved_database_url).open_checked()  # integrity, lost commits; then the schema
     if damage:
         print(f"audit-service: error: refusing to start: {damage}", file=sys.stderr)
@@ -194,6 +195,18 @@ def gunicorn_options(settings) -> list[str]:  # noqa: ANN001
             "--limit-request-field_size", str(LIMIT_REQUEST_FIELD_SIZE),
             "--logger-class", "audit_service.service.edge.RedactingLogger", "--no-control-socket",
             "--access-logfile", "-", "--error-logfile", "-"]
+
+
+def raise_open_files(connections: int) -> None:
+    """Lift the soft open-file limit (inherited by gunicorn) toward the hard one: each connection is a descriptor,
+    and a pool that cannot accept answers nobody, ``/healthz`` included."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def private_data_dir(data_dir: Path) -> None:
