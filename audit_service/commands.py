@@ -95,10 +95,11 @@ def run_audit_command(args: argparse.Namespace) -> int:
                     report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
                                        progress=progress)
                 except ModelError as exc:
-                    if "externally" not in exc.message:
+                    if "external data" not in exc.message and "externally" not in exc.message:
                         raise
-                    raise ModelError(f"{exc.message} (MLflow: log it with mlflow.onnx.log_model(..., "
-                                     "save_as_external_data=False))", field=exc.field) from None
+                    raise ModelError(f"{exc.message} (MLflow: mlflow.onnx.log_model saves the data files beside the "
+                                     "model, where they are fetched from; or log it self-contained with "
+                                     "save_as_external_data=False)", field=exc.field) from None
         _attach_reference_profile(report)
         if args.mlflow_write_back:
             from .report.html import render_report_html

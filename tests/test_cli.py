@@ -118,11 +118,22 @@ def test_pickle_is_refused_and_never_loaded(tmp_path):
 
 
 def test_onnx_with_external_data(files, tmp_path):
+    """Issue 18: the data file beside the graph is found; one the graph names outside its folder is refused."""
     model = onnx.load(str(files["plain"]))
     path = tmp_path / "ext.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
-    assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "external")
+    result = cli("audit", path, "--group", "C4", *FAST, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    assert json.loads(result.stdout)["model"]["gradient_path"].startswith("autograd")
+    graph = onnx.load(str(path), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (tmp_path / "climbs.onnx").write_bytes(graph.SerializeToString())
+    assert_bad_input(cli("audit", tmp_path / "climbs.onnx", "--group", "C4", *FAST), "'../weights.bin'",
+                     "plain file name", "external data")
 
 
 def test_two_input_model(tmp_path):

@@ -207,15 +207,25 @@ def test_zip_without_torchscript_code_is_refused(tmp_path):
         load_model(path)
 
 
-def test_onnx_external_data_is_refused(tmp_path):
+def test_onnx_external_data_is_read_from_the_model_folder_only(tmp_path):
+    """Issue 18: data beside the model is read into the graph (tests/test_external_data.py has the rest);
+    the same graph moved away from its data file is refused, naming the tensor and the location."""
     path = export_onnx(PlainCNN(), IMAGE_SHAPE, tmp_path / "m.onnx")
     model = onnx.load(str(path))
     external = tmp_path / "external.onnx"
     onnx.save_model(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
     assert (tmp_path / "weights.bin").exists()
+    runner = load_model(external)
+    assert runner.external_data == ("weights.bin",)
+    x = torch.rand(3, *IMAGE_SHAPE)
+    assert torch.equal(runner.logits(x), load_model(path).logits(x))
+    (tmp_path / "away").mkdir()
+    moved = external.rename(tmp_path / "away" / "external.onnx")
+    with pytest.raises(ModelError, match=r"external data file 'weights.bin' of initializer '.+' beside the model"):
+        load_model(moved)
     with pytest.raises(ModelError, match=r"initializer '.+' stores its data externally \(in 'weights.bin'\)"):
-        load_model(external)
+        load_model(moved.read_bytes())  # bytes have no folder: nothing is followed
 
 
 def test_oversize_file_is_refused(tmp_path, monkeypatch):

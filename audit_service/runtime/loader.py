@@ -14,10 +14,11 @@ import torch
 
 from ..errors import ProbeError, SpecError
 from .base import ModelFormat, ModelRunner
+from .external_data import load_external_data, model_sha256
 from .onnx_runner import OnnxRunner
 from .pt2_runner import ExportedProgramRunner
 from .torchscript_runner import TorchScriptRunner
-from .validation import identify, read_model_bytes
+from .validation import identify, max_model_bytes, read_model_bytes
 
 
 class Loader(Protocol):
@@ -65,7 +66,9 @@ def load_model(path: str | Path | bytes, device: str | torch.device = "auto", ma
                input_shape: Sequence[int] | None = None) -> ModelRunner:
     """Load an ONNX model, TorchScript archive or ``torch.export`` program as a checked ``ModelRunner``.
 
-    ``max_bytes`` defaults to ``AUDIT_MAX_MODEL_BYTES`` or 200 MB. ``input_shape`` is the per-sample
+    ``max_bytes`` defaults to ``AUDIT_MAX_MODEL_BYTES`` or 200 MB, and caps an ONNX graph together with its
+    external data: the files the graph names are read from the model file's own folder, as plain file
+    names only (``external_data``; their names are in ``runner.external_data``). ``input_shape`` is the per-sample
     shape (batch excluded); TorchScript needs it unless the archive carries ``input_shape.json``,
     and for ONNX, where the graph declares the shape, it must agree. Raises ``ModelError`` for a
     file that cannot be loaded safely or is not an (N, C) classifier, ``SpecError`` for a bad device.
@@ -79,7 +82,16 @@ def load_model(path: str | Path | bytes, device: str | torch.device = "auto", ma
         return TorchScriptRunner(data, sha256, target, input_shape=hint)
     if fmt == "pt2":
         return ExportedProgramRunner(data, sha256, target, input_shape=hint)
+    assert onnx_model is not None
+    folder = None if isinstance(path, (bytes, bytearray, memoryview)) else Path(path).parent
+    files = load_external_data(onnx_model, folder, len(data), max_model_bytes() if max_bytes is None else max_bytes)
+    names = tuple(sorted(files))
+    if files:  # read into the graph: onnxruntime and the twin get one self-contained model, never a path
+        sha256 = model_sha256(data, files)
+        del files
+        data = onnx_model.SerializeToString()
     runner = OnnxRunner(data, onnx_model, sha256, target)
+    runner.external_data = names
     if hint is not None and hint != runner.input_shape:
         raise ProbeError(f"Expected inputs of the model's shape {runner.input_shape}, but the probes have "
                         f"shape {hint}", field="probes")

@@ -1,8 +1,9 @@
 """What an ONNX graph must look like before a session is built: self-contained, one input, (N, C) out.
 
 These checks read only the protobuf; nothing is allocated from the graph's numbers until the
-input size has been capped. External-data references are refused because they make onnxruntime
-read arbitrary files named inside the model.
+input size has been capped. External data is resolved before these checks, by ``external_data``
+(plain file names in the model's own folder, read into the graph); a reference left in the graph
+here is refused, because onnxruntime would read whatever file it names.
 """
 
 from __future__ import annotations
@@ -69,22 +70,34 @@ def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[str, onnx.
             yield f"{name} ('{tensor.name}')", tensor
         if attr.HasField("sparse_tensor"):
             yield name, attr.sparse_tensor.values
+            yield f"{name} (indices)", attr.sparse_tensor.indices
         for sparse in attr.sparse_tensors:
             yield name, sparse.values
+            yield f"{name} (indices)", sparse.indices
         if attr.HasField("g"):
             yield from _graph_tensors(attr.g, f"subgraph of node '{node.name or node.op_type}': ")
         for sub in attr.graphs:
             yield from _graph_tensors(sub, f"subgraph of node '{node.name or node.op_type}': ")
 
 
-def refuse_external_data(model: onnx.ModelProto) -> None:
-    """``ModelError`` naming the first tensor stored outside the file (external data is never followed)."""
-    tensors = list(_graph_tensors(model.graph, ""))
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor of the model with a label naming it: initializers, sparse initializers, node attributes,
+    subgraphs and functions (the places a tensor, or a reference to external data, can hide)."""
+    yield from _graph_tensors(model.graph, "")
     for function in model.functions:
         for node in function.node:
-            tensors.extend(_node_tensors(node, f"function '{function.name}': "))
-    for label, tensor in tensors:
-        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            yield from _node_tensors(node, f"function '{function.name}': ")
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0
+
+
+def refuse_external_data(model: onnx.ModelProto) -> None:
+    """``ModelError`` naming the first tensor still stored outside the file (``external_data`` resolves
+    references before this; one left here is never followed)."""
+    for label, tensor in model_tensors(model):
+        if is_external(tensor):
             location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
             raise ModelError(
                 f"Expected a self-contained ONNX file, but {label} stores its data externally (in "

@@ -3,7 +3,7 @@
 On CPU the input tensor's memory is handed to onnxruntime as a numpy view and the result wrapped
 back without a copy; on CUDA, IO binding points onnxruntime at the torch tensors' device memory,
 so no logits cross to the host. The session is built from the checked bytes, never from a path,
-so it cannot resolve file references either.
+so it cannot resolve file references either (``load_model`` reads external data into the graph first).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class OnnxRunner:
 
     def __init__(self, data: bytes, model: onnx.ModelProto, sha256: str, device: torch.device) -> None:
         self.sha256 = sha256
+        #: the external data files read into the graph (``external_data``; set by ``load_model``)
+        self.external_data: tuple[str, ...] = ()
         self._model: onnx.ModelProto | None = model
         self._signature: GraphSignature = check_graph(model)
         self.input_shape = self._signature.input_shape
