@@ -18,10 +18,9 @@ import torch
 from . import __version__
 from .errors import AuditError, ModelRuntimeError, ProbeError
 from .groups import Group, build_group
-from .metrics import chance_corrected
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
-from .report.build import condition_report, now_iso, sensitivity_report
+from .report.build import condition_report, now_iso, sensitivity_report, with_chance_levels
 from .runtime import ModelRunner, load_model
 from .runtime.loader import Loader
 from .runtime.layout import LayoutChoice, choose_layout, restore
@@ -118,7 +117,7 @@ def _sweep_and_report(inputs: CheckedInputs, spec: AuditSpec, stats: ProbeStats,
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
             condition["group_sample_ci"] = group_sample_ci(r.accumulator)
-    verdict = decide(condition_reports, spec.policy, spec.require)
+    verdict = decide(condition_reports, spec.policy, spec.require, spec.require_confident)
     report = {
         "schema_version": SCHEMA_VERSION,
         "service_version": __version__,
@@ -315,29 +314,6 @@ def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tupl
         sample = _noise(16, runner, stats, options.seed)
     kind = _guarded(lambda: detect_output_kind(runner.logits(sample, options.batch_size)), "reading its outputs")
     return (LogProbabilityRunner(runner) if kind == "probabilities" else runner), kind
-
-
-def with_chance_levels(condition: dict, accumulator) -> dict:
-    """Add the chance levels beside agreement and accuracy, and the predicted-class summary.
-
-    ``metrics.agreement_chance`` (from the predicted-class frequencies), ``metrics.kappa`` (Cohen's
-    chance-corrected agreement; null for a single predicted class), ``metrics.accuracy_chance`` (the
-    majority-label rate) and ``metrics.accuracy_kappa`` (orbit accuracy corrected for it), and
-    ``predictions`` {classes_predicted, majority_class, majority_fraction}.
-    """
-    summary = accumulator.prediction_summary()
-    m = condition["metrics"]
-    m["agreement_chance"] = summary["agreement_chance"]
-    m["kappa"] = chance_corrected(m.get("agreement"), summary["agreement_chance"])
-    m["accuracy_chance"] = summary["accuracy_chance"]
-    m["accuracy_kappa"] = chance_corrected(m.get("accuracy"), summary["accuracy_chance"])
-    condition["predictions"] = {k: summary[k] for k in ("classes_predicted", "majority_class", "majority_fraction")}
-    if summary["classes_predicted"] == 1:
-        condition.setdefault("notes", []).append(
-            f"every probe and orbit element is predicted as class {summary['majority_class']}: agreement is 1 by "
-            "chance and kappa is null")
-    return condition
-
 
 
 #: bf16 autocast is used only when its logits stay this close to fp32 (max |difference| over the logits'

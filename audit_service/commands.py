@@ -19,7 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "audit",
         help="audit a model file locally",
         description="Audit an ONNX, TorchScript or torch.export (.pt2) classifier's invariance to a group. Exit status: 0 the audit "
-                    "ran (and --require passed), 1 --require failed, 2 bad input.",
+                    "ran (and the gate passed, with --require or --strict), 1 the gate failed, 2 bad input.",
     )
     p.add_argument("model", help="ONNX (.onnx), TorchScript (torch.jit.save) or torch.export program (.pt2) file, "
                                  "or an MLflow registry URI: models:/NAME/VERSION, models:/NAME@ALIAS, "
@@ -72,7 +72,11 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                    help="verdict threshold override, repeatable: genuine_si_min=0.95, ...")
     p.add_argument("--require", help="comma-separated verdict labels that pass the gate, e.g. genuine or "
-                                     "genuine,learned; exit 1 otherwise")
+                                     "genuine,learned (the default); exit 1 otherwise")
+    p.add_argument("--strict", action="store_true",
+                   help="strict gate (spec require_confident): a borderline verdict, where a deciding criterion's "
+                        "95%% interval straddles its threshold, fails too; the report says how many probes would "
+                        "settle it")
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -119,9 +123,15 @@ def run_audit_command(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_summary(report))
-    if args.require is not None and not report["verdict"]["passed"]:
-        print(f"audit-service: gate failed: verdict {report['verdict']['label']!r} is not in "
-              f"{report['verdict']['require']}", file=sys.stderr)
+    verdict = report["verdict"]
+    if (args.require is not None or args.strict) and not verdict["passed"]:
+        if verdict["label"] in verdict["require"]:
+            why = (f"verdict {verdict['label']!r} is borderline ("
+                   f"{', '.join(c['condition'] + ' ' + c['criterion'] for c in verdict.get('borderline_criteria', []))}) "
+                   "and --strict fails a borderline verdict")
+        else:
+            why = f"verdict {verdict['label']!r} is not in {verdict['require']}"
+        print(f"audit-service: gate failed: {why}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return EXIT_OK
 
@@ -185,6 +195,8 @@ def build_spec_dict(args: argparse.Namespace) -> dict:
         data["policy"] = {**data.get("policy", {}), **_key_values(args.policy, "policy")}
     if args.require is not None:
         data["require"] = [label.strip() for label in args.require.split(",") if label.strip()]
+    if getattr(args, "strict", False):
+        data["require_confident"] = True
     return data
 
 
@@ -238,14 +250,17 @@ def format_summary(report: dict) -> str:
     """A terminal summary: verdict first, then one row per condition."""
     v = report["verdict"]
     g = report["group"]
+    strict = ", strict" if v.get("require_confident") else ""
     lines = [
-        f"verdict: {v['label']}  ({'PASS' if v['passed'] else 'FAIL'} for require={','.join(v['require'])})",
+        f"verdict: {v['label']}{' (borderline)' if v.get('borderline') else ''}  "
+        f"({'PASS' if v['passed'] else 'FAIL'} for require={','.join(v['require'])}{strict})",
         *[f"  - {r}" for r in v["reasons"]],
         f"group: {g['name']} (order {g['order']}{'' if g['exact'] else ', sampled'})   "
         f"model: {report['model']['format']} {report['model']['input_shape']} -> {report['model']['num_classes']} "
         f"classes on {report['model']['device']}",
         "",
-        f"{'condition':<28}{'n':>6}{'DI':>11}{'LI':>11}{'LI_norm':>11}{'SI':>8}{'agree':>8}{'acc':>8}",
+        "metrics over g != e (the verdict's); the paper's identity-inclusive means are the report's paper_metrics",
+        f"{'condition':<28}{'n':>6}{'DI':>11}{'LI':>11}{'LI_norm':>11}{'SI':>8}{'agree':>8}{'kappa':>8}{'acc':>8}",
     ]
 
     def cell(value, width, fmt):
@@ -255,7 +270,7 @@ def format_summary(report: dict) -> str:
         m = c["metrics"]
         lines.append(f"{c['name']:<28}{c['n_probes']:>6}{cell(m['DI'], 11, '.3g')}{cell(m['LI'], 11, '.3g')}"
                      f"{cell(m['LI_normalized'], 11, '.3g')}{cell(m['SI'], 8, '.3f')}"
-                     f"{cell(m['agreement'], 8, '.3f')}{cell(m['accuracy'], 8, '.3f')}")
+                     f"{cell(m['agreement'], 8, '.3f')}{cell(m.get('kappa'), 8, '.3f')}{cell(m['accuracy'], 8, '.3f')}")
     s = report["sensitivity"]
     if s.get("sigma_max"):
         lines.append(f"\nJacobian sigma_max: mean {s['sigma_max']['mean']:.4g} "

@@ -1,53 +1,223 @@
-"""The verdict: genuine / learned / not_invariant / trivial, with the reasons and the policy.
+"""The verdict: genuine / learned / incidental / undecided / not_invariant / trivial / not_genuine.
 
-DESIGN section 4. ``genuine`` must hold on the clean probes, under every shift and on pure noise;
-``learned`` means the *predictions* are invariant on in-distribution (clean) probes but the
-genuine criteria fail somewhere. Without clean probes learned and not_invariant cannot be told
-apart; the label is then ``not_genuine`` and the reasons say so.
+DESIGN section 4, policy version 3 (docs/audit.md, "The verdict"). Every criterion is read from a condition's
+``metrics``, which are means over the non-identity group elements g != e (``report.build.condition_report``), so
+a threshold means the same for ``flip``, C4 and a sampled S_16.
+
+* ``trivial``: the decision ignores the input (logit spread across probes at float rounding relative to the
+  logits' own size, every saliency map zero, or one predicted class everywhere).
+* ``genuine``: the genuine criteria hold on the clean probes, under every shift and on pure noise.
+* ``not_genuine``: genuine fails and there are no clean probes: nothing more can be decided.
+* ``not_invariant``: the predictions change across the orbit already on the clean probes (or do not beat chance).
+* The predictions are invariant on the clean probes, genuine fails; then whether the invariance was *learned*:
+  ``learned`` when the labels show that the model learned the task (orbit accuracy clearly above the majority-label
+  rate); ``incidental`` when the labels show it did not (a random network with global pooling is nearly
+  flip-invariant by accident); ``undecided`` without labels, which cannot tell the two apart (untrained networks'
+  invariance also degrades off the data). Only ``genuine`` and ``learned`` pass the default gate.
+
+Each criterion carries its confidence interval; one that straddles its threshold where it decides the label makes
+the verdict ``borderline`` (with the probes that would settle it), and ``require_confident`` (``--strict``) fails
+a borderline verdict at the gate.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterable
 
 from .spec import DEFAULT_REQUIRE, Policy
 
+#: the labels the verdict can give
+LABELS = ("genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine")
+#: z of a two-sided 95% normal interval, used when a spread has no bootstrap interval
+Z95 = 1.96
+#: more probes than this never settle a criterion in practice: reported as unsettleable
+MAX_PROBES_TO_SETTLE = 1_000_000
 
 
 def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4g}"
 
 
-def genuine_failures(condition: dict, policy: Policy) -> list[tuple[str, float | None, str]]:
-    """(metric, value, requirement) for each genuine criterion one condition misses."""
+# --------------------------------------------------------------------------- criteria
+@dataclass(frozen=True)
+class Check:
+    """One criterion on one condition: its value, threshold, 95% interval and outcome."""
+
+    criterion: str          #: the metric (LI_normalized, DI, SI, agreement, kappa, accuracy_kappa)
+    condition: str
+    value: float | None
+    threshold: float
+    kind: str               #: "min" (value >= threshold passes) or "max" (value <= threshold passes)
+    role: str               #: genuine | invariant_predictions | learned_task
+    interval: tuple[float, float] | None = None
+    n: int | None = None    #: probes behind the interval
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value >= self.threshold if self.kind == "min" else self.value <= self.threshold
+
+    @property
+    def straddles(self) -> bool:
+        """The 95% interval holds values on both sides of the threshold: more probes could flip the outcome."""
+        if self.interval is None or self.value is None:
+            return False
+        lo, hi = self.interval
+        if self.kind == "min":
+            return lo < self.threshold <= hi
+        return lo <= self.threshold < hi
+
+    @property
+    def requirement(self) -> str:
+        return f"{'>=' if self.kind == 'min' else '<='} {self.threshold:g}"
+
+    def probes_to_settle(self) -> int | None:
+        """Probes at which the interval would no longer reach the threshold, at this estimate (the half-width
+        shrinks as 1/sqrt(n)); None when the estimate sits on the threshold or nothing is known of the spread."""
+        if not self.straddles or not self.n:
+            return None
+        lo, hi = self.interval
+        gap = abs(self.value - self.threshold)
+        half = (hi - self.value) if self.threshold > self.value else (self.value - lo)
+        if gap <= 0 or half <= 0:
+            return None
+        needed = math.ceil(self.n * (half / gap) ** 2 - 1e-9)
+        return needed if needed <= MAX_PROBES_TO_SETTLE else None
+
+    def option(self) -> str:
+        return "n_noise_probes" if self.condition == "noise" else "n_probes"
+
+    def as_dict(self) -> dict:
+        return {"criterion": self.criterion, "condition": self.condition, "value": self.value,
+                "threshold": self.threshold, "kind": self.kind, "role": self.role,
+                "interval": list(self.interval) if self.interval is not None else None, "n_probes": self.n,
+                "passed": self.passed, "straddles": self.straddles, "probes_to_settle": self.probes_to_settle(),
+                "option": self.option()}
+
+    def describe(self) -> str:
+        interval = f" [{_fmt(self.interval[0])}, {_fmt(self.interval[1])}]" if self.interval else ""
+        return f"{self.condition} {self.criterion} {_fmt(self.value)}{interval}"
+
+
+def _interval(condition: dict, metric: str) -> tuple[tuple[float, float] | None, int | None]:
+    """The 95% interval of a metric's mean: the bootstrap interval, else mean +- 1.96 standard errors."""
+    s = (condition.get("spread") or {}).get(metric)
+    if not isinstance(s, dict) or s.get("mean") is None:
+        return None, None
+    n = s.get("n")
+    ci = s.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[1] > ci[0]:
+        return (float(ci[0]), float(ci[1])), n
+    se = s.get("se")
+    if se:
+        return (s["mean"] - Z95 * se, s["mean"] + Z95 * se), n
+    return (float(s["mean"]), float(s["mean"])), n
+
+
+def _check(condition: dict, metric: str, threshold: float, kind: str, role: str) -> Check:
+    interval, n = _interval(condition, metric)
+    return Check(metric, condition["name"], condition["metrics"].get(metric), threshold, kind, role, interval, n)
+
+
+def _chance_check(condition: dict, metric: str, base: str, chance_key: str, threshold: float, role: str) -> Check:
+    """kappa / accuracy_kappa, with the interval of the observed rate mapped through (x - chance) / (1 - chance)
+    (the chance level is taken as known)."""
     m = condition["metrics"]
+    chance = m.get(chance_key)
+    interval, n = _interval(condition, base)
+    if interval is not None and chance is not None and chance < 1.0 - 1e-12:
+        interval = tuple((v - chance) / (1.0 - chance) for v in interval)
+    else:
+        interval = None
+    return Check(metric, condition["name"], m.get(metric), threshold, "min", role, interval, n)
+
+
+def genuine_checks(condition: dict, policy: Policy) -> list[Check]:
+    """The genuine criteria of one condition (SI only where it was computed)."""
     checks = [
-        ("LI_normalized", m["LI_normalized"], policy.genuine_li_normalized_max, "max"),
-        ("DI", m["DI"], policy.genuine_di_max, "max"),
-        ("agreement", m["agreement"], policy.genuine_agreement_min, "min"),
+        _check(condition, "LI_normalized", policy.genuine_li_normalized_max, "max", "genuine"),
+        _check(condition, "DI", policy.genuine_di_max, "max", "genuine"),
+        _check(condition, "agreement", policy.genuine_agreement_min, "min", "genuine"),
     ]
     if condition.get("saliency_computed", True):
-        checks.append(("SI", m["SI"], policy.genuine_si_min, "min"))
-    failures = []
-    for metric, value, bound, kind in checks:
-        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
-        if not ok:
-            failures.append((metric, value, f"{'<=' if kind == 'max' else '>='} {bound:g}"))
-    return failures
+        checks.append(_check(condition, "SI", policy.genuine_si_min, "min", "genuine"))
+    return checks
 
 
-def _failure_reasons(conditions: list[dict], policy: Policy, listed: int = 4) -> list[str]:
-    """One line per missed criterion: on how many conditions, and the values of the first few."""
+def genuine_failures(condition: dict, policy: Policy) -> list[tuple[str, float | None, str]]:
+    """(metric, value, requirement) for each genuine criterion one condition misses."""
+    return [(c.criterion, c.value, c.requirement) for c in genuine_checks(condition, policy) if not c.passed]
+
+
+def prediction_checks(clean: dict, policy: Policy) -> list[Check]:
+    """Invariant predictions on the clean probes: agreement, DI and, where the report has it, kappa."""
+    m = clean["metrics"]
+    checks = [_check(clean, "agreement", policy.learned_agreement_min, "min", "invariant_predictions"),
+              _check(clean, "DI", policy.learned_di_max, "max", "invariant_predictions")]
+    if "kappa" in m:  # null kappa (one predicted class): agreement cannot be told from chance
+        checks.append(_chance_check(clean, "kappa", "agreement", "agreement_chance", policy.learned_kappa_min,
+                                    "invariant_predictions"))
+    return checks
+
+
+def task_check(clean: dict, policy: Policy) -> Check | None:
+    """With labels: the orbit accuracy corrected for the majority-label rate; None without labels."""
+    m = clean["metrics"]
+    if m.get("accuracy") is None:
+        return None
+    if "accuracy_kappa" not in m:  # a hand-built summary: the raw accuracy's kappa against no known chance
+        return Check("accuracy_kappa", clean["name"], None, policy.learned_accuracy_kappa_min, "min", "learned_task")
+    return _chance_check(clean, "accuracy_kappa", "accuracy", "accuracy_chance", policy.learned_accuracy_kappa_min,
+                         "learned_task")
+
+
+def _uncertain(checks: list[Check]) -> list[Check]:
+    """The checks that could flip this conjunction's outcome with more probes: if it passes, those whose interval
+    reaches past the threshold; if it fails, its failures, provided every one of them straddles."""
+    if all(c.passed for c in checks):
+        return [c for c in checks if c.straddles]
+    failing = [c for c in checks if not c.passed]
+    return failing if all(c.straddles for c in failing) else []
+
+
+# --------------------------------------------------------------------------- reasons
+def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) -> list[str]:
+    """One line per missed genuine criterion: on how many conditions, and the values of the first few."""
     by_metric: dict[str, tuple[str, list[str]]] = {}
-    for c in conditions:
-        for metric, value, requirement in genuine_failures(c, policy):
-            by_metric.setdefault(metric, (requirement, []))[1].append(f"{c['name']} {_fmt(value)}")
+    for c in checks:
+        if not c.passed:
+            by_metric.setdefault(c.criterion, (c.requirement, []))[1].append(f"{c.condition} {_fmt(c.value)}")
     reasons = []
     for metric, (requirement, where) in by_metric.items():
         shown = ", ".join(where[:listed]) + (f", ... (+{len(where) - listed})" if len(where) > listed else "")
-        reasons.append(f"{metric} misses genuine ({requirement}) on {len(where)} of {len(conditions)} "
+        reasons.append(f"{metric} misses genuine ({requirement}) on {len(where)} of {n_conditions} "
                        f"conditions: {shown}")
     return reasons
+
+
+def _summary(checks: list[Check], role: str) -> str:
+    names = {"kappa": f"kappa (agreement corrected for its chance level)",
+             "accuracy_kappa": "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
+    return ", ".join(f"{names.get(c.criterion, c.criterion)} {_fmt(c.value)} ({role} needs {c.requirement})"
+                     for c in checks)
+
+
+def _off_data(conditions: list[dict], clean: dict) -> str:
+    """How the prediction invariance on the clean probes compares with pure noise (g != e)."""
+    noise = next((c for c in conditions if c["name"] == "noise"), None)
+    if noise is None:
+        return "there is no noise condition to compare with"
+    a_clean, a_noise = clean["metrics"].get("agreement"), noise["metrics"].get("agreement")
+    k_clean, k_noise = clean["metrics"].get("kappa"), noise["metrics"].get("kappa")
+    kappas = f" (kappa {_fmt(k_clean)} vs {_fmt(k_noise)})" if "kappa" in clean["metrics"] else ""
+    if a_clean is None or a_noise is None:
+        return "agreement on pure noise is unknown"
+    trend = "it degrades off the data" if a_noise < a_clean - 0.05 else "it holds about equally off the data"
+    return f"agreement on the clean probes {_fmt(a_clean)} vs pure noise {_fmt(a_noise)}{kappas}: {trend}"
 
 
 def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
@@ -59,11 +229,11 @@ def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
                 f"({clean.get('n_probes')} probes): the decision ignores the input, so agreement 1 is chance, "
                 "whatever the logits do"]
     anchors = [c for c in conditions if c["name"] in ("clean", "noise")]
-    variations = [c["relative_variation"] for c in anchors if c["relative_variation"] is not None]
-    if variations and all(v <= policy.trivial_variation_max for v in variations):
-        return [f"{c['name']}: logits barely vary across inputs (relative variation "
-                f"{_fmt(c['relative_variation'])} <= {policy.trivial_variation_max:g}); the model ignores its input"
-                for c in anchors]
+    spreads = [c.get("relative_spread") for c in anchors]
+    if anchors and all(s is not None and s <= policy.trivial_relative_spread_max for s in spreads):
+        return [f"{c['name']}: the logits' spread across probes is {_fmt(c['relative_spread'])} of their own size "
+                f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
+                "depend on the input beyond floating-point noise, whatever its scale" for c in anchors]
     computed = [c for c in conditions if c.get("saliency_computed", True)]
     if computed and all(c["metrics"]["SI"] is None for c in computed):
         return ["every saliency map is zero: the target logit does not depend on the input"]
@@ -74,81 +244,118 @@ def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[str]:
     """A model that reacts little to any input looks invariant for the wrong reason: say so."""
     anchor = next((c for c in conditions if c["name"] == "clean"), None) or \
         next((c for c in conditions if c["name"] == "noise"), None)
-    variation = anchor["relative_variation"] if anchor else None
+    variation = anchor.get("relative_variation") if anchor else None
     if variation is not None and variation < policy.low_sensitivity_variation:
         return [f"{anchor['name']}: logits vary little across inputs (relative variation {_fmt(variation)} < "
                 f"{policy.low_sensitivity_variation:g}); the invariance may come from insensitivity, not symmetry"]
     return []
 
 
-def _learned_criteria(m: dict, policy: Policy) -> tuple[bool, list[str], str]:
-    """(learned holds, the missed requirements, a summary of the clean prediction metrics).
-
-    Chance-corrected criteria apply when the report carries them (``kappa``, ``accuracy_kappa``);
-    hand-built summaries without them are judged on agreement and DI alone.
-    """
-    checks = [
-        ("agreement", m.get("agreement"), policy.learned_agreement_min, "min"),
-        ("DI", m.get("DI"), policy.learned_di_max, "max"),
-    ]
-    if "kappa" in m:  # null kappa (one predicted class): agreement cannot be told from chance
-        checks.append(("kappa (agreement corrected for its chance level "
-                       f"{_fmt(m.get('agreement_chance'))})", m["kappa"], policy.learned_kappa_min, "min"))
-    if m.get("accuracy") is not None and "accuracy_kappa" in m:
-        checks.append((f"accuracy_kappa (orbit accuracy {_fmt(m['accuracy'])} corrected for the majority-label "
-                       f"rate {_fmt(m.get('accuracy_chance'))})", m["accuracy_kappa"],
-                       policy.learned_accuracy_kappa_min, "min"))
-    misses, parts = [], []
-    for name, value, bound, kind in checks:
-        ok = value is not None and (value >= bound if kind == "min" else value <= bound)
-        requirement = f"{'>=' if kind == 'min' else '<='} {bound:g}"
-        parts.append(f"{name} {_fmt(value)} (learned needs {requirement})")
-        if not ok:
-            misses.append(f"{name} {requirement}, got {_fmt(value)}")
-    return not misses, misses, "clean: " + ", ".join(parts)
-
-
-def gate(label: str | None, require: Iterable[str] | None = None) -> bool | None:
-    """The one pass/fail rule: the verdict is one of the ``require`` labels (default ``DEFAULT_REQUIRE``);
-    None while there is no verdict. The report, the job status and both CLIs use this."""
+# --------------------------------------------------------------------------- the gate
+def gate(label: str | None, require: Iterable[str] | None = None, borderline: bool | None = False,
+         require_confident: bool | None = False) -> bool | None:
+    """The one pass/fail rule: the verdict is one of the ``require`` labels (default ``DEFAULT_REQUIRE``) and,
+    with ``require_confident``, not borderline. None while there is no verdict. The report, the job status and
+    both CLIs use this."""
     if label is None:
         return None
+    if require_confident and borderline:
+        return False
     return label in (DEFAULT_REQUIRE if require is None else tuple(require))
 
 
-def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE) -> dict:
-    """Label the model from its per-condition metrics; return {label, reasons, policy, passed, require}."""
+def verdict_gate(verdict: dict | None) -> bool | None:
+    """``gate`` applied to a report's verdict dict (its label, require, borderline and require_confident)."""
+    if not isinstance(verdict, dict):
+        return None
+    return gate(verdict.get("label"), verdict.get("require"), verdict.get("borderline"),
+                verdict.get("require_confident"))
+
+
+# --------------------------------------------------------------------------- decide
+def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE,
+           require_confident: bool = False) -> dict:
+    """Label the model from its per-condition metrics.
+
+    Returns {label, reasons, flags, criteria, borderline, borderline_criteria, policy, require, require_confident,
+    passed}: ``criteria`` every criterion evaluated on the way to the label (structured: criterion, condition,
+    value, threshold, kind, role, interval, n_probes, passed, straddles, probes_to_settle, option);
+    ``borderline_criteria`` those whose interval straddles the threshold where it decides the label."""
     require = list(require)
+    path: list[list[Check]] = []  # the conjunctions that decided the label
     trivial = _is_trivial(conditions, policy)
     if trivial:
         label, reasons = "trivial", trivial
     else:
-        failures = _failure_reasons(conditions, policy)
-        clean = next((c for c in conditions if c["name"] == "clean"), None)
-        if not failures:
-            label = "genuine"
-            reasons = [f"invariant within tolerance on all {len(conditions)} conditions "
-                       f"({', '.join(c['name'] for c in conditions)})"]
-        elif clean is None:
-            label = "not_genuine"
-            reasons = failures + ["no in-distribution probes were given, so learned and not_invariant "
-                                  "cannot be separated: pass --probes to decide"]
-        else:
-            holds, misses, summary = _learned_criteria(clean["metrics"], policy)
-            if holds:
-                label = "learned"
-                reasons = [f"predictions are invariant on in-distribution probes: {summary}",
-                           "but genuine invariance fails:"] + failures
-            else:
-                label = "not_invariant"
-                reasons = [f"predictions are not invariant beyond chance on in-distribution probes: {summary}"] + \
-                    [f"learned needs {miss}" for miss in misses]
+        label, reasons = _decide(conditions, policy, path)
+    evaluated = [c for conj in path for c in conj]
+    uncertain = [c for conj in path for c in _uncertain(conj)]
+    if uncertain:
+        reasons = reasons + [_borderline_reason(uncertain)]
     flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
+    passed = gate(label, require, bool(uncertain), require_confident)
+    if require_confident and uncertain and label in require:
+        reasons = reasons + ["require_confident: a borderline verdict fails the gate"]
     return {
         "label": label,
         "reasons": reasons + [f"warning: {f}" for f in flags],
         "flags": ["low_sensitivity"] if flags else [],
+        "criteria": [c.as_dict() for c in evaluated],
+        "borderline": bool(uncertain),
+        "borderline_criteria": [c.as_dict() for c in uncertain],
         "policy": policy.model_dump(),
         "require": require,
-        "passed": gate(label, require),
+        "require_confident": bool(require_confident),
+        "passed": passed,
     }
+
+
+def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> tuple[str, list[str]]:
+    genuine = [c for cond in conditions for c in genuine_checks(cond, policy)]
+    path.append(genuine)
+    if all(c.passed for c in genuine):
+        return "genuine", [f"invariant within tolerance on all {len(conditions)} conditions "
+                           f"({', '.join(c['name'] for c in conditions)}), every criterion over g != e"]
+    failures = _failure_reasons(genuine, len(conditions))
+    clean = next((c for c in conditions if c["name"] == "clean"), None)
+    if clean is None:
+        return "not_genuine", failures + ["no in-distribution probes were given, so learned and not_invariant "
+                                          "cannot be separated: pass --probes (and --labels) to decide"]
+    predictions = prediction_checks(clean, policy)
+    path.append(predictions)
+    if not all(c.passed for c in predictions):
+        return "not_invariant", [
+            f"predictions are not invariant beyond chance on in-distribution probes: clean: "
+            f"{_summary(predictions, 'learned')}"] + \
+            [f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}" for c in predictions if not c.passed]
+    invariant = f"predictions are invariant on in-distribution probes: clean: {_summary(predictions, 'learned')}"
+    off_data = _off_data(conditions, clean)
+    task = task_check(clean, policy)
+    if task is None:
+        return "undecided", [
+            invariant,
+            "but without labels the audit cannot tell learned invariance from incidental invariance (a random "
+            "network with global pooling is nearly flip-invariant by accident, and its invariance degrades off "
+            f"the data too; {off_data}): pass --labels to decide, or accept undecided with --require",
+            "and genuine invariance fails:"] + failures
+    path.append([task])
+    if task.passed:
+        return "learned", [
+            invariant,
+            f"the model learned the task: clean: {_summary([task], 'learned')}; {off_data}",
+            "but genuine invariance fails:"] + failures
+    return "incidental", [
+        invariant,
+        f"but the labels show the model did not learn the task: clean: {_summary([task], 'learned')}, so the "
+        f"invariance is incidental (of the architecture, not learned from data); {off_data}",
+        "and genuine invariance fails:"] + failures
+
+
+def _borderline_reason(uncertain: list[Check]) -> str:
+    parts = []
+    for c in uncertain:
+        needed = c.probes_to_settle()
+        settle = (f"about {needed} probes ({c.option()}) would settle it" if needed is not None
+                  else "more probes cannot settle it at this estimate")
+        parts.append(f"{c.describe()} against {c.role} {c.requirement}: {settle}")
+    return "borderline: the 95% interval straddles the threshold for " + "; ".join(parts)

@@ -1,12 +1,17 @@
 """Streaming accumulation of one condition's metrics over probe chunks.
 
-Memory is bounded by the number of probes (one float per probe and metric, for the spread) and
+Memory is bounded by the number of probes (two floats per probe and metric, for the spread) and
 the class count (running sums for the sample variation); orbit tensors are never kept. Everything
 stays on the model's device until the condition is read out, so a GPU sweep never waits on a copy.
+
+Every pair metric is kept per probe twice: averaged over the whole group, identity included (the paper's
+eqs. 1-3, ``values(name)``), and over the non-identity elements g != e (``values(name, identity=False)``),
+which the verdict uses: with the identity in, an agreement of 0.8 on ``flip`` is 0.6 on the flip itself.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +28,13 @@ class ConditionAccumulator:
 
     num_classes: int
     per_probe: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
+    #: the same per-probe means over the non-identity elements g != e only (element 0 left out)
+    per_probe_non_identity: dict[str, list[torch.Tensor]] = field(
+        default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
     n: int = 0
+    #: running moments of the logits centred over classes (what softmax and argmax see), for ``relative_spread``
+    _sum_c: torch.Tensor | None = None
+    _sumsq_c: torch.Tensor | None = None
     _sum: torch.Tensor | None = None
     _sumsq: torch.Tensor | None = None
     _sq_norm: torch.Tensor | float = 0.0
@@ -32,6 +43,7 @@ class ConditionAccumulator:
     #: predicted-class counts at x, over the orbit g x (identity included), and label counts
     _pred_x: torch.Tensor | None = None
     _pred_gx: torch.Tensor | None = None
+    _pred_gx_non_identity: torch.Tensor | None = None
     _labels: torch.Tensor | None = None
     #: per group element: sums over probes (and counts, for SI's undefined pairs) of each pair metric
     _elem_sum: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -59,6 +71,10 @@ class ConditionAccumulator:
         self._sum = s if self._sum is None else self._sum + s
         self._sumsq = ss if self._sumsq is None else self._sumsq + ss
         self._sq_norm = self._sq_norm + x64.pow(2).sum()
+        centred = x64 - x64.mean(dim=-1, keepdim=True)
+        s, ss = centred.sum(0), centred.pow(2).sum(0)
+        self._sum_c = s if self._sum_c is None else self._sum_c + s
+        self._sumsq_c = ss if self._sumsq_c is None else self._sumsq_c + ss
         self.n += logits_x.shape[0]
 
     def update_saliency(self, si_pairs: torch.Tensor) -> None:
@@ -73,8 +89,13 @@ class ConditionAccumulator:
         c = self.num_classes
         at_x = torch.bincount(logits_x.argmax(dim=-1).flatten(), minlength=c)[:c]
         on_orbit = torch.bincount(logits_gx.argmax(dim=-1).flatten(), minlength=c)[:c]
+        # without the identity (element 0); a one-element group has no other element: the orbit is x itself
+        others = logits_gx[1:] if logits_gx.shape[0] > 1 else logits_gx
+        off_identity = torch.bincount(others.argmax(dim=-1).flatten(), minlength=c)[:c]
         self._pred_x = at_x if self._pred_x is None else self._pred_x + at_x
         self._pred_gx = on_orbit if self._pred_gx is None else self._pred_gx + on_orbit
+        self._pred_gx_non_identity = off_identity if self._pred_gx_non_identity is None else \
+            self._pred_gx_non_identity + off_identity
         if labels is not None:
             counted = torch.bincount(labels.to(logits_x.device).flatten(), minlength=c)[:c]
             self._labels = counted if self._labels is None else self._labels + counted
@@ -84,12 +105,14 @@ class ConditionAccumulator:
 
         ``classes_predicted``: distinct classes predicted over the probes and their orbits (1: the
         decision ignores the input); ``agreement_chance``: the agreement two independent draws from the
-        predicted-class frequencies at x and on the orbit would reach; ``accuracy_chance``: the orbit
-        accuracy of always guessing the most frequent label (None without labels).
+        predicted-class frequencies at x and on the orbit would reach (identity included, like the paper's
+        agreement); ``agreement_chance_non_identity``: the same against the predictions on g x, g != e only
+        (the chance level of the verdict's agreement); ``accuracy_chance``: the orbit accuracy of always
+        guessing the most frequent label (None without labels).
         """
         if self._pred_x is None:
             return {"classes_predicted": None, "majority_class": None, "majority_fraction": None,
-                    "agreement_chance": None, "accuracy_chance": None}
+                    "agreement_chance": None, "agreement_chance_non_identity": None, "accuracy_chance": None}
         at_x, on_orbit = self._pred_x.double(), self._pred_gx.double()
         both = on_orbit  # the orbit includes the identity, so the probes' own predictions too
         majority = int(both.argmax())
@@ -99,6 +122,7 @@ class ConditionAccumulator:
             "majority_class": majority,
             "majority_fraction": float(both[majority] / both.sum()),
             "agreement_chance": F.chance_agreement(at_x, on_orbit),
+            "agreement_chance_non_identity": F.chance_agreement(at_x, self._pred_gx_non_identity.double()),
             "accuracy_chance": float(labels.max() / labels.sum()) if labels is not None and labels.sum() > 0
             else None,
         }
@@ -112,8 +136,10 @@ class ConditionAccumulator:
             self._elem_count[name] = self._elem_count[name] + counts
         else:
             self._elem_sum[name], self._elem_count[name] = sums, counts
-        per_probe = torch.nanmean(pairs.double(), dim=0) if nan_aware else pairs.double().mean(dim=0)
-        self.per_probe[name].append(per_probe)
+        mean = torch.nanmean if nan_aware else torch.mean
+        self.per_probe[name].append(mean(values, dim=0))
+        others = values[1:] if values.shape[0] > 1 else values  # a one-element group: the identity alone
+        self.per_probe_non_identity[name].append(mean(others, dim=0))
 
     def element_means(self, name: str) -> np.ndarray:
         """Mean of one pair metric per group element (G,), over the probes where it is defined."""
@@ -124,9 +150,10 @@ class ConditionAccumulator:
         means[counts == 0] = float("nan")
         return means.cpu().numpy()
 
-    def values(self, name: str) -> np.ndarray:
-        """Per-probe values of one metric (host numpy; one copy per condition and metric)."""
-        chunks = self.per_probe[name]
+    def values(self, name: str, identity: bool = True) -> np.ndarray:
+        """Per-probe values of one metric (host numpy; one copy per condition and metric): the mean over every
+        group element (``identity=True``, the paper's), or over g != e only (``identity=False``, the verdict's)."""
+        chunks = (self.per_probe if identity else self.per_probe_non_identity)[name]
         return torch.cat(chunks).cpu().numpy() if chunks else np.empty(0)
 
     @property
@@ -142,6 +169,26 @@ class ConditionAccumulator:
         mean = self._sum / self.n
         var = (self._sumsq / self.n - mean.pow(2)).clamp_min(0.0)
         return float(2.0 * var.sum())
+
+    @property
+    def centred_sample_variation(self) -> float:
+        """E_{x,x'} ||c(x) - c(x')||^2 of the logits centred over classes, c = f - mean_k f_k: the part of the
+        variation softmax and argmax see (a common shift of every logit changes neither)."""
+        if self.n == 0:
+            return float("nan")
+        mean = self._sum_c / self.n
+        var = (self._sumsq_c / self.n - mean.pow(2)).clamp_min(0.0)
+        return float(2.0 * var.sum())
+
+    @property
+    def relative_spread(self) -> float:
+        """sqrt( centred sample variation / (2 E_x ||f(x)||^2) ): the spread across probes of what decides the
+        prediction, relative to the logits' own size. Scale-free (f and 1e-12 f give the same value), in [0, 1];
+        float32 rounding alone gives about 1e-7 (one unit in the last place), a constant model 0."""
+        scale = self.mean_squared_norm
+        if not np.isfinite(scale):
+            return float("nan")
+        return math.sqrt(self.centred_sample_variation / (2.0 * scale)) if scale > 0 else 0.0
 
     @property
     def mean_squared_norm(self) -> float:

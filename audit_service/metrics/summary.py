@@ -6,13 +6,19 @@ import numpy as np
 
 
 def summarize(values: np.ndarray, n_bootstrap: int = 200, seed: int = 0) -> dict | None:
-    """{mean, p5, p50, p95, ci95: [lo, hi], n} over the finite per-probe values; None if there are none."""
+    """{mean, p5, p50, p95, ci95: [lo, hi], se, n} over the finite per-probe values; None if there are none.
+
+    ``ci95`` is the bootstrap interval of the mean (``n_bootstrap`` resamples; without them, [mean, mean]);
+    ``se`` the standard error of the mean (sample std / sqrt(n)), for the normal interval and for how many
+    probes would narrow an interval to a given width (``verdict.borderline``)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
-    out = {"mean": float(values.mean()), "p5": float(p5), "p50": float(p50), "p95": float(p95), "n": int(values.size)}
+    se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+    out = {"mean": float(values.mean()), "p5": float(p5), "p50": float(p50), "p95": float(p95), "se": se,
+           "n": int(values.size)}
     if n_bootstrap > 0 and values.size > 1:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, values.size, size=(n_bootstrap, values.size))

@@ -13,26 +13,29 @@ import math
 import numpy as np
 import torch
 
-from ..metrics import summarize
+from ..metrics import chance_corrected, summarize
 from ..sweep import ConditionResult
+
+
+#: the pair metrics of a condition, in report order (LI_normalized is derived from the squared distances)
+CONDITION_METRICS = ("DI", "LI", "SI", "LI_normalized", "agreement", "accuracy")
 
 
 def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool,
                      saliency_reason: str | None = None) -> dict:
-    """Metrics (means over probes and group elements) and their spread for one condition.
+    """Metrics and their spread for one condition.
 
-    ``saliency_reason``: why SI was not computed here (``options.saliency_scope``); it goes into the notes
-    and ``saliency_skipped``."""
+    ``metrics`` / ``spread``: means over probes and the non-identity group elements g != e, which every verdict
+    criterion uses (``accuracy`` is over the whole orbit, g = e included: it is not an invariance measure).
+    ``paper_metrics`` / ``paper_spread``: the paper's identity-inclusive means over all of G (Moskalev et al.
+    2023, eqs. 1-3), which its Table 1 reports. ``saliency_reason``: why SI was not computed here
+    (``options.saliency_scope``); it goes into the notes and ``saliency_skipped``."""
     acc = result.accumulator
     variation = acc.sample_variation
     notes: list[str] = []
-    per_probe = {name: acc.values(name) for name in ("DI", "LI", "SI", "agreement", "accuracy")}
-    if variation > 0:
-        per_probe["LI_normalized"] = acc.values("sq_dist") / variation
-    else:
-        per_probe["LI_normalized"] = np.empty(0)
+    if variation <= 0:
         notes.append("LI_normalized is null: the logits do not vary across probes (sample variation 0)")
-    if not per_probe["accuracy"].size:
+    if not acc.values("accuracy").size:
         notes.append("accuracy is null: no labels for this condition")
     if saliency_computed and acc.si_pairs_undefined:
         notes.append(f"SI is undefined for {acc.si_pairs_undefined} of {acc.si_pairs_total} (x, g) pairs "
@@ -42,22 +45,62 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
     if not saliency_computed:
         saliency_reason = saliency_reason or "saliency was switched off (options.saliency = false)"
         notes.append(f"SI is null: {saliency_reason}")
-    spread = {name: summarize(values, n_bootstrap, seed) for name, values in per_probe.items()}
-    metrics = {name: (s["mean"] if s else None) for name, s in spread.items()}
+    spread = _spreads(acc, variation, identity=False, n_bootstrap=n_bootstrap, seed=seed)
+    paper_spread = _spreads(acc, variation, identity=True, n_bootstrap=n_bootstrap, seed=seed)
     shift = result.condition.shift
     return {
         "name": result.condition.name,
         "shift": shift.model_dump(exclude_none=True) if shift is not None else None,
         "n_probes": acc.n,
-        "metrics": {k: metrics[k] for k in ("DI", "LI", "SI", "LI_normalized", "agreement", "accuracy")},
+        "metrics": {k: (spread[k] or {}).get("mean") for k in CONDITION_METRICS},
         "spread": spread,
+        "paper_metrics": {k: (paper_spread[k] or {}).get("mean") for k in CONDITION_METRICS},
+        "paper_spread": paper_spread,
         "sample_variation": finite_or_none(variation),
         "relative_variation": finite_or_none(acc.relative_variation),
+        "relative_spread": finite_or_none(acc.relative_spread),
         "saliency_computed": saliency_computed,
         "saliency_skipped": None if saliency_computed else saliency_reason,
         "notes": notes,
         "seconds": round(result.seconds, 4),
     }
+
+
+def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int) -> dict:
+    """{metric: summarize(per-probe values)} over all of G (``identity``) or over g != e; accuracy is always
+    over the whole orbit."""
+    per_probe = {name: acc.values(name, identity=identity or name == "accuracy")
+                 for name in ("DI", "LI", "SI", "agreement", "accuracy")}
+    per_probe["LI_normalized"] = acc.values("sq_dist", identity=identity) / variation if variation > 0 \
+        else np.empty(0)
+    return {name: summarize(per_probe[name], n_bootstrap, seed) for name in CONDITION_METRICS}
+
+
+def with_chance_levels(condition: dict, accumulator) -> dict:
+    """Add the chance levels beside agreement and accuracy, and the predicted-class summary.
+
+    ``metrics.agreement_chance`` (from the predicted-class frequencies at x and on g x, g != e), ``metrics.kappa``
+    (Cohen's chance-corrected agreement; null for a single predicted class), ``metrics.accuracy_chance`` (the
+    majority-label rate) and ``metrics.accuracy_kappa`` (orbit accuracy corrected for it); the paper's
+    identity-inclusive ``paper_metrics.agreement_chance`` / ``kappa``; and ``predictions`` {classes_predicted,
+    majority_class, majority_fraction}.
+    """
+    summary = accumulator.prediction_summary()
+    for key, chance in (("metrics", summary["agreement_chance_non_identity"]),
+                        ("paper_metrics", summary["agreement_chance"])):
+        m = condition.get(key)
+        if m is None:
+            continue
+        m["agreement_chance"] = chance
+        m["kappa"] = chance_corrected(m.get("agreement"), chance)
+        m["accuracy_chance"] = summary["accuracy_chance"]
+        m["accuracy_kappa"] = chance_corrected(m.get("accuracy"), summary["accuracy_chance"])
+    condition["predictions"] = {k: summary[k] for k in ("classes_predicted", "majority_class", "majority_fraction")}
+    if summary["classes_predicted"] == 1:
+        condition.setdefault("notes", []).append(
+            f"every probe and orbit element is predicted as class {summary['majority_class']}: agreement is 1 by "
+            "chance and kappa is null")
+    return condition
 
 
 def finite_or_none(value: float | None) -> float | None:

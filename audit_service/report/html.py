@@ -40,6 +40,14 @@ MEANING = {
                 "it genuine, wrap the model in orbit averaging (symmetrization: average the logits over the group, "
                 "invariant by construction), use a weight-tied architecture, or train with an invariance regularizer "
                 "(the paper's L + ν·LI) until SI ≥ 0.95."),
+    "incidental": ("The model's predictions are invariant on the probes, but the labels show it has not learned the "
+                   "task (its orbit accuracy is near the majority-label rate): the invariance comes from the "
+                   "architecture (global pooling makes random networks nearly flip-invariant), not from data. "
+                   "Nothing was learned; the gate does not pass it. Audit the trained weights, with labels."),
+    "undecided": ("The model's predictions are invariant on the probes, but without labels the audit cannot tell "
+                  "learned invariance from the incidental invariance of an untrained network (both hold on data "
+                  "and degrade off it). Submit labels with the probes to decide; the default gate does not pass "
+                  "an undecided verdict (add `undecided` to `require` to accept it knowingly)."),
     "not_invariant": ("The model's predictions already change when the group acts on in-distribution probes: it "
                       "is not invariant to this group. If it should be, train with augmentation and an invariance "
                       "regularizer, or use orbit averaging (symmetrization) or a weight-tied architecture; if it "
@@ -148,13 +156,16 @@ def grouped_reasons(verdict: dict) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for reason in verdict.get("reasons") or []:
         text = str(reason)
-        if text.rstrip(":").endswith("but genuine invariance fails"):
+        if text.rstrip(":").endswith("genuine invariance fails"):
             continue
         m = _FAILURE.match(text)
         if m:
             groups.setdefault("Genuine criteria missed", []).append(
                 {"short": f"{m['metric']} outside {m['bound']} on {m['n']} of {m['total']} conditions",
                  "detail": m["where"]})
+        elif text.startswith("borderline: ") or text.startswith("require_confident: "):
+            short, _, detail = text.partition(": the ")
+            groups.setdefault("Borderline", []).append({"short": short, "detail": detail})
         elif text.startswith("warning: "):
             short, _, detail = text[len("warning: "):].partition("; ")
             groups.setdefault("Warnings", []).append({"short": short, "detail": detail})
@@ -163,7 +174,7 @@ def grouped_reasons(verdict: dict) -> list[dict]:
             if not detail or len(short) > 90:
                 short, detail = (text, "") if len(text) <= 110 else (text[:100].rsplit(" ", 1)[0] + " …", text)
             groups.setdefault("Why this label", []).append({"short": short, "detail": detail})
-    order = ("Why this label", "Genuine criteria missed", "Warnings")
+    order = ("Why this label", "Borderline", "Genuine criteria missed", "Warnings")
     return [{"title": t, "entries": groups[t]} for t in order if t in groups]
 
 
@@ -507,6 +518,22 @@ def timing_text(timing: dict) -> str:
     return " · ".join(parts)
 
 
+def _borderline(verdict: dict) -> list[dict]:
+    """The borderline criteria as table rows: which, its interval against its threshold, the probes that settle it."""
+    out = []
+    for c in verdict.get("borderline_criteria") or []:
+        if not isinstance(c, dict):
+            continue
+        interval = c.get("interval") or [None, None]
+        needed = c.get("probes_to_settle")
+        out.append({"where": f"{c.get('condition')} {c.get('criterion')}", "value": fmt(c.get("value")),
+                    "interval": f"[{fmt(interval[0])}, {fmt(interval[1])}]",
+                    "bound": f"{'≥' if c.get('kind') == 'min' else '≤'} {c.get('threshold')} ({c.get('role')})",
+                    "settle": (f"about {needed} ({c.get('option')}; now {c.get('n_probes')})" if needed
+                               else "more probes cannot settle it at this estimate")})
+    return out
+
+
 def _model_name(report: dict, job: dict) -> str | None:
     model = report.get("model") or {}
     for candidate in (model.get("filename"), model.get("name"),
@@ -521,13 +548,16 @@ def render_report_html(report: dict, job: dict | None = None, base_url: str | No
     (e.g. a file saved by ``submit --html``) has no link rather than a relative one that breaks."""
     job = job or {}
     conditions = _conditions(report)
-    rows = []
+    rows, paper_rows = [], []
     for cond in conditions:
         metrics = cond.get("metrics") or {}
         spread = cond.get("spread") or {}
         rows.append({"name": cond.get("name", "?"), "n_probes": cond.get("n_probes"),
                      "cells": [{"value": fmt(metrics.get(m)), "spread": _spread_text(spread.get(m))} for m in METRICS],
                      "notes": cond.get("notes") or []})
+        paper = cond.get("paper_metrics")
+        if isinstance(paper, dict):
+            paper_rows.append({"name": cond.get("name", "?"), "cells": [fmt(paper.get(m)) for m in METRICS]})
     verdict = report.get("verdict") or {}
     label = str(verdict.get("label", "unknown"))
     policy = verdict.get("policy") if isinstance(verdict.get("policy"), dict) else {}
@@ -543,7 +573,8 @@ def render_report_html(report: dict, job: dict | None = None, base_url: str | No
     return template.render(
         report=report, job=job, verdict=verdict, label=label, meaning=MEANING.get(label, ""),
         reason_groups=grouped_reasons(verdict), definitions=DEFINITIONS, policy=policy,
-        metrics=METRICS, better=BETTER, rows=rows, plots=severity_plots(conditions, policy),
+        metrics=METRICS, better=BETTER, rows=rows, paper_rows=paper_rows, borderline=_borderline(verdict),
+        plots=severity_plots(conditions, policy),
         saliency=saliency_figures(report.get("saliency_examples") or []),
         spectrum=spectrum_plot(sensitivity), sensitivity=sensitivity,
         sigma=sigma if isinstance(sigma, dict) else {"mean": sigma}, fmt=fmt,

@@ -7,7 +7,8 @@ HEADLINE = ("LI_normalized", "DI", "SI", "agreement", "accuracy")
 
 
 def report_summary(report: dict, job_id: str) -> dict:
-    """``{id, status, verdict, passed, reasons, conditions: {name: {metric: mean}}, reference_profile, links}``."""
+    """``{id, status, verdict, passed, borderline, reasons, conditions: {name: {metric: mean}}, reference_profile,
+    links}`` (the metrics over g != e, as the verdict reads them)."""
     verdict = report.get("verdict") or {}
     conditions = {}
     for cond in report.get("conditions") or []:
@@ -22,6 +23,7 @@ def report_summary(report: dict, job_id: str) -> dict:
         "status": "succeeded",
         "verdict": verdict.get("label"),
         "passed": verdict.get("passed"),
+        "borderline": verdict.get("borderline"),
         "reasons": list(verdict.get("reasons") or []),
         "conditions": conditions,
         "reference_profile": closest,
