@@ -362,3 +362,29 @@ def test_zip_bombs_are_refused_before_anything_is_inflated(cnn_pt2, tmp_path, ki
     with pytest.raises(ModelError, match="zip bomb"):
         load_model(bomb, device="cpu")
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_batch_1_program_runs_whole_batches_through_vmap(tmp_path):
+    """Issue 23: torch.export's default (no dynamic shapes) fixes the batch at the example's, often 1. The runner
+    runs such a program over whole batches with torch.vmap, checked against one call per sample, and says so;
+    logits and gradients equal the eager module's."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
+        path = tmp_path / "batch1.pt2"
+        torch.export.save(program, str(path))
+    runner = load_model(path, device="cpu")
+    assert runner.fixed_batch == 1
+    assert any("torch.vmap" in p and "whole batches" in p for p in runner.providers), runner.providers
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(runner.logits(x, 8), expected, atol=1e-4)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(runner.torch_module()(xa)[:, 3].sum(), xa)
+    (gb,) = torch.autograd.grad(model(xb)[:, 3].sum(), xb)
+    assert torch.allclose(ga, gb, atol=1e-5)

