@@ -36,6 +36,11 @@ _MAX_LISTED = 500   # artifact entries looked at while searching a model directo
 _MAX_DEPTH = 3
 _HINT = ("log an ONNX export instead: mlflow.onnx.log_model(onnx.load('model.onnx'), name='model'), or log the "
          ".onnx / .pt2 file with the model (mlflow.log_artifact('model.onnx', 'model'))")
+#: what MLflow writes beside a flavor's model file: never an ONNX model's external data
+MLFLOW_FILES = frozenset({"MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+                          "serving_input_example.json", "registered_model_meta", "metadata.json"})
+#: the names a fetched model file takes (``fetch``), which no data file may take
+MODEL_NAMES = frozenset({"model", "model.onnx", "model.pt", "model.pt2"})
 
 
 class RegistryError(AuditError):
@@ -106,6 +111,9 @@ class Located:
     version: str | None = None    # models: the resolved version (an alias names one)
     run_id: str | None = None
     flavors: list[str] = field(default_factory=list)
+    #: the files beside ``file`` that may be its ONNX external data {name: size}: plain names in the same
+    #: folder, neither MLflow's own files nor other models (the graph decides which it names)
+    data: dict[str, int | None] = field(default_factory=dict)
 
 
 def _mlflow() -> Any:
@@ -139,7 +147,8 @@ class Registry:
 
     # -- resolving -------------------------------------------------------------------------------------------
     def locate(self, ref: ModelRef) -> Located:
-        """Find the model file a ref names, reading only listings and ``MLmodel``."""
+        """Find the model file a ref names, and the files beside it (``Located.data``), reading only listings
+        and ``MLmodel``."""
         version = run_id = None
         with self._errors(ref):
             if ref.kind == "models":
@@ -181,8 +190,15 @@ class Registry:
             parent, name = root.rsplit("/", 1)
             sizes = {f.path: f.file_size for f in self._repo(parent).list_artifacts() if not f.is_dir}
             if name in sizes:
-                return Located(ref, parent, name, "artifact", sizes[name])
+                return Located(ref, parent, name, "artifact", sizes[name], data=_data_candidates(name, sizes))
         files = self._walk(root)
+        located = self._find_model_file(ref, root, files)
+        folder = posixpath.dirname(located.file)
+        located.data = _data_candidates(located.file, {posixpath.basename(p): size for p, size in files.items()
+                                                       if posixpath.dirname(p) == folder})
+        return located
+
+    def _find_model_file(self, ref: ModelRef, root: str, files: dict[str, int | None]) -> Located:
         if not files:
             raise RegistryError(f"Expected a model under {ref.uri}, but its artifact location {root} holds no "
                                 "files", field="model_uri")
@@ -295,18 +311,50 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def fetch(self, located: Located, dest_dir: Path, max_bytes: int | None = None) -> Path:
-        """Copy the model file into ``dest_dir`` (keeping its suffix); ``RegistryError`` past ``max_bytes``."""
+        """Copy the model file into ``dest_dir`` (keeping its suffix), and beside it, under their own names,
+        the external data files its ONNX graph names (which must be among ``located.data``); ``RegistryError``
+        when the files together pass ``max_bytes`` (checked while streaming)."""
         if max_bytes is not None and located.size is not None and located.size > max_bytes:
             raise too_large(located, max_bytes)
         out = Path(dest_dir) / ("model" + Path(located.file).suffix.lower())
+        size = self._download(located, located.file, out, max_bytes)
+        if out.suffix != ".onnx" or not located.data:
+            return out
+        for name in self._named_data(located, out):
+            if max_bytes is not None and (located.data.get(name) or 0) > max_bytes - size:
+                raise too_large(located, max_bytes, name)
+            size += self._download(located, data_path(located.file, name), Path(dest_dir) / name,
+                                   None if max_bytes is None else max_bytes - size, name)
+        return out
+
+    def _download(self, located: Located, file: str, out: Path, max_bytes: int | None, data: str | None = None) -> int:
         size = 0
-        with self._errors(located.ref), self.open(located.directory, located.file) as src, open(out, "wb") as dst:
+        with self._errors(located.ref), self.open(located.directory, file) as src, open(out, "wb") as dst:
             while chunk := src.read(1 << 20):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise too_large(located, max_bytes)
+                    raise too_large(located, max_bytes, data)
                 dst.write(chunk)
-        return out
+        return size
+
+    def _named_data(self, located: Located, graph: Path) -> list[str]:
+        """The external data files the fetched graph names, each beside it in the registry (else a
+        ``ModelError`` naming it); the graph is read here only for the names (the runtime checks the rest)."""
+        from .runtime.external_data import external_data_names
+        from .runtime.validation import parse_onnx
+
+        try:
+            names = external_data_names(parse_onnx(graph.read_bytes()))
+        except ModelError:
+            return []  # not a graph we can read: the runtime says why when it loads it
+        for name in names:
+            if name not in located.data or name in MODEL_NAMES:
+                beside = ", ".join(sorted(located.data)[:8]) or "none"
+                raise ModelError(f"Expected the external data file {name!r} the graph of {located.ref.uri} names "
+                                 f"beside its model file {located.file}, but the registry has no such file there "
+                                 f"(beside it: {beside}); log the model with mlflow.onnx.log_model, which saves the "
+                                 f"data files with it", field="model_uri")
+        return names
 
     @contextlib.contextmanager
     def _errors(self, ref: ModelRef) -> Iterator[None]:
@@ -391,10 +439,29 @@ class Registry:
                 self.client.log_artifact(run_id, str(Path(tmp) / "report.html"), artifact_dir)
 
 
-def too_large(located: Located, max_bytes: int) -> RegistryError:
+def _data_candidates(model_file: str, siblings: dict[str, int | None]) -> dict[str, int | None]:
+    """The files beside ``model_file`` that may be its external data: plain names (``external_names``), not
+    MLflow's own files, not the model, not another model file."""
+    from .external_names import location_problem
+
+    own = posixpath.basename(model_file)
+    return {name: size for name, size in sorted(siblings.items())
+            if location_problem(name) is None and name != own and name not in MLFLOW_FILES
+            and name not in MODEL_NAMES and not name.lower().endswith(MODEL_SUFFIXES)}
+
+
+def data_path(model_file: str, name: str) -> str:
+    """The artifact path of a data file ``name`` beside ``model_file``."""
+    folder = posixpath.dirname(model_file)
+    return f"{folder}/{name}" if folder else name
+
+
+def too_large(located: Located, max_bytes: int, data: str | None = None) -> RegistryError:
     cap = f"{max_bytes / (1 << 20):g} MiB" if max_bytes >= 1 << 20 else f"{max_bytes} bytes"
-    err = RegistryError(f"Expected the model file {located.file} of {located.ref.uri} to be at most {cap}, but "
-                        "it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
+    what = (f"the model file {located.file} of {located.ref.uri} to be at most {cap}" if data is None else
+            f"the model file {located.file} of {located.ref.uri} and its external data to total at most {cap}")
+    by = "" if data is None else f" with {data!r}"
+    err = RegistryError(f"Expected {what}, but it is larger{by} (AUDIT_MAX_MODEL_MB)", field="model_uri")
     err.status = 413
     return err
 
@@ -449,5 +516,5 @@ def parse_allowed(text: str) -> dict[str, str]:
 
 
 __all__ = ["AUDIT_EXPERIMENT", "Located", "ModelRef", "Registry", "RegistryError", "RegistryNotAllowed",
-           "fetched_model", "is_registry_uri", "parse_allowed", "parse_model_uri", "verdict_tags"]
+           "data_path", "fetched_model", "is_registry_uri", "parse_allowed", "parse_model_uri", "verdict_tags"]
 

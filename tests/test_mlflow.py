@@ -142,10 +142,36 @@ def test_cli_plain_onnx_artifact_gate_and_runs_uri(tracking, registered):
 def test_cli_refuses_pickled_flavor_and_bad_uris(tracking, registered):
     assert_bad_input(cli(tracking, "audit", "models:/tiny-torch/1", "--group", "C4", *FAST),
                      "'pytorch' flavor", "pickle", "mlflow.onnx.log_model")
-    assert_bad_input(cli(tracking, "audit", "models:/tiny-external/1", "--group", "C4", *FAST),
-                     "externally", "save_as_external_data=False")
     assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx/7", "--group", "C4", *FAST), "models:/tiny-onnx/7")
     assert_bad_input(cli(tracking, "audit", "models:/tiny-onnx", "--group", "C4"), "models:/NAME/VERSION")
+
+
+def test_cli_audits_the_default_external_data_logging(tracking, registered, tmp_path):
+    """Issue 18: ``mlflow.onnx.log_model`` with its defaults saves the weights in a ``<uuid>.data`` file beside
+    ``model.onnx``; the CLI fetches it with the graph and audits with integrated gradients."""
+    from audit_service.mlflow_registry import Registry, RegistryError, parse_model_uri
+    from audit_service.runtime import model_files_sha256
+
+    out = tmp_path / "report.json"
+    r = cli(tracking, "audit", "models:/tiny-external/1", "--group", "C4", *FAST, "--require", "genuine",
+            "--output", out)
+    assert r.returncode == 0, r.stderr
+    model = json.loads(out.read_text())["model"]
+    assert model["gradient_path"].startswith("autograd") and model["twin_max_error"] <= 1e-4, model
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-external/1", dst_path=str(tmp_path / "dl")))
+    graph = onnx.load(str(local / "model.onnx"), load_external_data=False)
+    names = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(names) == 1 and next(iter(names)).endswith(".data"), names  # MLflow's default: one side file
+    expected = model_files_sha256(local / "model.onnx", {n: local / n for n in names})[0]
+    assert model["sha256"] == expected  # the identity covers the data
+    # the cap covers the graph and its data together, checked while streaming
+    registry = Registry(tracking, proxied_only=True)
+    located = registry.locate(parse_model_uri("models:/tiny-external/1"))
+    assert set(located.data) >= names and "MLmodel" not in located.data and "conda.yaml" not in located.data
+    with pytest.raises(RegistryError, match=rf"and its external data to total at most {located.size + 100} bytes, "
+                                            rf"but it is larger with '{next(iter(names))}'") as err:
+        registry.fetch(located, tmp_path, max_bytes=located.size + 100)
+    assert err.value.status == 413
 
 
 def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, tmp_path):
@@ -189,6 +215,14 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
 
         r = post(model_uri="models:/tiny-plain/1", reuse="false")  # a run artifact, through the same checks
         assert r.status_code == 200 and r.json()["verdict"] != "genuine", r.text
+        # issue 18: MLflow's default logging, the weights in a side file: fetched with the graph, under the cap
+        r = post(model_uri="models:/tiny-external/1")
+        assert r.status_code == 200 and r.json()["verdict"] == "genuine", r.text
+        job = requests.get(svc.url + r.headers["Location"], timeout=30).json()
+        data = [k for k in job["inputs"] if k.startswith("model_data/")]
+        assert len(data) == 1 and data[0].endswith(".data"), job["inputs"]  # MLmodel, conda.yaml... not kept
+        report = requests.get(svc.url + job["links"]["report"], timeout=30).json()
+        assert report["model"]["gradient_path"].startswith("autograd"), report["model"]
         r = post(model_uri="models:/tiny-onnx/1", mlflow_registry="elsewhere")
         assert r.status_code == 403 and "allowed registry" in r.json()["detail"]
         r = post(model_uri="models:/tiny-torch/1")

@@ -19,7 +19,6 @@ What the cage can still do is what any black box can: answer differently when it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -56,8 +55,13 @@ class CageCrashed(RuntimeError):
 class Cage:
     """The engine's end of one caged model process: requests, replies, and the process's end."""
 
-    def __init__(self, pid: int, sock: socket.socket, directory: Path) -> None:
+    def __init__(self, pid: int, sock: socket.socket, directory: Path,
+                 model_data: dict[str, str] | None = None) -> None:
         self.pid, self.sock, self.directory = pid, sock, directory
+        #: the ONNX model's external data files {name: path}, granted to the cage and hashed here with the model
+        self.model_data = dict(model_data or {})
+        #: the data files the last loaded model's graph named (the cage's word; None before a load)
+        self.external_data: tuple[str, ...] | None = None
         self._free: list[int] = []
         self._status: int | None = None
 
@@ -90,7 +94,9 @@ class Cage:
         """``runtime.load_model``'s signature, loaded in the cage: the engine's ``load``."""
         reply, _ = self.call({"op": "load", "model": str(path), "device": str(device), "max_bytes": max_bytes,
                               "input_shape": list(input_shape) if input_shape is not None else None})
-        return CagedRunner(self, _checked_info(reply), path, max_bytes)
+        runner = CagedRunner(self, _checked_info(reply), path, max_bytes)
+        self.external_data = runner.external_data
+        return runner
 
     def symmetrize(self, spec: dict, output: Path) -> dict:
         reply, _ = self.call({"op": "symmetrize", "spec": spec, "output": str(output)})
@@ -182,7 +188,8 @@ def _checked_info(reply: dict) -> dict:
                 "device": torch.device(str(reply["device"])), "providers": [str(p)[:100] for p in reply["providers"]][:8],
                 "gradient_note": _short(reply.get("gradient_note")), "gradient_path": _short(reply.get("gradient_path")),
                 "twin_error": float(reply["twin_error"]) if reply.get("twin_error") is not None else None,
-                "has_module": bool(reply["has_module"])}
+                "has_module": bool(reply["has_module"]),
+                "external_data": tuple(str(n)[:255] for n in reply.get("external_data") or ())[:1000]}
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelRuntimeError(f"Expected the model's process to describe the model, but it sent {exc!r}",
                                 field="model") from None
@@ -210,7 +217,8 @@ class CagedRunner:
         self.gradient_note: str | None = info["gradient_note"]
         self.gradient_path: str | None = info["gradient_path"]
         self.twin_error: float | None = info["twin_error"]
-        self.sha256, magic = _digest(path, max_bytes)
+        self.external_data: tuple[str, ...] = info["external_data"]
+        self.sha256, magic = _digest(path, max_bytes, cage.model_data)
         # the format from the file's own bytes: a zip is a program (the cage says which), else ONNX
         self.format = info["format"] if magic == b"PK" and info["format"] != "onnx" else "onnx"
         self._module = CagedModule(self) if info["has_module"] else None
@@ -241,17 +249,11 @@ class CagedRunner:
         return f"CagedRunner({self.format}, pid={self.cage.pid}, input_shape={self.input_shape})"
 
 
-def _digest(path: str | Path, max_bytes: int | None) -> tuple[str, bytes]:
-    cap = max_bytes or max_model_bytes()
-    digest, magic, seen = hashlib.sha256(), b"", 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            magic = magic or chunk[:2]
-            seen += len(chunk)
-            if seen > cap:
-                raise ModelError(f"Expected a model file of at most {cap} bytes, but it is larger", field="model")
-            digest.update(chunk)
-    return digest.hexdigest(), magic
+def _digest(path: str | Path, max_bytes: int | None, model_data: dict[str, str]) -> tuple[str, bytes]:
+    """The runtime's ``model_sha256`` of the model file and the external data files the engine staged."""
+    from ..runtime.external_data import model_files_sha256
+
+    return model_files_sha256(path, model_data, max_bytes or max_model_bytes())
 
 
 class CagedModule(torch.nn.Module):
@@ -304,9 +306,10 @@ class _RemoteForward(torch.autograd.Function):
 
 
 # ============================================================================ starting a cage
-def start_cage(cage_dir: Path, readable: Sequence[str]) -> Cage:
+def start_cage(cage_dir: Path, readable: Sequence[str], model_data: dict[str, str] | None = None) -> Cage:
     """Fork the cage (call this single-threaded, before any model work): it confines itself to reading the
-    environment and ``readable`` and writing ``cage_dir``, then serves requests until told to leave."""
+    environment and ``readable`` and writing ``cage_dir``, then serves requests until told to leave.
+    ``model_data``: the model's external data files {name: path} (``readable`` grants them)."""
     (cage_dir / "tmp").mkdir(parents=True, exist_ok=True)
     ours, theirs = socket.socketpair()
     pid = os.fork()
@@ -322,7 +325,7 @@ def start_cage(cage_dir: Path, readable: Sequence[str]) -> Cage:
         finally:
             os._exit(rc)
     theirs.close()
-    return Cage(pid, ours, cage_dir)
+    return Cage(pid, ours, cage_dir, model_data)
 
 
 def _cage_main(sock: socket.socket, cage_dir: Path, readable: list[str]) -> int:  # pragma: no cover - the cage
@@ -386,7 +389,8 @@ class _Server:
         return {"format": runner.format, "input_shape": list(runner.input_shape), "num_classes": runner.num_classes,
                 "device": str(runner.device), "providers": list(runner.providers),
                 "gradient_note": runner.gradient_note, "gradient_path": getattr(runner, "gradient_path", None),
-                "twin_error": getattr(runner, "twin_error", None), "has_module": module is not None}, []
+                "twin_error": getattr(runner, "twin_error", None), "has_module": module is not None,
+                "external_data": list(getattr(runner, "external_data", ()))}, []
 
     def _op_logits(self, header: dict, tensors: list) -> tuple[dict, list]:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(header.get("autocast") or "")

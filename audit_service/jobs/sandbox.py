@@ -11,13 +11,16 @@ tensors the cage returns, so nothing the worker reads below is writable by model
 its parent only through files in ``WORKDIR``:
 
 * ``task.json``   (in)  ``{"kind": "audit", "engine": "module:function", "spec": {...},
-                         "model": path, "probes": path|null, "labels": path|null, "second_probes": path|null}``,
+                         "model": path, "model_data": [path]|null, "probes": path|null, "labels": path|null,
+                         "second_probes": path|null}`` (``model_data``: the ONNX model's external data files,
+                         beside ``model`` under the names the graph gives them),
                          ``{"kind": "validate", "model": path, "input_shape": [...]|null, "max_bytes": n}``
                          (the submission-time model check: load + one zero-batch forward)
                          or ``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path}``
                          or ``{"kind": "reference_run", "name": ..., "epochs": ..., "seed": ...}``
 * ``progress.json`` (out) ``{"progress": 0..1, "stage": "..."}``, replaced atomically, throttled
-* ``result.json``   (out) ``{"ok": true, "report": {...}}`` or ``{"ok": false, "error": {type, message, field}}``
+* ``result.json``   (out) ``{"ok": true, "report": {...}, "external_data": [name]?}`` or
+                         ``{"ok": false, "error": {type, message, field}}``
 
 Before anything of the task is loaded, audit and validate tasks install ``install_network_guard``
 (a ``sys.addaudithook`` hook; see ``jobs.launcher`` for the network namespace around it).
@@ -119,7 +122,7 @@ class _Progress:
 
 DEFAULT_ENGINE = "audit_service.audit:run_audit"
 #: formats that carry a program (TorchScript, torch.export): zip archives; ONNX is a protobuf whose
-#: ops cannot reach files (external data is refused by the loader)
+#: ops cannot reach files (external data is read by the loader, from the model's own folder only)
 _CODE_MAGIC = b"PK"
 ALLOW_UNCONFINED_ENV = "AUDIT_ALLOW_UNCONFINED_MODELS"
 PROTECTED_ENV = "AUDIT_SANDBOX_PROTECTED"
@@ -130,6 +133,7 @@ def confine_task(task: dict, workdir: Path) -> dict:
     """Close the engine's kernel cage before anything of the task is touched: read the environment and the
     task's inputs, write ``workdir`` only (``jobs.confine``). The cage (``jobs.cage``) nests its own inside."""
     inputs = [task.get(k) for k in ("model", "probes", "labels", "second_probes") if task.get(k)]
+    inputs += [str(p) for p in task.get("model_data") or []]  # the ONNX model's external data files
     return confine_paths(inputs, workdir, model=task.get("model"))
 
 
@@ -278,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             _load_engine(task.get("engine") or DEFAULT_ENGINE)  # trusted code, imported before the cage closes
             confine_task(task, workdir)
             if task.get("model"):  # forked now, single-threaded, inside this process's cage: its own nests in ours
-                cage = start_cage(workdir / "cage", [os.path.realpath(task["model"])])
+                data = {Path(p).name: str(p) for p in task.get("model_data") or []}
+                cage = start_cage(workdir / "cage", [os.path.realpath(task["model"]),
+                                                     *(os.path.realpath(p) for p in data.values())], model_data=data)
         report = run_task(task, progress, cage)
         payload = {"ok": True, "report": report}
+        if cage is not None and cage.external_data is not None:  # the data files the graph named (the service
+            payload["external_data"] = list(cage.external_data)  # keeps only those of what it staged)
         try:
             text = json.dumps(payload, allow_nan=False)
         except ValueError:  # NaN/Inf in the report: JSON has no such numbers, make them null

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..external_names import location_problem
 from ..spec import AuditSpec
 from .blobs import BlobStore
 from .settings import Settings
@@ -26,9 +27,14 @@ from .store import Job, JobStore, QueueFull, TenantLimit
 
 #: the file inputs of an audit, in the order they are staged (the model last: its check needs the others)
 FILE_FIELDS = ("model", "probes", "labels", "second_probes")
+#: an ONNX model's external data files are inputs named ``model_data/<location>`` (the name the graph gives)
+DATA_PREFIX = "model_data/"
+#: the names the model itself takes in its staged folder, which no data file may take
+MODEL_LINKS = ("model", "model.onnx", "model.pt", "model.pt2")
 
-__all__ = ["FILE_FIELDS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission", "Submitted", "TenantLimit",
-           "admit", "check_inputs", "dedupe_key", "free_space_mb", "retry_after_s", "submit", "wait_for"]
+__all__ = ["DATA_PREFIX", "FILE_FIELDS", "MODEL_LINKS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission",
+           "Submitted", "TenantLimit", "admit", "check_inputs", "data_inputs", "dedupe_key", "free_space_mb",
+           "link_model_folder", "retry_after_s", "submit", "wait_for"]
 
 
 class DiskFull(Exception):
@@ -116,10 +122,37 @@ def retry_after_s(store: JobStore, settings: Settings) -> int:
 def dedupe_key(tenant: str, spec_json: dict, inputs: dict, engine: str) -> str:
     """What makes two submissions the same audit: sha256 of the canonical JSON (sorted keys, no spaces)
     of the tenant, the engine, the validated spec with defaults filled in, and the sha256 of the
-    model, probes, labels and second_probes files (file names and ``timeout_s`` do not count)."""
+    model, probes, labels and second_probes files, and of the model's external data files by the name the
+    graph gives them (other file names and ``timeout_s`` do not count)."""
     identity = {"v": 1, "tenant": tenant, "engine": engine, "spec": spec_json,
                 "files": {name: (inputs.get(name) or {}).get("sha256") for name in FILE_FIELDS}}
+    data = data_inputs(inputs)
+    if data:  # absent without external data: the keys of earlier audits stay what they were
+        identity["model_data"] = {name: entry.get("sha256") for name, entry in data.items()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def data_inputs(inputs: dict) -> dict[str, dict]:
+    """{location: entry} of the model's external data files among a job's input entries."""
+    return {key[len(DATA_PREFIX):]: entry for key, entry in sorted((inputs or {}).items())
+            if key.startswith(DATA_PREFIX) and isinstance(entry, dict)}
+
+
+def link_model_folder(folder: Path, model: Path, model_name: str, data: dict[str, Path]) -> tuple[Path, list[Path]]:
+    """The model's own folder for the sandbox: ``folder/model_name`` linked to ``model`` and each external data
+    file linked beside it under its location, nothing else (the runtime reads data files from the model's
+    folder only). The links are ours, to files of the blob store or staging; a name that is not a plain file
+    name, or that the model takes, was refused at submission and is never linked. (model link, data links)."""
+    folder.mkdir()
+    link = folder / model_name
+    os.symlink(os.path.realpath(model), link)
+    links = []
+    for name, target in sorted(data.items()):
+        if location_problem(name) is not None or name in MODEL_LINKS:
+            continue
+        os.symlink(os.path.realpath(target), folder / name)
+        links.append(folder / name)
+    return link, links
 
 
 def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, submission: Submission) -> Submitted:

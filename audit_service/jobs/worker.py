@@ -26,6 +26,7 @@ from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings
 from .states import JobKind, JobStatus
 from .store import JobError, JobStore
+from .submission import data_inputs, link_model_folder
 from .write_back import requested, write_back
 
 log = logging.getLogger("audit_service.worker")
@@ -76,7 +77,9 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "npy": ".npy", 
 
 
 def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -> dict:
-    """The sandbox's ``task.json``; input blobs are linked into ``workdir`` under telling suffixes."""
+    """The sandbox's ``task.json``; input blobs are linked into ``workdir`` under telling suffixes, the model
+    into a folder of its own (``workdir/model/``) with its ONNX external data files beside it, under the
+    names its graph gives them (``model_data``)."""
     if job["kind"] == JobKind.REFERENCE_RUN.value:
         return {"kind": "reference_run", **job["spec"]}
     inputs = job["inputs"]
@@ -89,7 +92,13 @@ def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -
         link.symlink_to(blobs.path(entry["sha256"]))
         return str(link)
 
-    return {"kind": "audit", "engine": settings.engine, "spec": job["spec"], "model": blob("model"),
+    model, data = inputs.get("model"), []
+    if model:
+        model_link, data = link_model_folder(
+            workdir / "model", blobs.path(model["sha256"]), f"model{_SUFFIX.get(model.get('format') or '', '')}",
+            {name: blobs.path(entry["sha256"]) for name, entry in data_inputs(inputs).items()})
+    return {"kind": "audit", "engine": settings.engine, "spec": job["spec"],
+            "model": str(model_link) if model else None, "model_data": [str(p) for p in data],
             "probes": blob("probes"), "labels": blob("labels"), "second_probes": blob("second_probes")}
 
 

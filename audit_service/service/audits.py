@@ -22,9 +22,12 @@ from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage
                      Unprocessable)
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
 from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model
-from .uploads import array_kind, check_slot, save_upload, symmetrize_in_sandbox, validate_model
+from .uploads import (array_kind, check_data_named, check_slot, save_model_data, save_upload, symmetrize_in_sandbox,
+                      validate_model)
 
 bp = Blueprint("audits", __name__)
+#: repeated file parts: the model's ONNX external data files, each part's file name the location the graph gives it
+DATA_FIELD = "model_data"
 
 def parse_model(model: type[BaseModel], data: dict, error: type = BadRequest) -> Any:
     try:
@@ -148,11 +151,14 @@ def _parse_form() -> tuple[SubmitForm, AuditSpec, dict[str, Any]]:
     """The non-file fields of ``POST /audit``: the options, the validated spec and the registry fields."""
     form = {k: v for k, v in request.form.items() if k != "spec"}
     names = {str(k) for k in form} | {str(k) for k in request.files}
-    unknown = sorted(names - {"timeout_s", "reuse", "spec", *submission.FILE_FIELDS, *REGISTRY_FIELDS})
+    unknown = sorted(names - {"timeout_s", "reuse", "spec", *submission.FILE_FIELDS, DATA_FIELD, *REGISTRY_FIELDS})
     if unknown:
-        raise BadRequest(f"Expected only the fields model (or model_uri, mlflow_registry, mlflow_write_back), spec, probes, "
-                         f"labels, second_probes, timeout_s, reuse, but got "
+        raise BadRequest(f"Expected only the fields model (with model_data, or model_uri, mlflow_registry, "
+                         f"mlflow_write_back), spec, probes, labels, second_probes, timeout_s, reuse, but got "
                          f"{', '.join(unknown)}", field=unknown[0])
+    if DATA_FIELD in form:
+        raise Unprocessable("Expected `model_data` parts to be files named by the location the model's graph gives "
+                            "them (e.g. -F model_data=@model.onnx.data), but got a plain form field", field=DATA_FIELD)
     registry_fields = pop_registry_fields(form)  # model_uri: the model comes from an allowed MLflow registry
     options = parse_model(SubmitForm, form, Unprocessable)
 
@@ -181,11 +187,16 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
     inputs: dict[str, dict] = {}
     probe_shape = None
     write_back: dict | None = None
+    data_uploads = request.files.getlist(DATA_FIELD)
     for name in ("probes", "labels", "second_probes", "model"):
         upload = request.files.get(name)
         if name == "model" and registry_fields.get("model_uri"):
-            inputs[name], staged[name], located, registry_name = stage_registry_model(st, registry_fields,
-                                                                                      upload is not None)
+            if data_uploads:
+                raise BadRequest("Expected `model_data` parts only with a `model` upload, but got them with a "
+                                 "`model_uri` (the service fetches the data files from the registry)", field=DATA_FIELD)
+            inputs[name], located, registry_name, data = stage_registry_model(st, registry_fields, upload is not None,
+                                                                              staged)
+            inputs.update(data)
             if registry_fields.get("mlflow_write_back"):
                 write_back = write_back_request(located, registry_name)
             continue
@@ -198,11 +209,25 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
             if name == "probes" and shape is not None and len(shape) >= 2:
                 probe_shape = tuple(shape[1:])
         inputs[name] = entry
+    if data_uploads:  # the model's external data files, under what the model left of the model cap
+        if "model" not in inputs:
+            raise BadRequest("Expected `model_data` parts with a `model` file part, but got no model", field=DATA_FIELD)
+        room = st.settings.max_model_mb * MiB - inputs["model"]["size_bytes"]
+        inputs.update(save_model_data(st.blobs, data_uploads, room, st.settings.max_model_mb, staged))
     submission.check_inputs(spec, inputs)
-    files = {n: (staged[n], inputs[n]["format"], inputs[n]["sha256"]) for n in inputs if n != "model"}
-    inputs["model"] = validate_model(staged["model"], inputs["model"], st.settings, probe_shape,
-                                     spec=spec.model_dump(mode="json", exclude_none=False), files=files,
-                                     tenant=tenant, active=st.store.count_active(tenant))
+    files = {n: (staged[n], inputs[n]["format"], inputs[n]["sha256"]) for n in inputs
+             if n in submission.FILE_FIELDS and n != "model"}
+    data = {name: (staged[submission.DATA_PREFIX + name], entry["sha256"])
+            for name, entry in submission.data_inputs(inputs).items()}
+    inputs["model"], named = validate_model(staged["model"], inputs["model"], st.settings, probe_shape,
+                                            spec=spec.model_dump(mode="json", exclude_none=False), files=files,
+                                            tenant=tenant, active=st.store.count_active(tenant), data=data)
+    if registry_fields.get("model_uri"):  # the registry's folder held more than the graph names: not kept
+        for name in sorted(set(data) - set(named)):
+            inputs.pop(submission.DATA_PREFIX + name)
+            staged.pop(submission.DATA_PREFIX + name).unlink(missing_ok=True)
+    else:
+        check_data_named(inputs, named)
     if write_back is not None:
         inputs["model"]["mlflow"] = write_back
     return inputs
@@ -295,8 +320,9 @@ def get_symmetrized(job_id: str) -> Response:
         raise Conflict(f"audit {job_id} is {job.status.value}; its symmetrized model is ready when GET "
                        f"/audits/{job_id} says succeeded")
     model = st.blobs.path(job.inputs["model"]["sha256"])
+    files = {name: st.blobs.path(entry["sha256"]) for name, entry in submission.data_inputs(job.inputs).items()}
     with check_slot(st.settings, tenant, st.store.count_active(tenant)):
-        data = symmetrize_in_sandbox(model, job.spec, st.settings)
+        data = symmetrize_in_sandbox(model, job.spec, st.settings, files)
     response = Response(data, mimetype="application/octet-stream")
     response.headers["Content-Disposition"] = f'attachment; filename="audit-{job.id}-symmetrized.onnx"'
     return response

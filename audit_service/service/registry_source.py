@@ -2,8 +2,10 @@
 
 The client names a registry of ``AUDIT_MLFLOW_ALLOWED_URIS`` (``mlflow_registry``, default the first), never a
 URL; the model must be served by that registry itself (``mlflow-artifacts``), so the service reaches no other
-host. The file streams into the upload staging area under ``AUDIT_MAX_MODEL_MB`` and then follows the exact
-path of an uploaded model (content checks, sandboxed model check, adoption). With ``mlflow_write_back=true``
+host. The file, and the files beside it that may be its ONNX external data, stream into the upload staging area
+under ``AUDIT_MAX_MODEL_MB`` together and then follow the exact path of an uploaded model with ``model_data``
+parts (content checks, sandboxed model check, adoption), except that data files the graph does not name are
+dropped rather than refused. With ``mlflow_write_back=true``
 the job carries the request and the worker writes the verdict back (``jobs.write_back``).
 """
 
@@ -14,8 +16,10 @@ from typing import Any
 
 from ..errors import AuditError
 from ..jobs.blobs import BlobTooLarge
-from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
+from ..jobs.submission import DATA_PREFIX
+from ..mlflow_registry import Located, Registry, data_path, parse_allowed, parse_model_uri
 from .errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unprocessable
+from .uploads import DATA_FORMAT
 
 REGISTRY_FIELDS = ("model_uri", "mlflow_registry", "mlflow_write_back")
 MiB = 1024 * 1024
@@ -44,9 +48,14 @@ def _api_error(exc: AuditError) -> ApiError:
     return Unprocessable(exc.message, field="model_uri")
 
 
-def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> tuple[dict, Path, Located, str]:
-    """Resolve ``model_uri`` in the allowed registry and stream its model file into the upload staging
-    (``BlobStore.stage``) under the model cap: (entry, staged path, located, the registry's allow-list name)."""
+def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool, staged: dict[str, Path]
+                         ) -> tuple[dict, Located, str, dict[str, dict]]:
+    """Resolve ``model_uri`` in the allowed registry and stream its model file, and the files beside it that
+    may be its ONNX external data (``Located.data``), into the upload staging (``BlobStore.stage``), all
+    together under the model cap, checked while streaming; the staging files are added to ``staged`` as they
+    are written (the caller deletes them when the submission fails, and drops the data files the model's
+    graph does not name once the sandboxed check has said which it names). (model entry, located, the
+    registry's allow-list name, {``model_data/NAME``: entry})."""
     if has_upload:
         raise BadRequest("Expected either a `model` file or a `model_uri`, but got both", field="model_uri")
     allowed = parse_allowed(st.settings.mlflow_allowed_uris)
@@ -58,6 +67,9 @@ def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> t
         raise Forbidden(f"Expected `mlflow_registry` to name an allowed registry ({', '.join(allowed)}), but got "
                         f"{name[:80]!r}; the operator's AUDIT_MLFLOW_ALLOWED_URIS lists them", field="mlflow_registry")
     cap = st.settings.max_model_mb * MiB
+    located: Located | None = None
+    data: dict[str, dict] = {}
+    current = None
     try:
         ref = parse_model_uri(str(fields["model_uri"]))
         registry = Registry(allowed[name], proxied_only=True)
@@ -65,17 +77,31 @@ def stage_registry_model(st: Any, fields: dict[str, Any], has_upload: bool) -> t
         if located.size is not None and located.size > cap:
             raise _too_large(located, st.settings.max_model_mb)
         with registry._errors(ref), registry.open(located.directory, located.file) as stream:
-            staged, sha, size = st.blobs.stage(stream, max_bytes=cap)
+            staged["model"], sha, size = st.blobs.stage(stream, max_bytes=cap)
+        room = cap - size
+        if Path(located.file).suffix.lower() == ".onnx":
+            for current, listed in located.data.items():
+                if listed is not None and listed > room:
+                    raise _too_large(located, st.settings.max_model_mb, current)
+                key = DATA_PREFIX + current
+                beside = data_path(located.file, current)
+                with registry._errors(ref), registry.open(located.directory, beside) as stream:
+                    staged[key], part_sha, part_size = st.blobs.stage(stream, max_bytes=room)
+                room -= part_size
+                data[key] = {"sha256": part_sha, "size_bytes": part_size, "filename": current, "format": DATA_FORMAT}
     except BlobTooLarge:
-        raise _too_large(located, st.settings.max_model_mb) from None
+        raise _too_large(located, st.settings.max_model_mb, current) from None
     except AuditError as exc:
         raise _api_error(exc) from None
     if size == 0:
-        staged.unlink(missing_ok=True)
         raise Unprocessable(f"Expected a non-empty model file at {ref.uri}, but got 0 bytes", field="model_uri")
-    return {"sha256": sha, "size_bytes": size, "filename": ref.uri[:255]}, staged, located, name
+    return {"sha256": sha, "size_bytes": size, "filename": ref.uri[:255]}, located, name, data
 
 
-def _too_large(located: Located, max_mb: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"Expected the model file {located.file} of {located.ref.uri} to be at most {max_mb} "
-                           f"MiB, but it is larger (AUDIT_MAX_MODEL_MB)", field="model_uri")
+def _too_large(located: Located | None, max_mb: int, data: str | None = None) -> PayloadTooLarge:
+    file = f"the model file {located.file} of {located.ref.uri}" if located is not None else "the model file"
+    if data is None:
+        return PayloadTooLarge(f"Expected {file} to be at most {max_mb} MiB, but it is larger (AUDIT_MAX_MODEL_MB)",
+                               field="model_uri")
+    return PayloadTooLarge(f"Expected {file} and its external data to total at most {max_mb} MiB, but {data!r} takes "
+                           f"them past it (AUDIT_MAX_MODEL_MB)", field="model_uri")

@@ -2,7 +2,9 @@
 
 Models are validated with ``runtime.load_model`` before a job is queued (a file that does not load
 is a 422 at submission) — inside a sandboxed child process (``jobs.launcher``), never in the web process. Probe files are checked by their ``.npy`` / ``.npz`` headers only — no
-array is read and nothing is unpickled here; the sandbox loads them.
+array is read and nothing is unpickled here; the sandbox loads them. An ONNX model's external data files
+(``model_data`` parts) are staged with it under one cap, by plain file names only, linked beside it in a
+folder of its own for the check, and kept only when its graph names them (``save_model_data``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from werkzeug.datastructures import FileStorage
 
+from ..external_names import location_problem
 from ..jobs.blobs import BlobStore, BlobTooLarge
 from ..jobs.launcher import Limits, launch, task_env
 from ..jobs.failures import cap_text
 from ..jobs.settings import Settings
+from ..jobs.submission import DATA_PREFIX, MODEL_LINKS, data_inputs, link_model_folder
 from .errors import PayloadTooLarge, Unprocessable
 
 MiB = 1024 * 1024
@@ -51,6 +55,64 @@ def save_upload(blobs: BlobStore, upload: FileStorage, field: str, max_mb: int) 
     return {"sha256": sha, "size_bytes": size, "filename": name}, staged
 
 
+#: the most external data files one model may come with (onnx writes one per tensor when asked to)
+MAX_DATA_FILES = 2048
+DATA_FORMAT = "onnx_data"
+
+
+def data_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a staged external data file's name (completing "... but 'x' ..."), or None."""
+    why = location_problem(name)
+    if why is not None:
+        return f"{why}: only plain file names, as the graph names them, are staged beside the model"
+    if name in MODEL_LINKS:
+        return "is the name the model itself takes in its staged folder; rename the data file and its location"
+    return None
+
+
+def save_model_data(blobs: BlobStore, uploads: list[FileStorage], room: int, max_mb: int,
+                    staged: dict[str, Path]) -> dict[str, dict]:
+    """Stream the ``model_data`` parts (an ONNX model's external data files, each part's file name the
+    location the graph gives it) into staging files, under ``room`` bytes together (what the model left of
+    ``AUDIT_MAX_MODEL_MB``): {input key: entry}, input keys ``model_data/NAME``, their staging files added to
+    ``staged`` as they are written (the caller deletes those of a refused submission). A name that is not a
+    plain file name, a duplicate, or a sum over the cap is refused before the next part is read."""
+    if len(uploads) > MAX_DATA_FILES:
+        raise Unprocessable(f"Expected at most {MAX_DATA_FILES} `model_data` parts, but got {len(uploads)}; save "
+                            f"the external data in one file (onnx.save_model(..., all_tensors_to_one_file=True))",
+                            field="model_data")
+    entries: dict[str, dict] = {}
+    for upload in uploads:
+        name = upload.filename
+        if not name:
+            raise Unprocessable("Expected each `model_data` part to be a file named by the location the graph gives "
+                                "it (e.g. -F model_data=@model.onnx.data), but one has no file name", field="model_data")
+        why = data_name_problem(name)
+        if why is not None:
+            raise Unprocessable(f"Expected each `model_data` file name to be a plain file name, but {name[:300]!r} "
+                                f"{why}", field="model_data")
+        key = DATA_PREFIX + name
+        if key in entries:
+            raise Unprocessable(f"Expected each `model_data` file once, but {name!r} comes twice", field="model_data")
+        try:
+            staged[key], sha, size = blobs.stage(upload.stream, max_bytes=max(0, room))
+        except BlobTooLarge:
+            raise PayloadTooLarge(f"Expected the model and its `model_data` files to total at most {max_mb} MiB "
+                                  f"(AUDIT_MAX_MODEL_MB), but {name!r} takes them past it", field="model_data") from None
+        room -= size
+        entries[key] = {"sha256": sha, "size_bytes": size, "filename": name, "format": DATA_FORMAT}
+    return entries
+
+
+def check_data_named(data: dict[str, dict], named: list[str]) -> None:
+    """422 naming the first staged data file (``model_data/NAME`` entries) the model's graph does not name."""
+    extra = sorted(set(data_inputs(data)) - set(named))
+    if extra:
+        graph = ", ".join(repr(n) for n in named[:8]) or "none"
+        raise Unprocessable(f"Expected every `model_data` part to be a file the model's graph names, but "
+                            f"{extra[0]!r} is not (the graph names {graph})", field="model_data")
+
+
 #: the engine the submission-time check runs in the sandbox: load the model, fit probes, labels, group, shifts
 PRECHECK_ENGINE = "audit_service.audit:precheck_audit"
 #: spec fields as the client names them (the engine names them from the spec's root)
@@ -59,27 +121,30 @@ _SPEC_FIELDS = ("group", "shifts", "options", "policy", "require")
 
 def validate_model(path: Path, entry: dict, settings: Settings, input_shape: tuple[int, ...] | None = None,
                    spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None,
-                   tenant: str = "default", active: int = 0) -> dict:
+                   tenant: str = "default", active: int = 0,
+                   data: dict[str, tuple[Path, str]] | None = None) -> tuple[dict, list[str]]:
     """Check the model in a sandboxed child (cached); fill ``format``; 422 when it does not load. With
     ``spec`` (and the probe ``files``: {field: (path, format, sha256)}), the child also checks everything the audit
     would check before it sweeps (``audit.precheck_audit``): probes and labels against the model, the group
     against its input shape (axes, sizes, closure and product orders), the shifts; a 422 names the field.
-    Untrusted model code (TorchScript, or our conversion of ONNX) never runs in the web process: the child
-    has the audits' memory / CPU limits, no network, and a wall-clock timeout. Each check takes one of
-    ``max_model_checks`` global and ``max_tenant_checks`` per-tenant slots (``check_slot``)."""
-    files = files or {}
+    ``data``: the ONNX model's external data files {location: (path, sha256)}, linked beside the model in
+    the child's model folder (``link_model_folder``). Untrusted model code (TorchScript, or our conversion of
+    ONNX) never runs in the web process: the child has the audits' memory / CPU limits, no network, and a
+    wall-clock timeout. Each check takes one of ``max_model_checks`` global and ``max_tenant_checks``
+    per-tenant slots (``check_slot``). (the entry with its format, the data files the graph names)."""
+    files, data = files or {}, data or {}
     key = (entry["sha256"], input_shape, json.dumps(spec, sort_keys=True) if spec is not None else None,
-           tuple(sorted((k, v[2]) for k, v in files.items())))
+           tuple(sorted((k, v[2]) for k, v in files.items())), tuple(sorted((k, v[1]) for k, v in data.items())))
     with _VALIDATED_LOCK:
         info = _VALIDATED.get(key)
     if info is None:
         with check_slot(settings, tenant, active):
-            info = _check_in_sandbox(path, settings, input_shape, spec, files)
+            info = _check_in_sandbox(path, settings, input_shape, spec, files, data)
         with _VALIDATED_LOCK:
             _VALIDATED[key] = info
             while len(_VALIDATED) > 256:
                 _VALIDATED.popitem(last=False)
-    return {**entry, "format": info["format"]}
+    return {**entry, "format": info["format"]}, list(info.get("external_data") or [])
 
 
 @contextlib.contextmanager
@@ -136,10 +201,11 @@ def _check_limits(workdir: Path, settings: Settings) -> Limits:
                        "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
 
 
-def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings) -> bytes:
-    """The orbit-averaged model of ``path`` over ``spec``'s group as ONNX bytes, built in a sandboxed child
-    with the model check's limits (``_check_limits``; Landlock confines it to its workdir). 422 naming the
-    field when the model has no torch twin, the group is not exact, or the child fails or runs out of time."""
+def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings, data: dict[str, Path] | None = None) -> bytes:
+    """The orbit-averaged model of ``path`` (with its external ``data`` files {location: path}) over ``spec``'s
+    group as ONNX bytes, built in a sandboxed child with the model check's limits (``_check_limits``;
+    Landlock confines it to its workdir). 422 naming the field when the model has no torch twin, the group is
+    not exact, or the child fails or runs out of time."""
     def task(workdir: Path, model: Path) -> dict:
         return {"kind": "symmetrize", "model": str(model), "spec": spec, "output": str(workdir / "symmetrized.onnx"),
                 "max_bytes": settings.max_model_mb * MiB}
@@ -149,13 +215,14 @@ def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings) -> bytes:
         return output.read_bytes() if output.is_file() else None
 
     return _run_short_task(path, settings, task, collect, expected="a model that can be symmetrized",
-                           child="the sandboxed child", explain=False,
+                           child="the sandboxed child", explain=False, data=data,
                            slow=f"Expected a model that can be symmetrized within {settings.validate_timeout_s:g} s, "
                                 f"but it did not finish in time and was stopped")
 
 
 def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ...] | None,
-                      spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None) -> dict:
+                      spec: dict | None = None, files: dict[str, tuple[Path, str, str]] | None = None,
+                      data: dict[str, tuple[Path, str]] | None = None) -> dict:
     def task(workdir: Path, model: Path) -> dict:
         if spec is None:
             return {"kind": "validate", "model": str(model), "max_bytes": settings.max_model_mb * MiB,
@@ -167,25 +234,32 @@ def _check_in_sandbox(path: Path, settings: Settings, input_shape: tuple[int, ..
             out[name] = str(link)
         return out
 
-    return _run_short_task(path, settings, task, lambda result, _workdir: result["report"],
+    def collect(result: dict, _workdir: Path) -> dict:
+        return {**result["report"], "external_data": result.get("external_data")}
+
+    return _run_short_task(path, settings, task, collect,
                            expected="a loadable ONNX or TorchScript classifier", child="the sandboxed model check",
-                           explain=True,
+                           explain=True, data={name: p for name, (p, _sha) in (data or {}).items()},
                            slow=f"Expected a model that loads and runs one zero batch within "
                                 f"{settings.validate_timeout_s:g} s, but checking it did not finish in time "
                                 f"and was stopped")
 
 
 def _run_short_task(path: Path, settings: Settings, make_task: Callable[[Path, Path], dict],
-                    collect: Callable[[dict, Path], Any], expected: str, child: str, explain: bool, slow: str) -> Any:
+                    collect: Callable[[dict, Path], Any], expected: str, child: str, explain: bool, slow: str,
+                    data: dict[str, Path] | None = None) -> Any:
     """One short sandboxed task on an uploaded model (the submission check, the symmetrized download):
-    a private workdir with the model linked in, the check's limits and wall clock, the child's error as a
-    422 naming the field (``explain``: model errors say what was expected), the workdir removed after."""
+    a private workdir with the model linked into a folder of its own (with its external ``data`` files
+    beside it), the check's limits and wall clock, the child's error as a 422 naming the field (``explain``:
+    model errors say what was expected), the workdir removed after."""
     workdir = Path(settings.data_dir).resolve() / "validate" / uuid.uuid4().hex
     (workdir / "tmp").mkdir(parents=True)
     try:
-        model = workdir / "model"
-        os.symlink(path.resolve(), model)
-        (workdir / "task.json").write_text(json.dumps(make_task(workdir, model)))
+        model, links = link_model_folder(workdir / "model", path, "model.onnx" if data else "model", data or {})
+        task = make_task(workdir, model)
+        if links:
+            task["model_data"] = [str(p) for p in links]
+        (workdir / "task.json").write_text(json.dumps(task))
         handle = launch(workdir, _check_limits(workdir, settings), warm=bool(settings.warm_sandbox))
         try:
             handle.wait(settings.validate_timeout_s)
