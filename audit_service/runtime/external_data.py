@@ -244,6 +244,9 @@ def model_files_sha256(path: str | Path, data: Mapping[str, str | Path] | None =
                 size += len(chunk)
                 seen += len(chunk)
                 if max_bytes is not None and seen > max_bytes:
+                    if not data:
+                        raise ModelError(f"Expected a model file of at most {max_bytes} bytes, but it is larger",
+                                         field="model")
                     raise ModelError(f"Expected a model of at most {max_bytes} bytes with its external data, but "
                                      f"it is larger by {what}", field="model")
                 digest.update(chunk)
