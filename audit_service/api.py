@@ -33,14 +33,16 @@ ArrayLike = "torch.Tensor | np.ndarray"
 
 def audit(model: Any, group: Any = "C4", probes: Any = None, labels: Any = None, *,
           shifts: list | None = None, policy: dict | None = None, require: list[str] | None = None,
-          second_probes: Any = None, input_shape: tuple[int, ...] | None = None,
+          require_confident: bool = False, second_probes: Any = None, input_shape: tuple[int, ...] | None = None,
           progress: ProgressFn | None = None, **options: Any) -> AuditResult:
     """Audit ``model``'s invariance to ``group`` on ``probes``; see the module docstring.
 
-    ``input_shape`` (per sample) is needed for an ``nn.Module`` audited without probes. Raises
+    ``require`` / ``require_confident`` set the gate (``spec.AuditSpec``: a borderline verdict fails the
+    confident one). ``input_shape`` (per sample) is needed for an ``nn.Module`` audited without probes. Raises
     ``AuditError`` subclasses naming the field for anything the caller can fix.
     """
-    spec = parse_audit_spec(_spec_dict(group, shifts, policy, require, options))
+    spec = parse_audit_spec(_spec_dict(group, shifts, policy, require, options) |
+                            ({"require_confident": True} if require_confident else {}))
     x = _array(probes, "probes")
     y = _array(labels, "labels", floating=False)
     second = _array(second_probes, "second_probes")

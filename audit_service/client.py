@@ -161,10 +161,10 @@ class AuditClient:
 
 
 def gate(report: dict) -> tuple[bool, str]:
-    """(passed, label) by the one rule (``verdict.gate``) and the labels the audit was run with
-    (``spec.require``, which ``--require`` sets)."""
-    from .verdict import gate as passes
+    """(passed, label) by the one rule (``verdict.gate``) and the gate the audit was run with (``spec.require``,
+    which ``--require`` sets, and ``spec.require_confident``, which ``--strict`` sets)."""
+    from .verdict import verdict_gate
 
     verdict = report.get("verdict") or {}
     label = str(verdict.get("label", "unknown"))
-    return bool(passes(label, verdict.get("require"))), label
+    return bool(verdict_gate(verdict)), label

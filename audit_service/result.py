@@ -14,11 +14,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Verdict:
-    label: str  #: genuine | learned | not_invariant | trivial | not_genuine
-    passed: bool  #: the gate: label in ``require``
+    label: str  #: genuine | learned | incidental | undecided | not_invariant | trivial | not_genuine
+    passed: bool  #: the gate: label in ``require`` (and, with ``require_confident``, not borderline)
     reasons: tuple[str, ...]
     require: tuple[str, ...]
     policy: dict[str, Any]
+    #: a deciding criterion's 95% interval straddles its threshold (``borderline_criteria`` in the JSON)
+    borderline: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class AuditResult:
     def from_report(cls, report: dict[str, Any]) -> "AuditResult":
         v = report["verdict"]
         verdict = Verdict(label=v["label"], passed=bool(v.get("passed")), reasons=tuple(v.get("reasons") or ()),
-                          require=tuple(v.get("require") or ()), policy=dict(v.get("policy") or {}))
+                          require=tuple(v.get("require") or ()), policy=dict(v.get("policy") or {}),
+                          borderline=bool(v.get("borderline")))
         conditions = tuple(
             ConditionResult(name=c["name"], n_probes=int(c.get("n_probes") or 0), metrics=dict(c.get("metrics") or {}),
                             spread=dict(c.get("spread") or {}), saliency_computed=c.get("saliency_computed"),

@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(zoo.STOCK), help="stock architectures (tests/verdict_zoo.py)")
     p.add_argument("--probes", type=int, default=32, help="probes per audit (noise probes too)")
     p.add_argument("--reference-probes", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=4, help="training epochs of the small CNNs")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of the small CNNs")
     p.add_argument("--before", default=BEFORE, help="git revision of the previous rule ('' to skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write every row here")

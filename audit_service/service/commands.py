@@ -47,7 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("submit", help="audit a model on a running service",
                        description="Submit MODEL to a running audit service, follow its progress and apply "
-                                   "--require. Exit 0 passed, 1 gate failed, 2 bad input or failed audit.")
+                                   "--require / --strict. Exit 0 passed, 1 gate failed, 2 bad input or failed audit.")
     s.add_argument("model", type=Path, help="ONNX or TorchScript file")
     add_spec_arguments(s)  # the same spec flags as `audit`
     s.add_argument("--url", default=os.environ.get("AUDIT_URL", "http://127.0.0.1:8000"),
@@ -280,5 +280,5 @@ def cmd_submit(args: argparse.Namespace) -> int:
     reasons = verdict.get("reasons") or []
     print(json.dumps({"id": job["id"], "verdict": label, "passed": passed, "require": verdict.get("require"),
                       "reasons": reasons, "report": f"{args.url.rstrip('/')}/audits/{job['id']}/report.html"}))
-    # like `audit`: the exit status gates only when --require was given (the spec's require is then it)
-    return EXIT_GATE_FAILED if args.require is not None and not passed else EXIT_OK
+    # like `audit`: the exit status gates only when --require or --strict was given (the spec's gate is then it)
+    return EXIT_GATE_FAILED if (args.require is not None or args.strict) and not passed else EXIT_OK
