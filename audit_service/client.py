@@ -84,12 +84,16 @@ class AuditClient:
         files_in = {"model": model, "probes": probes, "labels": labels, "second_probes": second_probes}
         with ExitStack() as stack:
             handles = {k: stack.enter_context(open(v, "rb")) for k, v in files_in.items() if v is not None}
+            data_files = [(name, stack.enter_context(open(Path(model).parent / name, "rb")))
+                          for name in external_data_files(model)]
 
             def rewind() -> None:
-                for fh in handles.values():
+                for fh in [*handles.values(), *(fh for _, fh in data_files)]:
                     fh.seek(0)
 
-            files = {k: (Path(files_in[k]).name, fh, "application/octet-stream") for k, fh in handles.items()}
+            files: list[tuple[str, tuple]] = [(k, (Path(files_in[k]).name, fh, "application/octet-stream"))
+                                              for k, fh in handles.items()]
+            files += [("model_data", (name, fh, "application/octet-stream")) for name, fh in data_files]
             data: dict[str, str] = {"spec": spec_text}
             if timeout_s is not None:
                 data["timeout_s"] = str(timeout_s)
@@ -158,6 +162,24 @@ class AuditClient:
 
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()
+
+
+def external_data_files(model: str | Path) -> list[str]:
+    """The external-data files an ONNX model's graph names (sent beside it as ``model_data`` parts; the service
+    checks each name); empty for TorchScript, ``.pt2`` and self-contained ONNX files."""
+    with open(model, "rb") as fh:
+        if fh.read(2) == b"PK":
+            return []
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+        graph = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX (or not parseable): the service names the problem
+        return []
+    names = {entry.value for tensor in _get_all_tensors(graph) if uses_external_data(tensor)
+             for entry in tensor.external_data if entry.key == "location"}
+    return sorted(names)
 
 
 def gate(report: dict) -> tuple[bool, str]:

@@ -264,6 +264,18 @@ def test_service_takes_model_data_parts_and_audits_the_same_model(service, api, 
     api("DELETE", f"/audits/{changed.json()['id']}")
 
 
+def test_the_python_client_sends_the_data_files_the_graph_names(service, plain):
+    """``AuditClient.submit`` (and ``audit-service submit``) finds the graph's data files beside the model and
+    sends them as ``model_data`` parts: a default export needs no extra step."""
+    from audit_service.client import AuditClient, external_data_files
+
+    assert external_data_files(plain["external"]) == ["weights.bin"]
+    job = AuditClient(service.url, timeout=120).submit(plain["external"], json.dumps(tiny_spec("flip")), wait=120)
+    assert job["status"] == "succeeded", job
+    assert job["report"]["model"]["sha256"] == model_files_sha256(plain["external"],
+                                                                 {"weights.bin": plain["data"]})[0]
+
+
 @pytest.mark.parametrize("case", ["missing", "extra", "bad name", "model's own name", "twice", "absolute",
                                   "climbs", "over the cap", "form field"])
 def test_service_refuses_bad_model_data_and_keeps_nothing(service, api, plain, tmp_path, case):
