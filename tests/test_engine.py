@@ -136,7 +136,7 @@ def test_single_class_network_is_trivial_not_learned(tmp_path, digits):
     assert clean["metrics"]["kappa"] is None and clean["metrics"]["LI_normalized"] > 1e-3
     assert report["verdict"]["label"] == "trivial" and not report["verdict"]["passed"]
     assert "predicted as class 3" in report["verdict"]["reasons"][0]
-    assert report["verdict"]["policy"]["version"] == "2"
+    assert report["verdict"]["policy"]["version"] == "3"
 
 
 def test_constant_model_is_trivial(tmp_path, digits):
