@@ -255,10 +255,18 @@ class Registry:
                 if len(buf) > MLMODEL_MAX_BYTES:
                     raise RegistryError("Expected an MLmodel file of at most 1 MiB, but it is larger",
                                         field="model_uri")
+        text = bytes(buf).decode("utf-8", errors="replace")
+        depth = _flow_depth(text)
+        if depth > MLMODEL_MAX_DEPTH:
+            raise RegistryError(f"Expected an MLmodel file nested at most {MLMODEL_MAX_DEPTH} levels deep, but it "
+                                f"nests {depth}", field="model_uri")
         try:
-            meta = yaml.safe_load(bytes(buf).decode("utf-8", errors="replace")) or {}
+            meta = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise RegistryError(f"Expected a YAML MLmodel file, but it does not parse: {str(exc)[:200]}",
+                                field="model_uri") from None
+        except RecursionError:  # block-style nesting the bracket scan does not see
+            raise RegistryError("Expected an MLmodel file of ordinary depth, but it nests too deeply to parse",
                                 field="model_uri") from None
         flavors = meta.get("flavors") if isinstance(meta, dict) else None
         return flavors if isinstance(flavors, dict) else {}
@@ -518,3 +526,24 @@ def parse_allowed(text: str) -> dict[str, str]:
 __all__ = ["AUDIT_EXPERIMENT", "Located", "ModelRef", "Registry", "RegistryError", "RegistryNotAllowed",
            "data_path", "fetched_model", "is_registry_uri", "parse_allowed", "parse_model_uri", "verdict_tags"]
 
+
+#: an MLmodel file nests a handful of levels; YAML parsers recurse once per level
+MLMODEL_MAX_DEPTH = 64
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow collections (``[`` / ``{``) in ``text``, quotes aside: a cheap bound
+    checked before the (recursive) parser sees the file."""
+    depth = deepest = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest

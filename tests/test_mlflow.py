@@ -268,6 +268,22 @@ def test_write_back_never_records_a_forged_verdict(tracking, registered, tmp_pat
         svc.stop()
 
 
+def test_a_deeply_nested_mlmodel_is_a_clear_refusal(tracking, registered, tmp_path):
+    """Issue 19: an MLmodel file nested 5,000 levels deep is refused with a message (exit 2, one line), not a
+    parser's RecursionError and its traceback."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: " + "[" * 5000 + "]" * 5000 + "\n")
+    export_onnx(PlainCNN(), IMAGE_SHAPE, folder / "model.onnx")
+    client = registered["client"]
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), "deep")
+    client.create_registered_model("tiny-deep")
+    client.create_model_version("tiny-deep", f"runs:/{run.info.run_id}/deep", run_id=run.info.run_id)
+    result = cli(tracking, "audit", "models:/tiny-deep/1", "--group", "flip", *FAST)
+    assert_bad_input(result, "nested at most 64 levels")
+
+
 def test_service_without_allow_list_refuses_model_uri(api):
     """The shared service has no AUDIT_MLFLOW_ALLOWED_URIS: the feature is off, whatever URI is named."""
     parts = {"spec": (None, json.dumps(tiny_spec())), "model_uri": (None, "models:/tiny-onnx/1")}

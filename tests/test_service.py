@@ -127,6 +127,7 @@ def test_listing_is_newest_first_and_paginated(api, models):
     ("missing_spec", 400, "spec"),
     ("oversize_probes", 413, "probes"),
     ("bad_wait", 400, "wait"),
+    ("oversize_spec", 413, "spec"),
 ])
 def test_bad_submissions_are_problems(api, models, case, status, field):
     spec = json.dumps(tiny_spec())
@@ -151,6 +152,8 @@ def test_bad_submissions_are_problems(api, models, case, status, field):
         files["probes"] = ("p.npy", open(models["big_probes"], "rb"))
     elif case == "bad_wait":
         params = {"wait": "soon"}
+    elif case == "oversize_spec":  # issue 19: a spec is a few KiB; every job stores it and every list carries it
+        data["spec"] = json.dumps({**tiny_spec(), "note": "x" * 70_000})
     r = api("POST", "/audit", files=files, data=data, params=params)
     assert r.status_code == status, r.text
     assert r.headers["Content-Type"] == "application/problem+json"

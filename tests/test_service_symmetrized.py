@@ -17,7 +17,7 @@ def _submit(api, models, name, reuse=True):
     return api("POST", "/audit", files={"model": (f"{name}.onnx", open(models[name], "rb"))}, data=data)
 
 
-def test_symmetrized_model_of_a_finished_audit_is_invariant(api, models):
+def test_symmetrized_model_of_a_finished_audit_is_invariant(api, models, service):
     import onnxruntime as ort
     from builders import IMAGE_SHAPE
 
@@ -37,6 +37,19 @@ def test_symmetrized_model_of_a_finished_audit_is_invariant(api, models):
     for k in (1, 2, 3):
         rotated = np.ascontiguousarray(np.rot90(x, k, axes=(-2, -1)))
         np.testing.assert_allclose(session.run(None, {name: rotated})[0], logits, rtol=1e-4, atol=1e-4)
+
+    # issue 19: built once and stored; later downloads stream the stored file (no sandbox, no copy in memory)
+    import time
+
+    start = time.monotonic()
+    again = api("GET", f"/audits/{job['id']}/symmetrized.onnx", stream=True, timeout=60)
+    body = b"".join(again.iter_content(1 << 16))
+    assert again.status_code == 200 and body == r.content and time.monotonic() - start < 2.0
+    assert "attachment" in again.headers["Content-Disposition"]
+    assert (service.data_dir / "symmetrized" / f"{job['id']}.onnx").is_file()
+    assert api("DELETE", f"/audits/{job['id']}").status_code == 204
+    assert not (service.data_dir / "symmetrized" / f"{job['id']}.onnx").exists()
+    assert api("GET", f"/audits/{job['id']}/symmetrized.onnx").status_code == 404
 
 
 def test_symmetrized_model_needs_a_succeeded_audit(api, models):

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, request, jsonify
+from flask import Blueprint, Response, jsonify, request, send_file
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
@@ -18,8 +18,8 @@ from ..jobs.store import Job, QueueFull, TenantLimit
 from ..jobs.write_back import write_back_request
 from ..spec import AuditSpec, parse_audit_spec
 from .state import current_tenant, state
-from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRequests,
-                     Unprocessable)
+from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, PayloadTooLarge,
+                     TooManyRequests, Unprocessable)
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
 from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model
 from .uploads import (array_kind, check_data_named, check_slot, save_model_data, save_upload, symmetrize_in_sandbox,
@@ -80,6 +80,8 @@ def submission_errors() -> Iterator[None]:
 
 MiB = 1024 * 1024
 MAX_SPEC_DEPTH = 32
+#: the longest spec accepted (a large permutation group's generators fit many times over)
+MAX_SPEC_CHARS = 64 * 1024
 
 
 def _no_constant(name: str) -> Any:
@@ -168,6 +170,9 @@ def _parse_form() -> tuple[SubmitForm, AuditSpec, dict[str, Any]]:
     if spec_text is None:
         raise BadRequest('Expected a `spec` form field with the audit spec JSON (e.g. {"group": "C4"}), but got none',
                          field="spec")
+    if len(spec_text) > MAX_SPEC_CHARS:  # every job stores its spec, and every list page carries it
+        raise PayloadTooLarge(f"Expected a spec of at most {MAX_SPEC_CHARS // 1024} KiB (a spec is a few KiB; give "
+                              f"probes as files, not in the spec), but got {len(spec_text)} characters", field="spec")
     try:
         spec = parse_audit_spec(load_spec_json(spec_text))
     except SpecError as exc:
@@ -319,13 +324,19 @@ def get_symmetrized(job_id: str) -> Response:
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"audit {job_id} is {job.status.value}; its symmetrized model is ready when GET "
                        f"/audits/{job_id} says succeeded")
-    model = st.blobs.path(job.inputs["model"]["sha256"])
-    files = {name: st.blobs.path(entry["sha256"]) for name, entry in submission.data_inputs(job.inputs).items()}
-    with check_slot(st.settings, tenant, st.store.count_active(tenant)):
-        data = symmetrize_in_sandbox(model, job.spec, st.settings, files)
-    response = Response(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="audit-{job.id}-symmetrized.onnx"'
-    return response
+    built = symmetrized_path(st.settings, job.id)
+    if not built.is_file():  # built once, in the sandbox; every download after streams the stored file
+        model = st.blobs.path(job.inputs["model"]["sha256"])
+        files = {name: st.blobs.path(entry["sha256"]) for name, entry in submission.data_inputs(job.inputs).items()}
+        with check_slot(st.settings, tenant, st.store.count_active(tenant)):
+            symmetrize_in_sandbox(model, job.spec, st.settings, built, files)
+    return send_file(built, mimetype="application/octet-stream", as_attachment=True,
+                     download_name=f"audit-{job.id}-symmetrized.onnx", conditional=False, etag=False)
+
+
+def symmetrized_path(settings: Any, job_id: str) -> Path:
+    """Where a job's symmetrized model is kept once built (removed with the job)."""
+    return Path(settings.data_dir) / "symmetrized" / f"{job_id}.onnx"
 
 
 @bp.delete("/audits/<job_id>")
@@ -335,6 +346,7 @@ def delete_audit(job_id: str) -> Response:
     if JobStatus(job["status"]) not in READY_STATES and st.store.cancel(job_id, tenant=current_tenant()):
         return _json(job_out(st.store.get(job_id), time.time()), 202)
     if st.store.delete(job_id, tenant=current_tenant()):
+        symmetrized_path(st.settings, job_id).unlink(missing_ok=True)
         shas = [e["sha256"] for e in (job.get("inputs") or {}).values() if isinstance(e, dict) and e.get("sha256")]
         st.blobs.remove_unreferenced(shas, st.store.references_blob)  # blobs no other job refers to
         return Response(status=204)

@@ -201,18 +201,23 @@ def _check_limits(workdir: Path, settings: Settings) -> Limits:
                        "AUDIT_SANDBOX_MEMORY_MB": str(settings.job_memory_mb)})
 
 
-def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings, data: dict[str, Path] | None = None) -> bytes:
+def symmetrize_in_sandbox(path: Path, spec: dict, settings: Settings, target: Path,
+                          data: dict[str, Path] | None = None) -> Path:
     """The orbit-averaged model of ``path`` (with its external ``data`` files {location: path}) over ``spec``'s
-    group as ONNX bytes, built in a sandboxed child with the model check's limits (``_check_limits``;
-    Landlock confines it to its workdir). 422 naming the field when the model has no torch twin, the group is
-    not exact, or the child fails or runs out of time."""
+    group as an ONNX file at ``target`` (moved there whole, never read into memory), built in a sandboxed child
+    with the model check's limits (``_check_limits``; Landlock confines it to its workdir). 422 naming the field
+    when the model has no torch twin, the group is not exact, or the child fails or runs out of time."""
     def task(workdir: Path, model: Path) -> dict:
         return {"kind": "symmetrize", "model": str(model), "spec": spec, "output": str(workdir / "symmetrized.onnx"),
                 "max_bytes": settings.max_model_mb * MiB}
 
-    def collect(result: dict, workdir: Path) -> bytes | None:
+    def collect(result: dict, workdir: Path) -> Path | None:
         output = workdir / "symmetrized.onnx"
-        return output.read_bytes() if output.is_file() else None
+        if not output.is_file():
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(output, target)  # same file system (the data dir): atomic, and the workdir goes after
+        return target
 
     return _run_short_task(path, settings, task, collect, expected="a model that can be symmetrized",
                            child="the sandboxed child", explain=False, data=data,
