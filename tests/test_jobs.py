@@ -150,3 +150,28 @@ def test_a_tenant_with_a_running_job_waits_for_one_without(store):
     assert store.claim("host:1:x", lease_s=30)["id"] == busy
     assert store.claim("host:2:x", lease_s=30)["id"] == other  # busy has one running, other none
     assert store.claim("host:3:x", lease_s=30)["id"] == queued_busy
+
+
+def test_duplicates_refer_to_one_stored_report_which_outlives_its_first_holder(store):
+    """Issue 19: a reused job stores a reference, not a copy; deleting the job that holds the text hands it to
+    a duplicate, so every remaining duplicate still reads the same report."""
+    from audit_service.jobs.store import reports
+    from sqlalchemy import func, select
+
+    job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=1)
+    claimed = store.claim("w", 30)
+    report = {"schema_version": "1.0", "verdict": {"label": "genuine"}, "pad": "x" * 100_000}
+    assert store.succeed(claimed["id"], "w", report)
+    original = store.report_text(job["id"])
+    twins = [store.create_reused(source=store.get(job["id"]), report=original, spec={"group": "C4"}, inputs={},
+                                 timeout_s=60, tenant="default", queue="default", dedupe_key="k")["id"]
+             for _ in range(20)]
+    with store.engine.connect() as conn:
+        stored = conn.execute(select(func.sum(func.length(reports.c.report_json)))).scalar()
+    assert stored < len(original) + 20 * 100  # one copy and 20 small references
+    assert all(store.report_text(t) == original for t in twins)
+    assert store.delete(job["id"])
+    assert store.report_text(job["id"]) is None
+    assert all(store.report_text(t) == original for t in twins)
+    assert store.delete(twins[0]) and all(store.report_text(t) == original for t in twins[1:])
+    assert not store.delete(twins[1], tenant="someone-else") and store.report_text(twins[1]) == original

@@ -4,6 +4,7 @@ must refuse to start on."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -78,6 +79,33 @@ def test_the_rank1_report_bomb_makes_a_bounded_report(svc, tmp_path, contract):
         assert all(len(e["map_x"]) <= 48 * 48 for e in body["saliency_examples"])
     assert max(sizes.values()) < 2 * MiB, sizes
     assert abs(sizes[1_000_000] - sizes[100_000]) < 0.1 * sizes[100_000], sizes  # independent of D
+
+
+def test_duplicates_do_not_copy_the_report(svc, models):
+    """Issue 19: a resubmission answered from a finished audit refers to its report: 60 duplicates of an audit
+    with a ~0.1 MiB report grow the database by far less than one copy each (before: a full copy each)."""
+    probes = _npy(np.random.default_rng(11).random((16, 1, 12, 12), dtype=np.float32))
+    spec = tiny_spec("C4", options={**FAST, "n_probes": 16, "saliency": True, "ig_steps": 2})
+    first = _submit(svc.url, models["plain2"], spec=spec, probes=probes, wait=240)
+    assert first.status_code == 200, first.text
+    report = requests.get(svc.url + first.headers["Location"] + "/report", timeout=60).content
+    db = svc.data_dir / "jobs.sqlite3"
+
+    def db_bytes() -> int:  # the database file once the WAL is folded in (the WAL grows per commit, then resets)
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(FULL)")
+        return db.stat().st_size
+
+    before = db_bytes()
+    for _ in range(60):
+        r = _submit(svc.url, models["plain2"], spec=spec, probes=probes)
+        assert r.status_code in (200, 202) and r.json()["status"] == "succeeded", r.text
+    grown = db_bytes() - before
+    print(f"60 duplicates grew the database by {grown} bytes (report {len(report)} bytes)")
+    assert grown < 60 * len(report) / 4, (grown, len(report))
+    assert requests.get(f"{svc.url}/audits/{r.json()['id']}/report", timeout=60).content == report
 
 
 # ----------------------------------------------------------------------------- rejected uploads, delete

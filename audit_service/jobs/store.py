@@ -454,7 +454,9 @@ class JobStore:
 
     def create_reused(self, *, source: dict, report: str | dict, spec: dict, inputs: dict, timeout_s: float,
                       tenant: str, queue: str, dedupe_key: str) -> dict:
-        """A job born ``succeeded`` with a copy of ``source``'s report (a duplicate submission)."""
+        """A job born ``succeeded`` with ``source``'s report (a duplicate submission). The report is stored once:
+        the duplicate's row refers to the job that holds it (``report_text`` follows the reference, ``delete``
+        hands the text on to a duplicate before its holder goes), so 200 duplicates cost 200 small rows."""
         now = time.time()
         job_id = new_job_id()
         with self.engine.begin() as conn:
@@ -464,8 +466,9 @@ class JobStore:
                 stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key))
-            conn.execute(insert(reports).values(
-                job_id=job_id, report_json=report if isinstance(report, str) else json.dumps(report)))
+            holder = _reused_from(conn.execute(select(reports.c.report_json).where(
+                reports.c.job_id == source["id"])).scalar()) or source["id"]
+            conn.execute(insert(reports).values(job_id=job_id, report_json=_reference(holder)))
             created = self._count_created(conn)
         self._record_committed(created)
         job = self.get(job_id)
@@ -546,9 +549,13 @@ class JobStore:
         return json.loads(text) if text is not None else None
 
     def report_text(self, job_id: str) -> str | None:
-        """The stored report JSON as text (served as is: no parse, no second copy)."""
+        """The stored report JSON as text (served as is: no parse, no second copy); a duplicate's is its holder's."""
         with self.engine.connect() as conn:
-            return conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+            text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+            holder = _reused_from(text)
+            if holder is not None:
+                text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == holder)).scalar()
+            return text
 
     # ------------------------------------------------------------------ the one state-change path
     def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
@@ -695,8 +702,18 @@ class JobStore:
         if tenant is not None:
             cond.append(jobs.c.tenant == tenant)
         with self.engine.begin() as conn:
+            text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == job_id)).scalar()
+            if conn.execute(delete(jobs).where(*cond)).rowcount != 1:
+                return False  # not finished, or another tenant's: its report stays too
             conn.execute(delete(reports).where(reports.c.job_id == job_id))
-            return conn.execute(delete(jobs).where(*cond)).rowcount == 1
+            dependents = conn.execute(select(reports.c.job_id).where(
+                reports.c.report_json == _reference(job_id)).order_by(reports.c.job_id)).scalars().all()
+            if dependents and text is not None:  # the report lives on in its first duplicate
+                heir = dependents[0]
+                conn.execute(update(reports).where(reports.c.job_id == heir).values(report_json=text))
+                conn.execute(update(reports).where(reports.c.job_id.in_(dependents[1:]))
+                             .values(report_json=_reference(heir)))
+            return True
 
     # ------------------------------------------------------------------ recovery
     def recover_lost(self, now: float | None = None, dead_owners: Iterable[str] = ()) -> list[tuple[str, str]]:
@@ -752,6 +769,20 @@ class JobStore:
 
 class ReportTooLarge(ValueError):
     pass
+
+
+_REUSED = '{"$reused_from": '
+
+
+def _reference(holder: str) -> str:
+    """The report row of a duplicate: the id of the job that holds the report text."""
+    return _REUSED + json.dumps(holder) + "}"
+
+
+def _reused_from(text: str | None) -> str | None:
+    if text is None or not text.startswith(_REUSED):
+        return None
+    return str(json.loads(text)["$reused_from"])
 
 
 def bounded_report_json(report: dict, max_bytes: int) -> str:
