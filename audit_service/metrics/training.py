@@ -5,6 +5,9 @@
 over every group element, identity included, so ``loss + nu * logit_invariance_loss(...)`` is the IR
 objective. ``OrbitInvariance`` accumulates LI, DI and agreement over batches with ``update`` /
 ``compute`` / ``reset``, like a torchmetrics metric, without depending on torchmetrics.
+
+Both are the paper's identity-inclusive means: a report's ``paper_metrics``. The audit's verdict reads its
+``metrics``, over g != e, which for a group of order |G| are |G| / (|G| - 1) times these for LI and DI.
 """
 
 from __future__ import annotations
