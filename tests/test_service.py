@@ -51,7 +51,7 @@ def test_reference_endpoints(api):
     assert api("POST", "/references/no-such-run/runs", json={"epochs": 1}).status_code == 404
 
 
-def test_submit_poll_and_read_the_report(api, models):
+def test_submit_poll_and_read_the_report(api, models, service):
     r = submit(api, models, probes="probes_labels")
     assert r.status_code == 202, r.text
     job = r.json()
@@ -79,9 +79,12 @@ def test_submit_poll_and_read_the_report(api, models):
     assert job["passed"] is report["verdict"]["passed"]   # the gate, readable from the job alone
     assert {c["name"] for c in report["conditions"]} >= {"clean", "noise"}
 
+    # issue 19: rendered once by the worker when the job finished, served from disk by the web tier
+    assert (service.data_dir / "pages" / f"{job['id']}.html").is_file()
     html = api("GET", job["links"]["report_html"])
     assert html.headers["Content-Type"].startswith("text/html")
     body = html.text
+    assert body == (service.data_dir / "pages" / f"{job['id']}.html").read_text(encoding="utf-8")
     assert body.index("Verdict") < body.index("Metrics per condition") < body.index("Saliency")
     assert "data:image/png;base64," in body and "Jacobian" in body
     negotiated = api("GET", job["links"]["report"], headers={"Accept": "text/html"})

@@ -22,6 +22,7 @@ from pathlib import Path
 from .blobs import BlobStore
 from .failures import cap_text, signal_reason
 from .launcher import Handle, Limits, SandboxStuck, launch, task_env
+from .pages import store_page
 from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings
 from .states import JobKind, JobStatus
@@ -271,6 +272,7 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
 
             # before succeed: a worker lost in between leaves a job that runs again, write-back included
             report["mlflow_write_back"] = write_back(request, report, settings, before_attempt=hold_lease)
+        store_page(settings.data_dir, job, report)  # before succeed: the page is there when the job is
         if store.succeed(job_id, owner, report):
             return Outcome(JobStatus.SUCCEEDED)
         return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")

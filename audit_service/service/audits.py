@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
 from ..jobs import submission
+from ..jobs.pages import page_path, store_page
 from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import Job, QueueFull, TenantLimit
 from ..jobs.write_back import write_back_request
@@ -244,7 +245,7 @@ def _waited_answer(job: Job, report: dict, location: str) -> Response:
     from ..report.summary import report_summary
 
     if request.accept_mimetypes.best == "text/html":
-        response = _html(job, report)
+        response = get_report_html(job.id)
     else:
         response = jsonify(report_summary(report, job.id))
     response.headers["Location"] = location
@@ -290,10 +291,10 @@ def _finished_report_text(job_id: str) -> tuple[dict, str]:
 
 @bp.get("/audits/<job_id>/report")
 def get_report(job_id: str) -> Response:
-    job, text = _finished_report_text(job_id)
     best = request.accept_mimetypes.best_match(["application/json", "text/html"], default="application/json")
     if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]:
-        return _html(job, json.loads(text))
+        return get_report_html(job_id)
+    _job, text = _finished_report_text(job_id)
     response = Response(text, mimetype="application/json")
     response.headers["Vary"] = "Accept"
     return response
@@ -301,18 +302,31 @@ def get_report(job_id: str) -> Response:
 
 @bp.get("/audits/<job_id>/report.html")
 def get_report_html(job_id: str) -> Response:
+    """The page the worker rendered when the job finished, streamed from disk; a page that is missing (a
+    duplicate, an older job, a render past its budget) is rendered once off the event loop and kept."""
+    st = state()
+    path = page_path(st.settings.data_dir, job_id)
     job, text = _finished_report_text(job_id)
-    return _html(job, json.loads(text))
-
-
-def _html(job: Job | dict, report: dict) -> Response:
-    from ..report.html import render_report_html
-
-    html = render_report_html(report, job=job_out(job, time.time()).model_dump(mode="json"),
-                              base_url=request.host_url)
-    response = Response(html, mimetype="text/html")
+    if not path.is_file():
+        _off_the_loop(store_page, st.settings.data_dir, job, json.loads(text))
+    if not path.is_file():
+        raise Conflict(f"audit {job_id}'s report page could not be rendered; GET /audits/{job_id}/report has the "
+                       f"report as JSON")
+    response = send_file(path, mimetype="text/html", conditional=False, etag=False)
     response.headers["Vary"] = "Accept"
     return response
+
+
+def _off_the_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a native thread when gevent runs the app (its hub waits without blocking other
+    requests), else here."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return fn(*args)
+    if not monkey.is_module_patched("threading"):
+        return fn(*args)
+    return get_hub().threadpool.apply(fn, args)
 
 
 @bp.get("/audits/<job_id>/symmetrized.onnx")
@@ -347,6 +361,7 @@ def delete_audit(job_id: str) -> Response:
         return _json(job_out(st.store.get(job_id), time.time()), 202)
     if st.store.delete(job_id, tenant=current_tenant()):
         symmetrized_path(st.settings, job_id).unlink(missing_ok=True)
+        page_path(st.settings.data_dir, job_id).unlink(missing_ok=True)
         shas = [e["sha256"] for e in (job.get("inputs") or {}).values() if isinstance(e, dict) and e.get("sha256")]
         st.blobs.remove_unreferenced(shas, st.store.references_blob)  # blobs no other job refers to
         return Response(status=204)
