@@ -475,16 +475,23 @@ def too_large(located: Located, max_bytes: int, data: str | None = None) -> Regi
 
 
 def verdict_tags(report: dict, located: Located | None = None) -> dict[str, str]:
-    """The tags a promotion rule reads: verdict, passed, policy, require, and the clean condition's metrics."""
+    """The tags a promotion rule reads: verdict, passed, borderline (and on which criteria), policy, require,
+    require_confident (the strict gate), and the clean condition's metrics (over g != e)."""
     verdict = report.get("verdict") or {}
     policy = verdict.get("policy") or {}
+    straddling = [f"{c.get('condition')} {c.get('criterion')}" for c in verdict.get("borderline_criteria") or []
+                  if isinstance(c, dict)]
     tags = {
         TAG_PREFIX + "verdict": str(verdict.get("label")),
         TAG_PREFIX + "passed": "true" if verdict.get("passed") else "false",
+        TAG_PREFIX + "borderline": "true" if verdict.get("borderline") else "false",
         TAG_PREFIX + "policy": f"{policy.get('name', 'unknown')}@{policy.get('version', '?')}",
         TAG_PREFIX + "require": ",".join(verdict.get("require") or []),
+        TAG_PREFIX + "require_confident": "true" if verdict.get("require_confident") else "false",
         TAG_PREFIX + "group": str((report.get("group") or {}).get("name")),
     }
+    if straddling:
+        tags[TAG_PREFIX + "borderline_criteria"] = ", ".join(straddling)[:4000]
     if located is not None:
         tags[TAG_PREFIX + "model_file"] = located.file
     conditions = report.get("conditions") or []

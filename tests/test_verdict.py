@@ -297,3 +297,16 @@ def test_summaries_carry_a_standard_error_for_the_interval():
     clean["spread"]["agreement"]["se"] = 0.05
     v = decide([clean, cond("noise", li_norm=1.0)], POLICY)
     assert v["borderline"] and v["borderline_criteria"][0]["interval"] == pytest.approx([0.652, 0.848])
+
+
+def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
+    from audit_service.mlflow_registry import verdict_tags
+
+    clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
+    verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
+    tags = verdict_tags({"verdict": verdict, "group": {"name": "flip"}, "conditions": [clean]})
+    assert tags["invariance.verdict"] == "learned" and tags["invariance.passed"] == "false"
+    assert tags["invariance.borderline"] == "true" and tags["invariance.require_confident"] == "true"
+    assert tags["invariance.borderline_criteria"] == "clean agreement" and tags["invariance.policy"].endswith("@3")
+    plain = verdict_tags({"verdict": decide([cond("clean"), cond("noise")], POLICY), "conditions": []})
+    assert plain["invariance.borderline"] == "false" and "invariance.borderline_criteria" not in plain
