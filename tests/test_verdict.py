@@ -310,3 +310,21 @@ def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
     assert tags["invariance.borderline_criteria"] == "clean agreement" and tags["invariance.policy"].endswith("@3")
     plain = verdict_tags({"verdict": decide([cond("clean"), cond("noise")], POLICY), "conditions": []})
     assert plain["invariance.borderline"] == "false" and "invariance.borderline_criteria" not in plain
+
+
+@pytest.mark.parametrize("label", ["incidental", "undecided"])
+def test_html_report_explains_the_new_labels_and_shows_the_borderline_criteria(label):
+    from audit_service.report.html import MEANING, render_report_html
+
+    clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
+    clean.update(n_probes=16, paper_metrics={**clean["metrics"], "agreement": 0.92})
+    verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
+    verdict["label"] = label
+    report = {"model": {"format": "onnx", "sha256": "ab" * 32, "input_shape": [1, 8, 8], "num_classes": 3},
+              "group": {"name": "flip", "order": 2}, "conditions": [clean], "verdict": verdict,
+              "sensitivity": {}, "timing": {}}
+    html = render_report_html(report)
+    phrase = {"incidental": "has not learned the task", "undecided": "without labels the audit cannot tell"}[label]
+    assert phrase in MEANING[label] and phrase in html and f'data-label="{label}"' in html
+    assert 'id="borderline"' in html and "clean agreement" in html and "about 64 (n_probes; now 16)" in html
+    assert "strict" in html and 'id="paper-metrics"' in html and "g ≠ e" in html
