@@ -88,7 +88,7 @@ def audit_run(model_path: Path, group: str, progress: ProgressFn | None = None, 
 
 
 def _condition_summary(report: dict) -> list[dict]:
-    keep = ("name", "shift", "n_probes", "metrics", "notes")
+    keep = ("name", "shift", "n_probes", "metrics", "paper_metrics", "notes")
     out = []
     for c in report.get("conditions", []):
         row = {k: c.get(k) for k in keep}
@@ -99,9 +99,11 @@ def _condition_summary(report: dict) -> list[dict]:
 
 
 def _named(report: dict, name: str) -> dict | None:
+    """A condition's metrics as the paper averages them (identity included: ``paper_metrics``, policy 3 reports;
+    older reports' ``metrics`` were already those), for the tables beside the paper's."""
     for c in report.get("conditions", []):
         if c.get("name") == name:
-            return c.get("metrics")
+            return c.get("paper_metrics") or c.get("metrics")
     return None
 
 
@@ -270,9 +272,10 @@ def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
 
 
 def _cond_metric(card: dict, name: str, metric: str) -> float | None:
+    """The paper's identity-inclusive mean of ``metric`` on condition ``name`` (the drift figure's)."""
     for c in card.get("audit", {}).get("conditions", []):
         if c.get("name") == name:
-            return (c.get("metrics") or {}).get(metric)
+            return (c.get("paper_metrics") or c.get("metrics") or {}).get(metric)
     return None
 
 
