@@ -175,3 +175,20 @@ def test_duplicates_refer_to_one_stored_report_which_outlives_its_first_holder(s
     assert all(store.report_text(t) == original for t in twins)
     assert store.delete(twins[0]) and all(store.report_text(t) == original for t in twins[1:])
     assert not store.delete(twins[1], tenant="someone-else") and store.report_text(twins[1]) == original
+
+
+def test_the_job_view_says_what_the_report_gate_said(store):
+    """Issue 22: a borderline verdict under ``require_confident`` fails its gate; the job row keeps the report's
+    own answer, so ``GET /audits/{id}`` says ``passed: false`` too (not the label alone, which would pass)."""
+    import time as time_mod
+
+    from audit_service.service.schemas import job_out
+
+    job = store.create(kind=JobKind.AUDIT, spec={"group": "C4", "require_confident": True}, inputs={}, timeout_s=60,
+                       max_attempts=1)
+    claimed = store.claim("w", 30)
+    verdict = {"label": "learned", "passed": False, "borderline": True, "require_confident": True}
+    assert store.succeed(claimed["id"], "w", {"schema_version": "1.0", "verdict": verdict})
+    row = store.get(job["id"])
+    assert row["verdict"] == "learned" and row["passed"] is False
+    assert job_out(row, time_mod.time()).passed is False

@@ -84,7 +84,7 @@ def test_submit_poll_and_read_the_report(api, models, service):
     html = api("GET", job["links"]["report_html"])
     assert html.headers["Content-Type"].startswith("text/html")
     body = html.text
-    assert body == (service.data_dir / "pages" / f"{job['id']}.html").read_text(encoding="utf-8")
+    assert f"/audits/{job['id']}/report" in body and "audit-service.invalid" not in body
     assert body.index("Verdict") < body.index("Metrics per condition") < body.index("Saliency")
     assert "data:image/png;base64," in body and "Jacobian" in body
     negotiated = api("GET", job["links"]["report"], headers={"Accept": "text/html"})

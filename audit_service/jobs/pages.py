@@ -2,7 +2,7 @@
 
 Why: a report's figures are matplotlib charts; drawn inside a gevent web worker they held its event loop for over
 a minute (issue 19), and every GET drew them again. The worker renders the page when the job finishes, under a
-time budget, into ``<data dir>/pages/<job id>.html``; the web tier streams that file. A page that is missing
+time budget, into ``<data dir>/pages/<job id>.html``; the web tier serves that file (its own URL put in). A page that is missing
 (the budget ran out, a duplicate job, an older job) is rendered on demand off the event loop and kept.
 """
 
@@ -26,12 +26,22 @@ def page_path(data_dir: str | Path, job_id: str) -> Path:
     return Path(data_dir) / "pages" / f"{job_id}.html"
 
 
+#: stands for the service's own URL in a stored page; the web tier puts the request's in (a saved copy of the
+#: page keeps an absolute link to its JSON)
+BASE_URL_MARK = "https://audit-service.invalid/"
+
+
 def render_page(job: dict, report: dict) -> str:
-    """The page of ``job`` (a stored job dict) with ``report``; links relative to the service's root."""
+    """The page of ``job`` (a stored job dict) with ``report``, its JSON link under ``BASE_URL_MARK``."""
     from ..report.html import render_report_html
 
     view = {"id": job["id"], "inputs": job.get("inputs") or {}, "links": {"report": f"/audits/{job['id']}/report"}}
-    return render_report_html(report, job=view, base_url="/")
+    return render_report_html(report, job=view, base_url=BASE_URL_MARK)
+
+
+def served_page(path: Path, base_url: str) -> str:
+    """A stored page with the service's URL in place of ``BASE_URL_MARK`` (a text replace, no rendering)."""
+    return path.read_text(encoding="utf-8").replace(BASE_URL_MARK, base_url.rstrip("/") + "/")
 
 
 def store_page(data_dir: str | Path, job: dict, report: dict, budget_s: float = RENDER_BUDGET_S) -> Path | None:

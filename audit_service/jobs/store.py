@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
+from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
                         delete, event, func, insert, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -49,6 +49,8 @@ jobs = Table(
     Column("inputs_json", Text, nullable=False),
     Column("error_json", Text),
     Column("verdict", String(32)),
+    #: the report's own gate (its require, and require_confident with a borderline verdict): the job view says it
+    Column("passed", Boolean),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False, default=2),
     Column("timeout_s", Float, nullable=False),
@@ -62,7 +64,7 @@ jobs = Table(
 )
 
 #: columns added after the first release: ``init_schema`` adds them to an existing table
-_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT"}
+_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT", "passed": "BOOLEAN"}
 
 #: PostgreSQL advisory lock keys: schema creation, and check-then-insert submissions (``_write_tx``)
 _SCHEMA_LOCK_KEY = 727273
@@ -138,6 +140,7 @@ class Job:
     max_attempts: int = 0
     timeout_s: float = 0.0
     verdict: str | None = None
+    passed: bool | None = None
     error: dict | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -464,6 +467,7 @@ class JobStore:
                 id=job_id, tenant=tenant, kind=source["kind"], status=JobStatus.SUCCEEDED.value, queue=queue,
                 created_at=now, started_at=now, finished_at=now, updated_at=now, progress=1.0,
                 stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
+                passed=source.get("passed"),
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key))
             holder = _reused_from(conn.execute(select(reports.c.report_json).where(
@@ -650,6 +654,8 @@ class JobStore:
         written) rather than leaving it to expire as ``worker_lost``."""
         verdict = report.get("verdict") if isinstance(report, dict) else None
         label = verdict.get("label") if isinstance(verdict, dict) else None
+        passed = verdict.get("passed") if isinstance(verdict, dict) and isinstance(verdict.get("passed"), bool) \
+            else None
         try:
             text = bounded_report_json(report, self.max_report_bytes)
         except ReportTooLarge as exc:
@@ -659,7 +665,7 @@ class JobStore:
             with self.engine.begin() as conn:
                 # both writes in one transaction: a job is never succeeded without its report
                 moved = self.transition(job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED, owner=owner, conn=conn,
-                                        progress=1.0, stage="done", verdict=label, finished_at=now,
+                                        progress=1.0, stage="done", verdict=label, passed=passed, finished_at=now,
                                         updated_at=now)
                 if moved:
                     conn.execute(delete(reports).where(reports.c.job_id == job_id))

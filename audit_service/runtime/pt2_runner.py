@@ -39,6 +39,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from typing import Iterator
 
 import torch
 
@@ -266,9 +267,8 @@ def _check_node(node: dict, made_here: set[str]) -> None:
         made_here.update(_tensor_names(node.get("outputs", [])))
 
 
-def _tensor_names(value: object) -> list[str]:
-    """Names of the tensors a serialized argument (or list of them) refers to, at any depth."""
-    names: list[str] = []
+def _items(value: object) -> Iterator[tuple[str, object]]:
+    """Every (key, value) pair of every dict inside ``value``, lists and dicts at any depth (no recursion)."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -276,30 +276,24 @@ def _tensor_names(value: object) -> list[str]:
             stack.extend(item)
         elif isinstance(item, dict):
             for key, inner in item.items():
-                if key == "as_tensor" and isinstance(inner, dict):
-                    names.append(str(inner.get("name")))
-                elif key == "as_tensors" and isinstance(inner, list):
-                    names.extend(str(t.get("name")) for t in inner if isinstance(t, dict))
-                else:
-                    stack.append(inner)
+                yield str(key), inner
+                stack.append(inner)
+
+
+def _tensor_names(value: object) -> list[str]:
+    """Names of the tensors a serialized argument (or list of them) refers to, at any depth."""
+    names: list[str] = []
+    for key, inner in _items(value):
+        if key == "as_tensor" and isinstance(inner, dict):
+            names.append(str(inner.get("name")))
+        elif key == "as_tensors" and isinstance(inner, list):
+            names.extend(str(t.get("name")) for t in inner if isinstance(t, dict))
     return names
 
 
 def _expressions(program: dict) -> list[str]:
     """Every ``expr_str`` in the program: symbolic sizes the deserializer parses with ``sympy.sympify``."""
-    found: list[str] = []
-    stack: list[object] = [program]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for key, inner in item.items():
-                if key == "expr_str":
-                    found.append(str(inner))
-                else:
-                    stack.append(inner)
-    return found
+    return [str(inner) for key, inner in _items(program) if key == "expr_str"]
 
 
 def _plain_expression(expr: str) -> bool:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
 from ..jobs import submission
-from ..jobs.pages import page_path, store_page
+from ..jobs.pages import page_path, served_page, store_page
 from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import Job, QueueFull, TenantLimit
 from ..jobs.write_back import write_back_request
@@ -302,7 +302,7 @@ def get_report(job_id: str) -> Response:
 
 @bp.get("/audits/<job_id>/report.html")
 def get_report_html(job_id: str) -> Response:
-    """The page the worker rendered when the job finished, streamed from disk; a page that is missing (a
+    """The page the worker rendered when the job finished, read from disk; a page that is missing (a
     duplicate, an older job, a render past its budget) is rendered once off the event loop and kept."""
     st = state()
     path = page_path(st.settings.data_dir, job_id)
@@ -312,7 +312,7 @@ def get_report_html(job_id: str) -> Response:
     if not path.is_file():
         raise Conflict(f"audit {job_id}'s report page could not be rendered; GET /audits/{job_id}/report has the "
                        f"report as JSON")
-    response = send_file(path, mimetype="text/html", conditional=False, etag=False)
+    response = Response(served_page(path, request.host_url), mimetype="text/html")  # a page is < 1 MiB
     response.headers["Vary"] = "Accept"
     return response
 

@@ -117,10 +117,13 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _gate(job: Job) -> bool | None:
-    """Whether a finished audit passed its gate: the verdict is one of the spec's ``require`` labels."""
+    """Whether a finished audit passed its gate: the report's own answer (its ``require`` and, with
+    ``require_confident``, not borderline); for rows stored before that was kept, the label against ``require``."""
     spec = job.spec if isinstance(job.spec, dict) else {}
     if job.kind != "audit" or not job.verdict:
         return None
+    if job.passed is not None:
+        return job.passed
     return gate(job.verdict, spec.get("require"))
 
 
