@@ -143,6 +143,10 @@ class ShiftSpec(_Strict):
         return f"{self.name}@{self.severity_or_default}"
 
 
+#: shift conditions one audit may sweep (each costs a pass over every probe's orbit; the default sweep has 9)
+MAX_SHIFTS = 64
+
+
 def default_shifts() -> list[ShiftSpec]:
     """Three shifts at three severities: enough for a metric-vs-severity curve, cheap enough to run."""
     return [
@@ -235,7 +239,8 @@ class AuditSpec(_Strict):
     """Everything a client can ask of one audit, besides the model and probe files."""
 
     group: GroupSpec
-    shifts: list[ShiftSpec] | None = Field(default=None, description="None: the default shift sweep")
+    shifts: list[ShiftSpec] | None = Field(default=None, max_length=MAX_SHIFTS,
+                                           description="None: the default shift sweep")
     options: Options = Options()
     policy: Policy = Policy()
     require: list[VerdictLabel] = Field(default=list(DEFAULT_REQUIRE), min_length=1,

@@ -131,6 +131,7 @@ def test_listing_is_newest_first_and_paginated(api, models):
     ("oversize_probes", 413, "probes"),
     ("bad_wait", 400, "wait"),
     ("oversize_spec", 413, "spec"),
+    ("too_many_shifts", 422, "spec.shifts"),
 ])
 def test_bad_submissions_are_problems(api, models, case, status, field):
     spec = json.dumps(tiny_spec())
@@ -155,6 +156,8 @@ def test_bad_submissions_are_problems(api, models, case, status, field):
         files["probes"] = ("p.npy", open(models["big_probes"], "rb"))
     elif case == "bad_wait":
         params = {"wait": "soon"}
+    elif case == "too_many_shifts":  # issue 19: refused at submission, not as a job that runs out of time
+        data["spec"] = json.dumps({**tiny_spec(), "shifts": [{"name": "gaussian_noise", "severity": 1}] * 100})
     elif case == "oversize_spec":  # issue 19: a spec is a few KiB; every job stores it and every list carries it
         data["spec"] = json.dumps({**tiny_spec(), "note": "x" * 70_000})
     r = api("POST", "/audit", files=files, data=data, params=params)
