@@ -216,8 +216,9 @@ def _settled_soon(data_dir: Path, timeout: float = 5.0) -> bool:
 
 @pytest.mark.slow
 def test_two_tenants_uploading_the_same_bytes_during_each_others_audits_lose_no_job(service_two_tenants, models):
-    """Content-addressed blobs are never replaced: a sandbox reading a blob keeps reading the file its
-    Landlock rule names while another tenant uploads the same bytes."""
+    """End to end: interleaved tenants uploading the same bytes all succeed. The race it guards (a blob replaced
+    between a sandbox's Landlock rule and its open) is milliseconds wide, so this passes without the fix too;
+    ``tests/test_jobs.py::test_a_stored_blob_is_never_replaced`` is the test that fails without it."""
     svc = service_two_tenants
     data = models["plain"].read_bytes()
     tokens = ["alice-token-0123456789abcdef", "bob-token-0123456789abcdef"]

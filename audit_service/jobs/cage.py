@@ -459,10 +459,8 @@ class _Server:
 
 def _describe(exc: BaseException) -> dict:
     """What the engine needs to raise the same error: AuditErrors by class, memory as such, else by name."""
-    if isinstance(exc, AuditError) or isinstance(exc, MemoryError):
-        return classify_exception(exc)
     described = classify_exception(exc)
-    if described["type"] == "out_of_memory":
+    if isinstance(exc, AuditError) or described["type"] == "out_of_memory":
         return described
     from ..runtime.validation import short_error
 
