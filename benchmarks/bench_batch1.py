@@ -23,8 +23,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.audit import run_audit  # noqa: E402
-from audit_service.spec import parse_audit_spec  # noqa: E402
+from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 from bench_scale import CLASSES, export_torchscript  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
             reports[name] = run_audit(path, spec, x)
             times[name].append(time.perf_counter() - start)
     if args.without_vmap:  # the old path, for the before/after figure: the vmap check says no
-        from audit_service.runtime import pt2_runner
+        from audit_service.engine.runtime import pt2_runner
 
         pt2_runner._BatchSizes.try_vmap = lambda self, shape, device: "one call per sample (vmap off)"
         start = time.perf_counter()

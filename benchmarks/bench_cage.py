@@ -54,8 +54,8 @@ def main() -> None:
     import torch
     import torchvision
 
-    from audit_service.audit import run_audit
-    from audit_service.spec import parse_audit_spec
+    from audit_service.engine.audit import run_audit
+    from audit_service.engine.spec import parse_audit_spec
     from bench_scale import CLASSES, export_torchscript
 
     torch.manual_seed(0)

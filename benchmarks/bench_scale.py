@@ -36,10 +36,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.audit import run_audit  # noqa: E402
-from audit_service.groups import build_group  # noqa: E402
-from audit_service.runtime import load_model  # noqa: E402
-from audit_service.spec import parse_audit_spec  # noqa: E402
+from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.groups import build_group  # noqa: E402
+from audit_service.engine.runtime import load_model  # noqa: E402
+from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 
 CLASSES = 10
 
@@ -142,7 +142,7 @@ def pass_cost(model: nn.Module, shape: tuple[int, ...], batches: list[int], repe
 
 def layout_table() -> None:
     """Forward + backward a sample, contiguous vs channels-last, across architectures and image sizes: the
-    measurement behind ``memory_format=auto`` (``audit_service/runtime/layout.py``)."""
+    measurement behind ``memory_format=auto`` (``audit_service/engine/runtime/layout.py``)."""
     small = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES))
     cases = [("two-layer CNN", small, (1, 28, 28), 1024),

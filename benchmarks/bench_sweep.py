@@ -23,9 +23,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.audit import run_audit  # noqa: E402
-from audit_service.runtime import load_model  # noqa: E402
-from audit_service.spec import parse_audit_spec  # noqa: E402
+from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.runtime import load_model  # noqa: E402
+from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 
 
 class MidCNN(nn.Module):

@@ -37,16 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from audit_service.audit import run_audit  # noqa: E402
-from audit_service.runtime.module_runner import ModuleRunner  # noqa: E402
-from audit_service.spec import parse_audit_spec  # noqa: E402
+from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.runtime.module_runner import ModuleRunner  # noqa: E402
+from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 import verdict_zoo as zoo  # noqa: E402
 
 BEFORE = "7de1b62"  # the last revision with policy 2
 
 
 def load_previous_rule(rev: str):
-    """``decide`` and ``Policy`` of ``audit_service/verdict.py`` / ``spec.py`` at git revision ``rev``, or None."""
+    """``decide`` and ``Policy`` of ``audit_service/engine/verdict.py`` / ``spec.py`` at git revision ``rev``, or None."""
     try:
         files = {name: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:audit_service/{name}.py"],
                                       check=True, capture_output=True, text=True).stdout

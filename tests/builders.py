@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from audit_service.demo import rot90  # noqa: F401 - torch.rot90 from flips/transposes (ONNX-exportable)
+from audit_service.cli.demo import rot90  # noqa: F401 - torch.rot90 from flips/transposes (ONNX-exportable)
 
 Shape = Sequence[int]
 

@@ -66,7 +66,7 @@ def test_symmetrize_is_genuine_in_memory_and_as_onnx(resnet, probes, tmp_path, o
     """A trained digit CNN (the shipped demo, through its onnx2torch twin) symmetrized in memory audits
     genuine under the default shifts; the stock ResNet-18 symmetrized by the CLI is exactly invariant
     as ONNX and computes what the torch module computes."""
-    from audit_service.runtime import load_model
+    from audit_service.engine.runtime import load_model
 
     demo = np.load(ROOT / "models" / "demo" / "probes.npz")
     twin = load_model(ROOT / "models" / "demo" / "plain_cnn.onnx", device="cpu").torch_module()

@@ -1,4 +1,4 @@
-"""``audit_service.client`` and ``audit-service submit`` against the running service: exit codes
+"""``audit_service.adapters.client`` and ``audit-service submit`` against the running service: exit codes
 0 (gate passed), 1 (gate failed), 2 (bad input / failed audit)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def submit_cli(service, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_client_round_trip(service, models):
-    from audit_service.client import AuditClient, ServiceError
+    from audit_service.adapters.client import AuditClient, ServiceError
 
     client = AuditClient(service.url)
     assert client.health() == {"status": "ok"}

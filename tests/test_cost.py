@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit_service.audit import AUTOCAST_TOLERANCE, run_audit
-from audit_service.metrics.saliency import cuda_batch_limit, integrated_gradients
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.audit import AUTOCAST_TOLERANCE, run_audit
+from audit_service.engine.metrics.saliency import cuda_batch_limit, integrated_gradients
+from audit_service.engine.spec import parse_audit_spec
 from builders import IMAGE_SHAPE, MLP, OrbitAveragedCNN, PlainCNN, export_torchscript
 
 TINY = {"n_probes": 12, "n_noise_probes": 8, "ig_steps": 4, "jacobian_probes": 4, "bootstrap": 0}

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from audit_service.audit import run_audit
+from audit_service.engine.audit import run_audit
 from audit_service.reference.data import load_digits
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.spec import parse_audit_spec
 from builders import (
     UNCONVERTIBLE_OP,
     IMAGE_SHAPE,

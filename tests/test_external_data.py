@@ -26,8 +26,8 @@ import pytest
 import requests
 import torch
 
-from audit_service.errors import ModelError
-from audit_service.runtime import load_model, model_files_sha256, model_sha256
+from audit_service.engine.errors import ModelError
+from audit_service.engine.runtime import load_model, model_files_sha256, model_sha256
 from builders import IMAGE_SHAPE, PlainCNN, export_onnx
 from conftest import Service, tiny_spec
 
@@ -267,7 +267,7 @@ def test_service_takes_model_data_parts_and_audits_the_same_model(service, api, 
 def test_the_python_client_sends_the_data_files_the_graph_names(service, plain):
     """``AuditClient.submit`` (and ``audit-service submit``) finds the graph's data files beside the model and
     sends them as ``model_data`` parts: a default export needs no extra step."""
-    from audit_service.client import AuditClient, external_data_files
+    from audit_service.adapters.client import AuditClient, external_data_files
 
     assert external_data_files(plain["external"]) == ["weights.bin"]
     job = AuditClient(service.url, timeout=120).submit(plain["external"], json.dumps(tiny_spec("flip")), wait=120)

@@ -30,8 +30,8 @@ def test_front_page_names_the_service_and_has_the_form(api):
 def test_every_group_the_page_offers_is_a_spec_the_api_accepts(api):
     import html
 
-    from audit_service.groups.build import GROUPS
-    from audit_service.spec import parse_audit_spec
+    from audit_service.engine.groups.build import GROUPS
+    from audit_service.engine.spec import parse_audit_spec
 
     select = re.search(r'<select id="group".*?</select>', api("GET", "/").text, re.S).group(0)
     values = [json.loads(html.unescape(v)) for v in re.findall(r'<option value="([^"]+)"', select)]

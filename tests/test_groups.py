@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit_service.errors import SpecError
-from audit_service.groups import Element, ExactGroup, Group, build_group, group_catalogue
-from audit_service.spec import MAX_GROUP_ORDER
+from audit_service.engine.errors import SpecError
+from audit_service.engine.groups import Element, ExactGroup, Group, build_group, group_catalogue
+from audit_service.engine.spec import MAX_GROUP_ORDER
 
 IMAGE = (2, 6, 6)
 
@@ -485,8 +485,8 @@ def test_one_record_per_group_name():
     """Every group the spec accepts has exactly one registry record (spec model, builder, catalogue entry)."""
     import typing
 
-    from audit_service.groups.build import GROUPS, group_catalogue
-    from audit_service.spec import GROUP_NAMES, GroupSpec
+    from audit_service.engine.groups.build import GROUPS, group_catalogue
+    from audit_service.engine.spec import GROUP_NAMES, GroupSpec
 
     union = typing.get_args(typing.get_args(GroupSpec)[0])
     assert set(GROUPS) == set(GROUP_NAMES)

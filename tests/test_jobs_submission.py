@@ -9,7 +9,7 @@ import pytest
 
 from audit_service.jobs import BlobStore, Job, JobKind, JobStatus, JobStore, QueueFull, Settings, TenantLimit
 from audit_service.jobs import submission
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.spec import parse_audit_spec
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 from audit_service import audit as audit_api
-from audit_service.audit import run_audit
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.audit import run_audit
+from audit_service.engine.spec import parse_audit_spec
 from builders import export_torchscript
 
 SHAPE = (3, 32, 32)

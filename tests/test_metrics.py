@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from audit_service.metrics import (
+from audit_service.engine.metrics import (
     ConditionAccumulator,
     distribution_invariance_error,
     logit_invariance_error,
@@ -18,8 +18,8 @@ from audit_service.metrics import (
     sample_variation,
     summarize,
 )
-from audit_service.metrics.saliency import postprocess
-from audit_service.metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
+from audit_service.engine.metrics.saliency import postprocess
+from audit_service.engine.metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 
 
 def test_logit_invariance_error_by_hand():
@@ -148,7 +148,7 @@ def test_metric_laws_on_random_orbits(fgx_np):
 
 
 def test_chance_agreement_and_kappa():
-    from audit_service.metrics import chance_agreement, chance_corrected
+    from audit_service.engine.metrics import chance_agreement, chance_corrected
 
     uniform = torch.tensor([5.0, 5.0, 5.0, 5.0])
     assert chance_agreement(uniform, uniform) == pytest.approx(0.25)
@@ -164,7 +164,7 @@ def test_chance_agreement_and_kappa():
 
 
 def test_accumulator_counts_predictions_and_labels():
-    from audit_service.metrics import ConditionAccumulator
+    from audit_service.engine.metrics import ConditionAccumulator
 
     acc = ConditionAccumulator(num_classes=3)
     logits_x = torch.tensor([[5.0, 0, 0], [0, 5.0, 0]])

@@ -149,8 +149,8 @@ def test_cli_refuses_pickled_flavor_and_bad_uris(tracking, registered):
 def test_cli_audits_the_default_external_data_logging(tracking, registered, tmp_path):
     """Issue 18: ``mlflow.onnx.log_model`` with its defaults saves the weights in a ``<uuid>.data`` file beside
     ``model.onnx``; the CLI fetches it with the graph and audits with integrated gradients."""
-    from audit_service.mlflow_registry import Registry, RegistryError, parse_model_uri
-    from audit_service.runtime import model_files_sha256
+    from audit_service.adapters.mlflow_registry import Registry, RegistryError, parse_model_uri
+    from audit_service.engine.runtime import model_files_sha256
 
     out = tmp_path / "report.json"
     r = cli(tracking, "audit", "models:/tiny-external/1", "--group", "C4", *FAST, "--require", "genuine",
@@ -171,11 +171,11 @@ def test_cli_audits_the_default_external_data_logging(tracking, registered, tmp_
     with pytest.raises(RegistryError, match=rf"and its external data to total at most {located.size + 100} bytes, "
                                             rf"but it is larger with '{next(iter(names))}'") as err:
         registry.fetch(located, tmp_path, max_bytes=located.size + 100)
-    assert err.value.status == 413
+    assert err.value.too_large
 
 
 def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, tmp_path):
-    from audit_service.mlflow_registry import Registry, RegistryError, parse_model_uri
+    from audit_service.adapters.mlflow_registry import Registry, RegistryError, parse_model_uri
 
     registry = Registry(tracking, proxied_only=True)
     located = registry.locate(parse_model_uri("models:/tiny-plain/1"))  # source runs:/...: resolved
@@ -185,7 +185,7 @@ def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, 
         located.size = size
         with pytest.raises(RegistryError, match="at most 1000 bytes") as err:
             registry.fetch(located, tmp_path, max_bytes=1000)
-        assert err.value.status == 413
+        assert err.value.too_large
 
 
 def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_path):

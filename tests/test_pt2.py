@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from audit_service.errors import ModelError
-from audit_service.runtime import load_model, sniff_format
-from audit_service.runtime.pt2_runner import check_pt2_archive, pickle_globals
+from audit_service.engine.errors import ModelError
+from audit_service.engine.runtime import load_model, sniff_format
+from audit_service.engine.runtime.pt2_runner import check_pt2_archive, pickle_globals
 from builders import IMAGE_SHAPE, MLP, PlainCNN, export_pt2
 
 
@@ -297,7 +297,7 @@ def test_operators_off_the_allow_list_are_refused_by_name(cnn_pt2, tmp_path, tar
 
 
 def test_the_allow_list_names_operators_of_this_torch():
-    from audit_service.runtime.pt2_runner import _INPLACE_OPS, _PURE_OPS, _REFUSED_OPS, _VIEW_OPS
+    from audit_service.engine.runtime.pt2_runner import _INPLACE_OPS, _PURE_OPS, _REFUSED_OPS, _VIEW_OPS
 
     allowed = _PURE_OPS | _VIEW_OPS | _INPLACE_OPS
     assert not allowed & set(_REFUSED_OPS)

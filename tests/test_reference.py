@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from audit_service.reference import catalog
 from audit_service.reference.data import INPUT_SHAPE, NUM_CLASSES, load_digits, load_patches
 from audit_service.reference.groups import GROUP_NAMES, group_order, orbit, permutation_table
-from audit_service.metrics.training import orbit_logit_invariance as logit_invariance
+from audit_service.engine.metrics.training import orbit_logit_invariance as logit_invariance
 from audit_service.reference.models import MLP, WeightTiedMLP, build_model, count_parameters
 from audit_service.reference.train import TrainConfig, batch_loss, parse_run_name, train_run
 
@@ -257,8 +257,10 @@ def test_policy_notes_compare_thresholds_with_the_runs(fake_refs):
 
 
 def test_train_reference_run_rejects_unknown_names():
+    from audit_service.reference.reproduce import train_reference_run
+
     with pytest.raises(KeyError, match="R4_WT_s0"):
-        catalog.train_reference_run("R5_WT")
+        train_reference_run("R5_WT")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -295,7 +297,7 @@ def _cond(card, name):
 
 @needs_shipped
 def test_shipped_runs_are_complete_and_load_in_both_formats():
-    from audit_service.runtime import load_model
+    from audit_service.engine.runtime import load_model
 
     assert {(r["group"], r["model"]) for r in SHIPPED} == {(g, m) for g in GROUP_NAMES for m in ("WT", "DA", "IR")}
     x = torch.tensor(np.array(load_digits().test.x[:8]))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from audit_service.report.html import fmt, grouped_reasons, render_report_html, saliency_figures, timing_text
-from audit_service.report.summary import report_summary
-from audit_service.spec import Policy
-from audit_service.sweep import _keep_worst
+from audit_service.engine.report.html import fmt, grouped_reasons, render_report_html, saliency_figures, timing_text
+from audit_service.engine.report.summary import report_summary
+from audit_service.engine.spec import Policy
+from audit_service.engine.sweep import _keep_worst
 
 
 def _cond(name, shift=None, **metrics):

@@ -17,8 +17,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from audit_service.errors import ModelError, ModelRuntimeError, ProbeError, SpecError
-from audit_service.runtime import ModelRunner, load_model, resolve_device, sniff_format
+from audit_service.engine.errors import ModelError, ModelRuntimeError, ProbeError, SpecError
+from audit_service.engine.runtime import ModelRunner, load_model, resolve_device, sniff_format
 from builders import (
     UNCONVERTIBLE_OP,
     IMAGE_SHAPE,
@@ -518,7 +518,7 @@ def test_cuda_io_binding_keeps_logits_on_the_gpu(tmp_path):
 
 
 def test_twin_that_disagrees_with_onnxruntime_is_not_trusted(tmp_path):
-    from audit_service.runtime.onnx_convert import _mismatch
+    from audit_service.engine.runtime.onnx_convert import _mismatch
 
     runner = load_model(export_onnx(PlainCNN(seed=0), IMAGE_SHAPE, tmp_path / "m.onnx"))
     same, other = PlainCNN(seed=0).eval(), PlainCNN(seed=1).eval()

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit_service.errors import ProbeError, SpecError
-from audit_service.shifts import (
+from audit_service.engine.errors import ProbeError, SpecError
+from audit_service.engine.shifts import (
     SEVERITIES,
     ProbeStats,
     apply_shift,
@@ -18,8 +18,8 @@ from audit_service.shifts import (
     uniform_noise,
     validate_shift,
 )
-from audit_service.shifts import functional as Fn
-from audit_service.spec import SHIFT_NAMES, ShiftSpec
+from audit_service.engine.shifts import functional as Fn
+from audit_service.engine.spec import SHIFT_NAMES, ShiftSpec
 
 SEVERITY_SHIFTS = ["gaussian_noise", "blur", "contrast", "brightness", "occlusion"]
 IMAGE = (3, 32, 32)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from audit_service.metrics import ConditionAccumulator
-from audit_service.report.build import condition_report, with_chance_levels
-from audit_service.spec import AuditSpec, Policy
-from audit_service.sweep import Condition, ConditionResult
-from audit_service.verdict import DEFAULT_REQUIRE, decide, gate, verdict_gate
+from audit_service.engine.metrics import ConditionAccumulator
+from audit_service.engine.report.build import condition_report, with_chance_levels
+from audit_service.engine.spec import AuditSpec, Policy
+from audit_service.engine.sweep import Condition, ConditionResult
+from audit_service.engine.verdict import DEFAULT_REQUIRE, decide, gate, verdict_gate
 
 
 def cond(name, li_norm=0.0, di=0.0, si=1.0, agreement=1.0, variation=1.0, spread=0.5):
@@ -287,7 +287,7 @@ def test_relative_spread_is_scale_free_and_ignores_a_common_offset():
 
 
 def test_summaries_carry_a_standard_error_for_the_interval():
-    from audit_service.metrics import summarize
+    from audit_service.engine.metrics import summarize
 
     s = summarize(np.array([0.0, 1.0, 1.0, 1.0]), n_bootstrap=0)
     assert s["ci95"] == [0.75, 0.75] and s["se"] == pytest.approx(0.5 / 2)
@@ -300,7 +300,7 @@ def test_summaries_carry_a_standard_error_for_the_interval():
 
 
 def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
-    from audit_service.mlflow_registry import verdict_tags
+    from audit_service.adapters.mlflow_registry import verdict_tags
 
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
     verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
@@ -314,7 +314,7 @@ def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
 
 @pytest.mark.parametrize("label", ["incidental", "undecided"])
 def test_html_report_explains_the_new_labels_and_shows_the_borderline_criteria(label):
-    from audit_service.report.html import MEANING, render_report_html
+    from audit_service.engine.report.html import MEANING, render_report_html
 
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
     clean.update(n_probes=16, paper_metrics={**clean["metrics"], "agreement": 0.92})

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import verdict_zoo as zoo
-from audit_service.audit import run_audit
-from audit_service.runtime.module_runner import ModuleRunner
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.audit import run_audit
+from audit_service.engine.runtime.module_runner import ModuleRunner
+from audit_service.engine.spec import parse_audit_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -20,9 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
-from audit_service.audit import run_audit
-from audit_service.runtime import load_model
-from audit_service.spec import parse_audit_spec
+from audit_service.engine.audit import run_audit
+from audit_service.engine.runtime import load_model
+from audit_service.engine.spec import parse_audit_spec
 
 SHAPE = (3, 32, 32)
 CLASSES = 10

@@ -31,10 +31,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import AuditError, ModelError, ModelRuntimeError, ProbeError, SpecError
-from ..runtime.chunks import check_finite, check_inputs
-from ..runtime.layout import LayoutChoice
-from ..runtime.validation import MAX_INPUT_ELEMENTS, max_model_bytes
+from ..engine.errors import AuditError, ModelError, ModelRuntimeError, ProbeError, SpecError
+from ..engine.runtime.chunks import check_finite, check_inputs
+from ..engine.runtime.layout import LayoutChoice
+from ..engine.runtime.validation import MAX_INPUT_ELEMENTS, max_model_bytes
 from .failures import cap_text, classify_exception, signal_reason
 from .wire import WireError, receive, send
 
@@ -251,7 +251,7 @@ class CagedRunner:
 
 def _digest(path: str | Path, max_bytes: int | None, model_data: dict[str, str]) -> tuple[str, bytes]:
     """The runtime's ``model_sha256`` of the model file and the external data files the engine staged."""
-    from ..runtime.external_data import model_files_sha256
+    from ..engine.runtime.external_data import model_files_sha256
 
     return model_files_sha256(path, model_data, max_bytes or max_model_bytes())
 
@@ -329,12 +329,9 @@ def start_cage(cage_dir: Path, readable: Sequence[str], model_data: dict[str, st
 
 
 def _cage_main(sock: socket.socket, cage_dir: Path, readable: list[str]) -> int:  # pragma: no cover - the cage
-    from .launcher import PR_SET_PDEATHSIG, _libc, seal_descriptors
-    from .sandbox import confine_paths
+    from .confine import confine_paths, die_with_parent, seal_descriptors
 
-    libc = _libc()
-    if libc is not None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     seal_descriptors(keep={0, 1, 2, sock.fileno()})
     tmp = str((cage_dir / "tmp").resolve())
     os.environ.update({"TMPDIR": tmp, "HOME": tmp, "XDG_CACHE_HOME": tmp, "CUDA_CACHE_PATH": tmp,
@@ -381,7 +378,7 @@ class _Server:
     def _op_load(self, header: dict, _tensors: list) -> tuple[dict, list]:
         if self.refused is not None:
             raise self.refused
-        from ..runtime import load_model
+        from ..engine.runtime import load_model
 
         runner = self.runner = load_model(header["model"], device=header["device"], max_bytes=header.get("max_bytes"),
                                           input_shape=header.get("input_shape"))
@@ -424,22 +421,22 @@ class _Server:
         return {}, [gx]
 
     def _op_layout(self, header: dict, tensors: list) -> tuple[dict, list]:
-        from ..runtime.layout import choose_layout
+        from ..engine.runtime.layout import choose_layout
 
         choice = choose_layout(self._module(), tuple(header["input_shape"]), header["requested"],
                                tensors[0].to(self.runner.device))
         return {"memory_format": choice.memory_format, "reason": choice.reason}, []
 
     def _op_batch_limit(self, _header: dict, tensors: list) -> tuple[dict, list]:
-        from ..metrics.saliency import cuda_batch_limit
+        from ..engine.metrics.saliency import cuda_batch_limit
 
         x = tensors[0].to(self.runner.device)
         return {"limit": cuda_batch_limit(self._module(), x) if x.is_cuda else 1 << 30}, []
 
     def _op_symmetrize(self, header: dict, _tensors: list) -> tuple[dict, list]:
-        from ..groups import build_group
-        from ..spec import parse_audit_spec
-        from ..symmetrization import export_symmetrized_onnx
+        from ..engine.groups import build_group
+        from ..engine.spec import parse_audit_spec
+        from ..engine.symmetrization import export_symmetrized_onnx
 
         spec = parse_audit_spec(header["spec"])
         group = build_group(spec.group, tuple(self.runner.input_shape))
@@ -462,7 +459,7 @@ def _describe(exc: BaseException) -> dict:
     described = classify_exception(exc)
     if isinstance(exc, AuditError) or described["type"] == "out_of_memory":
         return described
-    from ..runtime.validation import short_error
+    from ..engine.runtime.validation import short_error
 
     return {"type": type(exc).__name__, "message": short_error(exc, 500), "field": None}
 

@@ -29,6 +29,7 @@ know ABI 4-7 (network rules, scoping), and three syscalls do not justify a depen
 from __future__ import annotations
 
 import ctypes
+import json
 import errno
 import os
 import sys
@@ -266,3 +267,66 @@ def confine(workdir: str | Path, inputs: Iterable[str], protected: Iterable[str]
     if why_not:
         result.notes.append(why_not)
     return result
+
+
+# ----------------------------------------------------------------------------- a process confines itself
+#: formats that carry a program (TorchScript, torch.export): zip archives; ONNX is a protobuf whose
+#: ops cannot reach files (external data is read by the loader, from the model's own folder only)
+_CODE_MAGIC = b"PK"
+ALLOW_UNCONFINED_ENV = "AUDIT_ALLOW_UNCONFINED_MODELS"
+PROTECTED_ENV = "AUDIT_SANDBOX_PROTECTED"
+LANDLOCK_ENV = "AUDIT_SANDBOX_LANDLOCK"
+
+
+def confine_paths(inputs: list[str], workdir: Path, model: str | None) -> dict:
+    """Landlock (read the environment and ``inputs``, write ``workdir``) and seccomp for this process. A
+    code-bearing ``model`` (TorchScript, ``.pt2``) is refused when the file system could not be confined,
+    unless the operator opted in (``AUDIT_ALLOW_UNCONFINED_MODELS=1``)."""
+    from ..engine.errors import AuditError
+
+    protected = [p for p in os.environ.get(PROTECTED_ENV, "").split(os.pathsep) if p]
+    try:
+        applied = confine(workdir, inputs, protected, landlock=os.environ.get(LANDLOCK_ENV) != "off").as_dict()
+    except ConfinementError as exc:
+        applied = {"filesystem": False, "notes": [str(exc)]}
+    os.environ["AUDIT_SANDBOX_CONFINEMENT"] = json.dumps(applied)
+    if not applied["filesystem"] and os.environ.get(ALLOW_UNCONFINED_ENV) != "1" and model and _carries_code(model):
+        raise AuditError(
+            "Expected an ONNX model on this server: TorchScript and torch.export (.pt2) models are programs, "
+            "and this kernel cannot confine their file access (no Landlock: "
+            f"{'; '.join(applied['notes']) or 'unavailable'}). Export to ONNX, or ask the operator to run on "
+            f"Linux 5.13+ with Landlock enabled (or to opt in with {ALLOW_UNCONFINED_ENV}=1)", field="model")
+    return applied
+
+
+def _carries_code(model: str) -> bool:
+    try:
+        with open(model, "rb") as fh:
+            return fh.read(2) == _CODE_MAGIC
+    except (OSError, TypeError):
+        return True  # unknown: fail closed
+
+
+def seal_descriptors(keep: set[int]) -> None:
+    """Point every open descriptor but ``keep`` at a read-only ``/dev/null``: what a library opened before the
+    fork (onnxruntime's SQLite file, the fork server's pipes) can no longer be read or written through, and
+    a library that still writes to its number writes nowhere instead of into a file opened later."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
+def die_with_parent() -> None:
+    """``PR_SET_PDEATHSIG``: the kernel kills this process when the one that forked it exits."""
+    import signal
+
+    _libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -44,7 +44,7 @@ def signal_reason(rc: int) -> tuple[str, str]:
 
 def classify_exception(exc: BaseException) -> dict:
     """``{type, message, field}`` of an exception raised while running a task."""
-    from ..errors import AuditError
+    from ..engine.errors import AuditError
 
     text = str(exc)
     if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OOM_MARKERS):

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .confine import seal_descriptors
+
 if TYPE_CHECKING:
     from .settings import Settings
 
@@ -57,7 +59,7 @@ CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 #: modules the fork server imports once, so that its children start warm
-PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "audit_service.runtime", "audit_service.audit",
+PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "audit_service.engine.runtime", "audit_service.engine.audit",
            "audit_service.jobs.sandbox", "pyseccomp")
 
 
@@ -209,24 +211,6 @@ def group_alive(pgid: int) -> bool:
         if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
             return True
     return False
-
-
-def seal_descriptors(keep: set[int]) -> None:
-    """Point every open descriptor but ``keep`` at a read-only ``/dev/null``: what a library opened before the
-    fork (onnxruntime's SQLite file, the fork server's pipes) can no longer be read or written through, and
-    a library that still writes to its number writes nowhere instead of into a file opened later."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd in keep or fd == null:
-                continue
-            try:
-                os.dup2(null, fd)
-            except OSError:
-                pass
-    finally:
-        os.close(null)
 
 
 class _PopenHandle(Handle):

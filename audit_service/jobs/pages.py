@@ -33,7 +33,7 @@ BASE_URL_MARK = "https://audit-service.invalid/"
 
 def render_page(job: dict, report: dict) -> str:
     """The page of ``job`` (a stored job dict) with ``report``, its JSON link under ``BASE_URL_MARK``."""
-    from ..report.html import render_report_html
+    from ..engine.report.html import render_report_html
 
     view = {"id": job["id"], "inputs": job.get("inputs") or {}, "links": {"report": f"/audits/{job['id']}/report"}}
     return render_report_html(report, job=view, base_url=BASE_URL_MARK)

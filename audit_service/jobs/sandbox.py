@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from .cage import Cage
 
+from .confine import confine_paths
 from .failures import MAX_MESSAGE_CHARS, cap_text, classify_exception  # noqa: F401 - re-exported
 
 
@@ -120,13 +121,7 @@ class _Progress:
         _write_json(self.path, {"progress": max(0.0, min(1.0, fraction)), "stage": str(stage)[:128]})
 
 
-DEFAULT_ENGINE = "audit_service.audit:run_audit"
-#: formats that carry a program (TorchScript, torch.export): zip archives; ONNX is a protobuf whose
-#: ops cannot reach files (external data is read by the loader, from the model's own folder only)
-_CODE_MAGIC = b"PK"
-ALLOW_UNCONFINED_ENV = "AUDIT_ALLOW_UNCONFINED_MODELS"
-PROTECTED_ENV = "AUDIT_SANDBOX_PROTECTED"
-LANDLOCK_ENV = "AUDIT_SANDBOX_LANDLOCK"
+DEFAULT_ENGINE = "audit_service.engine.audit:run_audit"
 
 
 def confine_task(task: dict, workdir: Path) -> dict:
@@ -135,36 +130,6 @@ def confine_task(task: dict, workdir: Path) -> dict:
     inputs = [task.get(k) for k in ("model", "probes", "labels", "second_probes") if task.get(k)]
     inputs += [str(p) for p in task.get("model_data") or []]  # the ONNX model's external data files
     return confine_paths(inputs, workdir, model=task.get("model"))
-
-
-def confine_paths(inputs: list[str], workdir: Path, model: str | None) -> dict:
-    """Landlock (read the environment and ``inputs``, write ``workdir``) and seccomp for this process. A
-    code-bearing ``model`` (TorchScript, ``.pt2``) is refused when the file system could not be confined,
-    unless the operator opted in (``AUDIT_ALLOW_UNCONFINED_MODELS=1``)."""
-    from ..errors import AuditError
-    from .confine import ConfinementError, confine
-
-    protected = [p for p in os.environ.get(PROTECTED_ENV, "").split(os.pathsep) if p]
-    try:
-        applied = confine(workdir, inputs, protected, landlock=os.environ.get(LANDLOCK_ENV) != "off").as_dict()
-    except ConfinementError as exc:
-        applied = {"filesystem": False, "notes": [str(exc)]}
-    os.environ["AUDIT_SANDBOX_CONFINEMENT"] = json.dumps(applied)
-    if not applied["filesystem"] and os.environ.get(ALLOW_UNCONFINED_ENV) != "1" and model and _carries_code(model):
-        raise AuditError(
-            "Expected an ONNX model on this server: TorchScript and torch.export (.pt2) models are programs, "
-            "and this kernel cannot confine their file access (no Landlock: "
-            f"{'; '.join(applied['notes']) or 'unavailable'}). Export to ONNX, or ask the operator to run on "
-            f"Linux 5.13+ with Landlock enabled (or to opt in with {ALLOW_UNCONFINED_ENV}=1)", field="model")
-    return applied
-
-
-def _carries_code(model: str) -> bool:
-    try:
-        with open(model, "rb") as fh:
-            return fh.read(2) == _CODE_MAGIC
-    except (OSError, TypeError):
-        return True  # unknown: fail closed
 
 
 def _load_engine(ref: str) -> Callable[..., dict]:
@@ -176,7 +141,7 @@ def _load_labels(path: str) -> Any:
     import numpy as np
 
     if path.endswith(".npz"):
-        from ..audit import load_probe_file
+        from ..engine.audit import load_probe_file
 
         x, y = load_probe_file(path)
         return y if y is not None else x
@@ -194,7 +159,7 @@ def validate_model(task: dict, cage: "Cage | None") -> dict:
 
 
 def _no_model() -> Exception:
-    from ..errors import ModelError
+    from ..engine.errors import ModelError
 
     return ModelError("Expected a model file with the task, but it names none", field="model")
 
@@ -203,7 +168,7 @@ def symmetrize_model(task: dict, cage: "Cage | None") -> dict:
     """``{"kind": "symmetrize", "model": path, "spec": {...}, "output": path, "max_bytes": n}``: the orbit
     average of the model over the spec's group as ONNX at ``output``, exported in the cage and copied out
     by this process (a regular file under the size cap; a link the model planted is refused)."""
-    from ..spec import parse_audit_spec
+    from ..engine.spec import parse_audit_spec
 
     parse_audit_spec(task["spec"])  # the spec's errors are ours to name, before the model is touched
     if cage is None:
@@ -216,14 +181,14 @@ def symmetrize_model(task: dict, cage: "Cage | None") -> dict:
 
 
 def _max_model_bytes() -> int:
-    from ..runtime.validation import max_model_bytes
+    from ..engine.runtime.validation import max_model_bytes
 
     return max_model_bytes()
 
 
 def copy_regular_file(source: Path, target: Path, max_bytes: int) -> None:
     """Copy what the cage wrote, without following a link it may have planted, up to ``max_bytes``."""
-    from ..errors import ModelError
+    from ..engine.errors import ModelError
 
     fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as src:
@@ -237,7 +202,7 @@ def copy_regular_file(source: Path, target: Path, max_bytes: int) -> None:
 
 def run_task(task: dict, progress: Callable[[float, str], None], cage: "Cage | None") -> dict:
     if task["kind"] == "reference_run":
-        from ..reference.catalog import train_reference_run
+        from ..reference.reproduce import train_reference_run
 
         return train_reference_run(task["name"], epochs=task.get("epochs"), seed=task.get("seed"),
                                    progress=progress)
@@ -245,8 +210,8 @@ def run_task(task: dict, progress: Callable[[float, str], None], cage: "Cage | N
         return validate_model(task, cage)
     if task["kind"] == "symmetrize":
         return symmetrize_model(task, cage)
-    from ..audit import load_probe_file
-    from ..spec import parse_audit_spec
+    from ..engine.audit import load_probe_file
+    from ..engine.spec import parse_audit_spec
 
     spec = parse_audit_spec(task["spec"])
     probes = labels = second = None

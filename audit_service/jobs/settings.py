@@ -96,7 +96,7 @@ class Settings:
     #: start sandboxes by forking a process that has imported torch already (``1``) or fresh (``0``)
     warm_sandbox: int = 1
     #: the audit function the sandbox calls, ``module:function``
-    engine: str = "audit_service.audit:run_audit"
+    engine: str = "audit_service.engine.audit:run_audit"
     #: host and port for ``audit-service serve``
     host: str = "127.0.0.1"
     port: int = 8000

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..external_names import location_problem
-from ..spec import AuditSpec
+from ..engine.external_names import location_problem
+from ..engine.spec import AuditSpec
 from .blobs import BlobStore
 from .settings import Settings
 from .states import READY_STATES, JobKind

@@ -41,8 +41,8 @@ def write_back(request: dict[str, Any], report: dict, settings: Settings, pause_
     ``Registry.write_back``); ``{"status": "written", "tags": ...}`` or ``{"status": "failed", "error": ...}``.
     ``before_attempt`` runs before each try at the registry (the worker renews the job's lease there); when it
     says False the job is no longer ours (cancelled) and nothing is written."""
-    from ..mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
-    from ..report.html import render_report_html
+    from ..adapters.mlflow_registry import Located, Registry, parse_allowed, parse_model_uri
+    from ..engine.report.html import render_report_html
     from .failures import cap_text
 
     tracking = parse_allowed(settings.mlflow_allowed_uris).get(str(request.get("registry")))

@@ -8,7 +8,6 @@ set with the environment variable ``AUDIT_REFERENCE_DIR``).
 * :func:`closest_profile`: which reference profile (group x model, averaged over seeds) an audit report's
   scale-free metric vector is closest to; the engine adds it to every report.
 * :func:`calibrated_policy_notes`: how the verdict thresholds sit relative to the reference runs' metrics.
-* :func:`train_reference_run`: ``POST /references/{name}/runs`` (retrain, audit and export one run).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
-from ..progress import ProgressFn
+from ..engine.progress import ProgressFn
 
 
 ENV_DIR = "AUDIT_REFERENCE_DIR"
@@ -280,7 +279,7 @@ def calibrated_policy_notes() -> dict:
     conditions, and a suggested value in the gap (geometric mid-point for error metrics, with the WT side
     floored at ``FLOAT_NOISE_FLOOR``; arithmetic mid-point for SI / agreement).
     """
-    from audit_service.spec import Policy
+    from audit_service.engine.spec import Policy
 
     policy = Policy()
     cards = _cards()
@@ -356,31 +355,3 @@ def _range(values: list[float]) -> dict | None:
     if not values:
         return None
     return {"min": min(values), "max": max(values), "n": len(values)}
-
-
-# ----------------------------------------------------------------------------- retraining
-def train_reference_run(name: str, epochs: int | None = None, seed: int | None = None,
-                        progress: ProgressFn | None = None, out_dir: str | Path | None = None,
-                        audit: bool = True) -> dict:
-    """Train, export and (by default) audit one reference run; return its card (with ``"path"``).
-
-    ``name`` is ``<group>_<model>`` or ``<group>_<model>_s<seed>`` (e.g. ``R4_IR`` or ``R4_IR_s1``); ``seed``
-    overrides the seed in the name (default 0). Writes to ``out_dir`` (default :func:`runs_dir`), never over
-    the shipped runs unless ``out_dir`` is :func:`reference_dir` itself. Raises ``KeyError`` for an unknown name.
-    """
-    from .reproduce import train_and_export
-    from .train import DEFAULT_EPOCHS, parse_run_name
-
-    parts = name.split("_")
-    try:
-        if len(parts) == 2:
-            group, model, name_seed = *parse_run_name(f"{name}_s0")[:2], None
-        else:
-            group, model, name_seed = parse_run_name(name)
-    except ValueError as exc:
-        raise KeyError(str(exc)) from None
-    seed = seed if seed is not None else (name_seed if name_seed is not None else 0)
-    out = Path(out_dir) if out_dir is not None else runs_dir()
-    card = train_and_export(group, model, seed=seed, epochs=epochs or DEFAULT_EPOCHS, out_dir=out,
-                            work_dir=out / "_work", progress=progress, audit=audit)
-    return card

@@ -4,7 +4,7 @@
 * ``T3``: 3-fold cyclic translations by 12 pixels along x (spec ``{"name": "translation", "order": 3,
   "step": 12}``; 3 x 12 = 36, so the action closes on the padded image).
 
-Both are the core's exact groups (``audit_service.groups``): training, the weight-tied layer (through
+Both are the core's exact groups (``audit_service.engine.groups``): training, the weight-tied layer (through
 the gather table, ``(g x).flatten()[p] == x.flatten()[table[g, p]]``) and the audit use exactly the group
 the service audits against, with no second implementation of the action.
 """
@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..groups import ExactGroup, build_group
+from ..engine.groups import ExactGroup, build_group
 from .data import INPUT_SHAPE
 from .names import GROUP_NAMES, GROUP_SPECS  # noqa: F401 - re-exported: the reference code's group names
 

@@ -1,7 +1,7 @@
 """Reproduce the paper: train R4/T3 x WT/DA/IR, audit each with the core engine, write tables, plots, docs.
 
 ``audit-service reference reproduce --seeds N`` calls :func:`reproduce`. Every run is audited by
-:func:`audit_service.audit.run_audit` on the test digits (labels given) with the spec from :func:`audit_spec`:
+:func:`audit_service.engine.audit.run_audit` on the test digits (labels given) with the spec from :func:`audit_spec`:
 the run's group, the drift toward the scikit-learn patches (``blend`` with ``target="second_probes"`` at
 beta 0.1, ..., 0.5; beta 0 is the clean condition; the paper's Figure 4) and the service's default shifts; pure noise is always added.
 
@@ -30,7 +30,7 @@ from .groups import GROUP_NAMES, group_spec
 from .models import MODEL_KINDS
 from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
-from ..progress import ProgressFn
+from ..engine.progress import ProgressFn
 
 
 BETAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # beta = 0 is the clean condition (blend at 0 is the identity)
@@ -66,7 +66,7 @@ def stderr_progress(prefix: str = "") -> ProgressFn:
 def audit_spec(group: str, betas: tuple[float, ...] = BETAS, default_shifts: bool = True,
                options: dict | None = None) -> dict:
     """The audit spec of a reference run: its group, drift toward the patches, default shifts."""
-    from audit_service.spec import default_shifts as _defaults
+    from audit_service.engine.spec import default_shifts as _defaults
 
     shifts = [{"name": "blend", "beta": b, "target": "second_probes"} for b in betas]
     if default_shifts:
@@ -76,8 +76,8 @@ def audit_spec(group: str, betas: tuple[float, ...] = BETAS, default_shifts: boo
 
 def audit_run(model_path: Path, group: str, progress: ProgressFn | None = None, spec: dict | None = None) -> dict:
     """Run the core engine on a reference model with the test digits (and labels) and the patch set."""
-    from audit_service.audit import run_audit
-    from audit_service.spec import parse_audit_spec
+    from audit_service.engine.audit import run_audit
+    from audit_service.engine.spec import parse_audit_spec
 
     spec = spec if spec is not None else audit_spec(group)
     data = load_digits()
@@ -473,3 +473,31 @@ def reproduce(seeds: int = 1, epochs: int = DEFAULT_EPOCHS, out_dir: str | Path 
         update_docs(md, doc)
     progress(1.0, f"wrote {out / 'results.md'}")
     return results
+
+
+# ----------------------------------------------------------------------------- retraining
+def train_reference_run(name: str, epochs: int | None = None, seed: int | None = None,
+                        progress: ProgressFn | None = None, out_dir: str | Path | None = None,
+                        audit: bool = True) -> dict:
+    """Train, export and (by default) audit one reference run; return its card (with ``"path"``).
+
+    ``name`` is ``<group>_<model>`` or ``<group>_<model>_s<seed>`` (e.g. ``R4_IR`` or ``R4_IR_s1``); ``seed``
+    overrides the seed in the name (default 0). Writes to ``out_dir`` (default :func:`runs_dir`), never over
+    the shipped runs unless ``out_dir`` is :func:`reference_dir` itself. Raises ``KeyError`` for an unknown name.
+    """
+    from .catalog import runs_dir
+    from .train import parse_run_name
+
+    parts = name.split("_")
+    try:
+        if len(parts) == 2:
+            group, model, name_seed = *parse_run_name(f"{name}_s0")[:2], None
+        else:
+            group, model, name_seed = parse_run_name(name)
+    except ValueError as exc:
+        raise KeyError(str(exc)) from None
+    seed = seed if seed is not None else (name_seed if name_seed is not None else 0)
+    out = Path(out_dir) if out_dir is not None else runs_dir()
+    card = train_and_export(group, model, seed=seed, epochs=epochs or DEFAULT_EPOCHS, out_dir=out,
+                            work_dir=out / "_work", progress=progress, audit=audit)
+    return card

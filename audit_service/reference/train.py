@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from .data import data_summary, load_digits
 from .groups import GROUP_NAMES, group_order, orbit
-from ..metrics.training import orbit_logit_invariance
+from ..engine.metrics.training import orbit_logit_invariance
 from .models import MODEL_KINDS, build_model, count_parameters
 from .names import DEFAULT_EPOCHS
-from ..progress import ProgressFn
+from ..engine.progress import ProgressFn
 
 
 #: The IR weight per group (docs/reference.md, "Choosing nu"): tuned on validation SI as the paper does.

@@ -11,13 +11,13 @@ from typing import Any, Iterator
 from flask import Blueprint, Response, jsonify, request, send_file
 from pydantic import BaseModel, ValidationError
 
-from ..errors import SpecError
+from ..engine.errors import SpecError
 from ..jobs import submission
 from ..jobs.pages import page_path, served_page, store_page
 from ..jobs.states import READY_STATES, JobKind, JobStatus
 from ..jobs.store import Job, QueueFull, TenantLimit
 from ..jobs.write_back import write_back_request
-from ..spec import AuditSpec, parse_audit_spec
+from ..engine.spec import AuditSpec, parse_audit_spec
 from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, PayloadTooLarge,
                      TooManyRequests, Unprocessable)
@@ -242,7 +242,7 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
 def _waited_answer(job: Job, report: dict, location: str) -> Response:
     """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
     report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
-    from ..report.summary import report_summary
+    from ..engine.report.summary import report_summary
 
     if request.accept_mimetypes.best == "text/html":
         response = get_report_html(job.id)

@@ -21,13 +21,13 @@ def _as_items(catalogue: Any) -> list[dict]:
 
 @bp.get("/groups")
 def groups() -> Response:
-    from ..groups import group_catalogue  # the one record per group (groups.build.GROUPS)
+    from ..engine.groups import group_catalogue  # the one record per group (groups.build.GROUPS)
 
     return Response(CatalogueOut(items=_as_items(group_catalogue())).model_dump_json(), mimetype="application/json")
 
 
 @bp.get("/shifts")
 def shifts() -> Response:
-    from ..shifts import shift_catalogue
+    from ..engine.shifts import shift_catalogue
 
     return Response(CatalogueOut(items=_as_items(shift_catalogue())).model_dump_json(), mimetype="application/json")

@@ -13,7 +13,8 @@ import logging
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import AuditError
+from ..adapters.mlflow_registry import RegistryError, RegistryNotAllowed
+from ..engine.errors import AuditError, ModelError, ModelRuntimeError, ProbeError, SpecError
 
 PROBLEM_MIME = "application/problem+json"
 PROBLEM_BASE = "https://invariance-audit.dev/problems/"
@@ -87,8 +88,10 @@ DISK_FULL_DETAIL = ("the service's disk is full, so nothing was stored and no jo
                     "Retry-After seconds (the operator must free space in the data dir; the service recovers by "
                     "itself once there is room)")
 
-_BY_STATUS = {cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
-                                          Unprocessable, TooManyRequests, ServiceUnavailable)}
+
+#: the engine's errors that mean "the request was understood but cannot be audited" (422); any other
+#: ``AuditError`` is a malformed request (400). The engine's errors carry no HTTP status themselves.
+_UNPROCESSABLE = (SpecError, ModelError, ProbeError, ModelRuntimeError, RegistryError)
 
 
 def problem(status: int, title: str, detail: str, slug: str, field: str | None = None,
@@ -105,7 +108,9 @@ def _handle(exc: Exception) -> Response:
     if isinstance(exc, ApiError):
         return problem(exc.status, exc.title, exc.detail, exc.slug, exc.field, exc.headers)
     if isinstance(exc, AuditError):
-        cls = _BY_STATUS.get(exc.status, Unprocessable)
+        cls = (Forbidden if isinstance(exc, RegistryNotAllowed) else
+               PayloadTooLarge if getattr(exc, "too_large", False) else
+               Unprocessable if isinstance(exc, _UNPROCESSABLE) else BadRequest)
         return problem(cls.status, cls.title, exc.message, type(exc).__name__, exc.field)
     if isinstance(exc, HTTPException):
         status = exc.code or 500

@@ -14,7 +14,7 @@ from pathlib import Path
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
 from .. import __version__
-from ..groups.build import GROUPS
+from ..engine.groups.build import GROUPS
 
 bp = Blueprint("front", __name__, template_folder="templates")
 

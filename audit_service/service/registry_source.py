@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuditError
+from ..engine.errors import AuditError
 from ..jobs.blobs import BlobTooLarge
 from ..jobs.submission import DATA_PREFIX
-from ..mlflow_registry import Located, Registry, data_path, parse_allowed, parse_model_uri
+from ..adapters.mlflow_registry import Located, Registry, RegistryNotAllowed, data_path, parse_allowed, parse_model_uri
 from .errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 from .uploads import DATA_FORMAT
 
@@ -41,9 +41,9 @@ def pop_registry_fields(form: dict) -> dict[str, Any]:
 
 
 def _api_error(exc: AuditError) -> ApiError:
-    if exc.status == 413:
+    if getattr(exc, "too_large", False):
         return PayloadTooLarge(exc.message, field="model_uri")
-    if exc.status == 403:
+    if isinstance(exc, RegistryNotAllowed):
         return Forbidden(exc.message, field="mlflow_registry")
     return Unprocessable(exc.message, field="model_uri")
 

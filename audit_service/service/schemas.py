@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..jobs.states import JobStatus
 from ..jobs.store import Job
-from ..verdict import gate
+from ..engine.verdict import gate
 
 
 class _Model(BaseModel):

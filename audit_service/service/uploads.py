@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from werkzeug.datastructures import FileStorage
 
-from ..external_names import location_problem
+from ..engine.external_names import location_problem
 from ..jobs.blobs import BlobStore, BlobTooLarge
 from ..jobs.launcher import Limits, launch, task_env
 from ..jobs.failures import cap_text
@@ -114,7 +114,7 @@ def check_data_named(data: dict[str, dict], named: list[str]) -> None:
 
 
 #: the engine the submission-time check runs in the sandbox: load the model, fit probes, labels, group, shifts
-PRECHECK_ENGINE = "audit_service.audit:precheck_audit"
+PRECHECK_ENGINE = "audit_service.engine.audit:precheck_audit"
 #: spec fields as the client names them (the engine names them from the spec's root)
 _SPEC_FIELDS = ("group", "shifts", "options", "policy", "require")
 

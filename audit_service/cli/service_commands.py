@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..commands import add_spec_arguments, build_spec_dict  # the same spec flags as `audit`
+from .audit_commands import add_spec_arguments, build_spec_dict  # the same spec flags as `audit`
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: ``serve`` refuses to start on a damaged job database (see ``JobStore.open_checked``)
@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..jobs.store import JobStore
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers, web_workers=args.web_workers)
-    from .auth import check_bind
+    from ..service.auth import check_bind
 
     refusal = check_bind(settings.host, settings)
     if refusal:
@@ -233,8 +233,8 @@ def _die_with_parent() -> None:  # pragma: no cover - child
 
 # ----------------------------------------------------------------------------- submit
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ..client import AuditClient, JobFailed, ServiceError, gate
-    from ..errors import AuditError
+    from ..adapters.client import AuditClient, JobFailed, ServiceError, gate
+    from ..engine.errors import AuditError
 
     try:
         spec = build_spec_dict(args)

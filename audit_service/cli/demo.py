@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .reference.data import INPUT_SHAPE, NUM_CLASSES, load_digits
+from ..reference.data import INPUT_SHAPE, NUM_CLASSES, load_digits
 
 DEMO_PROBES = 256
 

@@ -1,7 +1,7 @@
 """Input shifts by name and severity (the CIFAR-10-C convention), scaled to the probes' own statistics.
 
 Strengths are relative to the clean probes' per-channel ``std`` or range ``high - low``
-(:class:`~audit_service.shifts.stats.ProbeStats`), so a model fed [0, 1] pixels and one fed normalized
+(:class:`~audit_service.engine.shifts.stats.ProbeStats`), so a model fed [0, 1] pixels and one fed normalized
 inputs are shifted by the same relative amount. Severity defaults to 3.
 
 ============== ======================================== ===== ===== ===== ===== =====

@@ -6,7 +6,7 @@ action on batches: ``orbit`` maps ``(N, *S)`` to ``(G, N, *S)`` with ``out[i] = 
 saliency maps of ``g x`` back onto ``x``'s frame).
 
 :class:`ExactGroup` is every group whose action is an index permutation of the flattened sample:
-its elements are :class:`~audit_service.groups.element.Element` values, stacked into one ``(G, D)``
+its elements are :class:`~audit_service.engine.groups.element.Element` values, stacked into one ``(G, D)``
 gather table (and its inverse), so an orbit is one batched ``torch.gather`` on the input's device.
 """
 

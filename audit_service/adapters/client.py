@@ -1,6 +1,6 @@
 """A small client for a running audit service (pipelines, ``audit-service submit``).
 
-    from audit_service.client import AuditClient
+    from audit_service.adapters.client import AuditClient
 
     client = AuditClient("http://127.0.0.1:8000")
     job = client.submit("model.onnx", {"group": "C4"}, probes="probes.npz")
@@ -183,10 +183,9 @@ def external_data_files(model: str | Path) -> list[str]:
 
 
 def gate(report: dict) -> tuple[bool, str]:
-    """(passed, label) by the one rule (``verdict.gate``) and the gate the audit was run with (``spec.require``,
-    which ``--require`` sets, and ``spec.require_confident``, which ``--strict`` sets)."""
-    from .verdict import verdict_gate
-
+    """(passed, label): the gate the service applied (``verdict.passed``, from the one rule ``verdict.gate`` with
+    the audit's ``spec.require``, which ``--require`` sets, and ``spec.require_confident``, which ``--strict``
+    sets). The client reads it rather than recomputing it, so it needs nothing of the engine."""
     verdict = report.get("verdict") or {}
     label = str(verdict.get("label", "unknown"))
-    return bool(verdict_gate(verdict)), label
+    return verdict.get("passed") is True, label

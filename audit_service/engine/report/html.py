@@ -25,7 +25,7 @@ ROUND_OFF = 1e-9
 #: how many of the worst (x, g) pairs the saliency section shows per condition
 SALIENCY_PER_CONDITION = 3
 
-_env = Environment(loader=PackageLoader("audit_service.report", "templates"),
+_env = Environment(loader=PackageLoader("audit_service.engine.report", "templates"),
                    autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
 
 #: one plain paragraph per label: what it means, what to do

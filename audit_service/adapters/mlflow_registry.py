@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 from urllib.parse import urlparse
 
-from .errors import AuditError, ModelError
+from ..engine.errors import AuditError, ModelError
 
 #: model files the audit runs; ``.onnx`` first when a directory holds both
 MODEL_SUFFIXES = (".onnx", ".pt2")
@@ -44,15 +44,14 @@ MODEL_NAMES = frozenset({"model", "model.onnx", "model.pt", "model.pt2"})
 
 
 class RegistryError(AuditError):
-    """The registry, the URI or what it names cannot be used for an audit (CLI exit 2, HTTP 422)."""
+    """The registry, the URI or what it names cannot be used for an audit (CLI exit 2, HTTP 422; 413 where
+    ``too_large``)."""
 
-    status = 422
+    too_large: bool = False
 
 
 class RegistryNotAllowed(AuditError):
     """The service was asked for a registry the operator did not allow (HTTP 403)."""
-
-    status = 403
 
 
 def is_registry_uri(text: str) -> bool:
@@ -348,8 +347,8 @@ class Registry:
     def _named_data(self, located: Located, graph: Path) -> list[str]:
         """The external data files the fetched graph names, each beside it in the registry (else a
         ``ModelError`` naming it); the graph is read here only for the names (the runtime checks the rest)."""
-        from .runtime.external_data import external_data_names
-        from .runtime.validation import parse_onnx
+        from ..engine.runtime.external_data import external_data_names
+        from ..engine.runtime.validation import parse_onnx
 
         try:
             names = external_data_names(parse_onnx(graph.read_bytes()))
@@ -450,7 +449,7 @@ class Registry:
 def _data_candidates(model_file: str, siblings: dict[str, int | None]) -> dict[str, int | None]:
     """The files beside ``model_file`` that may be its external data: plain names (``external_names``), not
     MLflow's own files, not the model, not another model file."""
-    from .external_names import location_problem
+    from ..engine.external_names import location_problem
 
     own = posixpath.basename(model_file)
     return {name: size for name, size in sorted(siblings.items())
@@ -470,7 +469,7 @@ def too_large(located: Located, max_bytes: int, data: str | None = None) -> Regi
             f"the model file {located.file} of {located.ref.uri} and its external data to total at most {cap}")
     by = "" if data is None else f" with {data!r}"
     err = RegistryError(f"Expected {what}, but it is larger{by} (AUDIT_MAX_MODEL_MB)", field="model_uri")
-    err.status = 413
+    err.too_large = True
     return err
 
 

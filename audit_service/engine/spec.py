@@ -2,7 +2,7 @@
 
 One schema for the CLI, the Python API and ``POST /audit``. Group specs are a tagged union on
 ``name``; a bare string such as ``"C4"`` is shorthand for ``{"name": "C4"}``. The report itself
-is built as a plain dict by :mod:`audit_service.report` and its keys are listed in
+is built as a plain dict by :mod:`audit_service.engine.report` and its keys are listed in
 ``REPORT_KEYS`` (the contract other issues build on).
 """
 

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ModelError, SpecError
-from .mlflow_registry import is_registry_uri
-from .spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
+from ..engine.errors import ModelError, SpecError
+from ..adapters.mlflow_registry import is_registry_uri
+from ..engine.spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 
@@ -80,7 +80,7 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
-    from .audit import load_probe_file, run_audit
+    from ..engine.audit import load_probe_file, run_audit
 
     spec = build_spec(args)
     probes = labels = second = None
@@ -91,7 +91,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
     if args.second_probes:
         second, _ = load_probe_file(args.second_probes)
     if is_registry_uri(args.model):
-        from .mlflow_registry import fetched_model
+        from ..adapters.mlflow_registry import fetched_model
 
         with fetched_model(args.model) as (path, located, registry):
             with _progress_bar(disabled=args.quiet) as progress:
@@ -106,7 +106,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
                                      "save_as_external_data=False)", field=exc.field) from None
         _attach_reference_profile(report)
         if args.mlflow_write_back:
-            from .report.html import render_report_html
+            from ..engine.report.html import render_report_html
 
             registry.write_back(located, report, render_report_html(report))
     else:
@@ -138,7 +138,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
 def _attach_reference_profile(report: dict) -> None:
     """The closest reference run, for the summary and the HTML (the CLI serves the report to a person)."""
-    from .reference.catalog import attach_reference_profile
+    from ..reference.catalog import attach_reference_profile
 
     attach_reference_profile(report)
 
@@ -152,10 +152,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def run_symmetrize_command(args: argparse.Namespace) -> int:
-    from .errors import ModelError
-    from .groups import build_group
-    from .runtime import load_model
-    from .symmetrization import export_symmetrized_onnx
+    from ..engine.errors import ModelError
+    from ..engine.groups import build_group
+    from ..engine.runtime import load_model
+    from ..engine.symmetrization import export_symmetrized_onnx
 
     hint = None
     if args.input_shape:

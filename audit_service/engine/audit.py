@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 from .errors import AuditError, ModelRuntimeError, ProbeError
 from .groups import Group, build_group
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion

@@ -10,16 +10,16 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .errors import AuditError
+from ..engine.errors import AuditError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 #: Modules that contribute sub-commands: each has ``add_parsers(subparsers) -> None`` and sets
 #: ``func(args) -> int`` on its parsers. Imported lazily so ``audit`` does not pay for Flask.
 _COMMAND_MODULES = (
-    "audit_service.commands",            # audit, demo
-    "audit_service.service.commands",    # serve, worker, submit
-    "audit_service.reference.commands",  # reference train / reproduce
+    "audit_service.cli.audit_commands",    # audit, demo
+    "audit_service.cli.service_commands",  # serve, worker, submit
+    "audit_service.cli.reference_commands",  # reference train / reproduce
 )
 
 

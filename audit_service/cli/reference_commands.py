@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import AuditError
+from ..engine.errors import AuditError
 
 
 class ReferenceError(AuditError):
@@ -32,7 +32,7 @@ def _int_at_least(minimum: int, name: str):
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    from .names import DEFAULT_EPOCHS, GROUP_NAMES, MODEL_KINDS
+    from ..reference.names import DEFAULT_EPOCHS, GROUP_NAMES, MODEL_KINDS
 
     ref = subparsers.add_parser(
         "reference", help="train / reproduce the paper's reference runs (WT, DA, IR on R4, T3)",
@@ -74,7 +74,7 @@ def _check_out(path: Path | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .reproduce import stderr_progress, train_and_export
+    from ..reference.reproduce import stderr_progress, train_and_export
 
     _check_out(args.out)
     if args.nu is not None and args.model != "IR":
@@ -90,13 +90,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce, stderr_progress
+    from ..reference.reproduce import reproduce, stderr_progress
 
     _check_out(args.out)
     docs = None if args.no_docs else (args.docs if args.docs is not None else "default")
     results = reproduce(seeds=args.seeds, epochs=args.epochs, out_dir=args.out, work_dir=args.work_dir,
                         docs=docs, progress=stderr_progress(), model_file_seeds=args.model_file_seeds)
-    from .reproduce import results_markdown
+    from ..reference.reproduce import results_markdown
 
     sys.stdout.write(results_markdown(results))
     return 0
