@@ -154,3 +154,51 @@ def test_the_readme_example_runs_as_pasted(tmp_path):
     first = out.stdout.splitlines()[0]
     assert first.startswith(("AuditResult(trivial", "AuditResult(not_invariant")) and "passed=False" in first, first
     assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+GROUP_FORMS = {"name": "C4", "dict": {"name": "C4"}, "spec object": "spec", "built group": "built"}
+
+
+def _group_form(form):
+    from audit_service import C4Spec
+
+    return C4Spec(name="C4") if form == "spec" else build_group("C4", SHAPE) if form == "built" else form
+
+
+@pytest.mark.parametrize("kind", list(GROUP_FORMS))
+def test_every_api_function_takes_every_group_form(kind, resnet, probes):
+    """One group argument (``groups.resolve``): a name, a dict, a spec object or a built group give the same
+    numbers in all four functions; the shape comes from the tensor in hand, or ``input_shape`` for symmetrize."""
+    group, built = _group_form(GROUP_FORMS[kind]), build_group("C4", SHAPE)
+    resnet.eval()
+    try:
+        with torch.no_grad():
+            expected = float(logit_invariance_loss(resnet, probes, built))
+            assert float(logit_invariance_loss(resnet, probes, group)) == pytest.approx(expected, rel=1e-6)
+            metric = OrbitInvariance(group)
+            metric.update(resnet, probes)
+            assert metric.compute().LI == pytest.approx(expected, rel=1e-4)
+            assert metric.group.order == 4 and metric.group.input_shape == SHAPE
+            sym = symmetrize(resnet, group, input_shape=SHAPE)
+            np.testing.assert_allclose(sym(probes).numpy(), symmetrize(resnet, built)(probes).numpy(), rtol=1e-5)
+    finally:
+        resnet.train()
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 3))
+    torch.manual_seed(0)
+    result = audit(small, group, probes, shifts=[], **{**OPTS, "saliency": False})
+    assert result.to_json()["group"]["spec"] == {"name": "C4"} and result.to_json()["group"]["order"] == 4
+
+
+def test_a_group_without_a_shape_says_what_to_pass(resnet, probes):
+    from audit_service.engine.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"input_shape=\(C, H, W\)") as err:
+        symmetrize(resnet, "C4")
+    assert err.value.field == "input_shape"
+    with pytest.raises(SpecError, match="built for 3x16x16") as err:
+        logit_invariance_loss(resnet, probes, build_group("C4", (3, 16, 16)))
+    assert err.value.field == "group"
+    with pytest.raises(SpecError, match="built for 3x16x16"):
+        audit(resnet, build_group("C4", (3, 16, 16)), probes, shifts=[], **OPTS)
+    with pytest.raises(SpecError, match="a spec dict, a spec object"):
+        OrbitInvariance(4).update(resnet, probes)

@@ -1,8 +1,9 @@
 """The Python API: ``audit(model, group, probes)`` on what a notebook or training loop holds.
 
 ``model`` is an ``nn.Module`` in memory, a file path (ONNX, TorchScript, ``.pt2``) or the file's
-bytes; ``probes`` and ``labels`` are tensors or arrays; ``group`` is a name (``"C4"``), a spec dict or
-a spec object (``C4Spec()``); every other keyword is an audit option (``n_probes``, ``ig_steps``,
+bytes; ``probes`` and ``labels`` are tensors or arrays; ``group`` is a name (``"C4"``), a spec dict, a spec
+object (``C4Spec()``) or a built ``Group`` (``groups.resolve``, as for ``symmetrize`` and the training faces);
+every other keyword is an audit option (``n_probes``, ``ig_steps``,
 ``device``, ...; see ``spec.Options``). The result is a typed ``AuditResult``. The CLI, the service
 and the reference runs call the same ``run_audit`` underneath, so the report is the same.
 """
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from .audit import run_audit
 from .errors import ProbeError
+from .groups import Group, GroupLike, group_spec_of, resolve_group
 from .progress import ProgressFn
 from .result import AuditResult
 from .runtime.loader import resolve_device
@@ -31,7 +33,7 @@ ModelLike = "torch.nn.Module | str | os.PathLike | bytes"
 ArrayLike = "torch.Tensor | np.ndarray"
 
 
-def audit(model: Any, group: Any = "C4", probes: Any = None, labels: Any = None, *,
+def audit(model: Any, group: GroupLike = "C4", probes: Any = None, labels: Any = None, *,
           shifts: list | None = None, policy: dict | None = None, require: list[str] | None = None,
           require_confident: bool = False, second_probes: Any = None, input_shape: tuple[int, ...] | None = None,
           progress: ProgressFn | None = None, **options: Any) -> AuditResult:
@@ -46,6 +48,9 @@ def audit(model: Any, group: Any = "C4", probes: Any = None, labels: Any = None,
     x = _array(probes, "probes")
     y = _array(labels, "labels", floating=False)
     second = _array(second_probes, "second_probes")
+    if isinstance(group, Group):  # a built group must act on the samples it is given
+        known = tuple(input_shape) if input_shape is not None else (tuple(x.shape[1:]) if x is not None else None)
+        resolve_group(group, known)
     if isinstance(model, torch.nn.Module):
         shape = tuple(input_shape) if input_shape is not None else (tuple(x.shape[1:]) if x is not None else None)
         if shape is None:
@@ -64,9 +69,9 @@ def audit(model: Any, group: Any = "C4", probes: Any = None, labels: Any = None,
     return AuditResult.from_report(report)
 
 
-def _spec_dict(group: Any, shifts: list | None, policy: dict | None, require: list[str] | None,
+def _spec_dict(group: GroupLike, shifts: list | None, policy: dict | None, require: list[str] | None,
                options: dict) -> dict:
-    spec: dict[str, Any] = {"group": group.model_dump(mode="json") if isinstance(group, BaseModel) else group}
+    spec: dict[str, Any] = {"group": group_spec_of(group)}
     if shifts is not None:
         spec["shifts"] = [s.model_dump(mode="json") if isinstance(s, BaseModel) else s for s in shifts]
     if policy is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import SpecError
-from .groups import ExactGroup, Group, build_group
+from .groups import ExactGroup, Group, GroupLike, resolve_group
 
 if TYPE_CHECKING:
     from .runtime import ModelRunner
@@ -46,19 +46,15 @@ class SymmetrizedModel(torch.nn.Module):
         return logits.reshape(n, self.order, -1).mean(dim=1)
 
 
-def symmetrize(model: torch.nn.Module, group: Group | str | dict, input_shape: tuple[int, ...] | None = None
+def symmetrize(model: torch.nn.Module, group: GroupLike, input_shape: tuple[int, ...] | None = None
                ) -> SymmetrizedModel:
-    """The orbit average of ``model`` over ``group`` (a built ``Group``, or a spec such as ``"C4"``
-    with the per-sample ``input_shape``)."""
-    if not isinstance(group, Group):
-        if input_shape is None:
-            raise SpecError("Expected the per-sample input_shape to build the group from its spec, but got None",
-                            field="input_shape")
-        group = build_group(group, tuple(input_shape))
-    return SymmetrizedModel(model, group)
+    """The orbit average of ``model`` over ``group``: a built ``Group``, or a spec (``"C4"``, a dict,
+    ``C4Spec()``) with the per-sample ``input_shape`` (there is no batch here to read it from)."""
+    return SymmetrizedModel(model, resolve_group(group, input_shape, how="pass input_shape=(C, H, W), the shape "
+                                                 "of one sample"))
 
 
-def export_symmetrized_onnx(model: torch.nn.Module, group: Group | str | dict, input_shape: tuple[int, ...],
+def export_symmetrized_onnx(model: torch.nn.Module, group: GroupLike, input_shape: tuple[int, ...],
                             path: str | Path, opset: int = 17) -> Path:
     """Write ``symmetrize(model, group)`` as an ONNX file with a dynamic batch axis."""
     sym = symmetrize(model, group, input_shape).eval()

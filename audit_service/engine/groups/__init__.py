@@ -9,6 +9,7 @@ from .base import MAX_ORBIT_VALUES, ExactGroup, Group
 from .build import build_group, group_catalogue
 from .element import Element
 from .product import ProductGroup
+from .resolve import GroupLike as GroupLike, group_spec_of as group_spec_of, resolve_group as resolve_group
 from .rotation import SampledRotationGroup
 
 __all__ = [
