@@ -38,6 +38,9 @@ class Settings:
     admin_tenants: str = ""
     #: queued + running jobs one tenant may have before ``POST /audit`` answers 429
     max_tenant_jobs: int = 16
+    #: jobs one tenant keeps (any status; duplicates answered from a finished twin included) before
+    #: ``POST /audit`` answers 429 ``tenant-quota``: deleting some (``DELETE /audits/{id}``) frees room
+    max_tenant_stored: int = 2000
     #: reuse a finished report for an identical submission (same model, spec, probes; per tenant)
     dedupe: int = 1
     #: limits of the sandboxed model check at submission: wall clock (s)

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from .states import READY_STATES, JobKind, JobStatus, check_transition
+from .summaries import spec_summary, with_report_order
 
 DEFAULT_TENANT = "default"
 
@@ -61,10 +62,12 @@ jobs = Table(
     Column("dedupe_key", String(64), index=True),
     #: when the job was last handed to the broker (Celery mode); None = not yet (re-sent by the reaper)
     Column("dispatched_at", Float),
+    #: what a job list shows of the spec (``summaries.spec_summary``, JSON): lists never read ``spec_json``
+    Column("spec_summary", Text),
 )
 
 #: columns added after the first release: ``init_schema`` adds them to an existing table
-_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT", "passed": "BOOLEAN"}
+_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT", "passed": "BOOLEAN", "spec_summary": "TEXT"}
 
 #: PostgreSQL advisory lock keys: schema creation, and check-then-insert submissions (``_write_tx``)
 _SCHEMA_LOCK_KEY = 727273
@@ -104,6 +107,10 @@ class TenantLimit(QueueFull):
     def __init__(self, depth: int, limit: int, tenant: str) -> None:
         super().__init__(depth, limit)
         self.tenant = tenant
+
+
+class TenantStoredLimit(TenantLimit):
+    """The tenant already keeps ``limit`` jobs (finished ones and duplicates included): it must delete some."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,9 @@ class Job:
         return asdict(self)
 
 
+#: what the -wal file is truncated to after a checkpoint (SQLite keeps it at its largest otherwise)
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+
 _ENGINES: dict[tuple[str, int], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -174,7 +184,11 @@ _ENGINES_LOCK = threading.Lock()
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (``_sqlite_begin``)
     cur = dbapi_conn.cursor()
+    # a new database frees the pages of deleted jobs back to the file system (``JobStore.reclaim``); an older
+    # one is converted once at startup (``JobStore.open_checked``)
+    cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # the -wal file shrinks back after a burst
     # FULL: the WAL is fsynced at every commit, so a job answered 202 survives a power cut (NORMAL would
     # keep the file consistent but may lose the last commits); docs/deployment.md states this promise
     cur.execute("PRAGMA synchronous=FULL")
@@ -301,6 +315,7 @@ class JobStore:
                     return problem
             self.init_schema()
             if path is not None:
+                self._convert_to_incremental_vacuum()
                 return self._check_sidecar(path)
         except Exception as exc:  # noqa: BLE001 - a message, never a traceback
             where = f"the job database {path}" if path is not None else "the job database"
@@ -349,6 +364,42 @@ class JobStore:
                     f"deleted {path.name}-wal after a crash, or an older copy of the file); restore it from a backup, "
                     f"or to accept the loss and start with what is left, move {path.name}{SIDECAR_SUFFIX} aside")
         return None
+
+    def _convert_to_incremental_vacuum(self) -> None:
+        """A SQLite file made before deletes freed space (``auto_vacuum`` none) is rebuilt once with
+        ``auto_vacuum=INCREMENTAL`` (a ``VACUUM``: it needs the file's size free again, and takes seconds
+        per GiB); one that cannot be (disk full, busy) stays as it is and is tried at the next start."""
+        import sqlite3
+
+        raw = self.engine.raw_connection()  # outside SQLAlchemy's BEGIN: VACUUM runs in no transaction
+        try:
+            cur = raw.cursor()
+            if cur.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                return
+            try:
+                cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                cur.execute("VACUUM")
+            except sqlite3.OperationalError:
+                pass
+        finally:
+            raw.close()
+
+    def reclaim(self) -> None:
+        """Give the pages deleted jobs freed back to the file system (SQLite with incremental auto-vacuum):
+        the file shrinks after a delete instead of staying at its largest."""
+        import sqlite3
+
+        if self.sqlite_path is None:
+            return
+        raw = self.engine.raw_connection()  # autocommit: each pragma commits on its own
+        try:
+            cur = raw.cursor()
+            cur.executescript("PRAGMA incremental_vacuum;")  # stepped to the end (execute frees one page)
+            cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # never waits for readers
+        except sqlite3.OperationalError:  # busy: the pages stay free inside the file and are reused, or go next time
+            pass
+        finally:
+            raw.close()
 
     @staticmethod
     def _sidecar(path: "Path") -> "Path":
@@ -425,13 +476,16 @@ class JobStore:
     # ------------------------------------------------------------------ create / read
     def create(self, *, kind: JobKind, spec: dict, inputs: dict, timeout_s: float, max_attempts: int,
                tenant: str = DEFAULT_TENANT, queue: str = "cpu", max_queued: int | None = None,
-               max_tenant_jobs: int | None = None, dedupe_key: str | None = None) -> dict:
-        """Insert a queued job. Raises ``QueueFull`` past ``max_queued`` queued jobs in all and
-        ``TenantLimit`` past ``max_tenant_jobs`` queued + running jobs of ``tenant`` (checked and
-        inserted in one serialised transaction)."""
+               max_tenant_jobs: int | None = None, dedupe_key: str | None = None,
+               max_tenant_stored: int | None = None) -> dict:
+        """Insert a queued job. Raises ``QueueFull`` past ``max_queued`` queued jobs in all,
+        ``TenantLimit`` past ``max_tenant_jobs`` queued + running jobs of ``tenant`` and
+        ``TenantStoredLimit`` past ``max_tenant_stored`` jobs it keeps (checked and inserted in one
+        serialised transaction)."""
         now = time.time()
         job_id = new_job_id()
         with self._write_tx() as conn:
+            self._check_stored(conn, tenant, max_tenant_stored)
             if max_tenant_jobs is not None:
                 mine = conn.execute(select(func.count()).select_from(jobs).where(
                     jobs.c.tenant == tenant,
@@ -448,6 +502,7 @@ class JobStore:
                 created_at=now, updated_at=now, progress=0.0, stage="queued",
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs),
                 attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s), dedupe_key=dedupe_key,
+                spec_summary=json.dumps(spec_summary(spec, inputs)),
             ))
             created = self._count_created(conn)
         self._record_committed(created)
@@ -456,20 +511,23 @@ class JobStore:
         return job
 
     def create_reused(self, *, source: dict, report: str | dict, spec: dict, inputs: dict, timeout_s: float,
-                      tenant: str, queue: str, dedupe_key: str) -> dict:
+                      tenant: str, queue: str, dedupe_key: str, max_tenant_stored: int | None = None) -> dict:
         """A job born ``succeeded`` with ``source``'s report (a duplicate submission). The report is stored once:
         the duplicate's row refers to the job that holds it (``report_text`` follows the reference, ``delete``
-        hands the text on to a duplicate before its holder goes), so 200 duplicates cost 200 small rows."""
+        hands the text on to a duplicate before its holder goes), so 200 duplicates cost 200 small rows. A
+        duplicate is a job the tenant keeps like any other: ``TenantStoredLimit`` past ``max_tenant_stored``."""
         now = time.time()
         job_id = new_job_id()
-        with self.engine.begin() as conn:
+        with self._write_tx() as conn:
+            self._check_stored(conn, tenant, max_tenant_stored)
             conn.execute(insert(jobs).values(
                 id=job_id, tenant=tenant, kind=source["kind"], status=JobStatus.SUCCEEDED.value, queue=queue,
                 created_at=now, started_at=now, finished_at=now, updated_at=now, progress=1.0,
                 stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
                 passed=source.get("passed"),
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
-                timeout_s=float(timeout_s), dedupe_key=dedupe_key))
+                timeout_s=float(timeout_s), dedupe_key=dedupe_key,
+                spec_summary=json.dumps(with_report_order(spec_summary(spec, inputs), _group_of(source, report)))))
             holder = _reused_from(conn.execute(select(reports.c.report_json).where(
                 reports.c.job_id == source["id"])).scalar()) or source["id"]
             conn.execute(insert(reports).values(job_id=job_id, report_json=_reference(holder)))
@@ -489,6 +547,20 @@ class JobStore:
             return None
         report = self.report_text(row["id"])
         return (_decode(row), report) if report is not None else None
+
+    @staticmethod
+    def _check_stored(conn: Any, tenant: str, limit: int | None) -> None:
+        if limit is None:
+            return
+        kept = conn.execute(select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant)).scalar_one()
+        if kept >= limit:
+            raise TenantStoredLimit(int(kept), limit, tenant)
+
+    def count_stored(self, tenant: str) -> int:
+        """Every job ``tenant`` keeps, whatever its status (duplicates included)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant))
+                       .scalar_one())
 
     def count_active(self, tenant: str) -> int:
         """Queued + running jobs of ``tenant``."""
@@ -547,6 +619,36 @@ class JobStore:
                                 .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
                                 .limit(limit).offset(offset)).mappings().all()
         return [_decode(r) for r in rows], int(total)
+
+    def summaries(self, tenant: str | None = None, limit: int = 20, offset: int = 0,
+                  status: JobStatus | None = None) -> tuple[list[dict], int]:
+        """``list`` for a job list: each row with its ``spec_summary`` (a dict) in place of the spec and
+        inputs, which are not read (rows stored before summaries existed are summarised from their spec)."""
+        from sqlalchemy import case
+
+        cond = [] if tenant is None else [jobs.c.tenant == tenant]
+        if status is not None:
+            cond.append(jobs.c.status == str(status))
+        light = [c for c in jobs.c if c.name not in ("spec_json", "inputs_json")]
+        old_spec = case((jobs.c.spec_summary.is_(None), jobs.c.spec_json), else_=None).label("old_spec")
+        old_inputs = case((jobs.c.spec_summary.is_(None), jobs.c.inputs_json), else_=None).label("old_inputs")
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(jobs).where(*cond)).scalar_one()
+            rows = conn.execute(select(*light, old_spec, old_inputs).where(*cond)
+                                .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+                                .limit(limit).offset(offset)).mappings().all()
+        out = []
+        for row in rows:
+            job = dict(row)
+            old, old_inputs_text = job.pop("old_spec"), job.pop("old_inputs")
+            summary = job.get("spec_summary")
+            job["spec_summary"] = json.loads(summary) if summary else spec_summary(
+                json.loads(old or "{}"), json.loads(old_inputs_text or "{}"))
+            err = job.pop("error_json")
+            job["error"] = json.loads(err) if err else None
+            job["status"] = JobStatus(job["status"])
+            out.append(job)
+        return out, int(total)
 
     def report(self, job_id: str) -> dict | None:
         text = self.report_text(job_id)
@@ -670,6 +772,10 @@ class JobStore:
                 if moved:
                     conn.execute(delete(reports).where(reports.c.job_id == job_id))
                     conn.execute(insert(reports).values(job_id=job_id, report_json=text))
+                    summary = conn.execute(select(jobs.c.spec_summary).where(jobs.c.id == job_id)).scalar()
+                    if summary:  # the group's order as built (a permutation group's closure)
+                        conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                            spec_summary=json.dumps(with_report_order(json.loads(summary), report))))
         except DatabaseError as exc:
             if not is_damaged(exc):
                 raise
@@ -719,7 +825,8 @@ class JobStore:
                 conn.execute(update(reports).where(reports.c.job_id == heir).values(report_json=text))
                 conn.execute(update(reports).where(reports.c.job_id.in_(dependents[1:]))
                              .values(report_json=_reference(heir)))
-            return True
+        self.reclaim()
+        return True
 
     # ------------------------------------------------------------------ recovery
     def recover_lost(self, now: float | None = None, dead_owners: Iterable[str] = ()) -> list[tuple[str, str]]:
@@ -815,6 +922,18 @@ _DAMAGED_MARKERS = ("malformed", "not a database", "disk i/o error", "corrupt")
 def is_damaged(exc: BaseException) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
     return any(m in text for m in _DAMAGED_MARKERS)
+
+
+def _group_of(source: dict, report: str | dict) -> dict:
+    """The finished twin's report, enough of it for ``with_report_order`` (its group), without parsing the text."""
+    if isinstance(report, dict):
+        return report
+    summary = source.get("spec_summary")
+    try:
+        order = (json.loads(summary).get("group") or {}).get("order") if summary else None
+    except ValueError:
+        order = None
+    return {"group": {"order": order}}
 
 
 def _decode(row: Any) -> dict:

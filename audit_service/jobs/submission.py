@@ -20,10 +20,11 @@ from typing import Iterable
 
 from ..engine.external_names import location_problem
 from ..engine.spec import AuditSpec
+from . import estimate
 from .blobs import BlobStore
 from .settings import Settings
 from .states import READY_STATES, JobKind
-from .store import Job, JobStore, QueueFull, TenantLimit
+from .store import Job, JobStore, QueueFull, TenantLimit, TenantStoredLimit
 
 #: the file inputs of an audit, in the order they are staged (the model last: its check needs the others)
 FILE_FIELDS = ("model", "probes", "labels", "second_probes")
@@ -33,7 +34,7 @@ DATA_PREFIX = "model_data/"
 MODEL_LINKS = ("model", "model.onnx", "model.pt", "model.pt2")
 
 __all__ = ["DATA_PREFIX", "FILE_FIELDS", "MODEL_LINKS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission",
-           "Submitted", "TenantLimit", "admit", "check_inputs", "data_inputs", "dedupe_key", "free_space_mb",
+           "Submitted", "TenantLimit", "TenantStoredLimit", "admit", "check_inputs", "data_inputs", "dedupe_key", "free_space_mb",
            "link_model_folder", "retry_after_s", "submit", "wait_for"]
 
 
@@ -85,7 +86,7 @@ def free_space_mb(path: Path) -> float | None:
 
 def admit(store: JobStore, settings: Settings, tenant: str) -> None:
     """Cheap early checks before an upload is read (``create`` checks the limits again atomically):
-    raises ``DiskFull``, ``QueueFull`` or ``TenantLimit``."""
+    raises ``DiskFull``, ``QueueFull``, ``TenantLimit`` or ``TenantStoredLimit``."""
     free_mb = free_space_mb(Path(settings.data_dir))
     if free_mb is not None and free_mb < settings.min_free_mb:
         raise DiskFull(free_mb, settings.min_free_mb)
@@ -95,6 +96,9 @@ def admit(store: JobStore, settings: Settings, tenant: str) -> None:
     mine = store.count_active(tenant)
     if mine >= settings.max_tenant_jobs:
         raise TenantLimit(mine, settings.max_tenant_jobs, tenant)
+    kept = store.count_stored(tenant)
+    if kept >= settings.max_tenant_stored:
+        raise TenantStoredLimit(kept, settings.max_tenant_stored, tenant)
 
 
 def check_inputs(spec: AuditSpec, present: Iterable[str]) -> None:
@@ -166,6 +170,9 @@ def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, s
     queue = "gpu" if device == "cuda" else settings.default_queue
     key = dedupe_key(tenant, spec, submission.inputs, settings.engine)
     twin = store.find_finished(key, tenant) if settings.dedupe and submission.reuse else None
+    too_long = estimate.refusal(spec, submission.inputs.get("model") or {}, timeout, settings.job_timeout_s)
+    if too_long is not None and twin is None:  # cost before work (jobs/estimate.py)
+        raise InvalidSubmission(*too_long)
     adopted: list[str] = []
     try:
         with blobs.pinned():  # no blob collection between adopting the files and committing the job
@@ -175,11 +182,13 @@ def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, s
             if twin is not None:
                 source, report = twin
                 job = store.create_reused(source=source, report=report, spec=spec, inputs=submission.inputs,
-                                          timeout_s=timeout, tenant=tenant, queue=queue, dedupe_key=key)
+                                          timeout_s=timeout, tenant=tenant, queue=queue, dedupe_key=key,
+                                          max_tenant_stored=settings.max_tenant_stored)
             else:
                 job = store.create(kind=JobKind.AUDIT, spec=spec, inputs=submission.inputs, timeout_s=timeout,
                                    max_attempts=settings.max_attempts, tenant=tenant, max_queued=settings.max_queued,
-                                   max_tenant_jobs=settings.max_tenant_jobs, queue=queue, dedupe_key=key)
+                                   max_tenant_jobs=settings.max_tenant_jobs, queue=queue, dedupe_key=key,
+                                   max_tenant_stored=settings.max_tenant_stored)
         adopted.clear()
     finally:
         if adopted:  # adopted, but no job refers to them: the submission failed after all

@@ -15,13 +15,13 @@ from ..engine.errors import SpecError
 from ..jobs import submission
 from ..jobs.pages import page_path, served_page, store_page
 from ..jobs.states import READY_STATES, JobKind, JobStatus
-from ..jobs.store import Job, QueueFull, TenantLimit
+from ..jobs.store import Job, QueueFull, TenantLimit, TenantStoredLimit
 from ..jobs.write_back import write_back_request
 from ..engine.spec import AuditSpec, parse_audit_spec
 from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, PayloadTooLarge,
                      TooManyRequests, Unprocessable)
-from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out
+from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out, job_summary_out
 from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model
 from .uploads import (array_kind, check_data_named, check_slot, save_model_data, save_upload, symmetrize_in_sandbox,
                       validate_model)
@@ -57,6 +57,11 @@ def too_many(exc: QueueFull) -> TooManyRequests:
     """The 429 of a full queue or of a tenant at its limit, with a Retry-After estimate."""
     st = state()
     retry = {"Retry-After": str(submission.retry_after_s(st.store, st.settings))}
+    if isinstance(exc, TenantStoredLimit):  # waiting frees nothing here: deleting does
+        return TooManyRequests(f"you keep {exc.depth} audits, the most one tenant may keep (AUDIT_MAX_TENANT_STORED="
+                               f"{exc.limit}; answers reused from a finished audit count too); delete some with "
+                               f"DELETE /audits/{{id}} and submit again", headers={"Retry-After": "3600"},
+                               slug="tenant-quota")
     if isinstance(exc, TenantLimit):
         return TooManyRequests(f"you have {exc.depth} audits queued or running, the most one tenant may have at "
                                f"once (AUDIT_MAX_TENANT_JOBS={exc.limit}); retry after the Retry-After seconds, or "
@@ -256,15 +261,15 @@ def _waited_answer(job: Job, report: dict, location: str) -> Response:
 @bp.get("/audits")
 def list_audits() -> Response:
     query = parse_model(ListQuery, request.args.to_dict())
-    rows, total = state().store.list(tenant=current_tenant(), limit=query.limit, offset=query.offset,
-                                     status=query.status)
+    rows, total = state().store.summaries(tenant=current_tenant(), limit=query.limit, offset=query.offset,
+                                          status=query.status)
     now = time.time()
     nxt = None
     if query.offset + len(rows) < total:
         nxt = f"/audits?limit={query.limit}&offset={query.offset + query.limit}"
         if query.status is not None:
             nxt += f"&status={query.status.value}"
-    return _json(JobList(items=[job_out(r, now) for r in rows], total=total, limit=query.limit,
+    return _json(JobList(items=[job_summary_out(r, now) for r in rows], total=total, limit=query.limit,
                          offset=query.offset, next=nxt))
 
 

@@ -88,8 +88,41 @@ class JobOut(_Model):
     links: JobLinks
 
 
+class GroupSummary(_Model):
+    name: str | None = None
+    order: int | None = Field(default=None, description="null where only building the group tells (permutations) "
+                                                       "until the audit finished")
+
+
+class SpecSummary(_Model):
+    """What a job list shows of a spec (``jobs.summaries.spec_summary``); the whole spec is at ``/audits/{id}``."""
+
+    group: GroupSummary
+    shifts: int
+    conditions: int = Field(description="noise, clean (with probes) and one per shift")
+    n_probes: int | None = None
+    device: str | None = None
+    require: list[str] | None = None
+
+
+class JobSummaryOut(_Model):
+    """One item of ``GET /audits``: no spec, inputs or report, so a page stays a few hundred bytes per job."""
+
+    id: str
+    kind: Literal["audit", "reference_run"]
+    status: JobStatus
+    progress: float = Field(ge=0, le=1)
+    stage: str
+    timings: Timings
+    error: JobErrorOut | None = None
+    verdict: str | None = None
+    passed: bool | None = None
+    spec: SpecSummary
+    links: JobLinks
+
+
 class JobList(_Model):
-    items: list[JobOut]
+    items: list[JobSummaryOut]
     total: int
     limit: int
     offset: int
@@ -127,24 +160,43 @@ def _gate(job: Job) -> bool | None:
     return gate(job.verdict, spec.get("require"))
 
 
+def _timings(created: float, started: float | None, ended: float | None, now: float) -> Timings:
+    queued_s = (started if started is not None else (ended if ended is not None else now)) - created
+    run_s = None if started is None else (ended if ended is not None else now) - started
+    return Timings(created_at=_iso(created), started_at=_iso(started), finished_at=_iso(ended),
+                   queued_s=round(max(0.0, queued_s), 6), run_s=None if run_s is None else round(max(0.0, run_s), 6))
+
+
+def _links(jid: str, finished: bool) -> JobLinks:
+    return JobLinks(self=f"/audits/{jid}", report=f"/audits/{jid}/report" if finished else None,
+                    report_html=f"/audits/{jid}/report.html" if finished else None)
+
+
+def job_summary_out(row: dict, now: float) -> JobSummaryOut:
+    """A ``JobStore.summaries`` row as a list item; ``passed`` as in ``job_out`` (the stored gate)."""
+    summary = row["spec_summary"]
+    status = JobStatus(row["status"])
+    passed = row.get("passed") if row["kind"] == "audit" and row.get("verdict") else None
+    if passed is None and row["kind"] == "audit" and row.get("verdict"):
+        passed = gate(row["verdict"], summary.get("require"))
+    return JobSummaryOut(
+        id=row["id"], kind=row["kind"], status=status, progress=float(row.get("progress") or 0.0),
+        stage=row.get("stage") or "", timings=_timings(row["created_at"], row.get("started_at"),
+                                                       row.get("finished_at"), now),
+        error=JobErrorOut(**row["error"]) if row.get("error") else None, verdict=row.get("verdict"), passed=passed,
+        spec=SpecSummary(**summary), links=_links(row["id"], status == JobStatus.SUCCEEDED))
+
+
 def job_out(job: Job | dict, now: float) -> JobOut:
     job = Job.from_dict(job)
-    jid = job.id
-    finished = job.status == JobStatus.SUCCEEDED
-    started, ended = job.started_at, job.finished_at
-    queued_s = (started if started is not None else (ended if ended is not None else now)) - job.created_at
-    run_s = None if started is None else (ended if ended is not None else now) - started
     return JobOut(
-        id=jid, kind=job.kind, status=job.status, progress=float(job.progress or 0.0), stage=job.stage or "",
+        id=job.id, kind=job.kind, status=job.status, progress=float(job.progress or 0.0), stage=job.stage or "",
         attempts=int(job.attempts), timeout_s=float(job.timeout_s),
-        timings=Timings(created_at=_iso(job.created_at), started_at=_iso(started), finished_at=_iso(ended),
-                        queued_s=round(max(0.0, queued_s), 6), run_s=None if run_s is None else round(max(0.0, run_s), 6)),
+        timings=_timings(job.created_at, job.started_at, job.finished_at, now),
         error=JobErrorOut(**job.error) if job.error else None,
         verdict=job.verdict,
         passed=_gate(job),
         inputs={k: InputFile(**v) for k, v in (job.inputs or {}).items() if isinstance(v, dict)},
         spec=job.spec if isinstance(job.spec, dict) else {},
-        links=JobLinks(self=f"/audits/{jid}",
-                       report=f"/audits/{jid}/report" if finished else None,
-                       report_html=f"/audits/{jid}/report.html" if finished else None),
+        links=_links(job.id, job.status == JobStatus.SUCCEEDED),
     )
