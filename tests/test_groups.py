@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Literal
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 
 from audit_service.engine.errors import SpecError
 from audit_service.engine.groups import Element, ExactGroup, Group, build_group, group_catalogue
-from audit_service.engine.spec import MAX_GROUP_ORDER
+from audit_service.engine.groups.element import element_from_rearrangement
+from audit_service.engine.spec import MAX_GROUP_ORDER, GroupSpecModel
 
 IMAGE = (2, 6, 6)
 
@@ -483,14 +485,66 @@ def test_groups_past_the_cap_are_sampled_uniformly_and_seeded(gens, order, symme
 
 def test_one_record_per_group_name():
     """Every group the spec accepts has exactly one registry record (spec model, builder, catalogue entry)."""
-    import typing
-
     from audit_service.engine.groups.build import GROUPS, group_catalogue
-    from audit_service.engine.spec import GROUP_NAMES, GroupSpec
+    from audit_service.engine.spec import GROUP_NAMES, GROUP_SPEC_MODELS
 
-    union = typing.get_args(typing.get_args(GroupSpec)[0])
-    assert set(GROUPS) == set(GROUP_NAMES)
-    assert {r.spec for r in GROUPS.values()} == set(union)
+    assert list(GROUPS) == list(GROUP_NAMES) == list(GROUP_SPEC_MODELS)
+    assert all(GROUP_SPEC_MODELS[name] is record.spec for name, record in GROUPS.items())
     assert [e["name"] for e in group_catalogue()] == list(GROUPS)
     for name, record in GROUPS.items():
+        assert record.name == name
         assert record.spec.model_validate(record.example)  # the catalogue's example is a valid spec
+
+
+class ReverseSpec(GroupSpecModel):
+    """A toy group: reading one axis backwards (order 2)."""
+
+    name: Literal["reverse"]
+    axis: int = -1
+
+    def known_order(self) -> int | None:
+        return 2
+
+
+def _build_reverse(spec: ReverseSpec, input_shape: tuple[int, ...], field: str) -> ExactGroup:
+    flip = element_from_rearrangement(input_shape, lambda t: torch.flip(t, (spec.axis,)), "rev")
+    return ExactGroup("reverse", [Element.identity(flip.size), flip], input_shape, spec=spec, generators=[1])
+
+
+@pytest.fixture
+def reverse_group():
+    from audit_service.engine.groups.build import GroupRecord, register_group, unregister_group
+
+    record = register_group(GroupRecord(ReverseSpec, _build_reverse, True, "any input",
+                                        {"name": "reverse", "axis": -1}, {"axis": "the axis read backwards"}))
+    yield record
+    unregister_group("reverse")
+
+
+def test_a_group_registered_in_one_place_is_found_everywhere(reverse_group):
+    """One ``register_group`` call: the spec parser, build_group, products and the catalogue all know it."""
+    from audit_service.engine.spec import group_names, parse_audit_spec
+
+    spec = parse_audit_spec({"group": {"name": "reverse", "axis": 0}})
+    assert isinstance(spec.group, ReverseSpec) and spec.group.axis == 0
+    assert "reverse" in group_names()
+    group = build_group("reverse", (5,))
+    assert group.order == 2 and torch.equal(group.orbit(torch.arange(5.0)[None])[1, 0], torch.arange(4.0, -1, -1))
+    product = parse_audit_spec({"group": {"name": "product", "factors": ["reverse", "C4"]}}).group
+    assert product.known_order() == 8 and build_group(product, (1, 4, 4)).order == 8
+    entry = next(e for e in group_catalogue() if e["name"] == "reverse")
+    assert entry["description"].startswith("A toy group") and entry["parameters"]["axis"]["meaning"]
+    with pytest.raises(SpecError) as info:
+        parse_audit_spec({"group": {"name": "reverse", "axis": "x"}})
+    assert info.value.field == "group.reverse.axis"
+
+
+def test_an_unregistered_group_is_refused_again(reverse_group):
+    from audit_service.engine.groups.build import unregister_group
+    from audit_service.engine.spec import parse_audit_spec
+
+    unregister_group("reverse")
+    with pytest.raises(SpecError) as info:
+        parse_audit_spec({"group": "reverse"})
+    assert info.value.field == "group" and "expected one of C4" in info.value.message
+    assert "reverse" not in [e["name"] for e in group_catalogue()]

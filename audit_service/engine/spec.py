@@ -8,11 +8,24 @@ is built as a plain dict by :mod:`audit_service.engine.report` and its keys are 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 from .errors import SpecError
 
@@ -28,26 +41,111 @@ class _Strict(BaseModel):
 
 
 # ----------------------------------------------------------------------------- groups
-class C4Spec(_Strict):
+#: Every group kind's spec model by name, in the order registered: the built-in ones below, then any group
+#: added with ``groups.build.register_group`` (its one record). ``GroupSpec`` fields accept exactly these.
+GROUP_SPEC_MODELS: dict[str, type[GroupSpecModel]] = {}
+
+#: Models with a ``GroupSpec`` field, rebuilt when a group kind is registered (ProductSpec, AuditSpec).
+_GROUP_HOLDERS: list[type[BaseModel]] = []
+
+
+class GroupSpecModel(_Strict):
+    """Base of a group kind's spec: ``name`` is a one-value ``Literal``; the docstring is its catalogue text."""
+
+    name: str
+
+    def known_order(self) -> int | None:
+        """The group's order as read off the spec (None when only building it tells, e.g. a closure)."""
+        return None
+
+
+def spec_name(model: type[BaseModel]) -> str:
+    """The tag of a spec model: the one value of its ``name: Literal[...]`` field."""
+    values = typing.get_args(model.model_fields["name"].annotation)
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise TypeError(f"Expected {model.__name__}.name to be a one-value Literal, but got "
+                        f"{model.model_fields['name'].annotation}")
+    return values[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _group_adapter() -> TypeAdapter:
+    return TypeAdapter(GroupSpec)
+
+
+def register_group_spec(model: type[GroupSpecModel]) -> type[GroupSpecModel]:
+    """Make ``model`` a choice of every ``GroupSpec`` field (usable as a class decorator).
+
+    A name registered again is replaced. The models holding a ``GroupSpec`` are rebuilt so that specs
+    parsed from now on accept it.
+    """
+    if not (isinstance(model, type) and issubclass(model, GroupSpecModel)):
+        raise TypeError(f"Expected a GroupSpecModel subclass, but got {model!r}")
+    GROUP_SPEC_MODELS[spec_name(model)] = model
+    _rebuild_group_holders()
+    return model
+
+
+def unregister_group_spec(name: str) -> None:
+    """Undo ``register_group_spec`` (a test's toy group, a plugin unloaded); unknown names are ignored."""
+    if GROUP_SPEC_MODELS.pop(name, None) is not None:
+        _rebuild_group_holders()
+
+
+def _rebuild_group_holders() -> None:
+    for holder in _GROUP_HOLDERS:
+        holder.model_rebuild(force=True)
+    _group_adapter.cache_clear()
+
+
+class _RegisteredGroups:
+    """``GroupSpec``'s schema: a union tagged on ``name`` over ``GROUP_SPEC_MODELS`` as it is when a model is
+    built (so a group registered later joins when ``register_group_spec`` rebuilds the holders)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.tagged_union_schema(
+            {name: handler.generate_schema(model) for name, model in GROUP_SPEC_MODELS.items()},
+            discriminator="name")
+
+
+#: A group spec: one of the registered group kinds' models, chosen by its ``name``.
+GroupSpec = Annotated[GroupSpecModel, _RegisteredGroups]
+
+
+@register_group_spec
+class C4Spec(GroupSpecModel):
     """Rotations by multiples of 90 degrees in the (H, W) plane."""
 
     name: Literal["C4"]
 
+    def known_order(self) -> int | None:
+        return 4
 
-class D4Spec(_Strict):
+
+@register_group_spec
+class D4Spec(GroupSpecModel):
     """The 8 symmetries of the square: C4 rotations and their compositions with a flip."""
 
     name: Literal["D4"]
 
+    def known_order(self) -> int | None:
+        return 8
 
-class FlipSpec(_Strict):
+
+@register_group_spec
+class FlipSpec(GroupSpecModel):
     """The 2-element group {identity, flip}; ``axis`` says which image axis is mirrored."""
 
     name: Literal["flip"]
     axis: Literal["horizontal", "vertical"] = "horizontal"
 
+    def known_order(self) -> int | None:
+        return 2
 
-class TranslationSpec(_Strict):
+
+@register_group_spec
+class TranslationSpec(GroupSpecModel):
     """Cyclic translations by ``k * step`` pixels, k = 0..order-1, along ``axis`` (default: last)."""
 
     name: Literal["translation"]
@@ -55,12 +153,16 @@ class TranslationSpec(_Strict):
     step: int = Field(default=1, ge=1)
     axis: int = -1
 
+    def known_order(self) -> int | None:
+        return self.order
+
 
 #: Elements drawn from a permutation group too large to enumerate, unless the spec says otherwise.
 DEFAULT_GROUP_SAMPLE = 256
 
 
-class PermutationSpec(_Strict):
+@register_group_spec
+class PermutationSpec(GroupSpecModel):
     """The group generated by permutations of one input axis (closure, capped at ``max_order``).
 
     Past the cap the group is audited on ``sample`` uniformly drawn elements (seeded by ``seed``; the
@@ -76,28 +178,52 @@ class PermutationSpec(_Strict):
     seed: int = Field(default=0, description="seed of the element sample")
 
 
-class RotationSpec(_Strict):
+@register_group_spec
+class RotationSpec(GroupSpecModel):
     """Continuous rotations, sampled at ``n_angles`` evenly spaced angles; interpolated, so inexact."""
 
     name: Literal["rotation"]
     n_angles: int = Field(default=8, ge=1, le=360)
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
 
+    def known_order(self) -> int | None:
+        return self.n_angles
 
-class ProductSpec(_Strict):
+
+class ProductSpec(GroupSpecModel):
     """Direct product of factor groups: every combination of one element of each factor."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
     name: Literal["product"]
-    factors: list["GroupSpec"] = Field(min_length=1)
+    factors: list[GroupSpec] = Field(min_length=1)
+
+    def known_order(self) -> int | None:
+        orders = [f.known_order() for f in self.factors]
+        return None if any(o is None for o in orders) else math.prod(o for o in orders if o is not None)
 
 
-GroupSpec = Annotated[
-    Union[C4Spec, D4Spec, FlipSpec, TranslationSpec, PermutationSpec, RotationSpec, ProductSpec],
-    Field(discriminator="name"),
-]
-ProductSpec.model_rebuild()
+_GROUP_HOLDERS.append(ProductSpec)
+register_group_spec(ProductSpec)
 
-GROUP_NAMES = ("C4", "D4", "flip", "translation", "permutation", "rotation", "product")
+#: The built-in group names (``group_names()`` also lists any registered later).
+GROUP_NAMES = tuple(GROUP_SPEC_MODELS)
+
+
+def group_names() -> tuple[str, ...]:
+    """Every group name a spec accepts now, built-in and registered."""
+    return tuple(GROUP_SPEC_MODELS)
+
+
+def parse_group_spec(value: Any, field: str = "group") -> GroupSpecModel:
+    """A group spec (a parsed model, a dict, or a bare name such as ``"C4"``) validated; ``SpecError`` naming
+    the field (``group.translation.step``, ...) otherwise."""
+    if isinstance(value, GroupSpecModel):
+        return value
+    try:
+        return _group_adapter().validate_python(_expand_group_shorthand(value))
+    except ValidationError as err:
+        raise _format_validation_error(err, prefix=field) from None
 
 
 # ----------------------------------------------------------------------------- shifts
@@ -260,6 +386,9 @@ class AuditSpec(_Strict):
         return default_shifts() if self.shifts is None else list(self.shifts)
 
 
+_GROUP_HOLDERS.append(AuditSpec)
+
+
 def _expand_group_shorthand(value: Any) -> Any:
     if isinstance(value, str):
         return {"name": value}
@@ -276,7 +405,7 @@ def _format_validation_error(err: ValidationError, prefix: str = "") -> SpecErro
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     msg = first["msg"]
     if first["type"] == "union_tag_invalid" or "does not match any of the expected tags" in msg:
-        msg = f"unknown group; expected one of {', '.join(GROUP_NAMES)}"
+        msg = f"unknown group; expected one of {', '.join(group_names())}"
     elif first["type"] == "literal_error":
         msg = f"{msg}, but got {first.get('input')!r}"
     elif first["type"] == "extra_forbidden":

@@ -1,5 +1,10 @@
-"""``build_group``: a validated group spec + the model's per-sample input shape -> a :class:`Group`;
-``group_catalogue``: what ``GET /groups`` lists.
+"""The one record per group kind (``GROUPS``) and what reads it: ``build_group`` (a validated group spec +
+the model's per-sample input shape -> a :class:`Group`), ``group_catalogue`` (what ``GET /groups`` lists) and
+the front page's group choice.
+
+Adding a group: write its spec model (a ``GroupSpecModel`` with ``name: Literal["..."]``) and its builder,
+then ``register_group(GroupRecord(...))`` (or one entry below). The spec parser, ``build_group``, the
+catalogue and the front page all read the registry; nothing else lists group names.
 """
 
 from __future__ import annotations
@@ -7,20 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
-
 from ..errors import SpecError
 from ..spec import (
     C4Spec,
     D4Spec,
     FlipSpec,
+    GROUP_SPEC_MODELS,
     GroupSpec,
+    GroupSpecModel,
     PermutationSpec,
     ProductSpec,
     RotationSpec,
     TranslationSpec,
-    _expand_group_shorthand,
-    _format_validation_error,
+    parse_group_spec,
+    register_group_spec,
+    spec_name,
+    unregister_group_spec,
 )
 from .base import Group, shape_str
 from .image import build_c4, build_d4, build_flip
@@ -29,38 +36,47 @@ from .product import build_product
 from .rotation import build_rotation
 from .translation import build_translation
 
-_ADAPTER: TypeAdapter = TypeAdapter(GroupSpec)
+#: (spec, per-sample input shape, field to name in errors) -> the group
+Builder = Callable[[Any, tuple[int, ...], str], Group]
 
 
 @dataclass(frozen=True)
 class GroupRecord:
-    """Everything the service knows about one group name, in one place: its spec model, its builder
-    (spec, input shape, field) -> Group, what it is exact on, what inputs it fits, an example spec and
-    what its parameters mean. ``build_group`` and ``GET /groups`` read only this table."""
+    """Everything the service knows about one group kind, in one place: its spec model (whose ``name``
+    Literal is the kind's name and whose docstring is its description), its builder, what it is exact on,
+    what inputs it fits, an example spec and what its parameters mean."""
 
-    spec: type[BaseModel]
-    builder: Callable[..., Group] | None  # None: built by build_group itself (products recurse)
+    spec: type[GroupSpecModel]
+    builder: Builder
     exact: bool | str
     fits: str
     example: dict[str, Any]
     meanings: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        return spec_name(self.spec)
 
-GROUPS: dict[str, GroupRecord] = {
-    "C4": GroupRecord(C4Spec, build_c4, True, "square images: rank >= 2 with H == W (the last two axes)",
-                      {"name": "C4"}),
-    "D4": GroupRecord(D4Spec, build_d4, True, "square images: rank >= 2 with H == W (the last two axes)",
-                      {"name": "D4"}),
-    "flip": GroupRecord(FlipSpec, build_flip, True, "inputs of rank >= 2 (the last two axes are H, W)",
-                        {"name": "flip", "axis": "horizontal"},
-                        {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"}),
-    "translation": GroupRecord(
+
+def _build_product(spec: ProductSpec, input_shape: tuple[int, ...], field: str) -> Group:
+    return build_product(spec, input_shape, build_group, field)  # builds its factors with build_group
+
+
+_BUILT_IN = (
+    GroupRecord(C4Spec, build_c4, True, "square images: rank >= 2 with H == W (the last two axes)",
+                {"name": "C4"}),
+    GroupRecord(D4Spec, build_d4, True, "square images: rank >= 2 with H == W (the last two axes)",
+                {"name": "D4"}),
+    GroupRecord(FlipSpec, build_flip, True, "inputs of rank >= 2 (the last two axes are H, W)",
+                {"name": "flip", "axis": "horizontal"},
+                {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"}),
+    GroupRecord(
         TranslationSpec, build_translation, True, "any input; `axis` must exist and be longer than `step`",
         {"name": "translation", "order": 3, "step": 12, "axis": -1},
         {"order": "number of shifts k = 0..order-1",
          "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
          "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)"}),
-    "permutation": GroupRecord(
+    GroupRecord(
         PermutationSpec, build_permutation, True, "any input; generators have the length of `axis`",
         {"name": "permutation", "generators": [[1, 2, 0], [1, 0, 2]], "axis": 0},
         {"generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
@@ -68,20 +84,44 @@ GROUPS: dict[str, GroupRecord] = {
          "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
          "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
          "seed": "seed of the element sample"}),
-    "rotation": GroupRecord(
+    GroupRecord(
         RotationSpec, build_rotation, False, "square images: rank >= 2 with H == W",
         {"name": "rotation", "n_angles": 8, "interpolation": "bilinear"},
         {"n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",
          "interpolation": "resampling of the rotated image"}),
-    "product": GroupRecord(
-        ProductSpec, None, "when every factor is exact", "inputs every factor fits",
+    GroupRecord(
+        ProductSpec, _build_product, "when every factor is exact", "inputs every factor fits",
         {"name": "product", "factors": [{"name": "flip", "axis": "vertical"},
                                         {"name": "translation", "order": 4, "step": 7}]},
         {"factors": "group specs (any of these names); every combination of one element of each"}),
-}
-_BUILDERS = {record.spec: record.builder for record in GROUPS.values() if record.builder is not None}
+)
+#: name -> record, for every group kind (the built-in ones, then any added with ``register_group``)
+GROUPS: dict[str, GroupRecord] = {record.name: record for record in _BUILT_IN}
 
 
+def register_group(record: GroupRecord) -> GroupRecord:
+    """Add (or replace) a group kind: its spec joins every ``GroupSpec`` field, ``build_group`` builds it and
+    the catalogue lists it. The one call a new group needs."""
+    register_group_spec(record.spec)
+    GROUPS[record.name] = record
+    return record
+
+
+def unregister_group(name: str) -> None:
+    """Undo ``register_group`` (e.g. a test's toy group)."""
+    GROUPS.pop(name, None)
+    unregister_group_spec(name)
+
+
+def _check_registry() -> None:
+    """Every group spec the parser accepts has a record here (a spec model registered without one fails now)."""
+    missing = [name for name in GROUP_SPEC_MODELS if name not in GROUPS]
+    if missing:
+        raise TypeError(f"Expected a GroupRecord for every registered group spec, but {', '.join(missing)} has "
+                        "none; add it with register_group")
+
+
+_check_registry()
 
 
 def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
@@ -91,21 +131,16 @@ def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], fiel
     Raises ``SpecError`` naming the field (``group.step``, ``group.factors[1]``, ...) when the spec does not
     fit the input shape.
     """
-    if not isinstance(spec, BaseModel):
-        try:
-            spec = _ADAPTER.validate_python(_expand_group_shorthand(spec))
-        except ValidationError as err:
-            raise _format_validation_error(err, prefix=field) from None
+    spec = parse_group_spec(spec, field)
     input_shape = tuple(int(s) for s in input_shape)
     if not input_shape or any(s < 1 for s in input_shape):
         raise SpecError(f"Expected a per-sample input shape of positive sizes, but got {shape_str(input_shape)}",
                         field="model.input_shape")
-    if isinstance(spec, ProductSpec):  # builds its factors with build_group
-        return build_product(spec, input_shape, build_group, field)
-    builder = _BUILDERS.get(type(spec))
-    if builder is None:
-        raise SpecError(f"Expected a group spec, but got {type(spec).__name__}", field=field)
-    return builder(spec, input_shape, field)
+    record = GROUPS.get(spec.name)
+    if record is None or not isinstance(spec, record.spec):
+        raise SpecError(f"Expected a group spec registered with register_group, but got {type(spec).__name__}",
+                        field=field)
+    return record.builder(spec, input_shape, field)
 
 
 def _param_type(prop: dict[str, Any]) -> str:

@@ -77,7 +77,7 @@ class ProductGroup(Group):
 
 def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callable[..., Group],
                   field: str = "group") -> Group:
-    known = [_spec_order(f) for f in spec.factors]
+    known = [f.known_order() for f in spec.factors]  # each kind says its order (None: after building)
     if math.prod(o for o in known if o is not None) > MAX_GROUP_ORDER:  # fail before building large factors
         raise SpecError(f"Expected a product of at most {MAX_GROUP_ORDER} elements, but the orders of the "
                         f"factors multiply to more ({' x '.join('?' if o is None else str(o) for o in known)}); "
@@ -102,25 +102,6 @@ def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callab
         return ExactGroup.from_table(" x ".join(f.name for f in factors), _product_table(factors), names,
                                      input_shape, spec=spec, generators=_product_generators(factors), note=note)
     return ProductGroup(spec, factors, input_shape, note=note)
-
-
-def _spec_order(spec) -> int | None:
-    """A factor's order read off its spec (None for permutation groups: known only after closure)."""
-    name = spec.name
-    if name == "C4":
-        return 4
-    if name == "D4":
-        return 8
-    if name == "flip":
-        return 2
-    if name == "translation":
-        return spec.order
-    if name == "rotation":
-        return spec.n_angles
-    if name == "product":
-        orders = [_spec_order(f) for f in spec.factors]
-        return None if any(o is None for o in orders) else math.prod(orders)
-    return None
 
 
 def _product_table(factors: Sequence[ExactGroup]) -> torch.Tensor:
