@@ -299,3 +299,49 @@ def test_shifts_on_cuda(shift):
     assert a.device.type == "cuda" and torch.equal(a, b)
     u = uniform_noise(4, (3, 16, 16), stats, _gen(1, "cuda"), "cuda")
     assert u.device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- the registry
+@pytest.fixture
+def invert_shift():
+    """A toy shift, registered in one place: x -> high + low - x, stronger with the severity."""
+    from audit_service.engine.shifts.registry import ShiftKind, register_shift, unregister_shift
+
+    def apply(x, shift, st, generator, second):
+        t = kind.parameter(shift)
+        return (1 - t) * x + t * (st.high + st.low - x)
+
+    kind = register_shift(ShiftKind("invert", "Mirror the values inside the probes' range", apply,
+                                    (0.1, 0.2, 0.3, 0.4, 0.5), "weight {v} on the mirrored input", "any input"))
+    yield kind
+    unregister_shift("invert")
+
+
+def test_a_shift_registered_in_one_place_is_found_everywhere(invert_shift, images, stats):
+    """One ``register_shift`` call: spec parsing, apply_shift, the default-fit check and the catalogue."""
+    from audit_service.engine.shifts import applicable_default_shifts
+    from audit_service.engine.spec import parse_audit_spec, shift_names
+
+    spec = parse_audit_spec({"group": "C4", "shifts": [{"name": "invert", "severity": 5}]})
+    shift = spec.effective_shifts[0]
+    assert shift.label == "invert@5" and "invert" in shift_names() and SEVERITIES["invert"][4] == 0.5
+    out = apply_shift(images, shift, stats, _gen())
+    mirrored = stats.high + stats.low - images  # (1, C, 1, 1) per channel
+    assert torch.allclose(out, 0.5 * images + 0.5 * mirrored, atol=1e-6)
+    assert applicable_default_shifts([shift], (10,)) == ([shift], [])  # not spatial: fits a feature vector
+    entry = next(c for c in shift_catalogue() if c["name"] == "invert")
+    assert entry["severities"]["2"] == "weight 0.2 on the mirrored input" and entry["example"]["severity"] == 3
+    with pytest.raises(SpecError) as info:
+        parse_audit_spec({"group": "C4", "shifts": [{"name": "invert", "beta": 0.5}]})
+    assert "only blend takes it" in info.value.message
+
+
+def test_an_unregistered_shift_is_refused_again(invert_shift):
+    from audit_service.engine.shifts.registry import unregister_shift
+    from audit_service.engine.spec import parse_audit_spec
+
+    unregister_shift("invert")
+    with pytest.raises(SpecError) as info:
+        parse_audit_spec({"group": "C4", "shifts": [{"name": "invert"}]})
+    assert info.value.field == "shifts.0.name" and info.value.message.endswith("but got 'invert'")
+    assert "invert" not in SEVERITIES and "invert" not in [c["name"] for c in shift_catalogue()]

@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import core_schema
+from pydantic_core import PydanticCustomError, core_schema
 
 from .errors import SpecError
 
@@ -227,8 +227,31 @@ def parse_group_spec(value: Any, field: str = "group") -> GroupSpecModel:
 
 
 # ----------------------------------------------------------------------------- shifts
+#: Every shift kind's name and what strength it takes: ``"severity"`` (1-5, CIFAR-10-C style) or ``"beta"``
+#: (a mixing weight in [0, 1] toward a ``target``, as the paper's blend). The built-in kinds are listed here so
+#: that specs parse without torch; their records (severity table, action, catalogue text) are in
+#: ``shifts.registry.SHIFTS``, and ``shifts.registry.register_shift`` adds a kind to both.
+SHIFT_PARAMETERS: dict[str, Literal["severity", "beta"]] = {
+    "gaussian_noise": "severity", "blur": "severity", "contrast": "severity", "brightness": "severity",
+    "occlusion": "severity", "blend": "beta",
+}
+#: The built-in shift names (``shift_names()`` also lists any registered later).
 ShiftName = Literal["gaussian_noise", "blur", "contrast", "brightness", "occlusion", "blend"]
-SHIFT_NAMES: tuple[str, ...] = ("gaussian_noise", "blur", "contrast", "brightness", "occlusion", "blend")
+SHIFT_NAMES: tuple[str, ...] = tuple(SHIFT_PARAMETERS)
+#: Severity of a shift spec that names none.
+DEFAULT_SEVERITY = 3
+
+
+def shift_names() -> tuple[str, ...]:
+    """Every shift name a spec accepts now, built-in and registered."""
+    return tuple(SHIFT_PARAMETERS)
+
+
+def register_shift_name(name: str, takes: Literal["severity", "beta"]) -> None:
+    """Let specs name the shift ``name`` (its record: ``shifts.registry.register_shift``)."""
+    if takes not in ("severity", "beta"):
+        raise ValueError(f"Expected `takes` to be 'severity' or 'beta', but got {takes!r}")
+    SHIFT_PARAMETERS[name] = takes
 
 
 class ShiftSpec(_Strict):
@@ -238,35 +261,53 @@ class ShiftSpec(_Strict):
     (``target="noise"``) or the client's second probe set (``target="second_probes"``).
     """
 
-    name: ShiftName
+    name: str = Field(json_schema_extra={"enum": list(SHIFT_NAMES)})
     severity: int | None = Field(default=None, ge=1, le=5)
     beta: float | None = Field(default=None, ge=0.0, le=1.0)
     target: Literal["noise", "second_probes"] = "noise"
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if name not in SHIFT_PARAMETERS:
+            names = [repr(n) for n in SHIFT_PARAMETERS]
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
+        return name
+
+    @property
+    def takes_beta(self) -> bool:
+        """The shift mixes toward a ``target`` by ``beta`` (blend) instead of taking a severity."""
+        return SHIFT_PARAMETERS[self.name] == "beta"
+
     @model_validator(mode="after")
     def _check_parameters(self) -> "ShiftSpec":
-        if self.name == "blend":
+        if self.takes_beta:
             if self.beta is None:
-                raise ValueError("Expected `beta` in [0, 1] for the blend shift, but got none")
+                raise ValueError(f"Expected `beta` in [0, 1] for the {self.name} shift, but got none")
             if self.severity is not None:
-                raise ValueError("Expected no `severity` for the blend shift (it takes `beta`)")
+                raise ValueError(f"Expected no `severity` for the {self.name} shift (it takes `beta`)")
         else:
             if self.beta is not None:
-                raise ValueError(f"Expected no `beta` for the {self.name} shift (only blend takes it)")
+                raise ValueError(f"Expected no `beta` for the {self.name} shift (only {_beta_names()} takes it)")
             if self.target != "noise":
-                raise ValueError(f"Expected no `target` for the {self.name} shift (only blend takes it)")
+                raise ValueError(f"Expected no `target` for the {self.name} shift (only {_beta_names()} takes it)")
         return self
 
     @property
     def severity_or_default(self) -> int:
-        return self.severity if self.severity is not None else 3
+        return self.severity if self.severity is not None else DEFAULT_SEVERITY
 
     @property
     def label(self) -> str:
         """The condition name in the report, e.g. ``blur@3`` or ``blend(noise)@0.5``."""
-        if self.name == "blend":
-            return f"blend({self.target})@{self.beta:g}"
+        if self.takes_beta:
+            return f"{self.name}({self.target})@{self.beta:g}"
         return f"{self.name}@{self.severity_or_default}"
+
+
+def _beta_names() -> str:
+    return "/".join(name for name, takes in SHIFT_PARAMETERS.items() if takes == "beta")
 
 
 #: shift conditions one audit may sweep (each costs a pass over every probe's orbit; the default sweep has 9)

@@ -30,29 +30,164 @@ occlusion      square side / min(H, W)                  0.1   0.15  0.2   0.25  
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 
 from ..errors import ProbeError, SpecError
-from ..spec import SHIFT_NAMES, ShiftSpec
+from ..spec import DEFAULT_SEVERITY, SHIFT_PARAMETERS, ShiftSpec, register_shift_name, shift_names
 from . import functional as Fn
 from .stats import ProbeStats
 
-SEVERITIES: dict[str, tuple[float, float, float, float, float]] = {
-    "gaussian_noise": (0.1, 0.2, 0.35, 0.5, 0.8),
-    "blur": (0.5, 0.75, 1.0, 1.5, 2.0),
-    "contrast": (0.75, 0.6, 0.45, 0.3, 0.15),
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
-    "occlusion": (0.1, 0.15, 0.2, 0.25, 0.3),
-}
+#: (x, the spec, the probes' statistics on x's device and dtype, generator, the second probes or None) -> shifted x
+Apply = Callable[[torch.Tensor, ShiftSpec, ProbeStats, torch.Generator, "torch.Tensor | None"], torch.Tensor]
 
-_SPATIAL = ("blur", "occlusion")
+_SEVERITY_PARAMETER = {"type": "integer", "minimum": 1, "maximum": 5, "default": DEFAULT_SEVERITY, "required": False,
+                       "meaning": "strength, CIFAR-10-C style (1 mild .. 5 strong)"}
+
+
+@dataclass(frozen=True)
+class ShiftKind:
+    """Everything the service knows about one shift, in one place: its name, what it does, how it acts, its
+    severity table (the strength at severities 1..5, ``None`` for a shift that takes ``beta``) and what a
+    value of the table means, which inputs it fits, and whether it needs image axes.
+
+    ``apply_shift``, ``validate_shift``, the default sweep's fit check, ``SEVERITIES`` and ``GET /shifts``
+    read only this record; ``register_shift`` adds one.
+    """
+
+    name: str
+    description: str
+    apply: Apply
+    severities: tuple[float, float, float, float, float] | None
+    severity_meaning: str  # format of one table value, e.g. "sigma = {v} px"; "" for a beta shift
+    fits: str
+    spatial: bool = False  # acts on the (H, W) planes: needs rank >= 2, joins the defaults only on (C, H, W)
+    parameters: dict[str, dict[str, Any]] = field(default_factory=lambda: {"severity": dict(_SEVERITY_PARAMETER)})
+    example: dict[str, Any] | None = None  # None: {"name": name, "severity": 3}
+
+    @property
+    def takes(self) -> Literal["severity", "beta"]:
+        return "severity" if self.severities is not None else "beta"
+
+    def parameter(self, shift: ShiftSpec) -> float:
+        """The table's value at the spec's severity (default 3)."""
+        if self.severities is None:
+            raise ValueError(f"Expected a shift with a severity table, but {self.name} takes beta")
+        return self.severities[shift.severity_or_default - 1]
+
+    def catalogue_entry(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": {k: dict(v) for k, v in self.parameters.items()},
+            "severities": None if self.severities is None else
+            {str(s + 1): self.severity_meaning.format(v=v) for s, v in enumerate(self.severities)},
+            "fits": self.fits,
+            "example": dict(self.example) if self.example else {"name": self.name, "severity": DEFAULT_SEVERITY},
+        }
+
+
+def _gaussian_noise(x, shift, st, generator, second):
+    return Fn.gaussian_noise(x, SHIFTS["gaussian_noise"].parameter(shift) * st.std, generator)
+
+
+def _blur(x, shift, st, generator, second):
+    return Fn.gaussian_blur(x, SHIFTS["blur"].parameter(shift))
+
+
+def _contrast(x, shift, st, generator, second):
+    return Fn.contrast(x, SHIFTS["contrast"].parameter(shift))
+
+
+def _brightness(x, shift, st, generator, second):
+    return Fn.brightness(x, SHIFTS["brightness"].parameter(shift) * st.range)
+
+
+def _occlusion(x, shift, st, generator, second):
+    side = occlusion_side(SHIFTS["occlusion"].parameter(shift), x.shape[-2], x.shape[-1])
+    return Fn.occlude(x, side, st.low, generator)
+
+
+def _blend(x, shift, st, generator, second):
+    assert shift.beta is not None
+    input_shape = tuple(x.shape[1:])
+    if shift.target == "noise":
+        x2 = Fn.uniform(x.shape[0], input_shape, st.low, st.high, generator, x.device, x.dtype)
+    else:
+        assert second is not None
+        if tuple(second.shape[1:]) != input_shape or second.shape[0] == 0:
+            raise ProbeError(f"Expected second probes of shape (M, {', '.join(map(str, input_shape))}) with "
+                             f"M >= 1, but got {tuple(second.shape)}", field="second_probes")
+        x2 = Fn.match_rows(second.to(device=x.device, dtype=x.dtype), x.shape[0], generator)
+    return Fn.blend(x, x2, shift.beta)
+
+
+_IMAGES = "inputs of rank >= 2 (the last two axes are H, W)"
+_BUILT_IN = (
+    ShiftKind("gaussian_noise", "Additive Gaussian noise, sigma relative to the probes' per-channel std",
+              _gaussian_noise, (0.1, 0.2, 0.35, 0.5, 0.8), "sigma = {v} x std", "any input"),
+    ShiftKind("blur", "Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
+              _blur, (0.5, 0.75, 1.0, 1.5, 2.0), "sigma = {v} px", _IMAGES, spatial=True),
+    ShiftKind("contrast", "Contrast reduction toward each sample's (per-channel) mean",
+              _contrast, (0.75, 0.6, 0.45, 0.3, 0.15), "x -> m + (x - m) x {v}", "any input"),
+    ShiftKind("brightness", "Brightness offset relative to the probes' per-channel range",
+              _brightness, (0.05, 0.1, 0.15, 0.2, 0.3), "x -> x + {v} x (high - low)", "any input"),
+    ShiftKind("occlusion", "One square per sample at a random position, set to the channel's minimum",
+              _occlusion, (0.1, 0.15, 0.2, 0.25, 0.3), "side = {v} x min(H, W)", _IMAGES, spatial=True),
+    ShiftKind(
+        "blend", "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
+                 "or toward the client's second probe set",
+        _blend, None, "", "any input; target 'second_probes' needs a second probe set of the same shape",
+        parameters={
+            "beta": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": None, "required": True,
+                     "meaning": "mixing weight; 0 = the probes, 1 = the target"},
+            "target": {"type": "one of 'noise', 'second_probes'", "default": "noise", "required": False,
+                       "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set"},
+        },
+        example={"name": "blend", "beta": 0.5, "target": "noise"}),
+)
+#: name -> record, for every shift kind (the built-in ones, then any added with ``register_shift``)
+SHIFTS: dict[str, ShiftKind] = {kind.name: kind for kind in _BUILT_IN}
+
+
+def register_shift(kind: ShiftKind) -> ShiftKind:
+    """Add (or replace) a shift kind: specs accept its name, ``apply_shift`` runs it and ``GET /shifts``
+    lists it. The one call a new shift needs."""
+    register_shift_name(kind.name, kind.takes)
+    SHIFTS[kind.name] = kind
+    SEVERITIES.pop(kind.name, None)
+    if kind.severities is not None:
+        SEVERITIES[kind.name] = kind.severities
+    return kind
+
+
+def unregister_shift(name: str) -> None:
+    """Undo ``register_shift`` (e.g. a test's toy shift)."""
+    SHIFTS.pop(name, None)
+    SEVERITIES.pop(name, None)
+    SHIFT_PARAMETERS.pop(name, None)
+
+
+def _check_registry() -> None:
+    """Every shift name the spec accepts has a record, taking what the spec says it takes."""
+    for name, takes in SHIFT_PARAMETERS.items():
+        if name not in SHIFTS or SHIFTS[name].takes != takes:
+            raise TypeError(f"Expected a ShiftKind taking {takes} for the spec's shift {name!r}; add it with "
+                            "register_shift")
+
+
+_check_registry()
+
+
+#: name -> severity table (strengths at severities 1..5) of every shift that has one; kept by ``register_shift``
+SEVERITIES: dict[str, tuple[float, ...]] = {n: k.severities for n, k in SHIFTS.items() if k.severities is not None}
 
 
 def severity_parameter(shift: ShiftSpec) -> float:
     """The table's value for ``shift.name`` at its severity (default 3)."""
-    return SEVERITIES[shift.name][shift.severity_or_default - 1]
+    return SHIFTS[shift.name].parameter(shift)
 
 
 def occlusion_side(fraction: float, h: int, w: int) -> int:
@@ -63,18 +198,26 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
+def _kind(shift: ShiftSpec, field: str) -> ShiftKind:
+    kind = SHIFTS.get(shift.name)
+    if kind is None:
+        raise SpecError(f"Expected a shift name in {', '.join(shift_names())}, but got {shift.name!r}",
+                        field=f"{field}.name")
+    return kind
+
+
 def validate_shift(shift: ShiftSpec, input_shape: tuple[int, ...], has_second_probes: bool,
                    field: str = "shifts") -> None:
     """Raise ``SpecError`` when ``shift`` cannot act on inputs of ``input_shape``.
 
     ``field`` is the spec path to name in the error (the sweep passes e.g. ``shifts[2]``).
     """
-    if shift.name in _SPATIAL and len(input_shape) < 2:
+    if _kind(shift, field).spatial and len(input_shape) < 2:
         raise SpecError(f"Expected an input with spatial (H, W) axes (rank >= 2) for the {shift.name} shift, but "
                         f"the model's input is {_shape_str(input_shape)}", field=f"{field}.name")
-    if shift.name == "blend" and shift.target == "second_probes" and not has_second_probes:
-        raise SpecError("Expected a second probe set for blend toward second_probes, but none was supplied; "
-                        "upload second probes or use target='noise'", field=f"{field}.target")
+    if shift.takes_beta and shift.target == "second_probes" and not has_second_probes:
+        raise SpecError(f"Expected a second probe set for {shift.name} toward second_probes, but none was "
+                        "supplied; upload second probes or use target='noise'", field=f"{field}.target")
 
 
 #: rank of the per-sample shape from which inputs are taken as images (C, H, W): spatial shifts join the defaults
@@ -91,7 +234,7 @@ def applicable_default_shifts(defaults: list[ShiftSpec], input_shape: tuple[int,
     """
     kept, skipped = [], []
     for shift in defaults:
-        if shift.name in _SPATIAL and len(input_shape) < IMAGE_RANK:
+        if _kind(shift, "shifts").spatial and len(input_shape) < IMAGE_RANK:
             kind = "a feature vector (F,)" if len(input_shape) == 1 else f"{_shape_str(input_shape)} without image axes"
             skipped.append({"shift": shift.label, "reason": f"{shift.name} needs image axes (C, H, W); the model's "
                                                             f"input is {kind}"})
@@ -111,79 +254,10 @@ def apply_shift(x: torch.Tensor, shift: ShiftSpec, stats: ProbeStats, generator:
     """``shift`` applied to probes x (N, *S) -> (N, *S), on x's device, deterministic given ``generator``."""
     if not x.is_floating_point():
         x = x.float()
-    input_shape = tuple(x.shape[1:])
-    validate_shift(shift, input_shape, second is not None)
-    st = stats.to(x.device, x.dtype)
-    name = shift.name
-    if name == "gaussian_noise":
-        return Fn.gaussian_noise(x, severity_parameter(shift) * st.std, generator)
-    if name == "blur":
-        return Fn.gaussian_blur(x, severity_parameter(shift))
-    if name == "contrast":
-        return Fn.contrast(x, severity_parameter(shift))
-    if name == "brightness":
-        return Fn.brightness(x, severity_parameter(shift) * st.range)
-    if name == "occlusion":
-        side = occlusion_side(severity_parameter(shift), x.shape[-2], x.shape[-1])
-        return Fn.occlude(x, side, st.low, generator)
-    if name == "blend":
-        assert shift.beta is not None
-        if shift.target == "noise":
-            x2 = Fn.uniform(x.shape[0], input_shape, st.low, st.high, generator, x.device, x.dtype)
-        else:
-            assert second is not None
-            if tuple(second.shape[1:]) != input_shape or second.shape[0] == 0:
-                raise ProbeError(f"Expected second probes of shape (M, {', '.join(map(str, input_shape))}) with "
-                                 f"M >= 1, but got {tuple(second.shape)}", field="second_probes")
-            x2 = Fn.match_rows(second.to(device=x.device, dtype=x.dtype), x.shape[0], generator)
-        return Fn.blend(x, x2, shift.beta)
-    raise SpecError(f"Expected a shift name in {', '.join(SHIFT_NAMES)}, but got {name!r}", field="shifts.name")
-
-
-# ----------------------------------------------------------------------------- catalogue
-_DESCRIPTIONS = {
-    "gaussian_noise": ("Additive Gaussian noise, sigma relative to the probes' per-channel std",
-                       "sigma = {v} x std", "any input"),
-    "blur": ("Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
-             "sigma = {v} px", "inputs of rank >= 2 (the last two axes are H, W)"),
-    "contrast": ("Contrast reduction toward each sample's (per-channel) mean",
-                 "x -> m + (x - m) x {v}", "any input"),
-    "brightness": ("Brightness offset relative to the probes' per-channel range",
-                   "x -> x + {v} x (high - low)", "any input"),
-    "occlusion": ("One square per sample at a random position, set to the channel's minimum",
-                  "side = {v} x min(H, W)", "inputs of rank >= 2 (the last two axes are H, W)"),
-}
+    validate_shift(shift, tuple(x.shape[1:]), second is not None)
+    return SHIFTS[shift.name].apply(x, shift, stats.to(x.device, x.dtype), generator, second)
 
 
 def shift_catalogue() -> list[dict[str, Any]]:
     """What ``GET /shifts`` lists: name, description, parameters, what each severity means, fitting inputs."""
-    severity_param = {"type": "integer", "minimum": 1, "maximum": 5, "default": 3, "required": False,
-                      "meaning": "strength, CIFAR-10-C style (1 mild .. 5 strong)"}
-    out: list[dict[str, Any]] = []
-    for name in SHIFT_NAMES:
-        if name == "blend":
-            out.append({
-                "name": "blend",
-                "description": "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
-                               "or toward the client's second probe set",
-                "parameters": {
-                    "beta": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": None, "required": True,
-                             "meaning": "mixing weight; 0 = the probes, 1 = the target"},
-                    "target": {"type": "one of 'noise', 'second_probes'", "default": "noise", "required": False,
-                               "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set"},
-                },
-                "severities": None,
-                "fits": "any input; target 'second_probes' needs a second probe set of the same shape",
-                "example": {"name": "blend", "beta": 0.5, "target": "noise"},
-            })
-            continue
-        desc, fmt, fits = _DESCRIPTIONS[name]
-        out.append({
-            "name": name,
-            "description": desc,
-            "parameters": {"severity": dict(severity_param)},
-            "severities": {str(s + 1): fmt.format(v=v) for s, v in enumerate(SEVERITIES[name])},
-            "fits": fits,
-            "example": {"name": name, "severity": 3},
-        })
-    return out
+    return [kind.catalogue_entry() for kind in SHIFTS.values()]
