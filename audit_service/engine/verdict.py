@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from .metrics.names import METRICS, ConditionName, Metric
 from .spec import DEFAULT_REQUIRE, Policy
 
 #: the labels the verdict can give
@@ -38,6 +41,53 @@ MAX_PROBES_TO_SETTLE = 1_000_000
 
 def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- reasons as data
+ReasonTopic = Literal["label", "heading", "genuine_failure", "borderline", "require_confident", "warning"]
+
+
+class Miss(BaseModel):
+    """One condition where a criterion misses, with the value there."""
+
+    model_config = ConfigDict(extra="allow")
+
+    condition: str
+    value: float | None
+
+
+class Reason(BaseModel):
+    """One reason for the verdict: the sentence a person reads (``text``, as in ``reasons``) and what it
+    says as data, so that a page or a pipeline never parses the sentence back.
+
+    ``topic``: label (why this label), heading (introduces the genuine failures), genuine_failure (one
+    genuine criterion missed: ``criterion``, ``requirement``, ``threshold``, ``misses`` of ``n_conditions``),
+    borderline, require_confident, warning. ``headline`` / ``detail``: the sentence's short form and the rest.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+    topic: ReasonTopic
+    headline: str
+    detail: str | None = None
+    criterion: str | None = Field(default=None, description="the metric (or quantity) the reason is about")
+    condition: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+    requirement: str | None = Field(default=None, description="e.g. '<= 1e-05'")
+    misses: list[Miss] = Field(default_factory=list, description="genuine_failure: where the criterion misses")
+    n_conditions: int | None = Field(default=None, description="genuine_failure: out of how many conditions")
+
+    def as_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+
+def _said(topic: ReasonTopic, headline: str, detail: str | None = None, sep: str = ": ", prefix: str = "",
+          **data: object) -> Reason:
+    """A reason whose sentence is ``prefix + headline + sep + detail``."""
+    text = prefix + headline + (f"{sep}{detail}" if detail is not None else "")
+    return Reason(text=text, topic=topic, headline=headline, detail=detail, **data)
 
 
 # --------------------------------------------------------------------------- criteria
@@ -89,10 +139,10 @@ class Check:
         return needed if needed <= MAX_PROBES_TO_SETTLE else None
 
     def option(self) -> str:
-        return "n_noise_probes" if self.condition == "noise" else "n_probes"
+        return "n_noise_probes" if self.condition == ConditionName.NOISE else "n_probes"
 
     def as_dict(self) -> dict:
-        return {"criterion": self.criterion, "condition": self.condition, "value": self.value,
+        return {"criterion": str(self.criterion), "condition": self.condition, "value": self.value,
                 "threshold": self.threshold, "kind": self.kind, "role": self.role,
                 "interval": list(self.interval) if self.interval is not None else None, "n_probes": self.n,
                 "passed": self.passed, "straddles": self.straddles, "probes_to_settle": self.probes_to_settle(),
@@ -118,12 +168,15 @@ def _interval(condition: dict, metric: str) -> tuple[tuple[float, float] | None,
     return (float(s["mean"]), float(s["mean"])), n
 
 
-def _check(condition: dict, metric: str, threshold: float, kind: str, role: str) -> Check:
+def _check(condition: dict, metric: Metric, threshold: float, role: str) -> Check:
+    """``metric`` against ``threshold``: a max where low is good, a min where high is good (``METRICS``)."""
     interval, n = _interval(condition, metric)
-    return Check(metric, condition["name"], condition["metrics"].get(metric), threshold, kind, role, interval, n)
+    return Check(metric, condition["name"], condition["metrics"].get(metric), threshold, METRICS[metric].kind,
+                 role, interval, n)
 
 
-def _chance_check(condition: dict, metric: str, base: str, chance_key: str, threshold: float, role: str) -> Check:
+def _chance_check(condition: dict, metric: Metric, base: Metric, chance_key: Metric, threshold: float,
+                  role: str) -> Check:
     """kappa / accuracy_kappa, with the interval of the observed rate mapped through (x - chance) / (1 - chance)
     (the chance level is taken as known)."""
     m = condition["metrics"]
@@ -133,18 +186,18 @@ def _chance_check(condition: dict, metric: str, base: str, chance_key: str, thre
         interval = tuple((v - chance) / (1.0 - chance) for v in interval)
     else:
         interval = None
-    return Check(metric, condition["name"], m.get(metric), threshold, "min", role, interval, n)
+    return Check(metric, condition["name"], m.get(metric), threshold, METRICS[metric].kind, role, interval, n)
 
 
 def genuine_checks(condition: dict, policy: Policy) -> list[Check]:
     """The genuine criteria of one condition (SI only where it was computed)."""
     checks = [
-        _check(condition, "LI_normalized", policy.genuine_li_normalized_max, "max", "genuine"),
-        _check(condition, "DI", policy.genuine_di_max, "max", "genuine"),
-        _check(condition, "agreement", policy.genuine_agreement_min, "min", "genuine"),
+        _check(condition, Metric.LI_NORMALIZED, policy.genuine_li_normalized_max, "genuine"),
+        _check(condition, Metric.DI, policy.genuine_di_max, "genuine"),
+        _check(condition, Metric.AGREEMENT, policy.genuine_agreement_min, "genuine"),
     ]
     if condition.get("saliency_computed", True):
-        checks.append(_check(condition, "SI", policy.genuine_si_min, "min", "genuine"))
+        checks.append(_check(condition, Metric.SI, policy.genuine_si_min, "genuine"))
     return checks
 
 
@@ -156,23 +209,24 @@ def genuine_failures(condition: dict, policy: Policy) -> list[tuple[str, float |
 def prediction_checks(clean: dict, policy: Policy) -> list[Check]:
     """Invariant predictions on the clean probes: agreement, DI and, where the report has it, kappa."""
     m = clean["metrics"]
-    checks = [_check(clean, "agreement", policy.learned_agreement_min, "min", "invariant_predictions"),
-              _check(clean, "DI", policy.learned_di_max, "max", "invariant_predictions")]
-    if "kappa" in m:  # null kappa (one predicted class): agreement cannot be told from chance
-        checks.append(_chance_check(clean, "kappa", "agreement", "agreement_chance", policy.learned_kappa_min,
-                                    "invariant_predictions"))
+    checks = [_check(clean, Metric.AGREEMENT, policy.learned_agreement_min, "invariant_predictions"),
+              _check(clean, Metric.DI, policy.learned_di_max, "invariant_predictions")]
+    if Metric.KAPPA in m:  # null kappa (one predicted class): agreement cannot be told from chance
+        checks.append(_chance_check(clean, Metric.KAPPA, Metric.AGREEMENT, Metric.AGREEMENT_CHANCE,
+                                    policy.learned_kappa_min, "invariant_predictions"))
     return checks
 
 
 def task_check(clean: dict, policy: Policy) -> Check | None:
     """With labels: the orbit accuracy corrected for the majority-label rate; None without labels."""
     m = clean["metrics"]
-    if m.get("accuracy") is None:
+    if m.get(Metric.ACCURACY) is None:
         return None
-    if "accuracy_kappa" not in m:  # a hand-built summary: the raw accuracy's kappa against no known chance
-        return Check("accuracy_kappa", clean["name"], None, policy.learned_accuracy_kappa_min, "min", "learned_task")
-    return _chance_check(clean, "accuracy_kappa", "accuracy", "accuracy_chance", policy.learned_accuracy_kappa_min,
-                         "learned_task")
+    if Metric.ACCURACY_KAPPA not in m:  # a hand-built summary: the raw accuracy's kappa against no known chance
+        return Check(Metric.ACCURACY_KAPPA, clean["name"], None, policy.learned_accuracy_kappa_min,
+                     METRICS[Metric.ACCURACY_KAPPA].kind, "learned_task")
+    return _chance_check(clean, Metric.ACCURACY_KAPPA, Metric.ACCURACY, Metric.ACCURACY_CHANCE,
+                         policy.learned_accuracy_kappa_min, "learned_task")
 
 
 def _uncertain(checks: list[Check]) -> list[Check]:
@@ -185,69 +239,86 @@ def _uncertain(checks: list[Check]) -> list[Check]:
 
 
 # --------------------------------------------------------------------------- reasons
-def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) -> list[str]:
-    """One line per missed genuine criterion: on how many conditions, and the values of the first few."""
-    by_metric: dict[str, tuple[str, list[str]]] = {}
+def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) -> list[Reason]:
+    """One reason per missed genuine criterion: on how many conditions, and the values of the first few."""
+    by_metric: dict[str, list[Check]] = {}
     for c in checks:
         if not c.passed:
-            by_metric.setdefault(c.criterion, (c.requirement, []))[1].append(f"{c.condition} {_fmt(c.value)}")
+            by_metric.setdefault(c.criterion, []).append(c)
     reasons = []
-    for metric, (requirement, where) in by_metric.items():
+    for metric, missed in by_metric.items():
+        where = [f"{c.condition} {_fmt(c.value)}" for c in missed]
         shown = ", ".join(where[:listed]) + (f", ... (+{len(where) - listed})" if len(where) > listed else "")
-        reasons.append(f"{metric} misses genuine ({requirement}) on {len(where)} of {n_conditions} "
-                       f"conditions: {shown}")
+        first = missed[0]
+        reasons.append(_said(
+            "genuine_failure", f"{metric} misses genuine ({first.requirement}) on {len(missed)} of {n_conditions} "
+            "conditions", shown, criterion=str(metric), threshold=first.threshold, requirement=first.requirement,
+            misses=[Miss(condition=c.condition, value=c.value) for c in missed], n_conditions=n_conditions))
     return reasons
 
 
 def _summary(checks: list[Check], role: str) -> str:
-    names = {"kappa": f"kappa (agreement corrected for its chance level)",
-             "accuracy_kappa": "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
+    names = {Metric.KAPPA: "kappa (agreement corrected for its chance level)",
+             Metric.ACCURACY_KAPPA: "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
     return ", ".join(f"{names.get(c.criterion, c.criterion)} {_fmt(c.value)} ({role} needs {c.requirement})"
                      for c in checks)
 
 
+def _named(conditions: list[dict], name: ConditionName) -> dict | None:
+    return next((c for c in conditions if c["name"] == name), None)
+
+
 def _off_data(conditions: list[dict], clean: dict) -> str:
     """How the prediction invariance on the clean probes compares with pure noise (g != e)."""
-    noise = next((c for c in conditions if c["name"] == "noise"), None)
+    noise = _named(conditions, ConditionName.NOISE)
     if noise is None:
         return "there is no noise condition to compare with"
-    a_clean, a_noise = clean["metrics"].get("agreement"), noise["metrics"].get("agreement")
-    k_clean, k_noise = clean["metrics"].get("kappa"), noise["metrics"].get("kappa")
-    kappas = f" (kappa {_fmt(k_clean)} vs {_fmt(k_noise)})" if "kappa" in clean["metrics"] else ""
+    a_clean, a_noise = clean["metrics"].get(Metric.AGREEMENT), noise["metrics"].get(Metric.AGREEMENT)
+    k_clean, k_noise = clean["metrics"].get(Metric.KAPPA), noise["metrics"].get(Metric.KAPPA)
+    kappas = f" (kappa {_fmt(k_clean)} vs {_fmt(k_noise)})" if Metric.KAPPA in clean["metrics"] else ""
     if a_clean is None or a_noise is None:
         return "agreement on pure noise is unknown"
     trend = "it degrades off the data" if a_noise < a_clean - 0.05 else "it holds about equally off the data"
     return f"agreement on the clean probes {_fmt(a_clean)} vs pure noise {_fmt(a_noise)}{kappas}: {trend}"
 
 
-def _is_trivial(conditions: list[dict], policy: Policy) -> list[str]:
-    clean = next((c for c in conditions if c["name"] == "clean"), None)
+def _is_trivial(conditions: list[dict], policy: Policy) -> list[Reason]:
+    clean = _named(conditions, ConditionName.CLEAN)
     predictions = (clean or {}).get("predictions") or {}
     if predictions.get("classes_predicted") == 1 and \
             (clean.get("n_probes") or 0) >= policy.trivial_single_class_min_probes:
-        return [f"clean: every probe and every orbit element is predicted as class {predictions['majority_class']} "
-                f"({clean.get('n_probes')} probes): the decision ignores the input, so agreement 1 is chance, "
-                "whatever the logits do"]
-    anchors = [c for c in conditions if c["name"] in ("clean", "noise")]
+        return [_said("label", clean["name"],
+                      f"every probe and every orbit element is predicted as class {predictions['majority_class']} "
+                      f"({clean.get('n_probes')} probes): the decision ignores the input, so agreement 1 is chance, "
+                      "whatever the logits do", criterion="classes_predicted", condition=clean["name"], value=1)]
+    anchors = [c for c in conditions if c["name"] in (ConditionName.CLEAN, ConditionName.NOISE)]
     spreads = [c.get("relative_spread") for c in anchors]
     if anchors and all(s is not None and s <= policy.trivial_relative_spread_max for s in spreads):
-        return [f"{c['name']}: the logits' spread across probes is {_fmt(c['relative_spread'])} of their own size "
-                f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
-                "depend on the input beyond floating-point noise, whatever its scale" for c in anchors]
+        return [_said("label", c["name"],
+                      f"the logits' spread across probes is {_fmt(c['relative_spread'])} of their own size "
+                      f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
+                      "depend on the input beyond floating-point noise, whatever its scale",
+                      criterion="relative_spread", condition=c["name"], value=c["relative_spread"],
+                      threshold=policy.trivial_relative_spread_max,
+                      requirement=f"<= {policy.trivial_relative_spread_max:g}") for c in anchors]
     computed = [c for c in conditions if c.get("saliency_computed", True)]
-    if computed and all(c["metrics"]["SI"] is None for c in computed):
-        return ["every saliency map is zero: the target logit does not depend on the input"]
+    if computed and all(c["metrics"][Metric.SI] is None for c in computed):
+        return [_said("label", "every saliency map is zero: the target logit does not depend on the input",
+                      criterion=str(Metric.SI))]
     return []
 
 
-def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[str]:
+def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[Reason]:
     """A model that reacts little to any input looks invariant for the wrong reason: say so."""
-    anchor = next((c for c in conditions if c["name"] == "clean"), None) or \
-        next((c for c in conditions if c["name"] == "noise"), None)
+    anchor = _named(conditions, ConditionName.CLEAN) or _named(conditions, ConditionName.NOISE)
     variation = anchor.get("relative_variation") if anchor else None
     if variation is not None and variation < policy.low_sensitivity_variation:
-        return [f"{anchor['name']}: logits vary little across inputs (relative variation {_fmt(variation)} < "
-                f"{policy.low_sensitivity_variation:g}); the invariance may come from insensitivity, not symmetry"]
+        return [_said("warning", f"{anchor['name']}: logits vary little across inputs (relative variation "
+                                 f"{_fmt(variation)} < {policy.low_sensitivity_variation:g})",
+                      "the invariance may come from insensitivity, not symmetry", sep="; ", prefix="warning: ",
+                      criterion="relative_variation", condition=anchor["name"], value=variation,
+                      threshold=policy.low_sensitivity_variation,
+                      requirement=f">= {policy.low_sensitivity_variation:g}")]
     return []
 
 
@@ -277,10 +348,12 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
            require_confident: bool = False) -> dict:
     """Label the model from its per-condition metrics.
 
-    Returns {label, reasons, flags, criteria, borderline, borderline_criteria, policy, require, require_confident,
-    passed}: ``criteria`` every criterion evaluated on the way to the label (structured: criterion, condition,
-    value, threshold, kind, role, interval, n_probes, passed, straddles, probes_to_settle, option);
-    ``borderline_criteria`` those whose interval straddles the threshold where it decides the label."""
+    Returns {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
+    require_confident, passed}: ``reasons`` the sentences, ``reason_details`` the same reasons as data (topic,
+    criterion, condition, value, threshold, requirement, misses); ``criteria`` every criterion evaluated on the
+    way to the label (structured: criterion, condition, value, threshold, kind, role, interval, n_probes, passed,
+    straddles, probes_to_settle, option); ``borderline_criteria`` those whose interval straddles the threshold
+    where it decides the label."""
     require = list(require)
     path: list[list[Check]] = []  # the conjunctions that decided the label
     trivial = _is_trivial(conditions, policy)
@@ -295,10 +368,12 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
     flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
     passed = gate(label, require, bool(uncertain), require_confident)
     if require_confident and uncertain and label in require:
-        reasons = reasons + ["require_confident: a borderline verdict fails the gate"]
+        reasons = reasons + [_said("require_confident", "require_confident: a borderline verdict fails the gate")]
+    reasons = reasons + flags
     return {
         "label": label,
-        "reasons": reasons + [f"warning: {f}" for f in flags],
+        "reasons": [r.text for r in reasons],
+        "reason_details": [r.as_dict() for r in reasons],
         "flags": ["low_sensitivity"] if flags else [],
         "criteria": [c.as_dict() for c in evaluated],
         "borderline": bool(uncertain),
@@ -310,52 +385,64 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
     }
 
 
-def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> tuple[str, list[str]]:
+def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:
     genuine = [c for cond in conditions for c in genuine_checks(cond, policy)]
     path.append(genuine)
     if all(c.passed for c in genuine):
-        return "genuine", [f"invariant within tolerance on all {len(conditions)} conditions "
-                           f"({', '.join(c['name'] for c in conditions)}), every criterion over g != e"]
+        return "genuine", [_said("label", f"invariant within tolerance on all {len(conditions)} conditions "
+                                          f"({', '.join(c['name'] for c in conditions)}), every criterion over g != e")]
     failures = _failure_reasons(genuine, len(conditions))
-    clean = next((c for c in conditions if c["name"] == "clean"), None)
+    clean = _named(conditions, ConditionName.CLEAN)
     if clean is None:
-        return "not_genuine", failures + ["no in-distribution probes were given, so learned and not_invariant "
-                                          "cannot be separated: pass --probes (and --labels) to decide"]
+        return "not_genuine", failures + [_said(
+            "label", "no in-distribution probes were given, so learned and not_invariant cannot be separated",
+            "pass --probes (and --labels) to decide")]
     predictions = prediction_checks(clean, policy)
     path.append(predictions)
     if not all(c.passed for c in predictions):
         return "not_invariant", [
-            f"predictions are not invariant beyond chance on in-distribution probes: clean: "
-            f"{_summary(predictions, 'learned')}"] + \
-            [f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}" for c in predictions if not c.passed]
-    invariant = f"predictions are invariant on in-distribution probes: clean: {_summary(predictions, 'learned')}"
+            _said("label", "predictions are not invariant beyond chance on in-distribution probes",
+                  f"{clean['name']}: {_summary(predictions, 'learned')}", condition=clean["name"])] + \
+            [_said("label", f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}",
+                   criterion=str(c.criterion), condition=c.condition, value=c.value, threshold=c.threshold,
+                   requirement=c.requirement) for c in predictions if not c.passed]
+    invariant = _said("label", "predictions are invariant on in-distribution probes",
+                      f"{clean['name']}: {_summary(predictions, 'learned')}", condition=clean["name"])
     off_data = _off_data(conditions, clean)
     task = task_check(clean, policy)
     if task is None:
         return "undecided", [
             invariant,
-            "but without labels the audit cannot tell learned invariance from incidental invariance (a random "
-            "network with global pooling is nearly flip-invariant by accident, and its invariance degrades off "
-            f"the data too; {off_data}): pass --labels to decide, or accept undecided with --require",
-            "and genuine invariance fails:"] + failures
+            _said("label", "but without labels the audit cannot tell learned invariance from incidental invariance "
+                           "(a random network with global pooling is nearly flip-invariant by accident, and its "
+                           f"invariance degrades off the data too; {off_data})",
+                  "pass --labels to decide, or accept undecided with --require", sep=": "),
+            _said("heading", "and genuine invariance fails:")] + failures
     path.append([task])
+    task_data = {"criterion": str(task.criterion), "condition": task.condition, "value": task.value,
+                 "threshold": task.threshold, "requirement": task.requirement}
     if task.passed:
         return "learned", [
             invariant,
-            f"the model learned the task: clean: {_summary([task], 'learned')}; {off_data}",
-            "but genuine invariance fails:"] + failures
+            _said("label", "the model learned the task",
+                  f"{clean['name']}: {_summary([task], 'learned')}; {off_data}", **task_data),
+            _said("heading", "but genuine invariance fails:")] + failures
     return "incidental", [
         invariant,
-        f"but the labels show the model did not learn the task: clean: {_summary([task], 'learned')}, so the "
-        f"invariance is incidental (of the architecture, not learned from data); {off_data}",
-        "and genuine invariance fails:"] + failures
+        _said("label", "but the labels show the model did not learn the task",
+              f"{clean['name']}: {_summary([task], 'learned')}, so the invariance is incidental (of the "
+              f"architecture, not learned from data); {off_data}", **task_data),
+        _said("heading", "and genuine invariance fails:")] + failures
 
 
-def _borderline_reason(uncertain: list[Check]) -> str:
+def _borderline_reason(uncertain: list[Check]) -> Reason:
     parts = []
     for c in uncertain:
         needed = c.probes_to_settle()
         settle = (f"about {needed} probes ({c.option()}) would settle it" if needed is not None
                   else "more probes cannot settle it at this estimate")
         parts.append(f"{c.describe()} against {c.role} {c.requirement}: {settle}")
-    return "borderline: the 95% interval straddles the threshold for " + "; ".join(parts)
+    first = uncertain[0]
+    return _said("borderline", "borderline", "95% interval straddles the threshold for " + "; ".join(parts),
+                 sep=": the ", criterion=str(first.criterion), condition=first.condition, value=first.value,
+                 threshold=first.threshold, requirement=first.requirement)
