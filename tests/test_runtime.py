@@ -130,10 +130,13 @@ def test_builders_are_invariant_by_construction(tmp_path):
 
 
 def test_onnx_with_fixed_batch_runs_any_number_of_inputs(tmp_path):
+    """A graph exported at batch 2 that does not depend on its batch is run over whole batches (its batch
+    relaxed, checked at load against the fixed-batch runs, said in the providers)."""
     module = PlainCNN().eval()
     path = export_onnx(module, IMAGE_SHAPE, tmp_path / "fixed.onnx", dynamic_batch=False)  # batch fixed at 2
     runner = load_model(path)
-    assert runner.fixed_batch == 2
+    assert runner.fixed_batch is None
+    assert runner.providers[-1].startswith("batch-2 graph run over whole batches, its batch relaxed (checked:")
     x = batch(5)
     with torch.no_grad():
         expected = module(x)
@@ -141,6 +144,63 @@ def test_onnx_with_fixed_batch_runs_any_number_of_inputs(tmp_path):
     twin = runner.torch_module()
     assert twin is not None
     assert torch.allclose(twin(x), expected, atol=1e-5)
+
+
+class BatchMixing(nn.Module):
+    """Logits that read the whole batch (a batch mean): at batch 1 a per-sample function, relaxed a different one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x.mean(dim=0).sum()
+
+
+def test_a_fixed_batch_graph_that_reads_its_batch_keeps_one_run_per_sample(tmp_path):
+    module = BatchMixing().eval()
+    path = export_onnx(module, (12,), tmp_path / "mixing.onnx", dynamic_batch=False)
+    graph = onnx.load(str(path))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # exported at batch 1, as the default does
+    graph.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    path.write_bytes(graph.SerializeToString())
+    runner = load_model(path, device="cpu")
+    assert runner.fixed_batch == 1
+    assert runner.providers[-1].startswith("batch-1 graph: 1 sample per run (relaxed, it differed by"), \
+        runner.providers
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.cat([module(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(runner.logits(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_a_resnet18_exported_at_batch_1_runs_whole_batches(exporter, tmp_path):
+    """torchvision's ResNet-18 exported with no dynamic shapes (the dynamo exporter's default; the legacy one without
+    dynamic_axes) at 3x32x32: its batch relaxed (the dynamo graph flattens with Reshape [1, 512]), the logits and
+    the gradient twin those of the module, on batches of any size."""
+    import warnings
+
+    import torchvision
+
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    path = tmp_path / f"resnet18_{exporter}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.rand(1, *RGB_SHAPE),), str(path), dynamo=exporter == "dynamo")
+    graph = onnx.load(str(path), load_external_data=False)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    runner = load_model(path, device="cpu")
+    assert runner.fixed_batch is None
+    assert runner.providers[-1].startswith("batch-1 graph run over whole batches, its batch relaxed"), runner.providers
+    x = torch.rand(7, *RGB_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = module(x)
+    torch.testing.assert_close(runner.logits(x, batch_size=4), expected, rtol=1e-4, atol=1e-4)
+    twin = runner.torch_module()
+    assert twin is not None and twin.inner.fixed_batch is None  # the twin is converted from the relaxed graph
+    torch.testing.assert_close(twin(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_probes_of_the_wrong_shape_are_a_probe_error(tmp_path):

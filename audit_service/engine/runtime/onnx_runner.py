@@ -18,8 +18,10 @@ import torch
 
 from ..errors import AuditError, ModelError, ModelRuntimeError
 from .base import ModelFormat
-from .chunks import check_inputs, run_chunked
+from .chunks import check_inputs, run_chunked, run_in_fixed_batches
+from .onnx_batch import RELAX_TOLERANCE, relax_batch
 from .onnx_graph import GraphSignature, check_graph
+from .onnx_outputs import select_probability_output
 from .validation import short_error
 
 #: batch of the load-time probe that learns C and confirms the (N, C) contract
@@ -57,14 +59,20 @@ class OnnxRunner:
         self.sha256 = sha256
         #: the external data files read into the graph (``external_data``; set by ``load_model``)
         self.external_data: tuple[str, ...] = ()
+        model, output_note = select_probability_output(model)  # a classic ML export: label + probabilities
+        if output_note is not None:
+            data = model.SerializeToString()
         self._model: onnx.ModelProto | None = model
         self._signature: GraphSignature = check_graph(model)
         self.input_shape = self._signature.input_shape
         self.fixed_batch = self._signature.fixed_batch
         self._session = self._open_session(data, device)
-        self.providers = list(self._session.get_providers())
+        #: the backends, then what was done to the graph to run it (the output picked, the batch relaxed)
+        self.providers = list(self._session.get_providers()) + ([output_note] if output_note else [])
         self.device = torch.device("cuda", device.index or 0) if device.type == "cuda" else torch.device("cpu")
         self.num_classes, self._output_dtype = self._probe()
+        if self.fixed_batch is not None:
+            self.providers.append(self._try_relaxed_batch(device))
         self.gradient_note: str | None = None
         #: how gradients are obtained, once ``torch_module()`` has run (see ``onnx_convert.Conversion``)
         self.gradient_path: str | None = None
@@ -115,6 +123,35 @@ class OnnxRunner:
             raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
                              f"classifier with one logit z, export the pair (0, z)", field="model")
         return classes, out.dtype
+
+    def _try_relaxed_batch(self, device: torch.device) -> str:
+        """Switch a fixed-batch graph to its relaxed copy (``onnx_batch``) when that runs whole batches and
+        reproduces the fixed-batch runs on a seeded batch; says which, for the report's providers."""
+        size = self.fixed_batch
+        assert size is not None and self._model is not None
+        kept = f"batch-{size} graph: {size} sample{'s' if size > 1 else ''} per run"
+        relaxed, _ = relax_batch(self._model, size)
+        try:
+            session = self._open_session(relaxed.SerializeToString(), device)
+        except ModelError as exc:
+            return f"{kept} (relaxing its batch failed: {exc.message[-40:]})"
+        sample = torch.rand((2 * size + 1, *self.input_shape), generator=torch.Generator().manual_seed(0))
+        original = self._session
+        try:
+            reference = run_in_fixed_batches(self._run_cpu, sample, size)
+            self._session, self.fixed_batch = session, None
+            batched = self._run_cpu(sample)
+        except Exception as exc:  # noqa: BLE001 - a graph that names its batch: keep one run per batch
+            self._session, self.fixed_batch = original, size
+            return f"{kept} (relaxed, it fails: {type(exc).__name__})"
+        scale = float(reference.abs().max().clamp_min(1e-12))
+        error = float((batched - reference).abs().max()) / scale if batched.shape == reference.shape else None
+        if error is None or not error <= RELAX_TOLERANCE:
+            self._session, self.fixed_batch = original, size
+            why = f"differed by {error:.1g}" if error is not None else f"returned shape {tuple(batched.shape)}"
+            return f"{kept} (relaxed, it {why})"
+        self._model = relaxed  # the gradient twin is converted from the relaxed graph too
+        return f"batch-{size} graph run over whole batches, its batch relaxed (checked: {error:.0g})"
 
     # ------------------------------------------------------------------ running
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
