@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import AuditError, ModelRuntimeError, ProbeError
+from ..errors import ModelRuntimeError, ProbeError, model_failures
 from .validation import short_error
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -103,13 +103,8 @@ class GuardedModule(torch.nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        try:
+        with model_failures(f"on a batch of {x.shape[0]}"):
             return self.inner(x)
-        except AuditError:
-            raise
-        except Exception as exc:
-            raise ModelRuntimeError(f"The model failed on a batch of {x.shape[0]}: {short_error(exc)}",
-                                    field="model") from None
 
 
 def probe_num_classes(call: Forward, input_shape: tuple[int, ...], device: torch.device, batch: int,
@@ -145,11 +140,5 @@ def probe_num_classes(call: Forward, input_shape: tuple[int, ...], device: torch
 def forward_without_grad(call: Forward, chunk: torch.Tensor) -> torch.Tensor:
     """``call(chunk)`` under ``torch.inference_mode`` (forward-only metrics), the model's own failures
     raised as ``ModelRuntimeError`` naming the batch size."""
-    try:
-        with torch.inference_mode():
-            return call(chunk)
-    except AuditError:
-        raise
-    except Exception as exc:
-        raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
-                                field="model") from None
+    with model_failures(f"on a batch of {chunk.shape[0]}"), torch.inference_mode():
+        return call(chunk)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import onnx
 
-from ..errors import ModelError
+from ..errors import ModelError, short_error  # short_error re-exported (the runners import it here)
 from .base import ModelFormat
 
 #: Default cap on the model file size; override with the environment variable below.
@@ -182,15 +182,3 @@ def check_input_shape(shape: Sequence[object], source: str) -> tuple[int, ...]:
                          f"gives {tuple(dims)} = {elements}", field="model")
     return tuple(dims)
 
-
-def short_error(exc: BaseException, limit: int = 600) -> str:
-    """The user-relevant part of an exception raised by model code: its last line, no traceback.
-
-    TorchScript and onnxruntime errors embed interpreter tracebacks; the last non-empty line holds
-    the actual complaint (e.g. "mat1 and mat2 shapes cannot be multiplied").
-    """
-    text = str(exc).strip() or type(exc).__name__
-    if "Traceback" in text or "\n" in text:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        text = lines[-1] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
