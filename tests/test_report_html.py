@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from audit_service.engine.report.html import fmt, grouped_reasons, render_report_html, saliency_figures, timing_text
+from audit_service.engine.report.model import parse_report
 from audit_service.engine.report.summary import report_summary
 from audit_service.engine.spec import Policy
 from audit_service.engine.sweep import _keep_worst
+from audit_service.engine.verdict import decide
 
 
 def _cond(name, shift=None, **metrics):
@@ -29,23 +31,28 @@ def _example(probe, similarity, li, channels=1, side=8, condition="clean"):
             "raw_x": heat.tolist(), "raw_gx": heat.tolist()}
 
 
-def _report(label="learned", examples=(), profile=True):
-    report = {
-        "model": {"format": "onnx", "sha256": "ab" * 32, "input_shape": [1, 8, 8], "num_classes": 3},
-        "group": {"name": "C4", "order": 4},
-        "conditions": [_cond("clean"), _cond("blur@2", {"name": "blur", "severity": 2}, DI=1e-14),
-                       _cond("noise", DI=3e-15)],
-        "verdict": {"label": label, "passed": label == "genuine", "require": ["genuine"],
-                    "policy": Policy().model_dump(),
-                    "reasons": ["predictions are invariant on in-distribution probes: clean: agreement 0.9",
-                                "but genuine invariance fails:",
-                                "SI misses genuine (>= 0.98) on 3 of 3 conditions: clean 0.5, blur@2 0.5, noise 0.5",
-                                "warning: clean: logits vary little; the invariance may come from insensitivity"]},
+def minimal_report(conditions: list[dict], verdict: dict, **sections) -> dict:
+    """A complete report (every required section) around hand-made conditions and a verdict."""
+    return {
+        "schema_version": "1.0",
+        "model": {"format": "onnx", "sha256": "ab" * 32, "input_shape": [1, 8, 8], "num_classes": 3, "device": "cpu"},
+        "group": {"name": "C4", "order": 4, "exact": True, "elements": ["e", "r90", "r180", "r270"]},
+        "conditions": conditions,
         "sensitivity": {"sigma_max": {"mean": 2.0, "p5": 1.0, "p95": 3.0}, "spectrum": [3.0, 2.0, 1.0],
-                        "n_probes": 4, "method": "autograd"},
-        "saliency_examples": list(examples),
+                        "n_probes": 4, "probes": "clean", "method": "autograd"},
+        "verdict": verdict,
         "timing": {"load_s": 0.1, "conditions_s": {"clean": 1.0, "noise": 0.5}, "total_s": 2.0, "device": "cpu"},
+        **sections,
     }
+
+
+def _report(label="learned", examples=(), profile=True):
+    conditions = [_cond("clean"), _cond("blur@2", {"name": "blur", "severity": 2}, DI=1e-14),
+                  _cond("noise", DI=3e-15)]
+    conditions[0]["relative_variation"] = 1e-4  # the low-sensitivity warning
+    verdict = decide(conditions, Policy(), require=["genuine"])  # undecided: genuine fails, no labels
+    verdict["label"] = label
+    report = minimal_report(conditions, verdict, saliency_examples=list(examples))
     if profile:
         report["reference_profile"] = {"name": "R4_DA", "model": "DA", "group": "R4", "distance": 0.1,
                                        "explanation": "Closest among the R4 reference runs: R4_DA.",
@@ -111,7 +118,7 @@ def test_every_verdict_box_has_a_colour(label):
 def test_helpers():
     assert fmt(3e-15) == "0 (< 1e-9)" and fmt(0) == "0" and fmt(0.25) == "0.25" and fmt(None) == "—"
     assert timing_text({"load_s": 1, "device": "cuda:0"}) == "model load 1.00 s · on cuda:0"
-    groups = grouped_reasons(_report()["verdict"])
+    groups = grouped_reasons(parse_report(_report()).verdict)
     assert [g["title"] for g in groups] == ["Why this label", "Genuine criteria missed", "Warnings"]
     summary = report_summary(_report(), "abc")
     assert list(summary)[:4] == ["id", "status", "verdict", "passed"]

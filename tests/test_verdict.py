@@ -38,8 +38,19 @@ def labelled(c, accuracy=0.9, accuracy_chance=0.12):
 
 
 def with_spread(c, metric, lo, hi, n=16):
-    c.setdefault("spread", {})[metric] = {"mean": c["metrics"][metric], "ci95": [lo, hi], "n": n, "se": 0.0}
+    mean = c["metrics"][metric]
+    c.setdefault("spread", {})[metric] = {"mean": mean, "p5": lo, "p50": mean, "p95": hi, "se": 0.0, "n": n,
+                                          "ci95": [lo, hi]}
     return c
+
+
+def in_report(*conditions, verdict, group="flip"):
+    """The hand-built conditions and their verdict as a complete report (what the consumers read)."""
+    from test_report_html import minimal_report
+
+    report = minimal_report([{"shift": None, "n_probes": 8, **c} for c in conditions], verdict)
+    report["group"].update(name=group, order=2, elements=["e", "flip"])
+    return report
 
 
 # ----------------------------------------------------------------------------- labels
@@ -304,11 +315,11 @@ def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
 
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
     verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
-    tags = verdict_tags({"verdict": verdict, "group": {"name": "flip"}, "conditions": [clean]})
+    tags = verdict_tags(in_report(clean, verdict=verdict))
     assert tags["invariance.verdict"] == "learned" and tags["invariance.passed"] == "false"
     assert tags["invariance.borderline"] == "true" and tags["invariance.require_confident"] == "true"
     assert tags["invariance.borderline_criteria"] == "clean agreement" and tags["invariance.policy"].endswith("@3")
-    plain = verdict_tags({"verdict": decide([cond("clean"), cond("noise")], POLICY), "conditions": []})
+    plain = verdict_tags(in_report(verdict=decide([cond("clean"), cond("noise")], POLICY)))
     assert plain["invariance.borderline"] == "false" and "invariance.borderline_criteria" not in plain
 
 
@@ -320,10 +331,7 @@ def test_html_report_explains_the_new_labels_and_shows_the_borderline_criteria(l
     clean.update(n_probes=16, paper_metrics={**clean["metrics"], "agreement": 0.92})
     verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
     verdict["label"] = label
-    report = {"model": {"format": "onnx", "sha256": "ab" * 32, "input_shape": [1, 8, 8], "num_classes": 3},
-              "group": {"name": "flip", "order": 2}, "conditions": [clean], "verdict": verdict,
-              "sensitivity": {}, "timing": {}}
-    html = render_report_html(report)
+    html = render_report_html(in_report(clean, verdict=verdict))
     phrase = {"incidental": "has not learned the task", "undecided": "without labels the audit cannot tell"}[label]
     assert phrase in MEANING[label] and phrase in html and f'data-label="{label}"' in html
     assert 'id="borderline"' in html and "clean agreement" in html and "about 64 (n_probes; now 16)" in html

@@ -23,13 +23,15 @@ from typing import IO, Any, Iterator
 from urllib.parse import urlparse
 
 from ..engine.errors import AuditError, ModelError
+from ..engine.metrics.names import DISPLAY_ORDER
+from ..engine.report.model import Report, parse_report
 
 #: model files the audit runs; ``.onnx`` first when a directory holds both
 MODEL_SUFFIXES = (".onnx", ".pt2")
 #: the experiment that holds one run per write-back of a registered model version
 AUDIT_EXPERIMENT = "invariance-audits"
 #: metrics of the clean condition written back as tags (and run metrics)
-HEADLINE_METRICS = ("LI_normalized", "DI", "LI", "SI", "agreement", "accuracy")
+HEADLINE_METRICS = tuple(str(m) for m in DISPLAY_ORDER)
 TAG_PREFIX = "invariance."
 MLMODEL_MAX_BYTES = 1 << 20
 _MAX_LISTED = 500   # artifact entries looked at while searching a model directory
@@ -381,11 +383,13 @@ class Registry:
                                 f"{' '.join(str(exc).split())[:300]}", field="model_uri") from None
 
     # -- writing back ----------------------------------------------------------------------------------------
-    def write_back(self, located: Located, report: dict, html: str | None = None) -> dict[str, str]:
+    def write_back(self, located: Located, report: dict, html: str | None = None,
+                   overrides: dict[str, str] | None = None) -> dict[str, str]:
         """Tag the model version (``models:/``) or the run (``runs:/``) with the verdict and the clean
         condition's headline metrics; log the JSON and HTML reports as artifacts of a run (a new run in
-        ``invariance-audits`` linked to the version by tags, or the named run itself). The tags set."""
-        tags = verdict_tags(report, located)
+        ``invariance-audits`` linked to the version by tags, or the named run itself). ``overrides``: tags that
+        replace the report's (the service's operator gate, tenant and job). The tags set."""
+        tags = {**verdict_tags(report, located), **(overrides or {})}
         metrics = {k[len(TAG_PREFIX):]: float(v) for k, v in tags.items()
                    if k[len(TAG_PREFIX):] in HEADLINE_METRICS}
         ref = located.ref
@@ -473,34 +477,32 @@ def too_large(located: Located, max_bytes: int, data: str | None = None) -> Regi
     return err
 
 
-def verdict_tags(report: dict, located: Located | None = None) -> dict[str, str]:
+def verdict_tags(report: Report | dict, located: Located | None = None) -> dict[str, str]:
     """The tags a promotion rule reads: verdict, passed, borderline (and on which criteria), policy, require,
     require_confident (the strict gate), and the clean condition's metrics (over g != e)."""
-    verdict = report.get("verdict") or {}
-    policy = verdict.get("policy") or {}
-    straddling = [f"{c.get('condition')} {c.get('criterion')}" for c in verdict.get("borderline_criteria") or []
-                  if isinstance(c, dict)]
+    report = parse_report(report)
+    verdict = report.verdict
+    straddling = [f"{c.condition} {c.criterion}" for c in verdict.borderline_criteria]
     tags = {
-        TAG_PREFIX + "verdict": str(verdict.get("label")),
-        TAG_PREFIX + "passed": "true" if verdict.get("passed") else "false",
-        TAG_PREFIX + "borderline": "true" if verdict.get("borderline") else "false",
-        TAG_PREFIX + "policy": f"{policy.get('name', 'unknown')}@{policy.get('version', '?')}",
-        TAG_PREFIX + "require": ",".join(verdict.get("require") or []),
-        TAG_PREFIX + "require_confident": "true" if verdict.get("require_confident") else "false",
-        TAG_PREFIX + "group": str((report.get("group") or {}).get("name")),
+        TAG_PREFIX + "verdict": str(verdict.label),
+        TAG_PREFIX + "passed": "true" if verdict.passed else "false",
+        TAG_PREFIX + "borderline": "true" if verdict.borderline else "false",
+        TAG_PREFIX + "policy": f"{verdict.policy.name}@{verdict.policy.version}",
+        TAG_PREFIX + "require": ",".join(verdict.require),
+        TAG_PREFIX + "require_confident": "true" if verdict.require_confident else "false",
+        TAG_PREFIX + "group": str(report.group.name),
     }
     if straddling:
         tags[TAG_PREFIX + "borderline_criteria"] = ", ".join(straddling)[:4000]
     if located is not None:
         tags[TAG_PREFIX + "model_file"] = located.file
-    conditions = report.get("conditions") or []
-    clean = next((c for c in conditions if c.get("name") == "clean"), conditions[0] if conditions else None)
-    if clean is not None:  # the clean probes' metrics; without probes, the first condition's (noise)
-        tags[TAG_PREFIX + "metrics_condition"] = str(clean.get("name"))
-    for key in HEADLINE_METRICS:
-        value = ((clean or {}).get("metrics") or {}).get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            tags[TAG_PREFIX + key] = f"{value:.6g}"
+    clean = report.headline_condition  # the clean probes' metrics; without probes, the first condition's (noise)
+    if clean is not None:
+        tags[TAG_PREFIX + "metrics_condition"] = str(clean.name)
+        for key in HEADLINE_METRICS:
+            value = clean.metrics.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                tags[TAG_PREFIX + key] = f"{value:.6g}"
     return tags
 
 

@@ -11,15 +11,21 @@ from __future__ import annotations
 import base64
 import io
 import math
-import re
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-METRICS = ("LI_normalized", "DI", "LI", "SI", "agreement", "accuracy")
+from ..metrics.names import DISPLAY_ORDER, METRICS as METRIC_TABLE, ConditionName, Metric
+from .model import (
+    Condition, ReferenceProfile, Report, ReportPolicy, SaliencyExample, Sensitivity, Timing, Verdict, parse_report)
+
+#: the table's columns and the plots, in display order (``metrics.names``)
+METRICS = DISPLAY_ORDER
 #: which direction is good, for the table's hints
-BETTER = {"LI_normalized": "low", "DI": "low", "LI": "low", "SI": "high", "agreement": "high", "accuracy": "high"}
+BETTER = {m: METRIC_TABLE[m].better for m in METRICS}
+#: metrics drawn on a log axis when they span decades (errors that are 0 for a genuine model)
+LOG_METRICS = tuple(m for m in METRICS if METRIC_TABLE[m].better == "low")
 #: below this a metric is floating-point round-off of 0
 ROUND_OFF = 1e-9
 #: how many of the worst (x, g) pairs the saliency section shows per condition
@@ -81,10 +87,6 @@ DEFINITIONS = [
      "small values mean the model reacts little to any input (spectral decay)."),
 ]
 
-_FAILURE = re.compile(r"^(?P<metric>\S+) misses genuine \((?P<bound>[^)]*)\) on (?P<n>\d+) of (?P<total>\d+) "
-                      r"conditions: (?P<where>.*)$")
-
-
 def _num(value: Any) -> float | None:
     if isinstance(value, dict):
         value = value.get("mean", value.get("value"))
@@ -105,31 +107,22 @@ def fmt(value: Any) -> str:
 
 
 def _spread_text(spread: Any) -> str:
-    if not isinstance(spread, dict):
+    if spread is None:
         return ""
-    ci = spread.get("ci95")
+    ci = spread.ci95
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         return f"95% CI [{fmt(ci[0])}, {fmt(ci[1])}]"
-    if "p5" in spread and "p95" in spread:
-        return f"p5–p95 [{fmt(spread['p5'])}, {fmt(spread['p95'])}]"
-    return ""
+    return f"p5–p95 [{fmt(spread.p5)}, {fmt(spread.p95)}]"
 
 
-def _conditions(report: dict) -> list[dict]:
-    raw = report.get("conditions") or []
-    if isinstance(raw, dict):
-        raw = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in raw.items()]
-    return [c for c in raw if isinstance(c, dict)]
-
-
-def _severity(cond: dict) -> tuple[str, float] | None:
+def _severity(cond: Condition) -> tuple[str, float] | None:
     """(shift family, severity on one axis) for plotting; clean is severity 0 of every family."""
-    shift = cond.get("shift")
-    if not isinstance(shift, dict):
+    shift = cond.shift
+    if shift is None:
         return None
-    if shift.get("name") == "blend":
-        return f"blend({shift.get('target', 'noise')}) β", float(shift.get("beta") or 0.0)
-    return str(shift.get("name")), float(shift.get("severity") or 3)
+    if shift.name == "blend":
+        return f"blend({shift.target}) β", float(shift.beta or 0.0)
+    return str(shift.name), float(shift.severity_or_default)
 
 
 def _png(fig: Any) -> str:
@@ -151,54 +144,65 @@ def _pyplot() -> Any:
 
 
 # --------------------------------------------------------------------------- verdict
-def grouped_reasons(verdict: dict) -> list[dict]:
-    """The verdict's reasons as short groups ({title, entries: [{short, detail}]}) for folding."""
+#: the verdict's reason topics as the page groups them, in the page's order
+REASON_GROUPS = {"label": "Why this label", "borderline": "Borderline", "require_confident": "Borderline",
+                 "genuine_failure": "Genuine criteria missed", "warning": "Warnings"}
+
+
+def _short(text: str, headline: str, detail: str | None) -> dict:
+    """A long headline folds: its first words as the summary, the whole sentence as the detail."""
+    if detail and len(headline) <= 90:
+        return {"short": headline, "detail": detail}
+    return {"short": text, "detail": ""} if len(text) <= 110 else \
+        {"short": text[:100].rsplit(" ", 1)[0] + " …", "detail": text}
+
+
+def grouped_reasons(verdict: Verdict) -> list[dict]:
+    """The verdict's reasons as short groups ({title, entries: [{short, detail}]}) for folding, read from the
+    structured reasons (``reason_details``); a report without them lists its sentences as they are."""
     groups: dict[str, list[dict]] = {}
-    for reason in verdict.get("reasons") or []:
-        text = str(reason)
-        if text.rstrip(":").endswith("genuine invariance fails"):
+    if verdict.reason_details is None:
+        for text in verdict.reasons:
+            groups.setdefault(REASON_GROUPS["label"], []).append(_short(text, text, None))
+    for reason in verdict.reason_details or []:
+        if reason.topic == "heading":
             continue
-        m = _FAILURE.match(text)
-        if m:
-            groups.setdefault("Genuine criteria missed", []).append(
-                {"short": f"{m['metric']} outside {m['bound']} on {m['n']} of {m['total']} conditions",
-                 "detail": m["where"]})
-        elif text.startswith("borderline: ") or text.startswith("require_confident: "):
-            short, _, detail = text.partition(": the ")
-            groups.setdefault("Borderline", []).append({"short": short, "detail": detail})
-        elif text.startswith("warning: "):
-            short, _, detail = text[len("warning: "):].partition("; ")
-            groups.setdefault("Warnings", []).append({"short": short, "detail": detail})
+        if reason.topic == "genuine_failure":
+            entry = {"short": f"{reason.criterion} outside {reason.requirement} on {len(reason.misses)} of "
+                              f"{reason.n_conditions} conditions", "detail": reason.detail or ""}
+        elif reason.topic == "label":
+            entry = _short(reason.text, reason.headline, reason.detail)
         else:
-            short, _, detail = text.partition(": ")
-            if not detail or len(short) > 90:
-                short, detail = (text, "") if len(text) <= 110 else (text[:100].rsplit(" ", 1)[0] + " …", text)
-            groups.setdefault("Why this label", []).append({"short": short, "detail": detail})
-    order = ("Why this label", "Borderline", "Genuine criteria missed", "Warnings")
+            entry = {"short": reason.headline, "detail": reason.detail or ""}
+        groups.setdefault(REASON_GROUPS.get(reason.topic, REASON_GROUPS["label"]), []).append(entry)
+    order = dict.fromkeys(REASON_GROUPS.values())
     return [{"title": t, "entries": groups[t]} for t in order if t in groups]
 
 
-def _bands(metric: str, policy: dict) -> list[tuple[str, str, float]]:
-    """(kind, label, bound) lines to draw: kind 'max' (good below) or 'min' (good above)."""
-    def bound(key: str) -> float | None:
-        return _num(policy.get(key))
+#: the policy's bounds drawn on each metric's plot: (label, threshold field)
+_BOUNDS = {
+    Metric.LI_NORMALIZED: [("genuine", "genuine_li_normalized_max")],
+    Metric.DI: [("genuine", "genuine_di_max"), ("learned (clean)", "learned_di_max")],
+    Metric.SI: [("genuine", "genuine_si_min")],
+    Metric.AGREEMENT: [("genuine", "genuine_agreement_min"), ("learned (clean)", "learned_agreement_min")],
+}
+
+
+def _bands(metric: Metric, policy: ReportPolicy | None) -> list[tuple[str, str, float]]:
+    """(kind, label, bound) lines to draw: kind 'max' (good below) or 'min' (good above), from the table."""
+    if policy is None:
+        return []
     out = []
-    pairs = {
-        "LI_normalized": [("max", "genuine", "genuine_li_normalized_max")],
-        "DI": [("max", "genuine", "genuine_di_max"), ("max", "learned (clean)", "learned_di_max")],
-        "SI": [("min", "genuine", "genuine_si_min")],
-        "agreement": [("min", "genuine", "genuine_agreement_min"), ("min", "learned (clean)", "learned_agreement_min")],
-    }.get(metric, [])
-    for kind, label, key in pairs:
-        b = bound(key)
+    for label, key in _BOUNDS.get(metric, []):
+        b = _num(getattr(policy, key, None))
         if b is not None:
-            out.append((kind, label, b))
+            out.append((METRIC_TABLE[metric].kind, label, b))
     return out
 
 
 # --------------------------------------------------------------------------- plots
 def _use_log(values: list[float], bands: list[tuple[str, str, float]], metric: str) -> bool:
-    if metric not in ("LI_normalized", "DI", "LI"):
+    if metric not in LOG_METRICS:
         return False
     pos = [v for v in values if v is not None and v > 0] + [b for k, _, b in bands if b > 0]
     if not pos:
@@ -206,24 +210,23 @@ def _use_log(values: list[float], bands: list[tuple[str, str, float]], metric: s
     return max(pos) / max(min(pos), ROUND_OFF) >= 100 or any(v is not None and v < ROUND_OFF for v in values)
 
 
-def severity_plots(conditions: list[dict], policy: dict | None = None) -> list[dict]:
+def severity_plots(conditions: list[Condition], policy: ReportPolicy | None = None) -> list[dict]:
     """One plot per metric: metric vs shift severity, a line per shift family, clean at severity 0, the pure
     noise condition as a dashed line and the policy's genuine / learned bounds as shaded bands."""
-    policy = policy or {}
-    families: dict[str, list[tuple[float, dict]]] = {}
+    families: dict[str, list[tuple[float, Condition]]] = {}
     for cond in conditions:
         sev = _severity(cond)
         if sev is not None:
             families.setdefault(sev[0], []).append((sev[1], cond))
     if not families:
         return []
-    clean = next((c for c in conditions if c.get("name") == "clean"), None)
-    noise = next((c for c in conditions if c.get("name") == "noise"), None)
+    clean = next((c for c in conditions if c.name == ConditionName.CLEAN), None)
+    noise = next((c for c in conditions if c.name == ConditionName.NOISE), None)
     plt = _pyplot()
     plots = []
     for metric in METRICS:
-        def value(c: dict | None) -> float | None:
-            return None if c is None else _num((c.get("metrics") or {}).get(metric))
+        def value(c: Condition | None) -> float | None:
+            return None if c is None else _num(c.metric(metric))
         values = [value(c) for c in conditions]
         if all(v is None for v in values):
             continue
@@ -254,7 +257,7 @@ def severity_plots(conditions: list[dict], policy: dict | None = None) -> list[d
                 ax.axhline(ROUND_OFF, color="#999", linewidth=0.6)
                 ax.annotate("0 (< 1e-9)", (0.01, ROUND_OFF), xycoords=("axes fraction", "data"),
                             fontsize=7, color="#555", va="bottom")
-        elif metric in ("SI", "agreement", "accuracy"):
+        elif METRIC_TABLE[metric].better == "high":  # rates and similarities in [0, 1]
             ax.set_ylim(min(0.0, low) - 0.05, 1.05)
         else:
             span = max(high - low, 1e-6 * max(abs(high), 1.0), 1e-9)
@@ -279,10 +282,10 @@ def severity_plots(conditions: list[dict], policy: dict | None = None) -> list[d
     return plots
 
 
-def _rank_key(e: dict) -> tuple[float, float]:
+def _rank_key(e: SaliencyExample) -> tuple[float, float]:
     """Worst first: lowest similarity (undefined first), ties to the larger logit error LI."""
-    sim = _num(e.get("similarity"))
-    li = _num(e.get("LI"))
+    sim = _num(e.similarity)
+    li = _num(e.LI)
     return (-2.0 if sim is None else sim, -(li or 0.0))
 
 
@@ -315,25 +318,25 @@ def _heat_panel(ax: Any, plt: Any, image: Any, heat: Any, vmax: float, title: st
     return mappable
 
 
-def _saliency_image_figure(e: dict, plt: Any) -> str | None:
+def _saliency_image_figure(e: SaliencyExample, plt: Any) -> str | None:
     """2 x 2 panels: the probe and g x with raw |IG| over each; x with m(x) and with g^-1 m(gx) (the pair SI
     compares); one colour scale per row (share of the row's largest value)."""
     import numpy as np
 
     try:
-        a = np.asarray(e["map_x"], dtype=float)
-        b = np.asarray(e["map_gx_aligned"], dtype=float)
-    except (KeyError, TypeError, ValueError):
+        a = np.asarray(e.map_x, dtype=float)
+        b = np.asarray(e.map_gx_aligned, dtype=float)
+    except (TypeError, ValueError):
         return None
     if a.ndim != 2 or b.shape != a.shape:
         return None
-    img_x, img_gx = _as_image(e.get("image_x")), _as_image(e.get("image_gx"))
+    img_x, img_gx = _as_image(e.image_x), _as_image(e.image_gx)
     if img_x is not None and img_x.shape[:2] != a.shape:
         img_x = img_gx = None
     raw = None
     try:
-        if e.get("raw_x") is not None and e.get("raw_gx") is not None:
-            raw = (np.asarray(e["raw_x"], dtype=float), np.asarray(e["raw_gx"], dtype=float))
+        if e.raw_x is not None and e.raw_gx is not None:
+            raw = (np.asarray(e.raw_x, dtype=float), np.asarray(e.raw_gx, dtype=float))
             if raw[0].shape != a.shape or raw[1].shape != a.shape:
                 raw = None
     except (TypeError, ValueError):
@@ -354,24 +357,24 @@ def _saliency_image_figure(e: dict, plt: Any) -> str | None:
     return _png(fig)
 
 
-def _saliency_bar_figure(e: dict, plt: Any) -> str | None:
+def _saliency_bar_figure(e: SaliencyExample, plt: Any) -> str | None:
     """Inputs without image axes: the features of x and g x, and their saliency, as bar charts."""
     import numpy as np
 
     try:
-        a = np.asarray(e["map_x"], dtype=float).ravel()
-        b = np.asarray(e["map_gx_aligned"], dtype=float).ravel()
-    except (KeyError, TypeError, ValueError):
+        a = np.asarray(e.map_x, dtype=float).ravel()
+        b = np.asarray(e.map_gx_aligned, dtype=float).ravel()
+    except (TypeError, ValueError):
         return None
     if a.shape != b.shape or not a.size:
         return None
     idx = np.arange(a.size)
     panels = []
-    if e.get("image_x") is not None and e.get("image_gx") is not None:
-        panels.append(("features", np.asarray(e["image_x"], float).ravel(), np.asarray(e["image_gx"], float).ravel(),
+    if e.image_x is not None and e.image_gx is not None:
+        panels.append(("features", np.asarray(e.image_x, float).ravel(), np.asarray(e.image_gx, float).ravel(),
                        "x", "g·x"))
-    if e.get("raw_x") is not None and e.get("raw_gx") is not None:
-        panels.append(("raw |IG|", np.asarray(e["raw_x"], float).ravel(), np.asarray(e["raw_gx"], float).ravel(),
+    if e.raw_x is not None and e.raw_gx is not None:
+        panels.append(("raw |IG|", np.asarray(e.raw_x, float).ravel(), np.asarray(e.raw_gx, float).ravel(),
                        "|IG(x)|", "|IG(g·x)|"))
     panels.append(("thresholded", a, b, "m(x)", "g⁻¹ m(gx)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(4.8, 1.6 * len(panels)), squeeze=False)
@@ -389,11 +392,11 @@ def _saliency_bar_figure(e: dict, plt: Any) -> str | None:
     return _png(fig)
 
 
-def saliency_figures(examples: list[dict], per_condition: int = SALIENCY_PER_CONDITION) -> list[dict]:
+def saliency_figures(examples: Iterable[SaliencyExample | dict],
+                     per_condition: int = SALIENCY_PER_CONDITION) -> list[dict]:
     """The worst probes of each condition (lowest similarity first, ties to the larger LI), with the
     probe and g x under their heat maps (image inputs) or bar charts of the features (other inputs)."""
-    usable = [e for e in examples if isinstance(e, dict) and isinstance(e.get("map_x"), list)
-              and isinstance(e.get("map_gx_aligned"), list)]
+    usable = [SaliencyExample.model_validate(e) if isinstance(e, dict) else e for e in examples]
     usable.sort(key=_rank_key)
     if not usable:
         return []
@@ -402,26 +405,26 @@ def saliency_figures(examples: list[dict], per_condition: int = SALIENCY_PER_CON
     plt = _pyplot()
     figures, counts = [], {}
     for e in usable:
-        cond = str(e.get("condition"))
+        cond = e.condition
         if counts.get(cond, 0) >= per_condition:
             continue
         try:
-            ndim = np.asarray(e["map_x"], dtype=float).ndim
+            ndim = np.asarray(e.map_x, dtype=float).ndim
         except (TypeError, ValueError):
             continue
         src = _saliency_image_figure(e, plt) if ndim == 2 else _saliency_bar_figure(e, plt) if ndim == 1 else None
         if src is None:
             continue
         counts[cond] = counts.get(cond, 0) + 1
-        sim = _num(e.get("similarity"))
-        figures.append({"condition": cond, "probe": e.get("probe"), "element": e.get("element"),
+        sim = _num(e.similarity)
+        figures.append({"condition": cond, "probe": e.probe, "element": e.element,
                         "similarity": "undefined (a zero map)" if sim is None else fmt(sim),
-                        "li": fmt(e.get("LI")) if e.get("LI") is not None else None, "src": src})
+                        "li": fmt(e.LI), "src": src})
     return figures
 
 
-def spectrum_plot(sensitivity: dict) -> str | None:
-    spectrum = [v for v in (sensitivity.get("spectrum") or []) if _num(v) is not None]
+def spectrum_plot(sensitivity: Sensitivity) -> str | None:
+    spectrum = [v for v in sensitivity.spectrum if _num(v) is not None]
     if not spectrum:
         return None
     from matplotlib.ticker import MaxNLocator
@@ -442,21 +445,21 @@ def spectrum_plot(sensitivity: dict) -> str | None:
 _RUN_COLOURS = {"WT": "#2e9d4a", "DA": "#d9743a", "IR": "#4a6fa5"}
 
 
-def reference_plot(profile: dict, runs: list[dict] | None = None) -> str | None:
+def reference_plot(profile: ReferenceProfile) -> str | None:
     """This model's scale-free metrics among the reference runs of its group (WT / DA / IR), one row per
     metric; LI_normalized and DI on a log axis, SI and agreement on [0, 1]."""
-    mine = profile.get("vector") or {}
-    closest = f"{profile.get('name', 'reference')} (closest)"
-    sources = [(p.get("vector") or {}, "s", _RUN_COLOURS.get(p.get("model"), "#2c3e50"),
-                closest if p.get("name") == profile.get("name") else p.get("name", "?")) for p in (runs or [])]
+    mine = profile.vector
+    closest = f"{profile.name} (closest)"
+    sources = [(p.vector, "s", _RUN_COLOURS.get(p.model, "#2c3e50"), closest if p.name == profile.name else p.name)
+               for p in profile.runs]
     if not sources:
-        sources = [(profile.get("reference_vector") or {}, "s", "#2c3e50", closest)]
+        sources = [(profile.reference_vector, "s", "#2c3e50", closest)]
     sources.append((mine, "o", "#c0392b", "this model"))
     keys = [k for k in mine if any(_num(src.get(k)) is not None for src, *_ in sources)]
     if not keys:
         return None
     plt = _pyplot()
-    log_keys = [k for k in keys if k.endswith(("LI_normalized", ".DI"))]
+    log_keys = [k for k in keys if k.rpartition(".")[2] in LOG_METRICS]
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 0.35 * len(keys) + 1.0), sharey=True)
     for ax, log in ((axes[0], True), (axes[1], False)):
         for i, k in enumerate(keys):
@@ -492,79 +495,75 @@ def reference_plot(profile: dict, runs: list[dict] | None = None) -> str | None:
 
 
 # --------------------------------------------------------------------------- page
-def timing_text(timing: dict) -> str:
-    """The report's timing dict as one readable line."""
-    if not isinstance(timing, dict):
-        return ""
+def timing_text(timing: Timing | dict) -> str:
+    """The report's timing as one readable line."""
+    if isinstance(timing, dict):
+        timing = Timing.model_validate(timing)
     def sec(v: Any) -> str:
         n = _num(v)
         return "—" if n is None else f"{n:.2f} s"
+    given = timing.model_fields_set
     parts = []
-    if "load_s" in timing:
-        parts.append(f"model load {sec(timing['load_s'])}")
-    conds = timing.get("conditions_s")
-    if isinstance(conds, dict) and conds:
-        parts.append("conditions " + ", ".join(f"{k} {sec(v)}" for k, v in conds.items()))
-    if "sensitivity_s" in timing:
-        parts.append(f"Jacobian {sec(timing['sensitivity_s'])}")
-    if "total_s" in timing:
-        parts.append(f"total {sec(timing['total_s'])}")
-    if timing.get("device"):
-        parts.append(f"on {timing['device']}")
-    for k, v in timing.items():
-        known = ("load_s", "conditions_s", "sensitivity_s", "total_s", "device")
-        if k not in known and not isinstance(v, (dict, list)):
+    if "load_s" in given:
+        parts.append(f"model load {sec(timing.load_s)}")
+    if timing.conditions_s:
+        parts.append("conditions " + ", ".join(f"{k} {sec(v)}" for k, v in timing.conditions_s.items()))
+    if "sensitivity_s" in given:
+        parts.append(f"Jacobian {sec(timing.sensitivity_s)}")
+    if "total_s" in given:
+        parts.append(f"total {sec(timing.total_s)}")
+    if timing.device:
+        parts.append(f"on {timing.device}")
+    for k, v in (timing.model_extra or {}).items():  # stages a newer engine times
+        if not isinstance(v, (dict, list)):
             parts.append(f"{k.removesuffix('_s').replace('_', ' ')} {sec(v) if k.endswith('_s') else v}")
     return " · ".join(parts)
 
 
-def _borderline(verdict: dict) -> list[dict]:
+def _borderline(verdict: Verdict) -> list[dict]:
     """The borderline criteria as table rows: which, its interval against its threshold, the probes that settle it."""
     out = []
-    for c in verdict.get("borderline_criteria") or []:
-        if not isinstance(c, dict):
-            continue
-        interval = c.get("interval") or [None, None]
-        needed = c.get("probes_to_settle")
-        out.append({"where": f"{c.get('condition')} {c.get('criterion')}", "value": fmt(c.get("value")),
+    for c in verdict.borderline_criteria:
+        interval = c.interval or [None, None]
+        needed = c.probes_to_settle
+        out.append({"where": f"{c.condition} {c.criterion}", "value": fmt(c.value),
                     "interval": f"[{fmt(interval[0])}, {fmt(interval[1])}]",
-                    "bound": f"{'≥' if c.get('kind') == 'min' else '≤'} {c.get('threshold')} ({c.get('role')})",
-                    "settle": (f"about {needed} ({c.get('option')}; now {c.get('n_probes')})" if needed
+                    "bound": f"{'≥' if c.kind == 'min' else '≤'} {c.threshold} ({c.role})",
+                    "settle": (f"about {needed} ({c.option}; now {c.n_probes})" if needed
                                else "more probes cannot settle it at this estimate")})
     return out
 
 
-def _model_name(report: dict, job: dict) -> str | None:
-    model = report.get("model") or {}
-    for candidate in (model.get("filename"), model.get("name"),
+def _model_name(report: Report, job: dict) -> str | None:
+    """The model's file name: from the report where a caller added one, else from the job's inputs."""
+    extra = report.model.model_extra or {}
+    for candidate in (extra.get("filename"), extra.get("name"),
                       ((job.get("inputs") or {}).get("model") or {}).get("filename")):
         if isinstance(candidate, str) and candidate:
             return candidate
     return None
 
 
-def render_report_html(report: dict, job: dict | None = None, base_url: str | None = None) -> str:
-    """The page. ``base_url`` (e.g. ``http://host:8000/``) makes the JSON link absolute; without it the page
-    (e.g. a file saved by ``submit --html``) has no link rather than a relative one that breaks."""
+def render_report_html(report: Report | dict, job: dict | None = None, base_url: str | None = None) -> str:
+    """The page of a report (typed, or its JSON dict). ``base_url`` (e.g. ``http://host:8000/``) makes the JSON
+    link absolute; without it the page (e.g. a file saved by ``submit --html``) has no link rather than a
+    relative one that breaks. ``job``: the job's view, for its id, links and input file names."""
+    report = parse_report(report)
     job = job or {}
-    conditions = _conditions(report)
     rows, paper_rows = [], []
-    for cond in conditions:
-        metrics = cond.get("metrics") or {}
-        spread = cond.get("spread") or {}
-        rows.append({"name": cond.get("name", "?"), "n_probes": cond.get("n_probes"),
-                     "cells": [{"value": fmt(metrics.get(m)), "spread": _spread_text(spread.get(m))} for m in METRICS],
-                     "notes": cond.get("notes") or []})
-        paper = cond.get("paper_metrics")
-        if isinstance(paper, dict):
-            paper_rows.append({"name": cond.get("name", "?"), "cells": [fmt(paper.get(m)) for m in METRICS]})
-    verdict = report.get("verdict") or {}
-    label = str(verdict.get("label", "unknown"))
-    policy = verdict.get("policy") if isinstance(verdict.get("policy"), dict) else {}
-    sensitivity = report.get("sensitivity") or {}
-    sigma = sensitivity.get("sigma_max")
-    profile = report.get("reference_profile") if label != "trivial" else None
-    profile = profile if isinstance(profile, dict) else None
+    for cond in report.conditions:
+        rows.append({"name": cond.name, "n_probes": cond.n_probes,
+                     "cells": [{"value": fmt(cond.metric(m)), "spread": _spread_text(cond.spread.get(m))}
+                               for m in METRICS],
+                     "notes": cond.notes})
+        if cond.paper_metrics is not None:
+            paper_rows.append({"name": cond.name, "cells": [fmt(cond.paper_metrics.get(m)) for m in METRICS]})
+    verdict = report.verdict
+    label = verdict.label
+    policy = verdict.policy
+    sensitivity = report.sensitivity
+    trivial = label == "trivial"
+    profile = report.reference_profile if not trivial else None
     json_link = None
     report_path = (job.get("links") or {}).get("report")
     if base_url and report_path:
@@ -572,16 +571,15 @@ def render_report_html(report: dict, job: dict | None = None, base_url: str | No
     template = _env.get_template("report.html")
     return template.render(
         report=report, job=job, verdict=verdict, label=label, meaning=MEANING.get(label, ""),
-        reason_groups=grouped_reasons(verdict), definitions=DEFINITIONS, policy=policy,
-        metrics=METRICS, better=BETTER, rows=rows, paper_rows=paper_rows, borderline=_borderline(verdict),
-        plots=severity_plots(conditions, policy),
-        saliency=saliency_figures(report.get("saliency_examples") or []),
+        reason_groups=grouped_reasons(verdict), definitions=DEFINITIONS,
+        policy=policy.model_dump(mode="json"), metrics=METRICS, better=BETTER, rows=rows, paper_rows=paper_rows,
+        borderline=_borderline(verdict), plots=severity_plots(report.conditions, policy),
+        saliency=saliency_figures(report.saliency_examples),
         spectrum=spectrum_plot(sensitivity), sensitivity=sensitivity,
-        sigma=sigma if isinstance(sigma, dict) else {"mean": sigma}, fmt=fmt,
-        model=report.get("model") or {}, model_name=_model_name(report, job),
-        group=report.get("group") or {}, timing=timing_text(report.get("timing") or {}),
-        profile=profile,
-        profile_plot=reference_plot(profile, profile.get("runs") or []) if profile else None,
-        trivial_profile_hidden=label == "trivial" and bool(report.get("reference_profile")),
+        sigma=sensitivity.sigma_max.to_json() if sensitivity.sigma_max is not None else {"mean": None}, fmt=fmt,
+        model=report.model, model_name=_model_name(report, job), group=report.group,
+        timing=timing_text(report.timing), profile=profile,
+        profile_plot=reference_plot(profile) if profile else None,
+        trivial_profile_hidden=trivial and report.reference_profile is not None,
         json_link=json_link,
     )

@@ -45,6 +45,13 @@ class ReportModel(BaseModel):
         """The JSON dict this model was read from (the keys it was given, none added)."""
         return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
+    def __getitem__(self, key: str) -> Any:
+        """``section["key"]``, for callers written against the JSON (``result.model["format"]``); a KeyError
+        names the keys there are."""
+        if key in self.model_fields_set or key in (self.model_extra or {}):
+            return getattr(self, key)
+        raise KeyError(f"{type(self).__name__} has no key {key!r}; it has {sorted(self.to_json())}")
+
 
 class ReportPolicy(Policy):
     """The verdict's policy as the report carries it: ``spec.Policy``'s fields; keys of other policy versions
@@ -188,6 +195,15 @@ class Condition(ReportModel):
         return self.metrics.get(metric)
 
 
+def _metric_property(metric: Metric) -> property:
+    return property(lambda self: self.metrics.get(metric),
+                    doc=f"{METRICS[metric].title} over g != e (``metrics.{metric}``)")
+
+
+for _metric in Metric:  # condition.LI_normalized, condition.DI, ... : one attribute per row of the table
+    setattr(Condition, _metric.value, _metric_property(_metric))
+
+
 # --------------------------------------------------------------------------- verdict
 class Criterion(ReportModel):
     """One criterion the verdict evaluated on one condition."""
@@ -305,6 +321,10 @@ class Sensitivity(ReportModel):
     probes: str
     method: str
     note: str | None = None
+
+    @property
+    def sigma_max_mean(self) -> float | None:
+        return self.sigma_max.mean if self.sigma_max is not None else None
 
 
 class SaliencyExample(ReportModel):

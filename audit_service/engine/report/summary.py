@@ -3,28 +3,31 @@ the links; the full report stays at its link."""
 
 from __future__ import annotations
 
-HEADLINE = ("LI_normalized", "DI", "SI", "agreement", "accuracy")
+from typing import Any
+
+from ..metrics.names import HEADLINE_METRICS
+from .model import Report, parse_report
+
+#: the metrics the summary shows per condition (``metrics.names``: the table's headline rows)
+HEADLINE = HEADLINE_METRICS
 
 
-def report_summary(report: dict, job_id: str) -> dict:
+def report_summary(report: Report | dict[str, Any], job_id: str) -> dict[str, Any]:
     """``{id, status, verdict, passed, borderline, reasons, conditions: {name: {metric: mean}}, reference_profile,
     links}`` (the metrics over g != e, as the verdict reads them)."""
-    verdict = report.get("verdict") or {}
-    conditions = {}
-    for cond in report.get("conditions") or []:
-        if isinstance(cond, dict) and "name" in cond:
-            metrics = cond.get("metrics") or {}
-            conditions[str(cond["name"])] = {k: metrics.get(k) for k in HEADLINE}
-    profile = report.get("reference_profile")
-    closest = profile.get("name") if isinstance(profile, dict) and verdict.get("label") != "trivial" else None
+    report = parse_report(report)
+    verdict = report.verdict
+    conditions = {c.name: {str(m): c.metrics.get(m) for m in HEADLINE} for c in report.conditions}
+    profile = report.reference_profile
+    closest = profile.name if profile is not None and verdict.label != "trivial" else None
     base = f"/audits/{job_id}"
     return {
         "id": job_id,
         "status": "succeeded",
-        "verdict": verdict.get("label"),
-        "passed": verdict.get("passed"),
-        "borderline": verdict.get("borderline"),
-        "reasons": list(verdict.get("reasons") or []),
+        "verdict": verdict.label,
+        "passed": verdict.passed,
+        "borderline": verdict.borderline,
+        "reasons": list(verdict.reasons),
         "conditions": conditions,
         "reference_profile": closest,
         "links": {"self": base, "report": f"{base}/report", "report_html": f"{base}/report.html"},
