@@ -9,12 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,18 +56,20 @@ class Service:
              "--workers", str(self.workers), "--web-workers", str(self.web_workers)],
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(ROOT),
             start_new_session=self.new_session)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}")
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+
+        try:
+            wait_for(healthy, timeout, 0.2, f"the service at {self.url} to answer /healthz",
+                     ignore=(requests.RequestException,))
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(f"service did not come up ({exc}):\n{self.log.read_text()[-3000:]}") from None
+        return self
 
     def kill_all(self) -> None:
         """kill -9 the whole service (serve, gunicorn, workers) at once, like a power cut."""
@@ -201,24 +203,25 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def settle(url: str, ids: list[str], timeout: float = 300.0, headers: dict | None = None) -> dict[str, dict]:
     """Poll the service until every job in ``ids`` is final; {id: job}."""
-    deadline = time.monotonic() + timeout
     jobs: dict[str, dict] = {}
-    while time.monotonic() < deadline:
-        jobs = {i: requests.get(f"{url}/audits/{i}", timeout=30, headers=headers).json() for i in ids}
-        if all(j["status"] in TERMINAL for j in jobs.values()):
-            return jobs
-        time.sleep(0.5)
-    raise AssertionError(f"jobs not finished: { {i: (j['status'], j['stage']) for i, j in jobs.items()} }")
+
+    def final() -> dict[str, dict] | None:
+        jobs.update({i: requests.get(f"{url}/audits/{i}", timeout=30, headers=headers).json() for i in ids})
+        return dict(jobs) if all(j["status"] in TERMINAL for j in jobs.values()) else None
+
+    return wait_for(final, timeout, 0.5, lambda: "jobs to finish: " + str(
+        {i: (j["status"], j["stage"]) for i, j in jobs.items()}))
 
 
-def wait_for(api_call, job_id: str, timeout: float = 180.0, states=TERMINAL) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api_call("GET", f"/audits/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+def wait_for_job(api_call, job_id: str, timeout: float = 180.0, states=TERMINAL) -> dict:
+    """Poll ``GET /audits/{job_id}`` through ``api_call`` until the job is in one of ``states``; the job."""
+    seen: dict = {}
+
+    def reached() -> dict | None:
+        seen.update(api_call("GET", f"/audits/{job_id}").json())
+        return dict(seen) if seen["status"] in states else None
+
+    return wait_for(reached, timeout, 0.3, lambda: f"job {job_id} to be {'/'.join(states)} (it is {seen})")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import List
 
@@ -28,6 +27,7 @@ from audit_service.jobs.launcher import Limits, group_alive, launch, task_env
 from audit_service.jobs.settings import Settings
 from builders import IMAGE_SHAPE, export_torchscript
 from conftest import Service, settle, tiny_spec
+from polling import wait_for
 
 HERE = Path(__file__).resolve().parent
 needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="no Landlock: TorchScript is refused (fail closed)")
@@ -206,12 +206,10 @@ def test_a_forging_model_against_a_running_service(service_two_tenants, tmp_path
 
 
 def _settled_soon(data_dir: Path, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _sandbox_processes(data_dir):
-            return True
-        time.sleep(0.1)
-    return False
+    try:
+        return wait_for(lambda: not _sandbox_processes(data_dir), timeout, 0.1, "the sandbox processes to exit")
+    except AssertionError:
+        return False
 
 
 @pytest.mark.slow

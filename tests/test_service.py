@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, tiny_spec, wait_for
+from conftest import ROOT, tiny_spec
+from conftest import wait_for_job as wait_for
 
 pytestmark = pytest.mark.slow
 
