@@ -190,7 +190,8 @@ def test_fetch_streams_through_the_registry_under_the_cap(tracking, registered, 
 
 def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_path):
     svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_MLFLOW_ALLOWED_URIS=f"main={tracking}",
-                  AUDIT_MAX_MODEL_MB=4, AUDIT_JOB_TIMEOUT_S=300, AUDIT_MAX_WAIT_S=120).start()
+                  AUDIT_WRITE_BACK_RULES="default:tiny-onnx", AUDIT_MAX_MODEL_MB=4, AUDIT_JOB_TIMEOUT_S=300,
+                  AUDIT_MAX_WAIT_S=120).start()
     try:
         spec = json.dumps(tiny_spec())
         def post(**form: str) -> requests.Response:  # multipart form fields, no file part
@@ -210,6 +211,7 @@ def test_service_fetches_from_allowed_registry_only(tracking, registered, tmp_pa
         outcome = requests.get(svc.url + job["links"]["report"], timeout=30).json()["mlflow_write_back"]
         assert outcome["status"] == "written" and outcome["attempts"] == 1, outcome
         assert outcome["tags"]["invariance.verdict"] == "genuine"
+        assert job["write_back"] == outcome, "the outcome is on the job itself"
         again = post(model_uri="models:/tiny-onnx@champion", mlflow_write_back="true")
         assert again.status_code == 200 and again.json()["id"] != job["id"], "a write-back is never a reused twin"
 
@@ -255,7 +257,7 @@ def test_write_back_never_records_a_forged_verdict(tracking, registered, tmp_pat
     client.create_registered_model("tiny-forger")
     client.create_model_version("tiny-forger", f"runs:/{run.info.run_id}/export/forger.pt2", run_id=run.info.run_id)
     svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_MLFLOW_ALLOWED_URIS=f"main={tracking}",
-                  AUDIT_MAX_WAIT_S=120).start()
+                  AUDIT_WRITE_BACK_RULES="default:*", AUDIT_MAX_WAIT_S=120).start()
     try:
         parts = {k: (None, v) for k, v in {"spec": json.dumps(tiny_spec("flip")), "model_uri": "models:/tiny-forger/1",
                                             "mlflow_write_back": "true"}.items()}
@@ -305,10 +307,79 @@ def test_worker_write_back_reports_a_registry_it_cannot_reach(tmp_path):
     gone = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris="other=http://x"))
     assert gone["status"] == "failed" and gone["attempts"] == 0 and "no longer" in gone["error"], gone
     dead = f"http://127.0.0.1:{free_port()}"
-    down = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}"),
-                      pause_s=0)
+    down = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}",
+                                                write_back_rules="default:tiny-*"), pause_s=0)
     assert down["status"] == "failed" and down["attempts"] == 3 and down["uri"] == "models:/tiny-onnx/1", down
     assert "Connection" in down["error"] or "connect" in down["error"], down
-    cancelled = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}"),
-                           before_attempt=lambda: False)
+    cancelled = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}",
+                                                     write_back_rules="default:tiny-*"), before_attempt=lambda: False)
     assert cancelled["status"] == "failed" and cancelled["attempts"] == 0 and "cancelled" in cancelled["error"]
+    revoked = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris=f"main={dead}",
+                                                   write_back_rules="default:other-*"), pause_s=0)
+    assert revoked["status"] == "failed" and revoked["attempts"] == 0 and "AUDIT_WRITE_BACK_RULES" in revoked["error"]
+
+
+def test_write_back_rules_parse_and_match():
+    """The operator's rules: ``tenant:pattern`` (any registry) and ``tenant:registry:pattern``, globs over the model
+    name (``runs:/RUN_ID`` for a run); a malformed entry is an error that names it, and so is an unknown label."""
+    from audit_service.jobs.settings import Settings
+    from audit_service.jobs.write_back import WriteBackConfigError, WriteBackPolicy, write_back_target
+
+    policy = WriteBackPolicy.from_settings(Settings(write_back_rules="alice:vision-*, bob:prod:bob-net  # comment",
+                                                    write_back_require="genuine", write_back_require_confident=1))
+    assert write_back_target("models:/vision-a@champion") == "vision-a"
+    assert write_back_target("models:/vision-a/3") == "vision-a" and write_back_target("runs:/abc/x.onnx") == "runs:/abc"
+    assert policy.permits("alice", "main", "vision-a") and not policy.permits("alice", "main", "bob-net")
+    assert policy.permits("bob", "prod", "bob-net") and not policy.permits("bob", "main", "bob-net")
+    assert not policy.permits("carol", "main", "vision-a")
+    assert policy.passed({"label": "genuine", "borderline": False}) is True
+    assert policy.passed({"label": "genuine", "borderline": True}) is False  # the operator's strict gate
+    assert policy.passed({"label": "learned", "require": ["learned"]}) is False  # the client's require is not read
+    with pytest.raises(WriteBackConfigError, match="entry 2"):
+        WriteBackPolicy.from_settings(Settings(write_back_rules="alice:x,bob:"))
+    with pytest.raises(WriteBackConfigError, match="AUDIT_WRITE_BACK_REQUIRE"):
+        WriteBackPolicy.from_settings(Settings(write_back_require="genuine,great"))
+
+
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+def test_write_back_follows_the_operators_rules(tracking, registered, tmp_path):
+    """Issue 19: which tenant may tag which registered model is the operator's (AUDIT_WRITE_BACK_RULES): another
+    tenant's write-back is a 403 and leaves no tag; ``invariance.passed`` follows the operator's gate, so a
+    not-invariant model audited with ``require`` set to every label is tagged passed=false (before: passed=true,
+    any tenant, any model); the tags name the tenant and the job, and the outcome is on the job."""
+    client = registered["client"]
+    svc = Service(tmp_path / "data", workers=1, web_workers=1, AUDIT_MLFLOW_ALLOWED_URIS=f"main={tracking}",
+                  AUDIT_TOKENS=f"{ALICE}:alice,{BOB}:bob", AUDIT_WRITE_BACK_RULES="alice:main:tiny-plain",
+                  AUDIT_MAX_MODEL_MB=4, AUDIT_JOB_TIMEOUT_S=300, AUDIT_MAX_WAIT_S=120).start()
+    every_label = ["genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine"]
+    spec = json.dumps(tiny_spec(require=every_label))
+
+    def post(token: str, **form: str) -> requests.Response:
+        parts = {k: (None, v) for k, v in {"spec": spec, **form}.items()}
+        return requests.post(f"{svc.url}/audit?wait=120", files=parts, timeout=150,
+                             headers={"Authorization": f"Bearer {token}"})
+
+    try:
+        refused = post(BOB, model_uri="models:/tiny-plain/1", mlflow_write_back="true")
+        assert refused.status_code == 403 and refused.json()["field"] == "mlflow_write_back", refused.text
+        assert "'bob'" in refused.json()["detail"] and "AUDIT_WRITE_BACK_RULES" in refused.json()["detail"]
+        other = post(ALICE, model_uri="models:/tiny-onnx/1", mlflow_write_back="true")
+        assert other.status_code == 403, other.text  # alice's rule names tiny-plain only
+        assert not any(k.startswith("invariance.") for k in client.get_model_version("tiny-plain", "1").tags)
+
+        r = post(ALICE, model_uri="models:/tiny-plain/1", mlflow_write_back="true")
+        assert r.status_code == 200, r.text
+        assert r.json()["verdict"] not in ("genuine", "learned") and r.json()["passed"] is True  # the client's gate
+        job = requests.get(svc.url + r.headers["Location"], timeout=30,
+                           headers={"Authorization": f"Bearer {ALICE}"}).json()
+        tags = client.get_model_version("tiny-plain", "1").tags
+        print(f"operator-gated tags: {({k: v for k, v in tags.items() if 'pass' in k or 'require' in k or 'tenant' in k})}")
+        assert tags["invariance.verdict"] == r.json()["verdict"] and tags["invariance.passed"] == "false", tags
+        assert tags["invariance.require"] == "genuine,learned" and tags["invariance.gate"] == "operator", tags
+        assert tags["invariance.client_require"] == ",".join(every_label), tags
+        assert tags["invariance.tenant"] == "alice" and tags["invariance.job_id"] == job["id"], tags
+        assert job["write_back"]["status"] == "written" and job["write_back"]["tags"]["invariance.passed"] == "false"
+    finally:
+        svc.stop()

@@ -271,7 +271,8 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
                     return True
 
             # before succeed: a worker lost in between leaves a job that runs again, write-back included
-            report["mlflow_write_back"] = write_back(request, report, settings, before_attempt=hold_lease)
+            report["mlflow_write_back"] = write_back(request, report, settings, before_attempt=hold_lease,
+                                                     tenant=str(job.get("tenant") or "default"), job_id=job_id)
         store_page(settings.data_dir, job, report)  # before succeed: the page is there when the job is
         if store.succeed(job_id, owner, report):
             return Outcome(JobStatus.SUCCEEDED)

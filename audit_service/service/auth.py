@@ -86,9 +86,12 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(host: str, settings: Settings) -> str | None:
     """Why the service must not start on ``host`` with these settings, or None when it may."""
+    from ..jobs.write_back import WriteBackConfigError, WriteBackPolicy
+
     try:
         tokens = load_tokens(settings)
-    except TokenConfigError as exc:
+        WriteBackPolicy.from_settings(settings)  # a broken rule is a refusal to start, not a 403 per request
+    except (TokenConfigError, WriteBackConfigError) as exc:
         return str(exc)
     if tokens or is_loopback(host):
         return None

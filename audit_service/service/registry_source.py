@@ -17,6 +17,7 @@ from typing import Any
 from ..engine.errors import AuditError
 from ..jobs.blobs import BlobTooLarge
 from ..jobs.submission import DATA_PREFIX
+from ..jobs.write_back import WriteBackConfigError, WriteBackPolicy, write_back_target
 from ..adapters.mlflow_registry import Located, Registry, RegistryNotAllowed, data_path, parse_allowed, parse_model_uri
 from .errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 from .uploads import DATA_FORMAT
@@ -38,6 +39,26 @@ def pop_registry_fields(form: dict) -> dict[str, Any]:
             if fields.get(name):
                 raise Unprocessable(f"Expected `{name}` only with a `model_uri`, but got no model_uri", field=name)
     return fields
+
+
+def check_write_back(settings: Any, tenant: str, fields: dict[str, Any]) -> None:
+    """403 unless the operator's rules let ``tenant`` write back to the model ``model_uri`` names in the chosen
+    registry (``AUDIT_WRITE_BACK_RULES``); checked before anything is fetched."""
+    if not fields.get("mlflow_write_back"):
+        return
+    allowed = parse_allowed(settings.mlflow_allowed_uris)
+    registry = str(fields.get("mlflow_registry") or next(iter(allowed), ""))
+    target = write_back_target(str(fields.get("model_uri") or ""))
+    try:
+        policy = WriteBackPolicy.from_settings(settings)
+    except WriteBackConfigError as exc:
+        raise Forbidden(f"Expected no `mlflow_write_back`: the operator's write-back rules are broken ({exc})",
+                        field="mlflow_write_back") from None
+    if not policy.permits(tenant, registry, target):
+        raise Forbidden(f"Expected `mlflow_write_back` only for models this tenant may tag, but the operator's rules "
+                        f"(AUDIT_WRITE_BACK_RULES) do not let tenant {tenant!r} write back to {target[:120]!r} in "
+                        f"registry {registry[:80]!r}; audit without mlflow_write_back, or ask the operator",
+                        field="mlflow_write_back")
 
 
 def _api_error(exc: AuditError) -> ApiError:
