@@ -15,7 +15,11 @@ In one run, on the CPU (all figures from this process, so load on the machine sh
 With CUDA, the same default audit of a ResNet-50 at 3x224x224 (D4, 64 probes); skipped otherwise.
 
     .venv/bin/python benchmarks/bench_scale.py [--probes 64] [--group D4] [--quick] [--compile] [--no-all]
-        [--floor sampled|full] [--no-scaling] [--no-resnet] [--layouts]
+        [--floor sampled|full] [--no-scaling] [--no-resnet] [--layouts] [--cases genuine,small,sets]
+
+``--cases`` (issue 21: the models that pass) runs, each against the all-IG and forward-only floors of its own
+module measured in the same run (wall and CPU seconds): a genuine orbit-averaged ResNet-18 (D4, 3x32x32), the
+two-layer CNN (D4, 1x28x28) and a genuine DeepSets model under a sampled S_16 (256 elements).
 """
 
 from __future__ import annotations
@@ -62,20 +66,26 @@ def timed_audit(path: Path, spec, x: np.ndarray) -> tuple[float, dict]:
     return time.perf_counter() - start, report
 
 
+#: CPU seconds (all threads of this process) of the floors timed so far: {"ig": ..., "fwd": ...}
+FLOOR_CPU = {"ig": 0.0, "fwd": 0.0}
+
+
 def condition_floor(module: nn.Module, shape: tuple[int, ...], order: int, total: int, chunk: int, ig_steps: int,
                     batch: int, device: torch.device) -> tuple[float, float]:
-    """(IG s, forward s) of one condition's bare passes over ``total`` probes, in the audit's batch layout."""
+    """(IG s, forward s) of one condition's bare passes over ``total`` probes, in the audit's batch layout (their
+    CPU seconds are added to ``FLOOR_CPU``)."""
     ig_s = fwd_s = 0.0
     for s in range(0, total, chunk):
         n = min(chunk, total - s) * order
         x = torch.rand(n, *shape, device=device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for b in range(0, n, batch):
                 module(x[b:b + batch])
         sync(device)
         fwd_s += time.perf_counter() - t
-        t = time.perf_counter()
+        FLOOR_CPU["fwd"] += time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         scaled = x.repeat(ig_steps, *([1] * len(shape)))
         per = max(batch, n)
         for b in range(0, scaled.shape[0], per):
@@ -84,6 +94,7 @@ def condition_floor(module: nn.Module, shape: tuple[int, ...], order: int, total
             torch.autograd.grad(out[:, 0].sum(), part)
         sync(device)
         ig_s += time.perf_counter() - t
+        FLOOR_CPU["ig"] += time.process_time() - c
     return ig_s, fwd_s
 
 
@@ -331,6 +342,111 @@ def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noi
             print("  torch.compile not measured (pass --compile; on 2 CPU cores it compiles for about a minute)")
 
 
+# ----------------------------------------------------------------------------- issue 21: the models that pass
+class OrbitAveraged(nn.Module):
+    """The mean of ``base``'s logits over the D4 orbit of a square image: genuinely D4-invariant."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+        views += [torch.flip(v, dims=(-1,)) for v in views]
+        return torch.stack([self.base(v) for v in views]).mean(dim=0)
+
+
+class DeepSets(nn.Module):
+    """A sum over per-element features of a set of scalars: invariant to every permutation of the set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phi = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+        self.rho = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rho(self.phi(x.unsqueeze(-1)).sum(dim=1))
+
+
+def _calibrated(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """BatchNorm statistics of N(0, 1) inputs (several classes predicted), eval mode, no parameter gradients."""
+    with torch.no_grad():
+        for _ in range(4):
+            model.train()(torch.randn(32, *shape))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def pass_case(label: str, model: nn.Module, shape: tuple[int, ...], group: dict | str, probes: int, noise: int,
+              target: str) -> None:
+    """One default-spec audit (``decisive``: sequential SI, completeness-chosen IG nodes) against the all-IG and
+    forward-only floors of the same module, measured in this run; wall and CPU seconds."""
+    x = np.random.default_rng(0).normal(size=(probes, *shape)).astype(np.float32)
+    dev = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_torchscript(model, shape, Path(tmp) / "model.pt")
+        spec = parse_audit_spec({"group": group, "options": {"n_probes": probes, "n_noise_probes": noise}})
+        opts = spec.options
+        warm = parse_audit_spec({"group": group, "shifts": [],
+                                 "options": {"n_probes": probes, "n_noise_probes": noise, "saliency_scope": "none",
+                                             "bootstrap": 0, "jacobian_probes": 0}})
+        run_audit(path, warm, x)  # warm-up: allocator, oneDNN primitives, the TorchScript profiler
+        module = load_model(path, device="cpu").torch_module()
+        order = len(build_group(spec.group, shape).element_names)
+        condition_floor(module, shape, order, min(probes, opts.probe_chunk), opts.probe_chunk, 2, opts.batch_size,
+                        dev)
+        cpu = time.process_time()
+        t_audit, report = timed_audit(path, spec, x)
+        cpu_audit = time.process_time() - cpu
+        n_conditions = len(report["conditions"])
+        FLOOR_CPU.update(ig=0.0, fwd=0.0)
+        ig_floor, fwd_floor = floors(module, shape, n_conditions, order, probes, noise, opts.probe_chunk,
+                                     opts.ig_steps, opts.batch_size, dev, True)
+    cpu_ig, cpu_fwd = FLOOR_CPU["ig"] + FLOOR_CPU["fwd"], FLOOR_CPU["fwd"]
+    sampling = [c.get("saliency_sampling") for c in report["conditions"]]
+    used = [f"{c['name']} {s['probes_used']}/{s['probes_cap']} {s['stopped']}" for c, s in
+            zip(report["conditions"], sampling) if s]
+    steps = next((s["ig_steps"] for s in sampling if s), None)
+    print(f"{label}: {'x'.join(map(str, shape))}, group order {order}, {probes} probes, {noise} noise probes, "
+          f"{n_conditions} conditions, default spec; torch threads {torch.get_num_threads()}")
+    print(f"  all-IG floor      : {ig_floor:8.2f} s (CPU {cpu_ig:8.2f} s; {opts.ig_steps} + 1 passes a sample, "
+          "one condition of each size timed)")
+    print(f"  forward-only floor: {fwd_floor:8.2f} s (CPU {cpu_fwd:8.2f} s)")
+    print(f"  audit             : {t_audit:8.2f} s (CPU {cpu_audit:8.2f} s) = {t_audit / ig_floor:.3f}x the all-IG "
+          f"floor (CPU {cpu_audit / cpu_ig:.3f}x), {t_audit / fwd_floor:.2f}x the forward-only floor (CPU "
+          f"{cpu_audit / cpu_fwd:.2f}x); target {target}; verdict {report['verdict']['label']}")
+    print(f"  IG nodes {steps}; SI probes: {', '.join(used)}")
+    timing = report["timing"]
+    print(f"  timing: load {timing['load_s']:.2f} s, conditions {sum(timing['conditions_s'].values()):.2f} s "
+          f"(saliency {sum(timing['saliency_s'].values()):.2f} s), Jacobian {timing['sensitivity_s']:.2f} s, "
+          f"total {timing['total_s']:.2f} s", flush=True)
+
+
+def genuine_resnet(probes: int, noise: int) -> None:
+    torch.manual_seed(0)
+    base = _calibrated(torchvision.models.resnet18(weights=None, num_classes=CLASSES), (3, 32, 32))
+    pass_case("genuine orbit-averaged ResNet-18 (random weights)", OrbitAveraged(base).eval(), (3, 32, 32), "D4",
+              probes, noise, "<= 0.3x the all-IG floor, genuine")
+
+
+def small_cnn(probes: int, noise: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES)).eval()
+    pass_case("two-layer CNN (random weights)", model, (1, 28, 28), "D4", probes, noise, "<= 0.3x the all-IG floor")
+
+
+def sampled_sets(probes: int, noise: int, elements: int = 256) -> None:
+    torch.manual_seed(0)
+    n = 16
+    group = {"name": "permutation", "generators": [[1, 0, *range(2, n)], [*range(1, n), 0]], "sample": elements,
+             "seed": 0}
+    pass_case(f"genuine DeepSets under a sampled S_{n} ({elements} elements)", DeepSets().eval(), (n,), group,
+              probes, noise, "<= 3x the forward-only floor, genuine")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probes", type=int, default=64)
@@ -343,6 +459,10 @@ def main() -> None:
                         help="time one condition of each size (sampled) or every condition (full) for the floors")
     parser.add_argument("--no-scaling", action="store_true", help="skip the probe-scaling runs")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18 CPU audit")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated issue-21 cases to run instead of the rest: genuine (orbit-averaged "
+                             "ResNet-18, D4, 3x32x32), small (two-layer CNN, D4, 1x28x28), sets (DeepSets, sampled "
+                             "S_16, 256 elements)")
     parser.add_argument("--layouts", action="store_true",
                         help="only the channels-last vs contiguous pass cost across architectures (~2 min)")
     parser.add_argument("--_scaling-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -353,6 +473,11 @@ def main() -> None:
         return
     if args.layouts:
         layout_table()
+        return
+    if args.cases:
+        runners = {"genuine": genuine_resnet, "small": small_cnn, "sets": sampled_sets}
+        for case in args.cases.split(","):
+            runners[case](args.probes, args.noise_probes)
         return
     group = "flip" if args.quick else args.group
     probes, noise = (4, 4) if args.quick else (args.probes, args.noise_probes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .errors import AuditError, ModelRuntimeError, ProbeError
+from .errors import ProbeError
 from .groups import Group, build_group
+from .guard import guarded as _guarded
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
+from .plan import make_plan
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
 from .report.build import condition_report, now_iso, sensitivity_report, with_chance_levels
 from .runtime import ModelRunner, load_model
@@ -27,11 +29,12 @@ from .runtime.layout import LayoutChoice, choose_layout, restore
 from .runtime.outputs import NOTES as OUTPUT_NOTES
 from .runtime.outputs import LogProbabilityRunner, detect_output_kind
 from .shifts import ProbeStats, applicable_default_shifts, uniform_noise, validate_shift
+from .schedule import run_sweep
 from .spec import REPORT_KEYS, SCHEMA_VERSION, AuditSpec, default_shifts
 from .sweep import Condition, OrbitSweep
 from .progress import ProgressFn
 from .symmetrization import symmetrized_summary
-from .verdict import decide, genuine_failures
+from .verdict import decide
 
 
 #: probes the memory-layout check runs (``runtime.layout``)
@@ -84,7 +87,9 @@ def _sweep_and_report(inputs: CheckedInputs, spec: AuditSpec, stats: ProbeStats,
     device = runner.device
     second_t = second.to(device) if second is not None else None
     saliency, saliency_note = _saliency_method(runner, spec) if options.saliency else (None, None)
-    sweep = OrbitSweep(runner, group, options, stats, saliency, second_t)
+    autocast = _check_autocast(runner, group, x, stats, options)
+    plan = make_plan(spec, saliency is not None, autocast=bool(autocast and autocast["used"]))
+    sweep = OrbitSweep(runner, group, options, stats, saliency, second_t, plan)
 
     conditions = _conditions(shifts, has_probes=x is not None)
     n_probes = x.shape[0] if x is not None else 0
@@ -99,21 +104,24 @@ def _sweep_and_report(inputs: CheckedInputs, spec: AuditSpec, stats: ProbeStats,
         progress(min(done / total_chunks, 0.99), f"condition {name}")
         return on_chunk
 
-    autocast = _check_autocast(sweep, x, stats, options)
-    plan = _sweep_plan(sweep, conditions, x, y, spec, tick)
-    results = plan.results
+    outcome = run_sweep(sweep, plan, conditions, x, y, spec, tick)
+    results = outcome.results
 
     progress(min(done / total_chunks, 0.99), "sensitivity")
     t_sens = time.perf_counter()
-    if plan.stopped:
-        sensitivity = sensitivity_report(None, "none", "skipped", note=f"skipped (options.early_stop): {plan.stopped}")
+    if outcome.stopped:
+        sensitivity = sensitivity_report(None, "none", "skipped",
+                                         note=f"skipped (options.early_stop): {outcome.stopped}")
     else:
         sensitivity = _guarded(lambda: _sensitivity(runner, x, stats, options), "computing the Jacobian")
     t_sens = time.perf_counter() - t_sens
 
     condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, r.saliency_computed,
-                                                             plan.saliency_reasons.get(r.condition.name)),
+                                                             outcome.saliency_reasons.get(r.condition.name)),
                                             r.accumulator) for r in results]
+    for condition in condition_reports:
+        if condition["name"] in outcome.sampling:
+            condition["saliency_sampling"] = outcome.sampling[condition["name"]].as_report()
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
             condition["group_sample_ci"] = group_sample_ci(r.accumulator)
@@ -132,10 +140,11 @@ def _sweep_and_report(inputs: CheckedInputs, spec: AuditSpec, stats: ProbeStats,
         "saliency_examples": [e for r in results for e in r.examples],
         "spec": spec.model_dump(mode="json"),
         "shifts_skipped": skipped_shifts,
-        "saliency": {"scope": plan.scope, "computed_on": [r.condition.name for r in results if r.saliency_computed],
-                     "reason": plan.scope_reason},
-        "early_stop": {"enabled": options.early_stop, "stopped": plan.stopped is not None, "reason": plan.stopped,
-                       "conditions_skipped": plan.skipped, "sensitivity_skipped": plan.stopped is not None},
+        "saliency": {"scope": outcome.scope, "computed_on": [r.condition.name for r in results if r.saliency_computed],
+                     "reason": outcome.scope_reason},
+        "early_stop": {"enabled": options.early_stop, "stopped": outcome.stopped is not None,
+                       "reason": outcome.stopped, "conditions_skipped": outcome.skipped,
+                       "sensitivity_skipped": outcome.stopped is not None},
         "timing": {
             "load_s": round(t_loaded - t_start, 4),
             "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
@@ -322,131 +331,25 @@ def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tupl
 AUTOCAST_TOLERANCE = 2e-2
 
 
-@dataclass
-class SweepPlan:
-    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere,
-    and what early stopping skipped."""
-
-    scope: str
-    results: list
-    saliency_reasons: dict[str, str]
-    scope_reason: str | None = None
-    stopped: str | None = None
-    skipped: list[dict] = field(default_factory=list)
-
-
-def _sweep_plan(sweep: OrbitSweep, conditions: list[Condition], x, y, spec: AuditSpec,
-                tick: Callable[[str], Callable[[], None]]) -> SweepPlan:
-    """Sweep the conditions, computing SI where it can change the verdict (``options.saliency_scope``).
-
-    The anchors (clean, noise) come first, with SI unless the scope is ``none``: the report always needs
-    the paper's SI there. Then the shifts, forward-only unless the scope is ``all``. With ``decisive``, SI
-    is added to the shifts only when every condition meets the genuine criteria measured so far (then SI
-    decides genuine vs not), or when every anchor's saliency map is zero (then SI decides trivial).
-    """
-    options, policy = spec.options, spec.policy
-    scope = options.saliency_scope if options.saliency and sweep.saliency is not None else "none"
-    anchors = [c for c in conditions if c.name in ("clean", "noise")]
-    shifted = [c for c in conditions if c not in anchors]
-    done: dict[str, object] = {}
-    reasons: dict[str, str] = {}
-
-    def run(condition: Condition, with_si: bool):
-        return _guarded(lambda: sweep.run(condition, x, y, tick(condition.name), saliency=with_si),
-                        f"sweeping condition {condition.name}")
-
-    for condition in anchors:
-        done[condition.name] = run(condition, scope != "none")
-    plan = SweepPlan(scope, [], reasons)
-    if options.early_stop and shifted:
-        settled = _settled(done.values(), spec)
-        if settled:
-            plan.stopped = settled
-            plan.skipped = [{"name": c.name, "reason": settled} for c in shifted]
-            shifted = []
-    for condition in shifted:
-        done[condition.name] = run(condition, scope == "all")
-
-    if scope == "decisive" and shifted:
-        provisional = [_provisional(r) for r in done.values()]
-        failing = [f"{c['name']} {metric}" for c in provisional for metric, _, _ in genuine_failures(c, policy)]
-        computed = [c for c in provisional if c["saliency_computed"]]
-        anchors_zero = bool(computed) and all(c["metrics"]["SI"] is None for c in computed)
-        if not failing or anchors_zero:
-            plan.scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
-                                 "metrics everywhere, so SI decides" if not failing else
-                                 "SI on every condition: every saliency map on clean and noise is zero, so SI "
-                                 "decides whether the model is trivial")
-            for condition in shifted:
-                _guarded(lambda: sweep.add_saliency(done[condition.name], x, y, tick(condition.name)),
-                         f"computing the saliency of condition {condition.name}")
-        else:
-            listed = ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
-            plan.scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
-                                 f"({listed}), so SI on the shifts cannot change the verdict")
-            for condition in shifted:
-                reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
-                                           f"already fail ({listed}), so SI here cannot change the verdict")
-    elif scope == "decisive":
-        plan.scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)" if plan.stopped
-                             else "SI on every condition (there are no shifts)")
-    elif scope == "all":
-        plan.scope_reason = "SI on every condition (options.saliency_scope = all)"
-    elif scope == "none":
-        why = ("options.saliency = false" if not options.saliency else
-               "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
-        plan.scope_reason = f"SI not computed: {why}"
-        reasons.update({name: f"saliency was switched off ({why})" for name in done})
-    plan.results = [done[c.name] for c in conditions if c.name in done]
-    return plan
-
-
-def _provisional(result) -> dict:
-    """A condition's means, enough for ``genuine_failures`` (no bootstrap: the sweep is not done yet)."""
-    return condition_report(result, 0, 0, result.saliency_computed)
-
-
-def _settled(anchor_results, spec: AuditSpec) -> str | None:
-    """Why clean and noise already settle the verdict, or None.
-
-    A genuine criterion that fails on clean or noise rules out ``genuine`` whatever the shifts show; the
-    label is then ``learned``, ``not_invariant`` or ``trivial``, which depend on clean and noise only
-    (``verdict.decide``). Unless every anchor saliency map is zero: then the shifts' SI can decide trivial.
-    """
-    reports = [with_chance_levels(_provisional(r), r.accumulator) for r in anchor_results]
-    if any(c["saliency_computed"] for c in reports) and \
-            all(c["metrics"]["SI"] is None for c in reports if c["saliency_computed"]):
-        return None
-    failing = [f"{c['name']} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
-               for c in reports for metric, value, need in genuine_failures(c, spec.policy)]
-    if not failing:
-        return None
-    label = decide(reports, spec.policy, spec.require)["label"]
-    return (f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
-            "the Jacobian would only fill the report")
-
-
-def _check_autocast(sweep: OrbitSweep, x, stats: ProbeStats, options) -> dict | None:
-    """The opt-in bf16 autocast, checked against fp32 on the first probes' orbits; switched off past
-    ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for."""
+def _check_autocast(runner: ModelRunner, group: Group, x, stats: ProbeStats, options) -> dict | None:
+    """The opt-in bf16 autocast, checked against fp32 on the first probes' orbits; not used past
+    ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for. The plan carries the outcome."""
     if not options.autocast_bf16:
         return None
-    if not sweep.autocast:
-        return {"dtype": None, "used": False, "note": f"autocast_bf16 needs CUDA; ran fp32 on {sweep.device}"}
-    runner = sweep.runner
-    sample = x[:16].to(sweep.device) if x is not None else _noise(16, runner, stats, options.seed)
-    flat = sweep.group.orbit(sample).reshape(-1, *sample.shape[1:])
-    sweep.autocast = False
+    if runner.device.type != "cuda":
+        return {"dtype": None, "used": False, "note": f"autocast_bf16 needs CUDA; ran fp32 on {runner.device}"}
+    sample = x[:16].to(runner.device) if x is not None else _noise(16, runner, stats, options.seed)
+    flat = group.orbit(sample).reshape(-1, *sample.shape[1:])
     reference = runner.logits(flat, options.batch_size)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         low = runner.logits(flat, options.batch_size).float()
     scale = float(reference.abs().max().clamp_min(1e-12))
     error = float((low - reference).abs().max()) / scale
-    sweep.autocast = error <= AUTOCAST_TOLERANCE
-    return {"dtype": "bfloat16" if sweep.autocast else None, "used": sweep.autocast,
+    used = error <= AUTOCAST_TOLERANCE
+    return {"dtype": "bfloat16" if used else None, "used": used,
             "max_relative_logit_error": error, "tolerance": AUTOCAST_TOLERANCE,
             "note": "forward-only logits under bf16 autocast (saliency and the Jacobian stay fp32)"
-            if sweep.autocast else "bf16 logits differ from fp32 past the tolerance: ran fp32"}
+            if used else "bf16 logits differ from fp32 past the tolerance: ran fp32"}
 
 
 def _conditions(shifts: list, has_probes: bool) -> list[Condition]:
@@ -461,7 +364,7 @@ def _conditions(shifts: list, has_probes: bool) -> list[Condition]:
 def _saliency_method(runner: ModelRunner, spec: AuditSpec) -> tuple[SaliencyMethod, str | None]:
     module = runner.torch_module()
     if module is not None:
-        return integrated_gradients(module, spec.options.ig_steps, spec.options.batch_size), None
+        return integrated_gradients(module, spec.options.ig_steps, spec.options.batch_size, adaptive=True), None
     reason = runner.gradient_note or "no differentiable module for this model"
     method = occlusion(lambda t: runner.logits(t, spec.options.batch_size), runner.input_shape, reason)
     return method, method.note
@@ -486,19 +389,6 @@ def _sensitivity(runner: ModelRunner, x: torch.Tensor | None, stats: ProbeStats,
                               note=f"{runner.gradient_note}; sigma_max is an estimate")
 
 
-def _guarded(fn: Callable, what: str):
-    """Run model code; turn anything but our own errors into a ModelRuntimeError saying where."""
-    try:
-        return fn()
-    except AuditError:
-        raise
-    except torch.cuda.OutOfMemoryError as exc:
-        raise ModelRuntimeError(f"Out of GPU memory while {what}: lower options.batch_size or "
-                                f"options.probe_chunk ({exc})", field="model") from None
-    except Exception as exc:  # noqa: BLE001 - user model code can raise anything
-        raise ModelRuntimeError(f"The model failed while {what}: {type(exc).__name__}: {exc}", field="model") from None
-
-
 def _model_section(runner: ModelRunner, saliency: SaliencyMethod | None, saliency_note: str | None) -> dict:
     return {
         "format": runner.format,
@@ -507,7 +397,7 @@ def _model_section(runner: ModelRunner, saliency: SaliencyMethod | None, salienc
         "num_classes": runner.num_classes,
         "device": str(runner.device),
         "providers": list(runner.providers),
-        "saliency_method": saliency.name if saliency else None,
+        "saliency_method": saliency.describe() if saliency else None,
         "gradient_path": _gradient_path(runner),
         "twin_max_error": getattr(runner, "twin_error", None),
         "gradient_note": saliency_note or runner.gradient_note,

@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from .groups import Group
 from .metrics import ConditionAccumulator, saliency_similarity
 from .metrics.saliency import SaliencyMethod, postprocess
+from .plan import AuditPlan
 from .runtime import ModelRunner
 from .shifts import ProbeStats, apply_shift, uniform_noise
 from .spec import Options, ShiftSpec
 
+#: samples of each saliency batch on which IG's completeness error is measured (one extra forward pass of them)
+COMPLETENESS_SAMPLES = 32
 #: Worst-similarity examples kept per condition for the HTML report.
 EXAMPLES_PER_CONDITION = 3
 EXAMPLE_MAX_SIDE = 48
@@ -52,6 +55,12 @@ class ConditionResult:
     saliency_computed: bool = False
     #: the part of ``seconds`` spent on the saliency pass (integrated gradients and their logits)
     saliency_seconds: float = 0.0
+    #: probes whose SI was computed (fewer than ``accumulator.n`` when the sequential bound stopped early)
+    saliency_probes: int = 0
+    #: why the saliency pass stopped: decided | not_needed | cap (None while SI is not computed)
+    saliency_stopped: str | None = None
+    #: IG's completeness: (sum |sum attr - (f(x) - f(0))|, sum |f(x) - f(0)|) over the samples checked
+    completeness: tuple[float, float] = (0.0, 0.0)
 
 
 class OrbitSweep:
@@ -65,6 +74,7 @@ class OrbitSweep:
         stats: ProbeStats,
         saliency: SaliencyMethod | None,
         second_probes: torch.Tensor | None = None,
+        plan: AuditPlan | None = None,
     ) -> None:
         self.runner = runner
         self.group = group
@@ -73,8 +83,8 @@ class OrbitSweep:
         self.saliency = saliency
         self.second_probes = second_probes
         self.device = runner.device
-        #: bf16 autocast for forward-only logits: opt-in, CUDA and torch runtimes only (see ``_logits``)
-        self.autocast = bool(getattr(options, "autocast_bf16", False)) and self.device.type == "cuda"
+        #: bf16 autocast for forward-only logits: decided by the audit's plan (checked against fp32 there)
+        self.autocast = bool(plan.autocast) if plan is not None else False
 
     # ------------------------------------------------------------------ public
     def n_chunks(self, condition: Condition, n_probes: int) -> int:
@@ -98,17 +108,22 @@ class OrbitSweep:
         worst: list[dict] = []
         with_si = saliency and self.saliency is not None
         use_labels = labels is not None and not condition.noise
+        completeness = [0.0, 0.0]
         for x, y in self._chunks(condition, probes, labels if use_labels else None, self._generator(condition)):
             logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, with_si)
             acc.update(logits_gx, y, si_pairs)
-            if si_pairs is not None and condition.keep_examples:
-                worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
+            if si_pairs is not None:
+                completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
+                if condition.keep_examples:
+                    worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
             on_chunk()
         self._sync()
         examples = [_example(e, condition.name, self.group.element_names) for e in worst]
         seconds = time.perf_counter() - start
         return ConditionResult(condition, acc, examples, seconds, saliency_computed=with_si,
-                               saliency_seconds=seconds if with_si else 0.0)
+                               saliency_seconds=seconds if with_si else 0.0,
+                               saliency_probes=acc.n if with_si else 0, saliency_stopped="cap" if with_si else None,
+                               completeness=tuple(completeness))
 
     def add_saliency(
         self,
@@ -116,26 +131,49 @@ class OrbitSweep:
         probes: torch.Tensor | None,
         labels: torch.Tensor | None,
         on_chunk: Callable[[], None] = lambda: None,
+        batch: int | None = None,
+        should_stop: Callable[[ConditionResult], str | None] = lambda result: None,
     ) -> None:
         """SI for a condition that ``run`` swept forward-only: the same seeded chunks again, their
-        logits (for the IG target) and integrated gradients; only SI is added to the accumulator."""
+        logits (for the IG target) and integrated gradients; only SI is added to the accumulator.
+
+        Sequential SI: the probes go through in batches of ``batch`` (the chunks split further), and after each
+        ``should_stop(result)`` may end the pass with its reason (``decided``, ``not_needed``); a pass that runs
+        through every probe ends with ``cap``. The batches are the leading probes of the same seeded chunks, so
+        the probes SI used are the first ``saliency_probes`` of the forward pass."""
         if result.saliency_computed or self.saliency is None:
             return
         start = time.perf_counter()
         condition, acc = result.condition, result.accumulator
         worst: list[dict] = []
         offset = 0
+        completeness = [0.0, 0.0]
+        stopped = None
+        result.saliency_computed = True
         use_labels = labels is not None and not condition.noise
-        for x, y in self._chunks(condition, probes, labels if use_labels else None, self._generator(condition)):
-            logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True)
-            acc.update_saliency(si_pairs)
-            if condition.keep_examples:
-                worst = _keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
-            offset += x.shape[0]
+        for chunk, labels_chunk in self._chunks(condition, probes, labels if use_labels else None,
+                                                self._generator(condition)):
+            size = batch or chunk.shape[0]
+            for first in range(0, chunk.shape[0], size):
+                x = chunk[first:first + size]
+                y = None if labels_chunk is None else labels_chunk[first:first + size]
+                logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True)
+                acc.update_saliency(si_pairs)
+                completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
+                if condition.keep_examples:
+                    worst = _keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
+                offset += x.shape[0]
+                result.saliency_probes = offset
+                stopped = should_stop(result)
+                if stopped:
+                    break
             on_chunk()
+            if stopped:
+                break
         self._sync()
         result.examples = [_example(e, condition.name, self.group.element_names) for e in worst]
-        result.saliency_computed = True
+        result.saliency_stopped = stopped or "cap"
+        result.completeness = tuple(completeness)
         result.saliency_seconds = time.perf_counter() - start
         result.seconds += result.saliency_seconds
 
@@ -189,14 +227,20 @@ class OrbitSweep:
         logits = self._logits(flat).reshape(g, n, -1)
         if self.saliency is None or not saliency:
             return logits, None, None, {}
-        target = labels if labels is not None else logits[0].argmax(-1)
-        attributions = self.saliency.attribute(flat, target.repeat(g)).abs().reshape(g, n, *shape)
+        target = (labels if labels is not None else logits[0].argmax(-1)).repeat(g)
+        signed = self.saliency.attribute(flat, target)
+        seen: dict = {"orbit": orbit}
+        if self.saliency.ig is not None:  # IG's completeness on an even sample of the batch
+            pick = slice(None, None, max(1, flat.shape[0] // COMPLETENESS_SAMPLES))
+            seen["completeness"] = self.saliency.ig.completeness(flat[pick], target[pick], signed[pick])
+        attributions = signed.abs().reshape(g, n, *shape)
+        seen["raw"] = attributions
         # g^-1 first, then threshold + filter: g^-1 is a permutation, so it commutes with |.| and
         # the 0.9 x max threshold, and aligning before the Gaussian filter keeps the filter's
         # border handling from breaking exact equivariance (cyclic translations, permutations).
         aligned = self.group.inverse_orbit(attributions)
         maps = postprocess(aligned.reshape(g * n, *shape), sample_rank=len(shape)).reshape(g, n, *shape)
-        return logits, saliency_similarity(maps[0], maps), maps, {"orbit": orbit, "raw": attributions}
+        return logits, saliency_similarity(maps[0], maps), maps, seen
 
 
 def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,

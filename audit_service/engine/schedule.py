@@ -1,0 +1,191 @@
+"""The sweep schedule: the conditions in order, where SI is computed, and when each SI pass stops.
+
+It follows an ``AuditPlan`` (``plan.py``). Every condition is swept forward-only first (one model pass a sample);
+SI follows where it can change the verdict (``decisive``) or everywhere (``all``). In ``decisive`` SI runs in probe
+batches: a condition stops once the confidence bound on its SI (``sequential.si_bound``) is clear of the genuine
+threshold (``decided``), or after its first batch with a defined SI when another criterion already rules genuine
+out (``not_needed``: its SI can then only tell whether every saliency map is zero), else at its probe budget (``cap``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .guard import guarded
+from .metrics.saliency import IG_METHOD
+from .plan import AuditPlan
+from .report.build import condition_report, with_chance_levels
+from .sequential import SaliencySampling, decided, relative_completeness, si_bound
+from .spec import AuditSpec
+from .sweep import Condition, ConditionResult, OrbitSweep
+from .verdict import decide, genuine_checks, genuine_failures
+
+#: the conditions the report always needs (the paper's SI is computed there)
+ANCHORS = ("clean", "noise")
+
+
+@dataclass
+class SweepOutcome:
+    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere, how each
+    SI pass was sampled, and what early stopping skipped."""
+
+    scope: str
+    results: list[ConditionResult]
+    saliency_reasons: dict[str, str]
+    sampling: dict[str, SaliencySampling] = field(default_factory=dict)
+    scope_reason: str | None = None
+    stopped: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+
+def run_sweep(sweep: OrbitSweep, plan: AuditPlan, conditions: list[Condition], x, y, spec: AuditSpec,
+              tick: Callable[[str], Callable[[], None]]) -> SweepOutcome:
+    """Sweep the conditions as ``plan`` says (see the module docstring)."""
+    options, policy = spec.options, spec.policy
+    scope = plan.scope
+    anchors = [c for c in conditions if c.name in ANCHORS]
+    shifted = [c for c in conditions if c not in anchors]
+    done: dict[str, ConditionResult] = {}
+    reasons: dict[str, str] = {}
+    provisional = _Provisional(spec)
+
+    def forward(condition: Condition) -> None:  # ``all``: SI in the same pass, on every probe
+        done[condition.name] = guarded(
+            lambda: sweep.run(condition, x, y, tick(condition.name), saliency=scope == "all"),
+            f"sweeping condition {condition.name}")
+
+    def saliency(condition: Condition) -> None:
+        result = done[condition.name]
+        if result.saliency_computed:
+            return
+        cap = result.accumulator.n
+        value_only = provisional.genuine_ruled_out(done.values(), without_si_of=condition.name)
+        looks = plan.looks(cap)
+
+        def should_stop(r: ConditionResult) -> str | None:
+            bound = si_bound(r.accumulator.values("SI", identity=False), plan.confidence, looks,
+                             options.bootstrap, options.seed)
+            if bound is None:  # no defined SI yet (every map so far is zero): go on
+                return None
+            if value_only:
+                return "not_needed"
+            return "decided" if decided(bound, plan.si_threshold) else None
+
+        guarded(lambda: sweep.add_saliency(result, x, y, tick(condition.name), plan.si_batch(cap), should_stop),
+                f"computing the saliency of condition {condition.name}")
+
+    for condition in anchors:
+        forward(condition)
+    outcome = SweepOutcome(scope, [], reasons)
+    if plan.early_stop and shifted:
+        if scope == "decisive":
+            for condition in anchors:
+                saliency(condition)
+        settled = _settled([done[c.name] for c in anchors], spec)
+        if settled:
+            outcome.stopped = settled
+            outcome.skipped = [{"name": c.name, "reason": settled} for c in shifted]
+            shifted = []
+    for condition in shifted:
+        forward(condition)
+    if scope == "decisive":
+        for condition in anchors:
+            saliency(condition)
+
+    if scope == "decisive" and shifted:
+        reports = [provisional.report(r) for r in done.values()]
+        failing = [f"{c['name']} {metric}" for c in reports for metric, _, _ in genuine_failures(c, policy)]
+        computed = [c for c in reports if c["saliency_computed"]]
+        anchors_zero = bool(computed) and all(c["metrics"]["SI"] is None for c in computed)
+        if not failing or anchors_zero:
+            outcome.scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
+                                    "metrics everywhere, so SI decides" if not failing else
+                                    "SI on every condition: every saliency map on clean and noise is zero, so SI "
+                                    "decides whether the model is trivial")
+            for condition in shifted:
+                saliency(condition)
+        else:
+            listed = ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
+            outcome.scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
+                                    f"({listed}), so SI on the shifts cannot change the verdict")
+            for condition in shifted:
+                reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
+                                           f"already fail ({listed}), so SI here cannot change the verdict")
+    elif scope == "decisive":
+        outcome.scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)"
+                                if outcome.stopped else "SI on every condition (there are no shifts)")
+    elif scope == "all":
+        outcome.scope_reason = "SI on every condition (options.saliency_scope = all)"
+    else:
+        why = ("options.saliency = false" if not options.saliency else
+               "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
+        outcome.scope_reason = f"SI not computed: {why}"
+        reasons.update({name: f"saliency was switched off ({why})" for name in done})
+    outcome.results = [done[c.name] for c in conditions if c.name in done]
+    outcome.sampling = {r.condition.name: _sampling(r, sweep, plan, spec) for r in outcome.results
+                        if r.saliency_computed}
+    return outcome
+
+
+class _Provisional:
+    """Condition reports of results still being swept, for the genuine criteria (with the final report's bootstrap
+    intervals, so that "clearly fails" means what the verdict will read); cached per result state."""
+
+    def __init__(self, spec: AuditSpec) -> None:
+        self.spec = spec
+        self._cache: dict[tuple, dict] = {}
+
+    def report(self, result: ConditionResult, with_si: bool = True) -> dict:
+        si = with_si and result.saliency_computed
+        key = (result.condition.name, si, result.saliency_probes if si else 0)
+        if key not in self._cache:
+            options = self.spec.options
+            self._cache[key] = condition_report(result, options.bootstrap, options.seed, si)
+        return self._cache[key]
+
+    def genuine_ruled_out(self, results, without_si_of: str) -> bool:
+        """A genuine criterion other than ``without_si_of``'s SI fails with its interval clear of the threshold:
+        genuine is out whatever that SI shows, and no borderline flag could come from it."""
+        for result in results:
+            report = self.report(result, with_si=result.condition.name != without_si_of)
+            if any(not c.passed and not c.straddles for c in genuine_checks(report, self.spec.policy)):
+                return True
+        return False
+
+
+def _sampling(result: ConditionResult, sweep: OrbitSweep, plan: AuditPlan, spec: AuditSpec) -> SaliencySampling:
+    options, cap = spec.options, result.accumulator.n
+    ig = sweep.saliency.ig if sweep.saliency is not None else None
+    bound = si_bound(result.accumulator.values("SI", identity=False), plan.confidence, plan.looks(cap),
+                     options.bootstrap, options.seed)
+    return SaliencySampling(
+        probes_used=result.saliency_probes, probes_cap=cap, interval=bound, confidence=plan.confidence,
+        stopped=result.saliency_stopped or "cap", ig_method=IG_METHOD if ig is not None else "occlusion",
+        ig_steps=(ig.steps or 0) if ig is not None else 0,
+        completeness_error=relative_completeness(result.completeness) if ig is not None else None)
+
+
+def provisional_report(result: ConditionResult) -> dict:
+    """A condition's means, enough for ``genuine_failures`` (no bootstrap: the sweep is not done yet)."""
+    return condition_report(result, 0, 0, result.saliency_computed)
+
+
+def _settled(anchor_results, spec: AuditSpec) -> str | None:
+    """Why clean and noise already settle the verdict, or None.
+
+    A genuine criterion that fails on clean or noise rules out ``genuine`` whatever the shifts show; the
+    label is then ``learned``, ``not_invariant`` or ``trivial``, which depend on clean and noise only
+    (``verdict.decide``). Unless every anchor saliency map is zero: then the shifts' SI can decide trivial.
+    """
+    reports = [with_chance_levels(provisional_report(r), r.accumulator) for r in anchor_results]
+    if any(c["saliency_computed"] for c in reports) and \
+            all(c["metrics"]["SI"] is None for c in reports if c["saliency_computed"]):
+        return None
+    failing = [f"{c['name']} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
+               for c in reports for metric, value, need in genuine_failures(c, spec.policy)]
+    if not failing:
+        return None
+    label = decide(reports, spec.policy, spec.require)["label"]
+    return (f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
+            "the Jacobian would only fill the report")
