@@ -68,6 +68,10 @@ class Settings:
     #: after ``header_timeout_s`` (``serve`` raises the open-file limit to match)
     web_workers: int = 2
     web_connections: int = 4096
+    #: connections one client address may hold in each web worker; past it a new one closes that address's
+    #: longest-idle kept-alive connection (or is refused when all are busy). 0: no cap (behind a proxy that
+    #: caps per client itself, its own address is every client's)
+    max_client_connections: int = 256
     #: seconds a client has to send a request's line and headers (and the most a kept-alive connection
     #: waits for the next request); slower clients are disconnected
     header_timeout_s: float = 10.0
@@ -100,6 +104,10 @@ class Settings:
     warm_sandbox: int = 1
     #: the audit function the sandbox calls, ``module:function``
     engine: str = "audit_service.engine.audit:run_audit"
+    #: whether audits may ask for ``device: cuda`` (422 at submission otherwise): ``auto`` (local workers: this
+    #: host has an NVIDIA GPU, a CUDA build of torch, and the workers take the ``gpu`` queue; Celery: yes, the
+    #: GPU workers run elsewhere), ``1`` or ``0``
+    cuda: str = "auto"
     #: host and port for ``audit-service serve``
     host: str = "127.0.0.1"
     port: int = 8000
@@ -107,6 +115,15 @@ class Settings:
     #: MLflow tracking servers ``POST /audit`` may fetch a ``model_uri`` from: comma-separated ``URI`` or
     #: ``NAME=URI`` (clients name one with ``mlflow_registry``; the first is the default); empty = off
     mlflow_allowed_uris: str = ""
+    #: which tenant may write back to which registered models: ``tenant:pattern`` or ``tenant:registry:pattern``
+    #: (a glob over the model name, ``runs:/RUN_ID`` for a run), comma- or line-separated, here and/or in
+    #: ``write_back_rules_file``; none: no write-back (403)
+    write_back_rules: str = ""
+    write_back_rules_file: str = ""
+    #: the gate the ``invariance.passed`` tag follows (the client's ``require`` does not): verdict labels
+    #: that pass, and whether a borderline verdict fails
+    write_back_require: str = "genuine,learned"
+    write_back_require_confident: int = 0
 
     @property
     def resolved_executor(self) -> str:

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
                         delete, event, func, insert, select, update)
@@ -64,10 +64,13 @@ jobs = Table(
     Column("dispatched_at", Float),
     #: what a job list shows of the spec (``summaries.spec_summary``, JSON): lists never read ``spec_json``
     Column("spec_summary", Text),
+    #: the MLflow write-back's outcome (``jobs.write_back``), JSON; None: none was asked for (or not yet done)
+    Column("write_back_json", Text),
 )
 
 #: columns added after the first release: ``init_schema`` adds them to an existing table
-_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT", "passed": "BOOLEAN", "spec_summary": "TEXT"}
+_ADDED_COLUMNS = {"dedupe_key": "VARCHAR(64)", "dispatched_at": "FLOAT", "passed": "BOOLEAN", "spec_summary": "TEXT",
+                  "write_back_json": "TEXT"}
 
 #: PostgreSQL advisory lock keys: schema creation, and check-then-insert submissions (``_write_tx``)
 _SCHEMA_LOCK_KEY = 727273
@@ -156,6 +159,8 @@ class Job:
     sandbox_pid: int | None = None
     dedupe_key: str | None = None
     dispatched_at: float | None = None
+    #: the MLflow write-back's outcome ({status, uri, version, attempts, tags | error}), once the worker tried
+    write_back: dict | None = None
 
     @property
     def ready(self) -> bool:
@@ -646,6 +651,7 @@ class JobStore:
                 json.loads(old or "{}"), json.loads(old_inputs_text or "{}"))
             err = job.pop("error_json")
             job["error"] = json.loads(err) if err else None
+            job.pop("write_back_json", None)
             job["status"] = JobStatus(job["status"])
             out.append(job)
         return out, int(total)
@@ -662,6 +668,42 @@ class JobStore:
             if holder is not None:
                 text = conn.execute(select(reports.c.report_json).where(reports.c.job_id == holder)).scalar()
             return text
+
+    #: characters per slice of a streamed report (``report_slices``)
+    REPORT_SLICE = 256 * 1024
+
+    def report_source(self, job_id: str) -> tuple[str, int] | None:
+        """(the job that holds ``job_id``'s report text, its size in bytes), or None; nothing of the text is read
+        but a duplicate's reference."""
+        from sqlalchemy import LargeBinary, cast
+
+        size = func.length(cast(reports.c.report_json, LargeBinary))
+        head = func.substr(reports.c.report_json, 1, 200)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(size, head).where(reports.c.job_id == job_id)).first()
+            if row is None:
+                return None
+            holder = _reused_from(row[1]) if row[0] <= 200 else None
+            if holder is None:
+                return job_id, int(row[0])
+            found = conn.execute(select(size).where(reports.c.job_id == holder)).scalar()
+        return (holder, int(found)) if found is not None else None
+
+    def report_slices(self, holder: str, size: int | None = None) -> Iterator[bytes]:
+        """The report text of ``holder`` in slices of ``size`` characters, each read on its own (a web worker
+        holds one slice per download, not the report); ends early if the row is gone."""
+        size = size or self.REPORT_SLICE
+        start = 1
+        while True:
+            with self.engine.connect() as conn:
+                piece = conn.execute(select(func.substr(reports.c.report_json, start, size))
+                                     .where(reports.c.job_id == holder)).scalar()
+            if not piece:
+                return
+            yield piece.encode()
+            if len(piece) < size:
+                return
+            start += size
 
     # ------------------------------------------------------------------ the one state-change path
     def transition(self, job_id: str, sources: Iterable[JobStatus], target: JobStatus,
@@ -766,9 +808,11 @@ class JobStore:
         try:
             with self.engine.begin() as conn:
                 # both writes in one transaction: a job is never succeeded without its report
+                outcome = report.get("mlflow_write_back") if isinstance(report, dict) else None
                 moved = self.transition(job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED, owner=owner, conn=conn,
                                         progress=1.0, stage="done", verdict=label, passed=passed, finished_at=now,
-                                        updated_at=now)
+                                        updated_at=now, write_back_json=json.dumps(outcome)
+                                        if isinstance(outcome, dict) else None)
                 if moved:
                     conn.execute(delete(reports).where(reports.c.job_id == job_id))
                     conn.execute(insert(reports).values(job_id=job_id, report_json=text))
@@ -942,5 +986,7 @@ def _decode(row: Any) -> dict:
     job["inputs"] = json.loads(job.pop("inputs_json"))
     err = job.pop("error_json")
     job["error"] = json.loads(err) if err else None
+    outcome = job.pop("write_back_json", None)
+    job["write_back"] = json.loads(outcome) if outcome else None
     job["status"] = JobStatus(job["status"])
     return job

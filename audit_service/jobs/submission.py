@@ -34,7 +34,7 @@ DATA_PREFIX = "model_data/"
 MODEL_LINKS = ("model", "model.onnx", "model.pt", "model.pt2")
 
 __all__ = ["DATA_PREFIX", "FILE_FIELDS", "MODEL_LINKS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission",
-           "Submitted", "TenantLimit", "TenantStoredLimit", "admit", "check_inputs", "data_inputs", "dedupe_key", "free_space_mb",
+           "Submitted", "TenantLimit", "TenantStoredLimit", "admit", "check_device", "check_inputs", "cuda_available", "data_inputs", "dedupe_key", "free_space_mb",
            "link_model_folder", "retry_after_s", "submit", "wait_for"]
 
 
@@ -112,6 +112,53 @@ def check_inputs(spec: AuditSpec, present: Iterable[str]) -> None:
     if second_needed and "second_probes" not in present:
         raise InvalidSubmission("Expected a `second_probes` file: a blend shift targets second_probes",
                                 field="second_probes")
+
+
+def check_device(spec: AuditSpec, settings: Settings) -> None:
+    """``options.device: cuda`` only where a worker can run it (``cuda_available``): a 422 now, never a job
+    that fails when a CPU worker takes it. Raises ``InvalidSubmission``."""
+    if spec.options.device == "cuda" and not cuda_available(settings):
+        raise InvalidSubmission("Expected `options.device` 'auto' or 'cpu': this service's audit workers have no "
+                                "CUDA GPU (AUDIT_CUDA, and the gpu queue in AUDIT_WORKER_QUEUES), so 'cuda' could "
+                                "only fail when the audit runs; 'auto' uses a GPU where there is one",
+                                field="spec.options.device")
+
+
+def cuda_available(settings: Settings) -> bool:
+    """Whether an audit asking for ``device: cuda`` can run (``Settings.cuda``)."""
+    mode = str(settings.cuda).strip().lower()
+    if mode in ("1", "true", "yes", "on"):
+        return True
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if settings.resolved_executor == "celery":
+        return True  # the gpu queue's workers run on other hosts; the operator sets AUDIT_CUDA=0 when there are none
+    return "gpu" in settings.queues and host_has_cuda()
+
+
+_HOST_CUDA: list[bool] = []
+
+
+def host_has_cuda() -> bool:
+    """This host has an NVIDIA GPU that the workers may see, and torch is a CUDA build; read from files, without
+    importing torch (the web tier never does) and once per process."""
+    if not _HOST_CUDA:
+        import glob
+        import importlib.util
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = bool(glob.glob("/dev/nvidia[0-9]*")) or Path("/proc/driver/nvidia/version").exists()
+        built = False
+        found = importlib.util.find_spec("torch")
+        for folder in (found.submodule_search_locations or []) if found is not None else []:
+            try:
+                text = (Path(folder) / "version.py").read_text()
+            except OSError:
+                continue
+            built = any(line.replace(" ", "").startswith(("cuda:Optional[str]='", "cuda='"))
+                        for line in text.splitlines())
+        _HOST_CUDA.append(devices and built and visible not in ("", "-1"))
+    return _HOST_CUDA[0]
 
 
 def retry_after_s(store: JobStore, settings: Settings) -> int:

@@ -22,7 +22,7 @@ from .state import current_tenant, state
 from .errors import (DISK_FULL_DETAIL, BadRequest, Conflict, InsufficientStorage, NotFound, PayloadTooLarge,
                      TooManyRequests, Unprocessable)
 from .schemas import JobList, ListQuery, SubmitForm, SubmitQuery, job_out, job_summary_out
-from .registry_source import REGISTRY_FIELDS, pop_registry_fields, stage_registry_model
+from .registry_source import REGISTRY_FIELDS, check_write_back, pop_registry_fields, stage_registry_model
 from .uploads import (array_kind, check_data_named, check_slot, save_model_data, save_upload, symmetrize_in_sandbox,
                       validate_model)
 
@@ -134,6 +134,8 @@ def submit_audit() -> Response:
     with submission_errors():
         submission.admit(st.store, st.settings, tenant)  # cheap early checks before reading the upload
         options, spec, registry_fields = _parse_form()
+        check_write_back(st.settings, tenant, registry_fields)  # the operator's rules, before any download
+        submission.check_device(spec, st.settings)
         try:
             inputs = _stage_inputs(st, tenant, spec, registry_fields, staged)
             # a write-back is this job's own work (the worker does it): never answered by a finished twin
@@ -279,7 +281,16 @@ def get_audit(job_id: str) -> Response:
 
 
 def _finished_report_text(job_id: str) -> tuple[dict, str]:
-    """The job and its stored report JSON text (never parsed here: one copy in the web worker)."""
+    """The job and its stored report JSON text (for the page that must be rendered from it)."""
+    job = _finished_job(job_id)
+    text = state().store.report_text(job_id)
+    if text is None:
+        raise Conflict(f"audit {job_id} has no stored report")
+    return job, text
+
+
+def _finished_job(job_id: str) -> dict:
+    """The job, when it succeeded; 409 saying where it stands otherwise."""
     job = get_job_or_404(job_id)
     status = JobStatus(job["status"])
     if status != JobStatus.SUCCEEDED:
@@ -288,19 +299,23 @@ def _finished_report_text(job_id: str) -> tuple[dict, str]:
             raise Conflict(f"audit {job_id} failed, so it has no report: {reason}")
         raise Conflict(f"audit {job_id} is {status.value} ({job['progress']:.0%}, {job['stage']}); its report is "
                        f"ready when GET /audits/{job_id} says succeeded")
-    text = state().store.report_text(job_id)
-    if text is None:
-        raise Conflict(f"audit {job_id} has no stored report")
-    return job, text
+    return job
 
 
 @bp.get("/audits/<job_id>/report")
 def get_report(job_id: str) -> Response:
+    """The stored report JSON, streamed from the database in slices (memory per download: one slice)."""
     best = request.accept_mimetypes.best_match(["application/json", "text/html"], default="application/json")
     if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]:
         return get_report_html(job_id)
-    _job, text = _finished_report_text(job_id)
-    response = Response(text, mimetype="application/json")
+    _finished_job(job_id)
+    store = state().store
+    source = store.report_source(job_id)
+    if source is None:
+        raise Conflict(f"audit {job_id} has no stored report")
+    holder, size = source
+    response = Response(store.report_slices(holder), mimetype="application/json")
+    response.headers["Content-Length"] = str(size)
     response.headers["Vary"] = "Accept"
     return response
 
@@ -311,8 +326,9 @@ def get_report_html(job_id: str) -> Response:
     duplicate, an older job, a render past its budget) is rendered once off the event loop and kept."""
     st = state()
     path = page_path(st.settings.data_dir, job_id)
-    job, text = _finished_report_text(job_id)
+    job = _finished_job(job_id)
     if not path.is_file():
+        job, text = _finished_report_text(job_id)
         _off_the_loop(store_page, st.settings.data_dir, job, json.loads(text))
     if not path.is_file():
         raise Conflict(f"audit {job_id}'s report page could not be rendered; GET /audits/{job_id}/report has the "

@@ -5,7 +5,11 @@
   on a kept-alive connection the same deadline applies to the wait for the next one;
 * an idle timeout on every later socket read or write (``AUDIT_REQUEST_IDLE_S``): a body that stops
   arriving, or a client that stops reading the answer, frees its connection;
-* gunicorn's own refusals (400, 414, 431...) answered as ``application/problem+json``.
+* gunicorn's own refusals (400, 414, 431...) answered as ``application/problem+json``;
+* at most ``AUDIT_MAX_CLIENT_CONNECTIONS`` connections per client address in each web worker: past it, a new
+  connection closes that address's longest-idle kept-alive one (waiting for its next request), or is itself
+  closed when every one of them is busy; one address's idle connections cannot crowd out other clients, and
+  its own fresh request still gets through.
 
 Every connection is a greenlet, not a thread: slow clients and ``POST /audit?wait=`` waiters (a
 cooperative ``time.sleep`` poll, see ``audits.submit_audit``) cost a little memory each, not a slot.
@@ -17,6 +21,8 @@ check) yield to other greenlets while they wait; SQLite calls run briefly on the
 from __future__ import annotations
 
 import socket
+import time
+from collections import defaultdict
 from typing import Any
 
 import gevent
@@ -44,20 +50,96 @@ class _Capture:
         return getattr(self._client, name)
 
 
+class _Connection:
+    """One client connection of this worker: idle (``idle_since``) while it waits for a request's headers."""
+
+    __slots__ = ("client", "idle_since")
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.idle_since = client, time.monotonic()
+
+
+class ClientConnections:
+    """The connections of each client address in one web worker, and the cap on them."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.by_address: dict[str, dict[Any, _Connection]] = defaultdict(dict)
+        self.evicted = self.refused = 0
+
+    def admit(self, address: str, key: Any, client: Any) -> bool:
+        """Register a new connection; at the cap, close the address's longest-idle one first, or say False
+        (refuse the new one) when all are busy."""
+        mine = self.by_address[address]
+        if self.cap > 0 and len(mine) >= self.cap:
+            idle = [(c.idle_since, k) for k, c in mine.items() if c.idle_since is not None]
+            if not idle:
+                self.refused += 1
+                return False
+            oldest = mine.pop(min(idle, key=lambda pair: pair[0])[1])
+            oldest.idle_since = None
+            self.evicted += 1
+            # the system call alone (gevent's own shutdown would raise in the waiting greenlet, which gunicorn
+            # logs as a socket error): that greenlet reads end-of-file and ends the connection quietly
+            raw = getattr(oldest.client, "_sock", oldest.client)
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        mine[key] = _Connection(client)
+        return True
+
+    def mark(self, address: str, key: Any, idle: bool) -> None:
+        conn = self.by_address.get(address, {}).get(key)
+        if conn is not None:
+            conn.idle_since = time.monotonic() if idle else None
+
+    def forget(self, address: str, key: Any) -> None:
+        mine = self.by_address.get(address)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self.by_address[address]
+
+
+def _address(addr: Any) -> str:
+    return str(addr[0]) if isinstance(addr, (tuple, list)) and addr else str(addr)
+
+
 class AuditWorker(GeventWorker):
     def init_process(self) -> None:
         settings = Settings.from_env()
         self.header_timeout = float(settings.header_timeout_s)
         self.idle_timeout = float(settings.request_idle_s)
+        self.connections = ClientConnections(int(settings.max_client_connections))
+        self.addresses: dict[Any, str] = {}  # greenlet -> its client's address
         super().init_process()  # patches, loads the app, runs
 
     def timeout_ctx(self) -> gevent.Timeout:
-        # gunicorn wraps each ``next(parser)`` (request line + headers) in this; False: end quietly
+        # gunicorn wraps each ``next(parser)`` (request line + headers) in this; False: end quietly.
+        # From here until the headers arrive the connection is idle: the first a full address gives up
+        current = gevent.getcurrent()
+        address = self.addresses.get(current)
+        if address is not None:
+            self.connections.mark(address, current, idle=True)
         return gevent.Timeout(self.header_timeout, False)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        self.connections.mark(_address(addr), gevent.getcurrent(), idle=False)
+        return super().handle_request(listener_name, req, sock, addr)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.settimeout(self.idle_timeout)
-        super(GeventWorker, self).handle(listener, client, addr)  # AsyncWorker.handle, without setblocking(1)
+        address, current = _address(addr), gevent.getcurrent()
+        if not self.connections.admit(address, current, client):
+            util.close(client)  # every connection of this address is mid-request: this one waits its turn elsewhere
+            return
+        self.addresses[current] = address
+        try:
+            super(GeventWorker, self).handle(listener, client, addr)  # AsyncWorker.handle, without setblocking(1)
+        finally:
+            self.addresses.pop(current, None)
+            self.connections.forget(address, current)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         capture = _Capture(client)

@@ -86,6 +86,20 @@ class JobOut(_Model):
     inputs: dict[str, InputFile]
     spec: dict[str, Any]
     links: JobLinks
+    write_back: dict[str, Any] | None = Field(
+        default=None, description="the MLflow write-back (mlflow_write_back=true): pending until the worker tried, "
+                                  "then written (with the tags) or failed (with why); skipped when the audit failed")
+
+
+def write_back_view(job: Job) -> dict[str, Any] | None:
+    """The write-back step as the job shows it: the worker's outcome, or where it stands before that."""
+    if job.write_back is not None:
+        return job.write_back
+    asked = ((job.inputs or {}).get("model") or {}).get("mlflow")
+    if not isinstance(asked, dict):
+        return None
+    status = "pending" if not job.ready else "skipped"
+    return {"status": status, "uri": asked.get("uri"), "version": asked.get("version")}
 
 
 class GroupSummary(_Model):
@@ -199,4 +213,5 @@ def job_out(job: Job | dict, now: float) -> JobOut:
         inputs={k: InputFile(**v) for k, v in (job.inputs or {}).items() if isinstance(v, dict)},
         spec=job.spec if isinstance(job.spec, dict) else {},
         links=_links(job.id, job.status == JobStatus.SUCCEEDED),
+        write_back=write_back_view(job),
     )
