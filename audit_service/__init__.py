@@ -6,8 +6,10 @@ The Python API (imported lazily, so ``import audit_service`` and the CLI start w
     result = audit(model, "C4", probes, labels)      # an nn.Module, a file path or bytes
     result.verdict.label, result.condition("clean").LI_normalized, result.to_html()
 
-The core library (groups, shifts, runtime, metrics, sweep, verdict, report, this API) has no web
-dependencies; ``audit_service.service``, ``audit_service.jobs`` and ``audit_service.reference`` sit on top.
+Layers, bottom up (import-linter keeps them, pyproject.toml): ``audit_service.engine`` (groups, shifts,
+runtimes, metrics, sweep, verdict, report, this API; no web dependencies), ``audit_service.adapters`` (the
+HTTP client, the MLflow registry), ``audit_service.reference`` (the reference runs), ``audit_service.jobs``
+(the sandboxed job runner), ``audit_service.service`` (the web tier) and ``audit_service.cli`` on top.
 """
 
 from __future__ import annotations
