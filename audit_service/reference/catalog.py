@@ -17,19 +17,21 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
-from ..engine.progress import ProgressFn
+from ..engine.metrics.names import METRICS, PROFILE_CONDITIONS, PROFILE_METRICS, ConditionName, Metric
+from ..engine.report.model import ConditionMetrics, ReferenceProfile, Report
 
 
 ENV_DIR = "AUDIT_REFERENCE_DIR"
 ENV_RUNS_DIR = "AUDIT_REFERENCE_RUNS_DIR"
 MODEL_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 
-#: Conditions and metrics of the profile vector (all scale-free, so models with different logit scales compare).
-PROFILE_CONDITIONS = ("clean", "noise")
-PROFILE_METRICS = ("LI_normalized", "DI", "SI", "agreement")
+#: Conditions and metrics of the profile vector (all scale-free, so models with different logit scales compare):
+#: ``PROFILE_CONDITIONS`` and ``PROFILE_METRICS``, views of the one metric table (``engine.metrics.names``).
 _LOG_FLOOR = 1e-4  # LI_normalized and DI enter as log10(v + floor) / 4: 0 -> -1, 1 -> ~0
 
 
@@ -125,19 +127,44 @@ def reference_model_path(name: str, fmt: str = "onnx") -> Path:
 
 
 # ----------------------------------------------------------------------------- profiles
-def _condition_metrics(conditions: Iterable[dict], name: str) -> dict | None:
+class _NamedMetrics(BaseModel):
+    """What a profile reads of a condition: its name and metric means (a report's condition or a card's)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    metrics: ConditionMetrics = Field(default_factory=ConditionMetrics)
+
+
+class _ProfileGroup(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = None
+    spec: Any = None
+
+
+class _Profiled(BaseModel):
+    """What a profile reads of a report: its group and its conditions (a full ``Report`` or a partial dict)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    group: _ProfileGroup | None = None
+    conditions: list[_NamedMetrics] = Field(default_factory=list)
+
+
+def _profiled(report: Report | dict) -> _Profiled:
+    return _Profiled.model_validate(report.to_json() if isinstance(report, Report) else report)
+
+
+def profile_vector(conditions: Iterable[Any]) -> dict[str, float | None]:
+    """The scale-free metric vector {"clean.DI": ..., "noise.SI": ...} of a report's (or a card's) conditions."""
+    by_name: dict[str, ConditionMetrics] = {}
     for c in conditions:
-        if c.get("name") == name:
-            return c.get("metrics") or {}
-    return None
-
-
-def profile_vector(conditions: Iterable[dict]) -> dict[str, float | None]:
-    """The scale-free metric vector {"clean.DI": ..., "noise.SI": ...} of a report's conditions."""
-    conditions = list(conditions)
+        named = c if isinstance(c, BaseModel) else _NamedMetrics.model_validate(c)
+        by_name.setdefault(named.name, named.metrics)
     out: dict[str, float | None] = {}
     for cond in PROFILE_CONDITIONS:
-        m = _condition_metrics(conditions, cond)
+        m = by_name.get(cond)
         for metric in PROFILE_METRICS:
             v = None if m is None else m.get(metric)
             out[f"{cond}.{metric}"] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -145,7 +172,8 @@ def profile_vector(conditions: Iterable[dict]) -> dict[str, float | None]:
 
 
 def _feature(key: str, value: float) -> float:
-    if key.endswith(("LI_normalized", ".DI")):
+    """LI_normalized and DI (errors that span decades) enter on a log scale; SI and agreement as they are."""
+    if key.rpartition(".")[2] in (Metric.LI_NORMALIZED, Metric.DI):
         return math.log10(max(value, 0.0) + _LOG_FLOOR) / 4.0
     return value
 
@@ -175,12 +203,12 @@ def reference_profiles() -> list[dict]:
     return profiles
 
 
-def _report_group(report: dict) -> str | None:
+def _report_group(report: _Profiled) -> str | None:
     """The reference group name (R4 / T3) if the report audited the same group, else None."""
     from .groups import GROUP_SPECS
 
-    section = report.get("group") or {}
-    spec = section.get("spec", section) if isinstance(section, dict) else {"name": section}
+    section = report.group or _ProfileGroup()
+    spec = section.spec if "spec" in section.model_fields_set else {"name": section.name}
     if not isinstance(spec, dict):
         return None
     for name, ref in GROUP_SPECS.items():
@@ -198,7 +226,7 @@ _MODEL_WORDS = {
 }
 
 
-def closest_profile(report: dict) -> dict | None:
+def closest_profile(report: Report | dict) -> dict | None:
     """The reference profile (WT / DA / IR of the audited group if it is R4 or T3, else of any group) whose
     clean + noise vector of LI_normalized, DI, SI, agreement is closest to the report's; None if no reference
     runs are shipped or the report has none of these metrics.
@@ -206,11 +234,12 @@ def closest_profile(report: dict) -> dict | None:
     Distance: root-mean-square difference over the metrics both sides have, with LI_normalized and DI on a
     log10 scale (divided by 4, floor 1e-4) and SI / agreement as they are; 0 is identical, ~0.5 is far.
     """
-    target = profile_vector(report.get("conditions") or [])
+    profiled = _profiled(report)
+    target = profile_vector(profiled.conditions)
     if all(v is None for v in target.values()):
         return None
     profiles = reference_profiles()
-    group = _report_group(report)
+    group = _report_group(profiled)
     same_group = [p for p in profiles if p["group"] == group] if group else []
     candidates = same_group or profiles
     best = None
@@ -228,24 +257,27 @@ def closest_profile(report: dict) -> dict | None:
                    f"{len(diffs)} scale-free metrics of the clean and noise conditions"
                    + (f"; largest differences: {differ}" if differ else "; no metric differs by more than 0.05")
                    + ".")
-    return {"name": p["name"], "model": p["model"], "group": p["group"], "distance": round(dist, 4),
-            "explanation": explanation, "vector": target, "reference_vector": p["vector"]}
+    return ReferenceProfile(name=p["name"], model=p["model"], group=p["group"], distance=round(dist, 4),
+                            explanation=explanation, vector=target, reference_vector=p["vector"]).to_json()
 
 
 def attach_reference_profile(report: dict) -> dict:
-    """Set ``report["reference_profile"]``: the closest shipped run with the runs of its group (for the
+    """Set the report's ``reference_profile``: the closest shipped run with the runs of its group (for the
     report's chart), or None for a ``trivial`` model (resembling a reference run would mean nothing) and
     when no runs ship. Called where reports are made for people (the job worker, the CLI), outside the
-    sandbox and outside the core library, which never reads the reference runs."""
+    sandbox and outside the core library, which never reads the reference runs. The report dict is updated
+    in place (and returned)."""
+    typed = Report.model_validate(report)
     profile = None
-    if (report.get("verdict") or {}).get("label") != "trivial":
+    if typed.verdict.label != "trivial":
         try:
-            profile = closest_profile(report)
-            if profile is not None:
-                profile["runs"] = [p for p in reference_profiles() if p["group"] == profile["group"]]
+            found = closest_profile(typed)
+            if found is not None:
+                runs = [p for p in reference_profiles() if p["group"] == found["group"]]
+                profile = ReferenceProfile.model_validate({**found, "runs": runs}).to_json()
         except Exception:  # noqa: BLE001 - a courtesy, never a reason to fail an audit
             profile = None
-    report["reference_profile"] = profile
+    report.update(reference_profile=profile)
     return report
 
 
@@ -291,23 +323,21 @@ def calibrated_policy_notes() -> dict:
         return _values(model, f"{cond}.{metric}")
 
     fields: dict[str, dict] = {}
-    for field_name, metric, direction in (
-        ("genuine_li_normalized_max", "LI_normalized", "max"),
-        ("genuine_di_max", "DI", "max"),
-        ("genuine_si_min", "SI", "min"),
-        ("genuine_agreement_min", "agreement", "min"),
-    ):
+    clean, noise = ConditionName.CLEAN, ConditionName.NOISE
+    for field_name, metric in (("genuine_li_normalized_max", Metric.LI_NORMALIZED), ("genuine_di_max", Metric.DI),
+                               ("genuine_si_min", Metric.SI), ("genuine_agreement_min", Metric.AGREEMENT)):
+        direction = METRICS[metric].kind
         current = getattr(policy, field_name)
         passes = (lambda v: v <= current) if direction == "max" else (lambda v: v >= current)
-        entry: dict = {"current": current, "metric": metric}
+        entry: dict = {"current": current, "metric": str(metric)}
         for model in ("WT", "DA", "IR"):
             entry[model] = {cond: _range(values(model, cond, metric)) for cond in PROFILE_CONDITIONS}
-        wt = values("WT", "clean", metric) + values("WT", "noise", metric)
+        wt = values("WT", clean, metric) + values("WT", noise, metric)
         entry["WT_passes"] = bool(wt) and all(passes(v) for v in wt)
         for model in ("DA", "IR"):
             per_run = _per_run(model, metric)
             entry[f"{model}_fails"] = bool(per_run) and all(not all(passes(v) for v in vs) for vs in per_run)
-        learned = values("DA", "clean", metric) + values("DA", "noise", metric)
+        learned = values("DA", clean, metric) + values("DA", noise, metric)
         if wt and learned:
             if direction == "max":
                 lo, hi = max(wt), min(learned)
@@ -316,12 +346,12 @@ def calibrated_policy_notes() -> dict:
                 lo, hi = max(learned), min(wt)
                 entry["suggested"] = (lo + hi) / 2 if lo < hi else None
         fields[field_name] = entry
-    for field_name, metric, direction in (("learned_agreement_min", "agreement", "min"),
-                                          ("learned_di_max", "DI", "max")):
+    for field_name, metric in (("learned_agreement_min", Metric.AGREEMENT), ("learned_di_max", Metric.DI)):
+        direction = METRICS[metric].kind
         current = getattr(policy, field_name)
-        entry = {"current": current, "metric": f"clean {metric}",
-                 **{m: _range(values(m, "clean", metric)) for m in ("WT", "DA", "IR")}}
-        learned_vals = values("DA", "clean", metric) + values("IR", "clean", metric)
+        entry = {"current": current, "metric": f"{clean} {metric}",
+                 **{m: _range(values(m, clean, metric)) for m in ("WT", "DA", "IR")}}
+        learned_vals = values("DA", clean, metric) + values("IR", clean, metric)
         if learned_vals:
             entry["DA_IR_pass"] = (min(learned_vals) >= current if direction == "min"
                                    else max(learned_vals) <= current)
