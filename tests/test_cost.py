@@ -154,3 +154,98 @@ def test_ig_batch_is_sized_to_the_free_device_memory():
     whole = integrated_gradients(module.cpu(), 8, 1024).attribute(x.cpu(), torch.zeros(16, dtype=torch.long))
     on_gpu = integrated_gradients(module.cuda(), 8, 1024).attribute(x, torch.zeros(16, dtype=torch.long, device="cuda"))
     torch.testing.assert_close(on_gpu.cpu(), whole, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- issue 21: sequential SI, IG nodes
+SEQUENTIAL = {"n_probes": 48, "n_noise_probes": 16}
+
+
+def test_sequential_si_stops_a_genuine_model_after_its_first_batch(tmp_path):
+    model = OrbitAveragedCNN(PlainCNN(n_classes=5, seed=1), group="C4")
+    path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "avg.pt")
+    x = probes(48)
+    sequential = run_audit(path, spec(**SEQUENTIAL), x)
+    everywhere = run_audit(path, spec(saliency_scope="all", **SEQUENTIAL), x)
+    assert sequential["verdict"]["label"] == everywhere["verdict"]["label"] == "genuine"
+    assert not sequential["verdict"]["borderline"]
+    for c in sequential["conditions"]:
+        sampling = c["saliency_sampling"]
+        assert sampling["stopped"] == "decided", (c["name"], sampling)
+        assert sampling["probes_used"] == 16 and sampling["probes_cap"] == c["n_probes"]
+        assert sampling["interval"][0] >= 0.98 and sampling["confidence"] == 0.95
+        assert c["spread"]["SI"]["n"] == 16 and c["n_probes"] == (16 if c["name"] == "noise" else 48)
+        assert c["metrics"]["SI"] == pytest.approx(1.0, abs=1e-6)
+    for c in everywhere["conditions"]:
+        assert c["saliency_sampling"]["stopped"] == "cap" and c["saliency_sampling"]["probes_used"] == c["n_probes"]
+    # SI used a quarter of the clean probes: its saliency pass costs well under the full one
+    assert sequential["timing"]["saliency_s"]["clean"] < everywhere["timing"]["saliency_s"]["clean"]
+
+
+def test_sequential_si_needs_one_batch_when_genuine_already_fails(not_genuine):
+    x = probes(48)
+    sequential = run_audit(not_genuine, spec(**SEQUENTIAL), x)
+    everywhere = run_audit(not_genuine, spec(saliency_scope="all", **SEQUENTIAL), x)
+    assert sequential["verdict"]["label"] == everywhere["verdict"]["label"] != "genuine"
+    assert sequential["verdict"]["borderline"] == everywhere["verdict"]["borderline"]
+    d = by_name(sequential)
+    for name in ("clean", "noise"):
+        sampling = d[name]["saliency_sampling"]
+        assert sampling["stopped"] == "not_needed" and sampling["probes_used"] == 16, sampling
+        lo, hi = sampling["interval"]
+        assert lo <= d[name]["metrics"]["SI"] <= hi
+    for name in ("gaussian_noise@3", "blur@1"):
+        assert "saliency_sampling" not in d[name] and d[name]["metrics"]["SI"] is None
+        for metric in FORWARD:  # the forward metrics always use every probe
+            assert d[name]["metrics"][metric] == by_name(everywhere)[name]["metrics"][metric]
+
+
+def test_si_bound_holds_the_verdicts_interval_and_decides_either_side():
+    from audit_service.engine.metrics import summarize
+    from audit_service.engine.sequential import decided, si_bound
+
+    assert si_bound(np.array([np.nan, np.nan]), 0.95, 4, 200, 0) is None
+    assert si_bound(np.ones(16), 0.95, 4, 200, 0) == (1.0, 1.0)
+    assert decided((1.0, 1.0), 0.98) and decided((0.5, 0.9), 0.98) and not decided((0.97, 0.99), 0.98)
+    values = np.random.default_rng(0).normal(0.97, 0.05, size=16)
+    lo, hi = si_bound(values, 0.95, 4, 200, 0)
+    ci = summarize(values, 200, 0)["ci95"]
+    assert lo <= ci[0] and hi >= ci[1]                                 # never narrower than what the verdict reads
+    z = 2.4977                                                         # 95% over 4 looks, Bonferroni
+    se = values.std(ddof=1) / np.sqrt(values.size)
+    assert hi - lo >= 2 * z * se - 1e-9 and not decided((lo, hi), 0.98)
+
+
+def test_plan_is_decided_once_from_the_spec():
+    from audit_service.engine.plan import make_plan
+
+    plan = make_plan(spec(), has_saliency=True)
+    assert plan.scope == "decisive" and plan.sequential and plan.si_threshold == 0.98 and not plan.autocast
+    assert [plan.si_batch(n) for n in (12, 32, 64, 256)] == [12, 16, 16, 64]
+    assert plan.looks(64) == 4 and plan.looks(12) == 1
+    assert make_plan(spec(saliency_scope="all"), has_saliency=True).si_batch(64) == 64
+    assert make_plan(spec(), has_saliency=False).scope == "none"
+    with pytest.raises(AttributeError):
+        plan.scope = "all"                                             # a value, not a switch
+
+
+def test_ig_nodes_are_chosen_by_the_completeness_error():
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 5)).eval()
+    x = torch.randn(20, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(20) % 5
+    method = integrated_gradients(linear, 16, 1024, adaptive=True)
+    attr = method.attribute(x, target)
+    assert method.ig.steps == 4 and method.ig.tried[0][0] == 4       # IG of a linear model is exact at any count
+    error, scale = method.ig.completeness(x, target, attr)
+    assert scale > 0 and error / scale < 1e-5
+    assert "n_steps=4" in method.describe() and "gausslegendre" in method.describe()
+
+    relu = PlainCNN(n_classes=5, seed=2).eval()
+    strict = integrated_gradients(relu, 16, 1024, adaptive=True, tolerance=1e-9)
+    strict.attribute(x, target)
+    assert strict.ig.steps == 16 and [s for s, _ in strict.ig.tried] == [4, 8, 16]   # never past the cap
+    errors = [e for _, e in strict.ig.tried]
+    assert errors[-1] < errors[0]                                     # more nodes integrate better
+    fixed = integrated_gradients(relu, 8, 1024)
+    torch.testing.assert_close(fixed.attribute(x, target),
+                               integrated_gradients(relu, 8, 1024, adaptive=True, tolerance=1.0).ig._attribute(
+                                   x, target, 8))
