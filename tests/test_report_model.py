@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from audit_service import audit
 from audit_service.engine.audit import run_audit
-from audit_service.engine.metrics.names import (
+from audit_service.engine.names import (
     DISPLAY_ORDER, HEADLINE_METRICS, METRICS, PROFILE_METRICS, SPREAD_METRICS, ConditionName, Metric)
 from audit_service.engine.report.model import Report, Sensitivity, Verdict, parse_report
 from audit_service.engine.spec import parse_audit_spec

@@ -23,7 +23,7 @@ from typing import IO, Any, Iterator
 from urllib.parse import urlparse
 
 from ..engine.errors import AuditError, ModelError
-from ..engine.metrics.names import DISPLAY_ORDER
+from ..engine.names import DISPLAY_ORDER
 from ..engine.report.model import Report, parse_report
 
 #: model files the audit runs; ``.onnx`` first when a directory holds both

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics.names import PROFILE_METRICS
+from .names import PROFILE_METRICS
 from .report.model import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
 
 #: the public names ``audit_service.Verdict`` / ``audit_service.ConditionResult``: the report's own models

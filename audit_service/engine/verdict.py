@@ -28,7 +28,7 @@ from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .metrics.names import METRICS, ConditionName, Metric
+from .names import METRICS, ConditionName, Metric
 from .spec import DEFAULT_REQUIRE, Policy
 
 #: the labels the verdict can give

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
-from ..engine.metrics.names import METRICS, PROFILE_CONDITIONS, PROFILE_METRICS, ConditionName, Metric
+from ..engine.names import METRICS, PROFILE_CONDITIONS, PROFILE_METRICS, ConditionName, Metric
 from ..engine.report.model import ConditionMetrics, ReferenceProfile, Report
 
 
@@ -31,7 +31,7 @@ ENV_RUNS_DIR = "AUDIT_REFERENCE_RUNS_DIR"
 MODEL_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 
 #: Conditions and metrics of the profile vector (all scale-free, so models with different logit scales compare):
-#: ``PROFILE_CONDITIONS`` and ``PROFILE_METRICS``, views of the one metric table (``engine.metrics.names``).
+#: ``PROFILE_CONDITIONS`` and ``PROFILE_METRICS``, views of the one metric table (``engine.names``).
 _LOG_FLOOR = 1e-4  # LI_normalized and DI enter as log10(v + floor) / 4: 0 -> -1, 1 -> ~0
 
 

@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ..metrics.names import DISPLAY_ORDER, METRICS as METRIC_TABLE, ConditionName, Metric
+from ..names import DISPLAY_ORDER, METRICS as METRIC_TABLE, ConditionName, Metric
 from .model import (
     Condition, ReferenceProfile, Report, ReportPolicy, SaliencyExample, Sensitivity, Timing, Verdict, parse_report)
 
-#: the table's columns and the plots, in display order (``metrics.names``)
+#: the table's columns and the plots, in display order (``engine.names``)
 METRICS = DISPLAY_ORDER
 #: which direction is good, for the table's hints
 BETTER = {m: METRIC_TABLE[m].better for m in METRICS}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from ..metrics.names import METRICS, ConditionName, Metric
+from ..names import METRICS, ConditionName, Metric
 from ..spec import AuditSpec, GroupSpec, Policy, ShiftSpec, VerdictLabel
 from ..verdict import Reason
 

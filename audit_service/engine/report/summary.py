@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..metrics.names import HEADLINE_METRICS
+from ..names import HEADLINE_METRICS
 from .model import Report, parse_report
 
-#: the metrics the summary shows per condition (``metrics.names``: the table's headline rows)
+#: the metrics the summary shows per condition (``engine.names``: the table's headline rows)
 HEADLINE = HEADLINE_METRICS
 
 

@@ -6,7 +6,8 @@ the MLflow tags, the reference profile, the sampled-group intervals) is a view o
 of its own. ``ConditionName`` holds the two conditions every audit knows by name (the shifts are named by
 ``ShiftSpec.label``).
 
-It sits in the metrics layer so that the accumulator, the verdict and the report all read it.
+It sits at the bottom of the engine (it imports nothing), so that the accumulator, the verdict, the report and
+the web tier read it without loading torch.
 """
 
 from __future__ import annotations
