@@ -10,6 +10,8 @@ from pathlib import Path
 from ..engine.errors import ModelError, SpecError
 from ..adapters.mlflow_registry import is_registry_uri
 from ..engine.spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
+from ..engine.names import Metric
+from ..engine.report.model import Report, parse_report
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 
@@ -246,38 +248,38 @@ def _key_values(items: list[str], field: str) -> dict:
     return out
 
 
-def format_summary(report: dict) -> str:
-    """A terminal summary: verdict first, then one row per condition."""
-    v = report["verdict"]
-    g = report["group"]
-    strict = ", strict" if v.get("require_confident") else ""
+def format_summary(report: dict | Report) -> str:
+    """A terminal summary: verdict first, then one row per condition (the typed report's fields)."""
+    report = parse_report(report)
+    v, g, model, timing = report.verdict, report.group, report.model, report.timing
+    strict = ", strict" if v.require_confident else ""
+    columns = ((Metric.DI, "DI", 11, ".3g"), (Metric.LI, "LI", 11, ".3g"), (Metric.LI_NORMALIZED, "LI_norm", 11, ".3g"),
+               (Metric.SI, "SI", 8, ".3f"), (Metric.AGREEMENT, "agree", 8, ".3f"), (Metric.KAPPA, "kappa", 8, ".3f"),
+               (Metric.ACCURACY, "acc", 8, ".3f"))
     lines = [
-        f"verdict: {v['label']}{' (borderline)' if v.get('borderline') else ''}  "
-        f"({'PASS' if v['passed'] else 'FAIL'} for require={','.join(v['require'])}{strict})",
-        *[f"  - {r}" for r in v["reasons"]],
-        f"group: {g['name']} (order {g['order']}{'' if g['exact'] else ', sampled'})   "
-        f"model: {report['model']['format']} {report['model']['input_shape']} -> {report['model']['num_classes']} "
-        f"classes on {report['model']['device']}",
+        f"verdict: {v.label}{' (borderline)' if v.borderline else ''}  "
+        f"({'PASS' if v.passed else 'FAIL'} for require={','.join(v.require)}{strict})",
+        *[f"  - {r}" for r in v.reasons],
+        f"group: {g.name} (order {g.order}{'' if g.exact else ', sampled'})   "
+        f"model: {model.format} {model.input_shape} -> {model.num_classes} classes on {model.device}",
         "",
         "metrics over g != e (the verdict's); the paper's identity-inclusive means are the report's paper_metrics",
-        f"{'condition':<28}{'n':>6}{'DI':>11}{'LI':>11}{'LI_norm':>11}{'SI':>8}{'agree':>8}{'kappa':>8}{'acc':>8}",
+        f"{'condition':<28}{'n':>6}" + "".join(f"{head:>{width}}" for _, head, width, _ in columns),
     ]
 
-    def cell(value, width, fmt):
+    def cell(value: float | None, width: int, fmt: str) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
 
-    for c in report["conditions"]:
-        m = c["metrics"]
-        lines.append(f"{c['name']:<28}{c['n_probes']:>6}{cell(m['DI'], 11, '.3g')}{cell(m['LI'], 11, '.3g')}"
-                     f"{cell(m['LI_normalized'], 11, '.3g')}{cell(m['SI'], 8, '.3f')}"
-                     f"{cell(m['agreement'], 8, '.3f')}{cell(m.get('kappa'), 8, '.3f')}{cell(m['accuracy'], 8, '.3f')}")
-    s = report["sensitivity"]
-    if s.get("sigma_max"):
-        lines.append(f"\nJacobian sigma_max: mean {s['sigma_max']['mean']:.4g} "
-                     f"[p5 {s['sigma_max']['p5']:.4g}, p95 {s['sigma_max']['p95']:.4g}] ({s['method']})")
-    if report.get("reference_profile"):
-        lines.append(f"closest reference profile: {report['reference_profile'].get('name')}")
-    lines.append(f"time: {report['timing']['total_s']:.2f} s on {report['timing']['device']}")
+    for c in report.conditions:
+        lines.append(f"{c.name:<28}{c.n_probes:>6}"
+                     + "".join(cell(c.metrics.get(m), width, fmt) for m, _, width, fmt in columns))
+    sigma = report.sensitivity.sigma_max
+    if sigma is not None:
+        lines.append(f"\nJacobian sigma_max: mean {sigma.mean:.4g} [p5 {sigma.p5:.4g}, p95 {sigma.p95:.4g}] "
+                     f"({report.sensitivity.method})")
+    if report.reference_profile is not None:
+        lines.append(f"closest reference profile: {report.reference_profile.name}")
+    lines.append(f"time: {timing.total_s:.2f} s on {timing.device}")
     return "\n".join(lines)
 
 
