@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install test test-fast run bench bench-load screenshots clean
+.PHONY: install test test-fast lint run bench bench-load screenshots clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,13 @@ test: install
 # the maintainers' lane: everything but the tests marked slow (servers, training, browsers); CI runs `make test`
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# ruff (rules in pyproject.toml [tool.ruff]), mypy on the engine ([tool.mypy]) and the import contracts;
+# tests/test_architecture.py runs the same three in CI
+lint: install
+	$(BIN)/ruff check audit_service tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # docs/report.png and docs/front.png, from the browser tests (needs /usr/bin/chromium: apt-get install chromium)
 screenshots: install

@@ -25,12 +25,10 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -239,3 +239,22 @@ def postgres_url(postgres):
     url = postgres.create_database()
     yield url
     postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel`` builds from a copy of this tree (the checkout's ``build/`` stays untouched)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "openapi.yaml"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "audit_service", src / "audit_service", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(root / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [built] = (root / "dist").glob("audit_service-*.whl")
+    return built

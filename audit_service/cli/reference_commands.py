@@ -24,7 +24,7 @@ def _int_at_least(minimum: int, name: str):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a {kind} integer, but got {text!r}")
+            raise argparse.ArgumentTypeError(f"Expected `{name}` to be a {kind} integer, but got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"Expected `{name}` to be a {kind} integer, but got {value}")
         return value

@@ -399,7 +399,7 @@ class Options(_Strict):
 
 VerdictLabel = Literal["genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine"]
 #: The default gate: the model has invariance of some kind.
-DEFAULT_REQUIRE: tuple[str, ...] = ("genuine", "learned")
+DEFAULT_REQUIRE: tuple[VerdictLabel, ...] = ("genuine", "learned")
 
 
 class AuditSpec(_Strict):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .blobs import BlobStore
 from .failures import cap_text, signal_reason
-from .launcher import Handle, Limits, SandboxStuck, launch, task_env
+from .launcher import Limits, SandboxStuck, launch, task_env
 from .pages import store_page
 from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings

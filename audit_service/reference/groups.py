@@ -11,7 +11,7 @@ the service audits against, with no second implementation of the action.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ def group_spec(name: str) -> dict:
         raise KeyError(f"Expected a reference group in {', '.join(GROUP_NAMES)}, but got {name!r}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference_group(name: str) -> ExactGroup:
     """The core group for a reference group name, on the padded 36x36 digits (identity first)."""
     group = build_group(group_spec(name), INPUT_SHAPE)

@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from ..errors import SpecError
 from ..spec import (
     C4Spec,
     D4Spec,
     FlipSpec,
     GROUP_SPEC_MODELS,
-    GroupSpec,
     GroupSpecModel,
     PermutationSpec,
     ProductSpec,
@@ -124,7 +125,7 @@ def _check_registry() -> None:
 _check_registry()
 
 
-def build_group(spec: GroupSpec | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
+def build_group(spec: BaseModel | dict | str, input_shape: tuple[int, ...], field: str = "group") -> Group:
     """The group ``spec`` describes, acting on samples of ``input_shape`` ((C, H, W), (D,), ...).
 
     ``spec`` is a parsed ``GroupSpec`` (a dict or a bare name such as ``"C4"`` is parsed first).

@@ -7,6 +7,7 @@ inverse is a power, so the closure of the generators under composition is the ge
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 
@@ -95,7 +96,7 @@ def build_permutation(spec: PermutationSpec, input_shape: tuple[int, ...], field
     for p in perms[1:]:
         index = torch.tensor(p, dtype=torch.long)
         elements.append(element_from_rearrangement(
-            input_shape, lambda t, idx=index: torch.index_select(t, axis, idx), cycle_name(p)))
+            input_shape, functools.partial(torch.index_select, dim=axis, index=index), cycle_name(p)))
     if sampled is not None:
         name = f"permutation(sampled {len(perms)} of {sampled['group_order']}, axis={spec.axis})"
         note = (f"the group has {sampled['group_order']} elements, more than max_order = {spec.max_order}: audited "

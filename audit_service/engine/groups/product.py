@@ -96,11 +96,12 @@ def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callab
     note = _commutation_note(factors)
     notes = [f"factor {f.name}: {f.note}" for f in factors if f.note] + ([note] if note else [])
     note = "; ".join(notes) or None
-    if all(isinstance(f, ExactGroup) for f in factors):
+    exact = [f for f in factors if isinstance(f, ExactGroup)]
+    if len(exact) == len(factors):
         names = [" @ ".join(parts) if any(p != "e" for p in parts) else "e"
                  for parts in itertools.product(*(f.element_names for f in factors))]
-        return ExactGroup.from_table(" x ".join(f.name for f in factors), _product_table(factors), names,
-                                     input_shape, spec=spec, generators=_product_generators(factors), note=note)
+        return ExactGroup.from_table(" x ".join(f.name for f in factors), _product_table(exact), names,
+                                     input_shape, spec=spec, generators=_product_generators(exact), note=note)
     return ProductGroup(spec, factors, input_shape, note=note)
 
 
@@ -117,7 +118,7 @@ def _product_table(factors: Sequence[ExactGroup]) -> torch.Tensor:
 def _product_generators(factors: Sequence[ExactGroup]) -> list[int]:
     """Positions of (e, .., g, .., e) for each factor generator g, in row-major product order."""
     orders = [f.order for f in factors]
-    positions = []
+    positions: list[int] = []
     for j, f in enumerate(factors):
         stride = math.prod(orders[j + 1:])
         positions.extend(gi * stride for gi in f.generators)

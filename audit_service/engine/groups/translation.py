@@ -7,6 +7,7 @@ to average over, and ``describe()["note"]`` says that they do not close under co
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,8 +28,8 @@ def build_translation(spec: TranslationSpec, input_shape: tuple[int, ...], field
     elements = [Element.identity(math.prod(input_shape))]
     for k in range(1, spec.order):
         shift = k * spec.step
-        elements.append(element_from_rearrangement(
-            input_shape, lambda t, s=shift: torch.roll(t, s, dims=axis), f"t{shift}"))
+        elements.append(element_from_rearrangement(input_shape, functools.partial(torch.roll, shifts=shift, dims=axis),
+                                                   f"t{shift}"))
 
     notes = []
     if (spec.order * spec.step) % size:

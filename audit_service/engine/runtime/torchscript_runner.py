@@ -94,7 +94,7 @@ def _resolve_shape(hint: tuple[int, ...] | None, extra_file: str | bytes,
                              f"{type(value).__name__}", field="model")
         return check_input_shape(value, SHAPE_FILE)
     try:
-        attribute = getattr(module, "input_shape")
+        attribute = module.input_shape
     except (AttributeError, RuntimeError):
         attribute = None
     if isinstance(attribute, (list, tuple)) and attribute:
