@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from ..engine.report.model import Report, parse_report
+
 log = logging.getLogger("audit_service.pages")
 
 #: seconds the worker spends on one page at most; past it the page is left to the first request
@@ -31,12 +33,13 @@ def page_path(data_dir: str | Path, job_id: str) -> Path:
 BASE_URL_MARK = "https://audit-service.invalid/"
 
 
-def render_page(job: dict, report: dict) -> str:
-    """The page of ``job`` (a stored job dict) with ``report``, its JSON link under ``BASE_URL_MARK``."""
+def render_page(job: dict, report: Report | dict) -> str:
+    """The page of ``job`` (a stored job dict) with ``report`` (typed, or its stored JSON), its JSON link under
+    ``BASE_URL_MARK``."""
     from ..engine.report.html import render_report_html
 
     view = {"id": job["id"], "inputs": job.get("inputs") or {}, "links": {"report": f"/audits/{job['id']}/report"}}
-    return render_report_html(report, job=view, base_url=BASE_URL_MARK)
+    return render_report_html(parse_report(report), job=view, base_url=BASE_URL_MARK)
 
 
 def served_page(path: Path, base_url: str) -> str:
@@ -44,7 +47,8 @@ def served_page(path: Path, base_url: str) -> str:
     return path.read_text(encoding="utf-8").replace(BASE_URL_MARK, base_url.rstrip("/") + "/")
 
 
-def store_page(data_dir: str | Path, job: dict, report: dict, budget_s: float = RENDER_BUDGET_S) -> Path | None:
+def store_page(data_dir: str | Path, job: dict, report: Report | dict, budget_s: float = RENDER_BUDGET_S
+               ) -> Path | None:
     """Render and store the page (atomically); None, logged, when it failed or ran out of its budget."""
     target = page_path(data_dir, job["id"])
     try:
