@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +87,44 @@ def test_json_group_spec_from_file_and_stdout_json(files, tmp_path):
     spec = tmp_path / "group.json"
     spec.write_text(json.dumps({"name": "translation", "order": 4, "step": 3}))
     r = cli("audit", files["plain_ts"], "--group", f"@{spec}", "--probes", files["probes"], *FAST, "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
+    report = json.loads(r.stdout)   # stdout is the JSON alone: the estimate and the gate go to stderr
     assert report["group"]["order"] == 4 and report["model"]["format"] == "torchscript"
+    assert r.returncode == (0 if report["verdict"]["passed"] else 1), r.stderr
+
+
+def test_default_gate_fail_exits_one_as_printed(files):
+    """Issue 23: without --require the summary still prints the default gate's PASS / FAIL; the exit status
+    says the same (1 on FAIL), so a pipeline stops on a model whose invariance is absent."""
+    r = cli("audit", files["plain"], "--group", "C4", "--probes", files["probes_npz"], *FAST)
+    assert "(FAIL for require=genuine,learned" in r.stdout, r.stdout
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"gate failed: verdict '\w+' is not in \['genuine', 'learned'\]", r.stderr), r.stderr
+    passed = cli("audit", files["genuine"], "--group", "D4", "--probes", files["probes"], *FAST)
+    assert "(PASS for require=genuine,learned" in passed.stdout and passed.returncode == 0, passed.stderr
+
+
+def test_estimate_is_printed_before_the_audit(files):
+    """Issue 23, cost before work: the CLI says what the audit will spend (on stderr, before the sweep)."""
+    r = cli("audit", files["genuine"], "--group", "D4", "--probes", files["probes"], *FAST)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("audit-service: estimate:"))
+    # D4 (8 elements) over 16 clean probes and 16 noise probes, forward-only: 8 x 32 samples
+    assert "256 forward passes (8 group elements x 2 conditions" in line, line
+    assert " ms a sample" in line and "about " in line
+
+
+def test_quiet_prints_nothing_but_the_html_report_is_written(files, tmp_path):
+    """Issue 23: --quiet prints nothing (no estimate, no table); --html writes the report a person reads."""
+    html = tmp_path / "report.html"
+    r = cli("audit", files["genuine"], "--group", "D4", "--probes", files["probes"], *FAST, "--quiet", "--html", html)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == ""
+    page = html.read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") and "genuine" in page
+    failed = cli("audit", files["plain"], "--group", "C4", "--probes", files["probes_npz"], *FAST, "-q")
+    assert failed.returncode == 1 and failed.stdout == ""
+    lines = [ln for ln in failed.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("audit-service: gate failed: verdict "), failed.stderr
 
 
 # ----------------------------------------------------------------------------- bad input: exit 2
@@ -173,7 +210,20 @@ def test_group_that_does_not_fit_the_input(files, tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    assert_bad_input(cli("audit", tmp_path / "absent.onnx", "--group", "C4", *FAST), "absent.onnx")
+    """Issue 23: told in well under a second (the path is checked before torch is imported)."""
+    start = time.monotonic()
+    result = cli("audit", tmp_path / "absent.onnx", "--group", "C4", *FAST)
+    elapsed = time.monotonic() - start
+    assert_bad_input(result, "absent.onnx", "no such file")
+    assert elapsed < 2.5, elapsed   # the interpreter's own start included; torch alone takes 3-6 s here
+    no_torch = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "audit", str(tmp_path / "absent.onnx"),
+                               "--group", "C4"], capture_output=True, text=True, timeout=60)
+    assert no_torch.returncode == 2
+    assert not re.search(r"\|\s+torch\s*$", no_torch.stderr, re.M), "torch was imported"
+    probes = tmp_path / "model.onnx"
+    probes.write_bytes(b"x")
+    assert_bad_input(cli("audit", probes, "--group", "C4", "--probes", tmp_path / "nope.npy"), "probes",
+                     "nope.npy", "no such file")
 
 
 def test_bad_option_and_shift(files):

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from ..engine.errors import ModelError, SpecError
+from ..engine.errors import ModelError, ProbeError, SpecError
 from ..adapters.mlflow_registry import is_registry_uri
 from ..engine.spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 from ..engine.names import Metric
@@ -20,8 +21,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="audit a model file locally",
-        description="Audit an ONNX, TorchScript or torch.export (.pt2) classifier's invariance to a group. Exit status: 0 the audit "
-                    "ran (and the gate passed, with --require or --strict), 1 the gate failed, 2 bad input.",
+        description="Audit an ONNX, TorchScript or torch.export (.pt2) classifier's invariance to a group. Exit status: 0 the "
+                    "gate passed (PASS: the verdict is in --require, default genuine,learned, and with --strict not "
+                    "borderline), 1 the gate failed (FAIL), 2 bad input.",
     )
     p.add_argument("model", help="ONNX (.onnx), TorchScript (torch.jit.save) or torch.export program (.pt2) file, "
                                  "or an MLflow registry URI: models:/NAME/VERSION, models:/NAME@ALIAS, "
@@ -32,8 +34,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="with a models:/ or runs:/ MODEL: tag the version (or run) with the verdict and headline "
                         "metrics and log the reports to a run (see docs/mlflow.md)")
     p.add_argument("--output", "-o", type=Path, help="write the JSON report here")
+    p.add_argument("--html", type=Path, metavar="FILE", help="write the HTML report here")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of a summary")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing but errors (no estimate, progress bar or summary; the exit status and "
+                        "--output / --html / --json still say the result)")
     p.set_defaults(func=run_audit_command)
 
     d = sub.add_parser("demo", help="rebuild the demo models in models/demo (one per verdict)",
@@ -82,9 +87,10 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    _check_paths_exist(args)  # before the engine's imports (torch: seconds), so a typo is told at once
     from ..engine.audit import load_probe_file, run_audit
 
-    spec = build_spec(args)
     probes = labels = second = None
     if args.probes:
         probes, labels = load_probe_file(args.probes)
@@ -92,14 +98,16 @@ def run_audit_command(args: argparse.Namespace) -> int:
         labels, _ = load_probe_file(args.labels)
     if args.second_probes:
         second, _ = load_probe_file(args.second_probes)
+    said: list[str] = []  # the estimate, told at the first progress step after the inputs are checked
+    load = _estimating_loader(spec, args, probes, said)
     if is_registry_uri(args.model):
         from ..adapters.mlflow_registry import fetched_model
 
         with fetched_model(args.model) as (path, located, registry):
-            with _progress_bar(disabled=args.quiet) as progress:
+            with _progress_bar(disabled=args.quiet, said=said) as progress:
                 try:
                     report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
-                                       progress=progress)
+                                       progress=progress, load=load)
                 except ModelError as exc:
                     if "external data" not in exc.message and "externally" not in exc.message:
                         raise
@@ -115,18 +123,23 @@ def run_audit_command(args: argparse.Namespace) -> int:
         if args.mlflow_write_back:
             raise SpecError("Expected a models:/ or runs:/ MODEL with --mlflow-write-back, but got a file",
                             field="mlflow_write_back")
-        with _progress_bar(disabled=args.quiet) as progress:
+        with _progress_bar(disabled=args.quiet, said=said) as progress:
             report = run_audit(Path(args.model), spec, probes=probes, labels=labels, second_probes=second,
-                               progress=progress)
+                               progress=progress, load=load)
         _attach_reference_profile(report)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))
+    if args.html:
+        from ..engine.report.html import render_report_html
+
+        args.html.write_text(render_report_html(report), encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
+    elif not args.quiet:
         print(format_summary(report))
     verdict = report["verdict"]
-    if (args.require is not None or args.strict) and not verdict["passed"]:
+    # the exit status is the gate the summary prints (PASS / FAIL), the default gate (genuine,learned) included
+    if not verdict["passed"]:
         if verdict["label"] in verdict["require"]:
             why = (f"verdict {verdict['label']!r} is borderline ("
                    f"{', '.join(c['condition'] + ' ' + c['criterion'] for c in verdict.get('borderline_criteria', []))}) "
@@ -136,6 +149,33 @@ def run_audit_command(args: argparse.Namespace) -> int:
         print(f"audit-service: gate failed: {why}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return EXIT_OK
+
+
+def _check_paths_exist(args: argparse.Namespace) -> None:
+    """A missing model or probe file is bad input, said before anything heavy is imported."""
+    named = [("model", args.model)] if not is_registry_uri(args.model) else []
+    named += [(f, getattr(args, f)) for f in ("probes", "labels", "second_probes") if getattr(args, f)]
+    for field, value in named:
+        path = Path(value)
+        if not path.is_file():
+            why = "it is a directory" if path.is_dir() else "no such file"
+            error = ModelError if field == "model" else ProbeError
+            raise error(f"Expected a readable {field.replace('_', ' ')} file, but {path}: {why}", field=field)
+
+
+def _estimating_loader(spec: AuditSpec, args: argparse.Namespace, probes: Any, said: list[str]
+                       ) -> Callable[..., Any]:
+    """``load_model`` that estimates, once the model is loaded, what the audit is about to spend
+    (``jobs.estimate``) into ``said``; the progress bar prints it on stderr (stdout stays the summary or the
+    JSON) once the inputs are checked, so bad input is still one line. Nothing with --quiet."""
+    from ..engine.runtime import load_model
+
+    if args.quiet:
+        return load_model
+    from ..jobs.estimate import estimating_loader
+
+    return estimating_loader(load_model, spec, probes,
+                             lambda found: said.append(f"audit-service: estimate: {found.describe()}"))
 
 
 def _attach_reference_profile(report: dict) -> None:
@@ -286,9 +326,10 @@ def format_summary(report: dict | Report) -> str:
 class _progress_bar:
     """tqdm on stderr (hidden when stderr is not a terminal or --quiet)."""
 
-    def __init__(self, disabled: bool) -> None:
+    def __init__(self, disabled: bool, said: list[str] | None = None) -> None:
         self.disabled = disabled
         self.bar = None
+        self.said = said if said is not None else []
 
     def __enter__(self):
         from tqdm import tqdm
@@ -297,6 +338,8 @@ class _progress_bar:
                         bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", leave=False)
 
         def update(fraction: float, stage: str) -> None:
+            while self.said:  # lines to say before the bar moves on (the estimate)
+                self.bar.write(self.said.pop(0), file=sys.stderr)
             self.bar.n = int(fraction * 1000)
             self.bar.set_postfix_str(stage, refresh=False)
             self.bar.refresh()

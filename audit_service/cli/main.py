@@ -1,7 +1,12 @@
 """``audit-service`` command line: audit, demo, serve, worker, submit, reference.
 
-Exit status: 0 the command ran (and the ``--require`` gate passed), 1 the gate failed,
-2 bad input (one line on stderr saying what to fix, never a traceback).
+Exit status: 0 the command ran and, for ``audit``, its gate passed; 1 the gate failed; 2 bad input (one line
+on stderr saying what to fix, never a traceback); 130 interrupted. ``audit`` always gates: the exit status is
+the PASS / FAIL its summary prints, against ``--require`` or, without it, the default gate ``genuine,learned``
+(``--strict`` fails a borderline verdict too), so a pipeline that runs ``audit-service audit ...`` stops on a
+model whose invariance is absent. To keep going whatever the verdict, list the labels that pass
+(``--require genuine,learned,incidental,undecided,not_invariant,trivial,not_genuine``) or ignore status 1;
+a missing model or probe file is a status 2 within a second, before the engine (torch) is imported.
 """
 
 from __future__ import annotations
