@@ -4,11 +4,12 @@ stopping the service with jobs queued and starting it again runs every one of th
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
 
-from conftest import Service, tiny_spec
+from conftest import Service, settle, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +41,7 @@ def test_queue_full_then_restart_runs_every_queued_job(tmp_path, models, contrac
 
     restarted = Service(data, workers=1, web_workers=1, AUDIT_MAX_QUEUED=3).start()
     try:
-        import time
-
-        deadline = time.monotonic() + 240
-        states = {}
-        while time.monotonic() < deadline:
-            states = {i: requests.get(f"{restarted.url}/audits/{i}", timeout=10).json()["status"] for i in ids}
-            if all(s in ("succeeded", "failed", "cancelled") for s in states.values()):
-                break
-            time.sleep(0.5)
+        states = {i: job["status"] for i, job in settle(restarted.url, ids, timeout=240).items()}
         assert set(states.values()) == {"succeeded"}, states
     finally:
         restarted.stop()
@@ -61,11 +54,12 @@ def test_a_job_left_running_by_a_dead_worker_is_retried_once_then_failed(tmp_pat
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     store.init_schema()
     job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2)
-    assert store.claim("host:1:dead", lease_s=0.0)["attempts"] == 1
-    assert store.recover_lost() == [(job["id"], "requeued")]
+    assert store.claim("host:1:dead", lease_s=30)["attempts"] == 1
+    assert store.recover_lost() == []  # the lease holds
+    assert store.recover_lost(now=time.time() + 31) == [(job["id"], "requeued")]  # a clock past the lease
     assert store.get(job["id"])["status"] == JobStatus.QUEUED
-    assert store.claim("host:2:dead", lease_s=0.0)["attempts"] == 2
-    assert store.recover_lost() == [(job["id"], "failed")]
+    assert store.claim("host:2:dead", lease_s=30)["attempts"] == 2
+    assert store.recover_lost(now=time.time() + 31) == [(job["id"], "failed")]
     failed = store.get(job["id"])
     assert failed["status"] == JobStatus.FAILED and failed["error"]["type"] == "worker_lost"
     assert "retried" in failed["error"]["message"]
