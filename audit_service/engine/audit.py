@@ -22,6 +22,7 @@ from .guard import guarded as _guarded
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .plan import make_plan
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
+from .names import PER_PROBE_METRICS
 from .report.build import condition_report, now_iso, sensitivity_report, with_chance_levels
 from .runtime import ModelRunner, load_model
 from .runtime.loader import Loader
@@ -292,8 +293,8 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
 
 
 # --------------------------------------------------------------------------- pieces
-#: the pair metrics whose group average a sampled group estimates
-SAMPLED_METRICS = ("DI", "LI", "agreement", "SI", "accuracy")
+#: the pair metrics whose group average a sampled group estimates (the per-probe rows of ``engine.names``)
+SAMPLED_METRICS = tuple(str(m) for m in PER_PROBE_METRICS)
 
 
 def group_sample_ci(accumulator, z: float = 1.96) -> dict:

@@ -57,6 +57,8 @@ class MetricInfo:
     headline: bool = True
     #: in the scale-free vector that compares a model with the reference runs
     profile: bool = False
+    #: measures invariance (accuracy and the chance levels do not)
+    invariance: bool = True
 
     @property
     def kind(self) -> Literal["min", "max"]:
@@ -78,19 +80,19 @@ _TABLE = (
     MetricInfo(Metric.AGREEMENT, "high", "prediction agreement",
                "P(argmax f(gx) = argmax f(x)); 1 is perfect, compare with agreement_chance", profile=True),
     MetricInfo(Metric.ACCURACY, "high", "orbit accuracy",
-               "accuracy over the whole orbit (g = e included) where labels were given"),
+               "accuracy over the whole orbit (g = e included) where labels were given", invariance=False),
     MetricInfo(Metric.AGREEMENT_CHANCE, "high", "chance agreement",
                "the agreement two independent draws from the predicted-class frequencies reach",
-               per_probe=False, spread=False, displayed=False, headline=False),
+               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
     MetricInfo(Metric.KAPPA, "high", "chance-corrected agreement",
                "Cohen's kappa of agreement against agreement_chance; null for a single predicted class",
                per_probe=False, spread=False, displayed=False, headline=False),
     MetricInfo(Metric.ACCURACY_CHANCE, "high", "majority-label rate",
                "the accuracy of always predicting the most frequent label",
-               per_probe=False, spread=False, displayed=False, headline=False),
+               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
     MetricInfo(Metric.ACCURACY_KAPPA, "high", "chance-corrected accuracy",
                "(accuracy - accuracy_chance) / (1 - accuracy_chance): whether the model learned the task",
-               per_probe=False, spread=False, displayed=False, headline=False),
+               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
 )
 
 #: the table, by name, in the report's order
@@ -98,6 +100,8 @@ METRICS: dict[Metric, MetricInfo] = {m.name: m for m in _TABLE}
 
 #: metrics with a spread, in the report's order (``metrics`` / ``spread`` of a condition)
 SPREAD_METRICS: tuple[Metric, ...] = tuple(m.name for m in _TABLE if m.spread)
+#: the invariance measures among them (accuracy left out)
+INVARIANCE_METRICS: tuple[Metric, ...] = tuple(m for m in SPREAD_METRICS if METRICS[m].invariance)
 #: metrics the accumulator averages per probe (the sampled-group intervals estimate these too)
 PER_PROBE_METRICS: tuple[Metric, ...] = tuple(m.name for m in _TABLE if m.per_probe)
 #: the display order: the scale-free logit error first, as a reader compares models by it

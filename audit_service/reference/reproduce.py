@@ -30,6 +30,7 @@ from .groups import GROUP_NAMES, group_spec
 from .models import MODEL_KINDS
 from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
+from ..engine.names import INVARIANCE_METRICS, PROFILE_CONDITIONS, SPREAD_METRICS
 from ..engine.progress import ProgressFn
 
 
@@ -254,8 +255,8 @@ def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
                          "accuracy": _stat([100 * c["accuracy"] for c in runs]),
                          "nu": runs[0]["training"].get("nu"), "epochs": runs[0]["training"].get("epochs"),
                          "best_epoch": [c["training"].get("best_epoch") for c in runs]}
-            for cond in ("clean", "noise"):
-                for metric in ("LI", "DI", "SI", "LI_normalized", "agreement", "accuracy"):
+            for cond in PROFILE_CONDITIONS:
+                for metric in SPREAD_METRICS:
                     row[f"{cond}.{metric}"] = _stat([((c.get("metrics") or {}).get(cond) or {}).get(metric)
                                                      for c in runs])
             row["sigma_max"] = _stat([c.get("sigma_max") for c in runs])
@@ -263,7 +264,7 @@ def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
             for beta in (0.0, *betas):
                 label = f"blend(second_probes)@{beta:g}" if beta > 0 else "clean"
                 drift[f"{beta:g}"] = {m: _stat([_cond_metric(c, label, m) for c in runs])
-                                      for m in ("DI", "LI", "SI", "LI_normalized", "agreement")}
+                                      for m in INVARIANCE_METRICS}
             row["drift"] = drift
             rows.append(row)
     options = (cards[0].get("audit", {}).get("spec") or {}).get("options") if cards else None

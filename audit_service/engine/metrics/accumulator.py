@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from . import functional as F
+from ..names import PER_PROBE_METRICS as _REPORTED
 
-PER_PROBE_METRICS = ("DI", "LI", "SI", "agreement", "accuracy", "sq_dist")
+#: the report's per-probe metrics (``engine.names``) and the squared logit distance behind LI_normalized
+PER_PROBE_METRICS = (*(str(m) for m in _REPORTED), "sq_dist")
 
 
 @dataclass

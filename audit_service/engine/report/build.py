@@ -14,11 +14,15 @@ import numpy as np
 import torch
 
 from ..metrics import chance_corrected, summarize
+from ..names import PER_PROBE_METRICS, SPREAD_METRICS
 from ..sweep import ConditionResult
 
 
-#: the pair metrics of a condition, in report order (LI_normalized is derived from the squared distances)
-CONDITION_METRICS = ("DI", "LI", "SI", "LI_normalized", "agreement", "accuracy")
+#: the pair metrics of a condition, in report order (LI_normalized is derived from the squared distances): the
+#: table's rows with a spread (``engine.names``)
+CONDITION_METRICS = tuple(str(m) for m in SPREAD_METRICS)
+#: the ones the accumulator keeps per probe
+_PER_PROBE = tuple(str(m) for m in PER_PROBE_METRICS)
 
 
 def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool,
@@ -70,7 +74,7 @@ def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int)
     """{metric: summarize(per-probe values)} over all of G (``identity``) or over g != e; accuracy is always
     over the whole orbit."""
     per_probe = {name: acc.values(name, identity=identity or name == "accuracy")
-                 for name in ("DI", "LI", "SI", "agreement", "accuracy")}
+                 for name in _PER_PROBE}
     per_probe["LI_normalized"] = acc.values("sq_dist", identity=identity) / variation if variation > 0 \
         else np.empty(0)
     return {name: summarize(per_probe[name], n_bootstrap, seed) for name in CONDITION_METRICS}
