@@ -150,3 +150,62 @@ def test_report_json_schema_names_the_required_sections():
     schema = Report.model_json_schema()
     assert set(Report.REQUIRED) <= set(schema["required"])
     assert "saliency_sampling" in schema["$defs"]["Condition"]["properties"]
+
+
+# ----------------------------------------------------------------------------- the OpenAPI Report component
+def _openapi() -> dict:
+    import yaml
+
+    from conftest import ROOT
+
+    return yaml.safe_load((ROOT / "openapi.yaml").read_text())
+
+
+def test_the_openapi_report_schemas_are_generated_from_the_models():
+    from audit_service.service.openapi_report import BEGIN, END, generated_block, openapi_files, out_of_step
+
+    assert out_of_step() == [], "run: python -m audit_service.service.openapi_report --write"
+    for path in openapi_files():
+        text = path.read_text()
+        assert text.count(BEGIN) == 1 and text.count(END) == 1 and generated_block() in text
+    schemas = _openapi()["components"]["schemas"]
+    assert {"Report", "AuditReport", "Condition", "Verdict", "Criterion", "Reason", "SaliencySampling"} <= set(schemas)
+    generated = [line.strip().rstrip(":") for line in generated_block().splitlines() if line.startswith("    ") and
+                 not line.startswith("     ") and line.rstrip().endswith(":")]
+    outside = text.replace(generated_block(), "")
+    clashes = [name for name in generated if f"\n    {name}:\n" in outside]
+    assert not clashes, f"hand-written components with a generated name: {clashes}"
+
+
+def test_a_stale_block_is_found_and_rewritten(tmp_path):
+    from audit_service.service.openapi_report import BEGIN, END, out_of_step, with_block, write
+
+    copy = tmp_path / "openapi.yaml"
+    from conftest import ROOT
+
+    text = (ROOT / "openapi.yaml").read_text()
+    copy.write_text(with_block(text, f"{BEGIN}\n    Report: {{type: object}}\n{END}"))
+    assert out_of_step([copy]) == [copy]
+    assert write([copy]) == [copy] and copy.read_text() == text and out_of_step([copy]) == []
+    copy.write_text("openapi: 3.1.0\n")
+    with pytest.raises(ValueError, match="marker lines"):
+        out_of_step([copy])
+
+
+def test_real_reports_meet_the_openapi_report_schema(reports):
+    from openapi_core import OpenAPI
+    from openapi_schema_validator import OAS31Validator
+
+    from conftest import ROOT
+
+    OpenAPI.from_file_path(str(ROOT / "openapi.yaml"))  # the served contract stays a valid OpenAPI document
+    spec = _openapi()
+    validator = OAS31Validator({"$ref": "#/components/schemas/Report", "components": spec["components"]})
+    for name, report in reports.items():
+        errors = [e.message for e in validator.iter_errors(report)]
+        assert not errors, (name, errors[:3])
+    broken = json.loads(json.dumps(reports["torchscript, no labels (genuine)"]))
+    broken["verdict"]["label"] = "excellent"
+    assert not validator.is_valid(broken)
+    del broken["verdict"]
+    assert not validator.is_valid(broken)
