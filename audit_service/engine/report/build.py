@@ -1,8 +1,8 @@
 """Assemble the JSON report from sweep results: one dict per condition, sensitivity, verdict.
 
-The keys are the contract (``spec.REPORT_KEYS``); values are plain JSON types, and metrics that
-are undefined (no labels, zero saliency, no input variation) are ``null`` with a note, never a
-made-up number.
+The shape is the contract, typed in ``report.model`` (``Report.model_validate`` reads what this writes, key
+for key); values are plain JSON types, and metrics that are undefined (no labels, zero saliency, no input
+variation) are ``null`` with a note, never a made-up number.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from ..names import METRICS, ConditionName, Metric
-from ..spec import AuditSpec, GroupSpec, Policy, ShiftSpec, VerdictLabel
+from ..spec import REPORT_KEYS, AuditSpec, GroupSpec, Policy, ShiftSpec, VerdictLabel
 from ..verdict import Reason
 
 #: ``model_validate(..., context={STRICT: True})`` refuses keys a model does not declare
@@ -428,8 +428,8 @@ class MlflowWriteBack(ReportModel):
 class Report(ReportModel):
     """The engine's report of one audit."""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("schema_version", "model", "group", "conditions", "sensitivity",
-                                           "verdict", "timing")
+    #: the sections every report has (``spec.REPORT_KEYS``, the contract since schema 1.0): required fields here
+    REQUIRED: ClassVar[tuple[str, ...]] = REPORT_KEYS
 
     schema_version: str
     service_version: str | None = None
