@@ -110,9 +110,12 @@ def floors(module: nn.Module, shape: tuple[int, ...], n_conditions: int, order: 
     ig_s = fwd_s = 0.0
     if sampled:
         for total, times in ((probes, n_conditions - 1), (noise, 1)):
+            before = dict(FLOOR_CPU)
             ig, fwd = condition_floor(module, shape, order, total, chunk, ig_steps, batch, device)
             ig_s += times * ig
             fwd_s += times * fwd
+            for key in FLOOR_CPU:  # the CPU seconds counted like the wall seconds
+                FLOOR_CPU[key] = before[key] + times * (FLOOR_CPU[key] - before[key])
     else:
         for c in range(n_conditions):
             total = noise if c == n_conditions - 1 else probes

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .guard import guarded
+from .metrics import summarize
 from .metrics.saliency import IG_METHOD
 from .plan import AuditPlan
 from .report.build import condition_report, with_chance_levels
@@ -137,11 +140,22 @@ class _Provisional:
         self._cache: dict[tuple, dict] = {}
 
     def report(self, result: ConditionResult, with_si: bool = True) -> dict:
+        """The genuine criteria's part of the condition's report: name, metrics and spread of LI_normalized, DI,
+        agreement and SI over g != e (``report.build.condition_report`` computes the same numbers, and more)."""
         si = with_si and result.saliency_computed
         key = (result.condition.name, si, result.saliency_probes if si else 0)
         if key not in self._cache:
-            options = self.spec.options
-            self._cache[key] = condition_report(result, options.bootstrap, options.seed, si)
+            options, acc = self.spec.options, result.accumulator
+            variation = acc.sample_variation
+            values = {name: acc.values(name, identity=False) for name in ("DI", "agreement", "SI")}
+            values["LI_normalized"] = acc.values("sq_dist", identity=False) / variation if variation > 0 \
+                else np.empty(0)
+            if not si:
+                values["SI"] = np.empty(0)
+            spread = {name: summarize(v, options.bootstrap, options.seed) for name, v in values.items()}
+            self._cache[key] = {"name": result.condition.name, "saliency_computed": si,
+                                "metrics": {name: (s or {}).get("mean") for name, s in spread.items()},
+                                "spread": spread}
         return self._cache[key]
 
     def genuine_ruled_out(self, results, without_si_of: str) -> bool:

@@ -151,22 +151,28 @@ class OrbitSweep:
         stopped = None
         result.saliency_computed = True
         use_labels = labels is not None and not condition.noise
+        size = batch or max(acc.n, 1)
+        look = size  # the bound is read each time ``size`` more probes are in, whatever the chunking
         for chunk, labels_chunk in self._chunks(condition, probes, labels if use_labels else None,
                                                 self._generator(condition)):
-            size = batch or chunk.shape[0]
-            for first in range(0, chunk.shape[0], size):
-                x = chunk[first:first + size]
-                y = None if labels_chunk is None else labels_chunk[first:first + size]
+            first = 0
+            while first < chunk.shape[0]:
+                take = min(chunk.shape[0] - first, look - offset)
+                x = chunk[first:first + take]
+                y = None if labels_chunk is None else labels_chunk[first:first + take]
                 logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True)
                 acc.update_saliency(si_pairs)
                 completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
                 if condition.keep_examples:
                     worst = _keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
-                offset += x.shape[0]
+                offset += take
+                first += take
                 result.saliency_probes = offset
-                stopped = should_stop(result)
-                if stopped:
-                    break
+                if offset >= look or offset >= acc.n:
+                    look += size
+                    stopped = should_stop(result)
+                    if stopped:
+                        break
             on_chunk()
             if stopped:
                 break
