@@ -6,11 +6,16 @@ The count follows the sweep (``engine/sweep.py``): every condition sends each of
 whole swept group, forward-only (clean and every shift over ``n_probes``, noise over ``n_noise_probes``); the
 saliency adds ``ig_steps + 1`` gradient passes a sample (forward and backward through the model's torch twin)
 on the conditions ``saliency_scope`` names (``decisive``: clean and noise). The Jacobian and the bootstrap are
-small beside these and are not counted; every streamed chunk of a condition adds ``CHUNK_OVERHEAD_S``. The
-time a sample comes from timing batches of 1 and 4 on the loaded model, forward and (where it has a torch twin)
-gradient, never more than 4 (a larger batch is the audit's own work), and fitting ``t(b) = overhead + b x
-marginal``, so a sample at the sweep's batch costs ``overhead / batch + marginal``. A model without a torch twin
-(the gradient-free fallback) is counted at ``GRADIENT_COST`` forward passes a gradient sample.
+small beside these and are not counted; every streamed chunk of a condition adds ``CHUNK_OVERHEAD_S``.
+
+The model is timed on batches of 1 and 4, forward and (where it has a torch twin) gradient, never more than 4 (a
+larger batch is the audit's own work, and may be what a broken model fails on), the fastest of a few runs kept:
+``t(b) = overhead + b x marginal``. A call costs ``overhead`` (in the service's cage, a round trip of a few
+hundred ms for a gradient) and a sample ``marginal``; the slope counts only where batch 4 clearly costs more
+than batch 1 (twice or more), since a step between 1 and 4 (threads, layout) is no slope. The audit's calls are
+its batches (``batch_size``) in each chunk. So the estimate leans low: it refuses what cannot finish, never
+what merely might not. A model without a torch twin (the gradient-free fallback) is counted at
+``GRADIENT_COST`` forward passes a gradient sample.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ CHUNK_OVERHEAD_S = 0.02
 #: the largest batch the estimate times (the loader's own check batch is small too)
 TIMED_BATCH = 4
 #: timings of each batch at most (the fastest is kept)
-MAX_REPEATS = 8
+MAX_REPEATS = 16
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,11 @@ class Estimate:
     forward_samples: int
     gradient_samples: int
     chunks: int
+    #: seconds a sample and a call (forward, gradient), from the timed batches
     sample_s: float
     gradient_sample_s: float
+    call_s: float
+    gradient_call_s: float
     batch: int
     seconds: float
     device: str
@@ -49,9 +57,10 @@ class Estimate:
     def describe(self) -> str:
         """One line a person reads: the passes, the time a sample, the total."""
         return (f"{self.forward_samples:,} forward passes ({self.group_elements} group elements x "
-                f"{self.conditions} conditions x their probes) at {self.sample_s * 1e3:.3g} ms and "
-                f"{self.gradient_samples:,} gradient passes at {self.gradient_sample_s * 1e3:.3g} ms a sample (batch "
-                f"{self.batch}, measured on {self.device}): about {format_seconds(self.seconds)}")
+                f"{self.conditions} conditions x their probes) at {self.sample_s * 1e3:.3g} ms a sample and "
+                f"{self.call_s * 1e3:.3g} ms a call, and {self.gradient_samples:,} gradient passes at "
+                f"{self.gradient_sample_s * 1e3:.3g} ms a sample and {self.gradient_call_s * 1e3:.3g} ms a call "
+                f"(batch {self.batch}, measured on {self.device}): about {format_seconds(self.seconds)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,10 +95,10 @@ def count_samples(spec: Any, group_elements: int, n_probes: int, n_shifts: int) 
     return len(per_condition), forward, gradient, chunks
 
 
-def time_per_sample(run: Callable[[Any], Any], runner: Any, batch: int, budget_s: float = 2.0) -> float:
-    """Seconds a sample of ``run(x)`` at ``batch``: batches of 1 and 4 timed in turn after a warm-up, at least
-    twice and at most ``MAX_REPEATS`` times each while ``budget_s`` lasts, the fastest of each kept (a shared
-    machine only ever adds time)."""
+def time_calls(run: Callable[[Any], Any], runner: Any, budget_s: float = 1.0) -> tuple[float, float]:
+    """(seconds a call, seconds a sample) of ``run(x)``: batches of 1 and 4 timed in turn after a warm-up, at
+    least twice and at most ``MAX_REPEATS`` times each while ``budget_s`` lasts, the fastest of each kept (a
+    shared machine only ever adds time); the slope only where batch 4 costs twice batch 1 or more."""
     import torch
 
     inputs = {b: torch.zeros((b, *runner.input_shape), dtype=torch.float32, device=runner.device)
@@ -112,9 +121,10 @@ def time_per_sample(run: Callable[[Any], Any], runner: Any, batch: int, budget_s
         for b in inputs:
             best[b] = min(best[b], timed(b))
     one, four = best[1], best[TIMED_BATCH]
-    marginal = max(0.0, (four - one) / (TIMED_BATCH - 1))
-    overhead = max(0.0, one - marginal)
-    return overhead / max(1, batch) + marginal
+    if four < 2 * one:  # no slope to read: the call's own cost dominates
+        return four, 0.0
+    marginal = (four - one) / (TIMED_BATCH - 1)
+    return max(0.0, one - marginal), marginal
 
 
 def _gradient(module: Any) -> Callable[[Any], Any]:
@@ -132,14 +142,19 @@ def estimate(spec: Any, runner: Any, n_probes: int, n_shifts: int, group_element
     options = spec.options
     conditions, forward, gradient, chunks = count_samples(spec, group_elements, n_probes, n_shifts)
     batch = max(1, min(options.batch_size, group_elements * options.probe_chunk))
-    sample_s = time_per_sample(lambda x: runner.logits(x, batch), runner, batch)
+    call_s, sample_s = time_calls(lambda x: runner.logits(x, batch), runner)
     module = runner.torch_module() if gradient else None
-    gradient_s = (time_per_sample(_gradient(module), runner, batch) if module is not None
-                  else GRADIENT_COST * sample_s)
-    seconds = forward * sample_s + gradient * gradient_s + chunks * CHUNK_OVERHEAD_S
+    gradient_call_s, gradient_s = (time_calls(_gradient(module), runner) if module is not None
+                                   else (call_s, GRADIENT_COST * sample_s))
+    # the calls: a chunk's batches, at least one a chunk (forward), one a chunk and IG step batch (gradient)
+    calls = max(chunks, math.ceil(forward / batch))
+    gradient_calls = math.ceil(gradient / batch)
+    seconds = (forward * sample_s + calls * call_s + gradient * gradient_s + gradient_calls * gradient_call_s
+               + chunks * CHUNK_OVERHEAD_S)
     return Estimate(group_elements=group_elements, conditions=conditions, forward_samples=forward,
                     gradient_samples=gradient, chunks=chunks, sample_s=sample_s, gradient_sample_s=gradient_s,
-                    batch=batch, seconds=seconds, device=str(runner.device))
+                    call_s=call_s, gradient_call_s=gradient_call_s, batch=batch, seconds=seconds,
+                    device=str(runner.device))
 
 
 def estimating_loader(load: Callable[..., Any], spec: Any, probes: Any, on_estimate: Callable[[Estimate], None]
