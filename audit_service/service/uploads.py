@@ -114,7 +114,7 @@ def check_data_named(data: dict[str, dict], named: list[str]) -> None:
 
 
 #: the engine the submission-time check runs in the sandbox: load the model, fit probes, labels, group, shifts
-PRECHECK_ENGINE = "audit_service.engine.audit:precheck_audit"
+PRECHECK_ENGINE = "audit_service.jobs.estimate:precheck_with_estimate"  # + the cost estimate
 #: spec fields as the client names them (the engine names them from the spec's root)
 _SPEC_FIELDS = ("group", "shifts", "options", "policy", "require")
 
@@ -144,7 +144,8 @@ def validate_model(path: Path, entry: dict, settings: Settings, input_shape: tup
             _VALIDATED[key] = info
             while len(_VALIDATED) > 256:
                 _VALIDATED.popitem(last=False)
-    return {**entry, "format": info["format"]}, list(info.get("external_data") or [])
+    return ({**entry, "format": info["format"], **({"estimate": info["estimate"]} if info.get("estimate") else {})},
+            list(info.get("external_data") or []))
 
 
 @contextlib.contextmanager
