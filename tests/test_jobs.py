@@ -192,3 +192,33 @@ def test_the_job_view_says_what_the_report_gate_said(store):
     row = store.get(job["id"])
     assert row["verdict"] == "learned" and row["passed"] is False
     assert job_out(row, time_mod.time()).passed is False
+
+
+def test_list_summaries_and_streamed_reports(store, tmp_path):
+    """Issue 19 on both backends: a job list reads summaries (the group's order from the finished report), never
+    the spec; a report streams in slices, a duplicate's from its holder, byte for byte what ``report_text`` gives
+    (escapes and non-ASCII included); deleting the holder hands the text on."""
+    import json
+
+    spec = {"group": {"name": "permutation", "generators": [[1, 0, 2]]}, "shifts": [], "options": {"n_probes": 5}}
+    job = store.create(kind=JobKind.AUDIT, spec=spec, inputs={"probes": {"sha256": "p", "size_bytes": 1}},
+                       timeout_s=60, max_attempts=1, dedupe_key="k")
+    store.claim("me", 30)
+    report = {"group": {"name": "permutation", "order": 2}, "verdict": {"label": "genuine", "passed": True},
+              "notes": ['quote " backslash \\ é ü 漢'], "pad": "x" * 700_000}
+    assert store.succeed(job["id"], "me", report)
+    rows, total = store.summaries(tenant="default")
+    assert total == 1 and "spec" not in rows[0] and "inputs" not in rows[0]
+    assert rows[0]["spec_summary"] == {"group": {"name": "permutation", "order": 2}, "shifts": 0, "conditions": 2,
+                                       "n_probes": 5, "device": None, "require": None}
+    source, text = store.find_finished("k", "default")
+    twin = store.create_reused(source=source, report=text, spec=spec, inputs={}, timeout_s=60, tenant="default",
+                               queue="cpu", dedupe_key="k")
+    for job_id in (job["id"], twin["id"]):
+        holder, size = store.report_source(job_id)
+        body = b"".join(store.report_slices(holder, size=100_000))
+        assert holder == job["id"] and len(body) == size and body.decode() == store.report_text(job_id)
+        assert json.loads(body) == report
+    assert store.delete(job["id"])
+    holder, size = store.report_source(twin["id"])
+    assert holder == twin["id"] and json.loads(b"".join(store.report_slices(holder))) == report

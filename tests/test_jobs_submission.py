@@ -88,3 +88,42 @@ def test_every_status_change_is_checked(env):
     assert got.status is JobStatus.QUEUED and got.attempts == 0 and got.owner is None
     assert store.cancel(job["id"]) and store.get_job(job["id"]).ready
     assert not store.release(job["id"], "w")  # a cancelled job is never requeued
+
+
+def test_cuda_is_accepted_only_where_a_worker_can_run_it(tmp_path, monkeypatch):
+    """``device: cuda``: the operator's AUDIT_CUDA decides, else (auto) the local workers' host and queues, or yes
+    with Celery (the GPU workers run elsewhere); refused with the field to fix."""
+    cuda = parse_audit_spec({"group": "C4", "options": {"device": "cuda"}})
+    auto = parse_audit_spec({"group": "C4"})
+    submission.check_device(cuda, Settings(data_dir=tmp_path, cuda="1"))
+    submission.check_device(cuda, Settings(data_dir=tmp_path, broker_url="redis://broker:6379/0"))
+    submission.check_device(auto, Settings(data_dir=tmp_path, cuda="0"))
+    with pytest.raises(submission.InvalidSubmission) as refused:
+        submission.check_device(cuda, Settings(data_dir=tmp_path, cuda="0"))
+    assert refused.value.field == "spec.options.device" and "AUDIT_CUDA" in refused.value.message
+    monkeypatch.setattr(submission, "_HOST_CUDA", [True])  # a GPU host: auto follows the workers' queues
+    submission.check_device(cuda, Settings(data_dir=tmp_path))
+    with pytest.raises(submission.InvalidSubmission):
+        submission.check_device(cuda, Settings(data_dir=tmp_path, worker_queues="cpu"))
+
+
+def test_a_tenant_keeps_at_most_its_quota_duplicates_included(env):
+    """AUDIT_MAX_TENANT_STORED counts every job a tenant keeps: a duplicate born succeeded counts like a queued job,
+    another tenant's do not, and deleting one makes room."""
+    from audit_service.jobs.store import TenantStoredLimit
+
+    store, blobs, settings = env
+    import dataclasses
+
+    settings = dataclasses.replace(settings, max_tenant_stored=2, max_queued=10)
+    first = submission.submit(store, blobs, settings, "a", _submission(blobs)).job
+    assert store.claim("w", 30) is not None and store.succeed(first.id, store.get(first.id)["owner"], {"verdict": {}})
+    twin = submission.submit(store, blobs, settings, "a", _submission(blobs))
+    assert twin.reused
+    with pytest.raises(TenantStoredLimit):
+        submission.admit(store, settings, "a")
+    with pytest.raises(TenantStoredLimit):
+        submission.submit(store, blobs, settings, "a", _submission(blobs))
+    submission.submit(store, blobs, settings, "b", _submission(blobs))  # another tenant's room is its own
+    assert store.delete(twin.job.id, tenant="a")
+    submission.submit(store, blobs, settings, "a", _submission(blobs))

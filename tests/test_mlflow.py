@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 
 from builders import IMAGE_SHAPE, OrbitAveragedCNN, PlainCNN, export_onnx  # noqa: E402
 from conftest import Service, free_port, tiny_spec  # noqa: E402
+from polling import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +42,15 @@ def tracking(tmp_path_factory) -> str:
         cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its uvicorn child dies with it
         env={**os.environ, **QUIET_MLFLOW, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
+        return requests.get(url + "/health", timeout=1).status_code == 200
+
+    try:
+        wait_for(healthy, 180, 0.5, "the mlflow server to answer /health", ignore=(requests.RequestException,))
+    except AssertionError:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("mlflow server did not come up:\n" + (d / "server.log").read_text()[-3000:])
+        raise AssertionError("mlflow server did not come up:\n" + (d / "server.log").read_text()[-3000:]) from None
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:

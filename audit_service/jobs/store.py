@@ -677,7 +677,8 @@ class JobStore:
         but a duplicate's reference."""
         from sqlalchemy import LargeBinary, cast
 
-        size = func.length(cast(reports.c.report_json, LargeBinary))
+        size = (func.length(cast(reports.c.report_json, LargeBinary)) if self.url.startswith("sqlite")
+                else func.octet_length(reports.c.report_json))
         head = func.substr(reports.c.report_json, 1, 200)
         with self.engine.connect() as conn:
             row = conn.execute(select(size, head).where(reports.c.job_id == job_id)).first()

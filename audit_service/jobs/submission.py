@@ -34,8 +34,9 @@ DATA_PREFIX = "model_data/"
 MODEL_LINKS = ("model", "model.onnx", "model.pt", "model.pt2")
 
 __all__ = ["DATA_PREFIX", "FILE_FIELDS", "MODEL_LINKS", "DiskFull", "InvalidSubmission", "QueueFull", "Submission",
-           "Submitted", "TenantLimit", "TenantStoredLimit", "admit", "check_device", "check_inputs", "cuda_available", "data_inputs", "dedupe_key", "free_space_mb",
-           "link_model_folder", "retry_after_s", "submit", "wait_for"]
+           "Submitted", "TenantLimit", "TenantStoredLimit", "admit", "check_device", "check_inputs",
+           "cuda_available", "data_inputs", "dedupe_key", "free_space_mb", "link_model_folder", "retry_after_s",
+           "submit", "wait_for"]
 
 
 class DiskFull(Exception):
