@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,36 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert out.returncode == 0, out.stderr[-3000:]
     [built] = (root / "dist").glob("audit_service-*.whl")
     return built
+
+
+# ----------------------------------------------------------------------------- CPU time per test
+# `TEST_CPU_REPORT=30 pytest ...` lists the 30 tests that took the most CPU seconds (this process and the
+# children it waited for): on a shared machine wall-clock durations say more about the neighbours than the test.
+_CPU_SECONDS: dict[str, tuple[float, float]] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    cpu, wall = _cpu_now(), time.monotonic()
+    yield
+    _CPU_SECONDS[item.nodeid] = (_cpu_now() - cpu, time.monotonic() - wall)
+
+
+def pytest_terminal_summary(terminalreporter):
+    top = int(os.environ.get("TEST_CPU_REPORT", "0") or 0)
+    if not top or not _CPU_SECONDS:
+        return
+    terminalreporter.section(f"the {top} tests with the most CPU seconds (cpu s / wall s)")
+    ranked = sorted(_CPU_SECONDS.items(), key=lambda kv: -kv[1][0])[:top]
+    for nodeid, (cpu, wall) in ranked:
+        terminalreporter.write_line(f"{cpu:8.1f} {wall:8.1f}  {nodeid}")
+    total_cpu = sum(c for c, _ in _CPU_SECONDS.values())
+    total_wall = sum(w for _, w in _CPU_SECONDS.values())
+    terminalreporter.write_line(f"{total_cpu:8.1f} {total_wall:8.1f}  all {len(_CPU_SECONDS)} tests")

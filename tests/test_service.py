@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, tiny_spec
-from conftest import wait_for_job as wait_for
+from conftest import ROOT, tiny_spec, wait_for_job
+from polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +62,16 @@ def test_submit_poll_and_read_the_report(api, models, service):
     assert len(job["inputs"]["model"]["sha256"]) == 64
 
     seen_running = False
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        job = api("GET", f"/audits/{job['id']}").json()
-        assert 0.0 <= job["progress"] <= 1.0
-        seen_running |= job["status"] == "running"
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.2)
+    job_id = job["id"]
+
+    def finished() -> dict | None:
+        nonlocal seen_running
+        current = api("GET", f"/audits/{job_id}").json()
+        assert 0.0 <= current["progress"] <= 1.0
+        seen_running |= current["status"] == "running"
+        return current if current["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_for(finished, 180, 0.2, f"audit {job_id} to finish")
     assert job["status"] == "succeeded", job
     assert job["progress"] == 1.0 and job["timings"]["run_s"] > 0 and job["verdict"]
     assert job["links"]["report"] == f"/audits/{job['id']}/report"
@@ -205,16 +207,16 @@ def test_a_hanging_model_times_out_and_only_that_job_fails(api, models):
     hang = r.json()
     assert hang["timeout_s"] == 25
     healthy = submit(api, models).json()
-    job = wait_for(api, hang["id"], timeout=120)
+    job = wait_for_job(api, hang["id"], timeout=120)
     assert job["status"] == "failed" and job["error"]["type"] == "timeout"
     assert "wall-clock limit of 25 s" in job["error"]["message"]
     assert api("GET", "/healthz").status_code == 200
-    assert wait_for(api, healthy["id"])["status"] == "succeeded"
+    assert wait_for_job(api, healthy["id"])["status"] == "succeeded"
 
 
 def test_a_model_that_allocates_without_bound_fails_with_out_of_memory(api, models):
     hog = submit(api, models, model="hog").json()
-    job = wait_for(api, hog["id"], timeout=180)
+    job = wait_for_job(api, hog["id"], timeout=180)
     assert job["status"] == "failed", job
     assert job["error"]["type"] == "out_of_memory", job["error"]
     assert "memory" in job["error"]["message"]
@@ -228,16 +230,11 @@ def test_killing_the_audit_process_fails_only_that_job(service, api, models):
     store = JobStore(f"sqlite:///{service.data_dir.resolve() / 'jobs.sqlite3'}")
     victim = api("POST", "/audit", files={"model": ("hang.pt", open(models["hang"], "rb"))},
                  data={"spec": json.dumps(tiny_spec())}).json()
-    deadline = time.monotonic() + 120
-    pid = None
-    while time.monotonic() < deadline and pid is None:
-        row = store.get(victim["id"])
-        pid = row["sandbox_pid"] if row["status"] == "running" else None
-        time.sleep(0.2)
-    assert pid, "the audit never started"
+    pid = wait_for(lambda: (row := store.get(victim["id"]))["status"] == "running" and row["sandbox_pid"], 120, 0.2,
+                   "the audit to start in its sandbox")
     time.sleep(1.0)
     os.kill(pid, signal.SIGKILL)
-    job = wait_for(api, victim["id"], timeout=60)
+    job = wait_for_job(api, victim["id"], timeout=60)
     assert job["status"] == "failed" and job["error"]["type"] == "killed"
     assert "SIGKILL" in job["error"]["message"]
     after = submit(api, models, model="plain2", params={"wait": 120})

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 import requests
 
 from conftest import Service, settle, tiny_spec
+from polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,12 @@ def submit(url: str, models: dict, seed: int) -> str:
 
 
 def running_row(store, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def started() -> dict | None:
         row = store.get(job_id)
-        if row["status"] == "running" and row["sandbox_pid"]:
-            return row
         assert row["status"] == "queued" or row["status"] == "running", row
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never started")
+        return row if row["status"] == "running" and row["sandbox_pid"] else None
+
+    return wait_for(started, timeout, 0.1, f"job {job_id} to start")
 
 
 def test_kill_9_of_the_audit_worker_mid_audit_retries_the_job(tmp_path, models):

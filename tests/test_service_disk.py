@@ -19,6 +19,7 @@ import requests
 
 from builders import rank1_onnx
 from conftest import ROOT, Service, free_port, settle, tiny_spec
+from polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -262,10 +263,8 @@ def test_a_worker_that_meets_a_full_disk_goes_on_once_space_is_back(tmpfs, model
                         form={"timeout_s": "8"})
         assert stuck.status_code == 202, stuck.text
         stuck_id = stuck.json()["id"]
-        deadline = time.monotonic() + 60
-        while requests.get(f"{svc.url}/audits/{stuck_id}", timeout=10).json()["status"] != "running":
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.2)
+        wait_for(lambda: requests.get(f"{svc.url}/audits/{stuck_id}", timeout=10).json()["status"] == "running", 60,
+                 0.2, "the stuck job to start")
         filler = _fill(tmpfs, leave_mb=0)
         time.sleep(12)  # the job's timeout passes while nothing can be written
         filler.unlink()

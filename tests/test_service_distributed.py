@@ -11,13 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from conftest import ROOT, Service, free_port, settle, tiny_spec
+from polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,11 @@ def redis_url(tmp_path_factory):
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    try:
+        wait_for(client.ping, 20, 0.1, "redis-server to answer PING", ignore=(redis.ConnectionError,))
+    except AssertionError:
+        proc.kill()
+        raise
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
@@ -90,11 +85,11 @@ def cluster(request, tmp_path_factory, redis_url):
     web = Service(data, workers=0, web_workers=1, **common).start()
     env = {**os.environ, "AUDIT_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), **common}
     workers = [CeleryWorker(env, data.parent / f"celery-{i}.log") for i in range(2)]
-    deadline = time.monotonic() + 120
-    while not all(w.ready() for w in workers):
-        assert time.monotonic() < deadline, [w.log.read_text()[-2000:] for w in workers]
+    def ready() -> bool:
         assert all(w.proc.poll() is None for w in workers), [w.log.read_text()[-2000:] for w in workers]
-        time.sleep(0.3)
+        return all(w.ready() for w in workers)
+
+    wait_for(ready, 120, 0.3, lambda: f"the celery workers to be ready: {[w.log.read_text()[-2000:] for w in workers]}")
     yield web, workers, data
     for w in workers:
         w.stop()
@@ -128,12 +123,8 @@ def test_killing_a_celery_worker_mid_audit_does_not_lose_the_job(cluster, models
     web, workers, data = cluster
     store = JobStore(web.env.get("AUDIT_DATABASE_URL") or f"sqlite:///{data.resolve() / 'jobs.sqlite3'}")
     job_id = submit(web.url, models, 100, heavy=True)
-    deadline = time.monotonic() + 120
-    row = store.get(job_id)
-    while not (row["status"] == "running" and row["sandbox_pid"]):
-        assert time.monotonic() < deadline, row
-        time.sleep(0.05)
-        row = store.get(job_id)
+    row = wait_for(lambda: (r := store.get(job_id))["status"] == "running" and r["sandbox_pid"] and r, 120, 0.05,
+                   f"job {job_id} to run in a sandbox")
     holder_pid = int(row["owner"].split(":")[1])
     victim = next(w for w in workers if holder_pid in w.pids())
     victim.kill()  # kill -9 the whole worker: celery main, pool process, fork server, sandbox
