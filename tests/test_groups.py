@@ -8,13 +8,14 @@ from typing import Literal
 
 import pytest
 import torch
+from pydantic import BaseModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audit_service.engine.errors import SpecError
 from audit_service.engine.groups import Element, ExactGroup, Group, build_group, group_catalogue
 from audit_service.engine.groups.element import element_from_rearrangement
-from audit_service.engine.spec import MAX_GROUP_ORDER, GroupSpecModel
+from audit_service.engine.spec import MAX_GROUP_ORDER, AuditSpec, GroupSpec, GroupSpecModel
 
 IMAGE = (2, 6, 6)
 
@@ -511,6 +512,13 @@ def _build_reverse(spec: ReverseSpec, input_shape: tuple[int, ...], field: str) 
     return ExactGroup("reverse", [Element.identity(flip.size), flip], input_shape, spec=spec, generators=[1])
 
 
+class _Request(BaseModel):
+    """A model defined before the toy group is registered, holding a spec that holds a group spec."""
+
+    spec: AuditSpec
+    groups: list[GroupSpec] = []
+
+
 @pytest.fixture
 def reverse_group():
     from audit_service.engine.groups.build import GroupRecord, register_group, unregister_group
@@ -532,6 +540,8 @@ def test_a_group_registered_in_one_place_is_found_everywhere(reverse_group):
     assert group.order == 2 and torch.equal(group.orbit(torch.arange(5.0)[None])[1, 0], torch.arange(4.0, -1, -1))
     product = parse_audit_spec({"group": {"name": "product", "factors": ["reverse", "C4"]}}).group
     assert product.known_order() == 8 and build_group(product, (1, 4, 4)).order == 8
+    held = _Request.model_validate({"spec": {"group": "reverse"}, "groups": [{"name": "reverse", "axis": 1}]})
+    assert isinstance(held.spec.group, ReverseSpec) and held.groups[0].axis == 1  # models defined earlier too
     entry = next(e for e in group_catalogue() if e["name"] == "reverse")
     assert entry["description"].startswith("A toy group") and entry["parameters"]["axis"]["meaning"]
     with pytest.raises(SpecError) as info:

@@ -45,9 +45,6 @@ class _Strict(BaseModel):
 #: added with ``groups.build.register_group`` (its one record). ``GroupSpec`` fields accept exactly these.
 GROUP_SPEC_MODELS: dict[str, type[GroupSpecModel]] = {}
 
-#: Models with a ``GroupSpec`` field, rebuilt when a group kind is registered (ProductSpec, AuditSpec).
-_GROUP_HOLDERS: list[type[BaseModel]] = []
-
 
 class GroupSpecModel(_Strict):
     """Base of a group kind's spec: ``name`` is a one-value ``Literal``; the docstring is its catalogue text."""
@@ -93,9 +90,62 @@ def unregister_group_spec(name: str) -> None:
 
 
 def _rebuild_group_holders() -> None:
-    for holder in _GROUP_HOLDERS:
-        holder.model_rebuild(force=True)
+    """Rebuild every model defined so far that holds a ``GroupSpec`` (``AuditSpec``, ``ProductSpec``, a report
+    model...) or holds such a model, innermost first, so each one's schema has the union as it is now."""
+    for model in _group_holders():
+        model.model_rebuild(force=True, raise_errors=False)
     _group_adapter.cache_clear()
+
+
+def _group_holders() -> list[type[BaseModel]]:
+    """The defined models with a ``GroupSpec`` field or a field of such a model, each after those it holds."""
+    models, seen = [], set()
+    stack = list(BaseModel.__subclasses__())
+    while stack:
+        model = stack.pop()
+        if model not in seen:
+            seen.add(model)
+            models.append(model)
+            stack.extend(model.__subclasses__())
+    holders: set[type[BaseModel]] = set()
+    while True:
+        more = {m for m in models if m not in holders and any(
+            _holds(f.annotation, holders) or _holds_meta(f.metadata) for f in m.model_fields.values())}
+        if not more:
+            break
+        holders |= more
+    ordered: list[type[BaseModel]] = []
+
+    def visit(model: type[BaseModel], path: tuple[type[BaseModel], ...]) -> None:
+        if model in ordered or model in path:
+            return
+        for f in model.model_fields.values():
+            for inner in holders:
+                if inner is not model and _refers(f.annotation, {inner}):
+                    visit(inner, (*path, model))
+        ordered.append(model)
+
+    # group spec models that hold group specs (products) come first: every union of group specs embeds them
+    for model in sorted(holders, key=lambda m: (not issubclass(m, GroupSpecModel), m.__qualname__)):
+        visit(model, ())
+    return ordered
+
+
+def _holds_meta(metadata: list[Any]) -> bool:
+    return any(m is _RegisteredGroups for m in metadata)
+
+
+def _holds(annotation: Any, found: set[type[BaseModel]]) -> bool:
+    """``annotation`` is or contains a ``GroupSpec`` or one of the models in ``found``."""
+    return annotation is _RegisteredGroups or _refers(annotation, found) or any(
+        _holds(arg, found) for arg in typing.get_args(annotation))
+
+
+def _refers(annotation: Any, models: set[type[BaseModel]]) -> bool:
+    """``annotation`` is or contains one of ``models``."""
+    if isinstance(annotation, type) and annotation in models:
+        return True
+    return any(_refers(arg, models) for arg in typing.get_args(annotation))
 
 
 class _RegisteredGroups:
@@ -203,7 +253,6 @@ class ProductSpec(GroupSpecModel):
         return None if any(o is None for o in orders) else math.prod(o for o in orders if o is not None)
 
 
-_GROUP_HOLDERS.append(ProductSpec)
 register_group_spec(ProductSpec)
 
 #: The built-in group names (``group_names()`` also lists any registered later).
@@ -426,8 +475,6 @@ class AuditSpec(_Strict):
     def effective_shifts(self) -> list[ShiftSpec]:
         return default_shifts() if self.shifts is None else list(self.shifts)
 
-
-_GROUP_HOLDERS.append(AuditSpec)
 
 
 def _expand_group_shorthand(value: Any) -> Any:
