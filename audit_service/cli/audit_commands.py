@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..engine.errors import ModelError, ProbeError, SpecError
 from ..adapters.mlflow_registry import is_registry_uri
-from ..engine.spec import AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
+from ..engine.spec import SHIFT_PARAMETERS, AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 from ..engine.names import Metric
 from ..engine.report.model import Report, parse_report
 
@@ -261,7 +261,7 @@ def parse_shift_arg(text: str) -> dict:
     name, _, level = text.partition("@")
     name, _, target = name.partition(":")
     shift: dict = {"name": name}
-    if name == "blend":
+    if SHIFT_PARAMETERS.get(name) == "beta":  # blend: BETA and a target instead of a severity
         shift["target"] = "second_probes" if target.startswith("second") else "noise"
         try:
             shift["beta"] = float(level) if level else 0.5

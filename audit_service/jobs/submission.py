@@ -109,7 +109,7 @@ def check_inputs(spec: AuditSpec, present: Iterable[str]) -> None:
     if "labels" in present and "probes" not in present:
         raise InvalidSubmission("Expected `probes` with `labels` (labels name the class of each probe), "
                                 "but got labels alone", field="labels")
-    second_needed = any(s.name == "blend" and s.target == "second_probes" for s in spec.effective_shifts)
+    second_needed = any(s.takes_beta and s.target == "second_probes" for s in spec.effective_shifts)
     if second_needed and "second_probes" not in present:
         raise InvalidSubmission("Expected a `second_probes` file: a blend shift targets second_probes",
                                 field="second_probes")

@@ -120,8 +120,8 @@ def _severity(cond: Condition) -> tuple[str, float] | None:
     shift = cond.shift
     if shift is None:
         return None
-    if shift.name == "blend":
-        return f"blend({shift.target}) β", float(shift.beta or 0.0)
+    if shift.takes_beta:
+        return f"{shift.name}({shift.target}) β", float(shift.beta or 0.0)
     return str(shift.name), float(shift.severity_or_default)
 
 
