@@ -11,7 +11,6 @@ import pickle
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -210,12 +209,10 @@ def test_group_that_does_not_fit_the_input(files, tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    """Issue 23: told in well under a second (the path is checked before torch is imported)."""
-    start = time.monotonic()
+    """Issue 23: told at once: the path is checked before torch is imported (asserted on the import log, not on
+    the clock, which on a shared machine measures the neighbours)."""
     result = cli("audit", tmp_path / "absent.onnx", "--group", "C4", *FAST)
-    elapsed = time.monotonic() - start
     assert_bad_input(result, "absent.onnx", "no such file")
-    assert elapsed < 2.5, elapsed   # the interpreter's own start included; torch alone takes 3-6 s here
     no_torch = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "audit", str(tmp_path / "absent.onnx"),
                                "--group", "C4"], capture_output=True, text=True, timeout=60)
     assert no_torch.returncode == 2
