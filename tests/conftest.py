@@ -264,6 +264,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- CPU time per test
 # `TEST_CPU_REPORT=30 pytest ...` lists the 30 tests that took the most CPU seconds (this process and the
 # children it waited for): on a shared machine wall-clock durations say more about the neighbours than the test.
+# `TEST_CPU_LOG=file` appends "cpu_s wall_s nodeid" as each test ends.
 _CPU_SECONDS: dict[str, tuple[float, float]] = {}
 
 
@@ -279,6 +280,9 @@ def pytest_runtest_protocol(item, nextitem):
     cpu, wall = _cpu_now(), time.monotonic()
     yield
     _CPU_SECONDS[item.nodeid] = (_cpu_now() - cpu, time.monotonic() - wall)
+    if os.environ.get("TEST_CPU_LOG"):  # one line a test as it ends, for a run one cannot wait for
+        with open(os.environ["TEST_CPU_LOG"], "a") as log:
+            log.write(f"{_CPU_SECONDS[item.nodeid][0]:.1f} {_CPU_SECONDS[item.nodeid][1]:.1f} {item.nodeid}\n")
 
 
 def pytest_terminal_summary(terminalreporter):
