@@ -123,3 +123,23 @@ def test_helpers():
     summary = report_summary(_report(), "abc")
     assert list(summary)[:4] == ["id", "status", "verdict", "passed"]
     assert summary["conditions"]["clean"]["SI"] == 0.5 and summary["links"]["report"] == "/audits/abc/report"
+
+
+def test_reasons_are_grouped_from_their_data_not_their_wording():
+    """Rewording a reason's sentence leaves the page's grouping alone (it reads ``reason_details``)."""
+    verdict = parse_report(_report()).verdict
+    reworded = verdict.model_copy(update={"reason_details": [r.model_copy(update={"text": f"reworded {i}"})
+                                                             for i, r in enumerate(verdict.reason_details)]})
+    assert grouped_reasons(reworded) == grouped_reasons(verdict)
+    missed = next(g for g in grouped_reasons(verdict) if g["title"] == "Genuine criteria missed")["entries"]
+    assert {"short": "SI outside >= 0.98 on 3 of 3 conditions", "detail": "clean 0.5, blur@2 0.5, noise 0.5"} in missed
+
+
+def test_a_report_without_structured_reasons_lists_its_sentences():
+    """Reports stored before ``reason_details`` existed still show every reason, unparsed."""
+    report = _report()
+    del report["verdict"]["reason_details"]
+    groups = grouped_reasons(parse_report(report).verdict)
+    assert [g["title"] for g in groups] == ["Why this label"]
+    assert len(groups[0]["entries"]) == len(report["verdict"]["reasons"])
+    assert "SI misses genuine (&gt;= 0.98)" in render_report_html(report)
