@@ -99,8 +99,10 @@ def test_front_door_submits_a_demo_model_and_shows_its_verdict(browser, service,
     verdict = page.wait_for_selector("#verdict, #failure", timeout=240_000)
     assert verdict.get_attribute("id") == "verdict", verdict.inner_text()
     assert verdict.get_attribute("data-label") == "genuine"
-    page.wait_for_function("document.querySelector('#recent table') !== null", timeout=30_000)
-    assert "c4_averaged_cnn.onnx" in page.locator("#recent").inner_text()
+    job_id = page.locator("#status code").last.inner_text()
+    page.wait_for_function(f"document.querySelector('#recent tr[data-id=\"{job_id}\"]') !== null", timeout=30_000)
+    row = page.locator(f'#recent tr[data-id="{job_id}"]').inner_text()
+    assert "C4" in row and "succeeded" in row and "genuine" in row, row
     page.screenshot(path=str(shots / "front.png"), full_page=True)
     page.close()
     assert not problems, problems
@@ -115,3 +117,67 @@ def test_docs_render_the_contract_from_packaged_assets(browser, service):
     assert "audit" in title.inner_text().lower()
     page.close()
     assert not problems and not remote, (problems, remote)
+
+
+def test_front_door_names_the_field_of_an_error(browser, service):
+    """Issue 23: a refused submission says which field to fix, as the API's problem+json does."""
+    page, problems = _page(browser)
+    page.goto(service.url + "/")
+    page.set_input_files("#model", str(DEMO / "plain_cnn.onnx"))
+    page.fill("#spec", json.dumps({"group": "C5"}))
+    page.click("#submit")
+    failure = page.wait_for_selector("#failure", timeout=120_000)
+    assert failure.get_attribute("data-field") == "spec.group", failure.inner_text()
+    assert failure.inner_text().startswith("spec.group: "), failure.inner_text()
+    assert "C4" in failure.inner_text()               # and what to write instead
+    page.close()
+    # the page's own 422 is the only error the browser saw
+    assert [p for p in problems if "HTTP 422" not in p] == [], problems
+
+
+def test_front_door_shows_why_an_audit_failed(browser, service, models):
+    """Issue 23: a failed job shows its reason (the error's type and message), on the page and in the list."""
+    page, problems = _page(browser)
+    page.goto(service.url + "/")
+    page.set_input_files("#model", str(models["hog"]))        # loads, then asks for ~40 GB on an audit batch
+    page.fill("#spec", json.dumps({"group": "C4", "shifts": [], "options": TINY_OPTIONS}))
+    page.click("#submit")
+    failure = page.wait_for_selector("#failure", timeout=240_000)
+    text = failure.inner_text()
+    assert text.startswith("Audit failed: [out_of_memory] "), text
+    assert failure.get_attribute("data-code") == "out_of_memory"
+    assert "memory" in failure.locator(".reason").inner_text().lower()
+    job_id = failure.locator("code").inner_text()
+    page.wait_for_function(f"document.querySelector('#recent tr[data-id=\"{job_id}\"]') !== null", timeout=30_000)
+    cell = page.locator(f'#recent tr[data-id="{job_id}"] td.reason').inner_text()
+    assert cell.startswith("[out_of_memory] ") and "memory" in cell.lower(), cell
+    page.close()
+    assert not problems, problems
+
+
+def test_swagger_try_it_out_runs_as_prefilled(browser, service):
+    """Issue 23: POST /audit in Swagger UI, "Try it out" with only a model file chosen (a browser cannot pre-fill
+    a file): the pre-filled spec, timeout_s and the empty inputs are accepted (202), against the service that
+    served the page (the contract's first server is relative)."""
+    import yaml
+
+    page, problems = _page(browser)
+    page.goto(service.url + "/docs")
+    op = "#operations-audits-submitAudit"
+    page.wait_for_selector(op, timeout=60_000)
+    page.click(f"{op} .opblock-summary")
+    page.click(f"{op} .try-out__btn")
+    page.locator(f"{op} input[type=file]").first.set_input_files(str(DEMO / "c4_averaged_cnn.onnx"))
+    with page.expect_response(lambda r: r.request.method == "POST" and "/audit" in r.url, timeout=120_000) as answer:
+        page.click(f"{op} .execute")
+    response = answer.value
+    assert response.url.startswith(service.url + "/audit"), response.url
+    assert response.status == 202, response.text()
+    job = response.json()
+    form = (yaml.safe_load((ROOT / "openapi.yaml").read_text())["paths"]["/audit"]["post"]["requestBody"]
+            ["content"]["multipart/form-data"]["schema"]["properties"])
+    assert job["timeout_s"] == min(form["timeout_s"]["example"], 300)   # the test service caps it at 300 s
+    assert job["spec"]["group"]["name"] == json.loads(form["spec"]["example"])["group"]
+    assert job["inputs"]["model"]["filename"] == "c4_averaged_cnn.onnx"
+    page.close()
+    assert not problems, problems

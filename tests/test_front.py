@@ -67,3 +67,31 @@ def test_wait_answer_as_html_when_asked(api, models):
     job_id = r.headers["Location"].rsplit("/", 1)[-1]
     # the JSON link is absolute, so a saved copy of the page still works
     assert re.search(rf'href="http://[^"]+/audits/{job_id}/report"', r.text)
+
+
+def test_the_audit_examples_are_accepted_as_swagger_sends_them(api, models):
+    """Issue 23: the `/audit` request examples in openapi.yaml make a valid request, sent as Swagger UI's "Try it
+    out" sends a form: every field with its example, every empty file input as a part with no file name and no
+    bytes, and the one thing a browser cannot pre-fill, the model file."""
+    import yaml
+
+    form = (yaml.safe_load((ROOT / "openapi.yaml").read_text())["paths"]["/audit"]["post"]["requestBody"]
+            ["content"]["multipart/form-data"]["schema"]["properties"])
+    assert form["timeout_s"]["example"] > 1 and form["model_uri"]["example"] != "string"
+    fields, parts = {}, [("model", (Path(models["invariant"]).name, open(models["invariant"], "rb")))]
+    for name, prop in form.items():
+        if name == "model":
+            continue
+        binary = prop.get("format") == "binary" or (prop.get("items") or {}).get("format") == "binary"
+        if binary:
+            parts.append((name, (None, b"")))                      # an empty file input
+        else:
+            value = prop.get("example", prop.get("default"))
+            assert value is not None, f"{name} has neither an example nor a default"
+            fields[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+    json.loads(fields["spec"])                                      # the spec example is JSON
+    r = api("POST", "/audit", data=fields, files=parts)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["timeout_s"] == min(form["timeout_s"]["example"], 300)   # the test service caps it at 300 s
+    assert set(job["inputs"]) == {"model"}                          # the empty parts counted as absent

@@ -159,7 +159,10 @@ def submit_audit() -> Response:
 
 def _parse_form() -> tuple[SubmitForm, AuditSpec, dict[str, Any]]:
     """The non-file fields of ``POST /audit``: the options, the validated spec and the registry fields."""
-    form = {k: v for k, v in request.form.items() if k != "spec"}
+    # an empty file input (Swagger UI's "Try it out", an HTML form) arrives as a part with no file name and no
+    # bytes: absent, as the client meant (issue 23)
+    form = {k: v for k, v in request.form.items()
+            if k != "spec" and not (v == "" and k in (*submission.FILE_FIELDS, DATA_FIELD, *REGISTRY_FIELDS))}
     names = {str(k) for k in form} | {str(k) for k in request.files}
     unknown = sorted(names - {"timeout_s", "reuse", "spec", *submission.FILE_FIELDS, DATA_FIELD, *REGISTRY_FIELDS})
     if unknown:
