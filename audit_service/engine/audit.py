@@ -22,7 +22,7 @@ from .guard import guarded as _guarded
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .plan import make_plan
 from .metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
-from .names import PER_PROBE_METRICS
+from .names import PER_PROBE_METRICS, ConditionName
 from .report.build import condition_report, now_iso, sensitivity_report, with_chance_levels
 from .runtime import ModelRunner, load_model
 from .runtime.loader import Loader
@@ -356,9 +356,9 @@ def _check_autocast(runner: ModelRunner, group: Group, x, stats: ProbeStats, opt
 def _conditions(shifts: list, has_probes: bool) -> list[Condition]:
     conditions = []
     if has_probes:
-        conditions.append(Condition("clean", keep_examples=True))
+        conditions.append(Condition(ConditionName.CLEAN.value, keep_examples=True))
         conditions += [Condition(s.label, shift=s) for s in shifts]
-    conditions.append(Condition("noise", noise=True, keep_examples=True))
+    conditions.append(Condition(ConditionName.NOISE.value, noise=True, keep_examples=True))
     return conditions
 
 
@@ -376,9 +376,9 @@ def _sensitivity(runner: ModelRunner, x: torch.Tensor | None, stats: ProbeStats,
     if count == 0:
         return sensitivity_report(None, "none", "none")
     if x is not None:
-        probes, source = x[:count].to(runner.device), "clean"
+        probes, source = x[:count].to(runner.device), ConditionName.CLEAN.value
     else:
-        probes, source = _noise(count, runner, stats, options.seed), "noise"
+        probes, source = _noise(count, runner, stats, options.seed), ConditionName.NOISE.value
     module = runner.torch_module()
     if module is not None:
         return sensitivity_report(singular_values(jacobian(module, probes)), source, "autograd Jacobian")

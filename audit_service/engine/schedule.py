@@ -17,6 +17,7 @@ import numpy as np
 from .guard import guarded
 from .metrics import summarize
 from .metrics.saliency import IG_METHOD
+from .names import ConditionName
 from .plan import AuditPlan
 from .report.build import condition_report, with_chance_levels
 from .sequential import SaliencySampling, decided, relative_completeness, si_bound
@@ -25,7 +26,7 @@ from .sweep import Condition, ConditionResult, OrbitSweep
 from .verdict import decide, genuine_checks, genuine_failures
 
 #: the conditions the report always needs (the paper's SI is computed there)
-ANCHORS = ("clean", "noise")
+ANCHORS = tuple(c.value for c in ConditionName)
 
 
 @dataclass

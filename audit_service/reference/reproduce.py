@@ -30,7 +30,7 @@ from .groups import GROUP_NAMES, group_spec
 from .models import MODEL_KINDS
 from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
-from ..engine.names import INVARIANCE_METRICS, PROFILE_CONDITIONS, SPREAD_METRICS
+from ..engine.names import INVARIANCE_METRICS, PROFILE_CONDITIONS, SPREAD_METRICS, ConditionName
 from ..engine.progress import ProgressFn
 
 
@@ -131,7 +131,7 @@ def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: di
     if report is not None:
         sens = report.get("sensitivity") or {}
         verdict = report.get("verdict") or {}
-        card["metrics"] = {"clean": _named(report, "clean"), "noise": _named(report, "noise")}
+        card["metrics"] = {c.value: _named(report, c) for c in PROFILE_CONDITIONS}
         card["sigma_max"] = (sens.get("sigma_max") or {}).get("mean") if isinstance(sens.get("sigma_max"),
                                                                                     dict) else None
         card["verdict"] = verdict.get("label")
@@ -262,7 +262,7 @@ def aggregate(cards: list[dict], betas: tuple[float, ...] = BETAS) -> dict:
             row["sigma_max"] = _stat([c.get("sigma_max") for c in runs])
             drift = {}
             for beta in (0.0, *betas):
-                label = f"blend(second_probes)@{beta:g}" if beta > 0 else "clean"
+                label = f"blend(second_probes)@{beta:g}" if beta > 0 else ConditionName.CLEAN.value
                 drift[f"{beta:g}"] = {m: _stat([_cond_metric(c, label, m) for c in runs])
                                       for m in INVARIANCE_METRICS}
             row["drift"] = drift
