@@ -1,22 +1,54 @@
-# Invariance audit service on a CUDA runtime (onnxruntime-gpu / torch use the GPU when run with --gpus all).
-# Install and start use the very commands CI and developers use (`make install`, the Makefile's `run`
-# command); tests/test_service_packaging.py checks that they stay identical.
-# The container binds 0.0.0.0, so `serve` refuses to start without tokens: pass AUDIT_TOKENS or mount a
-# file and set AUDIT_TOKENS_FILE (README, "Authentication").
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# syntax=docker/dockerfile:1
+# Invariance audit service: the production image (multi-stage).
+#
+# * Base: Debian bookworm's own Python 3.11, the minor version the tests run on (CI and developers: python3
+#   3.11), so pip resolves the very dependency set the tests cover. No CUDA base image: the CUDA 13 user-space
+#   libraries come with the wheels (torch 2.14's nvidia-* packages, onnxruntime-gpu 1.31 links libcudart.so.13).
+# * GPU: run with `--gpus all` (Docker, NVIDIA Container Toolkit) or `--device nvidia.com/gpu=all` (podman, CDI);
+#   the host's NVIDIA driver must be >= 580 (CUDA 13.0). An older driver, or none, runs the audits on the CPU.
+# * Stages: `test` installs with `make install` exactly as CI does (`.[test]`: pytest, schemathesis, Playwright),
+#   and pins what it resolved; `runtime` installs the package with only its `mlflow` extra under those pins, so
+#   the final image has the tested versions and no test tools. `podman build --target test .` gives the test
+#   environment (tests/test_service_packaging.py checks the stages against the Makefile and .ci/run).
+# * Non-root (uid 10001); the sandbox is active inside: Landlock and seccomp (libseccomp2) need no privileges,
+#   and `.ci/container-smoke` checks both, plus a TorchScript audit, which is refused where Landlock is missing.
+# * The container binds 0.0.0.0, so `serve` refuses to start without tokens: pass AUDIT_TOKENS or mount a file
+#   and set AUDIT_TOKENS_FILE (README, "Authentication").
+ARG BASE=docker.io/library/debian:bookworm-slim
 
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    AUDIT_DATA_DIR=/data AUDIT_HOST=0.0.0.0 AUDIT_PORT=8000
+FROM ${BASE} AS base
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make ca-certificates libseccomp2 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --create-home --uid 10001 audit \
- && mkdir -p /app /data && chown audit:audit /app /data
+ && apt-get install -y --no-install-recommends python3 python3-venv make ca-certificates libseccomp2 \
+ && rm -rf /var/lib/apt/lists/*
 
+# ---------------------------------------------------------------------------------------------- the tests' set
+FROM base AS test
 WORKDIR /app
-COPY --chown=audit:audit . /app
+COPY . /app
+RUN --mount=type=cache,target=/root/.cache/pip make install
+RUN .venv/bin/pip freeze --exclude-editable > /app/constraints.txt
+
+# ---------------------------------------------------------------------------------------------- runtime venv
+FROM base AS runtime-venv
+WORKDIR /app
+COPY . /src
+COPY --from=test /app/constraints.txt /src/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /app/.venv \
+ && /app/.venv/bin/pip install -q --upgrade pip setuptools wheel \
+ && /app/.venv/bin/pip install -q -c /src/constraints.txt '/src[mlflow]' \
+ && ! /app/.venv/bin/python -c "import pytest" 2>/dev/null \
+ && find /app/.venv -name __pycache__ -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------------------------- production
+FROM base AS runtime
+ENV AUDIT_DATA_DIR=/data AUDIT_HOST=0.0.0.0 AUDIT_PORT=8000
+RUN useradd --create-home --uid 10001 audit \
+ && mkdir -p /app /data && chown audit:audit /data
+COPY --from=runtime-venv /app/.venv /app/.venv
+WORKDIR /app
 USER audit
-RUN make install
 
 VOLUME ["/data"]
 EXPOSE 8000

@@ -59,9 +59,27 @@ def test_ci_runs_make_test_which_installs_with_make_install():
     assert "install" in targets["test"][0]
 
 
+def _without_mounts(run: str) -> str:
+    """A RUN line without its BuildKit ``--mount=...`` options (a pip cache shared between the stages)."""
+    return " ".join(word for word in run.split() if not word.startswith("--mount="))
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """The Dockerfile's steps by stage name (``FROM ... AS name``)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for instr, rest in dockerfile():
+        if instr == "FROM":
+            current = rest.split()[-1] if " AS " in rest.upper() else rest
+            out[current] = []
+        elif current is not None:
+            out[current].append((instr, rest))
+    return out
+
+
 def test_docker_installs_with_the_same_command_as_ci():
-    steps = dockerfile()
-    runs = [rest for instr, rest in steps if instr == "RUN"]
+    steps = stages()["test"]   # the stage that builds the tests' environment
+    runs = [_without_mounts(rest) for instr, rest in steps if instr == "RUN"]
     assert "make install" in runs, runs
     workdir = [rest for instr, rest in steps if instr == "WORKDIR"][-1]
     # the install runs in the copied repository, as CI's does
@@ -71,7 +89,7 @@ def test_docker_installs_with_the_same_command_as_ci():
 
 def test_docker_starts_with_the_makefile_run_command():
     variables, targets = makefile()
-    steps = dockerfile()
+    steps = stages()["runtime"]
     workdir = [rest for instr, rest in steps if instr == "WORKDIR"][-1]
     cmd = json.loads([rest for instr, rest in steps if instr == "CMD"][-1])
     recipe = targets["run"][1]
@@ -87,9 +105,23 @@ def test_docker_starts_with_the_makefile_run_command():
 
 
 def test_docker_image_shape():
-    steps = dockerfile()
-    base = [rest for instr, rest in steps if instr == "FROM"][0]
-    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    """Issue 23: a Debian base whose python3 is the tests' minor version, a final stage (the last) with no test
+    tools, non-root, with a health check."""
+    import sys
+
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)", text, re.M).group(1)
+    codename = {(3, 11): "bookworm", (3, 13): "trixie"}[sys.version_info[:2]]   # Debian's python3 of that version
+    assert base.startswith("docker.io/library/debian:") and codename in base, base
+    names = list(stages())
+    assert names[-1] == "runtime" and "test" in names, names
+    steps = stages()["runtime"]
+    final = " ".join(rest for instr, rest in steps)
+    for tool in ("make install", ".[test]", "pytest", "schemathesis", "playwright"):
+        assert tool not in final, tool
+    venv_stage = " ".join(rest for instr, rest in stages()["runtime-venv"])
+    assert "[mlflow]" in venv_stage and "-c /src/constraints.txt" in venv_stage and "[test]" not in venv_stage
+    assert "driver must be >= 580" in text       # torch 2.14 / onnxruntime-gpu 1.31: CUDA 13
     user = [rest for instr, rest in steps if instr == "USER"][-1]
     assert user not in ("root", "0")
     health = [rest for instr, rest in steps if instr == "HEALTHCHECK"][-1]
