@@ -248,11 +248,13 @@ def _idle_connections(url: str, n: int) -> list[socket.socket]:
 
 
 def _still_open(conns: list[socket.socket]) -> int:
+    """How many the server still holds: after what it sent is drained, no end-of-file (nor reset) yet."""
     open_ = 0
     for s in conns:
         s.setblocking(False)
         try:
-            open_ += s.recv(1) != b""
+            while s.recv(65536):
+                pass
         except BlockingIOError:
             open_ += 1
         except OSError:
@@ -261,6 +263,7 @@ def _still_open(conns: list[socket.socket]) -> int:
 
 
 def _healthz_while_idle(tmp_path: Path, cap: int) -> tuple[list[float], int]:
+    (tmp_path / f"conn-{cap}").mkdir()
     svc = Service(tmp_path / f"conn-{cap}" / "data", workers=0, web_workers=2, AUDIT_MAX_CLIENT_CONNECTIONS=cap,
                   AUDIT_HEADER_TIMEOUT_S=30).start()
     conns: list[socket.socket] = []
