@@ -222,3 +222,28 @@ def test_list_summaries_and_streamed_reports(store, tmp_path):
     assert store.delete(job["id"])
     holder, size = store.report_source(twin["id"])
     assert holder == twin["id"] and json.loads(b"".join(store.report_slices(holder))) == report
+
+
+def test_an_older_sqlite_file_is_converted_to_free_space_on_delete(tmp_path):
+    """A database made before deletes freed space (auto_vacuum none) is rebuilt once at startup (``open_checked``),
+    after which deleting jobs shrinks the file instead of leaving it at its largest."""
+    import sqlite3
+
+    db = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(db) as conn:  # as an older release left it: auto_vacuum off, tables already there
+        conn.execute("CREATE TABLE older (x TEXT)")
+    store = JobStore(f"sqlite:///{db}")
+    assert store.open_checked() is None
+    assert sqlite3.connect(db).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    ids = [store.create(kind=JobKind.AUDIT, spec={"group": "C4", "pad": "x" * 200_000}, inputs={}, timeout_s=60,
+                        max_attempts=1)["id"] for _ in range(20)]
+    for job_id in ids:
+        assert store.cancel(job_id)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    full = db.stat().st_size
+    for job_id in ids:
+        assert store.delete(job_id)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert full > 4_000_000 and db.stat().st_size < full / 10, (full, db.stat().st_size)
