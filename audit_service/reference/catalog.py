@@ -267,16 +267,15 @@ def attach_reference_profile(report: dict) -> dict:
     when no runs ship. Called where reports are made for people (the job worker, the CLI), outside the
     sandbox and outside the core library, which never reads the reference runs. The report dict is updated
     in place (and returned)."""
-    typed = Report.model_validate(report)
     profile = None
-    if typed.verdict.label != "trivial":
-        try:
-            found = closest_profile(typed)
-            if found is not None:
-                runs = [p for p in reference_profiles() if p["group"] == found["group"]]
-                profile = ReferenceProfile.model_validate({**found, "runs": runs}).to_json()
-        except Exception:  # noqa: BLE001 - a courtesy, never a reason to fail an audit
-            profile = None
+    try:
+        typed = Report.model_validate(report)
+        found = closest_profile(typed) if typed.verdict.label != "trivial" else None
+        if found is not None:
+            runs = [p for p in reference_profiles() if p["group"] == found["group"]]
+            profile = ReferenceProfile.model_validate({**found, "runs": runs}).to_json()
+    except Exception:  # noqa: BLE001 - a courtesy, never a reason to fail an audit
+        profile = None
     report.update(reference_profile=profile)
     return report
 
