@@ -338,6 +338,10 @@ def test_write_back_rules_parse_and_match():
         WriteBackPolicy.from_settings(Settings(write_back_rules="alice:x,bob:"))
     with pytest.raises(WriteBackConfigError, match="AUDIT_WRITE_BACK_REQUIRE"):
         WriteBackPolicy.from_settings(Settings(write_back_require="genuine,great"))
+    from audit_service.service.auth import check_bind  # serve refuses to start on a broken rule, naming it
+
+    assert "entry 2" in check_bind("127.0.0.1", Settings(write_back_rules="alice:x,bob:"))
+    assert check_bind("127.0.0.1", Settings(write_back_rules="alice:x")) is None
 
 
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
