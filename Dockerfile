@@ -24,6 +24,9 @@ RUN apt-get update \
 
 # ---------------------------------------------------------------------------------------------- the tests' set
 FROM base AS test
+# a CA bundle for pip behind a TLS-intercepting proxy (build-time only, never in the image): .ci/container-smoke
+# passes one with AUDIT_BUILD_CA; unset by default
+ARG PIP_CERT
 WORKDIR /app
 COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip make install
@@ -31,6 +34,7 @@ RUN .venv/bin/pip freeze --exclude-editable > /app/constraints.txt
 
 # ---------------------------------------------------------------------------------------------- runtime venv
 FROM base AS runtime-venv
+ARG PIP_CERT
 WORKDIR /app
 COPY . /src
 COPY --from=test /app/constraints.txt /src/constraints.txt

@@ -9,10 +9,13 @@ on the conditions ``saliency_scope`` names (``decisive``: clean and noise). The 
 small beside these and are not counted; every streamed chunk of a condition adds ``CHUNK_OVERHEAD_S``.
 
 The model is timed on batches of 1 and 4, forward and (where it has a torch twin) gradient, never more than 4 (a
-larger batch is the audit's own work, and may be what a broken model fails on), the fastest of a few runs kept:
+larger batch is the audit's own work, and may be what a broken model fails on), the fastest of a few runs kept,
+each run the smaller of its wall-clock time and the CPU time of the process that ran the model (the service's
+cage, or this one): a crowded machine stretches the wall clock, many threads the CPU time. Then
 ``t(b) = overhead + b x marginal``. A call costs ``overhead`` (in the service's cage, a round trip of a few
-hundred ms for a gradient) and a sample ``marginal``; the slope counts only where batch 4 clearly costs more
-than batch 1 (twice or more), since a step between 1 and 4 (threads, layout) is no slope. The audit's calls are
+hundred ms for a gradient on a crowded machine) and a sample ``marginal``; the slope counts only where batch 4
+clearly costs more than batch 1 (twice or more), since a step between 1 and 4 (threads, layout) is no slope, and
+a sample never costs more than a call of one. The audit's calls are
 its batches (``batch_size``) in each chunk. So the estimate leans low: it refuses what cannot finish, never
 what merely might not. A model without a torch twin (the gradient-free fallback) is counted at
 ``GRADIENT_COST`` forward passes a gradient sample.
@@ -21,6 +24,7 @@ what merely might not. A model without a torch twin (the gradient-free fallback)
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,12 +108,17 @@ def time_calls(run: Callable[[Any], Any], runner: Any, budget_s: float = 1.0) ->
     inputs = {b: torch.zeros((b, *runner.input_shape), dtype=torch.float32, device=runner.device)
               for b in (1, TIMED_BATCH)}
 
+    pid = getattr(getattr(runner, "cage", None), "pid", None) or os.getpid()
+
     def timed(b: int) -> float:
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(pid), time.perf_counter()
         run(inputs[b])
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        used = cpu_seconds(pid) - cpu if cpu is not None else None
+        # on a GPU the CPU waits: only the wall clock says how long a call takes there
+        return wall if used is None or used <= 0 or runner.device.type == "cuda" else min(wall, used)
 
     for b in inputs:  # warm-up: first calls pay for allocation, layout and kernel choice
         timed(b)
@@ -123,8 +132,25 @@ def time_calls(run: Callable[[Any], Any], runner: Any, budget_s: float = 1.0) ->
     one, four = best[1], best[TIMED_BATCH]
     if four < 2 * one:  # no slope to read: the call's own cost dominates
         return four, 0.0
-    marginal = (four - one) / (TIMED_BATCH - 1)
+    marginal = min((four - one) / (TIMED_BATCH - 1), one)
     return max(0.0, one - marginal), marginal
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time of process ``pid``, all its threads (``/proc/PID/task/*/schedstat``, in ns); None where
+    there is no such file to read."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+                continue
+    except OSError:
+        return None
+    return total / 1e9
 
 
 def _gradient(module: Any) -> Callable[[Any], Any]:
