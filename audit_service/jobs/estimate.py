@@ -15,9 +15,8 @@ cage, or this one): a crowded machine stretches the wall clock, many threads the
 ``t(b) = overhead + b x marginal``. A call costs ``overhead`` (in the service's cage, a round trip of a few
 hundred ms for a gradient on a crowded machine) and a sample ``marginal``; the slope counts only where batch 4
 clearly costs more than batch 1 (twice or more), since a step between 1 and 4 (threads, layout) is no slope, and
-a sample never costs more than a call of one. The audit's calls are
-its batches (``batch_size``) in each chunk. So the estimate leans low: it refuses what cannot finish, never
-what merely might not. A model without a torch twin (the gradient-free fallback) is counted at
+a sample never costs more than a call of one. The audit's calls are its batches (``batch_size``) in each
+chunk. So the estimate leans low: it refuses what cannot finish, never what merely might not. A model without a torch twin (the gradient-free fallback) is counted at
 ``GRADIENT_COST`` forward passes a gradient sample.
 """
 
