@@ -209,3 +209,10 @@ def test_real_reports_meet_the_openapi_report_schema(reports):
     assert not validator.is_valid(broken)
     del broken["verdict"]
     assert not validator.is_valid(broken)
+
+
+def test_structured_reasons_are_read_strictly_too(reports):
+    report = json.loads(json.dumps(reports["onnx, no probes, no saliency"]))
+    report["verdict"]["reason_details"][0]["misses"][0]["extra"] = 1
+    with pytest.raises(ValidationError, match=r"Miss does not model the key\(s\) \['extra'\]"):
+        parse_report(report, strict=True)

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 from ..names import METRICS, ConditionName, Metric
 from ..spec import REPORT_KEYS, AuditSpec, GroupSpec, Policy, ShiftSpec, VerdictLabel
-from ..verdict import Reason
+from ..verdict import Miss as _Miss
+from ..verdict import Reason as _Reason
 
 #: ``model_validate(..., context={STRICT: True})`` refuses keys a model does not declare
 STRICT = "forbid_unmodelled_keys"
@@ -205,6 +206,21 @@ for _metric in Metric:  # condition.LI_normalized, condition.DI, ... : one attri
 
 
 # --------------------------------------------------------------------------- verdict
+class Miss(ReportModel, _Miss):
+    """One condition where a genuine criterion misses, with the value there."""
+
+
+class Reason(ReportModel, _Reason):
+    """One reason for the verdict: its sentence (``text``, as in ``reasons``) and what it says as data.
+
+    ``topic``: label (why this label), heading (introduces the genuine failures), genuine_failure (one genuine
+    criterion missed: ``criterion``, ``requirement``, ``threshold``, ``misses`` of ``n_conditions``), borderline,
+    require_confident, warning. ``headline`` / ``detail``: the sentence's short form and the rest."""
+
+    misses: list[Miss] = Field(  # type: ignore[assignment]  # the same field, its items read strictly
+        default_factory=list, description="genuine_failure: where the criterion misses")
+
+
 class Criterion(ReportModel):
     """One criterion the verdict evaluated on one condition."""
 
