@@ -405,7 +405,8 @@ def test_onnx_checker_failure_is_a_model_error(tmp_path):
 def test_torchscript_input_shape_sources(tmp_path):
     module = PlainCNN().eval()
     bare = export_torchscript(module, IMAGE_SHAPE, tmp_path / "bare.pt", record_shape=False)
-    with pytest.raises(ModelError, match=r"TorchScript does not record it; pass probes, or save with "
+    with pytest.raises(ModelError, match=r"TorchScript does not record it; pass probes or the shape \(the CLI's "
+                                         r"--input-shape 1,28,28, input_shape= in Python\), or save with "
                                          r"_extra_files=\{'input_shape.json': '\[1, 28, 28\]'\}"):
         load_model(bare)
     assert load_model(bare, input_shape=IMAGE_SHAPE).input_shape == IMAGE_SHAPE

@@ -9,6 +9,7 @@ so it cannot resolve file references either (``load_model`` reads external data 
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import AuditError, ModelError, ModelRuntimeError
+from ..errors import ModelError, model_failures
 from .base import ModelFormat
 from .chunks import check_inputs, run_chunked, run_in_fixed_batches
 from .onnx_batch import RELAX_TOLERANCE, relax_batch
@@ -83,12 +84,13 @@ class OnnxRunner:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
-    def _open_session(self, data: bytes, device: torch.device) -> ort.InferenceSession:
+    def _open_session(self, data: bytes, device: torch.device, quiet: bool = False) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = session_threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only: provider fallbacks are reported through `providers`
+        # errors only: provider fallbacks are reported through `providers`; a trial graph's failures are not errors
+        options.log_severity_level = 4 if quiet else 3
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=providers_for(device))
         except Exception as exc:
@@ -132,7 +134,7 @@ class OnnxRunner:
         kept = f"batch-{size} graph: {size} sample{'s' if size > 1 else ''} per run"
         relaxed, _ = relax_batch(self._model, size)
         try:
-            session = self._open_session(relaxed.SerializeToString(), device)
+            session = self._open_session(relaxed.SerializeToString(), device, quiet=True)
         except ModelError as exc:
             return f"{kept} (relaxing its batch failed: {exc.message[-40:]})"
         sample = torch.rand((2 * size + 1, *self.input_shape), generator=torch.Generator().manual_seed(0))
@@ -143,7 +145,8 @@ class OnnxRunner:
             batched = self._run_cpu(sample)
         except Exception as exc:  # noqa: BLE001 - a graph that names its batch: keep one run per batch
             self._session, self.fixed_batch = original, size
-            return f"{kept} (relaxed, it fails: {type(exc).__name__})"
+            node = re.search(r"running (\w+) node", str(exc))
+            return f"{kept} (relaxed, {f'its {node.group(1)} node' if node else 'it'} fails on a larger batch)"
         scale = float(reference.abs().max().clamp_min(1e-12))
         error = float((batched - reference).abs().max()) / scale if batched.shape == reference.shape else None
         if error is None or not error <= RELAX_TOLERANCE:
@@ -166,13 +169,8 @@ class OnnxRunner:
         if padded:  # a graph with a hard-coded batch gets full batches; the padding rows are dropped
             pad = chunk.new_zeros((self.fixed_batch - n, *chunk.shape[1:]))
             chunk = torch.cat([chunk, pad])
-        try:
+        with model_failures(f"on a batch of {chunk.shape[0]}"):
             out = self._run_bound(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
-        except AuditError:
-            raise
-        except Exception as exc:
-            raise ModelRuntimeError(f"The model failed on a batch of {chunk.shape[0]}: {short_error(exc)}",
-                                    field="model") from None
         return out[:n] if padded and out.dim() == 2 and out.shape[0] == self.fixed_batch else out
 
     def _run_cpu(self, chunk: torch.Tensor) -> torch.Tensor:

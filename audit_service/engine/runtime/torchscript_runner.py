@@ -26,7 +26,8 @@ from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
 PROBE_BATCH = 2
-_NO_SHAPE = ("Expected the input shape: TorchScript does not record it; pass probes, or save with "
+_NO_SHAPE = ("Expected the input shape: TorchScript does not record it; pass probes or the shape (the CLI's "
+             "--input-shape 1,28,28, input_shape= in Python), or save with "
              "_extra_files={'input_shape.json': '[1, 28, 28]'}")
 
 
