@@ -1,7 +1,9 @@
 """The JSON contract: what a client asks for (``AuditSpec``) and the policy it is judged by.
 
-One schema for the CLI, the Python API and ``POST /audit``. Group specs are a tagged union on
-``name``; a bare string such as ``"C4"`` is shorthand for ``{"name": "C4"}``. The report itself
+One schema for the CLI, the Python API and ``POST /audit``. Group specs are a union tagged on
+``name`` over the registered group kinds (``GROUP_SPEC_MODELS``; ``groups.build.register_group`` adds one);
+a bare string such as ``"C4"`` is shorthand for ``{"name": "C4"}``. Shift names and what strength each
+takes are in ``SHIFT_PARAMETERS`` (``shifts.registry.register_shift`` adds one). The report itself
 is built as a plain dict by :mod:`audit_service.engine.report` and its keys are listed in
 ``REPORT_KEYS`` (the contract other issues build on).
 """
