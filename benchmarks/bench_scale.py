@@ -360,15 +360,24 @@ class OrbitAveraged(nn.Module):
 
 
 class DeepSets(nn.Module):
-    """A sum over per-element features of a set of scalars: invariant to every permutation of the set."""
+    """A sum over per-element features of a set of scalars: invariant to every permutation of the set. The logits
+    are standardized per class over N(0, 1) sets (fixed buffers), so that random weights predict several classes
+    (not ``trivial``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int = 16) -> None:
         super().__init__()
         self.phi = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
         self.rho = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, CLASSES))
+        with torch.no_grad():
+            raw = self._raw(torch.randn(512, n, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer("mu", raw.mean(0))
+        self.register_buffer("sigma", raw.std(0))
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rho(self.phi(x.unsqueeze(-1)).sum(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rho(self.phi(x.unsqueeze(-1)).sum(dim=1))
+        return (self._raw(x) - self.mu) / self.sigma
 
 
 def _calibrated(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:

@@ -160,7 +160,7 @@ class OrbitSweep:
                 take = min(chunk.shape[0] - first, look - offset)
                 x = chunk[first:first + take]
                 y = None if labels_chunk is None else labels_chunk[first:first + take]
-                logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True)
+                logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True, orbit_logits=condition.keep_examples)
                 acc.update_saliency(si_pairs)
                 completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
                 if condition.keep_examples:
@@ -222,18 +222,25 @@ class OrbitSweep:
         return self.runner.logits(flat, self.options.batch_size)
 
     def _orbit_batch(
-        self, x: torch.Tensor, labels: torch.Tensor | None, saliency: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+        self, x: torch.Tensor, labels: torch.Tensor | None, saliency: bool = True, orbit_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict]:
         """Logits (G, n, C), SI per pair (G, n), the aligned saliency maps (G, n, *S) and what the
-        report's examples show beside them: the orbit (G, n, *S) and the raw |IG| in each input's frame."""
+        report's examples show beside them: the orbit (G, n, *S) and the raw |IG| in each input's frame.
+
+        ``orbit_logits=False`` (a saliency pass after the forward one, keeping no examples): no orbit logits
+        (None); the IG target comes from the labels, else from the logits of x alone (1/G of the passes)."""
         n, shape = x.shape[0], x.shape[1:]
         orbit = self.group.orbit(x)                                  # (G, n, *S)
         g = orbit.shape[0]
         flat = orbit.reshape(g * n, *shape)
-        logits = self._logits(flat).reshape(g, n, -1)
+        logits = self._logits(flat).reshape(g, n, -1) if orbit_logits or not saliency else None
         if self.saliency is None or not saliency:
             return logits, None, None, {}
-        target = (labels if labels is not None else logits[0].argmax(-1)).repeat(g)
+        if labels is not None:
+            target = labels
+        else:
+            target = (logits[0] if logits is not None else self._logits(x)).argmax(-1)
+        target = target.repeat(g)
         signed = self.saliency.attribute(flat, target)
         seen: dict = {"orbit": orbit}
         if self.saliency.ig is not None:  # IG's completeness on an even sample of the batch
