@@ -3,9 +3,12 @@
 
 Issue 23 measured 6.8 s (TorchScript) against 134 s (.pt2) in the service; the runner now runs a fixed-batch
 program over whole batches with ``torch.vmap`` (checked against one call per batch at load). Target: the
-.pt2 audit within 1.5x of the TorchScript one.
+.pt2 audit within 1.5x of the TorchScript one. The same model exported to ONNX at batch 1 (``torch.onnx.export``
+with no dynamic shapes) is timed too: its batch is relaxed (``runtime.onnx_batch``); ``--without-relax`` times
+it with one run per sample, as before. Each line gives wall-clock and this process's CPU time.
 
     .venv/bin/python benchmarks/bench_batch1.py [--probes 16] [--group flip] [--shape 3,32,32] [--repeats 2]
+        [--without-vmap] [--without-relax] [--no-pt2]
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--without-vmap", action="store_true",
                         help="also time the .pt2 audit with one call per sample (the runner before issue 23)")
+    parser.add_argument("--without-relax", action="store_true",
+                        help="also time the batch-1 ONNX audit with one run per sample (the runner before issue 23)")
+    parser.add_argument("--no-pt2", action="store_true", help="skip the .pt2 case (the ONNX figures alone)")
     args = parser.parse_args()
     shape = tuple(int(d) for d in args.shape.split(","))
     torch.manual_seed(0)
@@ -46,41 +52,61 @@ def main() -> None:
     model.eval()
     folder = Path(tempfile.mkdtemp(prefix="bench-batch1-"))
     scripted = export_torchscript(model, shape, folder / "resnet18.pt")
+    example = torch.randn(1, *shape)
+    models = {"torchscript": scripted}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = folder / "resnet18_b1.pt2"
-        torch.export.save(torch.export.export(model, (torch.randn(1, *shape),)), str(program))
+        if not args.no_pt2:
+            models["pt2 batch 1"] = folder / "resnet18_b1.pt2"
+            torch.export.save(torch.export.export(model, (example,)), str(models["pt2 batch 1"]))
+        models["onnx batch 1 (dynamo)"] = folder / "resnet18_b1_dynamo.onnx"
+        torch.onnx.export(model, (example,), str(models["onnx batch 1 (dynamo)"]))  # the default: weights in .data
+        models["onnx batch 1 (legacy)"] = folder / "resnet18_b1_legacy.onnx"
+        torch.onnx.export(model, (example,), str(models["onnx batch 1 (legacy)"]), dynamo=False)
     x = np.random.default_rng(0).normal(size=(args.probes, *shape)).astype(np.float32)
     spec = parse_audit_spec({"group": args.group, "options": {"n_probes": args.probes, "device": "cpu"}})
-    times: dict[str, list[float]] = {"torchscript": [], "pt2 batch 1": []}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     reports = {}
     for _ in range(args.repeats):
-        for name, path in (("torchscript", scripted), ("pt2 batch 1", program)):
-            start = time.perf_counter()
-            reports[name] = run_audit(path, spec, x)
-            times[name].append(time.perf_counter() - start)
-    if args.without_vmap:  # the old path, for the before/after figure: the vmap check says no
+        for name, path in models.items():
+            reports[name], timed = _timed(lambda: run_audit(path, spec, x))
+            times[name].append(timed)
+            print(f"  ({name}: {timed[0]:.2f} s wall, {timed[1]:.2f} s cpu)", flush=True)
+    if args.without_vmap and not args.no_pt2:  # the old path, for the before/after figure: the vmap check says no
         from audit_service.engine.runtime import pt2_runner
 
         pt2_runner._BatchSizes.try_vmap = lambda self, shape, device: "one call per sample (vmap off)"
-        start = time.perf_counter()
-        run_audit(program, spec, x)
-        times["pt2 batch 1, one call per sample"] = [time.perf_counter() - start]
-    a, b = min(times["torchscript"]), min(times["pt2 batch 1"])
+        name = "pt2 batch 1, one call per sample"
+        reports[name], timed = _timed(lambda: run_audit(models["pt2 batch 1"], spec, x))
+        times[name] = [timed]
+    if args.without_relax:  # the old ONNX path: the graph's batch left fixed
+        from audit_service.engine.runtime.onnx_runner import OnnxRunner
+
+        OnnxRunner._try_relaxed_batch = lambda self, device: "one run per sample (relaxing off)"
+        name = "onnx batch 1 (dynamo), one run per sample"
+        reports[name], timed = _timed(lambda: run_audit(models["onnx batch 1 (dynamo)"], spec, x))
+        times[name] = [timed]
+    base_wall, base_cpu = min(times["torchscript"])
     print(f"resnet18 (random weights) {'x'.join(map(str, shape))}, {args.group}, {args.probes} probes, default spec, "
-          f"CPU, torch threads {torch.get_num_threads()}; best of {args.repeats}")
-    print(f"  TorchScript, dynamic batch: {a:7.2f} s  verdict {reports['torchscript']['verdict']['label']}")
-    print(f"  .pt2 exported at batch 1  : {b:7.2f} s  = {b / a:.2f}x (target <= 1.5x)  verdict "
-          f"{reports['pt2 batch 1']['verdict']['label']}; {reports['pt2 batch 1']['model']['providers'][-1]}")
-    if args.without_vmap:
-        c = times["pt2 batch 1, one call per sample"][0]
-        print(f"  .pt2 batch 1 without vmap : {c:7.2f} s  = {c / a:.2f}x (one call per sample, as before)")
+          f"CPU, torch threads {torch.get_num_threads()}; best of {args.repeats} (one run for the 'one ... per "
+          f"sample' lines); wall-clock, then CPU time, each as a ratio to TorchScript (target <= 1.5x)")
+    for name, runs in times.items():
+        wall, cpu = min(runs)
+        report = reports[name]
+        print(f"  {name:42s}: {wall:7.2f} s = {wall / base_wall:5.2f}x  cpu {cpu:7.2f} s = {cpu / base_cpu:5.2f}x  "
+              f"verdict {report['verdict']['label']}; {report['model']['providers'][-1]}")
     for name, report in reports.items():
         timing = report["timing"]
-        print(f"  {name:12s} load {timing['load_s']:.2f} s, conditions {timing['conditions_s']}, saliency "
+        print(f"  {name:42s} load {timing['load_s']:.2f} s, conditions {timing['conditions_s']}, saliency "
               f"{timing['saliency_s']}, Jacobian {timing['sensitivity_s']:.2f} s, gradient passes "
-              f"{report['model']['memory_format']['used']}")
+              f"{report['model']['memory_format']['used']}, {report['model']['gradient_path'][:60]}")
 
+
+def _timed(run):
+    """(what ``run`` returns, (wall-clock s, this process's CPU s))."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = run()
+    return out, (time.perf_counter() - wall, time.process_time() - cpu)
 
 if __name__ == "__main__":
     main()
