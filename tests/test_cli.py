@@ -112,6 +112,7 @@ def test_estimate_is_printed_before_the_audit(files):
     assert " ms a sample" in line and "about " in line
 
 
+@pytest.mark.slow  # a CLI audit that renders the HTML report: 21 CPU s
 def test_quiet_prints_nothing_but_the_html_report_is_written(files, tmp_path):
     """Issue 23: --quiet prints nothing (no estimate, no table); --html writes the report a person reads."""
     html = tmp_path / "report.html"

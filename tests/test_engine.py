@@ -97,6 +97,7 @@ def test_orbit_averaged_cnn_is_genuine(tmp_path, digits, plain_cnn):
     assert report["model"]["format"] == "onnx" and report["model"]["num_classes"] == 9
 
 
+@pytest.mark.slow  # trains an MLP with augmentation: 25 CPU s
 def test_augmented_mlp_is_learned(tmp_path, digits):
     xtr, ytr, xte, yte = digits
     model = train(MLP(in_features=144, n_classes=9, hidden=128), xtr, ytr, epochs=25, augment=True)

@@ -172,6 +172,7 @@ def test_the_size_cap_counts_the_graph_and_its_data(plain, monkeypatch):
 
 
 # ============================================================================ CLI
+@pytest.mark.slow  # three CLI audits: 23 CPU s
 def test_cli_finds_the_data_beside_the_model_and_refuses_a_location_outside(plain, tmp_path):
     out = tmp_path / "report.json"
     result = cli("audit", plain["external"], "--group", "C4", *TINY, "--output", out)
