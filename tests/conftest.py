@@ -244,7 +244,8 @@ def postgres_url(postgres):
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel ``pip wheel`` builds from a copy of this tree (the checkout's ``build/`` stays untouched)."""
+    """The wheel ``pip wheel`` builds from a copy of this tree (the checkout's ``build/`` stays untouched); the
+    copy stays beside it, at ``wheel.parents[1] / "src"``."""
     import shutil
 
     root = tmp_path_factory.mktemp("wheel")
