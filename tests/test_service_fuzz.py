@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import tiny_spec, wait_for
+from conftest import tiny_spec, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -276,7 +276,7 @@ def test_every_bad_input_is_refused_or_fails_with_a_reason_and_the_service_keeps
     assert not failures, "\n".join(failures)
 
     for kind, job_id, expect in accepted:
-        job = wait_for(api, job_id, timeout=240)
+        job = wait_for_job(api, job_id, timeout=240)
         if expect.startswith("failed:"):
             assert job["status"] == "failed", (kind, job)
             assert expect.split(":", 1)[1] in job["error"]["message"], (kind, job["error"])

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from conftest import tiny_spec, wait_for
+from conftest import tiny_spec, wait_for_job
 
 
 def _submit(api, models, name, reuse=True):
@@ -23,7 +23,7 @@ def test_symmetrized_model_of_a_finished_audit_is_invariant(api, models, service
 
     r = _submit(api, models, "plain")
     assert r.status_code in (200, 202), r.text
-    job = wait_for(api, r.json()["id"])
+    job = wait_for_job(api, r.json()["id"])
     assert job["status"] == "succeeded", job
 
     r = api("GET", f"/audits/{job['id']}/symmetrized.onnx", timeout=300)
@@ -64,7 +64,7 @@ def _succeeded_audit(api, path, group, name):
     r = api("POST", "/audit", files={"model": (name, open(path, "rb"))},
             data={"spec": json.dumps(tiny_spec(group)), "reuse": "false"})
     assert r.status_code in (200, 202), r.text
-    job = wait_for(api, r.json()["id"])
+    job = wait_for_job(api, r.json()["id"])
     assert job["status"] == "succeeded", job
     return job
 
