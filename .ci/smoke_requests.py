@@ -41,7 +41,7 @@ def main(url: str, token: str) -> int:
                 break
         except (OSError, urllib.error.URLError):
             if time.monotonic() > deadline:
-                raise SystemExit("the container's /healthz never answered")
+                raise SystemExit("the container's /healthz never answered") from None
             time.sleep(1)
     print("healthz: ok", file=sys.stderr)
     for fmt, (path, expected) in MODELS.items():
