@@ -115,7 +115,11 @@ def unregister_group(name: str) -> None:
 
 
 def _check_registry() -> None:
-    """Every group spec the parser accepts has a record here (a spec model registered without one fails now)."""
+    """Every record's spec is one the parser accepts (spec.py registers the built-in ones so that specs parse
+    without torch; a record whose spec lives elsewhere registers it here), and every spec has a record."""
+    for record in _BUILT_IN:
+        if GROUP_SPEC_MODELS.get(record.name) is not record.spec:
+            register_group_spec(record.spec)
     missing = [name for name in GROUP_SPEC_MODELS if name not in GROUPS]
     if missing:
         raise TypeError(f"Expected a GroupRecord for every registered group spec, but {', '.join(missing)} has "

@@ -171,7 +171,11 @@ def unregister_shift(name: str) -> None:
 
 
 def _check_registry() -> None:
-    """Every shift name the spec accepts has a record, taking what the spec says it takes."""
+    """Every record's name is one the spec accepts (spec.py lists the built-in ones so that specs parse without
+    torch; a record it does not list is added here), and every name the spec accepts has a record."""
+    for kind in _BUILT_IN:
+        if SHIFT_PARAMETERS.get(kind.name) != kind.takes:
+            register_shift_name(kind.name, kind.takes)
     for name, takes in SHIFT_PARAMETERS.items():
         if name not in SHIFTS or SHIFTS[name].takes != takes:
             raise TypeError(f"Expected a ShiftKind taking {takes} for the spec's shift {name!r}; add it with "
