@@ -14,18 +14,21 @@ def spec(**options):
                                                          "probe_chunk": 64, **options}})
 
 
-@pytest.mark.parametrize("scope, with_saliency", [("decisive", 64 + 32), ("all", 64 * 10 + 32), ("none", 0)])
-def test_count_follows_the_sweep(scope, with_saliency):
+# decisive: sequential SI may stop after its first batch (max(16, cap / 4) probes) on the fewest Gauss-Legendre
+# nodes (4); the estimate counts only that much, so it leans low. all: every probe on ig_steps nodes.
+@pytest.mark.parametrize("scope, with_saliency, nodes", [("decisive", 16 + 16, 4), ("all", 64 * 10 + 32, 16),
+                                                         ("none", 0, 0)])
+def test_count_follows_the_sweep(scope, with_saliency, nodes):
     conditions, forward, gradient, chunks = count_samples(spec(saliency_scope=scope), 4, n_probes=64, n_shifts=9)
     assert conditions == 11                                   # clean, 9 shifts, noise
     assert forward == 4 * (64 * 10 + 32)                      # every probe through the whole group, once
-    assert gradient == 4 * with_saliency * 17                 # ig_steps + 1 a sample where SI is computed
+    assert gradient == 4 * with_saliency * (nodes + 1)        # nodes + 1 a sample where SI is computed
     assert chunks == 11
 
 
 def test_without_probes_only_noise_is_swept():
     conditions, forward, gradient, chunks = count_samples(spec(), 360, n_probes=0, n_shifts=9)
-    assert (conditions, forward, gradient, chunks) == (1, 360 * 32, 360 * 32 * 17, 1)
+    assert (conditions, forward, gradient, chunks) == (1, 360 * 32, 360 * 16 * 5, 1)
     assert count_samples(spec(saliency=False), 360, 0, 9)[2] == 0
 
 

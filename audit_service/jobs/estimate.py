@@ -4,8 +4,9 @@ measured time a sample, so that the submission check refuses an audit that canno
 
 The count follows the sweep (``engine/sweep.py``): every condition sends each of its probes through the
 whole swept group, forward-only (clean and every shift over ``n_probes``, noise over ``n_noise_probes``); the
-saliency adds ``ig_steps + 1`` gradient passes a sample (forward and backward through the model's torch twin)
-on the conditions ``saliency_scope`` names (``decisive``: clean and noise). The Jacobian and the bootstrap are
+saliency adds ``nodes + 1`` gradient passes a sample (forward and backward through the model's torch twin)
+on the conditions ``saliency_scope`` names: ``all``, every probe on ``ig_steps`` nodes; ``decisive`` (clean and
+noise), only what sequential SI cannot skip (its first batch, on the fewest Gauss-Legendre nodes). The Jacobian and the bootstrap are
 small beside these and are not counted; every streamed chunk of a condition adds ``CHUNK_OVERHEAD_S``.
 
 The model is timed on batches of 1 and 4, forward and (where it has a torch twin) gradient, never more than 4 (a
@@ -88,12 +89,21 @@ def count_samples(spec: Any, group_elements: int, n_probes: int, n_shifts: int) 
     forward = group_elements * sum(per_condition)
     scope = options.saliency_scope if options.saliency else "none"
     if scope == "all":
-        with_saliency = sum(per_condition)
+        with_saliency, nodes = sum(per_condition), options.ig_steps
     elif scope == "decisive":
-        with_saliency = (n_probes + noise) if n_probes else noise
+        # sequential SI (engine/plan.py) may stop after its first batch, and IG may settle on the fewest
+        # Gauss-Legendre nodes: the estimate counts that much, so it never refuses an audit that could finish
+        from ..engine.metrics.saliency import STEP_LADDER
+        from ..engine.plan import SI_LOOKS, SI_MIN_BATCH
+
+        def first_batch(cap: int) -> int:
+            return max(1, min(cap, max(SI_MIN_BATCH, math.ceil(cap / SI_LOOKS))))
+
+        with_saliency = first_batch(noise) + (first_batch(n_probes) if n_probes else 0)
+        nodes = min(STEP_LADDER[0], options.ig_steps)
     else:
-        with_saliency = 0
-    gradient = group_elements * with_saliency * (options.ig_steps + 1)
+        with_saliency, nodes = 0, 0
+    gradient = group_elements * with_saliency * (nodes + 1)
     chunks = sum(-(-n // options.probe_chunk) for n in per_condition)
     return len(per_condition), forward, gradient, chunks
 
