@@ -301,7 +301,9 @@ def test_worker_write_back_reports_a_registry_it_cannot_reach(tmp_path):
 
     request = {"registry": "main", "uri": "models:/tiny-onnx/1", "directory": "mlflow-artifacts:/x", "file": "m.onnx",
                "flavor": "onnx", "version": "1", "run_id": None}
-    report = {"verdict": {"label": "genuine", "passed": True}, "conditions": []}
+    from audit_service.reference.catalog import reference_dir
+
+    report = json.loads((reference_dir() / "R4_WT_s0" / "report.json").read_text())  # a real audit's report
     gone = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris="other=http://x"))
     assert gone["status"] == "failed" and gone["attempts"] == 0 and "no longer" in gone["error"], gone
     dead = f"http://127.0.0.1:{free_port()}"
