@@ -22,7 +22,7 @@ from pathlib import Path
 from .blobs import BlobStore
 from .failures import cap_text, signal_reason
 from .launcher import Limits, SandboxStuck, launch, task_env
-from .pages import store_page
+from .pages import RENDER_BUDGET_S, store_page
 from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings
 from .states import JobKind, JobStatus
@@ -256,6 +256,9 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
         pass
     if rc == 0 and isinstance(result, dict) and result.get("ok"):
         report = result.get("report") or {}
+        # the profile, the write-back and the page take seconds past the sandbox: keep the job ours meanwhile,
+        # or a short lease runs out and the job is taken back as lost although its result is here
+        _hold(store, job_id, owner, max(settings.lease_s, RENDER_BUDGET_S + 30), "saving the report")
         if job["kind"] != JobKind.REFERENCE_RUN.value and isinstance(report.get("verdict"), dict):
             from ..reference.catalog import attach_reference_profile
 
@@ -286,6 +289,13 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
         err = JobError(*_crash_reason(rc, elapsed, memory_mb, settings, workdir))
     store.fail(job_id, err, owner=owner)
     return Outcome(JobStatus.FAILED, err.message)
+
+
+def _hold(store: JobStore, job_id: str, owner: str, lease_s: float, stage: str) -> None:
+    try:
+        store.heartbeat(job_id, owner, lease_s, stage=stage)
+    except Exception as exc:  # noqa: BLE001 - as in supervision: a failed beat is not a lost job
+        log.warning("job %s: heartbeat failed (%s); saving on", job_id, exc)
 
 
 def _crash_reason(rc: int, elapsed: float, memory_mb: int, settings: Settings, workdir: Path) -> tuple[str, str]:
