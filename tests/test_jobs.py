@@ -247,3 +247,22 @@ def test_an_older_sqlite_file_is_converted_to_free_space_on_delete(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert full > 4_000_000 and db.stat().st_size < full / 10, (full, db.stat().st_size)
+
+
+def test_write_back_rules_read_every_documented_form():
+    """docs/deployment.md's forms: tenant:pattern, tenant:registry:pattern and tenant:runs:/RUN_ID (a run in any
+    registry); a rule matches the name (or run) the model URI names, in the registry it names."""
+    from audit_service.jobs.write_back import WriteBackConfigError, parse_rules, write_back_target
+
+    rules = parse_rules("alice:runs:/abc*, bob:main:prod-*\ncarol:*-dev  # comment", "AUDIT_WRITE_BACK_RULES")
+    assert [(r.tenant, r.registry, r.pattern) for r in rules] == [
+        ("alice", "*", "runs:/abc*"), ("bob", "main", "prod-*"), ("carol", "*", "*-dev")]
+    alice, bob, carol = rules
+    assert alice.permits("alice", "main", write_back_target("runs:/abc123/model"))
+    assert not alice.permits("alice", "main", write_back_target("runs:/xyz/model"))
+    assert bob.permits("bob", "main", write_back_target("models:/prod-cnn/3"))
+    assert not bob.permits("bob", "other", write_back_target("models:/prod-cnn/3"))
+    assert carol.permits("carol", "any", write_back_target("models:/net-dev@champion"))
+    assert not carol.permits("bob", "any", write_back_target("models:/net-dev/1"))
+    with pytest.raises(WriteBackConfigError, match="entry 1"):
+        parse_rules("alice:", "AUDIT_WRITE_BACK_RULES")

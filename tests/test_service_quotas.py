@@ -45,7 +45,8 @@ def _db_bytes(db: Path) -> int:
 def svc(tmp_path_factory):
     data = tmp_path_factory.mktemp("quotas") / "data"
     s = Service(data, workers=1, web_workers=2, AUDIT_MAX_TENANT_STORED=202, AUDIT_JOB_TIMEOUT_S=300,
-                AUDIT_MAX_WAIT_S=240).start()
+                AUDIT_MAX_WAIT_S=240,
+                AUDIT_CUDA="0").start()  # no CUDA worker, even on a GPU host (the device test expects a 422)
     yield s
     s.stop()
 

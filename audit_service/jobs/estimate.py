@@ -250,7 +250,7 @@ def refusal(spec: dict, model_entry: dict, timeout_s: float, max_timeout_s: floa
              f"now {options.get('n_probes')}) or shifts (`spec.shifts`), or `spec.options.saliency_scope` none")
     if est.seconds <= max_timeout_s:
         return (f"Expected an audit that can finish within timeout_s={timeout_s:g} s, but the estimate is "
-                f"{est.describe()}; raise `timeout_s` to at least {math.ceil(est.seconds * 1.5)} (the service "
+                f"{est.describe()}; raise `timeout_s` to at least {min(math.ceil(est.seconds * 1.5), int(max_timeout_s))} (the service "
                 f"allows up to {max_timeout_s:g} s), or ask for {fewer}", "timeout_s")
     return (f"Expected an audit that can finish within the service's limit of {max_timeout_s:g} s "
             f"(AUDIT_JOB_TIMEOUT_S; timeout_s={timeout_s:g}), but the estimate is {est.describe()}; ask for "

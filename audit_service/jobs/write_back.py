@@ -93,7 +93,12 @@ def parse_rules(text: str, source: str) -> list[WriteBackRule]:
     rules = []
     entries = [e.strip() for line in text.splitlines() for e in line.split("#", 1)[0].split(",")]
     for n, entry in enumerate(e for e in entries if e):
-        parts = [p.strip() for p in entry.split(":", 2)]
+        tenant, _, rest = entry.partition(":")
+        rest = rest.strip()
+        if rest.startswith("runs:"):  # `tenant:runs:/RUN_ID`: the run is the pattern, in any registry
+            parts = [tenant.strip(), "*", rest]
+        else:
+            parts = [p.strip() for p in entry.split(":", 2)]
         if len(parts) == 2:
             parts.insert(1, "*")
         if len(parts) != 3 or not all(parts):

@@ -48,7 +48,7 @@ def check_write_back(settings: Any, tenant: str, fields: dict[str, Any]) -> None
         return
     allowed = parse_allowed(settings.mlflow_allowed_uris)
     registry = str(fields.get("mlflow_registry") or next(iter(allowed), ""))
-    target = write_back_target(str(fields.get("model_uri") or ""))
+    target = write_back_target(str(fields.get("model_uri") or "").strip())
     try:
         policy = WriteBackPolicy.from_settings(settings)
     except WriteBackConfigError as exc:

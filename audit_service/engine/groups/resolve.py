@@ -9,6 +9,7 @@ neither, a ``SpecError`` says what to pass. A built group is checked against the
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any, Sequence, Union
 
@@ -23,6 +24,7 @@ GroupLike = Union[str, dict, BaseModel, Group]
 
 #: groups built from specs, by (spec, shape): a training loop resolves the same spec every step
 _CACHE: "OrderedDict[tuple[str, tuple[int, ...]], Group]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()  # DataLoader workers and training threads share the cache
 _CACHE_SIZE = 16
 
 
@@ -45,14 +47,16 @@ def resolve_group(group: GroupLike, input_shape: Sequence[int] | None = None, *,
         raise SpecError(f"Expected the per-sample input shape to build the group {key} from its spec, but there is "
                         f"no tensor to read it from; {how}, or pass a built group "
                         f"(build_group({key}, (3, 32, 32)))", field="input_shape")
-    cached = _CACHE.get((key, shape))
-    if cached is None:
-        cached = build_group(group, shape, field)
+    with _CACHE_LOCK:
+        cached = _CACHE.get((key, shape))
+        if cached is not None:
+            _CACHE.move_to_end((key, shape))
+            return cached
+    cached = build_group(group, shape, field)
+    with _CACHE_LOCK:
         _CACHE[(key, shape)] = cached
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end((key, shape))
     return cached
 
 
