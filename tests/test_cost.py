@@ -179,7 +179,7 @@ def test_sequential_si_stops_a_genuine_model_after_its_first_batch(tmp_path):
         assert c["saliency_sampling"]["stopped"] == "cap" and c["saliency_sampling"]["probes_used"] == c["n_probes"]
     # SI used a quarter of the clean probes: its saliency pass costs well under the full one
     assert sequential["timing"]["saliency_s"]["clean"] < everywhere["timing"]["saliency_s"]["clean"]
-    from audit_service.engine.report.model import parse_report
+    from audit_service.engine.schema import parse_report
 
     typed = parse_report(sequential, strict=True)  # the typed report models the key, name for name
     assert typed.conditions[0].saliency_sampling.stopped == "decided"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from audit_service.engine.report.html import fmt, grouped_reasons, render_report_html, saliency_figures, timing_text
-from audit_service.engine.report.model import parse_report
+from audit_service.engine.schema import parse_report
 from audit_service.engine.report.summary import report_summary
 from audit_service.engine.spec import Policy
 from audit_service.engine.sweep import _keep_worst

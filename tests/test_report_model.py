@@ -19,8 +19,9 @@ from audit_service import audit
 from audit_service.engine.audit import run_audit
 from audit_service.engine.names import (
     DISPLAY_ORDER, HEADLINE_METRICS, METRICS, PROFILE_METRICS, SPREAD_METRICS, ConditionName, Metric)
-from audit_service.engine.report.model import Report, Sensitivity, Verdict, parse_report
+from audit_service.engine.schema import Report, Sensitivity, Verdict, parse_report
 from audit_service.engine.spec import parse_audit_spec
+from audit_service.engine.verdict import decide
 from audit_service.reference.catalog import attach_reference_profile, reference_dir
 from builders import IMAGE_SHAPE, ConstantModel, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
 from conftest import TINY_OPTIONS
@@ -107,6 +108,16 @@ def test_structured_reasons_say_what_the_sentences_say(reports):
     assert failures["LI_normalized"].misses[0].condition == "noise"
     trivial = parse_report(reports["constant model (trivial)"]).verdict
     assert trivial.label == "trivial" and trivial.reason_details[0].topic == "label"
+
+
+def test_the_verdict_decides_on_the_typed_conditions_as_the_audit_did(reports):
+    """``decide`` on a real report's typed conditions gives that report's verdict again, byte for byte (the typed
+    models sit below the verdict: ``engine.schema``)."""
+    for name, report in reports.items():
+        typed = parse_report(report, strict=True)
+        v = typed.verdict
+        again = decide(typed.conditions, v.policy, v.require, v.require_confident)
+        assert json.dumps(again) == json.dumps(report["verdict"]), name
 
 
 def test_the_shipped_reference_runs_read_as_reports():

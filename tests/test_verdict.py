@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from pydantic import ValidationError
+
 from audit_service.engine.metrics import ConditionAccumulator
 from audit_service.engine.report.build import condition_report, with_chance_levels
+from audit_service.engine.schema import Condition as ConditionReport
 from audit_service.engine.spec import AuditSpec, Policy
 from audit_service.engine.sweep import Condition, ConditionResult
-from audit_service.engine.verdict import DEFAULT_REQUIRE, decide, gate, verdict_gate
+from audit_service.engine.verdict import DEFAULT_REQUIRE, decide, gate, genuine_failures, verdict_gate
 
 
 def cond(name, li_norm=0.0, di=0.0, si=1.0, agreement=1.0, variation=1.0, spread=0.5):
-    return {"name": name, "metrics": {"LI_normalized": li_norm, "DI": di, "SI": si, "agreement": agreement,
-                                      "LI": 0.0, "accuracy": None},
+    """A condition report as ``report.build`` writes it (the keys the verdict reads), by hand."""
+    return {"name": name, "shift": None, "n_probes": 32,
+            "metrics": {"LI_normalized": li_norm, "DI": di, "SI": si, "agreement": agreement, "LI": 0.0,
+                        "accuracy": None},
             "relative_variation": variation, "relative_spread": spread, "saliency_computed": True}
 
 
@@ -228,6 +235,25 @@ def test_borderline_genuine_and_borderline_task():
     [b] = v["borderline_criteria"]
     assert b["criterion"] == "accuracy_kappa" and b["role"] == "learned_task"
     assert b["interval"] == pytest.approx([(0.45 - 0.12) / 0.88, (0.67 - 0.12) / 0.88])
+
+
+# ----------------------------------------------------------------------------- typed conditions
+def test_decide_reads_typed_conditions_and_validates_a_dict_once():
+    """The typed conditions and the JSON they read from give the same verdict, byte for byte; a condition report
+    that misses a key the model requires fails there, naming it, before any rule runs."""
+    clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84, variation=1e-4)),
+                        "agreement", 0.76, 0.92)
+    conditions = [clean, cond("blur@3", si=0.7), cond("noise", li_norm=1.0)]
+    typed = [ConditionReport.model_validate(c) for c in conditions]
+    assert typed[0].spread.agreement.ci95 == [0.76, 0.92] and typed[0].predictions.majority_class == 4
+    v = decide(typed, POLICY, require_confident=True)
+    assert (v["label"], v["borderline"], v["passed"], v["flags"]) == ("learned", True, False, ["low_sensitivity"])
+    assert json.dumps(v) == json.dumps(decide(conditions, POLICY, require_confident=True))
+    assert [c["condition"] for c in v["criteria"]][:4] == ["clean"] * 4
+    assert genuine_failures(typed[1], POLICY) == [("SI", 0.7, ">= 0.98")]
+    incomplete = {k: v for k, v in cond("clean").items() if k != "n_probes"}
+    with pytest.raises(ValidationError, match="n_probes"):
+        decide([incomplete], POLICY)
 
 
 def test_gate_is_one_rule():

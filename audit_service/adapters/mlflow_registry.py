@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from ..engine.errors import AuditError, ModelError
 from ..engine.names import DISPLAY_ORDER
-from ..engine.report.model import Report, parse_report
+from ..engine.schema import Report, parse_report
 
 #: model files the audit runs; ``.onnx`` first when a directory holds both
 MODEL_SUFFIXES = (".onnx", ".pt2")

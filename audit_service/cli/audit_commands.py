@@ -12,7 +12,7 @@ from ..engine.errors import ModelError, ProbeError, SpecError
 from ..adapters.mlflow_registry import is_registry_uri
 from ..engine.spec import SHIFT_PARAMETERS, AuditSpec, parse_audit_spec, parse_group_arg, read_json_arg
 from ..engine.names import Metric
-from ..engine.report.model import Report, parse_report
+from ..engine.schema import Report, parse_report
 
 EXIT_OK, EXIT_GATE_FAILED = 0, 1
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .names import PROFILE_METRICS
-from .report.model import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
+from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
 
 #: the public names ``audit_service.Verdict`` / ``audit_service.ConditionResult``: the report's own models
 ConditionResult = Condition

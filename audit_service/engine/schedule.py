@@ -20,6 +20,8 @@ from .metrics.saliency import IG_METHOD
 from .names import ConditionName
 from .plan import AuditPlan
 from .report.build import condition_report, with_chance_levels
+from .schema import Condition as ConditionReport
+from .schema import ConditionMetrics, ConditionSpreads
 from .sequential import SaliencySampling, decided, relative_completeness, si_bound
 from .spec import AuditSpec
 from .sweep import Condition, ConditionResult, OrbitSweep
@@ -99,9 +101,9 @@ def run_sweep(sweep: OrbitSweep, plan: AuditPlan, conditions: list[Condition], x
 
     if scope == "decisive" and shifted:
         reports = [provisional.report(r) for r in done.values()]
-        failing = [f"{c['name']} {metric}" for c in reports for metric, _, _ in genuine_failures(c, policy)]
-        computed = [c for c in reports if c["saliency_computed"]]
-        anchors_zero = bool(computed) and all(c["metrics"]["SI"] is None for c in computed)
+        failing = [f"{c.name} {metric}" for c in reports for metric, _, _ in genuine_failures(c, policy)]
+        computed = [c for c in reports if c.saliency_computed]
+        anchors_zero = bool(computed) and all(c.metrics.SI is None for c in computed)
         if not failing or anchors_zero:
             outcome.scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
                                     "metrics everywhere, so SI decides" if not failing else
@@ -138,9 +140,9 @@ class _Provisional:
 
     def __init__(self, spec: AuditSpec) -> None:
         self.spec = spec
-        self._cache: dict[tuple, dict] = {}
+        self._cache: dict[tuple, ConditionReport] = {}
 
-    def report(self, result: ConditionResult, with_si: bool = True) -> dict:
+    def report(self, result: ConditionResult, with_si: bool = True) -> ConditionReport:
         """The genuine criteria's part of the condition's report: name, metrics and spread of LI_normalized, DI,
         agreement and SI over g != e (``report.build.condition_report`` computes the same numbers, and more)."""
         si = with_si and result.saliency_computed
@@ -154,9 +156,10 @@ class _Provisional:
             if not si:
                 values["SI"] = np.empty(0)
             spread = {name: summarize(v, options.bootstrap, options.seed) for name, v in values.items()}
-            self._cache[key] = {"name": result.condition.name, "saliency_computed": si,
-                                "metrics": {name: (s or {}).get("mean") for name, s in spread.items()},
-                                "spread": spread}
+            self._cache[key] = ConditionReport(
+                name=result.condition.name, shift=result.condition.shift, n_probes=acc.n, saliency_computed=si,
+                metrics=ConditionMetrics.model_validate({name: (s or {}).get("mean") for name, s in spread.items()}),
+                spread=ConditionSpreads.model_validate(spread))
         return self._cache[key]
 
     def genuine_ruled_out(self, results, without_si_of: str) -> bool:
@@ -181,9 +184,11 @@ def _sampling(result: ConditionResult, sweep: OrbitSweep, plan: AuditPlan, spec:
         completeness_error=relative_completeness(result.completeness) if ig is not None else None)
 
 
-def provisional_report(result: ConditionResult) -> dict:
-    """A condition's means, enough for ``genuine_failures`` (no bootstrap: the sweep is not done yet)."""
-    return condition_report(result, 0, 0, result.saliency_computed)
+def provisional_report(result: ConditionResult) -> ConditionReport:
+    """A condition's means with its chance levels, enough for ``genuine_failures`` and ``decide`` (no bootstrap:
+    the sweep is not done yet)."""
+    return ConditionReport.model_validate(
+        with_chance_levels(condition_report(result, 0, 0, result.saliency_computed), result.accumulator))
 
 
 def _settled(anchor_results, spec: AuditSpec) -> str | None:
@@ -193,11 +198,11 @@ def _settled(anchor_results, spec: AuditSpec) -> str | None:
     label is then ``learned``, ``not_invariant`` or ``trivial``, which depend on clean and noise only
     (``verdict.decide``). Unless every anchor saliency map is zero: then the shifts' SI can decide trivial.
     """
-    reports = [with_chance_levels(provisional_report(r), r.accumulator) for r in anchor_results]
-    if any(c["saliency_computed"] for c in reports) and \
-            all(c["metrics"]["SI"] is None for c in reports if c["saliency_computed"]):
+    reports = [provisional_report(r) for r in anchor_results]
+    if any(c.saliency_computed for c in reports) and \
+            all(c.metrics.SI is None for c in reports if c.saliency_computed):
         return None
-    failing = [f"{c['name']} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
+    failing = [f"{c.name} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
                for c in reports for metric, value, need in genuine_failures(c, spec.policy)]
     if not failing:
         return None

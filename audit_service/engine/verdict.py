@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Iterable, Mapping, Sequence
 
 from .names import METRICS, ConditionName, Metric
+from .schema import Condition, Miss, Reason, ReasonTopic
 from .spec import DEFAULT_REQUIRE, Policy
 
 #: the labels the verdict can give
@@ -44,47 +43,8 @@ def _fmt(value: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- reasons as data
-ReasonTopic = Literal["label", "heading", "genuine_failure", "borderline", "require_confident", "warning"]
-
-
-class Miss(BaseModel):
-    """One condition where a criterion misses, with the value there."""
-
-    model_config = ConfigDict(extra="allow")
-
-    condition: str
-    value: float | None
-
-
-class Reason(BaseModel):
-    """One reason for the verdict: the sentence a person reads (``text``, as in ``reasons``) and what it
-    says as data, so that a page or a pipeline never parses the sentence back.
-
-    ``topic``: label (why this label), heading (introduces the genuine failures), genuine_failure (one
-    genuine criterion missed: ``criterion``, ``requirement``, ``threshold``, ``misses`` of ``n_conditions``),
-    borderline, require_confident, warning. ``headline`` / ``detail``: the sentence's short form and the rest.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    text: str
-    topic: ReasonTopic
-    headline: str
-    detail: str | None = None
-    criterion: str | None = Field(default=None, description="the metric (or quantity) the reason is about")
-    condition: str | None = None
-    value: float | None = None
-    threshold: float | None = None
-    requirement: str | None = Field(default=None, description="e.g. '<= 1e-05'")
-    misses: list[Miss] = Field(default_factory=list, description="genuine_failure: where the criterion misses")
-    n_conditions: int | None = Field(default=None, description="genuine_failure: out of how many conditions")
-
-    def as_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_defaults=True)
-
-
 def _said(topic: ReasonTopic, headline: str, detail: str | None = None, sep: str = ": ", prefix: str = "",
-          **data: object) -> Reason:
+          **data: Any) -> Reason:
     """A reason whose sentence is ``prefix + headline + sep + detail``."""
     text = prefix + headline + (f"{sep}{detail}" if detail is not None else "")
     return Reason(text=text, topic=topic, headline=headline, detail=detail, **data)
@@ -153,77 +113,73 @@ class Check:
         return f"{self.condition} {self.criterion} {_fmt(self.value)}{interval}"
 
 
-def _interval(condition: dict, metric: str) -> tuple[tuple[float, float] | None, int | None]:
+def _interval(condition: Condition, metric: Metric) -> tuple[tuple[float, float] | None, int | None]:
     """The 95% interval of a metric's mean: the bootstrap interval, else mean +- 1.96 standard errors."""
-    s = (condition.get("spread") or {}).get(metric)
-    if not isinstance(s, dict) or s.get("mean") is None:
+    s = condition.spread.get(metric)
+    if s is None:
         return None, None
-    n = s.get("n")
-    ci = s.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[1] > ci[0]:
-        return (float(ci[0]), float(ci[1])), n
-    se = s.get("se")
-    if se:
-        return (s["mean"] - Z95 * se, s["mean"] + Z95 * se), n
-    return (float(s["mean"]), float(s["mean"])), n
+    ci = s.ci95
+    if len(ci) == 2 and ci[1] > ci[0]:
+        return (float(ci[0]), float(ci[1])), s.n
+    if s.se:
+        return (s.mean - Z95 * s.se, s.mean + Z95 * s.se), s.n
+    return (float(s.mean), float(s.mean)), s.n
 
 
-def _check(condition: dict, metric: Metric, threshold: float, role: str) -> Check:
+def _check(condition: Condition, metric: Metric, threshold: float, role: str) -> Check:
     """``metric`` against ``threshold``: a max where low is good, a min where high is good (``METRICS``)."""
     interval, n = _interval(condition, metric)
-    return Check(metric, condition["name"], condition["metrics"].get(metric), threshold, METRICS[metric].kind,
-                 role, interval, n)
+    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role,
+                 interval, n)
 
 
-def _chance_check(condition: dict, metric: Metric, base: Metric, chance_key: Metric, threshold: float,
+def _chance_check(condition: Condition, metric: Metric, base: Metric, chance_key: Metric, threshold: float,
                   role: str) -> Check:
     """kappa / accuracy_kappa, with the interval of the observed rate mapped through (x - chance) / (1 - chance)
     (the chance level is taken as known)."""
-    m = condition["metrics"]
-    chance = m.get(chance_key)
-    interval, n = _interval(condition, base)
-    if interval is not None and chance is not None and chance < 1.0 - 1e-12:
-        interval = tuple((v - chance) / (1.0 - chance) for v in interval)
-    else:
-        interval = None
-    return Check(metric, condition["name"], m.get(metric), threshold, METRICS[metric].kind, role, interval, n)
+    chance = condition.metric(chance_key)
+    observed, n = _interval(condition, base)
+    interval = None
+    if observed is not None and chance is not None and chance < 1.0 - 1e-12:
+        lo, hi = observed
+        interval = ((lo - chance) / (1.0 - chance), (hi - chance) / (1.0 - chance))
+    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role,
+                 interval, n)
 
 
-def genuine_checks(condition: dict, policy: Policy) -> list[Check]:
+def genuine_checks(condition: Condition, policy: Policy) -> list[Check]:
     """The genuine criteria of one condition (SI only where it was computed)."""
     checks = [
         _check(condition, Metric.LI_NORMALIZED, policy.genuine_li_normalized_max, "genuine"),
         _check(condition, Metric.DI, policy.genuine_di_max, "genuine"),
         _check(condition, Metric.AGREEMENT, policy.genuine_agreement_min, "genuine"),
     ]
-    if condition.get("saliency_computed", True):
+    if condition.saliency_computed:
         checks.append(_check(condition, Metric.SI, policy.genuine_si_min, "genuine"))
     return checks
 
 
-def genuine_failures(condition: dict, policy: Policy) -> list[tuple[str, float | None, str]]:
+def genuine_failures(condition: Condition, policy: Policy) -> list[tuple[str, float | None, str]]:
     """(metric, value, requirement) for each genuine criterion one condition misses."""
     return [(c.criterion, c.value, c.requirement) for c in genuine_checks(condition, policy) if not c.passed]
 
 
-def prediction_checks(clean: dict, policy: Policy) -> list[Check]:
+def prediction_checks(clean: Condition, policy: Policy) -> list[Check]:
     """Invariant predictions on the clean probes: agreement, DI and, where the report has it, kappa."""
-    m = clean["metrics"]
     checks = [_check(clean, Metric.AGREEMENT, policy.learned_agreement_min, "invariant_predictions"),
               _check(clean, Metric.DI, policy.learned_di_max, "invariant_predictions")]
-    if Metric.KAPPA in m:  # null kappa (one predicted class): agreement cannot be told from chance
+    if Metric.KAPPA in clean.metrics:  # null kappa (one predicted class): agreement cannot be told from chance
         checks.append(_chance_check(clean, Metric.KAPPA, Metric.AGREEMENT, Metric.AGREEMENT_CHANCE,
                                     policy.learned_kappa_min, "invariant_predictions"))
     return checks
 
 
-def task_check(clean: dict, policy: Policy) -> Check | None:
+def task_check(clean: Condition, policy: Policy) -> Check | None:
     """With labels: the orbit accuracy corrected for the majority-label rate; None without labels."""
-    m = clean["metrics"]
-    if m.get(Metric.ACCURACY) is None:
+    if clean.metric(Metric.ACCURACY) is None:
         return None
-    if Metric.ACCURACY_KAPPA not in m:  # a hand-built summary: the raw accuracy's kappa against no known chance
-        return Check(Metric.ACCURACY_KAPPA, clean["name"], None, policy.learned_accuracy_kappa_min,
+    if Metric.ACCURACY_KAPPA not in clean.metrics:  # a hand-built summary: the raw accuracy's kappa, no chance known
+        return Check(Metric.ACCURACY_KAPPA, clean.name, None, policy.learned_accuracy_kappa_min,
                      METRICS[Metric.ACCURACY_KAPPA].kind, "learned_task")
     return _chance_check(clean, Metric.ACCURACY_KAPPA, Metric.ACCURACY, Metric.ACCURACY_CHANCE,
                          policy.learned_accuracy_kappa_min, "learned_task")
@@ -258,65 +214,66 @@ def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) ->
 
 
 def _summary(checks: list[Check], role: str) -> str:
-    names = {Metric.KAPPA: "kappa (agreement corrected for its chance level)",
-             Metric.ACCURACY_KAPPA: "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
+    names: dict[str, str] = {
+        Metric.KAPPA: "kappa (agreement corrected for its chance level)",
+        Metric.ACCURACY_KAPPA: "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
     return ", ".join(f"{names.get(c.criterion, c.criterion)} {_fmt(c.value)} ({role} needs {c.requirement})"
                      for c in checks)
 
 
-def _named(conditions: list[dict], name: ConditionName) -> dict | None:
-    return next((c for c in conditions if c["name"] == name), None)
+def _named(conditions: Sequence[Condition], name: ConditionName) -> Condition | None:
+    return next((c for c in conditions if c.name == name), None)
 
 
-def _off_data(conditions: list[dict], clean: dict) -> str:
+def _off_data(conditions: Sequence[Condition], clean: Condition) -> str:
     """How the prediction invariance on the clean probes compares with pure noise (g != e)."""
     noise = _named(conditions, ConditionName.NOISE)
     if noise is None:
         return "there is no noise condition to compare with"
-    a_clean, a_noise = clean["metrics"].get(Metric.AGREEMENT), noise["metrics"].get(Metric.AGREEMENT)
-    k_clean, k_noise = clean["metrics"].get(Metric.KAPPA), noise["metrics"].get(Metric.KAPPA)
-    kappas = f" (kappa {_fmt(k_clean)} vs {_fmt(k_noise)})" if Metric.KAPPA in clean["metrics"] else ""
+    a_clean, a_noise = clean.metric(Metric.AGREEMENT), noise.metric(Metric.AGREEMENT)
+    k_clean, k_noise = clean.metric(Metric.KAPPA), noise.metric(Metric.KAPPA)
+    kappas = f" (kappa {_fmt(k_clean)} vs {_fmt(k_noise)})" if Metric.KAPPA in clean.metrics else ""
     if a_clean is None or a_noise is None:
         return "agreement on pure noise is unknown"
     trend = "it degrades off the data" if a_noise < a_clean - 0.05 else "it holds about equally off the data"
     return f"agreement on the clean probes {_fmt(a_clean)} vs pure noise {_fmt(a_noise)}{kappas}: {trend}"
 
 
-def _is_trivial(conditions: list[dict], policy: Policy) -> list[Reason]:
+def _is_trivial(conditions: Sequence[Condition], policy: Policy) -> list[Reason]:
     clean = _named(conditions, ConditionName.CLEAN)
-    predictions = (clean or {}).get("predictions") or {}
-    if predictions.get("classes_predicted") == 1 and \
-            (clean.get("n_probes") or 0) >= policy.trivial_single_class_min_probes:
-        return [_said("label", clean["name"],
-                      f"every probe and every orbit element is predicted as class {predictions['majority_class']} "
-                      f"({clean.get('n_probes')} probes): the decision ignores the input, so agreement 1 is chance, "
-                      "whatever the logits do", criterion="classes_predicted", condition=clean["name"], value=1)]
-    anchors = [c for c in conditions if c["name"] in (ConditionName.CLEAN, ConditionName.NOISE)]
-    spreads = [c.get("relative_spread") for c in anchors]
+    predictions = clean.predictions if clean is not None else None
+    if clean is not None and predictions is not None and predictions.classes_predicted == 1 and \
+            clean.n_probes >= policy.trivial_single_class_min_probes:
+        return [_said("label", clean.name,
+                      f"every probe and every orbit element is predicted as class {predictions.majority_class} "
+                      f"({clean.n_probes} probes): the decision ignores the input, so agreement 1 is chance, "
+                      "whatever the logits do", criterion="classes_predicted", condition=clean.name, value=1)]
+    anchors = [c for c in conditions if c.name in (ConditionName.CLEAN, ConditionName.NOISE)]
+    spreads = [c.relative_spread for c in anchors]
     if anchors and all(s is not None and s <= policy.trivial_relative_spread_max for s in spreads):
-        return [_said("label", c["name"],
-                      f"the logits' spread across probes is {_fmt(c['relative_spread'])} of their own size "
+        return [_said("label", c.name,
+                      f"the logits' spread across probes is {_fmt(c.relative_spread)} of their own size "
                       f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
                       "depend on the input beyond floating-point noise, whatever its scale",
-                      criterion="relative_spread", condition=c["name"], value=c["relative_spread"],
+                      criterion="relative_spread", condition=c.name, value=c.relative_spread,
                       threshold=policy.trivial_relative_spread_max,
                       requirement=f"<= {policy.trivial_relative_spread_max:g}") for c in anchors]
-    computed = [c for c in conditions if c.get("saliency_computed", True)]
-    if computed and all(c["metrics"][Metric.SI] is None for c in computed):
+    computed = [c for c in conditions if c.saliency_computed]
+    if computed and all(c.metrics[Metric.SI] is None for c in computed):
         return [_said("label", "every saliency map is zero: the target logit does not depend on the input",
                       criterion=str(Metric.SI))]
     return []
 
 
-def _low_sensitivity(conditions: list[dict], policy: Policy) -> list[Reason]:
+def _low_sensitivity(conditions: Sequence[Condition], policy: Policy) -> list[Reason]:
     """A model that reacts little to any input looks invariant for the wrong reason: say so."""
     anchor = _named(conditions, ConditionName.CLEAN) or _named(conditions, ConditionName.NOISE)
-    variation = anchor.get("relative_variation") if anchor else None
-    if variation is not None and variation < policy.low_sensitivity_variation:
-        return [_said("warning", f"{anchor['name']}: logits vary little across inputs (relative variation "
+    variation = anchor.relative_variation if anchor is not None else None
+    if anchor is not None and variation is not None and variation < policy.low_sensitivity_variation:
+        return [_said("warning", f"{anchor.name}: logits vary little across inputs (relative variation "
                                  f"{_fmt(variation)} < {policy.low_sensitivity_variation:g})",
                       "the invariance may come from insensitivity, not symmetry", sep="; ", prefix="warning: ",
-                      criterion="relative_variation", condition=anchor["name"], value=variation,
+                      criterion="relative_variation", condition=anchor.name, value=variation,
                       threshold=policy.low_sensitivity_variation,
                       requirement=f">= {policy.low_sensitivity_variation:g}")]
     return []
@@ -344,9 +301,15 @@ def verdict_gate(verdict: dict | None) -> bool | None:
 
 
 # --------------------------------------------------------------------------- decide
-def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFAULT_REQUIRE,
-           require_confident: bool = False) -> dict:
-    """Label the model from its per-condition metrics.
+def typed_conditions(conditions: Sequence[Condition | Mapping[str, Any]]) -> list[Condition]:
+    """The conditions as the typed model; a condition report still given as a dict (``report.build``) is
+    validated once, here, so that a missing or mistyped key fails with the field's name."""
+    return [c if isinstance(c, Condition) else Condition.model_validate(c) for c in conditions]
+
+
+def decide(conditions: Sequence[Condition | Mapping[str, Any]], policy: Policy,
+           require: Iterable[str] = DEFAULT_REQUIRE, require_confident: bool = False) -> dict:
+    """Label the model from its per-condition metrics (typed ``schema.Condition``; a dict is validated into one).
 
     Returns {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
     require_confident, passed}: ``reasons`` the sentences, ``reason_details`` the same reasons as data (topic,
@@ -354,20 +317,21 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
     way to the label (structured: criterion, condition, value, threshold, kind, role, interval, n_probes, passed,
     straddles, probes_to_settle, option); ``borderline_criteria`` those whose interval straddles the threshold
     where it decides the label."""
-    require = list(require)
+    typed = typed_conditions(conditions)
+    required = list(require)
     path: list[list[Check]] = []  # the conjunctions that decided the label
-    trivial = _is_trivial(conditions, policy)
+    trivial = _is_trivial(typed, policy)
     if trivial:
         label, reasons = "trivial", trivial
     else:
-        label, reasons = _decide(conditions, policy, path)
+        label, reasons = _decide(typed, policy, path)
     evaluated = [c for conj in path for c in conj]
     uncertain = [c for conj in path for c in _uncertain(conj)]
     if uncertain:
         reasons = reasons + [_borderline_reason(uncertain)]
-    flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
-    passed = gate(label, require, bool(uncertain), require_confident)
-    if require_confident and uncertain and label in require:
+    flags = _low_sensitivity(typed, policy) if label != "trivial" else []
+    passed = gate(label, required, bool(uncertain), require_confident)
+    if require_confident and uncertain and label in required:
         reasons = reasons + [_said("require_confident", "require_confident: a borderline verdict fails the gate")]
     reasons = reasons + flags
     return {
@@ -379,18 +343,18 @@ def decide(conditions: list[dict], policy: Policy, require: Iterable[str] = DEFA
         "borderline": bool(uncertain),
         "borderline_criteria": [c.as_dict() for c in uncertain],
         "policy": policy.model_dump(),
-        "require": require,
+        "require": required,
         "require_confident": bool(require_confident),
         "passed": passed,
     }
 
 
-def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:
+def _decide(conditions: list[Condition], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:
     genuine = [c for cond in conditions for c in genuine_checks(cond, policy)]
     path.append(genuine)
     if all(c.passed for c in genuine):
         return "genuine", [_said("label", f"invariant within tolerance on all {len(conditions)} conditions "
-                                          f"({', '.join(c['name'] for c in conditions)}), every criterion over g != e")]
+                                          f"({', '.join(c.name for c in conditions)}), every criterion over g != e")]
     failures = _failure_reasons(genuine, len(conditions))
     clean = _named(conditions, ConditionName.CLEAN)
     if clean is None:
@@ -402,12 +366,12 @@ def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> 
     if not all(c.passed for c in predictions):
         return "not_invariant", [
             _said("label", "predictions are not invariant beyond chance on in-distribution probes",
-                  f"{clean['name']}: {_summary(predictions, 'learned')}", condition=clean["name"])] + \
+                  f"{clean.name}: {_summary(predictions, 'learned')}", condition=clean.name)] + \
             [_said("label", f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}",
                    criterion=str(c.criterion), condition=c.condition, value=c.value, threshold=c.threshold,
                    requirement=c.requirement) for c in predictions if not c.passed]
     invariant = _said("label", "predictions are invariant on in-distribution probes",
-                      f"{clean['name']}: {_summary(predictions, 'learned')}", condition=clean["name"])
+                      f"{clean.name}: {_summary(predictions, 'learned')}", condition=clean.name)
     off_data = _off_data(conditions, clean)
     task = task_check(clean, policy)
     if task is None:
@@ -419,18 +383,18 @@ def _decide(conditions: list[dict], policy: Policy, path: list[list[Check]]) -> 
                   "pass --labels to decide, or accept undecided with --require", sep=": "),
             _said("heading", "and genuine invariance fails:")] + failures
     path.append([task])
-    task_data = {"criterion": str(task.criterion), "condition": task.condition, "value": task.value,
+    task_data: dict[str, Any] = {"criterion": str(task.criterion), "condition": task.condition, "value": task.value,
                  "threshold": task.threshold, "requirement": task.requirement}
     if task.passed:
         return "learned", [
             invariant,
             _said("label", "the model learned the task",
-                  f"{clean['name']}: {_summary([task], 'learned')}; {off_data}", **task_data),
+                  f"{clean.name}: {_summary([task], 'learned')}; {off_data}", **task_data),
             _said("heading", "but genuine invariance fails:")] + failures
     return "incidental", [
         invariant,
         _said("label", "but the labels show the model did not learn the task",
-              f"{clean['name']}: {_summary([task], 'learned')}, so the invariance is incidental (of the "
+              f"{clean.name}: {_summary([task], 'learned')}, so the invariance is incidental (of the "
               f"architecture, not learned from data); {off_data}", **task_data),
         _said("heading", "and genuine invariance fails:")] + failures
 

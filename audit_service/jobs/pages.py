@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..engine.report.model import Report, parse_report
+from ..engine.schema import Report, parse_report
 
 log = logging.getLogger("audit_service.pages")
 

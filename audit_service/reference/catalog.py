@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from ..engine.names import METRICS, PROFILE_CONDITIONS, PROFILE_METRICS, ConditionName, Metric
-from ..engine.report.model import ConditionMetrics, ReferenceProfile, Report
+from ..engine.schema import ConditionMetrics, ReferenceProfile, Report
 
 
 ENV_DIR = "AUDIT_REFERENCE_DIR"

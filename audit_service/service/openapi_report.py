@@ -1,4 +1,4 @@
-"""The OpenAPI ``Report`` component, generated from the typed report (``engine.report.model``).
+"""The OpenAPI ``Report`` component, generated from the typed report (``engine.schema``).
 
 ``python -m audit_service.service.openapi_report --write`` rewrites the text between the two marker comments
 in ``openapi.yaml`` (the package's copy and the repository root's): ``Report`` and every schema it refers to.
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.report.model import Report
+from ..engine.schema import Report
 
 BEGIN = "    # BEGIN generated: the Report schemas (python -m audit_service.service.openapi_report --write)"
 END = "    # END generated: the Report schemas"
@@ -73,7 +73,7 @@ def report_schemas() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF, mode="serialization")
         for sub, definition in schema.pop("$defs", {}).items():
             if sub in schemas and schemas[sub] != definition:
-                raise ValueError(f"Two report models are both called {sub!r}: rename one in engine/report/model.py")
+                raise ValueError(f"Two report models are both called {sub!r}: rename one in engine/schema/")
             schemas[sub] = definition
         schemas[name] = schema
     schemas = {k: _clean(schemas[k]) for k in sorted(schemas)}
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stale = out_of_step()
     for path in stale:
-        print(f"{path}: the Report schemas are out of step with engine/report/model.py; run "
+        print(f"{path}: the Report schemas are out of step with engine/schema/; run "
               "python -m audit_service.service.openapi_report --write", file=sys.stderr)
     return 1 if stale else 0
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ..names import DISPLAY_ORDER, METRICS as METRIC_TABLE, ConditionName, Metric
-from .model import (
+from ..schema import (
     Condition, ReferenceProfile, Report, ReportPolicy, SaliencyExample, Sensitivity, Timing, Verdict, parse_report)
 
 #: the table's columns and the plots, in display order (``engine.names``)

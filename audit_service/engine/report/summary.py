@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..names import HEADLINE_METRICS
-from .model import Report, parse_report
+from ..schema import Report, parse_report
 
 #: the metrics the summary shows per condition (``engine.names``: the table's headline rows)
 HEADLINE = HEADLINE_METRICS
