@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+#: the statistics of a summary over values, as the report names them (``metrics.summarize``, the sensitivity)
+STATISTICS = {"mean": "the mean", "p5": "the 5th percentile", "p50": "the median", "p95": "the 95th percentile"}
 
 #: ``model_validate(..., context={STRICT: True})`` refuses keys a model does not declare
 STRICT = "forbid_unmodelled_keys"
@@ -37,3 +40,8 @@ class ReportModel(BaseModel):
         if key in self.model_fields_set or key in (self.model_extra or {}):
             return getattr(self, key)
         raise KeyError(f"{type(self).__name__} has no key {key!r}; it has {sorted(self.to_json())}")
+
+
+def statistic(name: str, of: str) -> Any:
+    """A required field holding one statistic (``STATISTICS``) of ``of``, described once for every summary."""
+    return Field(description=f"{STATISTICS[name]} of {of}")

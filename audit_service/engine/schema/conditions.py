@@ -9,18 +9,21 @@ from pydantic import Field
 
 from ..names import METRICS, ConditionName, Metric
 from ..spec import ShiftSpec
-from .base import ReportModel
+from .base import ReportModel, statistic
+
+#: what a spread summarizes
+_PER_PROBE = "the metric's finite per-probe values"
 
 
 class Spread(ReportModel):
     """``summarize`` of a metric's per-probe values: the mean and how far it can be trusted."""
 
-    mean: float
-    p5: float
-    p50: float
-    p95: float
-    se: float | None = None
-    n: int | None = None
+    mean: float = statistic("mean", _PER_PROBE)
+    p5: float = statistic("p5", _PER_PROBE)
+    p50: float = statistic("p50", _PER_PROBE)
+    p95: float = statistic("p95", _PER_PROBE)
+    se: float | None = Field(default=None, description="standard error of the mean (sample std / sqrt(n))")
+    n: int | None = Field(default=None, description="how many finite per-probe values there are")
     ci95: list[float] = Field(description="bootstrap 95% interval of the mean ([mean, mean] without resamples)")
 
 

@@ -8,7 +8,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..spec import GroupSpec
-from .base import ReportModel
+from .base import ReportModel, statistic
+
+#: what ``sigma_max`` summarizes
+_SIGMA = "the Jacobian's largest singular value over the probes"
 
 
 class MemoryFormat(ReportModel):
@@ -46,11 +49,13 @@ class ModelSection(ReportModel):
 
 
 class SampledGroup(ReportModel):
-    size: int
-    group_order: int
-    method: str
+    """A group too large to sweep whole: the elements drawn from it, and how."""
+
+    size: int = Field(description="elements drawn, the identity included")
+    group_order: int = Field(description="the order of the whole group")
+    method: str = Field(description="how the elements were drawn")
     seed: int
-    with_replacement: bool
+    with_replacement: bool = Field(description="false: each drawn element is uniform over those not yet drawn")
 
 
 class GroupSection(ReportModel):
@@ -67,9 +72,11 @@ class GroupSection(ReportModel):
 
 
 class SigmaMax(ReportModel):
-    mean: float
-    p5: float
-    p95: float
+    """The Jacobian's largest singular value over the sensitivity probes."""
+
+    mean: float = statistic("mean", _SIGMA)
+    p5: float = statistic("p5", _SIGMA)
+    p95: float = statistic("p95", _SIGMA)
 
 
 class Sensitivity(ReportModel):
