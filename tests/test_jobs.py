@@ -7,8 +7,10 @@ import threading
 
 import pytest
 
-from audit_service.jobs import BlobStore, BlobTooLarge, JobKind, JobStatus, JobStore, QueueFull, Settings
+from audit_service.jobs import BlobStore, BlobTooLarge, Job, JobKind, JobStatus, JobStore, QueueFull, Settings
 from audit_service.jobs.states import check_transition
+from audit_service.jobs.store import JobError, JobSummary
+from reports import stored_report
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -21,19 +23,19 @@ def store(request, tmp_path) -> JobStore:
     return s
 
 
-def make(store: JobStore, **kw) -> dict:
+def make(store: JobStore, **kw) -> Job:
     return store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2, **kw)
 
 
 def test_new_jobs_are_queued_for_the_default_tenant(store):
     job = make(store)
-    assert job["status"] == JobStatus.QUEUED and job["tenant"] == "default" and job["attempts"] == 0
-    assert store.get(job["id"], tenant="someone-else") is None
+    assert job.status == JobStatus.QUEUED and job.tenant == "default" and job.attempts == 0
+    assert store.get(job.id, tenant="someone-else") is None
     assert store.list(tenant="default")[1] == 1 and store.list(tenant="other")[1] == 0
 
 
 def test_two_workers_never_claim_the_same_job(store):
-    ids = {make(store)["id"] for _ in range(20)}
+    ids = {make(store).id for _ in range(20)}
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -43,7 +45,7 @@ def test_two_workers_never_claim_the_same_job(store):
             if job is None:
                 return
             with lock:
-                claimed.append(job["id"])
+                claimed.append(job.id)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
     for t in threads:
@@ -62,32 +64,43 @@ def test_transitions_are_checked():
 def test_only_the_owner_can_finish_and_cancel_stops_the_heartbeat(store):
     job = make(store)
     store.claim("me", lease_s=30)
-    assert not store.succeed(job["id"], "someone-else", {"verdict": {"label": "genuine"}})
-    assert store.heartbeat(job["id"], "me", 30, progress=0.5, stage="sweep")
-    assert store.get(job["id"])["progress"] == 0.5
-    assert store.cancel(job["id"])
-    assert not store.heartbeat(job["id"], "me", 30)  # the worker learns it lost the job
-    assert not store.succeed(job["id"], "me", {})
-    assert store.get(job["id"])["status"] == JobStatus.CANCELLED
-    assert store.delete(job["id"]) and store.get(job["id"]) is None
+    assert not store.succeed(job.id, "someone-else", stored_report())
+    assert store.heartbeat(job.id, "me", 30, progress=0.5, stage="sweep")
+    assert store.get(job.id).progress == 0.5
+    assert store.cancel(job.id)
+    assert not store.heartbeat(job.id, "me", 30)  # the worker learns it lost the job
+    assert not store.succeed(job.id, "me", stored_report())
+    assert store.get(job.id).status == JobStatus.CANCELLED
+    assert store.delete(job.id) and store.get(job.id) is None
 
 
 def test_success_stores_the_report_and_verdict(store):
     job = make(store)
     store.claim("me", lease_s=30)
-    assert store.succeed(job["id"], "me", {"verdict": {"label": "learned"}})
-    done = store.get(job["id"])
-    assert done["status"] == JobStatus.SUCCEEDED and done["verdict"] == "learned" and done["progress"] == 1.0
-    assert store.report(job["id"]) == {"verdict": {"label": "learned"}}
+    report = stored_report({"label": "learned"})
+    assert store.succeed(job.id, "me", report)
+    done = store.get(job.id)
+    assert isinstance(done, Job) and done.error is None
+    assert done.status == JobStatus.SUCCEEDED and done.verdict == "learned" and done.progress == 1.0
+    assert store.report(job.id).to_json() == report.to_json()
     assert store.durations()
+
+
+def test_a_failed_job_reads_its_error_typed(store):
+    job = make(store)
+    store.claim("me", lease_s=30)
+    assert store.fail(job.id, JobError("timeout", "too slow", "timeout_s"), owner="me")
+    assert store.get(job.id).error == JobError("timeout", "too slow", "timeout_s")
+    rows, _ = store.summaries()
+    assert isinstance(rows[0], JobSummary) and not isinstance(rows[0], Job) and rows[0].error.type == "timeout"
 
 
 def test_graceful_release_does_not_count_the_attempt(store):
     job = make(store)
     store.claim("me", lease_s=30)
-    assert store.release(job["id"], "me")
-    again = store.get(job["id"])
-    assert again["status"] == JobStatus.QUEUED and again["attempts"] == 0
+    assert store.release(job.id, "me")
+    again = store.get(job.id)
+    assert again.status == JobStatus.QUEUED and again.attempts == 0
 
 
 def test_bounded_queue(store):
@@ -134,22 +147,22 @@ def test_settings_from_environment(tmp_path):
 def test_claims_go_round_robin_across_tenants(store):
     """Tenant a queues 4 jobs, then b queues 2: claims alternate a, b, a, b, a, a (each tenant's oldest first),
     not first-come-first-served."""
-    a = [make(store, tenant="a")["id"] for _ in range(4)]
-    b = [make(store, tenant="b")["id"] for _ in range(2)]
+    a = [make(store, tenant="a").id for _ in range(4)]
+    b = [make(store, tenant="b").id for _ in range(2)]
     order = []
     while (job := store.claim("host:1:x", lease_s=30)) is not None:
-        order.append(job["id"])
-        assert store.succeed(job["id"], "host:1:x", {})  # finished: no running job counts against a tenant
+        order.append(job.id)
+        assert store.succeed(job.id, "host:1:x", {"card": 1})  # finished: no running job counts against a tenant
     assert order == [a[0], b[0], a[1], b[1], a[2], a[3]]
 
 
 def test_a_tenant_with_a_running_job_waits_for_one_without(store):
-    busy = make(store, tenant="busy")["id"]
-    queued_busy = make(store, tenant="busy")["id"]
-    other = make(store, tenant="other")["id"]
-    assert store.claim("host:1:x", lease_s=30)["id"] == busy
-    assert store.claim("host:2:x", lease_s=30)["id"] == other  # busy has one running, other none
-    assert store.claim("host:3:x", lease_s=30)["id"] == queued_busy
+    busy = make(store, tenant="busy").id
+    queued_busy = make(store, tenant="busy").id
+    other = make(store, tenant="other").id
+    assert store.claim("host:1:x", lease_s=30).id == busy
+    assert store.claim("host:2:x", lease_s=30).id == other  # busy has one running, other none
+    assert store.claim("host:3:x", lease_s=30).id == queued_busy
 
 
 def test_duplicates_refer_to_one_stored_report_which_outlives_its_first_holder(store):
@@ -160,18 +173,18 @@ def test_duplicates_refer_to_one_stored_report_which_outlives_its_first_holder(s
 
     job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=1)
     claimed = store.claim("w", 30)
-    report = {"schema_version": "1.0", "verdict": {"label": "genuine"}, "pad": "x" * 100_000}
-    assert store.succeed(claimed["id"], "w", report)
-    original = store.report_text(job["id"])
-    twins = [store.create_reused(source=store.get(job["id"]), report=original, spec={"group": "C4"}, inputs={},
-                                 timeout_s=60, tenant="default", queue="default", dedupe_key="k")["id"]
+    report = stored_report(pad="x" * 100_000)
+    assert store.succeed(claimed.id, "w", report)
+    original = store.report_text(job.id)
+    twins = [store.create_reused(source=store.get(job.id), spec={"group": "C4"}, inputs={},
+                                 timeout_s=60, tenant="default", queue="default", dedupe_key="k").id
              for _ in range(20)]
     with store.engine.connect() as conn:
         stored = conn.execute(select(func.sum(func.length(reports.c.report_json)))).scalar()
     assert stored < len(original) + 20 * 100  # one copy and 20 small references
     assert all(store.report_text(t) == original for t in twins)
-    assert store.delete(job["id"])
-    assert store.report_text(job["id"]) is None
+    assert store.delete(job.id)
+    assert store.report_text(job.id) is None
     assert all(store.report_text(t) == original for t in twins)
     assert store.delete(twins[0]) and all(store.report_text(t) == original for t in twins[1:])
     assert not store.delete(twins[1], tenant="someone-else") and store.report_text(twins[1]) == original
@@ -188,9 +201,9 @@ def test_the_job_view_says_what_the_report_gate_said(store):
                        max_attempts=1)
     claimed = store.claim("w", 30)
     verdict = {"label": "learned", "passed": False, "borderline": True, "require_confident": True}
-    assert store.succeed(claimed["id"], "w", {"schema_version": "1.0", "verdict": verdict})
-    row = store.get(job["id"])
-    assert row["verdict"] == "learned" and row["passed"] is False
+    assert store.succeed(claimed.id, "w", stored_report(verdict))
+    row = store.get(job.id)
+    assert row.verdict == "learned" and row.passed is False
     assert job_out(row, time_mod.time()).passed is False
 
 
@@ -204,24 +217,24 @@ def test_list_summaries_and_streamed_reports(store, tmp_path):
     job = store.create(kind=JobKind.AUDIT, spec=spec, inputs={"probes": {"sha256": "p", "size_bytes": 1}},
                        timeout_s=60, max_attempts=1, dedupe_key="k")
     store.claim("me", 30)
-    report = {"group": {"name": "permutation", "order": 2}, "verdict": {"label": "genuine", "passed": True},
-              "notes": ['quote " backslash \\ é ü 漢'], "pad": "x" * 700_000}
-    assert store.succeed(job["id"], "me", report)
+    report = stored_report({"label": "genuine", "passed": True}, {"name": "permutation", "order": 2},
+                           notes=['quote " backslash \\ é ü 漢'], pad="x" * 700_000)
+    assert store.succeed(job.id, "me", report)
     rows, total = store.summaries(tenant="default")
-    assert total == 1 and "spec" not in rows[0] and "inputs" not in rows[0]
-    assert rows[0]["spec_summary"] == {"group": {"name": "permutation", "order": 2}, "shifts": 0, "conditions": 2,
+    assert total == 1 and not hasattr(rows[0], "spec") and not hasattr(rows[0], "inputs")
+    assert rows[0].spec_summary == {"group": {"name": "permutation", "order": 2}, "shifts": 0, "conditions": 2,
                                        "n_probes": 5, "device": None, "require": None}
-    source, text = store.find_finished("k", "default")
-    twin = store.create_reused(source=source, report=text, spec=spec, inputs={}, timeout_s=60, tenant="default",
-                               queue="cpu", dedupe_key="k")
-    for job_id in (job["id"], twin["id"]):
+    twin = store.create_reused(source=store.find_finished("k", "default"), spec=spec, inputs={}, timeout_s=60,
+                               tenant="default", queue="cpu", dedupe_key="k")
+    assert twin.spec_summary["group"]["order"] == 2  # the finished report's, not the spec's (unknown)
+    for job_id in (job.id, twin.id):
         holder, size = store.report_source(job_id)
         body = b"".join(store.report_slices(holder, size=100_000))
-        assert holder == job["id"] and len(body) == size and body.decode() == store.report_text(job_id)
-        assert json.loads(body) == report
-    assert store.delete(job["id"])
-    holder, size = store.report_source(twin["id"])
-    assert holder == twin["id"] and json.loads(b"".join(store.report_slices(holder))) == report
+        assert holder == job.id and len(body) == size and body.decode() == store.report_text(job_id)
+        assert json.loads(body) == report.to_json()
+    assert store.delete(job.id)
+    holder, size = store.report_source(twin.id)
+    assert holder == twin.id and json.loads(b"".join(store.report_slices(holder))) == report.to_json()
 
 
 def test_an_older_sqlite_file_is_converted_to_free_space_on_delete(tmp_path):
@@ -236,7 +249,7 @@ def test_an_older_sqlite_file_is_converted_to_free_space_on_delete(tmp_path):
     assert store.open_checked() is None
     assert sqlite3.connect(db).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     ids = [store.create(kind=JobKind.AUDIT, spec={"group": "C4", "pad": "x" * 200_000}, inputs={}, timeout_s=60,
-                        max_attempts=1)["id"] for _ in range(20)]
+                        max_attempts=1).id for _ in range(20)]
     for job_id in ids:
         assert store.cancel(job_id)
     with sqlite3.connect(db) as conn:

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from audit_service.jobs import JobKind, JobStatus, JobStore, QueueFull
 from audit_service.jobs.store import TenantLimit
 from conftest import ROOT
+from reports import stored_report
 from test_jobs import make
 
 
@@ -47,7 +48,7 @@ if action == "claim":
         job = store.claim(owner, lease_s=30)
         if job is None:
             break
-        out.append([job["id"], job["owner"], job["attempts"]])
+        out.append([job.id, job.owner, job.attempts])
         time.sleep(0.003)  # "work": lets the other processes in
 elif action == "submit":
     for _ in range(n):
@@ -84,7 +85,7 @@ def race(url: str, action: str, processes: int, tmp_path: Path, *args: object) -
 
 
 def test_processes_claiming_at_once_take_every_job_exactly_once(store, tmp_path):
-    ids = {make(store)["id"] for _ in range(30)}
+    ids = {make(store).id for _ in range(30)}
     results = race(store.url, "claim", 4, tmp_path, 0)
     claimed = [c[0] for r in results for c in r]
     assert sorted(claimed) == sorted(ids)  # exactly once each
@@ -92,7 +93,7 @@ def test_processes_claiming_at_once_take_every_job_exactly_once(store, tmp_path)
     for r in results:
         for job_id, owner, attempts in r:
             row = store.get(job_id)
-            assert row["status"] == JobStatus.RUNNING and row["owner"] == owner and attempts == row["attempts"] == 1
+            assert row.status == JobStatus.RUNNING and row.owner == owner and attempts == row.attempts == 1
     assert store.claim("late", lease_s=30) is None
 
 
@@ -104,7 +105,7 @@ def test_threads_claiming_one_job_by_id(store):
 
     def worker(n: int) -> None:
         barrier.wait()
-        if store.claim(f"w{n}", lease_s=30, job_id=job["id"]) is not None:
+        if store.claim(f"w{n}", lease_s=30, job_id=job.id) is not None:
             wins.append(f"w{n}")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
@@ -112,7 +113,7 @@ def test_threads_claiming_one_job_by_id(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(wins) == 1 and store.get(job["id"])["owner"] == wins[0]
+    assert len(wins) == 1 and store.get(job.id).owner == wins[0]
 
 
 def test_tenant_limit_holds_under_concurrent_processes(store, tmp_path):
@@ -162,20 +163,20 @@ def test_limits_hold_under_concurrent_threads(store):
 def test_a_lost_lease_is_retried_once_then_fails(store):
     job = make(store)  # max_attempts=2
     first = store.claim("machine-a:1:x", lease_s=30)
-    assert first["id"] == job["id"] and first["attempts"] == 1
+    assert first.id == job.id and first.attempts == 1
     assert store.recover_lost() == []  # lease still valid
-    assert not store.heartbeat(job["id"], "machine-b:1:x", 30)  # only the holder renews
-    assert store.recover_lost(now=time.time() + 31) == [(job["id"], "requeued")]  # a clock past the lease
-    again = store.get(job["id"])
-    assert again["status"] == JobStatus.QUEUED and again["owner"] is None and again["dispatched_at"] is None
-    assert not store.heartbeat(job["id"], "machine-a:1:x", 30)  # the lost worker finds out
-    assert not store.succeed(job["id"], "machine-a:1:x", {})
+    assert not store.heartbeat(job.id, "machine-b:1:x", 30)  # only the holder renews
+    assert store.recover_lost(now=time.time() + 31) == [(job.id, "requeued")]  # a clock past the lease
+    again = store.get(job.id)
+    assert again.status == JobStatus.QUEUED and again.owner is None and again.dispatched_at is None
+    assert not store.heartbeat(job.id, "machine-a:1:x", 30)  # the lost worker finds out
+    assert not store.succeed(job.id, "machine-a:1:x", stored_report())
     second = store.claim("machine-b:1:x", lease_s=30)
-    assert second["attempts"] == 2
-    assert store.recover_lost(dead_owners=["machine-b:1:x"]) == [(job["id"], "failed")]
-    failed = store.get(job["id"])
-    assert failed["status"] == JobStatus.FAILED and failed["error"]["type"] == "worker_lost"
-    assert failed["finished_at"] >= failed["started_at"] and failed["lease_expires_at"] is None
+    assert second.attempts == 2
+    assert store.recover_lost(dead_owners=["machine-b:1:x"]) == [(job.id, "failed")]
+    failed = store.get(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.type == "worker_lost"
+    assert failed.finished_at >= failed.started_at and failed.lease_expires_at is None
 
 
 def test_recovery_from_two_machines_at_once_requeues_once(store):
@@ -195,42 +196,42 @@ def test_recovery_from_two_machines_at_once_requeues_once(store):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(outcomes) == sorted((j["id"], "requeued") for j in jobs)
+    assert sorted(outcomes) == sorted((j.id, "requeued") for j in jobs)
 
 
 def test_dedupe_lookup_and_dispatch_bookkeeping(store):
     key = "ab" * 32
     assert store.find_finished(key, "default") is None
     job = make(store, dedupe_key=key)
-    assert [j["id"] for j in store.undispatched(older_than=time.time() + 1, redispatch_after=0)] == [job["id"]]
-    store.mark_dispatched(job["id"])
+    assert [j.id for j in store.undispatched(older_than=time.time() + 1, redispatch_after=0)] == [job.id]
+    store.mark_dispatched(job.id)
     assert store.undispatched(older_than=time.time() + 1, redispatch_after=0) == []
     assert store.find_finished(key, "default") is None  # not finished yet
     store.claim("me", lease_s=30)
-    report = {"verdict": {"label": "genuine"}, "metrics": {"di": 0.125, "nested": [1, 2.5, None, "ü"]}}
-    assert store.succeed(job["id"], "me", report)
-    source, found = store.find_finished(key, "default")
-    assert source["id"] == job["id"] and json.loads(found) == report
+    report = stored_report({"label": "genuine"}, metrics={"di": 0.125, "nested": [1, 2.5, None, "ü"]})
+    assert store.succeed(job.id, "me", report)
+    source = store.find_finished(key, "default")
+    assert source.id == job.id and json.loads(store.report_text(source.id)) == report.to_json()
     assert store.find_finished(key, "other-tenant") is None
-    twin = store.create_reused(source=source, report=found, spec={"group": "C4"}, inputs={}, timeout_s=60,
+    twin = store.create_reused(source=source, spec={"group": "C4"}, inputs={}, timeout_s=60,
                                tenant="default", queue="cpu", dedupe_key=key)
-    assert twin["status"] == JobStatus.SUCCEEDED and twin["verdict"] == "genuine"
-    assert store.report(twin["id"]) == report
-    assert store.find_finished(key, "default")[0]["id"] in {job["id"], twin["id"]}
-    assert store.delete(job["id"]) and store.report(job["id"]) is None and store.report(twin["id"]) == report
+    assert twin.status == JobStatus.SUCCEEDED and twin.verdict == "genuine"
+    assert store.report(twin.id).to_json() == report.to_json()
+    assert store.find_finished(key, "default").id in {job.id, twin.id}
+    assert store.delete(job.id) and store.report(job.id) is None and store.report(twin.id).to_json() == report.to_json()
 
 
 def test_values_round_trip(store):
     before = time.time()
     job = make(store, queue="gpu")
-    assert isinstance(job["created_at"], float) and before <= job["created_at"] <= time.time()
-    assert job["kind"] == JobKind.AUDIT.value and job["queue"] == "gpu" and job["spec"] == {"group": "C4"}
+    assert isinstance(job.created_at, float) and before <= job.created_at <= time.time()
+    assert job.kind == JobKind.AUDIT.value and job.queue == "gpu" and job.spec == {"group": "C4"}
     store.claim("me", lease_s=30)
-    assert store.heartbeat(job["id"], "me", 30, progress=0.123456789, stage="x" * 500, sandbox_pid=2**31 - 1)
-    row = store.get(job["id"])
-    assert row["progress"] == 0.123456789 and len(row["stage"]) == 128 and row["sandbox_pid"] == 2**31 - 1
+    assert store.heartbeat(job.id, "me", 30, progress=0.123456789, stage="x" * 500, sandbox_pid=2**31 - 1)
+    row = store.get(job.id)
+    assert row.progress == 0.123456789 and len(row.stage) == 128 and row.sandbox_pid == 2**31 - 1
     rows, total = store.list(status=JobStatus.RUNNING, kind=JobKind.AUDIT)
-    assert total == 1 and rows[0]["id"] == job["id"]
+    assert total == 1 and rows[0].id == job.id
     assert store.running_owners() == ["me"]
 
 

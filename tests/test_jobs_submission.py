@@ -1,4 +1,4 @@
-"""The jobs layer's submission (``jobs.submission``) and typed job (``JobStore.get_job``) without a server:
+"""The jobs layer's submission (``jobs.submission``) and typed job (``JobStore.get``) without a server:
 admission errors, dedupe / reuse of a finished twin, adoption of staged files, every status change checked."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 from audit_service.jobs import BlobStore, Job, JobKind, JobStatus, JobStore, QueueFull, Settings, TenantLimit
 from audit_service.jobs import submission
 from audit_service.engine.spec import parse_audit_spec
+from reports import stored_report
 
 
 @pytest.fixture
@@ -35,16 +36,16 @@ def test_submit_creates_a_typed_queued_job_and_adopts_its_files(env):
     assert isinstance(done.job, Job) and not done.reused
     assert done.job.status is JobStatus.QUEUED and done.job.tenant == "alice" and done.job.kind == "audit"
     assert blobs.exists(sub.inputs["model"]["sha256"])
-    assert store.get_job(done.job.id, tenant="bob") is None
-    assert store.get_job(done.job.id) == done.job and done.job.to_dict()["id"] == done.job.id
+    assert store.get(done.job.id, tenant="bob") is None
+    assert store.get(done.job.id) == done.job and done.job.inputs == sub.inputs and done.job.error is None
 
 
 def test_a_finished_twin_is_reused_unless_asked_not_to(env):
     store, blobs, settings = env
     first = submission.submit(store, blobs, settings, "alice", _submission(blobs)).job
     owner = "w1"
-    assert store.claim(owner, 60, job_id=first.id)["status"] == JobStatus.RUNNING
-    assert store.succeed(first.id, owner, {"verdict": {"label": "genuine"}})
+    assert store.claim(owner, 60, job_id=first.id).status == JobStatus.RUNNING
+    assert store.succeed(first.id, owner, stored_report({"label": "genuine"}))
     twin = submission.submit(store, blobs, settings, "alice", _submission(blobs))
     assert twin.reused and twin.job.status is JobStatus.SUCCEEDED and twin.job.verdict == "genuine"
     fresh = submission.submit(store, blobs, settings, "alice", _submission(blobs, reuse=False))
@@ -81,13 +82,13 @@ def test_every_status_change_is_checked(env):
     store, blobs, settings = env
     job = store.create(kind=JobKind.AUDIT, spec={}, inputs={}, timeout_s=60, max_attempts=2)
     with pytest.raises(ValueError):
-        store.transition(job["id"], [JobStatus.QUEUED], JobStatus.SUCCEEDED)
-    assert store.claim("w", 60, job_id=job["id"]) is not None
-    assert store.release(job["id"], "w")
-    got = store.get_job(job["id"])
+        store.transition(job.id, [JobStatus.QUEUED], JobStatus.SUCCEEDED)
+    assert store.claim("w", 60, job_id=job.id) is not None
+    assert store.release(job.id, "w")
+    got = store.get(job.id)
     assert got.status is JobStatus.QUEUED and got.attempts == 0 and got.owner is None
-    assert store.cancel(job["id"]) and store.get_job(job["id"]).ready
-    assert not store.release(job["id"], "w")  # a cancelled job is never requeued
+    assert store.cancel(job.id) and store.get(job.id).ready
+    assert not store.release(job.id, "w")  # a cancelled job is never requeued
 
 
 def test_cuda_is_accepted_only_where_a_worker_can_run_it(tmp_path, monkeypatch):
@@ -117,7 +118,7 @@ def test_a_tenant_keeps_at_most_its_quota_duplicates_included(env):
 
     settings = dataclasses.replace(settings, max_tenant_stored=2, max_queued=10)
     first = submission.submit(store, blobs, settings, "a", _submission(blobs)).job
-    assert store.claim("w", 30) is not None and store.succeed(first.id, store.get(first.id)["owner"], {"verdict": {}})
+    assert store.claim("w", 30) is not None and store.succeed(first.id, store.get(first.id).owner, stored_report())
     twin = submission.submit(store, blobs, settings, "a", _submission(blobs))
     assert twin.reused
     with pytest.raises(TenantStoredLimit):

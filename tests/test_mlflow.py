@@ -20,6 +20,7 @@ onnx = pytest.importorskip("onnx")
 from builders import IMAGE_SHAPE, OrbitAveragedCNN, PlainCNN, export_onnx  # noqa: E402
 from conftest import Service, free_port, tiny_spec  # noqa: E402
 from polling import wait_for  # noqa: E402
+from reports import stored_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -301,9 +302,7 @@ def test_worker_write_back_reports_a_registry_it_cannot_reach(tmp_path):
 
     request = {"registry": "main", "uri": "models:/tiny-onnx/1", "directory": "mlflow-artifacts:/x", "file": "m.onnx",
                "flavor": "onnx", "version": "1", "run_id": None}
-    from audit_service.reference.catalog import reference_dir
-
-    report = json.loads((reference_dir() / "R4_WT_s0" / "report.json").read_text())  # a real audit's report
+    report = stored_report()  # a real audit's report
     gone = write_back(request, report, Settings(data_dir=str(tmp_path), mlflow_allowed_uris="other=http://x"))
     assert gone["status"] == "failed" and gone["attempts"] == 0 and "no longer" in gone["error"], gone
     dead = f"http://127.0.0.1:{free_port()}"
@@ -333,9 +332,12 @@ def test_write_back_rules_parse_and_match():
     assert policy.permits("alice", "main", "vision-a") and not policy.permits("alice", "main", "bob-net")
     assert policy.permits("bob", "prod", "bob-net") and not policy.permits("bob", "main", "bob-net")
     assert not policy.permits("carol", "main", "vision-a")
-    assert policy.passed({"label": "genuine", "borderline": False}) is True
-    assert policy.passed({"label": "genuine", "borderline": True}) is False  # the operator's strict gate
-    assert policy.passed({"label": "learned", "require": ["learned"]}) is False  # the client's require is not read
+    verdict = stored_report().verdict  # a real audit's
+    assert verdict.label == "genuine" and not verdict.borderline
+    assert policy.passed(verdict) is True
+    assert policy.passed(verdict.model_copy(update={"borderline": True})) is False  # the operator's strict gate
+    learned = verdict.model_copy(update={"label": "learned", "require": ["learned"]})
+    assert policy.passed(learned) is False  # the client's require is not read
     with pytest.raises(WriteBackConfigError, match="entry 2"):
         WriteBackPolicy.from_settings(Settings(write_back_rules="alice:x,bob:"))
     with pytest.raises(WriteBackConfigError, match="AUDIT_WRITE_BACK_REQUIRE"):

@@ -11,6 +11,7 @@ import signal
 import pytest
 import requests
 
+from audit_service.jobs import Job
 from conftest import Service, settle, tiny_spec
 from polling import wait_for
 
@@ -26,14 +27,14 @@ def submit(url: str, models: dict, seed: int) -> str:
     return r.json()["id"]
 
 
-def running_row(store, job_ids: str | list[str], timeout: float = 120.0) -> dict:
+def running_row(store, job_ids: str | list[str], timeout: float = 120.0) -> Job:
     """The first of ``job_ids`` seen running in its sandbox; fails once none is left queued or running."""
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
 
-    def started() -> dict | None:
+    def started() -> Job | None:
         rows = [store.get(i) for i in ids]
-        assert any(r["status"] in ("queued", "running") for r in rows), rows  # all finished: none to catch
-        return next((r for r in rows if r["status"] == "running" and r["sandbox_pid"]), None)
+        assert any(r.status in ("queued", "running") for r in rows), rows  # all finished: none to catch
+        return next((r for r in rows if r.status == "running" and r.sandbox_pid), None)
 
     return wait_for(started, timeout, 0.1, f"one of jobs {ids} to start")
 
@@ -66,7 +67,7 @@ def test_kill_9_of_the_whole_service_loses_no_job(tmp_path, models):
     ids = [submit(svc.url, models, seed) for seed in range(10, 14)]
     running_row(store, ids)  # whichever is mid-audit (a small one may finish before the first poll)
     svc.kill_all()  # serve, gunicorn, the worker, its sandbox: all at once, no clean-up
-    states = {i: store.get(i)["status"] for i in ids}
+    states = {i: store.get(i).status for i in ids}
     assert "running" in states.values() and len(states) == 4  # accepted, and one caught mid-audit
 
     restarted = Service(data, workers=1, web_workers=1).start()

@@ -20,6 +20,7 @@ import requests
 from builders import rank1_onnx
 from conftest import ROOT, Service, free_port, settle, tiny_spec
 from polling import wait_for
+from reports import stored_report
 
 pytestmark = pytest.mark.slow
 
@@ -391,7 +392,7 @@ def test_a_finished_job_on_a_damaged_page_fails_with_the_cause_not_worker_lost(t
     store = JobStore(f"sqlite:///{db}")
     store.init_schema()
     job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2)
-    assert store.claim("host:1:x", lease_s=30)["id"] == job["id"]
+    assert store.claim("host:1:x", lease_s=30).id == job.id
     store.engine.dispose()
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -402,7 +403,7 @@ def test_a_finished_job_on_a_damaged_page_fails_with_the_cause_not_worker_lost(t
         fh.seek((root - 1) * page_size)
         fh.write(b"\xde\xad\xbe\xef" * (page_size // 4))
     with pytest.raises(DatabaseError):
-        store.succeed(job["id"], "host:1:x", {"verdict": {"label": "genuine"}})
-    failed = store.get(job["id"])
-    assert failed["status"] == "failed" and failed["error"]["type"] == "database_damaged", failed
-    assert "restore" in failed["error"]["message"]
+        store.succeed(job.id, "host:1:x", stored_report())
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error.type == "database_damaged", failed
+    assert "restore" in failed.error.message

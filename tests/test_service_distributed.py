@@ -123,16 +123,16 @@ def test_killing_a_celery_worker_mid_audit_does_not_lose_the_job(cluster, models
     web, workers, data = cluster
     store = JobStore(web.env.get("AUDIT_DATABASE_URL") or f"sqlite:///{data.resolve() / 'jobs.sqlite3'}")
     job_id = submit(web.url, models, 100, heavy=True)
-    row = wait_for(lambda: (r := store.get(job_id))["status"] == "running" and r["sandbox_pid"] and r, 120, 0.05,
+    row = wait_for(lambda: (r := store.get(job_id)).status == "running" and r.sandbox_pid and r, 120, 0.05,
                    f"job {job_id} to run in a sandbox")
-    holder_pid = int(row["owner"].split(":")[1])
+    holder_pid = int(row.owner.split(":")[1])
     victim = next(w for w in workers if holder_pid in w.pids())
     victim.kill()  # kill -9 the whole worker: celery main, pool process, fork server, sandbox
     survivor = next(w for w in workers if w is not victim)
     job = settle(web.url, [job_id], timeout=240)[job_id]
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
-    assert f":{holder_pid}:" not in (store.get(job_id)["owner"] or "")
+    assert f":{holder_pid}:" not in (store.get(job_id).owner or "")
     assert survivor.proc.poll() is None
     # and the cluster keeps working with one worker
     assert settle(web.url, [submit(web.url, models, 101)])

@@ -54,12 +54,12 @@ def test_a_job_left_running_by_a_dead_worker_is_retried_once_then_failed(tmp_pat
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     store.init_schema()
     job = store.create(kind=JobKind.AUDIT, spec={"group": "C4"}, inputs={}, timeout_s=60, max_attempts=2)
-    assert store.claim("host:1:dead", lease_s=30)["attempts"] == 1
+    assert store.claim("host:1:dead", lease_s=30).attempts == 1
     assert store.recover_lost() == []  # the lease holds
-    assert store.recover_lost(now=time.time() + 31) == [(job["id"], "requeued")]  # a clock past the lease
-    assert store.get(job["id"])["status"] == JobStatus.QUEUED
-    assert store.claim("host:2:dead", lease_s=30)["attempts"] == 2
-    assert store.recover_lost(now=time.time() + 31) == [(job["id"], "failed")]
-    failed = store.get(job["id"])
-    assert failed["status"] == JobStatus.FAILED and failed["error"]["type"] == "worker_lost"
-    assert "retried" in failed["error"]["message"]
+    assert store.recover_lost(now=time.time() + 31) == [(job.id, "requeued")]  # a clock past the lease
+    assert store.get(job.id).status == JobStatus.QUEUED
+    assert store.claim("host:2:dead", lease_s=30).attempts == 2
+    assert store.recover_lost(now=time.time() + 31) == [(job.id, "failed")]
+    failed = store.get(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.type == "worker_lost"
+    assert "retried" in failed.error.message

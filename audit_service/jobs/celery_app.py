@@ -36,7 +36,7 @@ from celery import Celery, signals
 from .blobs import BlobStore
 from .settings import Settings
 from .states import JobStatus
-from .store import JobStore
+from .store import Job, JobStore
 
 log = logging.getLogger("audit_service.celery")
 
@@ -75,12 +75,12 @@ def _store_and_blobs(s: Settings) -> tuple[JobStore, BlobStore]:
     return JobStore(s.resolved_database_url), BlobStore(Path(s.data_dir) / "blobs")
 
 
-def send(celery: Celery, job: dict, store: JobStore) -> None:
+def send(celery: Celery, job: Job, store: JobStore) -> None:
     """Put ``job``'s id on its queue and record when (a failure leaves it for the reaper)."""
-    queue = job.get("queue") or "cpu"
-    celery.send_task(TASK_NAME, args=[job["id"]], queue=queue if queue in QUEUES else "cpu", retry=True,
+    queue = job.queue if job.queue in QUEUES else "cpu"
+    celery.send_task(TASK_NAME, args=[job.id], queue=queue, retry=True,
                      retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5})
-    store.mark_dispatched(job["id"])
+    store.mark_dispatched(job.id)
 
 
 _STOP = threading.Event()
@@ -99,17 +99,18 @@ def execute(job_id: str, s: Settings, stop: threading.Event | None = None) -> st
     job = store.get(job_id)
     if job is None:
         return "gone"
-    if job["status"] == JobStatus.RUNNING:
+    if job.status == JobStatus.RUNNING:
         # a redelivery: the job's last holder died (this host) or its lease ran out -> take it back
-        dead = [job["owner"]] if job.get("owner") and owner_is_dead_locally(job["owner"]) else []
-        expired = (job.get("lease_expires_at") or 0) < time.time()
+        dead = [job.owner] if job.owner and owner_is_dead_locally(job.owner) else []
+        expired = (job.lease_expires_at or 0) < time.time()
         if not dead and not expired:
             return "running elsewhere"
         store.recover_lost(dead_owners=dead)
     owner = process_owner_id()
     claimed = store.claim(owner, s.lease_s, job_id=job_id)
     if claimed is None:
-        return f"not queued ({store.get(job_id)['status'] if store.get(job_id) else 'gone'})"
+        current = store.get(job_id)
+        return f"not queued ({current.status.value if current is not None else 'gone'})"
     outcome = run_job(claimed, store, blobs, s, owner, stop or _STOP)
     if outcome.status == JobStatus.QUEUED:  # released on shutdown: hand it to another worker
         try:
@@ -134,9 +135,9 @@ def reap_once(s: Settings, celery: Celery) -> list[str]:
     for job in store.undispatched(older_than=now - 2.0, redispatch_after=now - visibility):
         try:
             send(celery, job, store)
-            sent.append(job["id"])
+            sent.append(job.id)
         except Exception as exc:  # noqa: BLE001 - broker down: try again next round
-            log.warning("could not send job %s: %s", job["id"], exc)
+            log.warning("could not send job %s: %s", job.id, exc)
             break
     return sent
 

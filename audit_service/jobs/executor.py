@@ -3,7 +3,7 @@
 * ``LocalExecutor`` (the embedded default): nothing to send — local worker processes
   (``audit-service worker``, started by ``serve``) poll the job store and claim atomically.
 * ``CeleryExecutor`` (``AUDIT_BROKER_URL`` set, or ``AUDIT_EXECUTOR=celery``): sends the job id to the
-  Celery queue named by ``job["queue"]`` (``cpu`` / ``gpu``); the task (``jobs.celery_app``) claims that
+  Celery queue named by ``job.queue`` (``cpu`` / ``gpu``); the task (``jobs.celery_app``) claims that
   id and calls the same ``jobs.worker.run_job``. A broker that cannot be reached does not lose the job:
   it stays queued with no ``dispatched_at`` and the workers' reaper sends it later.
 """
@@ -14,7 +14,7 @@ import logging
 from typing import Protocol
 
 from .settings import Settings
-from .store import JobStore
+from .store import Job, JobStore
 
 log = logging.getLogger("audit_service.executor")
 
@@ -22,14 +22,14 @@ log = logging.getLogger("audit_service.executor")
 class Executor(Protocol):
     name: str
 
-    def dispatch(self, job: dict) -> None:
+    def dispatch(self, job: Job) -> None:
         """Hand a freshly queued job to whatever runs jobs (must not block on the job itself)."""
 
 
 class LocalExecutor:
     name = "local"
 
-    def dispatch(self, job: dict) -> None:  # workers poll the store
+    def dispatch(self, job: Job) -> None:  # workers poll the store
         return None
 
 
@@ -45,13 +45,13 @@ class CeleryExecutor:
         self.celery = make_celery(settings)
         self.store = JobStore(settings.resolved_database_url)
 
-    def dispatch(self, job: dict) -> None:
+    def dispatch(self, job: Job) -> None:
         from .celery_app import send
 
         try:
             send(self.celery, job, self.store)
         except Exception as exc:  # noqa: BLE001 - the job is safe in the database; the reaper re-sends it
-            log.warning("broker unreachable, job %s stays queued for the reaper: %s", job["id"], exc)
+            log.warning("broker unreachable, job %s stays queued for the reaper: %s", job.id, exc)
 
 
 def get_executor(settings: Settings) -> Executor:

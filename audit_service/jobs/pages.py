@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..engine.schema import Report, parse_report
+from ..engine.schema import Report
+from .store import Job
 
 log = logging.getLogger("audit_service.pages")
 
@@ -33,13 +34,12 @@ def page_path(data_dir: str | Path, job_id: str) -> Path:
 BASE_URL_MARK = "https://audit-service.invalid/"
 
 
-def render_page(job: dict, report: Report | dict) -> str:
-    """The page of ``job`` (a stored job dict) with ``report`` (typed, or its stored JSON), its JSON link under
-    ``BASE_URL_MARK``."""
+def render_page(job: Job, report: Report) -> str:
+    """The page of ``job`` with its ``report``, its JSON link under ``BASE_URL_MARK``."""
     from ..engine.report.html import render_report_html
 
-    view = {"id": job["id"], "inputs": job.get("inputs") or {}, "links": {"report": f"/audits/{job['id']}/report"}}
-    return render_report_html(parse_report(report), job=view, base_url=BASE_URL_MARK)
+    view = {"id": job.id, "inputs": job.inputs, "links": {"report": f"/audits/{job.id}/report"}}
+    return render_report_html(report, job=view, base_url=BASE_URL_MARK)
 
 
 def served_page(path: Path, base_url: str) -> str:
@@ -47,10 +47,10 @@ def served_page(path: Path, base_url: str) -> str:
     return path.read_text(encoding="utf-8").replace(BASE_URL_MARK, base_url.rstrip("/") + "/")
 
 
-def store_page(data_dir: str | Path, job: dict, report: Report | dict, budget_s: float = RENDER_BUDGET_S
+def store_page(data_dir: str | Path, job: Job, report: Report, budget_s: float = RENDER_BUDGET_S
                ) -> Path | None:
     """Render and store the page (atomically); None, logged, when it failed or ran out of its budget."""
-    target = page_path(data_dir, job["id"])
+    target = page_path(data_dir, job.id)
     try:
         with _time_limit(budget_s):
             html = render_page(job, report)
@@ -61,7 +61,7 @@ def store_page(data_dir: str | Path, job: dict, report: Report | dict, budget_s:
         return target
     except Exception as exc:  # noqa: BLE001 - the page is a view; the job's result does not depend on it
         log.warning("job %s: report page not stored (%s); it will be rendered on the first request",
-                    job["id"], exc)
+                    job.id, exc)
         return None
 
 

@@ -195,3 +195,12 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
         return str(raw)
     except ValueError:
         raise ValueError(f"Expected AUDIT_{f.name.upper()} to be {kind}, but got {raw!r}") from None
+
+
+def read_operator_file(path: str | Path, env_name: str, error_cls: type[Exception]) -> str:
+    """The text of a file the operator names in ``env_name`` (tokens, write-back rules); an unreadable one is
+    the caller's configuration error (``error_cls``) saying which setting, which file and why."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise error_cls(f"Expected a readable {env_name}, but {path}: {exc.strerror or exc}") from None

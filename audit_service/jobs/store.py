@@ -3,9 +3,10 @@
 Every status change (claim, succeed, fail, release, cancel, recovery) goes through ``JobStore.transition``
 — a single ``UPDATE ... WHERE id = :id AND status IN (:allowed)`` that checks ``states.check_transition``
 and writes the status with the fields that go with it — so two workers can never both claim a job, and a
-worker that lost its lease (the job was cancelled or taken back) finds out on its next heartbeat. Jobs are
-read as frozen ``Job`` values (``JobStore.get_job``); the dict-returning readers remain for older callers. Specs and inputs are stored
-as JSON, never pickled. Every job carries a ``tenant`` (``"default"`` until authentication exists).
+worker that lost its lease (the job was cancelled or taken back) finds out on its next heartbeat. Every
+reader returns frozen values: ``Job`` (``get``, ``claim``, ``create``, ``list``...), ``JobSummary`` for a job
+list (``summaries``), ``JobError`` for why a job failed, the typed ``Report`` for a stored audit's report. Specs
+and inputs are stored as JSON, never pickled. Every job carries a ``tenant`` (``"default"`` until authentication exists).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields as dataclass_fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -26,8 +27,9 @@ from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, S
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
+from ..engine.schema import Report
 from .states import READY_STATES, JobKind, JobStatus, check_transition
-from .summaries import spec_summary, with_report_order
+from .summaries import spec_summary, with_group_order
 
 DEFAULT_TENANT = "default"
 
@@ -127,22 +129,30 @@ class JobError:
     field: str | None = None
 
     def to_dict(self) -> dict:
+        """The stored ``error_json`` (and the job JSON's ``error``)."""
         return {"type": self.type, "message": self.message, "field": self.field}
 
+    @classmethod
+    def from_json(cls, text: str | None) -> "JobError | None":
+        """The stored ``error_json`` column; None when the job did not fail."""
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(str(data["type"]), str(data["message"]), data.get("field"))
 
-@dataclass(frozen=True)
-class Job:
-    """One job as stored: what it is (``kind``, ``spec``, ``inputs``), whose (``tenant``), where it stands
-    (``status``, ``progress``, ``stage``, ``attempts``), how it ended (``verdict``, ``error``) and when
-    (unix timestamps). ``to_dict()`` is the shape the dict readers return."""
+
+@dataclass(frozen=True, kw_only=True)
+class JobSummary:
+    """A job as a list shows it (``JobStore.summaries``): whose (``tenant``), where it stands (``status``,
+    ``progress``, ``stage``, ``attempts``), how it ended (``verdict``, ``passed``, ``error``) and when (unix
+    timestamps), with ``spec_summary`` (``summaries.spec_summary``) in place of the spec and inputs, which a
+    list never reads."""
 
     id: str
     tenant: str
     kind: str
     status: JobStatus
     queue: str
-    spec: dict
-    inputs: dict
     created_at: float
     updated_at: float
     progress: float = 0.0
@@ -152,7 +162,7 @@ class Job:
     timeout_s: float = 0.0
     verdict: str | None = None
     passed: bool | None = None
-    error: dict | None = None
+    error: JobError | None = None
     started_at: float | None = None
     finished_at: float | None = None
     owner: str | None = None
@@ -160,24 +170,51 @@ class Job:
     sandbox_pid: int | None = None
     dedupe_key: str | None = None
     dispatched_at: float | None = None
-    #: the MLflow write-back's outcome ({status, uri, version, attempts, tags | error}), once the worker tried
-    write_back: dict | None = None
+    #: None only for a row stored before summaries existed (``summaries`` makes one from its spec)
+    spec_summary: dict | None = None
 
     @property
     def ready(self) -> bool:
         return self.status in READY_STATES
 
-    @classmethod
-    def from_dict(cls, job: "Mapping[str, Any] | Job") -> "Job":
-        if isinstance(job, Job):
-            return job
-        names = {f.name for f in dataclass_fields(cls)}
-        values = {k: v for k, v in job.items() if k in names}
-        values["status"] = JobStatus(values["status"])
-        return cls(**values)
+    @property
+    def group_order(self) -> int | None:
+        """The group's order as the summary states it (a finished audit's: as built)."""
+        group = (self.spec_summary or {}).get("group")
+        order = group.get("order") if isinstance(group, dict) else None
+        return order if isinstance(order, int) else None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass(frozen=True, kw_only=True)
+class Job(JobSummary):
+    """One job as stored: a ``JobSummary`` with what it is (``spec``, ``inputs``) and, once the worker tried,
+    the MLflow write-back's outcome."""
+
+    spec: dict
+    inputs: dict
+    #: the MLflow write-back's outcome ({status, uri, version, attempts, tags | error}), once the worker tried
+    write_back: dict | None = None
+
+
+#: JSON columns and the fields they are read into
+_JSON_COLUMNS = {"spec_json": "spec", "inputs_json": "inputs", "write_back_json": "write_back",
+                 "spec_summary": "spec_summary"}
+
+
+def _fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``jobs`` row's columns as ``Job`` fields: the JSON columns parsed, the status an enum."""
+    values = dict(row)
+    for column, name in _JSON_COLUMNS.items():
+        if column in values:
+            text = values.pop(column)
+            values[name] = json.loads(text) if text else None
+    values["error"] = JobError.from_json(values.pop("error_json", None))
+    values["status"] = JobStatus(values["status"])
+    return values
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    return Job(**_fields(row))
 
 
 #: what the -wal file is truncated to after a checkpoint (SQLite keeps it at its largest otherwise)
@@ -485,7 +522,7 @@ class JobStore:
     def create(self, *, kind: JobKind, spec: dict, inputs: dict, timeout_s: float, max_attempts: int,
                tenant: str = DEFAULT_TENANT, queue: str = "cpu", max_queued: int | None = None,
                max_tenant_jobs: int | None = None, dedupe_key: str | None = None,
-               max_tenant_stored: int | None = None) -> dict:
+               max_tenant_stored: int | None = None) -> Job:
         """Insert a queued job. Raises ``QueueFull`` past ``max_queued`` queued jobs in all,
         ``TenantLimit`` past ``max_tenant_jobs`` queued + running jobs of ``tenant`` and
         ``TenantStoredLimit`` past ``max_tenant_stored`` jobs it keeps (checked and inserted in one
@@ -518,8 +555,8 @@ class JobStore:
         assert job is not None
         return job
 
-    def create_reused(self, *, source: dict, report: str | dict, spec: dict, inputs: dict, timeout_s: float,
-                      tenant: str, queue: str, dedupe_key: str, max_tenant_stored: int | None = None) -> dict:
+    def create_reused(self, *, source: Job, spec: dict, inputs: dict, timeout_s: float, tenant: str, queue: str,
+                      dedupe_key: str, max_tenant_stored: int | None = None) -> Job:
         """A job born ``succeeded`` with ``source``'s report (a duplicate submission). The report is stored once:
         the duplicate's row refers to the job that holds it (``report_text`` follows the reference, ``delete``
         hands the text on to a duplicate before its holder goes), so 200 duplicates cost 200 small rows. A
@@ -529,15 +566,14 @@ class JobStore:
         with self._write_tx() as conn:
             self._check_stored(conn, tenant, max_tenant_stored)
             conn.execute(insert(jobs).values(
-                id=job_id, tenant=tenant, kind=source["kind"], status=JobStatus.SUCCEEDED.value, queue=queue,
+                id=job_id, tenant=tenant, kind=source.kind, status=JobStatus.SUCCEEDED.value, queue=queue,
                 created_at=now, started_at=now, finished_at=now, updated_at=now, progress=1.0,
-                stage=f"done (report reused from audit {source['id']})", verdict=source.get("verdict"),
-                passed=source.get("passed"),
+                stage=f"done (report reused from audit {source.id})", verdict=source.verdict, passed=source.passed,
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key,
-                spec_summary=json.dumps(with_report_order(spec_summary(spec, inputs), _group_of(source, report)))))
+                spec_summary=json.dumps(with_group_order(spec_summary(spec, inputs), source.group_order))))
             holder = _reused_from(conn.execute(select(reports.c.report_json).where(
-                reports.c.job_id == source["id"])).scalar()) or source["id"]
+                reports.c.job_id == source.id)).scalar()) or source.id
             conn.execute(insert(reports).values(job_id=job_id, report_json=_reference(holder)))
             created = self._count_created(conn)
         self._record_committed(created)
@@ -545,16 +581,15 @@ class JobStore:
         assert job is not None
         return job
 
-    def find_finished(self, dedupe_key: str, tenant: str) -> tuple[dict, str] | None:
-        """The newest succeeded job of ``tenant`` with ``dedupe_key``, and its report's JSON text."""
+    def find_finished(self, dedupe_key: str, tenant: str) -> Job | None:
+        """The newest succeeded job of ``tenant`` with ``dedupe_key`` whose report is stored."""
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key, jobs.c.tenant == tenant,
                                                   jobs.c.status == JobStatus.SUCCEEDED.value)
                                .order_by(jobs.c.finished_at.desc()).limit(1)).mappings().first()
-        if row is None:
+        if row is None or self.report_source(row["id"]) is None:
             return None
-        report = self.report_text(row["id"])
-        return (_decode(row), report) if report is not None else None
+        return _job(row)
 
     @staticmethod
     def _check_stored(conn: Any, tenant: str, limit: int | None) -> None:
@@ -582,7 +617,7 @@ class JobStore:
             conn.execute(update(jobs).where(jobs.c.id == job_id)
                          .values(dispatched_at=time.time() if when is None else when))
 
-    def undispatched(self, older_than: float, redispatch_after: float, limit: int = 500) -> list[dict]:
+    def undispatched(self, older_than: float, redispatch_after: float, limit: int = 500) -> list[Job]:
         """Queued jobs never handed to the broker (created before ``older_than``), or handed before
         ``redispatch_after`` and still waiting (the broker may have lost the message)."""
         cond = ((jobs.c.dispatched_at.is_(None) & (jobs.c.created_at < older_than))
@@ -590,7 +625,7 @@ class JobStore:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, cond)
                                 .order_by(jobs.c.created_at).limit(limit)).mappings().all()
-        return [_decode(r) for r in rows]
+        return [_job(r) for r in rows]
 
     def references_blob(self, sha256: str) -> bool:
         """Whether any job's inputs refer to the blob ``sha256`` (a scan; used when deleting)."""
@@ -598,22 +633,17 @@ class JobStore:
             return conn.execute(select(jobs.c.id).where(jobs.c.inputs_json.contains(sha256)).limit(1)).first() \
                 is not None
 
-    def get_job(self, job_id: str, tenant: str | None = None) -> Job | None:
+    def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job ``job_id`` (of ``tenant`` when given), or None."""
-        job = self.get(job_id, tenant)
-        return Job.from_dict(job) if job is not None else None
-
-    def get(self, job_id: str, tenant: str | None = None) -> dict | None:
-        """``get_job`` as a dict (compatibility for callers not yet on ``Job``)."""
         query = select(jobs).where(jobs.c.id == job_id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
-        return _decode(row) if row else None
+        return _job(row) if row else None
 
     def list(self, tenant: str | None = None, limit: int = 20, offset: int = 0,
-             status: JobStatus | None = None, kind: JobKind | None = None) -> tuple[list[dict], int]:
+             status: JobStatus | None = None, kind: JobKind | None = None) -> tuple[list[Job], int]:
         cond = []
         if tenant is not None:
             cond.append(jobs.c.tenant == tenant)
@@ -626,18 +656,18 @@ class JobStore:
             rows = conn.execute(select(jobs).where(*cond)
                                 .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
                                 .limit(limit).offset(offset)).mappings().all()
-        return [_decode(r) for r in rows], int(total)
+        return [_job(r) for r in rows], int(total)
 
     def summaries(self, tenant: str | None = None, limit: int = 20, offset: int = 0,
-                  status: JobStatus | None = None) -> tuple[list[dict], int]:
-        """``list`` for a job list: each row with its ``spec_summary`` (a dict) in place of the spec and
-        inputs, which are not read (rows stored before summaries existed are summarised from their spec)."""
+                  status: JobStatus | None = None) -> tuple[list[JobSummary], int]:
+        """``list`` for a job list: the spec and inputs are not read, only their summary (rows stored before
+        summaries existed are summarised from their spec)."""
         from sqlalchemy import case
 
         cond = [] if tenant is None else [jobs.c.tenant == tenant]
         if status is not None:
             cond.append(jobs.c.status == str(status))
-        light = [c for c in jobs.c if c.name not in ("spec_json", "inputs_json")]
+        light = [c for c in jobs.c if c.name not in ("spec_json", "inputs_json", "write_back_json")]
         old_spec = case((jobs.c.spec_summary.is_(None), jobs.c.spec_json), else_=None).label("old_spec")
         old_inputs = case((jobs.c.spec_summary.is_(None), jobs.c.inputs_json), else_=None).label("old_inputs")
         with self.engine.connect() as conn:
@@ -647,21 +677,17 @@ class JobStore:
                                 .limit(limit).offset(offset)).mappings().all()
         out = []
         for row in rows:
-            job = dict(row)
-            old, old_inputs_text = job.pop("old_spec"), job.pop("old_inputs")
-            summary = job.get("spec_summary")
-            job["spec_summary"] = json.loads(summary) if summary else spec_summary(
-                json.loads(old or "{}"), json.loads(old_inputs_text or "{}"))
-            err = job.pop("error_json")
-            job["error"] = json.loads(err) if err else None
-            job.pop("write_back_json", None)
-            job["status"] = JobStatus(job["status"])
-            out.append(job)
+            values = _fields(row)
+            old, old_inputs = values.pop("old_spec"), values.pop("old_inputs")
+            if values["spec_summary"] is None:
+                values["spec_summary"] = spec_summary(json.loads(old or "{}"), json.loads(old_inputs or "{}"))
+            out.append(JobSummary(**values))
         return out, int(total)
 
-    def report(self, job_id: str) -> dict | None:
+    def report(self, job_id: str) -> Report | None:
+        """A finished audit's stored report, typed (a reference run's card is no ``Report``: ``report_text``)."""
         text = self.report_text(job_id)
-        return json.loads(text) if text is not None else None
+        return Report.model_validate_json(text) if text is not None else None
 
     def report_text(self, job_id: str) -> str | None:
         """The stored report JSON as text (served as is: no parse, no second copy); a duplicate's is its holder's."""
@@ -737,7 +763,7 @@ class JobStore:
             return tx.execute(stmt).rowcount == 1
 
     def claim(self, owner: str, lease_s: float, job_id: str | None = None,
-              queues: Iterable[str] | None = None) -> dict | None:
+              queues: Iterable[str] | None = None) -> Job | None:
         """Take the next queued job (or ``job_id``) for ``owner``; None when there is none to take.
 
         Round-robin across tenants: the tenant with the fewest running jobs goes first, then the one whose
@@ -795,15 +821,16 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
 
-    def succeed(self, job_id: str, owner: str, report: dict) -> bool:
-        """Store the report and mark the job succeeded, in one transaction. A report past
-        ``max_report_bytes`` fails the job (``report_too_large``) instead; a database that cannot take the
-        write because it is damaged fails the job with that cause (when the job's row can still be
-        written) rather than leaving it to expire as ``worker_lost``."""
-        verdict = report.get("verdict") if isinstance(report, dict) else None
-        label = verdict.get("label") if isinstance(verdict, dict) else None
-        passed = verdict.get("passed") if isinstance(verdict, dict) and isinstance(verdict.get("passed"), bool) \
-            else None
+    def succeed(self, job_id: str, owner: str, report: Report | dict[str, Any]) -> bool:
+        """Store the report and mark the job succeeded, in one transaction: an audit's typed ``Report`` (its
+        verdict, gate, group order and write-back outcome are kept on the job too), or a reference run's card
+        (a dict: no verdict). A report past ``max_report_bytes`` fails the job (``report_too_large``) instead;
+        a database that cannot take the write because it is damaged fails the job with that cause (when the
+        job's row can still be written) rather than leaving it to expire as ``worker_lost``."""
+        audit = report if isinstance(report, Report) else None
+        label = audit.verdict.label if audit is not None else None
+        passed = audit.verdict.passed if audit is not None else None
+        outcome = audit.mlflow_write_back if audit is not None else None
         try:
             text = bounded_report_json(report, self.max_report_bytes)
         except ReportTooLarge as exc:
@@ -812,18 +839,17 @@ class JobStore:
         try:
             with self.engine.begin() as conn:
                 # both writes in one transaction: a job is never succeeded without its report
-                outcome = report.get("mlflow_write_back") if isinstance(report, dict) else None
                 moved = self.transition(job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED, owner=owner, conn=conn,
                                         progress=1.0, stage="done", verdict=label, passed=passed, finished_at=now,
-                                        updated_at=now, write_back_json=json.dumps(outcome)
-                                        if isinstance(outcome, dict) else None)
+                                        updated_at=now, write_back_json=json.dumps(outcome.to_json())
+                                        if outcome is not None else None)
                 if moved:
                     conn.execute(delete(reports).where(reports.c.job_id == job_id))
                     conn.execute(insert(reports).values(job_id=job_id, report_json=text))
                     summary = conn.execute(select(jobs.c.spec_summary).where(jobs.c.id == job_id)).scalar()
-                    if summary:  # the group's order as built (a permutation group's closure)
+                    if summary and audit is not None:  # the group's order as built (a permutation group's closure)
                         conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                            spec_summary=json.dumps(with_report_order(json.loads(summary), report))))
+                            spec_summary=json.dumps(with_group_order(json.loads(summary), audit.group.order))))
         except DatabaseError as exc:
             if not is_damaged(exc):
                 raise
@@ -946,17 +972,18 @@ def _reused_from(text: str | None) -> str | None:
     return str(json.loads(text)["$reused_from"])
 
 
-def bounded_report_json(report: dict, max_bytes: int) -> str:
-    """The report as JSON text of at most ``max_bytes``: past it the saliency examples (the only part that
-    can be large) are dropped with a note; a report still too large raises ``ReportTooLarge``."""
-    text = json.dumps(report)
+def bounded_report_json(report: Report | dict[str, Any], max_bytes: int) -> str:
+    """The report (an audit's, or a reference run's card) as JSON text of at most ``max_bytes``: past it an
+    audit's saliency examples (the only part that can be large) are dropped with a note in the JSON's top-level
+    ``notes``; a report still too large raises ``ReportTooLarge``."""
+    data = report.to_json() if isinstance(report, Report) else report
+    text = json.dumps(data)
     if len(text) <= max_bytes:
         return text
-    if isinstance(report, dict) and report.get("saliency_examples"):
-        notes = list(report.get("notes") or [])
-        notes.append(f"saliency_examples were dropped: the report was {len(text)} bytes, more than the "
-                     f"service stores ({max_bytes} bytes, AUDIT_MAX_REPORT_MB)")
-        text = json.dumps({**report, "saliency_examples": [], "notes": notes})
+    if isinstance(report, Report) and report.saliency_examples:
+        note = (f"saliency_examples were dropped: the report was {len(text)} bytes, more than the service "
+                f"stores ({max_bytes} bytes, AUDIT_MAX_REPORT_MB)")
+        text = json.dumps({**data, "saliency_examples": [], "notes": [*(data.get("notes") or []), note]})
         if len(text) <= max_bytes:
             return text
     raise ReportTooLarge(f"the report is {len(text)} bytes, more than the service stores ({max_bytes} bytes, "
@@ -970,27 +997,3 @@ _DAMAGED_MARKERS = ("malformed", "not a database", "disk i/o error", "corrupt")
 def is_damaged(exc: BaseException) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
     return any(m in text for m in _DAMAGED_MARKERS)
-
-
-def _group_of(source: dict, report: str | dict) -> dict:
-    """The finished twin's report, enough of it for ``with_report_order`` (its group), without parsing the text."""
-    if isinstance(report, dict):
-        return report
-    summary = source.get("spec_summary")
-    try:
-        order = (json.loads(summary).get("group") or {}).get("order") if summary else None
-    except ValueError:
-        order = None
-    return {"group": {"order": order}}
-
-
-def _decode(row: Any) -> dict:
-    job = dict(row)
-    job["spec"] = json.loads(job.pop("spec_json"))
-    job["inputs"] = json.loads(job.pop("inputs_json"))
-    err = job.pop("error_json")
-    job["error"] = json.loads(err) if err else None
-    outcome = job.pop("write_back_json", None)
-    job["write_back"] = json.loads(outcome) if outcome else None
-    job["status"] = JobStatus(job["status"])
-    return job

@@ -228,8 +228,7 @@ def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, s
                 blobs.adopt(path, submission.inputs[name]["sha256"])
                 adopted.append(submission.inputs[name]["sha256"])
             if twin is not None:
-                source, report = twin
-                job = store.create_reused(source=source, report=report, spec=spec, inputs=submission.inputs,
+                job = store.create_reused(source=twin, spec=spec, inputs=submission.inputs,
                                           timeout_s=timeout, tenant=tenant, queue=queue, dedupe_key=key,
                                           max_tenant_stored=settings.max_tenant_stored)
             else:
@@ -241,7 +240,7 @@ def submit(store: JobStore, blobs: BlobStore, settings: Settings, tenant: str, s
     finally:
         if adopted:  # adopted, but no job refers to them: the submission failed after all
             blobs.remove_unreferenced(adopted, store.references_blob)
-    return Submitted(job=Job.from_dict(job), reused=twin is not None)
+    return Submitted(job=job, reused=twin is not None)
 
 
 def wait_for(store: JobStore, job: Job, wait_s: float) -> Job:
@@ -251,7 +250,7 @@ def wait_for(store: JobStore, job: Job, wait_s: float) -> Job:
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while wait_s > 0 and time.monotonic() < deadline:
-        current = store.get_job(job.id)
+        current = store.get(job.id)
         if current is None:
             break
         job = current

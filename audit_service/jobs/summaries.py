@@ -60,11 +60,10 @@ def spec_summary(spec: Any, inputs: Any = None) -> dict[str, Any]:
     }
 
 
-def with_report_order(summary: dict[str, Any], report: Any) -> dict[str, Any]:
-    """The summary with the group order the finished report states (a permutation group's closure)."""
-    group = report.get("group") if isinstance(report, dict) else None
-    order = _int(group.get("order")) if isinstance(group, dict) else None
-    if order is None:
+def with_group_order(summary: dict[str, Any], order: int | None) -> dict[str, Any]:
+    """The summary with the group order a finished report states (a permutation group's closure; None: as
+    it was)."""
+    if _int(order) is None:
         return summary
     return {**summary, "group": {**(summary.get("group") or {}), "order": order}}
 

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from ..engine.schema import MlflowWriteBack, Report
 from .blobs import BlobStore
 from .failures import cap_text, signal_reason
 from .launcher import Limits, SandboxStuck, launch, task_env
@@ -26,7 +29,7 @@ from .pages import RENDER_BUDGET_S, store_page
 from .sandbox import RESULT_UNWRITTEN
 from .settings import Settings
 from .states import JobKind, JobStatus
-from .store import JobError, JobStore
+from .store import Job, JobError, JobStore
 from .submission import data_inputs, link_model_folder
 from .write_back import requested, write_back
 
@@ -77,13 +80,13 @@ class Outcome:
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "npy": ".npy", "npz": ".npz"}
 
 
-def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -> dict:
+def build_task(job: Job, blobs: BlobStore, settings: Settings, workdir: Path) -> dict:
     """The sandbox's ``task.json``; input blobs are linked into ``workdir`` under telling suffixes, the model
     into a folder of its own (``workdir/model/``) with its ONNX external data files beside it, under the
     names its graph gives them (``model_data``)."""
-    if job["kind"] == JobKind.REFERENCE_RUN.value:
-        return {"kind": "reference_run", **job["spec"]}
-    inputs = job["inputs"]
+    if job.kind == JobKind.REFERENCE_RUN.value:
+        return {"kind": "reference_run", **job.spec}
+    inputs = job.inputs
 
     def blob(name: str) -> str | None:
         entry = inputs.get(name)
@@ -98,26 +101,25 @@ def build_task(job: dict, blobs: BlobStore, settings: Settings, workdir: Path) -
         model_link, data = link_model_folder(
             workdir / "model", blobs.path(model["sha256"]), f"model{_SUFFIX.get(model.get('format') or '', '')}",
             {name: blobs.path(entry["sha256"]) for name, entry in data_inputs(inputs).items()})
-    return {"kind": "audit", "engine": settings.engine, "spec": job["spec"],
+    return {"kind": "audit", "engine": settings.engine, "spec": job.spec,
             "model": str(model_link) if model else None, "model_data": [str(p) for p in data],
             "probes": blob("probes"), "labels": blob("labels"), "second_probes": blob("second_probes")}
 
 
-def run_job(job: dict, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
+def run_job(job: Job, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
             stop: threading.Event | None = None) -> Outcome:
     """Run a job this worker has claimed (status running, owner ``owner``) to its end."""
     stop = stop or threading.Event()
-    job_id = job["id"]
-    workdir = Path(settings.data_dir) / "work" / f"{job_id}-{job['attempts']}"
+    workdir = Path(settings.data_dir) / "work" / f"{job.id}-{job.attempts}"
     try:
         return _run_in(workdir, job, store, blobs, settings, owner, stop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_in(workdir: Path, job: dict, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
+def _run_in(workdir: Path, job: Job, store: JobStore, blobs: BlobStore, settings: Settings, owner: str,
             stop: threading.Event) -> Outcome:
-    job_id = job["id"]
+    job_id = job.id
     if workdir.exists():
         shutil.rmtree(workdir, ignore_errors=True)
     try:
@@ -129,19 +131,19 @@ def _run_in(workdir: Path, job: dict, store: JobStore, blobs: BlobStore, setting
         store.fail(job_id, err, owner=owner)
         return Outcome(JobStatus.FAILED, err.message)
 
-    spec_device = (job["spec"].get("options") or {}).get("device", "auto") if isinstance(job["spec"], dict) else "auto"
+    spec_device = (job.spec.get("options") or {}).get("device", "auto")
     memory_mb = settings.job_memory_mb
     if memory_mb > 0 and spec_device != "cpu" and _gpu_present():
         # CUDA reserves far more address space than it uses; RLIMIT_AS would break it
         memory_mb = 0
     # no database URL, broker URL or tokens for model code: only the runtime's own knobs pass (launcher)
     limits = Limits(memory_mb=memory_mb, cpu_s=settings.job_cpu_s,
-                    netns=settings.sandbox_netns != "off" and job["kind"] != JobKind.REFERENCE_RUN.value,
+                    netns=settings.sandbox_netns != "off" and job.kind != JobKind.REFERENCE_RUN.value,
                     file_mb=settings.sandbox_file_mb,
                     env={**task_env(workdir, settings),
                          "AUDIT_SANDBOX_MEMORY_MB": str(memory_mb),
                          "AUDIT_MAX_MODEL_BYTES": str(settings.max_model_mb * 1024 * 1024)})
-    timeout_s = float(job["timeout_s"])
+    timeout_s = float(job.timeout_s)
     try:
         child = launch(workdir, limits, warm=bool(settings.warm_sandbox))
     except OSError as exc:
@@ -221,9 +223,9 @@ def _dir_bytes(root: Path) -> int:
     return total
 
 
-def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reason: str | None,
+def _settle(job: Job, store: JobStore, owner: str, workdir: Path, rc: int, reason: str | None,
             elapsed: float, timeout_s: float, memory_mb: int, settings: Settings) -> Outcome:
-    job_id = job["id"]
+    job_id = job.id
     if reason == "lost":
         return Outcome(JobStatus.CANCELLED, "the job was cancelled or taken back while running")
     if reason == "shutdown":
@@ -255,29 +257,23 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
     except (OSError, ValueError):
         pass
     if rc == 0 and isinstance(result, dict) and result.get("ok"):
-        report = result.get("report") or {}
         # the profile, the write-back and the page take seconds past the sandbox: keep the job ours meanwhile,
         # or a short lease runs out and the job is taken back as lost although its result is here
         _hold(store, job_id, owner, max(settings.lease_s, RENDER_BUDGET_S + 30), "saving the report")
-        if job["kind"] != JobKind.REFERENCE_RUN.value and isinstance(report.get("verdict"), dict):
-            from ..reference.catalog import attach_reference_profile
-
-            attach_reference_profile(report)  # the shipped runs are outside the sandbox's reach
-        request = requested(job)
-        if request is not None and isinstance(report.get("verdict"), dict):
-            def hold_lease() -> bool:  # the registry may take a while: keep the job ours, say what it waits on
-                try:
-                    return store.heartbeat(job_id, owner, max(settings.lease_s, WRITE_BACK_LEASE_S),
-                                           stage="writing back to MLflow")
-                except Exception as exc:  # noqa: BLE001 - as in supervision: a failed beat is not a lost job
-                    log.warning("job %s: heartbeat failed (%s); writing back anyway", job_id, exc)
-                    return True
-
-            # before succeed: a worker lost in between leaves a job that runs again, write-back included
-            report["mlflow_write_back"] = write_back(request, report, settings, before_attempt=hold_lease,
-                                                     tenant=str(job.get("tenant") or "default"), job_id=job_id)
-        store_page(settings.data_dir, job, report)  # before succeed: the page is there when the job is
-        if store.succeed(job_id, owner, report):
+        if job.kind == JobKind.REFERENCE_RUN.value:  # a reference run's card: stored as the sandbox wrote it
+            saved = store.succeed(job_id, owner, result.get("report") or {})
+        else:
+            try:
+                report = _audit_report(job, result.get("report") or {}, store, owner, settings)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                err = JobError("invalid_report", cap_text(f"the audit's report does not match the report's models "
+                                                          f"({first['loc']}: {first['msg']}); nothing was recorded"))
+                store.fail(job_id, err, owner=owner)
+                return Outcome(JobStatus.FAILED, err.message)
+            store_page(settings.data_dir, job, report)  # before succeed: the page is there when the job is
+            saved = store.succeed(job_id, owner, report)
+        if saved:
             return Outcome(JobStatus.SUCCEEDED)
         return Outcome(JobStatus.CANCELLED, "the job was cancelled while its result was being saved")
     if isinstance(result, dict) and not result.get("ok") and isinstance(result.get("error"), dict):
@@ -289,6 +285,28 @@ def _settle(job: dict, store: JobStore, owner: str, workdir: Path, rc: int, reas
         err = JobError(*_crash_reason(rc, elapsed, memory_mb, settings, workdir))
     store.fail(job_id, err, owner=owner)
     return Outcome(JobStatus.FAILED, err.message)
+
+
+def _audit_report(job: Job, report: dict, store: JobStore, owner: str, settings: Settings) -> Report:
+    """The sandbox's report, typed, with what only the worker adds: the closest shipped reference run (outside
+    the sandbox's reach) and, when asked for, the MLflow write-back's outcome."""
+    from ..reference.catalog import attach_reference_profile
+
+    typed = Report.model_validate(attach_reference_profile(report))
+    request = requested(job)
+    if request is not None:
+        def hold_lease() -> bool:  # the registry may take a while: keep the job ours, say what it waits on
+            try:
+                return store.heartbeat(job.id, owner, max(settings.lease_s, WRITE_BACK_LEASE_S),
+                                       stage="writing back to MLflow")
+            except Exception as exc:  # noqa: BLE001 - as in supervision: a failed beat is not a lost job
+                log.warning("job %s: heartbeat failed (%s); writing back anyway", job.id, exc)
+                return True
+
+        # before succeed: a worker lost in between leaves a job that runs again, write-back included
+        typed.mlflow_write_back = MlflowWriteBack.model_validate(
+            write_back(request, typed, settings, before_attempt=hold_lease, tenant=job.tenant, job_id=job.id))
+    return typed
 
 
 def _hold(store: JobStore, job_id: str, owner: str, lease_s: float, stage: str) -> None:
@@ -345,9 +363,9 @@ class Worker:
         job = self.store.claim(self.owner, self.settings.lease_s, queues=queues)
         if job is None:
             return False
-        log.info("job %s claimed (attempt %d)", job["id"], job["attempts"])
+        log.info("job %s claimed (attempt %d)", job.id, job.attempts)
         outcome = run_job(job, self.store, self.blobs, self.settings, self.owner, self.stop)
-        log.info("job %s -> %s %s", job["id"], outcome.status.value, outcome.detail)
+        log.info("job %s -> %s %s", job.id, outcome.status.value, outcome.detail)
         return True
 
     def run(self) -> None:

@@ -21,10 +21,11 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from .settings import Settings
+from ..engine.schema import Report, Verdict
+from .settings import Settings, read_operator_file
+from .store import Job
 
 log = logging.getLogger("audit_service.jobs")
 
@@ -64,12 +65,8 @@ class WriteBackPolicy:
     def from_settings(cls, settings: Settings) -> "WriteBackPolicy":
         rules = list(parse_rules(settings.write_back_rules, "AUDIT_WRITE_BACK_RULES"))
         if settings.write_back_rules_file:
-            path = Path(settings.write_back_rules_file)
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise WriteBackConfigError(f"Expected a readable AUDIT_WRITE_BACK_RULES_FILE, but {path}: "
-                                           f"{exc.strerror or exc}") from None
+            path = settings.write_back_rules_file
+            text = read_operator_file(path, "AUDIT_WRITE_BACK_RULES_FILE", WriteBackConfigError)
             rules += parse_rules(text, f"AUDIT_WRITE_BACK_RULES_FILE {path}")
         require = tuple(r.strip() for r in settings.write_back_require.split(",") if r.strip())
         unknown = [r for r in require if r not in LABELS]
@@ -81,11 +78,11 @@ class WriteBackPolicy:
     def permits(self, tenant: str, registry: str, target: str) -> bool:
         return any(rule.permits(tenant, registry, target) for rule in self.rules)
 
-    def passed(self, verdict: dict) -> bool | None:
+    def passed(self, verdict: Verdict) -> bool | None:
         """The operator's gate on a report's verdict (``engine.verdict.gate`` with the operator's labels)."""
         from ..engine.verdict import gate
 
-        return gate(verdict.get("label"), self.require, verdict.get("borderline"), self.require_confident)
+        return gate(verdict.label, self.require, verdict.borderline, self.require_confident)
 
 
 def parse_rules(text: str, source: str) -> list[WriteBackRule]:
@@ -125,29 +122,29 @@ def write_back_request(located: Any, registry_name: str) -> dict[str, Any]:
             "file": located.file, "flavor": located.flavor, "version": located.version, "run_id": located.run_id}
 
 
-def requested(job: dict) -> dict[str, Any] | None:
+def requested(job: Job) -> dict[str, Any] | None:
     """The job's write-back request, or None."""
-    model = (job.get("inputs") or {}).get("model") or {}
+    model = job.inputs.get("model") or {}
     request = model.get("mlflow")
     return request if isinstance(request, dict) else None
 
 
-def operator_tags(report: dict, policy: WriteBackPolicy, tenant: str, job_id: str) -> dict[str, str]:
+def operator_tags(report: Report, policy: WriteBackPolicy, tenant: str, job_id: str) -> dict[str, str]:
     """The tags that replace the report's own gate: ``passed`` by the operator's gate, the gate itself, the
     client's ``require`` beside it (for the record), and who asked (tenant) for which audit (job)."""
-    verdict = report.get("verdict") if isinstance(report.get("verdict"), dict) else {}
+    verdict = report.verdict
     return {
         TAG_PREFIX + "passed": "true" if policy.passed(verdict) else "false",
         TAG_PREFIX + "require": ",".join(policy.require),
         TAG_PREFIX + "require_confident": "true" if policy.require_confident else "false",
         TAG_PREFIX + "gate": "operator",
-        TAG_PREFIX + "client_require": ",".join(str(r) for r in verdict.get("require") or [])[:500],
+        TAG_PREFIX + "client_require": ",".join(verdict.require)[:500],
         TAG_PREFIX + "tenant": str(tenant)[:250],
         TAG_PREFIX + "job_id": str(job_id)[:250],
     }
 
 
-def write_back(request: dict[str, Any], report: dict, settings: Settings, pause_s: float = 1.0,
+def write_back(request: dict[str, Any], report: Report, settings: Settings, pause_s: float = 1.0,
                before_attempt: Callable[[], bool] = lambda: True, tenant: str = "default",
                job_id: str = "") -> dict[str, Any]:
     """Tag the audited model version (or run) with ``report``'s verdict, ``passed`` by the operator's gate

@@ -32,6 +32,7 @@ from .paper import DRIFT_DI_AT_HALF, SIGMA_MAX, paper_numbers
 from .train import DEFAULT_EPOCHS, TrainConfig, train_run
 from ..engine.names import INVARIANCE_METRICS, PROFILE_CONDITIONS, SPREAD_METRICS, ConditionName
 from ..engine.progress import ProgressFn
+from ..engine.schema import Report, parse_report
 
 
 BETAS = (0.1, 0.2, 0.3, 0.4, 0.5)  # beta = 0 is the clean condition (blend at 0 is the identity)
@@ -77,38 +78,41 @@ def audit_spec(group: str, betas: tuple[float, ...] = BETAS, default_shifts: boo
 
 def audit_run(model_path: Path, group: str, progress: ProgressFn | None = None, spec: dict | None = None) -> dict:
     """Run the core engine on a reference model with the test digits (and labels) and the patch set."""
-    from audit_service.engine.audit import run_audit
+    from audit_service.engine.audit import AuditRequest, run_audit
     from audit_service.engine.spec import parse_audit_spec
 
     spec = spec if spec is not None else audit_spec(group)
     data = load_digits()
     n = spec["options"]["n_probes"]
-    return run_audit(model_path, parse_audit_spec(spec), probes=np.array(data.test.x[:n]),
-                     labels=np.array(data.test.y[:n]), second_probes=np.array(load_patches(N_PATCHES)),
-                     progress=progress)
+    request = AuditRequest(model_path, parse_audit_spec(spec), probes=np.array(data.test.x[:n]),
+                           labels=np.array(data.test.y[:n]), second_probes=np.array(load_patches(N_PATCHES)))
+    return run_audit(request, progress=progress)
 
 
-def _condition_summary(report: dict) -> list[dict]:
+def _condition_summary(report: Report) -> list[dict]:
+    """The card's copy of each condition: these keys of its JSON (null where absent), of each spread the
+    percentiles only."""
     keep = ("name", "shift", "n_probes", "metrics", "paper_metrics", "notes")
     out = []
-    for c in report.get("conditions", []):
-        row = {k: c.get(k) for k in keep}
+    for c in report.conditions:
+        data = c.to_json()
+        row = {k: data.get(k) for k in keep}
         row["spread"] = {k: {kk: vv for kk, vv in (v or {}).items() if kk in ("p5", "p95", "ci_low", "ci_high")}
-                         for k, v in (c.get("spread") or {}).items()}
+                         for k, v in c.spread.to_json().items()}
         out.append(row)
     return out
 
 
-def _named(report: dict, name: str) -> dict | None:
+def _named(report: Report, name: str) -> dict | None:
     """A condition's metrics as the paper averages them (identity included: ``paper_metrics``, policy 3 reports;
     older reports' ``metrics`` were already those), for the tables beside the paper's."""
-    for c in report.get("conditions", []):
-        if c.get("name") == name:
-            return c.get("paper_metrics") or c.get("metrics")
-    return None
+    c = report.find(name)
+    if c is None:
+        return None
+    return (c.paper_metrics if c.paper_metrics is not None else c.metrics).to_json()
 
 
-def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: dict | None,
+def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: Report | dict | None,
                spec: dict | None = None) -> dict:
     cfg = result.config
     card: dict = {
@@ -129,21 +133,19 @@ def build_card(result, run_dir: Path, files: dict, export_diff: dict, report: di
         "paper": paper_numbers(cfg.group, cfg.model),
     }
     if report is not None:
-        sens = report.get("sensitivity") or {}
-        verdict = report.get("verdict") or {}
+        report = parse_report(report)
         card["metrics"] = {c.value: _named(report, c) for c in PROFILE_CONDITIONS}
-        card["sigma_max"] = (sens.get("sigma_max") or {}).get("mean") if isinstance(sens.get("sigma_max"),
-                                                                                    dict) else None
-        card["verdict"] = verdict.get("label")
+        card["sigma_max"] = report.sensitivity.sigma_max_mean
+        card["verdict"] = report.verdict.label
         card["audit"] = {
             "format": AUDIT_FORMAT,
             "spec": spec,
             "probes": f"first {spec['options']['n_probes']} test digits with labels; second_probes: "
                       f"{N_PATCHES} scikit-learn image patches",
             "conditions": _condition_summary(report),
-            "sensitivity": sens,
-            "verdict": verdict,
-            "model": report.get("model"),
+            "sensitivity": report.sensitivity.to_json(),
+            "verdict": report.verdict.to_json(),
+            "model": report.model.to_json(),
             "report_file": "report.json",
         }
     else:

@@ -12,9 +12,10 @@ from flask import Blueprint, Response, jsonify, request, send_file
 from pydantic import BaseModel, ValidationError
 
 from ..engine.errors import SpecError
+from ..engine.schema import Report
 from ..jobs import submission
 from ..jobs.pages import page_path, served_page, store_page
-from ..jobs.states import READY_STATES, JobKind, JobStatus
+from ..jobs.states import JobKind, JobStatus
 from ..jobs.store import Job, QueueFull, TenantLimit, TenantStoredLimit
 from ..jobs.write_back import write_back_request
 from ..engine.spec import AuditSpec, parse_audit_spec
@@ -46,9 +47,9 @@ def _json(model: BaseModel, status: int = 200, headers: dict | None = None) -> R
     return response
 
 
-def get_job_or_404(job_id: str, kind: JobKind | None = None) -> dict:
+def get_job_or_404(job_id: str, kind: JobKind | None = None) -> Job:
     job = state().store.get(job_id, tenant=current_tenant())
-    if job is None or (kind is not None and job["kind"] != kind.value):
+    if job is None or (kind is not None and job.kind != kind.value):
         raise NotFound(f"no audit with id {job_id!r}; list yours with GET /audits")
     return job
 
@@ -148,12 +149,15 @@ def submit_audit() -> Response:
                 path.unlink(missing_ok=True)
     job = done.job
     if not done.reused:
-        st.executor.dispatch(job.to_dict())
+        st.executor.dispatch(job)
     location = f"/audits/{job.id}"
     wait = min(query.wait, st.settings.max_wait_s)
     job = submission.wait_for(st.store, job, wait)
     if wait > 0 and job.status == JobStatus.SUCCEEDED:
-        return _waited_answer(job, st.store.report(job.id) or {}, location)
+        report = st.store.report(job.id)
+        if report is None:
+            raise Conflict(f"audit {job.id} has no stored report")
+        return _waited_answer(job, report, location)
     return _json(job_out(job, time.time()), 202, {"Location": location})
 
 
@@ -249,7 +253,7 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
     return inputs
 
 
-def _waited_answer(job: Job, report: dict, location: str) -> Response:
+def _waited_answer(job: Job, report: Report, location: str) -> Response:
     """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
     report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
     from ..engine.report.summary import report_summary
@@ -283,24 +287,14 @@ def get_audit(job_id: str) -> Response:
     return _json(job_out(get_job_or_404(job_id), time.time()))
 
 
-def _finished_report_text(job_id: str) -> tuple[dict, str]:
-    """The job and its stored report JSON text (for the page that must be rendered from it)."""
-    job = _finished_job(job_id)
-    text = state().store.report_text(job_id)
-    if text is None:
-        raise Conflict(f"audit {job_id} has no stored report")
-    return job, text
-
-
-def _finished_job(job_id: str) -> dict:
+def _finished_job(job_id: str) -> Job:
     """The job, when it succeeded; 409 saying where it stands otherwise."""
     job = get_job_or_404(job_id)
-    status = JobStatus(job["status"])
-    if status != JobStatus.SUCCEEDED:
-        if status == JobStatus.FAILED:
-            reason = (job.get("error") or {}).get("message", "")
+    if job.status != JobStatus.SUCCEEDED:
+        if job.status == JobStatus.FAILED:
+            reason = job.error.message if job.error is not None else ""
             raise Conflict(f"audit {job_id} failed, so it has no report: {reason}")
-        raise Conflict(f"audit {job_id} is {status.value} ({job['progress']:.0%}, {job['stage']}); its report is "
+        raise Conflict(f"audit {job_id} is {job.status.value} ({job.progress:.0%}, {job.stage}); its report is "
                        f"ready when GET /audits/{job_id} says succeeded")
     return job
 
@@ -330,9 +324,10 @@ def get_report_html(job_id: str) -> Response:
     st = state()
     path = page_path(st.settings.data_dir, job_id)
     job = _finished_job(job_id)
-    if not path.is_file():
-        job, text = _finished_report_text(job_id)
-        _off_the_loop(store_page, st.settings.data_dir, job, json.loads(text))
+    if not path.is_file() and job.kind == JobKind.AUDIT.value:  # a reference run's card has no page
+        report = st.store.report(job_id)
+        if report is not None:
+            _off_the_loop(store_page, st.settings.data_dir, job, report)
     if not path.is_file():
         raise Conflict(f"audit {job_id}'s report page could not be rendered; GET /audits/{job_id}/report has the "
                        f"report as JSON")
@@ -358,7 +353,7 @@ def get_symmetrized(job_id: str) -> Response:
     """The orbit-averaged (genuinely invariant) model of a finished audit, built in the sandbox: 409 until
     the audit succeeded, 422 when its group is not exact or the model has no torch twin."""
     st, tenant = state(), current_tenant()
-    job = Job.from_dict(get_job_or_404(job_id, JobKind.AUDIT))
+    job = get_job_or_404(job_id, JobKind.AUDIT)
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"audit {job_id} is {job.status.value}; its symmetrized model is ready when GET "
                        f"/audits/{job_id} says succeeded")
@@ -381,12 +376,12 @@ def symmetrized_path(settings: Any, job_id: str) -> Path:
 def delete_audit(job_id: str) -> Response:
     st = state()
     job = get_job_or_404(job_id)
-    if JobStatus(job["status"]) not in READY_STATES and st.store.cancel(job_id, tenant=current_tenant()):
-        return _json(job_out(st.store.get(job_id), time.time()), 202)
+    if not job.ready and st.store.cancel(job_id, tenant=current_tenant()):
+        return _json(job_out(st.store.get(job_id) or job, time.time()), 202)
     if st.store.delete(job_id, tenant=current_tenant()):
         symmetrized_path(st.settings, job_id).unlink(missing_ok=True)
         page_path(st.settings.data_dir, job_id).unlink(missing_ok=True)
-        shas = [e["sha256"] for e in (job.get("inputs") or {}).values() if isinstance(e, dict) and e.get("sha256")]
+        shas = [e["sha256"] for e in job.inputs.values() if isinstance(e, dict) and e.get("sha256")]
         st.blobs.remove_unreferenced(shas, st.store.references_blob)  # blobs no other job refers to
         return Response(status=204)
     raise NotFound(f"no audit with id {job_id!r}")

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from pathlib import Path
 
 from flask import Flask, g, request
 
-from ..jobs.settings import Settings
+from ..jobs.settings import Settings, read_operator_file
 from ..jobs.store import DEFAULT_TENANT
 
 #: answered without a token: liveness, readiness and the contract itself
@@ -60,12 +59,8 @@ def load_tokens(settings: Settings) -> dict[str, str]:
     """token -> tenant from ``AUDIT_TOKENS`` and ``AUDIT_TOKENS_FILE`` (empty: the service is open)."""
     tokens = parse_tokens(settings.tokens, "AUDIT_TOKENS") if settings.tokens else {}
     if settings.tokens_file:
-        path = Path(settings.tokens_file)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise TokenConfigError(f"Expected a readable AUDIT_TOKENS_FILE, but {path}: "
-                                   f"{exc.strerror or exc}") from None
+        path = settings.tokens_file
+        text = read_operator_file(path, "AUDIT_TOKENS_FILE", TokenConfigError)
         for token, tenant in parse_tokens(text, f"AUDIT_TOKENS_FILE {path}").items():
             if tokens.get(token, tenant) != tenant:
                 raise TokenConfigError("Expected each token once, but AUDIT_TOKENS and AUDIT_TOKENS_FILE give "

@@ -95,4 +95,4 @@ def train_reference(name: str) -> Response:
     except QueueFull as exc:
         raise too_many(exc) from None
     st.executor.dispatch(job)
-    return _json(job_out(job, time.time()), 202, {"Location": f"/audits/{job['id']}"})
+    return _json(job_out(job, time.time()), 202, {"Location": f"/audits/{job.id}"})

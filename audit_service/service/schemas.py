@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..jobs.states import JobStatus
-from ..jobs.store import Job
+from ..jobs.store import Job, JobSummary
 from ..engine.verdict import gate
 
 
@@ -163,15 +163,19 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _gate(job: Job) -> bool | None:
+def _gate(job: JobSummary, require: Any) -> bool | None:
     """Whether a finished audit passed its gate: the report's own answer (its ``require`` and, with
-    ``require_confident``, not borderline); for rows stored before that was kept, the label against ``require``."""
-    spec = job.spec if isinstance(job.spec, dict) else {}
+    ``require_confident``, not borderline); for rows stored before that was kept, the label against ``require``
+    (the spec's)."""
     if job.kind != "audit" or not job.verdict:
         return None
     if job.passed is not None:
         return job.passed
-    return gate(job.verdict, spec.get("require"))
+    return gate(job.verdict, require)
+
+
+def _error(job: JobSummary) -> JobErrorOut | None:
+    return JobErrorOut(**job.error.to_dict()) if job.error is not None else None
 
 
 def _timings(created: float, started: float | None, ended: float | None, now: float) -> Timings:
@@ -186,32 +190,27 @@ def _links(jid: str, finished: bool) -> JobLinks:
                     report_html=f"/audits/{jid}/report.html" if finished else None)
 
 
-def job_summary_out(row: dict, now: float) -> JobSummaryOut:
-    """A ``JobStore.summaries`` row as a list item; ``passed`` as in ``job_out`` (the stored gate)."""
-    summary = row["spec_summary"]
-    status = JobStatus(row["status"])
-    passed = row.get("passed") if row["kind"] == "audit" and row.get("verdict") else None
-    if passed is None and row["kind"] == "audit" and row.get("verdict"):
-        passed = gate(row["verdict"], summary.get("require"))
+def job_summary_out(job: JobSummary, now: float) -> JobSummaryOut:
+    """A ``JobStore.summaries`` item as a list item; ``passed`` as in ``job_out`` (the stored gate)."""
+    summary = job.spec_summary or {}
     return JobSummaryOut(
-        id=row["id"], kind=row["kind"], status=status, progress=float(row.get("progress") or 0.0),
-        stage=row.get("stage") or "", timings=_timings(row["created_at"], row.get("started_at"),
-                                                       row.get("finished_at"), now),
-        error=JobErrorOut(**row["error"]) if row.get("error") else None, verdict=row.get("verdict"), passed=passed,
-        spec=SpecSummary(**summary), links=_links(row["id"], status == JobStatus.SUCCEEDED))
+        id=job.id, kind=job.kind, status=job.status, progress=float(job.progress or 0.0), stage=job.stage or "",
+        timings=_timings(job.created_at, job.started_at, job.finished_at, now), error=_error(job),
+        verdict=job.verdict, passed=_gate(job, summary.get("require")), spec=SpecSummary(**summary),
+        links=_links(job.id, job.status == JobStatus.SUCCEEDED))
 
 
-def job_out(job: Job | dict, now: float) -> JobOut:
-    job = Job.from_dict(job)
+def job_out(job: Job, now: float) -> JobOut:
+    """The job as ``GET /audits/{id}`` (and every answer that shows a job) serializes it."""
     return JobOut(
         id=job.id, kind=job.kind, status=job.status, progress=float(job.progress or 0.0), stage=job.stage or "",
         attempts=int(job.attempts), timeout_s=float(job.timeout_s),
         timings=_timings(job.created_at, job.started_at, job.finished_at, now),
-        error=JobErrorOut(**job.error) if job.error else None,
+        error=_error(job),
         verdict=job.verdict,
-        passed=_gate(job),
-        inputs={k: InputFile(**v) for k, v in (job.inputs or {}).items() if isinstance(v, dict)},
-        spec=job.spec if isinstance(job.spec, dict) else {},
+        passed=_gate(job, job.spec.get("require")),
+        inputs={k: InputFile(**v) for k, v in job.inputs.items() if isinstance(v, dict)},
+        spec=job.spec,
         links=_links(job.id, job.status == JobStatus.SUCCEEDED),
         write_back=write_back_view(job),
     )
