@@ -383,12 +383,13 @@ class Registry:
                                 f"{' '.join(str(exc).split())[:300]}", field="model_uri") from None
 
     # -- writing back ----------------------------------------------------------------------------------------
-    def write_back(self, located: Located, report: dict, html: str | None = None,
+    def write_back(self, located: Located, report: Report | dict, html: str | None = None,
                    overrides: dict[str, str] | None = None) -> dict[str, str]:
         """Tag the model version (``models:/``) or the run (``runs:/``) with the verdict and the clean
         condition's headline metrics; log the JSON and HTML reports as artifacts of a run (a new run in
         ``invariance-audits`` linked to the version by tags, or the named run itself). ``overrides``: tags that
         replace the report's (the service's operator gate, tenant and job). The tags set."""
+        report = parse_report(report)
         tags = {**verdict_tags(report, located), **(overrides or {})}
         metrics = {k[len(TAG_PREFIX):]: float(v) for k, v in tags.items()
                    if k[len(TAG_PREFIX):] in HEADLINE_METRICS}
@@ -416,7 +417,7 @@ class Registry:
                 self.client.set_terminated(run_id)
         return tags
 
-    def _audit_run(self, located: Located, report: dict) -> str:
+    def _audit_run(self, located: Located, report: Report) -> str:
         ref = located.ref
         exp = self.client.get_experiment_by_name(AUDIT_EXPERIMENT)
         if exp is None:
@@ -436,14 +437,13 @@ class Registry:
         if located.run_id:
             run_tags["model_source_run_id"] = located.run_id
         run = self.client.create_run(exp_id, tags=run_tags)
-        group = report.get("group") or {}
-        if group.get("name"):
-            self.client.log_param(run.info.run_id, "group", str(group.get("name"))[:250])
+        if report.group.name:
+            self.client.log_param(run.info.run_id, "group", report.group.name[:250])
         return run.info.run_id
 
-    def _log_reports(self, run_id: str, artifact_dir: str, report: dict, html: str | None) -> None:
+    def _log_reports(self, run_id: str, artifact_dir: str, report: Report, html: str | None) -> None:
         with tempfile.TemporaryDirectory(prefix="audit-report-") as tmp:
-            (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2))
+            (Path(tmp) / "report.json").write_text(json.dumps(report.to_json(), indent=2))
             self.client.log_artifact(run_id, str(Path(tmp) / "report.json"), artifact_dir)
             if html is not None:
                 (Path(tmp) / "report.html").write_text(html)
