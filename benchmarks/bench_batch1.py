@@ -26,7 +26,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.audit import AuditRequest, run_audit  # noqa: E402
 from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 from bench_scale import CLASSES, export_torchscript  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
     reports = {}
     for _ in range(args.repeats):
         for name, path in models.items():
-            reports[name], timed = _timed(lambda: run_audit(path, spec, x))
+            reports[name], timed = _timed(lambda: run_audit(AuditRequest(path, spec, x)))
             times[name].append(timed)
             print(f"  ({name}: {timed[0]:.2f} s wall, {timed[1]:.2f} s cpu)", flush=True)
     if args.without_vmap and not args.no_pt2:  # the old path, for the before/after figure: the vmap check says no
@@ -77,14 +77,14 @@ def main() -> None:
 
         pt2_runner._BatchSizes.try_vmap = lambda self, shape, device: "one call per sample (vmap off)"
         name = "pt2 batch 1, one call per sample"
-        reports[name], timed = _timed(lambda: run_audit(models["pt2 batch 1"], spec, x))
+        reports[name], timed = _timed(lambda: run_audit(AuditRequest(models["pt2 batch 1"], spec, x)))
         times[name] = [timed]
     if args.without_relax:  # the old ONNX path: the graph's batch left fixed
         from audit_service.engine.runtime.onnx_runner import OnnxRunner
 
         OnnxRunner._try_relaxed_batch = lambda self, device: "one run per sample (relaxing off)"
         name = "onnx batch 1 (dynamo), one run per sample"
-        reports[name], timed = _timed(lambda: run_audit(models["onnx batch 1 (dynamo)"], spec, x))
+        reports[name], timed = _timed(lambda: run_audit(AuditRequest(models["onnx batch 1 (dynamo)"], spec, x)))
         times[name] = [timed]
     base_wall, base_cpu = min(times["torchscript"])
     print(f"resnet18 (random weights) {'x'.join(map(str, shape))}, {args.group}, {args.probes} probes, default spec, "

@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     import torchvision
 
-    from audit_service.engine.audit import run_audit
+    from audit_service.engine.audit import AuditRequest, run_audit
     from audit_service.engine.spec import parse_audit_spec
     from bench_scale import CLASSES, export_torchscript
 
@@ -72,8 +72,8 @@ def main() -> None:
                              "options": {"n_probes": args.probes, "n_noise_probes": args.noise_probes,
                                          "device": "cpu", "saliency_scope": "none", "bootstrap": 0,
                                          "jacobian_probes": 0}})
-    run_audit(path, warm, x)
-    run_audit(path, warm, x, load=cage.load)
+    run_audit(AuditRequest(path, warm, x))
+    run_audit(AuditRequest(path, warm, x, load=cage.load))
 
     times: dict[str, list[float]] = {"in-process": [], "caged": []}
     cpu: dict[str, list[float]] = {"in-process": [], "caged": []}
@@ -81,7 +81,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, load in (("in-process", None), ("caged", cage.load)):
             start, cpu_start = time.perf_counter(), cpu_seconds(cage.pid)
-            reports[name] = run_audit(path, spec, x, **({"load": load} if load else {}))
+            reports[name] = run_audit(AuditRequest(path, spec, x, **({"load": load} if load else {})))
             times[name].append(time.perf_counter() - start)
             cpu[name].append(cpu_seconds(cage.pid) - cpu_start)
             print(f"  {name:10s} {times[name][-1]:8.2f} s wall, {cpu[name][-1]:8.2f} s CPU (engine + cage)  verdict "

@@ -25,7 +25,9 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit_service.engine.groups import build_group  # noqa: E402
+from audit_service.engine.inputs import CheckedInputs  # noqa: E402
 from audit_service.engine.metrics.saliency import integrated_gradients  # noqa: E402
+from audit_service.engine.plan import SI_CONFIDENCE, AuditPlan  # noqa: E402
 from audit_service.engine.runtime import load_model  # noqa: E402
 from audit_service.engine.sequential import relative_completeness  # noqa: E402
 from audit_service.engine.shifts import ProbeStats  # noqa: E402
@@ -42,9 +44,12 @@ def clean_si(module: torch.nn.Module, runner, group, x: torch.Tensor, steps: int
     """(SI over g != e, relative completeness error, steps used, wall s, CPU s) of one clean pass."""
     options = Options(n_probes=x.shape[0], probe_chunk=x.shape[0], ig_steps=steps, bootstrap=0)
     saliency = integrated_gradients(module, steps, options.batch_size, adaptive=adaptive)
-    sweep = OrbitSweep(runner, group, options, ProbeStats.from_probes(x), saliency)
+    inputs = CheckedInputs(runner, x, None, None, ProbeStats.from_probes(x), group, [], [], "logits", options.seed)
+    plan = AuditPlan(scope="all", sequential=False, confidence=SI_CONFIDENCE, si_threshold=1.0, early_stop=False,
+                     autocast=False, saliency=saliency)
+    sweep = OrbitSweep(inputs, plan, options)
     wall, cpu = time.perf_counter(), time.process_time()
-    result = sweep.run(Condition("clean"), x, None, saliency=True)
+    result = sweep.run(Condition("clean"), saliency=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     si = float(np.nanmean(result.accumulator.values("SI", identity=False)))
     return si, relative_completeness(result.completeness), saliency.ig.steps, wall, cpu

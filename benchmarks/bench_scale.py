@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.audit import AuditRequest, run_audit  # noqa: E402
 from audit_service.engine.groups import build_group  # noqa: E402
 from audit_service.engine.runtime import load_model  # noqa: E402
 from audit_service.engine.spec import parse_audit_spec  # noqa: E402
@@ -62,7 +62,7 @@ def spec_for(group: str, probes: int, noise: int, scope: str, **options) -> obje
 
 def timed_audit(path: Path, spec, x: np.ndarray) -> tuple[float, dict]:
     start = time.perf_counter()
-    report = run_audit(path, spec, x)
+    report = run_audit(AuditRequest(path, spec, x))
     return time.perf_counter() - start, report
 
 
@@ -231,7 +231,8 @@ def scaling_child(probes: int, group: str, folder: Path) -> None:
     path = folder / "tiny.pt"
     x = np.random.default_rng(0).normal(size=(probes, 1, 16, 16)).astype(np.float32)
     spec = spec_for(group, probes, 32, "decisive", jacobian_probes=8, bootstrap=50)
-    run_audit(path, spec_for(group, 64, 32, "decisive", jacobian_probes=8, bootstrap=0), x[:64])  # warm-up
+    warm_up = spec_for(group, 64, 32, "decisive", jacobian_probes=8, bootstrap=0)
+    run_audit(AuditRequest(path, warm_up, x[:64]))  # warm-up
     rss_before = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is this audit's alone
     tracemalloc.start()
@@ -299,7 +300,7 @@ def resnet_audit(name: str, shape: tuple[int, ...], group: str, probes: int, noi
         warm = parse_audit_spec({"group": group, "shifts": [],
                                  "options": {"n_probes": probes, "n_noise_probes": noise, "device": device,
                                              "saliency_scope": "none", "bootstrap": 0, "jacobian_probes": 0}})
-        run_audit(path, warm, x)
+        run_audit(AuditRequest(path, warm, x))
         order = len(build_group(decisive.group, shape).element_names)
         condition_floor(module, shape, order, min(probes, opts.probe_chunk), opts.probe_chunk, 2,
                         opts.batch_size, dev)
@@ -404,7 +405,7 @@ def pass_case(label: str, model: nn.Module, shape: tuple[int, ...], group: dict 
         warm = parse_audit_spec({"group": group, "shifts": [],
                                  "options": {"n_probes": probes, "n_noise_probes": noise, "saliency_scope": "none",
                                              "bootstrap": 0, "jacobian_probes": 0}})
-        run_audit(path, warm, x)  # warm-up: allocator, oneDNN primitives, the TorchScript profiler
+        run_audit(AuditRequest(path, warm, x))  # warm-up: allocator, oneDNN primitives, the TorchScript profiler
         module = load_model(path, device="cpu").torch_module()
         order = len(build_group(spec.group, shape).element_names)
         condition_floor(module, shape, order, min(probes, opts.probe_chunk), opts.probe_chunk, 2, opts.batch_size,

@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.audit import AuditRequest, run_audit  # noqa: E402
 from audit_service.engine.runtime import load_model  # noqa: E402
 from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 
@@ -107,11 +107,11 @@ def main() -> None:
         order = 8 if args.group == "D4" else 4
         n_conditions = 2 + len(spec.effective_shifts)
         opts = spec.options
-        run_audit(path, spec, probes)  # warm-up: allocator, onnxruntime session, captum import
+        run_audit(AuditRequest(path, spec, probes))  # warm-up: allocator, onnxruntime session, captum import
         audits, floors = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            report = run_audit(path, spec, probes)
+            report = run_audit(AuditRequest(path, spec, probes))
             audits.append(time.perf_counter() - t)
             floors.append(floor_seconds(module, n_conditions, order, args.probes, opts.probe_chunk, opts.ig_steps,
                                         opts.jacobian_probes, opts.n_noise_probes, opts.batch_size))

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from audit_service.engine.audit import run_audit  # noqa: E402
+from audit_service.engine.audit import AuditRequest, run_audit  # noqa: E402
 from audit_service.engine.runtime.module_runner import ModuleRunner  # noqa: E402
 from audit_service.engine.spec import parse_audit_spec  # noqa: E402
 import verdict_zoo as zoo  # noqa: E402
@@ -77,7 +77,7 @@ def previous_label(rule, report: dict) -> str | None:
 def audit_module(model: torch.nn.Module, group, probes, labels=None, second=None, shifts=(), **options) -> dict:
     spec = parse_audit_spec({"group": group, "shifts": list(shifts), "options": {"device": "cpu", **options}})
     runner = ModuleRunner(model.eval(), tuple(probes.shape[1:]), torch.device("cpu"))
-    return run_audit(runner, spec, probes=probes, labels=labels, second_probes=second)
+    return run_audit(AuditRequest(runner, spec, probes=probes, labels=labels, second_probes=second))
 
 
 def row(section: str, model: str, group: str, probes: str, report: dict, rule, seconds: float) -> dict:

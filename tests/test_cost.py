@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from audit_service.engine.audit import AUTOCAST_TOLERANCE, run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
+from audit_service.engine.plan import AUTOCAST_TOLERANCE
 from audit_service.engine.metrics.saliency import cuda_batch_limit, integrated_gradients
 from audit_service.engine.spec import parse_audit_spec
 from builders import IMAGE_SHAPE, MLP, OrbitAveragedCNN, PlainCNN, export_torchscript
@@ -38,8 +39,8 @@ def not_genuine(tmp_path_factory):
 
 def test_decisive_computes_si_on_clean_and_noise_only_when_genuine_already_fails(not_genuine):
     x = probes()
-    decisive = run_audit(not_genuine, spec(), x)
-    everywhere = run_audit(not_genuine, spec(saliency_scope="all"), x)
+    decisive = run_audit(AuditRequest(not_genuine, spec(), x))
+    everywhere = run_audit(AuditRequest(not_genuine, spec(saliency_scope="all"), x))
     assert decisive["verdict"]["label"] == everywhere["verdict"]["label"] != "genuine"
     assert decisive["spec"]["options"]["saliency_scope"] == "decisive"          # the default
     assert decisive["saliency"]["computed_on"] == ["clean", "noise"]
@@ -66,8 +67,8 @@ def test_decisive_computes_si_everywhere_when_it_decides(tmp_path):
     model = OrbitAveragedCNN(PlainCNN(n_classes=5, seed=1), group="C4")
     path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "avg.pt")
     x = probes()
-    decisive = run_audit(path, spec(), x)
-    everywhere = run_audit(path, spec(saliency_scope="all"), x)
+    decisive = run_audit(AuditRequest(path, spec(), x))
+    everywhere = run_audit(AuditRequest(path, spec(saliency_scope="all"), x))
     assert decisive["verdict"]["label"] == everywhere["verdict"]["label"]
     assert decisive["saliency"]["computed_on"] == everywhere["saliency"]["computed_on"]
     assert "SI decides" in decisive["saliency"]["reason"]
@@ -81,7 +82,7 @@ def test_decisive_computes_si_everywhere_when_it_decides(tmp_path):
 
 
 def test_scope_none_computes_no_saliency_and_says_why(not_genuine):
-    report = run_audit(not_genuine, spec(saliency_scope="none"), probes())
+    report = run_audit(AuditRequest(not_genuine, spec(saliency_scope="none"), probes()))
     assert report["saliency"]["computed_on"] == [] and "saliency_scope = none" in report["saliency"]["reason"]
     for c in report["conditions"]:
         assert not c["saliency_computed"] and c["metrics"]["SI"] is None
@@ -91,8 +92,8 @@ def test_scope_none_computes_no_saliency_and_says_why(not_genuine):
 
 def test_early_stop_skips_what_only_fills_the_report(not_genuine):
     x = probes()
-    full = run_audit(not_genuine, spec(), x)
-    stopped = run_audit(not_genuine, spec(early_stop=True), x)
+    full = run_audit(AuditRequest(not_genuine, spec(), x))
+    stopped = run_audit(AuditRequest(not_genuine, spec(early_stop=True), x))
     assert stopped["verdict"]["label"] == full["verdict"]["label"]
     assert [c["name"] for c in stopped["conditions"]] == ["clean", "noise"]
     info = stopped["early_stop"]
@@ -107,7 +108,7 @@ def test_early_stop_skips_what_only_fills_the_report(not_genuine):
 def test_early_stop_does_not_stop_a_genuine_model(tmp_path):
     model = OrbitAveragedCNN(PlainCNN(n_classes=5, seed=1), group="C4")
     path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "avg.pt")
-    report = run_audit(path, spec(early_stop=True), probes())
+    report = run_audit(AuditRequest(path, spec(early_stop=True), probes()))
     assert report["verdict"]["label"] == "genuine" and not report["early_stop"]["stopped"]
     assert len(report["conditions"]) == 4 and report["sensitivity"]["sigma_max"] is not None
 
@@ -122,7 +123,7 @@ def test_integrated_gradients_in_pieces_equal_one_batch():
 
 
 def test_autocast_on_cpu_runs_fp32_and_says_so(not_genuine):
-    report = run_audit(not_genuine, spec(autocast_bf16=True, saliency_scope="none"), probes())
+    report = run_audit(AuditRequest(not_genuine, spec(autocast_bf16=True, saliency_scope="none"), probes()))
     assert report["model"]["autocast"]["used"] is False and "needs CUDA" in report["model"]["autocast"]["note"]
 
 
@@ -133,8 +134,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 def test_bf16_autocast_metrics_match_fp32_within_tolerance(not_genuine):
     x = probes()
-    fp32 = run_audit(not_genuine, spec(device="cuda", saliency_scope="none"), x)
-    bf16 = run_audit(not_genuine, spec(device="cuda", saliency_scope="none", autocast_bf16=True), x)
+    fp32 = run_audit(AuditRequest(not_genuine, spec(device="cuda", saliency_scope="none"), x))
+    bf16 = run_audit(AuditRequest(not_genuine, spec(device="cuda", saliency_scope="none", autocast_bf16=True), x))
     assert bf16["model"]["autocast"]["used"], bf16["model"]["autocast"]
     assert bf16["model"]["autocast"]["max_relative_logit_error"] <= AUTOCAST_TOLERANCE
     assert bf16["verdict"]["label"] == fp32["verdict"]["label"]
@@ -164,8 +165,8 @@ def test_sequential_si_stops_a_genuine_model_after_its_first_batch(tmp_path):
     model = OrbitAveragedCNN(PlainCNN(n_classes=5, seed=1), group="C4")
     path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "avg.pt")
     x = probes(48)
-    sequential = run_audit(path, spec(**SEQUENTIAL), x)
-    everywhere = run_audit(path, spec(saliency_scope="all", **SEQUENTIAL), x)
+    sequential = run_audit(AuditRequest(path, spec(**SEQUENTIAL), x))
+    everywhere = run_audit(AuditRequest(path, spec(saliency_scope="all", **SEQUENTIAL), x))
     assert sequential["verdict"]["label"] == everywhere["verdict"]["label"] == "genuine"
     assert not sequential["verdict"]["borderline"]
     for c in sequential["conditions"]:
@@ -187,8 +188,8 @@ def test_sequential_si_stops_a_genuine_model_after_its_first_batch(tmp_path):
 
 def test_sequential_si_needs_one_batch_when_genuine_already_fails(not_genuine):
     x = probes(48)
-    sequential = run_audit(not_genuine, spec(**SEQUENTIAL), x)
-    everywhere = run_audit(not_genuine, spec(saliency_scope="all", **SEQUENTIAL), x)
+    sequential = run_audit(AuditRequest(not_genuine, spec(**SEQUENTIAL), x))
+    everywhere = run_audit(AuditRequest(not_genuine, spec(saliency_scope="all", **SEQUENTIAL), x))
     assert sequential["verdict"]["label"] == everywhere["verdict"]["label"] != "genuine"
     assert sequential["verdict"]["borderline"] == everywhere["verdict"]["borderline"]
     d = by_name(sequential)
@@ -220,14 +221,16 @@ def test_si_bound_holds_the_verdicts_interval_and_decides_either_side():
 
 
 def test_plan_is_decided_once_from_the_spec():
+    from audit_service.engine.metrics.saliency import occlusion
     from audit_service.engine.plan import make_plan
 
-    plan = make_plan(spec(), has_saliency=True)
+    method = occlusion(lambda t: t.flatten(1), IMAGE_SHAPE, "no gradients in this test")
+    plan = make_plan(spec(), method)
     assert plan.scope == "decisive" and plan.sequential and plan.si_threshold == 0.98 and not plan.autocast
     assert [plan.si_batch(n) for n in (12, 32, 64, 256)] == [12, 16, 16, 64]
     assert plan.looks(64) == 4 and plan.looks(12) == 1
-    assert make_plan(spec(saliency_scope="all"), has_saliency=True).si_batch(64) == 64
-    assert make_plan(spec(), has_saliency=False).scope == "none"
+    assert make_plan(spec(saliency_scope="all"), method).si_batch(64) == 64
+    assert make_plan(spec(), None).scope == "none" and make_plan(spec(saliency=False), method).scope == "none"
     with pytest.raises(AttributeError):
         plan.scope = "all"                                             # a value, not a switch
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from audit_service.engine.audit import run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.reference.data import load_digits
 from audit_service.engine.spec import parse_audit_spec
 from builders import (
@@ -87,7 +87,7 @@ def plain_cnn(digits):
 def test_orbit_averaged_cnn_is_genuine(tmp_path, digits, plain_cnn):
     model = OrbitAveragedCNN(plain_cnn, group="C4")
     path = export_onnx(model, IMAGE_SHAPE, tmp_path / "avg.onnx")
-    report = run_audit(path, spec("C4"), probes=digits[2], labels=digits[3])
+    report = run_audit(AuditRequest(path, spec("C4"), probes=digits[2], labels=digits[3]))
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
     for name in ("clean", "gaussian_noise@3", "noise"):
         m = metrics(report, name)
@@ -102,7 +102,7 @@ def test_augmented_mlp_is_learned(tmp_path, digits):
     xtr, ytr, xte, yte = digits
     model = train(MLP(in_features=144, n_classes=9, hidden=128), xtr, ytr, epochs=25, augment=True)
     path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "da.pt")
-    report = run_audit(path, spec("C4"), probes=xte, labels=yte)
+    report = run_audit(AuditRequest(path, spec("C4"), probes=xte, labels=yte))
     clean = metrics(report, "clean")
     assert report["verdict"]["label"] == "learned", report["verdict"]["reasons"]
     assert clean["agreement"] > 0.8 and clean["accuracy"] > 0.7
@@ -114,7 +114,7 @@ def test_plain_cnn_is_not_invariant(tmp_path, digits):
     xtr, ytr, xte, yte = digits
     model = train(PlainCNN(n_classes=9), xtr, ytr, epochs=3, augment=False)
     path = export_onnx(model, IMAGE_SHAPE, tmp_path / "plain.onnx")
-    report = run_audit(path, spec("C4"), probes=xte, labels=yte)
+    report = run_audit(AuditRequest(path, spec("C4"), probes=xte, labels=yte))
     clean = metrics(report, "clean")
     assert report["verdict"]["label"] == "not_invariant", report["verdict"]["reasons"]
     assert clean["agreement"] < 0.7 and clean["DI"] > 0.5
@@ -129,8 +129,8 @@ def test_single_class_network_is_trivial_not_learned(tmp_path, digits):
         last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
         last.bias[3] += 1e3
     path = export_onnx(model, IMAGE_SHAPE, tmp_path / "one_class.onnx")
-    report = run_audit(path, spec("flip", shifts=(), n_probes=16, n_noise_probes=8, ig_steps=2), probes=digits[2],
-                       labels=digits[3])
+    report = run_audit(AuditRequest(path, spec("flip", shifts=(), n_probes=16, n_noise_probes=8, ig_steps=2),
+                                    probes=digits[2], labels=digits[3]))
     clean = next(c for c in report["conditions"] if c["name"] == "clean")
     assert clean["predictions"]["classes_predicted"] == 1 and clean["predictions"]["majority_class"] == 3
     assert clean["metrics"]["agreement"] == 1.0 and clean["metrics"]["agreement_chance"] == pytest.approx(1.0)
@@ -142,7 +142,7 @@ def test_single_class_network_is_trivial_not_learned(tmp_path, digits):
 
 def test_constant_model_is_trivial(tmp_path, digits):
     path = export_onnx(ConstantModel(n_classes=9), IMAGE_SHAPE, tmp_path / "const.onnx")
-    report = run_audit(path, spec("D4"), probes=digits[2])
+    report = run_audit(AuditRequest(path, spec("D4"), probes=digits[2]))
     assert report["verdict"]["label"] == "trivial"
     assert report["reference_profile"] is None  # it ignores its input: it resembles no reference run
     clean = metrics(report, "clean")
@@ -154,11 +154,11 @@ def test_constant_model_is_trivial(tmp_path, digits):
 def test_circular_cnn_is_genuine_for_cyclic_translations(tmp_path, digits):
     path = export_torchscript(CircularCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "circ.pt")
     group = {"name": "translation", "order": 4, "step": 3}
-    report = run_audit(path, spec(group), probes=digits[2])
+    report = run_audit(AuditRequest(path, spec(group), probes=digits[2]))
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
     assert report["group"]["order"] == 4
     # the same network is not invariant to rotations
-    rotated = run_audit(path, spec("C4"), probes=digits[2])
+    rotated = run_audit(AuditRequest(path, spec("C4"), probes=digits[2]))
     assert rotated["verdict"]["label"] != "genuine"
     assert metrics(rotated, "clean")["LI_normalized"] > 1e-3
 
@@ -169,8 +169,8 @@ def test_onnx_and_torchscript_exports_give_the_same_metrics(tmp_path, digits):
     onnx_path = export_onnx(model, IMAGE_SHAPE, tmp_path / "m.onnx")
     ts_path = export_torchscript(model, IMAGE_SHAPE, tmp_path / "m.pt")
     s = spec("D4")
-    a = run_audit(onnx_path, s, probes=digits[2], labels=digits[3])
-    b = run_audit(ts_path, s, probes=digits[2], labels=digits[3])
+    a = run_audit(AuditRequest(onnx_path, s, probes=digits[2], labels=digits[3]))
+    b = run_audit(AuditRequest(ts_path, s, probes=digits[2], labels=digits[3]))
     for ca, cb in zip(a["conditions"], b["conditions"]):
         for key, va in ca["metrics"].items():
             vb = cb["metrics"][key]
@@ -185,9 +185,9 @@ def test_onnx_and_torchscript_exports_give_the_same_metrics(tmp_path, digits):
 def test_report_contract_and_progress(tmp_path, digits):
     path = export_onnx(PlainCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "m.onnx")
     seen = []
-    report = run_audit(path, spec("flip", shifts=[{"name": "blur", "severity": 2},
-                                                  {"name": "blend", "beta": 0.5}]),
-                       probes=digits[2], progress=lambda f, s: seen.append((f, s)))
+    shifts = [{"name": "blur", "severity": 2}, {"name": "blend", "beta": 0.5}]
+    report = run_audit(AuditRequest(path, spec("flip", shifts=shifts), probes=digits[2]),
+                       progress=lambda f, s: seen.append((f, s)))
     for key in ("schema_version", "model", "group", "conditions", "sensitivity", "verdict", "timing"):
         assert key in report
     assert [c["name"] for c in report["conditions"]] == ["clean", "blur@2", "blend(noise)@0.5", "noise"]
@@ -213,16 +213,16 @@ def test_report_contract_and_progress(tmp_path, digits):
 
 def test_no_probes_still_decides_genuine_and_reports_noise_only(tmp_path):
     path = export_onnx(OrbitAveragedCNN(PlainCNN(), group="D4"), IMAGE_SHAPE, tmp_path / "avg.onnx")
-    report = run_audit(path, spec("D4"))
+    report = run_audit(AuditRequest(path, spec("D4")))
     assert [c["name"] for c in report["conditions"]] == ["noise"]
     assert report["verdict"]["label"] == "genuine"
-    plain = run_audit(export_onnx(PlainCNN(), IMAGE_SHAPE, tmp_path / "p.onnx"), spec("D4"))
+    plain = run_audit(AuditRequest(export_onnx(PlainCNN(), IMAGE_SHAPE, tmp_path / "p.onnx"), spec("D4")))
     assert plain["verdict"]["label"] == "not_genuine"
 
 
 def test_sampled_rotation_is_marked_inexact_with_its_error(tmp_path, digits):
     path = export_onnx(OrbitAveragedCNN(PlainCNN(), group="C4"), IMAGE_SHAPE, tmp_path / "avg.onnx")
-    report = run_audit(path, spec({"name": "rotation", "n_angles": 8}, shifts=[]), probes=digits[2])
+    report = run_audit(AuditRequest(path, spec({"name": "rotation", "n_angles": 8}, shifts=[]), probes=digits[2]))
     assert report["group"]["exact"] is False and report["group"]["order"] == 8
     assert 0 < report["group"]["interpolation_error"] < 1
 
@@ -230,8 +230,8 @@ def test_sampled_rotation_is_marked_inexact_with_its_error(tmp_path, digits):
 def test_streaming_in_small_chunks_gives_the_same_report(tmp_path, digits):
     """Chunking is an implementation detail: per-probe streaming must not change any metric."""
     path = export_onnx(PlainCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "m.onnx")
-    whole = run_audit(path, spec("C4", probe_chunk=64, batch_size=4096), probes=digits[2], labels=digits[3])
-    small = run_audit(path, spec("C4", probe_chunk=5, batch_size=7), probes=digits[2], labels=digits[3])
+    whole = run_audit(AuditRequest(path, spec("C4", probe_chunk=64, batch_size=4096), digits[2], digits[3]))
+    small = run_audit(AuditRequest(path, spec("C4", probe_chunk=5, batch_size=7), digits[2], digits[3]))
     for a, b in zip(whole["conditions"], small["conditions"]):
         assert a["n_probes"] == b["n_probes"]
         for key, va in a["metrics"].items():
@@ -246,7 +246,7 @@ def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_pat
     the report says so, and an exactly invariant model still gets SI 1 (per-pixel occlusion is equivariant)."""
     model = OrbitAveragedCNN(plain_cnn, group="C4")
     path = export_unconvertible(model, IMAGE_SHAPE, tmp_path / "unconvertible.onnx")
-    report = run_audit(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2])
+    report = run_audit(AuditRequest(path, spec("C4", n_probes=16, n_noise_probes=8), probes=digits[2]))
     assert report["model"]["saliency_method"].startswith("occlusion")
     assert report["model"]["gradient_path"].startswith("fallback")
     assert UNCONVERTIBLE_OP in report["model"]["gradient_note"]
@@ -256,8 +256,8 @@ def test_unconvertible_onnx_falls_back_to_stated_gradient_free_estimates(tmp_pat
     assert report["verdict"]["label"] == "genuine", report["verdict"]["reasons"]
     assert metrics(report, "clean")["SI"] == pytest.approx(1.0, abs=1e-6)
     # the finite-difference sketch estimates the autograd spectrum of the same network
-    ts = run_audit(export_torchscript(model, IMAGE_SHAPE, tmp_path / "gelu.pt"),
-                   spec("C4", n_probes=16, n_noise_probes=8, saliency=False), probes=digits[2])
+    ts = run_audit(AuditRequest(export_torchscript(model, IMAGE_SHAPE, tmp_path / "gelu.pt"),
+                                spec("C4", n_probes=16, n_noise_probes=8, saliency=False), probes=digits[2]))
     exact = ts["sensitivity"]["sigma_max"]["mean"]
     assert report["sensitivity"]["sigma_max"]["mean"] == pytest.approx(exact, rel=0.25)
 
@@ -270,10 +270,10 @@ def test_probability_outputs_are_detected_and_measured_as_log_probabilities(tmp_
     log-probabilities, and the report says so."""
     base = plain_cnn
     options = dict(n_probes=16, n_noise_probes=8, ig_steps=2, jacobian_probes=2)
-    bare = run_audit(export_onnx(base, IMAGE_SHAPE, tmp_path / "bare.onnx"), spec("C4", shifts=(), **options),
-                     probes=digits[2])
-    wrapped = run_audit(export_onnx(nn.Sequential(base, head), IMAGE_SHAPE, tmp_path / "head.onnx"),
-                        spec("C4", shifts=(), **options), probes=digits[2])
+    bare = run_audit(AuditRequest(export_onnx(base, IMAGE_SHAPE, tmp_path / "bare.onnx"),
+                                  spec("C4", shifts=(), **options), probes=digits[2]))
+    wrapped = run_audit(AuditRequest(export_onnx(nn.Sequential(base, head), IMAGE_SHAPE, tmp_path / "head.onnx"),
+                                     spec("C4", shifts=(), **options), probes=digits[2]))
     assert bare["model"]["output_kind"] == "logits" and bare["model"]["output_note"] is None
     assert wrapped["model"]["output_kind"] == kind and "DI is measured on" in wrapped["model"]["output_note"]
     for name in ("clean", "noise"):
@@ -290,7 +290,7 @@ def test_default_spec_on_inputs_without_image_axes_skips_spatial_shifts(tmp_path
     group = {"name": "permutation", "generators": [[1, 0] + list(range(2, shape[-1]))]}
     audit_spec = parse_audit_spec({"group": group, "options": {**FAST, "n_probes": 8, "n_noise_probes": 4,
                                                                "ig_steps": 2, "jacobian_probes": 2}})
-    report = run_audit(path, audit_spec, probes=probes)
+    report = run_audit(AuditRequest(path, audit_spec, probes=probes))
     names = [c["name"] for c in report["conditions"]]
     assert names == ["clean", "gaussian_noise@1", "gaussian_noise@3", "gaussian_noise@5", "contrast@1",
                      "contrast@3", "contrast@5", "noise"]
@@ -319,15 +319,16 @@ def test_symmetric_group_past_the_cap_is_audited_on_a_seeded_sample(tmp_path):
     probes = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     options = {**FAST, "n_probes": 16, "n_noise_probes": 8, "ig_steps": 2, "jacobian_probes": 2}
     audit_spec = parse_audit_spec({"group": group, "shifts": [], "options": options})
-    invariant = run_audit(export_torchscript(_SetModel(), (8,), tmp_path / "set.pt"), audit_spec, probes=probes)
+    invariant = run_audit(AuditRequest(export_torchscript(_SetModel(), (8,), tmp_path / "set.pt"), audit_spec,
+                                       probes=probes))
     sampled = invariant["group"]["sampled"]
     assert sampled["size"] == 32 and sampled["group_order"] == 40320 and sampled["seed"] == 1
     assert invariant["group"]["order"] == 32 and "drawn uniformly" in invariant["group"]["note"]
     assert invariant["verdict"]["label"] == "genuine", invariant["verdict"]["reasons"]
     ci = next(c for c in invariant["conditions"] if c["name"] == "clean")["group_sample_ci"]
     assert ci["DI"]["n_elements"] == 31 and ci["DI"]["hi"] < 1e-6
-    plain = run_audit(export_torchscript(MLP(in_features=8, n_classes=3), (8,), tmp_path / "mlp.pt"), audit_spec,
-                      probes=probes)
+    plain = run_audit(AuditRequest(export_torchscript(MLP(in_features=8, n_classes=3), (8,), tmp_path / "mlp.pt"),
+                                   audit_spec, probes=probes))
     ci = next(c for c in plain["conditions"] if c["name"] == "clean")["group_sample_ci"]
     assert ci["LI"]["lo"] < ci["LI"]["mean"] < ci["LI"]["hi"] and ci["LI"]["lo"] > 0
     assert plain["verdict"]["label"] != "genuine"

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from audit_service import audit as audit_api
-from audit_service.engine.audit import run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.engine.spec import parse_audit_spec
 from builders import export_torchscript
 
@@ -46,8 +46,8 @@ def resnet_ts(tmp_path_factory):
 
 def test_auto_uses_channels_last_for_a_cpu_resnet_and_metrics_match_contiguous(resnet_ts):
     x = probes()
-    fast = run_audit(resnet_ts, spec("auto"), x)
-    plain = run_audit(resnet_ts, spec("contiguous"), x)
+    fast = run_audit(AuditRequest(resnet_ts, spec("auto"), x))
+    plain = run_audit(AuditRequest(resnet_ts, spec("contiguous"), x))
     assert fast["model"]["memory_format"]["used"] == "channels_last", fast["model"]["memory_format"]
     assert plain["model"]["memory_format"] == {"used": "contiguous", "reason": "options.memory_format = contiguous"}
     assert fast["verdict"]["label"] == plain["verdict"]["label"]
@@ -75,7 +75,7 @@ class ViewsItsActivations(nn.Module):
 
 def test_a_model_that_fails_in_channels_last_falls_back_and_the_audit_completes(tmp_path):
     path = export_torchscript(ViewsItsActivations().eval(), SHAPE, tmp_path / "view.pt", script=True)
-    report = run_audit(path, spec("channels_last"), probes())
+    report = run_audit(AuditRequest(path, spec("channels_last"), probes()))
     layout = report["model"]["memory_format"]
     assert layout["used"] == "contiguous" and "failed in it" in layout["reason"], layout
     assert report["conditions"][0]["metrics"]["LI"] is not None

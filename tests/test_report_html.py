@@ -12,7 +12,7 @@ from audit_service.engine.report.html import fmt, grouped_reasons, render_report
 from audit_service.engine.schema import parse_report
 from audit_service.engine.report.summary import report_summary
 from audit_service.engine.spec import Policy
-from audit_service.engine.sweep import _keep_worst
+from audit_service.engine.sweep import keep_worst
 from audit_service.engine.verdict import decide
 
 
@@ -73,7 +73,7 @@ def test_sweep_keeps_ties_by_larger_li():
     logits[1, 2] = 5.0
     logits[1, 1] = 1.0
     maps = torch.rand(2, 4, 4, 4)
-    kept = _keep_worst([], si, maps, 0, logits, {"orbit": maps, "raw": maps})
+    kept = keep_worst([], si, maps, 0, logits, {"orbit": maps, "raw": maps})
     assert [k["probe"] for k in kept] == [2, 1, 0] and "image_x" in kept[0] and "raw_gx" in kept[0]
 
 

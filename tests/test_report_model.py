@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 from audit_service import audit
-from audit_service.engine.audit import run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.engine.names import (
     DISPLAY_ORDER, HEADLINE_METRICS, METRICS, PROFILE_METRICS, SPREAD_METRICS, ConditionName, Metric)
 from audit_service.engine.schema import Report, Sensitivity, Verdict, parse_report
@@ -48,16 +48,16 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     shifts = [{"name": "gaussian_noise", "severity": 3}, {"name": "blend", "beta": 0.3, "target": "second_probes"}]
     runs = {
         "onnx, labels, shifts, second probes, SI everywhere": dict(
-            model_path=onnx, spec=_spec("C4", shifts, saliency_scope="all"), probes=X, labels=Y, second_probes=SECOND),
-        "torchscript, no labels (genuine)": dict(model_path=torchscript, spec=_spec("C4"), probes=X),
-        "onnx, no probes, no saliency": dict(model_path=onnx, spec=_spec("flip", saliency=False)),
+            model=onnx, spec=_spec("C4", shifts, saliency_scope="all"), probes=X, labels=Y, second_probes=SECOND),
+        "torchscript, no labels (genuine)": dict(model=torchscript, spec=_spec("C4"), probes=X),
+        "onnx, no probes, no saliency": dict(model=onnx, spec=_spec("flip", saliency=False)),
         "sampled permutation group, early stop": dict(
-            model_path=onnx, spec=_spec({"name": "permutation", "generators": [[*range(1, 12), 0]], "max_order": 4,
+            model=onnx, spec=_spec({"name": "permutation", "generators": [[*range(1, 12), 0]], "max_order": 4,
                                          "sample": 6}, [{"name": "blur", "severity": 1}], early_stop=True),
             probes=X, labels=Y),
-        "constant model (trivial)": dict(model_path=constant, spec=_spec("C4"), probes=X),
+        "constant model (trivial)": dict(model=constant, spec=_spec("C4"), probes=X),
     }
-    made = {name: attach_reference_profile(run_audit(**kwargs)) for name, kwargs in runs.items()}
+    made = {name: attach_reference_profile(run_audit(AuditRequest(**kwargs))) for name, kwargs in runs.items()}
     result = audit(PlainCNN(seed=3), "flip", torch.from_numpy(X), torch.from_numpy(Y), shifts=[],
                    saliency=False, **TINY_OPTIONS)
     made["in-memory module through audit()"] = result.to_json()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import verdict_zoo as zoo
-from audit_service.engine.audit import run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.engine.runtime.module_runner import ModuleRunner
 from audit_service.engine.spec import parse_audit_spec
 
@@ -32,7 +32,7 @@ PASSING = {"genuine", "learned"}
 def audit(model: torch.nn.Module, group, probes, labels=None, spec: dict | None = None, **options) -> dict:
     body = {"group": group, "shifts": [], "options": {**TINY, **options}, **(spec or {})}
     runner = ModuleRunner(model.eval(), tuple(probes.shape[1:]), torch.device("cpu"))
-    return run_audit(runner, parse_audit_spec(body), probes=probes, labels=labels)
+    return run_audit(AuditRequest(runner, parse_audit_spec(body), probes=probes, labels=labels))
 
 
 def clean(report: dict) -> dict:

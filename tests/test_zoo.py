@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from audit_service.engine.audit import run_audit
+from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.engine.runtime import load_model
 from audit_service.engine.spec import parse_audit_spec
 
@@ -126,7 +126,7 @@ def test_zoo_model_loads_matches_and_audits_with_integrated_gradients(zoo, name,
 
     spec = parse_audit_spec({"group": "flip", "shifts": [], "options": TINY})
     start = time.perf_counter()
-    report = run_audit(path, spec, probes=probes())
+    report = run_audit(AuditRequest(path, spec, probes=probes()))
     seconds = time.perf_counter() - start
     section = report["model"]
     assert section["saliency_method"].startswith("integrated"), section["gradient_note"]

@@ -89,7 +89,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 def run_audit_command(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     _check_paths_exist(args)  # before the engine's imports (torch: seconds), so a typo is told at once
-    from ..engine.audit import load_probe_file, run_audit
+    from ..engine.audit import AuditRequest, run_audit
+    from ..engine.inputs import load_probe_file
 
     probes = labels = second = None
     if args.probes:
@@ -106,8 +107,8 @@ def run_audit_command(args: argparse.Namespace) -> int:
         with fetched_model(args.model) as (path, located, registry):
             with _progress_bar(disabled=args.quiet, said=said) as progress:
                 try:
-                    report = run_audit(path, spec, probes=probes, labels=labels, second_probes=second,
-                                       progress=progress, load=load)
+                    request = AuditRequest(path, spec, probes=probes, labels=labels, second_probes=second, load=load)
+                    report = run_audit(request, progress=progress)
                 except ModelError as exc:
                     if "external data" not in exc.message and "externally" not in exc.message:
                         raise
@@ -124,8 +125,8 @@ def run_audit_command(args: argparse.Namespace) -> int:
             raise SpecError("Expected a models:/ or runs:/ MODEL with --mlflow-write-back, but got a file",
                             field="mlflow_write_back")
         with _progress_bar(disabled=args.quiet, said=said) as progress:
-            report = run_audit(Path(args.model), spec, probes=probes, labels=labels, second_probes=second,
-                               progress=progress, load=load)
+            request = AuditRequest(Path(args.model), spec, probes=probes, labels=labels, second_probes=second, load=load)
+            report = run_audit(request, progress=progress)
         _attach_reference_profile(report)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))

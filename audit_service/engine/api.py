@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from .audit import run_audit
 from .errors import ProbeError
 from .groups import Group, GroupLike, group_spec_of, resolve_group
+from .inputs import AuditRequest
 from .progress import ProgressFn
 from .result import AuditResult
 from .runtime.loader import resolve_device
@@ -51,21 +52,25 @@ def audit(model: Any, group: GroupLike = "C4", probes: Any = None, labels: Any =
     if isinstance(group, Group):  # a built group must act on the samples it is given
         known = tuple(input_shape) if input_shape is not None else (tuple(x.shape[1:]) if x is not None else None)
         resolve_group(group, known)
+
+    def audited(target: Any) -> dict:
+        request = AuditRequest(target, spec, probes=x, labels=y, second_probes=second)
+        return run_audit(request, progress=progress)
+
     if isinstance(model, torch.nn.Module):
         shape = tuple(input_shape) if input_shape is not None else (tuple(x.shape[1:]) if x is not None else None)
         if shape is None:
             raise ProbeError("Expected probes or input_shape to know what an nn.Module takes, but got neither",
                              field="input_shape")
         with _eval_mode(model):
-            runner = ModuleRunner(model, shape, resolve_device(spec.options.device))
-            report = run_audit(runner, spec, probes=x, labels=y, second_probes=second, progress=progress)
+            report = audited(ModuleRunner(model, shape, resolve_device(spec.options.device)))
     elif isinstance(model, (bytes, bytearray, memoryview)):
         with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
             path = Path(tmp) / "model"
             path.write_bytes(bytes(model))
-            report = run_audit(path, spec, probes=x, labels=y, second_probes=second, progress=progress)
+            report = audited(path)
     else:
-        report = run_audit(Path(os.fspath(model)), spec, probes=x, labels=y, second_probes=second, progress=progress)
+        report = audited(Path(os.fspath(model)))
     return AuditResult.from_report(report)
 
 

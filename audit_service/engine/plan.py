@@ -1,9 +1,10 @@
 """The audit plan: what the sweep does, decided once before it starts, as one immutable value.
 
-Where SI is computed (``options.saliency_scope``), whether SI is sampled sequentially with a confidence bound
-(``sequential``), whether the shifts may be skipped once clean and noise settle the label (``options.early_stop``)
-and whether forward-only logits run under bf16 autocast (checked against fp32 first) are fixed here; the sweep
-reads the plan and never gets switched from outside.
+Where SI is computed (``options.saliency_scope``) and with which method (integrated gradients through the torch
+module, else occlusion), whether SI is sampled sequentially with a confidence bound (``sequential``), whether the
+shifts may be skipped once clean and noise settle the label (``options.early_stop``) and whether forward-only
+logits run under bf16 autocast (checked against fp32 first) are fixed here; the sweep reads the plan and never
+gets switched from outside.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
+from .groups import Group
+from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
+from .runtime import ModelRunner
 from .spec import AuditSpec
 
 #: the confidence of the sequential SI bound over all its looks (Bonferroni across the batches)
@@ -19,6 +25,12 @@ SI_CONFIDENCE = 0.95
 #: ``SI_MIN_BATCH``, so a genuine model (SI 1 with no spread) pays for a quarter of its probes
 SI_LOOKS = 4
 SI_MIN_BATCH = 16
+#: bf16 autocast is used only when its logits stay this close to fp32 (max |difference| over the logits'
+#: scale, on the first clean chunk): well inside what moves LI_normalized / DI at the genuine bounds' scale
+#: is not claimed; the check guards the forward metrics of learned / not_invariant models.
+AUTOCAST_TOLERANCE = 2e-2
+#: probes the autocast check compares on
+AUTOCAST_SAMPLE = 16
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,12 @@ class AuditPlan:
     si_threshold: float
     #: skip the shifts and the Jacobian once clean and noise settle the label
     early_stop: bool
-    #: forward-only logits under bf16 autocast (CUDA, checked against fp32 by the audit)
+    #: forward-only logits under bf16 autocast (CUDA, checked against fp32 by ``plan_audit``)
     autocast: bool
+    #: how saliency maps are computed (None: ``options.saliency`` is off)
+    saliency: SaliencyMethod | None = None
+    #: the report's ``model.autocast``: what the check measured (None: not asked for)
+    autocast_check: dict | None = None
 
     def si_batch(self, cap: int) -> int:
         """Probes per SI batch for a condition of ``cap`` probes (all of them when not sequential)."""
@@ -49,9 +65,50 @@ class AuditPlan:
         return math.ceil(cap / self.si_batch(cap)) if cap else 1
 
 
-def make_plan(spec: AuditSpec, has_saliency: bool, autocast: bool = False) -> AuditPlan:
-    """The plan of one audit; ``has_saliency``: a saliency method exists for the model."""
+def make_plan(spec: AuditSpec, saliency: SaliencyMethod | None = None, autocast_check: dict | None = None
+              ) -> AuditPlan:
+    """The plan of one audit from the spec, the saliency method (None: none for this model, or switched off)
+    and the autocast check's outcome."""
     options = spec.options
-    scope = options.saliency_scope if options.saliency and has_saliency else "none"
+    scope = options.saliency_scope if options.saliency and saliency is not None else "none"
     return AuditPlan(scope=scope, sequential=scope == "decisive", confidence=SI_CONFIDENCE,
-                     si_threshold=spec.policy.genuine_si_min, early_stop=options.early_stop, autocast=autocast)
+                     si_threshold=spec.policy.genuine_si_min, early_stop=options.early_stop,
+                     autocast=bool(autocast_check and autocast_check["used"]), saliency=saliency,
+                     autocast_check=autocast_check)
+
+
+def plan_audit(spec: AuditSpec, runner: ModelRunner, group: Group, sample: torch.Tensor) -> AuditPlan:
+    """The plan for this model: its saliency method and, when asked for, bf16 autocast checked on ``sample``
+    (the first probes, or seeded noise, on the model's device)."""
+    saliency = saliency_method(runner, spec) if spec.options.saliency else None
+    return make_plan(spec, saliency, check_autocast(runner, group, sample[:AUTOCAST_SAMPLE], spec))
+
+
+def saliency_method(runner: ModelRunner, spec: AuditSpec) -> SaliencyMethod:
+    """Integrated gradients through the model's torch module, else occlusion (its ``note`` says why)."""
+    module = runner.torch_module()
+    if module is not None:
+        return integrated_gradients(module, spec.options.ig_steps, spec.options.batch_size, adaptive=True)
+    reason = runner.gradient_note or "no differentiable module for this model"
+    return occlusion(lambda t: runner.logits(t, spec.options.batch_size), runner.input_shape, reason)
+
+
+def check_autocast(runner: ModelRunner, group: Group, sample: torch.Tensor, spec: AuditSpec) -> dict | None:
+    """The opt-in bf16 autocast, checked against fp32 on ``sample``'s orbits; not used past
+    ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for."""
+    options = spec.options
+    if not options.autocast_bf16:
+        return None
+    if runner.device.type != "cuda":
+        return {"dtype": None, "used": False, "note": f"autocast_bf16 needs CUDA; ran fp32 on {runner.device}"}
+    flat = group.orbit(sample).reshape(-1, *sample.shape[1:])
+    reference = runner.logits(flat, options.batch_size)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = runner.logits(flat, options.batch_size).float()
+    scale = float(reference.abs().max().clamp_min(1e-12))
+    error = float((low - reference).abs().max()) / scale
+    used = error <= AUTOCAST_TOLERANCE
+    return {"dtype": "bfloat16" if used else None, "used": used,
+            "max_relative_logit_error": error, "tolerance": AUTOCAST_TOLERANCE,
+            "note": "forward-only logits under bf16 autocast (saliency and the Jacobian stay fp32)"
+            if used else "bf16 logits differ from fp32 past the tolerance: ran fp32"}

@@ -9,7 +9,7 @@ writes, key for key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .names import PROFILE_METRICS
 from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
@@ -17,6 +17,18 @@ from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, 
 #: the public names ``audit_service.Verdict`` / ``audit_service.ConditionResult``: the report's own models
 ConditionResult = Condition
 __all__ = ["AuditResult", "ConditionResult", "Verdict", "Report"]
+
+T = TypeVar("T")
+
+
+class _Section(Generic[T]):
+    """A section of the report read through: ``result.verdict`` is ``result.report.verdict``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, result: "AuditResult", owner: type | None = None) -> T:
+        return getattr(result.report, self.name)
 
 
 @dataclass(frozen=True)
@@ -30,25 +42,14 @@ class AuditResult:
         """The result of a report dict (as ``run_audit`` returns and the service stores it) or a ``Report``."""
         return cls(parse_report(report))
 
-    @property
-    def verdict(self) -> Verdict:
-        return self.report.verdict
+    verdict = _Section[Verdict]()
+    sensitivity = _Section[Sensitivity]()
+    model = _Section[ModelSection]()
+    group = _Section[GroupSection]()
 
     @property
     def conditions(self) -> tuple[Condition, ...]:
         return tuple(self.report.conditions)
-
-    @property
-    def sensitivity(self) -> Sensitivity:
-        return self.report.sensitivity
-
-    @property
-    def model(self) -> ModelSection:
-        return self.report.model
-
-    @property
-    def group(self) -> GroupSection:
-        return self.report.group
 
     @property
     def label(self) -> str:

@@ -9,7 +9,6 @@ out (``not_needed``: its SI can then only tell whether every saliency map is zer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,31 +23,27 @@ from .schema import Condition as ConditionReport
 from .schema import ConditionMetrics, ConditionSpreads
 from .sequential import SaliencySampling, decided, relative_completeness, si_bound
 from .spec import AuditSpec
-from .sweep import Condition, ConditionResult, OrbitSweep
+from .sweep import Condition, ConditionResult, OrbitSweep, SweepOutcome
 from .verdict import decide, genuine_checks, genuine_failures
 
 #: the conditions the report always needs (the paper's SI is computed there)
 ANCHORS = tuple(c.value for c in ConditionName)
 
 
-@dataclass
-class SweepOutcome:
-    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere, how each
-    SI pass was sampled, and what early stopping skipped."""
-
-    scope: str
-    results: list[ConditionResult]
-    saliency_reasons: dict[str, str]
-    sampling: dict[str, SaliencySampling] = field(default_factory=dict)
-    scope_reason: str | None = None
-    stopped: str | None = None
-    skipped: list[dict] = field(default_factory=list)
+def audit_conditions(shifts: list, has_probes: bool) -> list[Condition]:
+    """The report's rows in order: clean and one per shift (with probes), then pure noise."""
+    conditions = []
+    if has_probes:
+        conditions.append(Condition(ConditionName.CLEAN.value, keep_examples=True))
+        conditions += [Condition(s.label, shift=s) for s in shifts]
+    conditions.append(Condition(ConditionName.NOISE.value, noise=True, keep_examples=True))
+    return conditions
 
 
-def run_sweep(sweep: OrbitSweep, plan: AuditPlan, conditions: list[Condition], x, y, spec: AuditSpec,
+def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
               tick: Callable[[str], Callable[[], None]]) -> SweepOutcome:
-    """Sweep the conditions as ``plan`` says (see the module docstring)."""
-    options, policy = spec.options, spec.policy
+    """Sweep the conditions as the sweep's plan says (see the module docstring)."""
+    options, policy, plan = spec.options, spec.policy, sweep.plan
     scope = plan.scope
     anchors = [c for c in conditions if c.name in ANCHORS]
     shifted = [c for c in conditions if c not in anchors]
@@ -58,7 +53,7 @@ def run_sweep(sweep: OrbitSweep, plan: AuditPlan, conditions: list[Condition], x
 
     def forward(condition: Condition) -> None:  # ``all``: SI in the same pass, on every probe
         done[condition.name] = guarded(
-            lambda: sweep.run(condition, x, y, tick(condition.name), saliency=scope == "all"),
+            lambda: sweep.run(condition, tick(condition.name), saliency=scope == "all"),
             f"sweeping condition {condition.name}")
 
     def saliency(condition: Condition) -> None:
@@ -78,7 +73,7 @@ def run_sweep(sweep: OrbitSweep, plan: AuditPlan, conditions: list[Condition], x
                 return "not_needed"
             return "decided" if decided(bound, plan.si_threshold) else None
 
-        guarded(lambda: sweep.add_saliency(result, x, y, tick(condition.name), plan.si_batch(cap), should_stop),
+        guarded(lambda: sweep.add_saliency(result, tick(condition.name), plan.si_batch(cap), should_stop),
                 f"computing the saliency of condition {condition.name}")
 
     for condition in anchors:

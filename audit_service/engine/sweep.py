@@ -15,23 +15,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .groups import Group
+from .inputs import CheckedInputs
 from .metrics import ConditionAccumulator, saliency_similarity
-from .metrics.saliency import SaliencyMethod, postprocess
+from .metrics.functional import logit_invariance_error
+from .metrics.saliency import postprocess
 from .plan import AuditPlan
-from .runtime import ModelRunner
-from .shifts import ProbeStats, apply_shift, uniform_noise
+from .sequential import SaliencySampling
+from .shifts import apply_shift, uniform_noise
 from .spec import Options, ShiftSpec
 
 #: samples of each saliency batch on which IG's completeness error is measured (one extra forward pass of them)
 COMPLETENESS_SAMPLES = 32
-#: Worst-similarity examples kept per condition for the HTML report.
+#: Worst-similarity pairs kept per condition for the report's saliency examples (``report.examples``).
 EXAMPLES_PER_CONDITION = 3
-EXAMPLE_MAX_SIDE = 48
-#: at most this many values per example map, whatever the input's rank or size (the report stays bounded)
-EXAMPLE_MAX_VALUES = EXAMPLE_MAX_SIDE * EXAMPLE_MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,8 @@ class Condition:
 class ConditionResult:
     condition: Condition
     accumulator: ConditionAccumulator
-    examples: list[dict] = field(default_factory=list)
+    #: the lowest-similarity (element, probe) pairs, maps still tensors (``report.examples`` renders them)
+    worst: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     #: whether SI was computed on this condition (``run(saliency=...)``, ``add_saliency``)
     saliency_computed: bool = False
@@ -63,43 +61,43 @@ class ConditionResult:
     completeness: tuple[float, float] = (0.0, 0.0)
 
 
+@dataclass
+class SweepOutcome:
+    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere, how each
+    SI pass was sampled, and what early stopping skipped."""
+
+    scope: str
+    results: list[ConditionResult]
+    saliency_reasons: dict[str, str]
+    sampling: dict[str, SaliencySampling] = field(default_factory=dict)
+    scope_reason: str | None = None
+    stopped: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+
 class OrbitSweep:
     """Runs conditions for one (model, group) pair; see the module docstring for the data flow."""
 
-    def __init__(
-        self,
-        runner: ModelRunner,
-        group: Group,
-        options: Options,
-        stats: ProbeStats,
-        saliency: SaliencyMethod | None,
-        second_probes: torch.Tensor | None = None,
-        plan: AuditPlan | None = None,
-    ) -> None:
-        self.runner = runner
-        self.group = group
+    def __init__(self, inputs: CheckedInputs, plan: AuditPlan, options: Options) -> None:
+        self.runner = inputs.runner
+        self.group = inputs.group
         self.options = options
-        self.stats = stats
-        self.saliency = saliency
-        self.second_probes = second_probes
-        self.device = runner.device
-        #: bf16 autocast for forward-only logits: decided by the audit's plan (checked against fp32 there)
-        self.autocast = bool(plan.autocast) if plan is not None else False
+        self.stats = inputs.stats
+        self.plan = plan
+        self.saliency = plan.saliency
+        self.device = inputs.runner.device
+        self.probes, self.labels = inputs.x, inputs.y
+        self.second_probes = inputs.second.to(self.device) if inputs.second is not None else None
 
     # ------------------------------------------------------------------ public
-    def n_chunks(self, condition: Condition, n_probes: int) -> int:
-        n = self.options.n_noise_probes if condition.noise else n_probes
+    def n_chunks(self, condition: Condition) -> int:
+        """How many chunks ``run`` sweeps the condition in (the progress counts them)."""
+        n = self.options.n_noise_probes if condition.noise else (self.probes.shape[0] if self.probes is not None else 0)
         return -(-n // self.options.probe_chunk)
 
-    def run(
-        self,
-        condition: Condition,
-        probes: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        on_chunk: Callable[[], None] = lambda: None,
-        saliency: bool = True,
-    ) -> ConditionResult:
-        """Sweep one condition. ``probes`` / ``labels`` may live on the host; chunks move to the device.
+    def run(self, condition: Condition, on_chunk: Callable[[], None] = lambda: None, saliency: bool = True
+            ) -> ConditionResult:
+        """Sweep one condition. The probes and labels may live on the host; chunks move to the device.
 
         ``saliency=False`` is the forward-only pass (one model pass a sample); ``add_saliency`` can add
         SI to its result later, over the very same chunks."""
@@ -107,33 +105,25 @@ class OrbitSweep:
         acc = ConditionAccumulator(self.runner.num_classes)
         worst: list[dict] = []
         with_si = saliency and self.saliency is not None
-        use_labels = labels is not None and not condition.noise
         completeness = [0.0, 0.0]
-        for x, y in self._chunks(condition, probes, labels if use_labels else None, self._generator(condition)):
+        for x, y in self._chunks(condition):
             logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, with_si)
             acc.update(logits_gx, y, si_pairs)
             if si_pairs is not None:
                 completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
                 if condition.keep_examples:
-                    worst = _keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
+                    worst = keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
             on_chunk()
         self._sync()
-        examples = [_example(e, condition.name, self.group.element_names) for e in worst]
         seconds = time.perf_counter() - start
-        return ConditionResult(condition, acc, examples, seconds, saliency_computed=with_si,
+        return ConditionResult(condition, acc, worst, seconds, saliency_computed=with_si,
                                saliency_seconds=seconds if with_si else 0.0,
                                saliency_probes=acc.n if with_si else 0, saliency_stopped="cap" if with_si else None,
                                completeness=tuple(completeness))
 
-    def add_saliency(
-        self,
-        result: ConditionResult,
-        probes: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        on_chunk: Callable[[], None] = lambda: None,
-        batch: int | None = None,
-        should_stop: Callable[[ConditionResult], str | None] = lambda result: None,
-    ) -> None:
+    def add_saliency(self, result: ConditionResult, on_chunk: Callable[[], None] = lambda: None,
+                     batch: int | None = None,
+                     should_stop: Callable[[ConditionResult], str | None] = lambda result: None) -> None:
         """SI for a condition that ``run`` swept forward-only: the same seeded chunks again, their
         logits (for the IG target) and integrated gradients; only SI is added to the accumulator.
 
@@ -150,11 +140,9 @@ class OrbitSweep:
         completeness = [0.0, 0.0]
         stopped = None
         result.saliency_computed = True
-        use_labels = labels is not None and not condition.noise
         size = batch or max(acc.n, 1)
         look = size  # the bound is read each time ``size`` more probes are in, whatever the chunking
-        for chunk, labels_chunk in self._chunks(condition, probes, labels if use_labels else None,
-                                                self._generator(condition)):
+        for chunk, labels_chunk in self._chunks(condition):
             first = 0
             while first < chunk.shape[0]:
                 take = min(chunk.shape[0] - first, look - offset)
@@ -164,7 +152,7 @@ class OrbitSweep:
                 acc.update_saliency(si_pairs)
                 completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
                 if condition.keep_examples:
-                    worst = _keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
+                    worst = keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
                 offset += take
                 first += take
                 result.saliency_probes = offset
@@ -177,18 +165,18 @@ class OrbitSweep:
             if stopped:
                 break
         self._sync()
-        result.examples = [_example(e, condition.name, self.group.element_names) for e in worst]
+        result.worst = worst
         result.saliency_stopped = stopped or "cap"
         result.completeness = tuple(completeness)
         result.saliency_seconds = time.perf_counter() - start
         result.seconds += result.saliency_seconds
 
     # ------------------------------------------------------------------ internals
-    def _chunks(
-        self, condition: Condition, probes: torch.Tensor | None, labels: torch.Tensor | None,
-        generator: torch.Generator,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        size = self.options.probe_chunk
+    def _chunks(self, condition: Condition) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The condition's probes (and labels, but never on noise) in chunks on the device, from the condition's
+        own seeded generator: a second pass over a condition draws the same chunks."""
+        size, generator = self.options.probe_chunk, self._generator(condition)
+        probes, labels = self.probes, (self.labels if not condition.noise else None)
         if condition.noise:
             total = self.options.n_noise_probes
             for start in range(0, total, size):
@@ -214,9 +202,9 @@ class OrbitSweep:
             torch.cuda.synchronize(self.device)
 
     def _logits(self, flat: torch.Tensor) -> torch.Tensor:
-        """Forward-only logits (the runners run them under ``torch.inference_mode``); with
-        ``options.autocast_bf16`` on CUDA, under bf16 autocast (the audit checks it against fp32 first)."""
-        if self.autocast:
+        """Forward-only logits (the runners run them under ``torch.inference_mode``); under bf16 autocast
+        where the plan says so (``plan.check_autocast`` compared it with fp32 first)."""
+        if self.plan.autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.runner.logits(flat, self.options.batch_size).float()
         return self.runner.logits(flat, self.options.batch_size)
@@ -256,19 +244,19 @@ class OrbitSweep:
         return logits, saliency_similarity(maps[0], maps), maps, seen
 
 
-def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,
+def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,
                 logits: torch.Tensor | None = None, seen: dict | None = None) -> list[dict]:
     """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded);
     ties in similarity (common: many pairs at exactly 1 or undefined) go to the larger logit error LI.
 
-    Maps stay tensors (views of this chunk's maps, cloned) until the condition ends; only the few
-    survivors are turned into JSON lists by ``_example``.
+    Maps stay tensors (views of this chunk's maps, cloned); only the few survivors are turned into JSON lists,
+    by ``report.examples``.
     """
     if si_pairs.shape[0] < 2:
         return kept
     scores = si_pairs[1:].nan_to_num(nan=-2.0).flatten()             # undefined (zero map) first
     if logits is not None:
-        li = 0.5 * (logits[1:] - logits[:1]).double().pow(2).sum(-1).flatten()
+        li = logit_invariance_error(logits[0].double(), logits[1:].double()).flatten()
     else:
         li = torch.zeros_like(scores, dtype=torch.float64)
     by_li = torch.argsort(-li, stable=True)
@@ -288,65 +276,3 @@ def _keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, of
         kept.append(entry)
     kept.sort(key=lambda e: (e["score"], -e["li"]))
     return kept[:EXAMPLES_PER_CONDITION]
-
-
-def _example(kept: dict, condition: str, element_names: list[str]) -> dict:
-    """One kept pair as the report's JSON (a score of -2 marks an undefined similarity).
-
-    Beside the thresholded, filtered maps in x's frame (``map_x``, ``map_gx_aligned``: what SI compares)
-    it carries small copies of the probe and of g x (``image_x``, ``image_gx``, channels kept) and the raw
-    |integrated gradients| of each in its own frame (``raw_x``, ``raw_gx``), for the HTML report.
-    """
-    out = {
-        "condition": condition,
-        "probe": kept["probe"],
-        "element": element_names[kept["element"]],
-        "similarity": None if kept["score"] == -2.0 else round(kept["score"], 6),
-        "LI": round(kept.get("li", 0.0), 6),
-        "map_x": _example_map(kept["map_x"]),
-        "map_gx_aligned": _example_map(kept["map_gx_aligned"]),
-    }
-    for key in ("image_x", "image_gx"):
-        if key in kept:
-            out[key] = _example_image(kept[key])
-    for key in ("raw_x", "raw_gx"):
-        if key in kept:
-            out[key] = _example_map(kept[key])
-    return out
-
-
-def _example_image(x: torch.Tensor) -> list:
-    """A probe small enough for JSON: (C, H, W) with channels kept, at most 48 px a side; 1-D features
-    as they are (at most 256); 3 decimals."""
-    x = x.detach().float()
-    if x.ndim >= 3:
-        x = x.reshape(-1, *x.shape[-2:])
-        if max(x.shape[-2:]) > EXAMPLE_MAX_SIDE:
-            side = (min(x.shape[-2], EXAMPLE_MAX_SIDE), min(x.shape[-1], EXAMPLE_MAX_SIDE))
-            x = F.adaptive_avg_pool2d(x[None], side)[0]
-    elif x.ndim == 2 and max(x.shape) > EXAMPLE_MAX_SIDE:
-        side = (min(x.shape[0], EXAMPLE_MAX_SIDE), min(x.shape[1], EXAMPLE_MAX_SIDE))
-        x = F.adaptive_avg_pool2d(x[None, None], side)[0, 0]
-    elif x.ndim == 1:
-        x = x[:256]
-    def rounded(v):
-        return [rounded(u) for u in v] if isinstance(v, list) else round(v, 3)
-    return rounded(x.cpu().tolist())
-
-
-def _example_map(m: torch.Tensor) -> list:
-    """A saliency map small enough for JSON, for any input rank: channels summed (rank >= 3), images
-    average-pooled to at most 48 px a side, 1-D maps to at most ``EXAMPLE_MAX_VALUES`` values; 4 decimals.
-    The size of the report therefore does not grow with the size of the model's input."""
-    m = m.detach().float()
-    if m.ndim >= 3:
-        m = m.reshape(-1, *m.shape[-2:]).sum(0)
-    if m.ndim == 0:
-        m = m.reshape(1)
-    if m.ndim == 2 and max(m.shape) > EXAMPLE_MAX_SIDE:
-        side = (min(m.shape[0], EXAMPLE_MAX_SIDE), min(m.shape[1], EXAMPLE_MAX_SIDE))
-        m = F.adaptive_avg_pool2d(m[None, None], side)[0, 0]
-    if m.ndim == 1 and m.shape[0] > EXAMPLE_MAX_VALUES:
-        m = F.adaptive_avg_pool1d(m[None, None], EXAMPLE_MAX_VALUES)[0, 0]
-    return [[round(v, 4) for v in row] for row in m.cpu().tolist()] if m.ndim == 2 else \
-        [round(v, 4) for v in m.cpu().tolist()]

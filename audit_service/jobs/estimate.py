@@ -26,8 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 #: a gradient sample, in forward passes, when the model has no torch twin to time
@@ -218,18 +217,15 @@ def estimating_loader(load: Callable[..., Any], spec: Any, probes: Any, on_estim
     return load_and_estimate
 
 
-def precheck_with_estimate(model_path: str | Path, spec: Any, probes: Any = None, labels: Any = None,
-                           second_probes: Any = None, progress: Any = None, load: Callable[..., Any] | None = None
-                           ) -> dict:
+def precheck_with_estimate(request: Any, progress: Any = None) -> dict:
     """The submission check's engine (``audit.precheck_audit``, run in the sandbox) plus the audit's estimate
-    under ``estimate`` (``Estimate.to_dict``), measured on the sandbox's CPU."""
+    under ``estimate`` (``Estimate.to_dict``), measured on the sandbox's CPU. ``request``: the sandbox's
+    ``engine.inputs.AuditRequest``."""
     from ..engine.audit import precheck_audit
-    from ..engine.runtime import load_model
 
     found: list[Estimate] = []
-    loader = estimating_loader(load or load_model, spec, probes, found.append)
-    facts = precheck_audit(model_path, spec, probes=probes, labels=labels, second_probes=second_probes,
-                           progress=progress, load=loader)
+    loader = estimating_loader(request.load, request.spec, request.probes, found.append)
+    facts = precheck_audit(replace(request, load=loader))
     return {**facts, **({"estimate": found[0].to_dict()} if found else {})}
 
 

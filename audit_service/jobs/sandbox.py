@@ -141,7 +141,7 @@ def _load_labels(path: str) -> Any:
     import numpy as np
 
     if path.endswith(".npz"):
-        from ..engine.audit import load_probe_file
+        from ..engine.inputs import load_probe_file
 
         x, y = load_probe_file(path)
         return y if y is not None else x
@@ -210,7 +210,7 @@ def run_task(task: dict, progress: Callable[[float, str], None], cage: "Cage | N
         return validate_model(task, cage)
     if task["kind"] == "symmetrize":
         return symmetrize_model(task, cage)
-    from ..engine.audit import load_probe_file
+    from ..engine.inputs import AuditRequest, load_probe_file
     from ..engine.spec import parse_audit_spec
 
     spec = parse_audit_spec(task["spec"])
@@ -223,8 +223,9 @@ def run_task(task: dict, progress: Callable[[float, str], None], cage: "Cage | N
         second, _ = load_probe_file(task["second_probes"])
     engine = _load_engine(task.get("engine") or DEFAULT_ENGINE)
     progress(0.0, "loading model")
-    return engine(task["model"], spec, probes=probes, labels=labels, second_probes=second, progress=progress,
-                  **({"load": cage.load} if cage is not None else {}))
+    request = AuditRequest(task["model"], spec, probes=probes, labels=labels, second_probes=second,
+                           **({"load": cage.load} if cage is not None else {}))
+    return engine(request, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
