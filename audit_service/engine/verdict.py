@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from .names import METRICS, ConditionName, Metric
-from .schema import Condition, Miss, Reason, ReasonTopic
+from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic
 from .spec import DEFAULT_REQUIRE, Policy
 
 #: the labels the verdict can give
@@ -55,12 +55,12 @@ def _said(topic: ReasonTopic, headline: str, detail: str | None = None, sep: str
 class Check:
     """One criterion on one condition: its value, threshold, 95% interval and outcome."""
 
-    criterion: str          #: the metric (LI_normalized, DI, SI, agreement, kappa, accuracy_kappa)
+    criterion: Metric       #: LI_normalized, DI, SI, agreement, kappa or accuracy_kappa
     condition: str
     value: float | None
     threshold: float
-    kind: str               #: "min" (value >= threshold passes) or "max" (value <= threshold passes)
-    role: str               #: genuine | invariant_predictions | learned_task
+    kind: Literal["min", "max"]  #: "min": value >= threshold passes; "max": value <= threshold passes
+    role: CriterionRole
     interval: tuple[float, float] | None = None
     n: int | None = None    #: probes behind the interval
     note: str | None = None
@@ -126,7 +126,7 @@ def _interval(condition: Condition, metric: Metric) -> tuple[tuple[float, float]
     return (float(s.mean), float(s.mean)), s.n
 
 
-def _check(condition: Condition, metric: Metric, threshold: float, role: str) -> Check:
+def _check(condition: Condition, metric: Metric, threshold: float, role: CriterionRole) -> Check:
     """``metric`` against ``threshold``: a max where low is good, a min where high is good (``METRICS``)."""
     interval, n = _interval(condition, metric)
     return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role,
@@ -134,7 +134,7 @@ def _check(condition: Condition, metric: Metric, threshold: float, role: str) ->
 
 
 def _chance_check(condition: Condition, metric: Metric, base: Metric, chance_key: Metric, threshold: float,
-                  role: str) -> Check:
+                  role: CriterionRole) -> Check:
     """kappa / accuracy_kappa, with the interval of the observed rate mapped through (x - chance) / (1 - chance)
     (the chance level is taken as known)."""
     chance = condition.metric(chance_key)
@@ -159,7 +159,7 @@ def genuine_checks(condition: Condition, policy: Policy) -> list[Check]:
     return checks
 
 
-def genuine_failures(condition: Condition, policy: Policy) -> list[tuple[str, float | None, str]]:
+def genuine_failures(condition: Condition, policy: Policy) -> list[tuple[Metric, float | None, str]]:
     """(metric, value, requirement) for each genuine criterion one condition misses."""
     return [(c.criterion, c.value, c.requirement) for c in genuine_checks(condition, policy) if not c.passed]
 
@@ -197,7 +197,7 @@ def _uncertain(checks: list[Check]) -> list[Check]:
 # --------------------------------------------------------------------------- reasons
 def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) -> list[Reason]:
     """One reason per missed genuine criterion: on how many conditions, and the values of the first few."""
-    by_metric: dict[str, list[Check]] = {}
+    by_metric: dict[Metric, list[Check]] = {}
     for c in checks:
         if not c.passed:
             by_metric.setdefault(c.criterion, []).append(c)
@@ -301,7 +301,7 @@ def verdict_gate(verdict: dict | None) -> bool | None:
 
 
 # --------------------------------------------------------------------------- decide
-def typed_conditions(conditions: Sequence[Condition | Mapping[str, Any]]) -> list[Condition]:
+def _typed(conditions: Sequence[Condition | Mapping[str, Any]]) -> list[Condition]:
     """The conditions as the typed model; a condition report still given as a dict (``report.build``) is
     validated once, here, so that a missing or mistyped key fails with the field's name."""
     return [c if isinstance(c, Condition) else Condition.model_validate(c) for c in conditions]
@@ -317,7 +317,7 @@ def decide(conditions: Sequence[Condition | Mapping[str, Any]], policy: Policy,
     way to the label (structured: criterion, condition, value, threshold, kind, role, interval, n_probes, passed,
     straddles, probes_to_settle, option); ``borderline_criteria`` those whose interval straddles the threshold
     where it decides the label."""
-    typed = typed_conditions(conditions)
+    typed = _typed(conditions)
     required = list(require)
     path: list[list[Check]] = []  # the conjunctions that decided the label
     trivial = _is_trivial(typed, policy)

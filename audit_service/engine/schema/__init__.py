@@ -23,12 +23,13 @@ from .sections import (
     Autocast, EarlyStop, GroupSection, MemoryFormat, MlflowWriteBack, ModelSection, ProfileRun, ReferenceProfile,
     SaliencyExample, SaliencyScope, SampledGroup, Sensitivity, SigmaMax, SkippedCondition, SkippedShift,
     Symmetrized, Timing)
-from .verdict import Criterion, Miss, Reason, ReasonTopic, ReportPolicy, Verdict
+from .verdict import Criterion, CriterionRole, Miss, Reason, ReasonTopic, ReportPolicy, Verdict
 
 __all__ = [
-    "STRICT", "Autocast", "Condition", "ConditionMetrics", "ConditionSpreads", "Criterion", "EarlyStop",
-    "GroupSection", "MemoryFormat", "Miss", "MlflowWriteBack", "ModelSection", "Predictions", "ProfileRun",
-    "Reason", "ReasonTopic", "ReferenceProfile", "Report", "ReportModel", "ReportPolicy", "ReportSpec",
-    "SaliencyExample", "SaliencyScope", "SaliencySampling", "SampledGroup", "SampledInterval", "Sensitivity",
-    "SigmaMax", "SkippedCondition", "SkippedShift", "Spread", "Symmetrized", "Timing", "Verdict", "parse_report",
+    "STRICT", "Autocast", "Condition", "ConditionMetrics", "ConditionSpreads", "Criterion", "CriterionRole",
+    "EarlyStop", "GroupSection", "MemoryFormat", "Miss", "MlflowWriteBack", "ModelSection", "Predictions",
+    "ProfileRun", "Reason", "ReasonTopic", "ReferenceProfile", "Report", "ReportModel", "ReportPolicy",
+    "ReportSpec", "SaliencyExample", "SaliencySampling", "SaliencyScope", "SampledGroup", "SampledInterval",
+    "Sensitivity", "SigmaMax", "SkippedCondition", "SkippedShift", "Spread", "Symmetrized", "Timing", "Verdict",
+    "parse_report",
 ]

@@ -54,6 +54,10 @@ class Reason(ReportModel):
         return self.model_dump(mode="json", exclude_defaults=True)
 
 
+#: why a criterion was evaluated: the genuine criteria, invariant predictions on the clean probes, the learned task
+CriterionRole = Literal["genuine", "invariant_predictions", "learned_task"]
+
+
 class Criterion(ReportModel):
     """One criterion the verdict evaluated on one condition."""
 
@@ -62,7 +66,7 @@ class Criterion(ReportModel):
     value: float | None
     threshold: float
     kind: Literal["min", "max"]
-    role: Literal["genuine", "invariant_predictions", "learned_task"]
+    role: CriterionRole
     interval: list[float] | None = Field(description="95% interval of the value")
     n_probes: int | None
     passed: bool
