@@ -1,8 +1,9 @@
 """The verdict: genuine / learned / incidental / undecided / not_invariant / trivial / not_genuine.
 
-DESIGN section 4, policy version 3 (docs/audit.md, "The verdict"). Every criterion is read from a condition's
-``metrics``, which are means over the non-identity group elements g != e (``report.build.condition_report``), so
-a threshold means the same for ``flip``, C4 and a sampled S_16.
+DESIGN section 4, policy version 3 (docs/audit.md, "The verdict"). The conditions are the report's typed
+``schema.Condition``; every criterion is read from a condition's ``metrics``, which are means over the
+non-identity group elements g != e (``report.build.condition_report``), so a threshold means the same for
+``flip``, C4 and a sampled S_16.
 
 * ``trivial``: the decision ignores the input (logit spread across probes at float rounding relative to the
   logits' own size, every saliency map zero, or one predicted class everywhere).
