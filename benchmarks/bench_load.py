@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -137,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.deadline
         token_list = list(tokens)
 
+        def timed(what: str, call: Callable[[], requests.Response], into: list[float]) -> requests.Response | None:
+            """``call()``, its milliseconds added to ``into``; on a connection error: noted, a pause, None."""
+            start = time.perf_counter()
+            try:
+                r = call()
+            except requests.RequestException as exc:
+                with lock:
+                    errors.append(f"{what}: {exc}")
+                time.sleep(1)
+                return None
+            with lock:
+                into.append((time.perf_counter() - start) * 1000)
+            return r
+
         def client(n: int) -> None:
             session = requests.Session()
             session.headers["Authorization"] = f"Bearer {token_list[n % TENANTS]}"
@@ -150,17 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 model = models[i % len(models)]
                 job_id = None
                 while job_id is None and time.monotonic() < deadline:
-                    start = time.perf_counter()
-                    try:
-                        r = session.post(stack.url + "/audit", files={"model": (model.name, model.read_bytes())},
-                                         data={"spec": spec}, timeout=120)
-                    except requests.RequestException as exc:
-                        with lock:
-                            errors.append(f"POST: {exc}")
-                        time.sleep(1)
+                    r = timed("POST", lambda: session.post(stack.url + "/audit", data={"spec": spec}, timeout=120,
+                                                           files={"model": (model.name, model.read_bytes())}), post_ms)
+                    if r is None:
                         continue
-                    with lock:
-                        post_ms.append((time.perf_counter() - start) * 1000)
                     if r.status_code == 429:
                         with lock:
                             throttled[0] += 1
@@ -174,16 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                     with lock:
                         accepted[job_id] = session.headers["Authorization"]
                 while job_id is not None and time.monotonic() < deadline:
-                    start = time.perf_counter()
-                    try:
-                        r = session.get(f"{stack.url}/audits/{job_id}", timeout=60)
-                    except requests.RequestException as exc:
-                        with lock:
-                            errors.append(f"GET: {exc}")
-                        time.sleep(1)
+                    r = timed("GET", lambda: session.get(f"{stack.url}/audits/{job_id}", timeout=60), get_ms)
+                    if r is None:
                         continue
-                    with lock:
-                        get_ms.append((time.perf_counter() - start) * 1000)
                     status = r.json().get("status") if r.ok else f"http {r.status_code}"
                     if status in ("succeeded", "failed", "cancelled"):
                         with lock:

@@ -104,6 +104,13 @@ def export_torchscript(module: nn.Module, input_shape: Shape, path: str | Path, 
 
 
 # ----------------------------------------------------------------------------- architectures
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``: the models below take their variant by name."""
+    if value not in allowed:
+        raise ValueError(f"Expected {name} {' or '.join(map(repr, allowed))}, but got {value!r}")
+    return value
+
+
 class PlainCNN(nn.Module):
     """Two convolutions and a dense head on the flattened map: no symmetry at all."""
 
@@ -126,10 +133,8 @@ class OrbitAveragedCNN(nn.Module):
 
     def __init__(self, base: nn.Module, group: str = "C4") -> None:
         super().__init__()
-        if group not in ("C4", "D4"):
-            raise ValueError(f"Expected group 'C4' or 'D4', but got {group!r}")
         self.base = base
-        self.group = group
+        self.group = _choice("group", group, ("C4", "D4"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = [rot90(x, k) for k in range(4)]
@@ -217,11 +222,9 @@ class NaNModel(nn.Module):
 
     def __init__(self, in_features: int = 144, n_classes: int = 10, when: str = "always", seed: int = 0) -> None:
         super().__init__()
-        if when not in ("always", "negative_mean"):
-            raise ValueError(f"Expected when='always' or 'negative_mean', but got {when!r}")
+        self.when = _choice("when", when, ("always", "negative_mean"))
         torch.manual_seed(seed)
         self.fc = nn.Linear(in_features, n_classes)
-        self.when = when
         self.register_buffer("nan", torch.tensor(float("nan")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,11 +239,9 @@ class OddOutputModel(nn.Module):
 
     def __init__(self, in_features: int = 144, n_classes: int = 10, kind: str = "3d", seed: int = 0) -> None:
         super().__init__()
-        if kind not in ("3d", "1d"):
-            raise ValueError(f"Expected kind '3d' or '1d', but got {kind!r}")
+        self.kind = _choice("kind", kind, ("3d", "1d"))
         torch.manual_seed(seed)
         self.fc = nn.Linear(in_features, n_classes * 2)
-        self.kind = kind
         self.n_classes = n_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,6 +264,26 @@ class TwoInputModel(nn.Module):
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         return self.image(image.flatten(1)) + self.meta(meta)
+
+
+class Hostile(nn.Module):
+    """A dense classifier on 1x12x12 images that behaves on batches of at most ``calm`` samples (the
+    loader's check batch, the submission check's 16) and runs ``attack`` on larger ones (the audit's):
+    the shape of every hostile model the sandbox tests upload. Subclasses override ``attack``; scriptable."""
+
+    def __init__(self, calm: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(144, 10)
+        self.calm = calm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if x.shape[0] > self.calm:
+            y = self.attack(x, y)
+        return y
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
 
 
 def rank1_onnx(path: str | Path, features: int) -> Path:

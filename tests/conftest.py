@@ -103,7 +103,7 @@ def service(tmp_path_factory: pytest.TempPathFactory):
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small real models and probe files, built once."""
     import torch
-    from builders import IMAGE_SHAPE, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
+    from builders import IMAGE_SHAPE, Hostile, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
 
     out = tmp_path_factory.mktemp("models")
     paths = {
@@ -112,35 +112,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "invariant": export_onnx(OrbitAveragedCNN(PlainCNN(seed=2), "C4"), IMAGE_SHAPE, out / "invariant.onnx"),
     }
 
-    class Hang(torch.nn.Module):
+    class Hang(Hostile):
         """Fine on the loader's probe batch; spins forever on an audit batch."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(144, 10)
+        def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            s = torch.zeros(1)
+            for i in range(2_000_000_000):
+                s = s + 1.0
+            return y + s
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.fc(x.flatten(1))
-            if x.shape[0] > 4:
-                s = torch.zeros(1)
-                for i in range(2_000_000_000):
-                    s = s + 1.0
-                y = y + s
-            return y
-
-    class Hog(torch.nn.Module):
+    class Hog(Hostile):
         """Fine on the loader's probe batch; asks for ~40 GB on an audit batch."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(144, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.fc(x.flatten(1))
-            if x.shape[0] > 4:
-                big = torch.ones(10_000_000_000)
-                y = y + big[:1]
-            return y
+        def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            big = torch.ones(10_000_000_000)
+            return y + big[:1]
 
     paths["hang"] = export_torchscript(Hang(), IMAGE_SHAPE, out / "hang.pt", script=True)
     paths["hog"] = export_torchscript(Hog(), IMAGE_SHAPE, out / "hog.pt", script=True)

@@ -17,17 +17,8 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import (
-    IMAGE_SHAPE,
-    ConstantModel,
-    NaNModel,
-    OddOutputModel,
-    OrbitAveragedCNN,
-    PlainCNN,
-    TwoInputModel,
-    export_onnx,
-    export_torchscript,
-)
+from builders import (IMAGE_SHAPE, ConstantModel, NaNModel, OddOutputModel, OrbitAveragedCNN, PlainCNN, TwoInputModel,
+                      export_onnx, export_torchscript)
 
 CLI = [sys.executable, "-m", "audit_service.cli"]
 FAST = ["--option", "n_probes=16", "--option", "n_noise_probes=16", "--option", "ig_steps=4",

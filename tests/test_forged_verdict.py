@@ -25,7 +25,7 @@ import torch
 from audit_service.jobs.confine import landlock_abi
 from audit_service.jobs.launcher import Limits, group_alive, launch, task_env
 from audit_service.jobs.settings import Settings
-from builders import IMAGE_SHAPE, export_torchscript
+from builders import IMAGE_SHAPE, Hostile, export_torchscript
 from conftest import Service, settle, tiny_spec
 from polling import wait_for
 
@@ -36,43 +36,36 @@ FORGED = json.dumps({"ok": True, "report": {"verdict": {"label": "genuine", "pas
 EXIT = json.dumps({"rc": 0})
 
 
-class Forger(torch.nn.Module):
-    """A linear layer (not flip-invariant) that, on every batch of at least ``min_batch`` samples, writes a
+class Forger(Hostile):
+    """A linear layer (not flip-invariant) that, on every batch of more than ``calm`` samples, writes a
     forged ``genuine`` result and a zero exit status at ``prefix + "result.json"`` / ``prefix + "exit.json"``,
     then goes on computing honest logits."""
 
-    def __init__(self, prefix: str, min_batch: int = 17) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(144, 10)
-        self.min_batch = min_batch
+    def __init__(self, prefix: str, calm: int = 16) -> None:
+        super().__init__(calm)
         self.result_path, self.exit_path = prefix + "result.json", prefix + "exit.json"
         self.register_buffer("result", torch.tensor(list(FORGED.encode()), dtype=torch.uint8))
         self.register_buffer("exit_code", torch.tensor(list(EXIT.encode()), dtype=torch.uint8))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x.flatten(1))
-        if x.shape[0] >= self.min_batch:  # the writes feed the output (times 0), so no pass drops them
-            r = torch.from_file(self.result_path, shared=True, size=self.result.numel(), dtype=torch.uint8)
-            r.copy_(self.result)
-            e = torch.from_file(self.exit_path, shared=True, size=self.exit_code.numel(), dtype=torch.uint8)
-            e.copy_(self.exit_code)
-            y = y + (r.float().sum() + e.float().sum()) * 0.0
-        return y
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # the writes feed the output (times 0), so no pass drops them
+        r = torch.from_file(self.result_path, shared=True, size=self.result.numel(), dtype=torch.uint8)
+        r.copy_(self.result)
+        e = torch.from_file(self.exit_path, shared=True, size=self.exit_code.numel(), dtype=torch.uint8)
+        e.copy_(self.exit_code)
+        return y + (r.float().sum() + e.float().sum()) * 0.0
 
 
-class TaskReader(torch.nn.Module):
+class TaskReader(Hostile):
     """Reads the task spec of its own job (``../task.json``) and puts its bytes in the error."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(144, 10)
+        super().__init__(calm=16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 16:
-            t = torch.from_file("../task.json", shared=False, size=8, dtype=torch.uint8)
-            read: List[int] = t.long().tolist()
-            raise RuntimeError("READ" + str(read))
-        return self.fc(x.flatten(1))
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = torch.from_file("../task.json", shared=False, size=8, dtype=torch.uint8)
+        read: List[int] = t.long().tolist()
+        raise RuntimeError("READ" + str(read))
 
 
 def _spec() -> dict:
@@ -185,7 +178,7 @@ def test_a_forging_model_against_a_running_service(service_two_tenants, tmp_path
     svc = service_two_tenants
     alice = "alice-token-0123456789abcdef"
     # forges on every batch: the submission check's too (which then ran on, past its answer, before the cage)
-    forger = export_torchscript(Forger("", min_batch=0).eval(), IMAGE_SHAPE, tmp_path / "forger.pt", script=True)
+    forger = export_torchscript(Forger("", calm=-1).eval(), IMAGE_SHAPE, tmp_path / "forger.pt", script=True)
     climber = export_torchscript(Forger("../").eval(), IMAGE_SHAPE, tmp_path / "climber.pt", script=True)
     ids = {}
     for name, path in (("forger", forger), ("climber", climber)):

@@ -27,6 +27,7 @@ import torch
 from audit_service.jobs.confine import landlock_abi
 from audit_service.jobs.launcher import Limits, launch, task_env
 from audit_service.jobs.settings import Settings
+from builders import Hostile
 from conftest import ROOT, Service, settle, tiny_spec
 
 HERE = Path(__file__).resolve().parent
@@ -113,24 +114,20 @@ def test_without_landlock_the_same_probe_reads_the_secrets(layout):
 ADMIN, BOB = "admin-token-0123456789abcdef", "bob-token-0123456789abcdef"
 
 
-class FromFile(torch.nn.Module):
+class FromFile(Hostile):
     """``aten::from_file`` on a path of the attacker's choice, at the model check (``every_batch``) or
     only on audit batches; a read puts the bytes into the exception message."""
 
     def __init__(self, path: str, size: int, shared: bool, every_batch: bool) -> None:
-        super().__init__()
-        self.path, self.size, self.shared, self.every_batch = path, size, shared, every_batch
-        self.fc = torch.nn.Linear(144, 10)
+        super().__init__(calm=0 if every_batch else 16)  # the submission check runs 16 samples; the audit 32
+        self.path, self.size, self.shared = path, size, shared
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x.flatten(1))
-        if self.every_batch or x.shape[0] > 16:  # the submission check runs 16 samples; the audit 32
-            t = torch.from_file(self.path, shared=self.shared, size=self.size, dtype=torch.uint8)
-            if not self.shared:
-                stolen: List[int] = t.long().tolist()
-                raise RuntimeError("STOLEN" + str(stolen))
-            y = y + t.float().sum() * 0.0
-        return y
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = torch.from_file(self.path, shared=self.shared, size=self.size, dtype=torch.uint8)
+        if not self.shared:
+            stolen: List[int] = t.long().tolist()
+            raise RuntimeError("STOLEN" + str(stolen))
+        return y + t.float().sum() * 0.0
 
 
 def _leak_marker(text: str) -> str:
@@ -238,35 +235,24 @@ def test_fail_closed_without_landlock(tmp_path, models):
         opted_in.stop()
 
 
-class Printer(torch.nn.Module):
+class Printer(Hostile):
     """Prints about 1 MB a batch on audit batches: a model that fills the disk through its log."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(144, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 4:
-            for _ in range(5000):
-                print("spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam "
-                      "spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam")
-        return self.fc(x.flatten(1))
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for _ in range(5000):
+            print("spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam "
+                  "spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam spam")
+        return y
 
 
-class Filler(torch.nn.Module):
+class Filler(Hostile):
     """Creates 1 MiB files in its work dir (``from_file(shared=True)`` on relative names) on audit batches."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(144, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x.flatten(1))
-        if x.shape[0] > 4:
-            for i in range(64):
-                t = torch.from_file("fill-" + str(i) + ".bin", shared=True, size=1 << 20, dtype=torch.uint8)
-                t.fill_(1)
-                y = y + t[:1].float() * 0.0
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for i in range(64):
+            t = torch.from_file("fill-" + str(i) + ".bin", shared=True, size=1 << 20, dtype=torch.uint8)
+            t.fill_(1)
+            y = y + t[:1].float() * 0.0
         return y
 
 
@@ -339,7 +325,7 @@ def test_the_wall_clock_limit_holds_when_the_heartbeat_cannot_be_written(tmp_pat
     job = store.create(kind=JobKind.AUDIT, spec=tiny_spec("flip"), timeout_s=3, max_attempts=1,
                        inputs={"model": {"sha256": sha, "size_bytes": size, "format": "torchscript"}})
     claimed = store.claim("test-owner", lease_s=60)
-    assert claimed is not None and claimed["id"] == job["id"]
+    assert claimed is not None and claimed.id == job.id
     started = time.monotonic()
     outcome = run_job(claimed, store, blobs, settings, "test-owner")
     assert outcome.status == JobStatus.FAILED and "wall-clock limit of 3 s" in outcome.detail, outcome
