@@ -71,7 +71,7 @@ def raw_request(svc: Service, data: bytes) -> tuple[int, dict, bytes]:
 
 
 def test_slow_header_clients_do_not_stall_healthz_and_are_dropped(front):
-    n, closed_after = 20, {}
+    n, closed_after, connected = 20, {}, set()
     stop = threading.Event()
 
     def slowloris(i: int) -> None:
@@ -79,6 +79,7 @@ def test_slow_header_clients_do_not_stall_healthz_and_are_dropped(front):
         data = f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow-{i}: ".encode() + b"a" * 1000
         try:
             with socket.create_connection(("127.0.0.1", front.port), timeout=5) as s:
+                connected.add(i)
                 for byte in data:
                     if stop.is_set():
                         return
@@ -93,7 +94,7 @@ def test_slow_header_clients_do_not_stall_healthz_and_are_dropped(front):
     threads = [threading.Thread(target=slowloris, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_for(lambda: len(connected) == n, 30, 0.05, lambda: f"{n} slow clients to connect ({len(connected)} did)")
     latencies = []
     until = time.monotonic() + HEADER_TIMEOUT_S - 1  # while every slow client is still connected
     while time.monotonic() < until:
