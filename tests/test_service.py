@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import requests
 from conftest import ROOT, tiny_spec, wait_for_job
 from polling import wait_for
 
-pytestmark = pytest.mark.slow
+# `make test-fast` keeps one real submit-and-poll on gunicorn (test_submit_poll_and_read_the_report); the
+# other tests here are marked slow one by one
 
 
 def submit(api, models, model="plain", spec=None, params=None, reuse=True, **files):
@@ -28,6 +28,7 @@ def submit(api, models, model="plain", spec=None, params=None, reuse=True, **fil
     return api("POST", "/audit", files=parts, data=data, params=params)
 
 
+@pytest.mark.slow
 def test_operations_endpoints(api):
     assert api("GET", "/healthz").json() == {"status": "ok"}
     ready = api("GET", "/readyz").json()
@@ -42,6 +43,7 @@ def test_operations_endpoints(api):
     assert {s["name"] for s in api("GET", "/shifts").json()["items"]} >= {"blur", "gaussian_noise", "blend"}
 
 
+@pytest.mark.slow
 def test_reference_endpoints(api):
     cards = api("GET", "/references").json()["items"]
     for card in cards:
@@ -99,6 +101,7 @@ def test_submit_poll_and_read_the_report(api, models, service):
     assert api("GET", "/audits", params={"status": "succeeded"}).json()["items"][0]["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_wait_answers_200_with_a_summary_and_the_report_at_its_link(api, models):
     r = submit(api, models, model="plain2", params={"wait": 120})
     assert r.status_code == 200, r.text
@@ -111,6 +114,7 @@ def test_wait_answers_200_with_a_summary_and_the_report_at_its_link(api, models)
     assert report["verdict"]["label"] == summary["verdict"]
 
 
+@pytest.mark.slow
 def test_listing_is_newest_first_and_paginated(api, models):
     ids = [submit(api, models, spec=tiny_spec(options={**tiny_spec()["options"], "seed": i})).json()["id"]
            for i in range(3)]
@@ -123,6 +127,7 @@ def test_listing_is_newest_first_and_paginated(api, models):
         api("DELETE", f"/audits/{job_id}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, status, field", [
     ("bad_group", 422, "spec.group"),
     ("spec_not_json", 422, "spec"),
@@ -171,12 +176,14 @@ def test_bad_submissions_are_problems(api, models, case, status, field):
     assert problem["instance"] == "/audit" and problem["type"].startswith("https://")
 
 
+@pytest.mark.slow
 def test_whole_body_over_the_cap_is_413(service):
     r = requests.post(service.url + "/audit", files={"model": ("m.onnx", b"x" * (9 * 1024 * 1024))},
                       data={"spec": "{}"}, timeout=60)
     assert r.status_code == 413 and r.json()["status"] == 413
 
 
+@pytest.mark.slow
 def test_not_multipart_unknown_ids_and_unfinished_reports(api, models):
     r = api("POST", "/audit", json={"group": "C4"})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["detail"]
@@ -191,6 +198,7 @@ def test_not_multipart_unknown_ids_and_unfinished_reports(api, models):
     api("DELETE", f"/audits/{job_id}")
 
 
+@pytest.mark.slow
 def test_cancel_then_delete(api, models):
     job = submit(api, models, model="plain2", reuse=False).json()
     r = api("DELETE", f"/audits/{job['id']}")
@@ -200,6 +208,7 @@ def test_cancel_then_delete(api, models):
     assert api("GET", f"/audits/{job['id']}").status_code == 404
 
 
+@pytest.mark.slow
 def test_a_hanging_model_times_out_and_only_that_job_fails(api, models):
     parts = {"model": ("hang.pt", open(models["hang"], "rb"))}
     r = api("POST", "/audit", files=parts, data={"spec": json.dumps(tiny_spec()), "timeout_s": "25"})
@@ -214,6 +223,7 @@ def test_a_hanging_model_times_out_and_only_that_job_fails(api, models):
     assert wait_for_job(api, healthy["id"])["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_a_model_that_allocates_without_bound_fails_with_out_of_memory(api, models):
     hog = submit(api, models, model="hog").json()
     job = wait_for_job(api, hog["id"], timeout=180)
@@ -222,6 +232,7 @@ def test_a_model_that_allocates_without_bound_fails_with_out_of_memory(api, mode
     assert "memory" in job["error"]["message"]
 
 
+@pytest.mark.slow
 def test_killing_the_audit_process_fails_only_that_job(service, api, models):
     import os
 
@@ -230,9 +241,9 @@ def test_killing_the_audit_process_fails_only_that_job(service, api, models):
     store = JobStore(f"sqlite:///{service.data_dir.resolve() / 'jobs.sqlite3'}")
     victim = api("POST", "/audit", files={"model": ("hang.pt", open(models["hang"], "rb"))},
                  data={"spec": json.dumps(tiny_spec())}).json()
-    pid = wait_for(lambda: (row := store.get(victim["id"]))["status"] == "running" and row["sandbox_pid"], 120, 0.2,
-                   "the audit to start in its sandbox")
-    time.sleep(1.0)
+    # the sandbox has reported its first stage ("loading model"): the audit is under way, not being launched
+    pid = wait_for(lambda: (row := store.get(victim["id"])).status == "running" and row.stage != "starting"
+                   and row.sandbox_pid, 120, 0.2, "the audit to be under way in its sandbox")
     os.kill(pid, signal.SIGKILL)
     job = wait_for_job(api, victim["id"], timeout=60)
     assert job["status"] == "failed" and job["error"]["type"] == "killed"
