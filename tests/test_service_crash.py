@@ -47,7 +47,7 @@ def test_kill_9_of_the_audit_worker_mid_audit_retries_the_job(tmp_path, models):
         store = JobStore(f"sqlite:///{svc.data_dir.resolve() / 'jobs.sqlite3'}")
         ids = [submit(svc.url, models, seed) for seed in range(2)]
         row = running_row(store, ids[0])
-        worker_pid = int(row["owner"].split(":")[1])
+        worker_pid = int(row.owner.split(":")[1])
         assert worker_pid != svc.proc.pid
         os.kill(worker_pid, signal.SIGKILL)  # the worker (and with it its sandbox child) dies mid-audit
         jobs = settle(svc.url, ids)
