@@ -78,15 +78,15 @@ def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
 
     for condition in anchors:
         forward(condition)
-    outcome = SweepOutcome(scope, [], reasons)
+    stopped: str | None = None
+    skipped: list[dict] = []
     if plan.early_stop and shifted:
         if scope == "decisive":
             for condition in anchors:
                 saliency(condition)
-        settled = _settled([done[c.name] for c in anchors], spec)
-        if settled:
-            outcome.stopped = settled
-            outcome.skipped = [{"name": c.name, "reason": settled} for c in shifted]
+        stopped = _settled([done[c.name] for c in anchors], spec)
+        if stopped:
+            skipped = [{"name": c.name, "reason": stopped} for c in shifted]
             shifted = []
     for condition in shifted:
         forward(condition)
@@ -100,33 +100,32 @@ def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
         computed = [c for c in reports if c.saliency_computed]
         anchors_zero = bool(computed) and all(c.metrics.SI is None for c in computed)
         if not failing or anchors_zero:
-            outcome.scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
-                                    "metrics everywhere, so SI decides" if not failing else
-                                    "SI on every condition: every saliency map on clean and noise is zero, so SI "
-                                    "decides whether the model is trivial")
+            scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
+                            "metrics everywhere, so SI decides" if not failing else
+                            "SI on every condition: every saliency map on clean and noise is zero, so SI "
+                            "decides whether the model is trivial")
             for condition in shifted:
                 saliency(condition)
         else:
             listed = ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
-            outcome.scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
-                                    f"({listed}), so SI on the shifts cannot change the verdict")
+            scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
+                            f"({listed}), so SI on the shifts cannot change the verdict")
             for condition in shifted:
                 reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
                                            f"already fail ({listed}), so SI here cannot change the verdict")
     elif scope == "decisive":
-        outcome.scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)"
-                                if outcome.stopped else "SI on every condition (there are no shifts)")
+        scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)"
+                        if stopped else "SI on every condition (there are no shifts)")
     elif scope == "all":
-        outcome.scope_reason = "SI on every condition (options.saliency_scope = all)"
+        scope_reason = "SI on every condition (options.saliency_scope = all)"
     else:
         why = ("options.saliency = false" if not options.saliency else
                "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
-        outcome.scope_reason = f"SI not computed: {why}"
+        scope_reason = f"SI not computed: {why}"
         reasons.update({name: f"saliency was switched off ({why})" for name in done})
-    outcome.results = [done[c.name] for c in conditions if c.name in done]
-    outcome.sampling = {r.condition.name: _sampling(r, sweep, plan, spec) for r in outcome.results
-                        if r.saliency_computed}
-    return outcome
+    results = [done[c.name] for c in conditions if c.name in done]
+    sampling = {r.condition.name: _sampling(r, sweep, plan, spec) for r in results if r.saliency_computed}
+    return SweepOutcome(scope, results, reasons, sampling, scope_reason, stopped, skipped)
 
 
 class _Provisional:

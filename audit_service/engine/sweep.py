@@ -61,18 +61,18 @@ class ConditionResult:
     completeness: tuple[float, float] = (0.0, 0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepOutcome:
-    """What the sweep ran: the results in report order, where SI was computed and why not elsewhere, how each
-    SI pass was sampled, and what early stopping skipped."""
+    """What the sweep ran (``schedule.run_sweep``): the results in report order, where SI was computed and why
+    not elsewhere, how each SI pass was sampled, and what early stopping skipped (``stopped``: why)."""
 
     scope: str
     results: list[ConditionResult]
     saliency_reasons: dict[str, str]
-    sampling: dict[str, SaliencySampling] = field(default_factory=dict)
-    scope_reason: str | None = None
-    stopped: str | None = None
-    skipped: list[dict] = field(default_factory=list)
+    sampling: dict[str, SaliencySampling]
+    scope_reason: str | None
+    stopped: str | None
+    skipped: list[dict]
 
 
 class OrbitSweep:
@@ -105,12 +105,12 @@ class OrbitSweep:
         acc = ConditionAccumulator(self.runner.num_classes)
         worst: list[dict] = []
         with_si = saliency and self.saliency is not None
-        completeness = [0.0, 0.0]
+        completeness = (0.0, 0.0)
         for x, y in self._chunks(condition):
             logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, with_si)
             acc.update(logits_gx, y, si_pairs)
             if si_pairs is not None:
-                completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
+                completeness = _summed(completeness, seen.get("completeness", (0.0, 0.0)))
                 if condition.keep_examples:
                     worst = keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
             on_chunk()
@@ -119,7 +119,7 @@ class OrbitSweep:
         return ConditionResult(condition, acc, worst, seconds, saliency_computed=with_si,
                                saliency_seconds=seconds if with_si else 0.0,
                                saliency_probes=acc.n if with_si else 0, saliency_stopped="cap" if with_si else None,
-                               completeness=tuple(completeness))
+                               completeness=completeness)
 
     def add_saliency(self, result: ConditionResult, on_chunk: Callable[[], None] = lambda: None,
                      batch: int | None = None,
@@ -137,7 +137,7 @@ class OrbitSweep:
         condition, acc = result.condition, result.accumulator
         worst: list[dict] = []
         offset = 0
-        completeness = [0.0, 0.0]
+        completeness = (0.0, 0.0)
         stopped = None
         result.saliency_computed = True
         size = batch or max(acc.n, 1)
@@ -150,7 +150,7 @@ class OrbitSweep:
                 y = None if labels_chunk is None else labels_chunk[first:first + take]
                 logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True, orbit_logits=condition.keep_examples)
                 acc.update_saliency(si_pairs)
-                completeness = [a + b for a, b in zip(completeness, seen.get("completeness", (0.0, 0.0)))]
+                completeness = _summed(completeness, seen.get("completeness", (0.0, 0.0)))
                 if condition.keep_examples:
                     worst = keep_worst(worst, si_pairs, maps, offset, logits_gx, seen)
                 offset += take
@@ -167,7 +167,7 @@ class OrbitSweep:
         self._sync()
         result.worst = worst
         result.saliency_stopped = stopped or "cap"
-        result.completeness = tuple(completeness)
+        result.completeness = completeness
         result.saliency_seconds = time.perf_counter() - start
         result.seconds += result.saliency_seconds
 
@@ -242,6 +242,11 @@ class OrbitSweep:
         aligned = self.group.inverse_orbit(attributions)
         maps = postprocess(aligned.reshape(g * n, *shape), sample_rank=len(shape)).reshape(g, n, *shape)
         return logits, saliency_similarity(maps[0], maps), maps, seen
+
+
+def _summed(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """Two completeness sums added (numerator, denominator)."""
+    return a[0] + b[0], a[1] + b[1]
 
 
 def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,
