@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from audit_service.engine.metrics import (
-    ConditionAccumulator,
-    distribution_invariance_error,
-    logit_invariance_error,
-    orbit_accuracy,
-    prediction_agreement,
-    saliency_similarity,
-    sample_variation,
-    summarize,
-)
+from audit_service.engine import metrics
+from audit_service.engine.metrics import ConditionAccumulator, summarize
+from audit_service.engine.metrics import functional as F
 from audit_service.engine.metrics.saliency import postprocess
 from audit_service.engine.metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
+
+
+def test_the_package_re_exports_every_metric_function():
+    """``engine.metrics`` is the public face of the pure functions: each public function of ``functional`` is
+    there, the same object, and in ``__all__`` (a new metric function not exported fails here)."""
+    public = sorted(name for name, value in vars(F).items()
+                    if inspect.isfunction(value) and value.__module__ == F.__name__ and not name.startswith("_"))
+    assert "logit_invariance_error" in public and len(public) >= 9
+    assert [name for name in public if getattr(metrics, name, None) is not getattr(F, name)] == []
+    assert [name for name in public if name not in metrics.__all__] == []
 
 
 def test_logit_invariance_error_by_hand():
     fx = torch.tensor([[1.0, 2.0]])
     fgx = torch.tensor([[[1.0, 2.0]], [[2.0, 0.0]]])  # identity, then a moved copy
-    li = logit_invariance_error(fx, fgx)
+    li = F.logit_invariance_error(fx, fgx)
     # 1/2 (1^2 + 2^2) = 2.5 for the second element, 0 for the identity
     assert li.tolist() == [[0.0], [2.5]]
 
@@ -33,7 +37,7 @@ def test_logit_invariance_error_by_hand():
 def test_distribution_invariance_error_by_hand():
     fx = torch.tensor([[0.0, 0.0]])                      # p = (1/2, 1/2)
     fgx = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]]])  # q = (3/4, 1/4)
-    di = distribution_invariance_error(fx, fgx)
+    di = F.distribution_invariance_error(fx, fgx)
     expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
     assert di[0, 0].item() == 0.0
     assert di[1, 0].item() == pytest.approx(expected, rel=1e-6)
@@ -42,21 +46,21 @@ def test_distribution_invariance_error_by_hand():
 def test_constant_logit_shift_leaves_di_zero_but_not_li():
     fx = torch.randn(5, 4)
     fgx = torch.stack([fx, fx + 3.0])
-    assert distribution_invariance_error(fx, fgx).abs().max().item() < 1e-6
-    assert logit_invariance_error(fx, fgx)[1].tolist() == pytest.approx([0.5 * 4 * 9.0] * 5)
+    assert F.distribution_invariance_error(fx, fgx).abs().max().item() < 1e-6
+    assert F.logit_invariance_error(fx, fgx)[1].tolist() == pytest.approx([0.5 * 4 * 9.0] * 5)
 
 
 def test_agreement_and_accuracy():
     fx = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
     fgx = torch.stack([fx, torch.tensor([[0.0, 1.0], [0.0, 1.0]])])
-    assert prediction_agreement(fx, fgx).tolist() == [[1.0, 1.0], [0.0, 1.0]]
-    assert orbit_accuracy(fgx, torch.tensor([0, 1])).tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    assert F.prediction_agreement(fx, fgx).tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    assert F.orbit_accuracy(fgx, torch.tensor([0, 1])).tolist() == [[1.0, 1.0], [0.0, 1.0]]
 
 
 def test_saliency_similarity_cosine_and_zero_maps():
     m_x = torch.tensor([[1.0, 0.0], [0.0, 0.0]])          # second probe: zero map
     aligned = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]])
-    si = saliency_similarity(m_x, aligned)
+    si = F.saliency_similarity(m_x, aligned)
     assert si[0, 0].item() == pytest.approx(1.0)
     assert si[1, 0].item() == pytest.approx(1 / math.sqrt(2))
     assert math.isnan(si[0, 1].item()) and math.isnan(si[1, 1].item())
@@ -65,7 +69,7 @@ def test_saliency_similarity_cosine_and_zero_maps():
 def test_sample_variation_is_mean_pairwise_squared_distance():
     logits = torch.randn(7, 3, dtype=torch.float64)
     pairwise = ((logits[:, None] - logits[None]) ** 2).sum(-1).mean()
-    assert sample_variation(logits).item() == pytest.approx(pairwise.item(), rel=1e-10)
+    assert F.sample_variation(logits).item() == pytest.approx(pairwise.item(), rel=1e-10)
 
 
 def test_accumulator_matches_batch_functions_over_chunks():
@@ -76,11 +80,11 @@ def test_accumulator_matches_batch_functions_over_chunks():
     acc = ConditionAccumulator(num_classes=5)
     for s in (slice(0, 3), slice(3, 10)):
         acc.update(fgx[:, s], labels[s], si[:, s])
-    assert acc.values("LI").mean() == pytest.approx(logit_invariance_error(fgx[0], fgx).mean().item(), rel=1e-6)
-    assert acc.values("DI").mean() == pytest.approx(distribution_invariance_error(fgx[0], fgx).mean().item(),
+    assert acc.values("LI").mean() == pytest.approx(F.logit_invariance_error(fgx[0], fgx).mean().item(), rel=1e-6)
+    assert acc.values("DI").mean() == pytest.approx(F.distribution_invariance_error(fgx[0], fgx).mean().item(),
                                                     rel=1e-5)
     assert acc.values("SI").mean() == pytest.approx(si.mean().item(), rel=1e-6)
-    assert acc.sample_variation == pytest.approx(sample_variation(fgx[0]).item(), rel=1e-6)
+    assert acc.sample_variation == pytest.approx(F.sample_variation(fgx[0]).item(), rel=1e-6)
     assert acc.n == 10
 
 
@@ -137,13 +141,13 @@ def test_metric_laws_on_random_orbits(fgx_np):
     """DI, LI >= 0; both 0 and agreement 1 on the identity; DI blind to a constant logit shift."""
     fgx = torch.from_numpy(fgx_np)
     fx = fgx[0]
-    assert (distribution_invariance_error(fx, fgx) >= 0).all()
-    assert (logit_invariance_error(fx, fgx) >= 0).all()
-    assert logit_invariance_error(fx, fgx)[0].abs().max().item() == 0.0
-    assert distribution_invariance_error(fx, fgx)[0].abs().max().item() < 1e-6
-    assert prediction_agreement(fx, fgx)[0].min().item() == 1.0
+    assert (F.distribution_invariance_error(fx, fgx) >= 0).all()
+    assert (F.logit_invariance_error(fx, fgx) >= 0).all()
+    assert F.logit_invariance_error(fx, fgx)[0].abs().max().item() == 0.0
+    assert F.distribution_invariance_error(fx, fgx)[0].abs().max().item() < 1e-6
+    assert F.prediction_agreement(fx, fgx)[0].min().item() == 1.0
     shifted = torch.cat([fx[None], fgx[1:] + 5.0]) if fgx.shape[0] > 1 else fgx
-    assert torch.allclose(distribution_invariance_error(fx, shifted), distribution_invariance_error(fx, fgx),
+    assert torch.allclose(F.distribution_invariance_error(fx, shifted), F.distribution_invariance_error(fx, fgx),
                           atol=1e-4)
 
 

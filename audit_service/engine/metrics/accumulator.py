@@ -166,20 +166,20 @@ class ConditionAccumulator:
     @property
     def sample_variation(self) -> float:
         """E_{x,x'} ||f(x) - f(x')||^2 (see ``functional.sample_variation``), from running moments."""
-        if self.n == 0:
-            return float("nan")
-        mean = self._sum / self.n
-        var = (self._sumsq / self.n - mean.pow(2)).clamp_min(0.0)
-        return float(2.0 * var.sum())
+        return self._variation(self._sum, self._sumsq)
 
     @property
     def centred_sample_variation(self) -> float:
         """E_{x,x'} ||c(x) - c(x')||^2 of the logits centred over classes, c = f - mean_k f_k: the part of the
         variation softmax and argmax see (a common shift of every logit changes neither)."""
-        if self.n == 0:
+        return self._variation(self._sum_c, self._sumsq_c)
+
+    def _variation(self, total: torch.Tensor | None, total_sq: torch.Tensor | None) -> float:
+        """E_{x,x'} ||v(x) - v(x')||^2 = 2 sum_k Var(v_k), from the running sums of v and v^2 over the probes."""
+        if self.n == 0 or total is None or total_sq is None:
             return float("nan")
-        mean = self._sum_c / self.n
-        var = (self._sumsq_c / self.n - mean.pow(2)).clamp_min(0.0)
+        mean = total / self.n
+        var = (total_sq / self.n - mean.pow(2)).clamp_min(0.0)
         return float(2.0 * var.sum())
 
     @property

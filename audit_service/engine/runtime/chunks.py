@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ModelRuntimeError, ProbeError, model_failures
+from ..errors import ModelError, ModelRuntimeError, ProbeError, model_failures
 from .validation import short_error
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -107,13 +107,12 @@ class GuardedModule(torch.nn.Module):
             return self.inner(x)
 
 
-def probe_num_classes(call: Forward, input_shape: tuple[int, ...], device: torch.device, batch: int,
-                      what: str = "the model") -> int:
-    """One real forward of ``call`` on a zero batch: the class count C, after checking the output is one
-    floating-point (batch, C) tensor with C >= 2 (a 1-tuple is unwrapped). ``ModelError`` otherwise.
-    Every torch runner (TorchScript, ``.pt2``, in-memory module) loads through this check."""
-    from ..errors import ModelError
-
+def probe_logits(call: Forward, input_shape: tuple[int, ...], device: torch.device, batch: int,
+                 what: str = "the model", declared: int | None = None) -> torch.Tensor:
+    """One real forward of ``call`` on a zero batch, returned after checking it is one floating-point (batch, C)
+    tensor with C >= 2 (a 1-tuple is unwrapped) and, when the graph declares ``declared`` classes, that many:
+    C and the logits' dtype for the runner. ``ModelError`` otherwise. Every runner (ONNX, TorchScript, ``.pt2``,
+    in-memory module) loads through this check; ``call`` feeds a hard-coded batch size itself."""
     zeros = torch.zeros((batch, *input_shape), device=device)
     try:
         with torch.no_grad():
@@ -131,10 +130,14 @@ def probe_num_classes(call: Forward, input_shape: tuple[int, ...], device: torch
                          f"{tuple(out.shape)}", field="model")
     if not out.is_floating_point():
         raise ModelError(f"Expected floating-point logits, but {what} returned {out.dtype}", field="model")
-    if out.shape[1] < 2:
-        raise ModelError(f"Expected logits for at least 2 classes, but got (N, {out.shape[1]}); for a binary "
+    classes = int(out.shape[1])
+    if declared is not None and declared != classes:
+        raise ModelError(f"Expected the {declared} classes {what} declares, but it returned {classes}",
+                         field="model")
+    if classes < 2:
+        raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
                          f"classifier with one logit z, return the pair (0, z)", field="model")
-    return int(out.shape[1])
+    return out
 
 
 def forward_without_grad(call: Forward, chunk: torch.Tensor) -> torch.Tensor:

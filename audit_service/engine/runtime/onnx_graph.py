@@ -9,7 +9,7 @@ here is refused, because onnxruntime would read whatever file it names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Collection, Iterator, Literal
 
 import numpy as np
 import onnx
@@ -19,12 +19,18 @@ from ..errors import ModelError
 from .validation import check_input_shape, short_error
 
 #: ONNX element types accepted for the input, with the numpy dtype fed to onnxruntime.
-INPUT_DTYPES = {
+INPUT_DTYPES: dict[int, type] = {
     TensorProto.FLOAT: np.float32,
     TensorProto.FLOAT16: np.float16,
     TensorProto.DOUBLE: np.float64,
 }
 _FLOAT_OUTPUTS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+#: per side of the graph: what its tensor must be, the element types accepted, and the refusal of another type
+_SIDES: dict[str, tuple[str, Collection[int], str]] = {
+    "input": ("a tensor", INPUT_DTYPES, "Expected a float32 (or float16/float64) input, but '{name}' is {got}"),
+    "output": ("a logits tensor (N, C)", _FLOAT_OUTPUTS,
+               "Expected floating-point logits, but the output '{name}' is {got}"),
+}
 
 
 @dataclass(frozen=True)
@@ -125,15 +131,21 @@ def read_signature(model: onnx.ModelProto) -> GraphSignature:
     return GraphSignature(value.name, input_dtype, input_shape, fixed_batch, output.name, _read_output(output))
 
 
-def _read_input(value: onnx.ValueInfoProto) -> tuple[type, tuple[int, ...], int | None]:
+def _float_tensor(value: onnx.ValueInfoProto, side: Literal["input", "output"]) -> onnx.TypeProto.Tensor:
+    """The type of the graph's ``side`` tensor, after checking it is a tensor of an element type that side accepts."""
+    what, accepted, wrong_type = _SIDES[side]
     if not value.type.HasField("tensor_type"):
-        raise ModelError(f"Expected the input '{value.name}' to be a tensor, but it is a "
+        raise ModelError(f"Expected the {side} '{value.name}' to be {what}, but it is a "
                          f"{value.type.WhichOneof('value')}", field="model")
     tensor_type = value.type.tensor_type
-    if tensor_type.elem_type not in INPUT_DTYPES:
+    if tensor_type.elem_type not in accepted:
         got = TensorProto.DataType.Name(tensor_type.elem_type)
-        raise ModelError(f"Expected a float32 (or float16/float64) input, but '{value.name}' is {got}",
-                         field="model")
+        raise ModelError(wrong_type.format(name=value.name, got=got), field="model")
+    return tensor_type
+
+
+def _read_input(value: onnx.ValueInfoProto) -> tuple[type, tuple[int, ...], int | None]:
+    tensor_type = _float_tensor(value, "input")
     if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) < 2:
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
         raise ModelError(f"Expected the input '{value.name}' to declare a shape (batch, ...) of rank >= 2, but "
@@ -151,14 +163,7 @@ def _read_input(value: onnx.ValueInfoProto) -> tuple[type, tuple[int, ...], int 
 
 
 def _read_output(value: onnx.ValueInfoProto) -> int | None:
-    if not value.type.HasField("tensor_type"):
-        raise ModelError(f"Expected the output '{value.name}' to be a logits tensor (N, C), but it is a "
-                         f"{value.type.WhichOneof('value')}", field="model")
-    tensor_type = value.type.tensor_type
-    if tensor_type.elem_type not in _FLOAT_OUTPUTS:
-        got = TensorProto.DataType.Name(tensor_type.elem_type)
-        raise ModelError(f"Expected floating-point logits, but the output '{value.name}' is {got}",
-                         field="model")
+    tensor_type = _float_tensor(value, "output")
     if not tensor_type.HasField("shape"):
         return None
     dims = tensor_type.shape.dim

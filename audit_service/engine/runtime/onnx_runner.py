@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ModelError, model_failures
 from .base import ModelFormat
-from .chunks import check_inputs, run_chunked, run_in_fixed_batches
+from .chunks import check_inputs, probe_logits, run_chunked, run_in_fixed_batches
 from .onnx_batch import RELAX_TOLERANCE, relax_batch
 from .onnx_graph import GraphSignature, check_graph
 from .onnx_outputs import select_probability_output
@@ -102,29 +102,10 @@ class OnnxRunner:
         return session
 
     def _probe(self) -> tuple[int, np.dtype]:
-        """One real forward on a zero batch: learn C and confirm the output is (batch, C) floating point."""
-        batch = self.fixed_batch or PROBE_BATCH
-        zeros = np.zeros((batch, *self.input_shape), dtype=self._signature.input_dtype)
-        try:
-            (out,) = self._session.run([self._signature.output_name], {self._signature.input_name: zeros})
-        except Exception as exc:
-            raise ModelError(f"Expected the model to run on a zero batch of shape {zeros.shape}, but it failed: "
-                             f"{short_error(exc)}", field="model") from None
-        out = np.asarray(out)
-        if out.ndim != 2 or out.shape[0] != batch:
-            raise ModelError(f"Expected logits of shape (N, C), but for a batch of {batch} the model returned "
-                             f"shape {out.shape}", field="model")
-        if out.dtype not in _NP_TO_TORCH:
-            raise ModelError(f"Expected floating-point logits, but the model returned {out.dtype}", field="model")
-        classes = int(out.shape[1])
-        declared = self._signature.declared_classes
-        if declared is not None and declared != classes:
-            raise ModelError(f"Expected the output to have the {declared} classes its shape declares, but it "
-                             f"returned {classes}", field="model")
-        if classes < 2:
-            raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
-                             f"classifier with one logit z, export the pair (0, z)", field="model")
-        return classes, out.dtype
+        """C and the logits' numpy dtype, from the probe every runner loads through (``chunks.probe_logits``)."""
+        out = probe_logits(self._run_cpu, self.input_shape, torch.device("cpu"), self.fixed_batch or PROBE_BATCH,
+                           declared=self._signature.declared_classes)
+        return int(out.shape[1]), out.numpy().dtype
 
     def _try_relaxed_batch(self, device: torch.device) -> str:
         """Switch a fixed-batch graph to its relaxed copy (``onnx_batch``) when that runs whole batches and
@@ -164,14 +145,12 @@ class OnnxRunner:
         return run_chunked(self._forward, x, size, self.num_classes)
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        n = chunk.shape[0]
-        padded = self.fixed_batch is not None and n < self.fixed_batch
-        if padded:  # a graph with a hard-coded batch gets full batches; the padding rows are dropped
-            pad = chunk.new_zeros((self.fixed_batch - n, *chunk.shape[1:]))
-            chunk = torch.cat([chunk, pad])
-        with model_failures(f"on a batch of {chunk.shape[0]}"):
-            out = self._run_bound(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
-        return out[:n] if padded and out.dim() == 2 and out.shape[0] == self.fixed_batch else out
+        """A graph with a hard-coded batch gets full batches (``chunks.run_in_fixed_batches``: zero padding, its
+        rows dropped)."""
+        run = self._run_bound if self.device.type == "cuda" else self._run_cpu
+        size = self.fixed_batch
+        with model_failures(f"on a batch of {size or chunk.shape[0]}"):
+            return run(chunk) if size is None else run_in_fixed_batches(run, chunk, size)
 
     def _run_cpu(self, chunk: torch.Tensor) -> torch.Tensor:
         array = chunk.contiguous().numpy()  # shares memory with the tensor

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from .layout import LayoutChoice, Requested, choose_layout
+
 OutputKind = Literal["logits", "probabilities", "log_probabilities"]
 #: tolerance on the row sums (float32 softmax rounds to ~1e-7 per class)
 ROW_SUM_TOLERANCE = 1e-4
@@ -49,10 +51,9 @@ class _LogOf(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(self.inner(x).clamp_min(LOG_FLOOR))
 
-    def choose_own_layout(self, input_shape: tuple[int, ...], requested: str, sample: torch.Tensor):
+    def choose_own_layout(self, input_shape: tuple[int, ...], requested: Requested,
+                          sample: torch.Tensor) -> LayoutChoice:
         """The layout is the inner model's (its weights; the log adds none)."""
-        from .layout import choose_layout
-
         return choose_layout(self.inner, input_shape, requested, sample)
 
     def cuda_batch_limit(self, x: torch.Tensor) -> int:

@@ -46,11 +46,10 @@ import torch
 from ..errors import AuditError, ModelError
 from .archive import check_zip_bounds
 from .base import ModelFormat
-from .chunks import (GuardedModule, check_inputs, forward_without_grad, pad_batch, probe_num_classes,
-                     run_chunked, run_in_fixed_batches)
+from .chunks import pad_batch, run_in_fixed_batches
+from .module_runner import TorchRunner
 from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: F401 - re-exported
 
-PROBE_BATCH = 2
 MODEL_NAME = "model"
 #: ATen operators (overload packets) that return new tensors; an overload that writes into an argument
 #: (``out=``) is still refused by its schema
@@ -393,18 +392,14 @@ def load_program(data: bytes):
                          f"loading failed: {short_error(exc)}", field="model") from None
 
 
-class ExportedProgramRunner:
+class ExportedProgramRunner(TorchRunner):
     """A ``torch.export`` classifier behind the ``ModelRunner`` protocol; its module is differentiable."""
 
     format: ModelFormat = "pt2"
 
     def __init__(self, data: bytes, sha256: str, device: torch.device,
                  input_shape: tuple[int, ...] | None = None) -> None:
-        self.sha256 = sha256
-        self.device = device
-        self.providers = [f"torch.export ({device})"]
-        self.gradient_note: str | None = None
-        self.gradient_path = "torch.export program (autograd through its ATen graph)"
+        super().__init__(sha256, device, "torch.export", "torch.export program (autograd through its ATen graph)")
         program = load_program(data)
         shape, self.fixed_batch, min_batch, declared = _signature(program)
         if input_shape is not None and shape is not None and tuple(input_shape) != shape:
@@ -414,45 +409,17 @@ class ExportedProgramRunner:
         if shape is None:
             raise ModelError("Expected the program to fix every input size but the batch, but some are dynamic; "
                              "pass probes so that the shape is known", field="input_shape")
-        self.input_shape = check_input_shape(list(shape), "the exported program's input")
+        checked = check_input_shape(list(shape), "the exported program's input")
         try:
             module = program.module()
             module = module.to(device)
         except Exception as exc:
             raise ModelError(f"Expected an exported program that runs as a module, but: {short_error(exc)}",
                              field="model") from None
-        for param in module.parameters():
-            param.requires_grad_(False)
-        self._module = module
-        batches = _BatchSizes(module, self.fixed_batch, min_batch)
-        self._guarded = GuardedModule(batches)
-        self._guarded.training = False  # exported programs refuse .eval(); they were traced in their mode
-        self.num_classes = self._probe(declared)
+        batches = _BatchSizes(module, self.fixed_batch, min_batch)  # padding, one tensor out
+        self._hold(module, checked, "the program", runs=batches, declared=declared)
         if self.fixed_batch is not None:
             self.providers.append(batches.try_vmap(self.input_shape, device))
-
-    def _probe(self, declared: int | None) -> int:
-        classes = probe_num_classes(self._module, self.input_shape, self.device, self.fixed_batch or PROBE_BATCH,
-                                    "the program")
-        if declared is not None and declared != classes:
-            raise ModelError(f"Expected the {declared} classes the program declares, but it returned {classes}",
-                             field="model")
-        return classes
-
-    def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
-        x = check_inputs(x, self.input_shape, self.device)
-        return run_chunked(self._forward, x, batch_size, self.num_classes)  # _BatchSizes fits the program's batch
-
-    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        return forward_without_grad(self._guarded.inner, chunk)  # _BatchSizes: padding, one tensor out
-
-    def torch_module(self) -> torch.nn.Module:
-        return self._guarded
-
-    def __repr__(self) -> str:
-        return (f"ExportedProgramRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
-                f"device={self.device}, sha256={self.sha256[:12]}...)")
 
 
 class _BatchSizes(torch.nn.Module):
@@ -522,10 +489,9 @@ def _signature(program) -> tuple[tuple[int, ...] | None, int | None, int, int | 
     batch, *rest = value.shape
     fixed = int(batch) if isinstance(batch, int) else None
     min_batch = 1
-    if fixed is None:
+    if isinstance(batch, torch.SymInt):  # a dynamic batch: the smallest size its range constraint allows
         try:
-            lower = program.range_constraints[batch.node.expr].lower
-            min_batch = max(1, int(lower))
+            min_batch = max(1, int(program.range_constraints[batch.node.expr].lower))
         except Exception:  # noqa: BLE001 - no constraint recorded: any batch size
             min_batch = 1
     shape = tuple(int(d) for d in rest) if all(isinstance(d, int) for d in rest) else None

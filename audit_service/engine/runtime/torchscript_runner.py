@@ -20,29 +20,23 @@ import torch
 from ..errors import ModelError
 from .archive import check_zip_bounds
 from .base import ModelFormat
-from .chunks import (GuardedModule, check_inputs, forward_without_grad, probe_num_classes,
-                     run_chunked)
+from .module_runner import TorchRunner
 from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
-PROBE_BATCH = 2
 _NO_SHAPE = ("Expected the input shape: TorchScript does not record it; pass probes or the shape (the CLI's "
              "--input-shape 1,28,28, input_shape= in Python), or save with "
              "_extra_files={'input_shape.json': '[1, 28, 28]'}")
 
 
-class TorchScriptRunner:
+class TorchScriptRunner(TorchRunner):
     """A TorchScript classifier behind the ``ModelRunner`` protocol; it is its own gradient module."""
 
     format: ModelFormat = "torchscript"
 
     def __init__(self, data: bytes, sha256: str, device: torch.device,
                  input_shape: tuple[int, ...] | None = None) -> None:
-        self.sha256 = sha256
-        self.device = device
-        self.providers = [f"torch.jit ({device})"]
-        self.gradient_note: str | None = None
-        self.gradient_path = "TorchScript module (autograd)"
+        super().__init__(sha256, device, "torch.jit", "TorchScript module (autograd)")
         extra = {SHAPE_FILE: ""}
         check_zip_bounds(data, "a TorchScript archive")
         try:
@@ -53,29 +47,7 @@ class TorchScriptRunner:
             raise ModelError(f"Expected a TorchScript archive torch.jit.load can read, but loading failed: "
                              f"{short_error(exc)}", field="model") from None
         module.eval()
-        for param in module.parameters():
-            param.requires_grad_(False)
-        self._module = module
-        self._guarded = GuardedModule(module).eval()
-        self.input_shape = _resolve_shape(input_shape, extra[SHAPE_FILE], module)
-        self.num_classes = probe_num_classes(self._module, self.input_shape, device, PROBE_BATCH)
-
-    def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
-        x = check_inputs(x, self.input_shape, self.device)
-        return run_chunked(self._forward, x, batch_size, self.num_classes)
-
-    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        return forward_without_grad(self._module, chunk)
-
-    def torch_module(self) -> torch.nn.Module:
-        """The loaded TorchScript module (eval mode, on ``device``, parameters frozen), its forward
-        errors raised as ``ModelRuntimeError``."""
-        return self._guarded
-
-    def __repr__(self) -> str:
-        return (f"TorchScriptRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
-                f"device={self.device}, sha256={self.sha256[:12]}...)")
+        self._hold(module, _resolve_shape(input_shape, extra[SHAPE_FILE], module))
 
 
 def _resolve_shape(hint: tuple[int, ...] | None, extra_file: str | bytes,
