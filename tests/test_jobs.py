@@ -279,3 +279,35 @@ def test_write_back_rules_read_every_documented_form():
     assert not carol.permits("bob", "any", write_back_target("models:/net-dev/1"))
     with pytest.raises(WriteBackConfigError, match="entry 1"):
         parse_rules("alice:", "AUDIT_WRITE_BACK_RULES")
+
+
+def test_the_worker_stores_the_sandbox_report_typed_or_fails_the_job_saying_why(tmp_path):
+    """The worker reads the sandbox's report as the typed ``Report``: a whole one is stored (verdict, gate and
+    reference profile on the job and in the JSON, the page rendered); one that does not match the models fails
+    the job with ``invalid_report`` instead of storing what the service cannot serve."""
+    import json
+
+    from audit_service.jobs.pages import page_path
+    from audit_service.jobs.worker import _settle
+
+    settings = Settings(data_dir=tmp_path)
+    store = JobStore(settings.resolved_database_url)
+    store.init_schema()
+    sandbox_report = stored_report({"label": "learned", "passed": False}).to_json()
+    outcomes = {}
+    for name, report in (("whole", sandbox_report), ("broken", {**sandbox_report, "verdict": "genuine"})):
+        job = make(store)
+        store.claim("me", lease_s=30, job_id=job.id)
+        workdir = tmp_path / name
+        workdir.mkdir()
+        (workdir / "result.json").write_text(json.dumps({"ok": True, "report": report}))
+        outcomes[name] = (job.id, _settle(job, store, "me", workdir, 0, None, 1.0, 60.0, 0, settings))
+    whole, outcome = outcomes["whole"]
+    assert outcome.status == JobStatus.SUCCEEDED, outcome
+    done = store.get(whole)
+    assert (done.verdict, done.passed, done.error) == ("learned", False, None)
+    assert store.report(whole).reference_profile is not None and page_path(tmp_path, whole).is_file()
+    broken, outcome = outcomes["broken"]
+    failed = store.get(broken)
+    assert outcome.status == JobStatus.FAILED and failed.error.type == "invalid_report", failed
+    assert "verdict" in failed.error.message and store.report(broken) is None
