@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from audit_service.jobs import BlobStore, BlobTooLarge, Job, JobKind, JobStatus, JobStore, QueueFull, Settings
+from audit_service.jobs import (BlobStore, BlobTooLarge, Job, JobError, JobKind, JobStatus, JobStore, JobSummary,
+                                QueueFull, Settings)
 from audit_service.jobs.states import check_transition
-from audit_service.jobs.store import JobError, JobSummary
 from reports import stored_report
 
 

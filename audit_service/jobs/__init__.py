@@ -3,7 +3,7 @@
 from .blobs import BlobStore, BlobTooLarge
 from .settings import Settings
 from .states import READY_STATES, UNREADY_STATES, JobKind, JobStatus
-from .store import DEFAULT_TENANT, Job, JobError, JobStore, QueueFull, TenantLimit
+from .store import DEFAULT_TENANT, Job, JobError, JobStore, JobSummary, QueueFull, TenantLimit
 
 __all__ = ["BlobStore", "BlobTooLarge", "Settings", "JobKind", "JobStatus", "READY_STATES", "UNREADY_STATES",
-           "Job", "JobStore", "JobError", "QueueFull", "TenantLimit", "DEFAULT_TENANT"]
+           "Job", "JobStore", "JobError", "JobSummary", "QueueFull", "TenantLimit", "DEFAULT_TENANT"]
