@@ -138,15 +138,15 @@ def run_audit_command(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
         print(format_summary(report))
-    verdict = report["verdict"]
+    verdict = parse_report(report).verdict
     # the exit status is the gate the summary prints (PASS / FAIL), the default gate (genuine,learned) included
-    if not verdict["passed"]:
-        if verdict["label"] in verdict["require"]:
-            why = (f"verdict {verdict['label']!r} is borderline ("
-                   f"{', '.join(c['condition'] + ' ' + c['criterion'] for c in verdict.get('borderline_criteria', []))}) "
+    if not verdict.passed:
+        if verdict.label in verdict.require:
+            why = (f"verdict {verdict.label!r} is borderline ("
+                   f"{', '.join(f'{c.condition} {c.criterion}' for c in verdict.borderline_criteria)}) "
                    "and --strict fails a borderline verdict")
         else:
-            why = f"verdict {verdict['label']!r} is not in {verdict['require']}"
+            why = f"verdict {verdict.label!r} is not in {verdict.require}"
         print(f"audit-service: gate failed: {why}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return EXIT_OK
