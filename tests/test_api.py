@@ -17,7 +17,8 @@ from audit_service import AuditResult, OrbitInvariance, audit, build_group, logi
 from conftest import ROOT
 
 SHAPE = (3, 32, 32)
-OPTS = {"n_probes": 8, "n_noise_probes": 8, "ig_steps": 4, "jacobian_probes": 2, "bootstrap": 20}
+#: tiny audits; integrated gradients (ig_steps backward passes of a ResNet-18) are most of this file's cost
+OPTS = {"n_probes": 8, "n_noise_probes": 8, "ig_steps": 2, "jacobian_probes": 2, "bootstrap": 20}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def test_an_in_memory_module_audits_like_its_onnx_export(resnet, probes, onnx_fi
     assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())  # weights untouched
 
 
+@pytest.mark.slow  # 12 CPU s; the fast lane symmetrizes in test_symmetrize_formats and test_every_api_function_...
 def test_symmetrize_is_genuine_in_memory_and_as_onnx(resnet, probes, tmp_path, onnx_file):
     """A trained digit CNN (the shipped demo, through its onnx2torch twin) symmetrized in memory audits
     genuine under the default shifts; the stock ResNet-18 symmetrized by the CLI is exactly invariant
@@ -145,6 +147,7 @@ def test_the_streaming_metric_matches_one_pass(resnet, probes):
     resnet.train()
 
 
+@pytest.mark.slow  # a fresh interpreter audits a ResNet-18 with the default options: 10-16 CPU s
 def test_the_readme_example_runs_as_pasted(tmp_path):
     import re
 

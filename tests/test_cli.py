@@ -93,6 +93,7 @@ def test_default_gate_fail_exits_one_as_printed(files):
     assert "(PASS for require=genuine,learned" in passed.stdout and passed.returncode == 0, passed.stderr
 
 
+@pytest.mark.slow  # the genuine D4 audit again (test_audit_writes_report_and_passes_gate): 10 CPU s
 def test_estimate_is_printed_before_the_audit(files):
     """Issue 23, cost before work: the CLI says what the audit will spend (on stderr, before the sweep)."""
     r = cli("audit", files["genuine"], "--group", "D4", "--probes", files["probes"], *FAST)

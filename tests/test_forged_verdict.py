@@ -93,7 +93,7 @@ def _run_sandbox(tmp_path: Path, name: str, module: torch.nn.Module, warm: bool)
 
 
 @needs_landlock
-@pytest.mark.parametrize("warm", [True, False], ids=["fork-server", "fresh"])
+@pytest.mark.parametrize("warm", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fork-server", "fresh"])
 def test_a_model_writing_its_own_result_gets_the_honest_verdict(tmp_path, warm):
     rc, result, work = _run_sandbox(tmp_path, "forger", Forger(""), warm)
     # the control: the attack ran and wrote its forged files, in the only place it may write

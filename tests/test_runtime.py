@@ -174,7 +174,7 @@ def test_a_fixed_batch_graph_that_reads_its_batch_keeps_one_run_per_sample(tmp_p
     torch.testing.assert_close(runner.logits(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
 def test_a_resnet18_exported_at_batch_1_runs_whole_batches(exporter, tmp_path):
     """torchvision's ResNet-18 exported with no dynamic shapes (the dynamo exporter's default; the legacy one without
     dynamic_axes) at 3x32x32: its batch relaxed (the dynamo graph flattens with Reshape [1, 512]), the logits and

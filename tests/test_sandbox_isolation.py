@@ -80,7 +80,8 @@ def run_probe(layout: dict, name: str, warm: bool, writes: bool = True, **settin
 
 
 @needs_landlock
-@pytest.mark.parametrize("warm", [True, False], ids=["fork-server", "fresh-process"])
+@pytest.mark.parametrize("warm", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["fork-server", "fresh-process"])
 def test_the_cage_refuses_everything_outside_the_work_dir(layout, warm):
     report = run_probe(layout, f"probe-{warm}", warm)
     for path, what in report["read"].items():
