@@ -75,6 +75,7 @@ def test_sweep_keeps_ties_by_larger_li():
     maps = torch.rand(2, 4, 4, 4)
     kept = keep_worst([], si, maps, 0, logits, {"orbit": maps, "raw": maps})
     assert [k["probe"] for k in kept] == [2, 1, 0] and "image_x" in kept[0] and "raw_gx" in kept[0]
+    assert [k["li"] for k in kept] == [0.5 * 3 * 5.0 ** 2, 0.5 * 3 * 1.0 ** 2, 0.0]   # LI = 1/2 ||f(x) - f(gx)||^2
 
 
 @pytest.mark.parametrize("channels", [1, 3, 0])

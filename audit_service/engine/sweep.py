@@ -261,7 +261,7 @@ def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, off
         return kept
     scores = si_pairs[1:].nan_to_num(nan=-2.0).flatten()             # undefined (zero map) first
     if logits is not None:
-        li = logit_invariance_error(logits[0].double(), logits[1:].double()).flatten()
+        li = logit_invariance_error(logits[0], logits[1:]).double().flatten()  # as the accumulator has it
     else:
         li = torch.zeros_like(scores, dtype=torch.float64)
     by_li = torch.argsort(-li, stable=True)
