@@ -23,8 +23,6 @@ from .symmetrization import symmetrized_summary
 
 #: probes the memory-layout check runs (``runtime.layout``)
 LAYOUT_SAMPLE = 8
-#: probes the plan's checks (bf16 autocast) run on
-PLAN_SAMPLE = 16
 
 __all__ = ["run_audit", "precheck_audit", "AuditRequest", "REPORT_KEYS"]
 
@@ -66,7 +64,7 @@ def precheck_audit(request: AuditRequest) -> dict:
 def _audit(inputs: CheckedInputs, spec: AuditSpec, layout: LayoutChoice, progress: ProgressFn, started: float,
            loaded: float) -> dict:
     """The plan, the sweep, the Jacobian and the report of one loaded model."""
-    plan = plan_audit(spec, inputs.runner, inputs.group, inputs.sample(PLAN_SAMPLE))
+    plan = plan_audit(spec, inputs)
     sweep = OrbitSweep(inputs, plan, spec.options)
     conditions = audit_conditions(inputs.shifts, has_probes=inputs.x is not None)
     ticks = _Ticks(progress, sum(sweep.n_chunks(c) for c in conditions) + 1)

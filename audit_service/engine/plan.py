@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .groups import Group
+from .inputs import CheckedInputs
 from .metrics.saliency import SaliencyMethod, integrated_gradients, occlusion
 from .runtime import ModelRunner
 from .spec import AuditSpec
@@ -77,11 +77,11 @@ def make_plan(spec: AuditSpec, saliency: SaliencyMethod | None = None, autocast_
                      autocast_check=autocast_check)
 
 
-def plan_audit(spec: AuditSpec, runner: ModelRunner, group: Group, sample: torch.Tensor) -> AuditPlan:
-    """The plan for this model: its saliency method and, when asked for, bf16 autocast checked on ``sample``
-    (the first probes, or seeded noise, on the model's device)."""
-    saliency = saliency_method(runner, spec) if spec.options.saliency else None
-    return make_plan(spec, saliency, check_autocast(runner, group, sample[:AUTOCAST_SAMPLE], spec))
+def plan_audit(spec: AuditSpec, inputs: CheckedInputs) -> AuditPlan:
+    """The plan for this model: its saliency method and, when asked for, bf16 autocast checked against fp32 on
+    the orbits of the first probes (or seeded noise)."""
+    saliency = saliency_method(inputs.runner, spec) if spec.options.saliency else None
+    return make_plan(spec, saliency, check_autocast(inputs, spec))
 
 
 def saliency_method(runner: ModelRunner, spec: AuditSpec) -> SaliencyMethod:
@@ -93,15 +93,16 @@ def saliency_method(runner: ModelRunner, spec: AuditSpec) -> SaliencyMethod:
     return occlusion(lambda t: runner.logits(t, spec.options.batch_size), runner.input_shape, reason)
 
 
-def check_autocast(runner: ModelRunner, group: Group, sample: torch.Tensor, spec: AuditSpec) -> dict | None:
-    """The opt-in bf16 autocast, checked against fp32 on ``sample``'s orbits; not used past
-    ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for."""
-    options = spec.options
+def check_autocast(inputs: CheckedInputs, spec: AuditSpec) -> dict | None:
+    """The opt-in bf16 autocast, checked against fp32 on the orbits of the first ``AUTOCAST_SAMPLE`` probes (or
+    seeded noise); not used past ``AUTOCAST_TOLERANCE`` (the report says so). None when not asked for."""
+    options, runner = spec.options, inputs.runner
     if not options.autocast_bf16:
         return None
     if runner.device.type != "cuda":
         return {"dtype": None, "used": False, "note": f"autocast_bf16 needs CUDA; ran fp32 on {runner.device}"}
-    flat = group.orbit(sample).reshape(-1, *sample.shape[1:])
+    sample = inputs.sample(AUTOCAST_SAMPLE)
+    flat = inputs.group.orbit(sample).reshape(-1, *sample.shape[1:])
     reference = runner.logits(flat, options.batch_size)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         low = runner.logits(flat, options.batch_size).float()
