@@ -23,65 +23,39 @@ log = logging.getLogger("audit_service.service")
 
 
 class ApiError(Exception):
+    """An error a view raises: the HTTP status, the problem's title and the slug of its type URI. One subclass a
+    status (``_api_error``); ``slug`` names a case within a status (429: which quota)."""
+
     status: int = 500
     title: str = "Internal Server Error"
     slug: str = "internal-error"
 
-    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 slug: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.field = field
         self.headers = headers or {}
-
-
-class BadRequest(ApiError):
-    status, title, slug = 400, "Bad Request", "bad-request"
-
-
-class Unauthorized(ApiError):
-    status, title, slug = 401, "Unauthorized", "unauthorized"
-
-
-class Forbidden(ApiError):
-    status, title, slug = 403, "Forbidden", "forbidden"
-
-
-class NotFound(ApiError):
-    status, title, slug = 404, "Not Found", "not-found"
-
-
-class Conflict(ApiError):
-    status, title, slug = 409, "Conflict", "conflict"
-
-
-class PayloadTooLarge(ApiError):
-    status, title, slug = 413, "Payload Too Large", "payload-too-large"
-
-
-class UnsupportedMediaType(ApiError):
-    status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
-
-
-class Unprocessable(ApiError):
-    status, title, slug = 422, "Unprocessable Content", "unprocessable"
-
-
-class TooManyRequests(ApiError):
-    status, title, slug = 429, "Too Many Requests", "queue-full"
-
-    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None,
-                 slug: str | None = None) -> None:
-        super().__init__(detail, field, headers)
         if slug:
             self.slug = slug
 
 
-class ServiceUnavailable(ApiError):
-    status, title, slug = 503, "Service Unavailable", "unavailable"
+def _api_error(name: str, status: int, title: str, slug: str) -> type[ApiError]:
+    """The ``ApiError`` subclass of one status (views raise and catch it by name)."""
+    return type(name, (ApiError,), {"status": status, "title": title, "slug": slug, "__module__": __name__})
 
 
-class InsufficientStorage(ApiError):
-    status, title, slug = 507, "Insufficient Storage", "insufficient-storage"
+BadRequest = _api_error("BadRequest", 400, "Bad Request", "bad-request")
+Unauthorized = _api_error("Unauthorized", 401, "Unauthorized", "unauthorized")
+Forbidden = _api_error("Forbidden", 403, "Forbidden", "forbidden")
+NotFound = _api_error("NotFound", 404, "Not Found", "not-found")
+Conflict = _api_error("Conflict", 409, "Conflict", "conflict")
+PayloadTooLarge = _api_error("PayloadTooLarge", 413, "Payload Too Large", "payload-too-large")
+UnsupportedMediaType = _api_error("UnsupportedMediaType", 415, "Unsupported Media Type", "unsupported-media-type")
+Unprocessable = _api_error("Unprocessable", 422, "Unprocessable Content", "unprocessable")
+TooManyRequests = _api_error("TooManyRequests", 429, "Too Many Requests", "queue-full")
+ServiceUnavailable = _api_error("ServiceUnavailable", 503, "Service Unavailable", "unavailable")
+InsufficientStorage = _api_error("InsufficientStorage", 507, "Insufficient Storage", "insufficient-storage")
 
 
 DISK_FULL_DETAIL = ("the service's disk is full, so nothing was stored and no job was created; retry after the "
@@ -130,11 +104,10 @@ def _handle(exc: Exception) -> Response:
 
     if is_disk_full(exc):
         log.error("disk full on %s %s: %s", request.method, request.path, exc)
-        return problem(507, InsufficientStorage.title, DISK_FULL_DETAIL, InsufficientStorage.slug, None,
-                       {"Retry-After": "60"})
+        return problem(InsufficientStorage.status, InsufficientStorage.title, DISK_FULL_DETAIL,
+                       InsufficientStorage.slug, None, {"Retry-After": "60"})
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return problem(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                   "internal-error")
+    return problem(ApiError.status, ApiError.title, "an unexpected error occurred; it has been logged", ApiError.slug)
 
 
 def register_error_handlers(app: Flask) -> None:

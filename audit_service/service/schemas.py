@@ -71,21 +71,28 @@ class InputFile(_Model):
     mlflow: dict[str, Any] | None = None
 
 
-class JobOut(_Model):
+class _JobFields(_Model):
+    """What a job and a job list's item both show."""
+
     id: str
     kind: Literal["audit", "reference_run"]
     status: JobStatus
     progress: float = Field(ge=0, le=1)
     stage: str
-    attempts: int
-    timeout_s: float
     timings: Timings
     error: JobErrorOut | None = None
     verdict: str | None = None
     passed: bool | None = Field(default=None, description="the gate: verdict in spec.require (null until done)")
+    links: JobLinks
+
+
+class JobOut(_JobFields):
+    """``GET /audits/{id}``: the job with its whole spec and inputs."""
+
+    attempts: int
+    timeout_s: float
     inputs: dict[str, InputFile]
     spec: dict[str, Any]
-    links: JobLinks
     write_back: dict[str, Any] | None = Field(
         default=None, description="the MLflow write-back (mlflow_write_back=true): pending until the worker tried, "
                                   "then written (with the tags) or failed (with why); skipped when the audit failed")
@@ -119,20 +126,10 @@ class SpecSummary(_Model):
     require: list[str] | None = None
 
 
-class JobSummaryOut(_Model):
+class JobSummaryOut(_JobFields):
     """One item of ``GET /audits``: no spec, inputs or report, so a page stays a few hundred bytes per job."""
 
-    id: str
-    kind: Literal["audit", "reference_run"]
-    status: JobStatus
-    progress: float = Field(ge=0, le=1)
-    stage: str
-    timings: Timings
-    error: JobErrorOut | None = None
-    verdict: str | None = None
-    passed: bool | None = None
     spec: SpecSummary
-    links: JobLinks
 
 
 class JobList(_Model):
