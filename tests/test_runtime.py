@@ -174,7 +174,6 @@ def test_a_fixed_batch_graph_that_reads_its_batch_keeps_one_run_per_sample(tmp_p
     torch.testing.assert_close(runner.logits(x), expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_fixed_batch_graph_gets_its_last_piece_zero_padded(tmp_path):
     """A batch-2 graph kept at batch 2 runs 5 inputs as (x0, x1), (x2, x3), (x4, 0): the padding path every fixed-batch
     runner shares (``chunks.run_in_fixed_batches``), its rows dropped; a batch-mixing model shows the zero row."""
@@ -187,6 +186,7 @@ def test_a_fixed_batch_graph_gets_its_last_piece_zero_padded(tmp_path):
         expected = torch.cat([module(piece) for piece in pieces])[:5]
     torch.testing.assert_close(runner.logits(x, batch_size=1024), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(runner.logits(x, batch_size=3), expected, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
 def test_a_resnet18_exported_at_batch_1_runs_whole_batches(exporter, tmp_path):
