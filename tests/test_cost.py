@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from audit_service.engine.schema import parse_report
 from audit_service.engine.audit import AuditRequest, run_audit
 from audit_service.engine.plan import AUTOCAST_TOLERANCE
 from audit_service.engine.metrics.saliency import cuda_batch_limit, integrated_gradients
@@ -178,10 +179,9 @@ def test_sequential_si_stops_a_genuine_model_after_its_first_batch(tmp_path):
         assert c["metrics"]["SI"] == pytest.approx(1.0, abs=1e-6)
     for c in everywhere["conditions"]:
         assert c["saliency_sampling"]["stopped"] == "cap" and c["saliency_sampling"]["probes_used"] == c["n_probes"]
-    # SI used a quarter of the clean probes: its saliency pass costs well under the full one
-    assert sequential["timing"]["saliency_s"]["clean"] < everywhere["timing"]["saliency_s"]["clean"]
-    from audit_service.engine.schema import parse_report
-
+    # the saving is counted, not timed (a wall-clock comparison of two sub-second passes is noise): SI's
+    # saliency pass ran on a third of the clean probes, and the everywhere run on all of them
+    assert sequential["conditions"][0]["spread"]["SI"]["n"] * 3 == everywhere["conditions"][0]["spread"]["SI"]["n"]
     typed = parse_report(sequential, strict=True)  # the typed report models the key, name for name
     assert typed.conditions[0].saliency_sampling.stopped == "decided"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from audit_service.engine.report.html import fmt, grouped_reasons, render_report_html, saliency_figures, timing_text
-from audit_service.engine.schema import parse_report
+from audit_service.engine.schema import Condition, parse_report
 from audit_service.engine.report.summary import report_summary
 from audit_service.engine.spec import Policy
 from audit_service.engine.sweep import keep_worst
@@ -50,7 +50,7 @@ def _report(label="learned", examples=(), profile=True):
     conditions = [_cond("clean"), _cond("blur@2", {"name": "blur", "severity": 2}, DI=1e-14),
                   _cond("noise", DI=3e-15)]
     conditions[0]["relative_variation"] = 1e-4  # the low-sensitivity warning
-    verdict = decide(conditions, Policy(), require=["genuine"])  # undecided: genuine fails, no labels
+    verdict = decide([Condition.model_validate(c) for c in conditions], Policy(), require=["genuine"])  # undecided: genuine fails, no labels
     verdict["label"] = label
     report = minimal_report(conditions, verdict, saliency_examples=list(examples))
     if profile:

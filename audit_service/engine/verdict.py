@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from .names import METRICS, ConditionName, Metric
 from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic
@@ -302,15 +302,9 @@ def verdict_gate(verdict: dict | None) -> bool | None:
 
 
 # --------------------------------------------------------------------------- decide
-def _typed(conditions: Sequence[Condition | Mapping[str, Any]]) -> list[Condition]:
-    """The conditions as the typed model; a condition report still given as a dict (``report.build``) is
-    validated once, here, so that a missing or mistyped key fails with the field's name."""
-    return [c if isinstance(c, Condition) else Condition.model_validate(c) for c in conditions]
-
-
-def decide(conditions: Sequence[Condition | Mapping[str, Any]], policy: Policy,
+def decide(conditions: Sequence[Condition], policy: Policy,
            require: Iterable[str] = DEFAULT_REQUIRE, require_confident: bool = False) -> dict:
-    """Label the model from its per-condition metrics (typed ``schema.Condition``; a dict is validated into one).
+    """Label the model from its typed per-condition metrics (``schema.Condition``).
 
     Returns {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
     require_confident, passed}: ``reasons`` the sentences, ``reason_details`` the same reasons as data (topic,
@@ -318,19 +312,18 @@ def decide(conditions: Sequence[Condition | Mapping[str, Any]], policy: Policy,
     way to the label (structured: criterion, condition, value, threshold, kind, role, interval, n_probes, passed,
     straddles, probes_to_settle, option); ``borderline_criteria`` those whose interval straddles the threshold
     where it decides the label."""
-    typed = _typed(conditions)
     required = list(require)
     path: list[list[Check]] = []  # the conjunctions that decided the label
-    trivial = _is_trivial(typed, policy)
+    trivial = _is_trivial(conditions, policy)
     if trivial:
         label, reasons = "trivial", trivial
     else:
-        label, reasons = _decide(typed, policy, path)
+        label, reasons = _decide(conditions, policy, path)
     evaluated = [c for conj in path for c in conj]
     uncertain = [c for conj in path for c in _uncertain(conj)]
     if uncertain:
         reasons = reasons + [_borderline_reason(uncertain)]
-    flags = _low_sensitivity(typed, policy) if label != "trivial" else []
+    flags = _low_sensitivity(conditions, policy) if label != "trivial" else []
     passed = gate(label, required, bool(uncertain), require_confident)
     if require_confident and uncertain and label in required:
         reasons = reasons + [_said("require_confident", "require_confident: a borderline verdict fails the gate")]
@@ -350,7 +343,7 @@ def decide(conditions: Sequence[Condition | Mapping[str, Any]], policy: Policy,
     }
 
 
-def _decide(conditions: list[Condition], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:
+def _decide(conditions: Sequence[Condition], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:
     genuine = [c for cond in conditions for c in genuine_checks(cond, policy)]
     path.append(genuine)
     if all(c.passed for c in genuine):

@@ -19,6 +19,7 @@ from ..metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, s
 from ..names import PER_PROBE_METRICS, ConditionName
 from ..plan import AuditPlan
 from ..runtime import ModelRunner
+from ..schema import Condition
 from ..runtime.layout import LayoutChoice
 from ..runtime.outputs import NOTES as OUTPUT_NOTES
 from ..spec import SCHEMA_VERSION, AuditSpec, Options
@@ -55,7 +56,7 @@ def assemble_report(spec: AuditSpec, inputs: CheckedInputs, plan: AuditPlan, out
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
             condition["group_sample_ci"] = group_sample_ci(r.accumulator)
-    verdict = decide(condition_reports, spec.policy, spec.require, spec.require_confident)
+    verdict = decide([Condition.model_validate(c) for c in condition_reports], spec.policy, spec.require, spec.require_confident)
     return {
         "schema_version": SCHEMA_VERSION,
         "service_version": __version__,
