@@ -67,6 +67,7 @@ def test_audit_writes_report_and_passes_gate(files, tmp_path):
     assert report["group"]["order"] == 8
 
 
+@pytest.mark.slow  # --require on a failing model; test_default_gate_fail_exits_one_as_printed fails the default gate
 def test_gate_failure_exits_one(files):
     r = cli("audit", files["plain"], "--group", "C4", "--probes", files["probes_npz"], *FAST, "--require", "genuine")
     assert r.returncode == 1, r.stderr
@@ -126,6 +127,7 @@ def test_truncated_model(files, tmp_path):
     assert_bad_input(cli("audit", bad, "--group", "C4", *FAST), "onnx")
 
 
+@pytest.mark.slow  # a CLI run (6 CPU s); the loader's own test: test_runtime.py::test_random_bytes_are_refused
 def test_random_bytes_model(tmp_path):
     bad = tmp_path / "noise.bin"
     bad.write_bytes(np.random.default_rng(1).bytes(4096))
@@ -137,6 +139,7 @@ class _Marker:
         return (Path.touch, (Path(os.environ.get("MARKER", "/tmp/never")),))
 
 
+@pytest.mark.slow  # a CLI run; test_runtime.py::test_pickle_is_refused_without_unpickling
 def test_pickle_is_refused_and_never_loaded(tmp_path):
     marker = tmp_path / "unpickled"
     bad = tmp_path / "model.pt"
@@ -146,6 +149,7 @@ def test_pickle_is_refused_and_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # CLI runs (14 CPU s); test_runtime.py and test_external_data.py read external data
 def test_onnx_with_external_data(files, tmp_path):
     """Issue 18: the data file beside the graph is found; one the graph names outside its folder is refused."""
     model = onnx.load(str(files["plain"]))
@@ -165,21 +169,25 @@ def test_onnx_with_external_data(files, tmp_path):
                      "plain file name", "external data")
 
 
+@pytest.mark.slow  # a CLI run; test_runtime.py refuses two inputs
 def test_two_input_model(tmp_path):
     path = export_onnx(TwoInputModel(), list(TwoInputModel.input_shapes), tmp_path / "two.onnx")
     assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "input")
 
 
+@pytest.mark.slow  # a CLI run; test_runtime.py refuses odd outputs
 def test_output_not_n_by_c(tmp_path):
     path = export_onnx(OddOutputModel(kind="3d"), IMAGE_SHAPE, tmp_path / "odd.onnx")
     assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "(N, C)")
 
 
+@pytest.mark.slow  # a CLI run; test_runtime.py finds NaN logits
 def test_nan_model(tmp_path):
     path = export_onnx(NaNModel(), IMAGE_SHAPE, tmp_path / "nan.onnx")
     assert_bad_input(cli("audit", path, "--group", "C4", *FAST), "nan")
 
 
+@pytest.mark.slow  # CLI runs (13 CPU s); test_runtime.py::test_probes_of_the_wrong_shape_are_a_probe_error
 def test_probes_of_wrong_shape_and_dtype(files, tmp_path):
     wrong_shape = tmp_path / "shape.npy"
     np.save(wrong_shape, np.zeros((4, 1, 10, 12), dtype=np.float32))
@@ -194,6 +202,7 @@ def test_unknown_group(files):
     assert_bad_input(cli("audit", files["plain"], "--group", "C7", *FAST), "group", "C4")
 
 
+@pytest.mark.slow  # CLI runs (12 CPU s); test_groups.py refuses groups that do not fit (test_c4_non_square)
 def test_group_that_does_not_fit_the_input(files, tmp_path):
     step = json.dumps({"name": "translation", "order": 2, "step": 40})
     assert_bad_input(cli("audit", files["plain"], "--group", step, *FAST), "step")
