@@ -30,7 +30,7 @@ def _native_connect(port: int) -> str:
     return "connected" if rc == 0 else f"failed: errno {errno} ({os.strerror(errno)})"
 
 
-def network_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
+def network_probe(request, **_kwargs) -> dict:  # noqa: ANN001
     port = int(os.environ["PROBE_PORT"])
     import subprocess
 
@@ -90,7 +90,7 @@ def _try_signal(pid: int) -> str:
         return f"refused: errno {exc.errno} ({exc.strerror})"
 
 
-def file_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
+def file_probe(request, **_kwargs) -> dict:  # noqa: ANN001
     """Tries, from inside the cage, every file access in ``PROBE_FILES`` (a JSON object
     ``{"read": [...], "write": [...], "from_file": [...], "from_file_shared": [...], "unix": [...]}``)."""
     import json
@@ -107,7 +107,7 @@ def file_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
     }
 
 
-def env_probe(model, spec, **_kwargs) -> dict:  # noqa: ANN001
+def env_probe(request, **_kwargs) -> dict:  # noqa: ANN001
     """The names of the variables the sandbox sees."""
     return {"names": sorted(os.environ)}
 
@@ -122,7 +122,7 @@ def _fds(pid: str) -> dict:
     return out
 
 
-def cage_fd_probe(model, spec, load=None, **_kwargs) -> dict:  # noqa: ANN001
-    """The descriptors of the cage holding ``model`` (loaded through the engine's ``load``) and of the engine."""
-    runner = load(model, device="cpu")
+def cage_fd_probe(request, **_kwargs) -> dict:  # noqa: ANN001
+    """The descriptors of the cage holding the request's model (loaded through its ``load``) and of the engine."""
+    runner = request.load(request.model, device="cpu")
     return {"cage": _fds(str(runner.cage.pid)), "engine": _fds("self")}
