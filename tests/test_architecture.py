@@ -52,6 +52,13 @@ def test_ruff_finds_nothing():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
+def test_the_engine_is_formatted():
+    """The engine keeps ruff's format (``ruff format audit_service/engine`` mends it; [tool.ruff] sets the width)."""
+    out = subprocess.run([_tool("ruff"), "format", "--check", "--no-cache", "audit_service/engine"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_mypy_passes_on_the_engine():
     """The engine type-checks under the lenient config in pyproject.toml ([tool.mypy])."""
     out = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -34,18 +34,30 @@ ModelLike = "torch.nn.Module | str | os.PathLike | bytes"
 ArrayLike = "torch.Tensor | np.ndarray"
 
 
-def audit(model: Any, group: GroupLike = "C4", probes: Any = None, labels: Any = None, *,
-          shifts: list | None = None, policy: dict | None = None, require: list[str] | None = None,
-          require_confident: bool = False, second_probes: Any = None, input_shape: tuple[int, ...] | None = None,
-          progress: ProgressFn | None = None, **options: Any) -> AuditResult:
+def audit(
+    model: Any,
+    group: GroupLike = "C4",
+    probes: Any = None,
+    labels: Any = None,
+    *,
+    shifts: list | None = None,
+    policy: dict | None = None,
+    require: list[str] | None = None,
+    require_confident: bool = False,
+    second_probes: Any = None,
+    input_shape: tuple[int, ...] | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> AuditResult:
     """Audit ``model``'s invariance to ``group`` on ``probes``; see the module docstring.
 
     ``require`` / ``require_confident`` set the gate (``spec.AuditSpec``: a borderline verdict fails the
     confident one). ``input_shape`` (per sample) is needed for an ``nn.Module`` audited without probes. Raises
     ``AuditError`` subclasses naming the field for anything the caller can fix.
     """
-    spec = parse_audit_spec(_spec_dict(group, shifts, policy, require, options) |
-                            ({"require_confident": True} if require_confident else {}))
+    spec = parse_audit_spec(
+        _spec_dict(group, shifts, policy, require, options) | ({"require_confident": True} if require_confident else {})
+    )
     x = _array(probes, "probes")
     y = _array(labels, "labels", floating=False)
     second = _array(second_probes, "second_probes")
@@ -60,8 +72,9 @@ def audit(model: Any, group: GroupLike = "C4", probes: Any = None, labels: Any =
     if isinstance(model, torch.nn.Module):
         shape = tuple(input_shape) if input_shape is not None else (tuple(x.shape[1:]) if x is not None else None)
         if shape is None:
-            raise ProbeError("Expected probes or input_shape to know what an nn.Module takes, but got neither",
-                             field="input_shape")
+            raise ProbeError(
+                "Expected probes or input_shape to know what an nn.Module takes, but got neither", field="input_shape"
+            )
         with _eval_mode(model):
             report = audited(ModuleRunner(model, shape, resolve_device(spec.options.device)))
     elif isinstance(model, (bytes, bytearray, memoryview)):
@@ -74,8 +87,9 @@ def audit(model: Any, group: GroupLike = "C4", probes: Any = None, labels: Any =
     return AuditResult.from_report(report)
 
 
-def _spec_dict(group: GroupLike, shifts: list | None, policy: dict | None, require: list[str] | None,
-               options: dict) -> dict:
+def _spec_dict(
+    group: GroupLike, shifts: list | None, policy: dict | None, require: list[str] | None, options: dict
+) -> dict:
     spec: dict[str, Any] = {"group": group_spec_of(group)}
     if shifts is not None:
         spec["shifts"] = [s.model_dump(mode="json") if isinstance(s, BaseModel) else s for s in shifts]

@@ -56,13 +56,17 @@ def precheck_audit(request: AuditRequest) -> dict:
     ``format``, ``input_shape``, ``num_classes`` and ``group_order``."""
     checked = check_inputs(request, "cpu", read_outputs=False)
     runner = checked.runner
-    return {"format": str(getattr(runner, "format", "") or "") or None,
-            "input_shape": [int(d) for d in runner.input_shape], "num_classes": runner.num_classes,
-            "group_order": len(checked.group.element_names)}
+    return {
+        "format": str(getattr(runner, "format", "") or "") or None,
+        "input_shape": [int(d) for d in runner.input_shape],
+        "num_classes": runner.num_classes,
+        "group_order": len(checked.group.element_names),
+    }
 
 
-def _audit(inputs: CheckedInputs, spec: AuditSpec, layout: LayoutChoice, progress: ProgressFn, started: float,
-           loaded: float) -> dict:
+def _audit(
+    inputs: CheckedInputs, spec: AuditSpec, layout: LayoutChoice, progress: ProgressFn, started: float, loaded: float
+) -> dict:
     """The plan, the sweep, the Jacobian and the report of one loaded model."""
     plan = plan_audit(spec, inputs)
     sweep = OrbitSweep(inputs, plan, spec.options)
@@ -78,7 +82,8 @@ def _audit(inputs: CheckedInputs, spec: AuditSpec, layout: LayoutChoice, progres
     if report["verdict"]["label"] not in ("genuine", "trivial"):  # the fix on offer, and what it keeps
         report["symmetrized"] = guarded(
             lambda: symmetrized_summary(inputs.runner, inputs.group, inputs.x, inputs.y, spec.options.batch_size),
-            "measuring the symmetrized model")
+            "measuring the symmetrized model",
+        )
     return report
 
 
@@ -93,8 +98,10 @@ class _Ticks:
 
     def condition(self, name: str) -> Callable[[], None]:
         """Report the condition's start; the callback counts one of its chunks."""
+
         def on_chunk() -> None:
             self.done += 1
             self.stage(f"condition {name}")
+
         self.stage(f"condition {name}")
         return on_chunk

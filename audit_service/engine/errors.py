@@ -73,7 +73,10 @@ def model_failures(doing: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - user model code can raise anything
         torch = sys.modules.get("torch")  # loaded whenever model code ran; this module does not import it
         if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise ModelRuntimeError(f"Out of GPU memory {doing}: lower options.batch_size or options.probe_chunk "
-                                    f"({short_error(exc, 300)})", field="model") from None
-        raise ModelRuntimeError(f"The model failed {doing}: {type(exc).__name__}: {short_error(exc)}",
-                                field="model") from None
+            raise ModelRuntimeError(
+                f"Out of GPU memory {doing}: lower options.batch_size or options.probe_chunk ({short_error(exc, 300)})",
+                field="model",
+            ) from None
+        raise ModelRuntimeError(
+            f"The model failed {doing}: {type(exc).__name__}: {short_error(exc)}", field="model"
+        ) from None

@@ -69,18 +69,27 @@ def check_inputs(request: AuditRequest, device: str, read_outputs: bool = True) 
     options, probes = request.spec.options, request.probes
     hint = tuple(probes.shape[1:]) if isinstance(probes, np.ndarray) and probes.ndim >= 2 else None
     # a runner built by the caller (the Python API's in-memory module) is used as it is
-    runner = request.model if isinstance(request.model, ModelRunner) else request.load(
-        request.model, device=device, input_shape=hint)
+    runner = (
+        request.model
+        if isinstance(request.model, ModelRunner)
+        else request.load(request.model, device=device, input_shape=hint)
+    )
     # only the probes the audit uses are checked and converted (a client may send far more)
     if isinstance(probes, np.ndarray) and probes.ndim:
         probes = probes[: options.n_probes]
     x = check_probes(probes, runner.input_shape, "probes") if probes is not None else None
     y = check_labels(request.labels, x, runner.num_classes) if request.labels is not None else None
-    second = check_probes(request.second_probes, runner.input_shape, "second_probes") \
-        if request.second_probes is not None else None
+    second = (
+        check_probes(request.second_probes, runner.input_shape, "second_probes")
+        if request.second_probes is not None
+        else None
+    )
 
-    stats = ProbeStats.from_probes(x.to(runner.device)) if x is not None else \
-        ProbeStats.default(runner.input_shape, runner.device)
+    stats = (
+        ProbeStats.from_probes(x.to(runner.device))
+        if x is not None
+        else ProbeStats.default(runner.input_shape, runner.device)
+    )
     runner, output_kind = _adapt_outputs(runner, x, options) if read_outputs else (runner, "unread")
     spec = request.spec
     group = build_group(spec.group, runner.input_shape)
@@ -104,8 +113,9 @@ def load_probe_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     except FileNotFoundError:
         raise ProbeError(f"Expected a readable .npy or .npz file, but {path} does not exist", field="probes") from None
     except ValueError as exc:
-        raise ProbeError(f"Expected a numeric .npy or .npz array (object arrays are refused), but {path}: {exc}",
-                         field="probes") from None
+        raise ProbeError(
+            f"Expected a numeric .npy or .npz array (object arrays are refused), but {path}: {exc}", field="probes"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - numpy raises many types for corrupt files
         raise ProbeError(f"Expected a .npy or .npz file, but {path} could not be read: {exc}", field="probes") from None
     if isinstance(data, np.ndarray):
@@ -114,8 +124,9 @@ def load_probe_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         keys = set(data.files)
         x_key = next((k for k in ("x", "probes", "X") if k in keys), None)
         if x_key is None:
-            raise ProbeError(f"Expected an .npz with an array named 'x' or 'probes', but found {sorted(keys)}",
-                             field="probes")
+            raise ProbeError(
+                f"Expected an .npz with an array named 'x' or 'probes', but found {sorted(keys)}", field="probes"
+            )
         y_key = next((k for k in ("y", "labels") if k in keys), None)
         return data[x_key], (data[y_key] if y_key else None)
 
@@ -126,13 +137,17 @@ def check_probes(arr: np.ndarray, input_shape: tuple[int, ...], field: str) -> t
         raise ProbeError(f"Expected a numpy array, but got {type(arr).__name__}", field=field)
     expected = f"(N, {', '.join(map(str, input_shape))})"
     if arr.ndim != len(input_shape) + 1 or tuple(arr.shape[1:]) != tuple(input_shape):
-        raise ProbeError(f"Expected an array shaped like the model's input batch {expected}, but got "
-                         f"{tuple(arr.shape)}", field=field)
+        raise ProbeError(
+            f"Expected an array shaped like the model's input batch {expected}, but got {tuple(arr.shape)}", field=field
+        )
     if arr.shape[0] == 0:
         raise ProbeError(f"Expected at least one probe, but got an empty array {tuple(arr.shape)}", field=field)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ProbeError(f"Expected float32 values (preprocessed as the model expects), but got dtype {arr.dtype}; "
-                         "convert with arr.astype(np.float32) after normalising", field=field)
+        raise ProbeError(
+            f"Expected float32 values (preprocessed as the model expects), but got dtype {arr.dtype}; "
+            "convert with arr.astype(np.float32) after normalising",
+            field=field,
+        )
     finite = np.isfinite(arr)
     if not finite.all():
         raise ProbeError(f"Expected finite values, but {int((~finite).sum())} entries are NaN or Inf", field=field)
@@ -145,14 +160,17 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
         raise ProbeError("Expected probes to go with the labels, but got labels alone", field="labels")
     arr = np.asarray(arr)
     if arr.ndim != 1 or arr.shape[0] < probes.shape[0]:
-        raise ProbeError(f"Expected labels of shape ({probes.shape[0]},), one per probe, but got {tuple(arr.shape)}",
-                         field="labels")
+        raise ProbeError(
+            f"Expected labels of shape ({probes.shape[0]},), one per probe, but got {tuple(arr.shape)}", field="labels"
+        )
     if not np.issubdtype(arr.dtype, np.integer):
         raise ProbeError(f"Expected integer class indices, but got dtype {arr.dtype}", field="labels")
     arr = arr[: probes.shape[0]]
     if arr.min() < 0 or arr.max() >= num_classes:
-        raise ProbeError(f"Expected class indices in [0, {num_classes - 1}], but got values in "
-                         f"[{arr.min()}, {arr.max()}]", field="labels")
+        raise ProbeError(
+            f"Expected class indices in [0, {num_classes - 1}], but got values in [{arr.min()}, {arr.max()}]",
+            field="labels",
+        )
     return torch.from_numpy(arr.astype(np.int64))
 
 

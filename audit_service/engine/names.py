@@ -67,32 +67,92 @@ class MetricInfo:
 
 
 _TABLE = (
-    MetricInfo(Metric.DI, "low", "predictive-distribution invariance error",
-               "KL(softmax f(x) || softmax f(gx)), mean over probes and g; 0 is perfect", profile=True),
-    MetricInfo(Metric.LI, "low", "logit invariance error",
-               "1/2 ||f(x) - f(gx)||^2, mean over probes and g; 0 is perfect, depends on the logits' scale",
-               headline=False),
-    MetricInfo(Metric.SI, "high", "saliency invariance similarity",
-               "cos(m(x), g^-1 m(gx)) of thresholded |integrated gradients|; 1 is perfect", profile=True),
-    MetricInfo(Metric.LI_NORMALIZED, "low", "scale-free logit error",
-               "||f(x) - f(gx)||^2 over the logits' sample variation; ~0 invariant, ~1 as much as another input",
-               per_probe=False, profile=True),
-    MetricInfo(Metric.AGREEMENT, "high", "prediction agreement",
-               "P(argmax f(gx) = argmax f(x)); 1 is perfect, compare with agreement_chance", profile=True),
-    MetricInfo(Metric.ACCURACY, "high", "orbit accuracy",
-               "accuracy over the whole orbit (g = e included) where labels were given", invariance=False),
-    MetricInfo(Metric.AGREEMENT_CHANCE, "high", "chance agreement",
-               "the agreement two independent draws from the predicted-class frequencies reach",
-               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
-    MetricInfo(Metric.KAPPA, "high", "chance-corrected agreement",
-               "Cohen's kappa of agreement against agreement_chance; null for a single predicted class",
-               per_probe=False, spread=False, displayed=False, headline=False),
-    MetricInfo(Metric.ACCURACY_CHANCE, "high", "majority-label rate",
-               "the accuracy of always predicting the most frequent label",
-               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
-    MetricInfo(Metric.ACCURACY_KAPPA, "high", "chance-corrected accuracy",
-               "(accuracy - accuracy_chance) / (1 - accuracy_chance): whether the model learned the task",
-               per_probe=False, spread=False, displayed=False, headline=False, invariance=False),
+    MetricInfo(
+        Metric.DI,
+        "low",
+        "predictive-distribution invariance error",
+        "KL(softmax f(x) || softmax f(gx)), mean over probes and g; 0 is perfect",
+        profile=True,
+    ),
+    MetricInfo(
+        Metric.LI,
+        "low",
+        "logit invariance error",
+        "1/2 ||f(x) - f(gx)||^2, mean over probes and g; 0 is perfect, depends on the logits' scale",
+        headline=False,
+    ),
+    MetricInfo(
+        Metric.SI,
+        "high",
+        "saliency invariance similarity",
+        "cos(m(x), g^-1 m(gx)) of thresholded |integrated gradients|; 1 is perfect",
+        profile=True,
+    ),
+    MetricInfo(
+        Metric.LI_NORMALIZED,
+        "low",
+        "scale-free logit error",
+        "||f(x) - f(gx)||^2 over the logits' sample variation; ~0 invariant, ~1 as much as another input",
+        per_probe=False,
+        profile=True,
+    ),
+    MetricInfo(
+        Metric.AGREEMENT,
+        "high",
+        "prediction agreement",
+        "P(argmax f(gx) = argmax f(x)); 1 is perfect, compare with agreement_chance",
+        profile=True,
+    ),
+    MetricInfo(
+        Metric.ACCURACY,
+        "high",
+        "orbit accuracy",
+        "accuracy over the whole orbit (g = e included) where labels were given",
+        invariance=False,
+    ),
+    MetricInfo(
+        Metric.AGREEMENT_CHANCE,
+        "high",
+        "chance agreement",
+        "the agreement two independent draws from the predicted-class frequencies reach",
+        per_probe=False,
+        spread=False,
+        displayed=False,
+        headline=False,
+        invariance=False,
+    ),
+    MetricInfo(
+        Metric.KAPPA,
+        "high",
+        "chance-corrected agreement",
+        "Cohen's kappa of agreement against agreement_chance; null for a single predicted class",
+        per_probe=False,
+        spread=False,
+        displayed=False,
+        headline=False,
+    ),
+    MetricInfo(
+        Metric.ACCURACY_CHANCE,
+        "high",
+        "majority-label rate",
+        "the accuracy of always predicting the most frequent label",
+        per_probe=False,
+        spread=False,
+        displayed=False,
+        headline=False,
+        invariance=False,
+    ),
+    MetricInfo(
+        Metric.ACCURACY_KAPPA,
+        "high",
+        "chance-corrected accuracy",
+        "(accuracy - accuracy_chance) / (1 - accuracy_chance): whether the model learned the task",
+        per_probe=False,
+        spread=False,
+        displayed=False,
+        headline=False,
+        invariance=False,
+    ),
 )
 
 #: the table, by name, in the report's order
@@ -106,7 +166,8 @@ INVARIANCE_METRICS: tuple[Metric, ...] = tuple(m for m in SPREAD_METRICS if METR
 PER_PROBE_METRICS: tuple[Metric, ...] = tuple(m.name for m in _TABLE if m.per_probe)
 #: the display order: the scale-free logit error first, as a reader compares models by it
 DISPLAY_ORDER: tuple[Metric, ...] = (Metric.LI_NORMALIZED,) + tuple(
-    m.name for m in _TABLE if m.displayed and m.name != Metric.LI_NORMALIZED)
+    m.name for m in _TABLE if m.displayed and m.name != Metric.LI_NORMALIZED
+)
 #: the compact summary's metrics, in display order
 HEADLINE_METRICS: tuple[Metric, ...] = tuple(m for m in DISPLAY_ORDER if METRICS[m].headline)
 #: the reference-profile vector's metrics, in display order

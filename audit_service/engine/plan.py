@@ -65,16 +65,21 @@ class AuditPlan:
         return math.ceil(cap / self.si_batch(cap)) if cap else 1
 
 
-def make_plan(spec: AuditSpec, saliency: SaliencyMethod | None = None, autocast_check: dict | None = None
-              ) -> AuditPlan:
+def make_plan(spec: AuditSpec, saliency: SaliencyMethod | None = None, autocast_check: dict | None = None) -> AuditPlan:
     """The plan of one audit from the spec, the saliency method (None: none for this model, or switched off)
     and the autocast check's outcome."""
     options = spec.options
     scope = options.saliency_scope if options.saliency and saliency is not None else "none"
-    return AuditPlan(scope=scope, sequential=scope == "decisive", confidence=SI_CONFIDENCE,
-                     si_threshold=spec.policy.genuine_si_min, early_stop=options.early_stop,
-                     autocast=bool(autocast_check and autocast_check["used"]), saliency=saliency,
-                     autocast_check=autocast_check)
+    return AuditPlan(
+        scope=scope,
+        sequential=scope == "decisive",
+        confidence=SI_CONFIDENCE,
+        si_threshold=spec.policy.genuine_si_min,
+        early_stop=options.early_stop,
+        autocast=bool(autocast_check and autocast_check["used"]),
+        saliency=saliency,
+        autocast_check=autocast_check,
+    )
 
 
 def plan_audit(spec: AuditSpec, inputs: CheckedInputs) -> AuditPlan:
@@ -109,7 +114,12 @@ def check_autocast(inputs: CheckedInputs, spec: AuditSpec) -> dict | None:
     scale = float(reference.abs().max().clamp_min(1e-12))
     error = float((low - reference).abs().max()) / scale
     used = error <= AUTOCAST_TOLERANCE
-    return {"dtype": "bfloat16" if used else None, "used": used,
-            "max_relative_logit_error": error, "tolerance": AUTOCAST_TOLERANCE,
-            "note": "forward-only logits under bf16 autocast (saliency and the Jacobian stay fp32)"
-            if used else "bf16 logits differ from fp32 past the tolerance: ran fp32"}
+    return {
+        "dtype": "bfloat16" if used else None,
+        "used": used,
+        "max_relative_logit_error": error,
+        "tolerance": AUTOCAST_TOLERANCE,
+        "note": "forward-only logits under bf16 autocast (saliency and the Jacobian stay fp32)"
+        if used
+        else "bf16 logits differ from fp32 past the tolerance: ran fp32",
+    }

@@ -40,8 +40,9 @@ def audit_conditions(shifts: list, has_probes: bool) -> list[Condition]:
     return conditions
 
 
-def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
-              tick: Callable[[str], Callable[[], None]]) -> SweepOutcome:
+def run_sweep(
+    sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec, tick: Callable[[str], Callable[[], None]]
+) -> SweepOutcome:
     """Sweep the conditions as the sweep's plan says (see the module docstring)."""
     options, policy, plan = spec.options, spec.policy, sweep.plan
     scope = plan.scope
@@ -54,7 +55,8 @@ def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
     def forward(condition: Condition) -> None:  # ``all``: SI in the same pass, on every probe
         done[condition.name] = guarded(
             lambda: sweep.run(condition, tick(condition.name), saliency=scope == "all"),
-            f"sweeping condition {condition.name}")
+            f"sweeping condition {condition.name}",
+        )
 
     def saliency(condition: Condition) -> None:
         result = done[condition.name]
@@ -65,16 +67,19 @@ def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
         looks = plan.looks(cap)
 
         def should_stop(r: ConditionResult) -> str | None:
-            bound = si_bound(r.accumulator.values("SI", identity=False), plan.confidence, looks,
-                             options.bootstrap, options.seed)
+            bound = si_bound(
+                r.accumulator.values("SI", identity=False), plan.confidence, looks, options.bootstrap, options.seed
+            )
             if bound is None:  # no defined SI yet (every map so far is zero): go on
                 return None
             if value_only:
                 return "not_needed"
             return "decided" if decided(bound, plan.si_threshold) else None
 
-        guarded(lambda: sweep.add_saliency(result, tick(condition.name), plan.si_batch(cap), should_stop),
-                f"computing the saliency of condition {condition.name}")
+        guarded(
+            lambda: sweep.add_saliency(result, tick(condition.name), plan.si_batch(cap), should_stop),
+            f"computing the saliency of condition {condition.name}",
+        )
 
     for condition in anchors:
         forward(condition)
@@ -100,27 +105,42 @@ def run_sweep(sweep: OrbitSweep, conditions: list[Condition], spec: AuditSpec,
         computed = [c for c in reports if c.saliency_computed]
         anchors_zero = bool(computed) and all(c.metrics.SI is None for c in computed)
         if not failing or anchors_zero:
-            scope_reason = ("SI on every condition: the model meets the genuine criteria on the forward "
-                            "metrics everywhere, so SI decides" if not failing else
-                            "SI on every condition: every saliency map on clean and noise is zero, so SI "
-                            "decides whether the model is trivial")
+            scope_reason = (
+                "SI on every condition: the model meets the genuine criteria on the forward "
+                "metrics everywhere, so SI decides"
+                if not failing
+                else "SI on every condition: every saliency map on clean and noise is zero, so SI "
+                "decides whether the model is trivial"
+            )
             for condition in shifted:
                 saliency(condition)
         else:
             listed = ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
-            scope_reason = (f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
-                            f"({listed}), so SI on the shifts cannot change the verdict")
+            scope_reason = (
+                f"SI on clean and noise only (the paper's SI): genuine criteria already fail "
+                f"({listed}), so SI on the shifts cannot change the verdict"
+            )
             for condition in shifted:
-                reasons[condition.name] = ("not computed (options.saliency_scope = decisive): genuine criteria "
-                                           f"already fail ({listed}), so SI here cannot change the verdict")
+                reasons[condition.name] = (
+                    "not computed (options.saliency_scope = decisive): genuine criteria "
+                    f"already fail ({listed}), so SI here cannot change the verdict"
+                )
     elif scope == "decisive":
-        scope_reason = ("SI on clean and noise; the shifts were skipped (options.early_stop)"
-                        if stopped else "SI on every condition (there are no shifts)")
+        scope_reason = (
+            "SI on clean and noise; the shifts were skipped (options.early_stop)"
+            if stopped
+            else "SI on every condition (there are no shifts)"
+        )
     elif scope == "all":
         scope_reason = "SI on every condition (options.saliency_scope = all)"
     else:
-        why = ("options.saliency = false" if not options.saliency else
-               "options.saliency_scope = none" if options.saliency_scope == "none" else "no saliency method")
+        why = (
+            "options.saliency = false"
+            if not options.saliency
+            else "options.saliency_scope = none"
+            if options.saliency_scope == "none"
+            else "no saliency method"
+        )
         scope_reason = f"SI not computed: {why}"
         reasons.update({name: f"saliency was switched off ({why})" for name in done})
     results = [done[c.name] for c in conditions if c.name in done]
@@ -145,15 +165,20 @@ class _Provisional:
             options, acc = self.spec.options, result.accumulator
             variation = acc.sample_variation
             values = {name: acc.values(name, identity=False) for name in ("DI", "agreement", "SI")}
-            values["LI_normalized"] = acc.values("sq_dist", identity=False) / variation if variation > 0 \
-                else np.empty(0)
+            values["LI_normalized"] = (
+                acc.values("sq_dist", identity=False) / variation if variation > 0 else np.empty(0)
+            )
             if not si:
                 values["SI"] = np.empty(0)
             spread = {name: summarize(v, options.bootstrap, options.seed) for name, v in values.items()}
             self._cache[key] = ConditionReport(
-                name=result.condition.name, shift=result.condition.shift, n_probes=acc.n, saliency_computed=si,
+                name=result.condition.name,
+                shift=result.condition.shift,
+                n_probes=acc.n,
+                saliency_computed=si,
                 metrics=ConditionMetrics.model_validate({name: (s or {}).get("mean") for name, s in spread.items()}),
-                spread=ConditionSpreads.model_validate(spread))
+                spread=ConditionSpreads.model_validate(spread),
+            )
         return self._cache[key]
 
     def genuine_ruled_out(self, results, without_si_of: str) -> bool:
@@ -169,20 +194,31 @@ class _Provisional:
 def _sampling(result: ConditionResult, sweep: OrbitSweep, plan: AuditPlan, spec: AuditSpec) -> SaliencySampling:
     options, cap = spec.options, result.accumulator.n
     ig = sweep.saliency.ig if sweep.saliency is not None else None
-    bound = si_bound(result.accumulator.values("SI", identity=False), plan.confidence, plan.looks(cap),
-                     options.bootstrap, options.seed)
+    bound = si_bound(
+        result.accumulator.values("SI", identity=False),
+        plan.confidence,
+        plan.looks(cap),
+        options.bootstrap,
+        options.seed,
+    )
     return SaliencySampling(
-        probes_used=result.saliency_probes, probes_cap=cap, interval=bound, confidence=plan.confidence,
-        stopped=result.saliency_stopped or "cap", ig_method=IG_METHOD if ig is not None else "occlusion",
+        probes_used=result.saliency_probes,
+        probes_cap=cap,
+        interval=bound,
+        confidence=plan.confidence,
+        stopped=result.saliency_stopped or "cap",
+        ig_method=IG_METHOD if ig is not None else "occlusion",
         ig_steps=(ig.steps or 0) if ig is not None else 0,
-        completeness_error=relative_completeness(result.completeness) if ig is not None else None)
+        completeness_error=relative_completeness(result.completeness) if ig is not None else None,
+    )
 
 
 def provisional_report(result: ConditionResult) -> ConditionReport:
     """A condition's means with its chance levels, enough for ``genuine_failures`` and ``decide`` (no bootstrap:
     the sweep is not done yet)."""
     return ConditionReport.model_validate(
-        with_chance_levels(condition_report(result, 0, 0, result.saliency_computed), result.accumulator))
+        with_chance_levels(condition_report(result, 0, 0, result.saliency_computed), result.accumulator)
+    )
 
 
 def _settled(anchor_results, spec: AuditSpec) -> str | None:
@@ -193,13 +229,17 @@ def _settled(anchor_results, spec: AuditSpec) -> str | None:
     (``verdict.decide``). Unless every anchor saliency map is zero: then the shifts' SI can decide trivial.
     """
     reports = [provisional_report(r) for r in anchor_results]
-    if any(c.saliency_computed for c in reports) and \
-            all(c.metrics.SI is None for c in reports if c.saliency_computed):
+    if any(c.saliency_computed for c in reports) and all(c.metrics.SI is None for c in reports if c.saliency_computed):
         return None
-    failing = [f"{c.name} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
-               for c in reports for metric, value, need in genuine_failures(c, spec.policy)]
+    failing = [
+        f"{c.name} {metric} {'null' if value is None else f'{value:.4g}'} (genuine needs {need})"
+        for c in reports
+        for metric, value, need in genuine_failures(c, spec.policy)
+    ]
     if not failing:
         return None
     label = decide(reports, spec.policy, spec.require)["label"]
-    return (f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
-            "the Jacobian would only fill the report")
+    return (
+        f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
+        "the Jacobian would only fill the report"
+    )

@@ -17,8 +17,9 @@ import numpy as np
 from .metrics import summarize
 
 
-def si_bound(values: np.ndarray, confidence: float, looks: int, n_bootstrap: int, seed: int
-             ) -> tuple[float, float] | None:
+def si_bound(
+    values: np.ndarray, confidence: float, looks: int, n_bootstrap: int, seed: int
+) -> tuple[float, float] | None:
     """(lo, hi) around the mean of the finite per-probe SI values; None when there are none."""
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
@@ -58,10 +59,16 @@ class SaliencySampling:
     completeness_error: float | None
 
     def as_report(self) -> dict:
-        return {"probes_used": self.probes_used, "probes_cap": self.probes_cap,
-                "interval": None if self.interval is None else [float(self.interval[0]), float(self.interval[1])],
-                "confidence": self.confidence, "stopped": self.stopped, "ig_method": self.ig_method,
-                "ig_steps": self.ig_steps, "completeness_error": self.completeness_error}
+        return {
+            "probes_used": self.probes_used,
+            "probes_cap": self.probes_cap,
+            "interval": None if self.interval is None else [float(self.interval[0]), float(self.interval[1])],
+            "confidence": self.confidence,
+            "stopped": self.stopped,
+            "ig_method": self.ig_method,
+            "ig_steps": self.ig_steps,
+            "completeness_error": self.completeness_error,
+        }
 
 
 def relative_completeness(sums: tuple[float, float]) -> float | None:

@@ -62,8 +62,9 @@ def spec_name(model: type[BaseModel]) -> str:
     """The tag of a spec model: the one value of its ``name: Literal[...]`` field."""
     values = typing.get_args(model.model_fields["name"].annotation)
     if len(values) != 1 or not isinstance(values[0], str):
-        raise TypeError(f"Expected {model.__name__}.name to be a one-value Literal, but got "
-                        f"{model.model_fields['name'].annotation}")
+        raise TypeError(
+            f"Expected {model.__name__}.name to be a one-value Literal, but got {model.model_fields['name'].annotation}"
+        )
     return values[0]
 
 
@@ -111,8 +112,12 @@ def _group_holders() -> list[type[BaseModel]]:
             stack.extend(model.__subclasses__())
     holders: set[type[BaseModel]] = set()
     while True:
-        more = {m for m in models if m not in holders and any(
-            _holds(f.annotation, holders) or _holds_meta(f.metadata) for f in m.model_fields.values())}
+        more = {
+            m
+            for m in models
+            if m not in holders
+            and any(_holds(f.annotation, holders) or _holds_meta(f.metadata) for f in m.model_fields.values())
+        }
         if not more:
             break
         holders |= more
@@ -139,8 +144,11 @@ def _holds_meta(metadata: list[Any]) -> bool:
 
 def _holds(annotation: Any, found: set[type[BaseModel]]) -> bool:
     """``annotation`` is or contains a ``GroupSpec`` or one of the models in ``found``."""
-    return annotation is _RegisteredGroups or _refers(annotation, found) or any(
-        _holds(arg, found) for arg in typing.get_args(annotation))
+    return (
+        annotation is _RegisteredGroups
+        or _refers(annotation, found)
+        or any(_holds(arg, found) for arg in typing.get_args(annotation))
+    )
 
 
 def _refers(annotation: Any, models: set[type[BaseModel]]) -> bool:
@@ -157,8 +165,8 @@ class _RegisteredGroups:
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.tagged_union_schema(
-            {name: handler.generate_schema(model) for name, model in GROUP_SPEC_MODELS.items()},
-            discriminator="name")
+            {name: handler.generate_schema(model) for name, model in GROUP_SPEC_MODELS.items()}, discriminator="name"
+        )
 
 
 #: A group spec: one of the registered group kinds' models, chosen by its ``name``.
@@ -225,8 +233,12 @@ class PermutationSpec(GroupSpecModel):
     generators: list[list[int]] = Field(min_length=1)
     axis: int = -1
     max_order: int = Field(default=MAX_GROUP_ORDER, ge=1, le=MAX_GROUP_ORDER)
-    sample: int = Field(default=DEFAULT_GROUP_SAMPLE, ge=0, le=MAX_GROUP_ORDER,
-                        description="elements drawn uniformly when the group has more than max_order; 0: refuse")
+    sample: int = Field(
+        default=DEFAULT_GROUP_SAMPLE,
+        ge=0,
+        le=MAX_GROUP_ORDER,
+        description="elements drawn uniformly when the group has more than max_order; 0: refuse",
+    )
     seed: int = Field(default=0, description="seed of the element sample")
 
 
@@ -283,8 +295,12 @@ def parse_group_spec(value: Any, field: str = "group") -> GroupSpecModel:
 #: that specs parse without torch; their records (severity table, action, catalogue text) are in
 #: ``shifts.registry.SHIFTS``, and ``shifts.registry.register_shift`` adds a kind to both.
 SHIFT_PARAMETERS: dict[str, Literal["severity", "beta"]] = {
-    "gaussian_noise": "severity", "blur": "severity", "contrast": "severity", "brightness": "severity",
-    "occlusion": "severity", "blend": "beta",
+    "gaussian_noise": "severity",
+    "blur": "severity",
+    "contrast": "severity",
+    "brightness": "severity",
+    "occlusion": "severity",
+    "blend": "beta",
 }
 #: The built-in shift names (``shift_names()`` also lists any registered later).
 ShiftName = Literal["gaussian_noise", "blur", "contrast", "brightness", "occlusion", "blend"]
@@ -322,8 +338,9 @@ class ShiftSpec(_Strict):
     def _known_name(cls, name: str) -> str:
         if name not in SHIFT_PARAMETERS:
             names = [repr(n) for n in SHIFT_PARAMETERS]
-            raise PydanticCustomError("literal_error", "Input should be {expected}",
-                                      {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": ", ".join(names[:-1]) + " or " + names[-1]}
+            )
         return name
 
     @property
@@ -367,11 +384,7 @@ MAX_SHIFTS = 64
 
 def default_shifts() -> list[ShiftSpec]:
     """Three shifts at three severities: enough for a metric-vs-severity curve, cheap enough to run."""
-    return [
-        ShiftSpec(name=name, severity=s)
-        for name in ("gaussian_noise", "blur", "contrast")
-        for s in (1, 3, 5)
-    ]
+    return [ShiftSpec(name=name, severity=s) for name in ("gaussian_noise", "blur", "contrast") for s in (1, 3, 5)]
 
 
 # ----------------------------------------------------------------------------- policy
@@ -425,21 +438,25 @@ class Options(_Strict):
     saliency_scope: Literal["decisive", "all", "none"] = Field(
         default="decisive",
         description="where SI is computed: 'decisive' on clean and noise, and on every shift only when the "
-                    "model meets the genuine criteria everywhere else (SI then decides); 'all' on every "
-                    "condition; 'none' nowhere")
+        "model meets the genuine criteria everywhere else (SI then decides); 'all' on every "
+        "condition; 'none' nowhere",
+    )
     early_stop: bool = Field(
         default=False,
         description="once clean and noise settle the verdict (a genuine criterion fails there), skip the shift "
-                    "conditions and the Jacobian, which would only fill the report; the report lists what was skipped")
+        "conditions and the Jacobian, which would only fill the report; the report lists what was skipped",
+    )
     autocast_bf16: bool = Field(
         default=False,
         description="CUDA only, torch runtimes: forward-only logits under bf16 autocast, used only when a "
-                    "check against fp32 on the first probes is within tolerance (else fp32, said in the report)")
+        "check against fp32 on the first probes is within tolerance (else fp32, said in the report)",
+    )
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         default="auto",
         description="layout of the torch passes: 'auto' converts a convolutional model's weights to "
-                    "channels-last for image inputs on the CPU (1.35-1.76x faster there); either way the choice is "
-                    "checked against the contiguous logits first and undone if the model fails or differs")
+        "channels-last for image inputs on the CPU (1.35-1.76x faster there); either way the choice is "
+        "checked against the contiguous logits first and undone if the model fails or differs",
+    )
     jacobian_probes: int = Field(default=16, ge=0, le=10_000)
     batch_size: int = Field(default=1024, ge=1, le=1_000_000, description="model batch (samples)")
     probe_chunk: int = Field(default=64, ge=1, le=100_000, description="probes per streamed chunk")
@@ -457,16 +474,19 @@ class AuditSpec(_Strict):
     """Everything a client can ask of one audit, besides the model and probe files."""
 
     group: GroupSpec
-    shifts: list[ShiftSpec] | None = Field(default=None, max_length=MAX_SHIFTS,
-                                           description="None: the default shift sweep")
+    shifts: list[ShiftSpec] | None = Field(
+        default=None, max_length=MAX_SHIFTS, description="None: the default shift sweep"
+    )
     options: Options = Options()
     policy: Policy = Policy()
-    require: list[VerdictLabel] = Field(default=list(DEFAULT_REQUIRE), min_length=1,
-                                        description="the gate: verdict labels that pass")
+    require: list[VerdictLabel] = Field(
+        default=list(DEFAULT_REQUIRE), min_length=1, description="the gate: verdict labels that pass"
+    )
     require_confident: bool = Field(
         default=False,
         description="strict gate: a borderline verdict (a deciding criterion's 95% interval straddles its "
-                    "threshold) fails even when its label is in `require` (the CLI's --strict)")
+        "threshold) fails even when its label is in `require` (the CLI's --strict)",
+    )
 
     @field_validator("group", mode="before")
     @classmethod
@@ -476,7 +496,6 @@ class AuditSpec(_Strict):
     @property
     def effective_shifts(self) -> list[ShiftSpec]:
         return default_shifts() if self.shifts is None else list(self.shifts)
-
 
 
 def _expand_group_shorthand(value: Any) -> Any:
@@ -532,8 +551,9 @@ def read_json_arg(text: str, field: str, bare_path: bool = False) -> Any:
         try:
             text = path.read_text().strip()
         except OSError as exc:
-            raise SpecError(f"Expected JSON text or a readable JSON file, but {path}: {exc.strerror}",
-                            field=field) from None
+            raise SpecError(
+                f"Expected JSON text or a readable JSON file, but {path}: {exc.strerror}", field=field
+            ) from None
     if not text.startswith(("{", "[")):
         return text
     try:

@@ -95,8 +95,9 @@ class OrbitSweep:
         n = self.options.n_noise_probes if condition.noise else (self.probes.shape[0] if self.probes is not None else 0)
         return -(-n // self.options.probe_chunk)
 
-    def run(self, condition: Condition, on_chunk: Callable[[], None] = lambda: None, saliency: bool = True
-            ) -> ConditionResult:
+    def run(
+        self, condition: Condition, on_chunk: Callable[[], None] = lambda: None, saliency: bool = True
+    ) -> ConditionResult:
         """Sweep one condition. The probes and labels may live on the host; chunks move to the device.
 
         ``saliency=False`` is the forward-only pass (one model pass a sample); ``add_saliency`` can add
@@ -116,14 +117,25 @@ class OrbitSweep:
             on_chunk()
         self._sync()
         seconds = time.perf_counter() - start
-        return ConditionResult(condition, acc, worst, seconds, saliency_computed=with_si,
-                               saliency_seconds=seconds if with_si else 0.0,
-                               saliency_probes=acc.n if with_si else 0, saliency_stopped="cap" if with_si else None,
-                               completeness=completeness)
+        return ConditionResult(
+            condition,
+            acc,
+            worst,
+            seconds,
+            saliency_computed=with_si,
+            saliency_seconds=seconds if with_si else 0.0,
+            saliency_probes=acc.n if with_si else 0,
+            saliency_stopped="cap" if with_si else None,
+            completeness=completeness,
+        )
 
-    def add_saliency(self, result: ConditionResult, on_chunk: Callable[[], None] = lambda: None,
-                     batch: int | None = None,
-                     should_stop: Callable[[ConditionResult], str | None] = lambda result: None) -> None:
+    def add_saliency(
+        self,
+        result: ConditionResult,
+        on_chunk: Callable[[], None] = lambda: None,
+        batch: int | None = None,
+        should_stop: Callable[[ConditionResult], str | None] = lambda result: None,
+    ) -> None:
         """SI for a condition that ``run`` swept forward-only: the same seeded chunks again, their
         logits (for the IG target) and integrated gradients; only SI is added to the accumulator.
 
@@ -146,8 +158,8 @@ class OrbitSweep:
             first = 0
             while first < chunk.shape[0]:
                 take = min(chunk.shape[0] - first, look - offset)
-                x = chunk[first:first + take]
-                y = None if labels_chunk is None else labels_chunk[first:first + take]
+                x = chunk[first : first + take]
+                y = None if labels_chunk is None else labels_chunk[first : first + take]
                 logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True, orbit_logits=condition.keep_examples)
                 acc.update_saliency(si_pairs)
                 completeness = _summed(completeness, seen.get("completeness", (0.0, 0.0)))
@@ -185,10 +197,10 @@ class OrbitSweep:
             return
         assert probes is not None
         for start in range(0, probes.shape[0], size):
-            x = probes[start:start + size].to(self.device, non_blocking=True)
+            x = probes[start : start + size].to(self.device, non_blocking=True)
             if condition.shift is not None:
                 x = apply_shift(x, condition.shift, self.stats, generator, self.second_probes)
-            y = None if labels is None else labels[start:start + size].to(self.device, non_blocking=True)
+            y = None if labels is None else labels[start : start + size].to(self.device, non_blocking=True)
             yield x, y
 
     def _generator(self, condition: Condition) -> torch.Generator:
@@ -210,7 +222,11 @@ class OrbitSweep:
         return self.runner.logits(flat, self.options.batch_size)
 
     def _orbit_batch(
-        self, x: torch.Tensor, labels: torch.Tensor | None, saliency: bool = True, orbit_logits: bool = True,
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        saliency: bool = True,
+        orbit_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict]:
         """Logits (G, n, C), SI per pair (G, n), the aligned saliency maps (G, n, *S) and what the
         report's examples show beside them: the orbit (G, n, *S) and the raw |IG| in each input's frame.
@@ -218,7 +234,7 @@ class OrbitSweep:
         ``orbit_logits=False`` (a saliency pass after the forward one, keeping no examples): no orbit logits
         (None); the IG target comes from the labels, else from the logits of x alone (1/G of the passes)."""
         n, shape = x.shape[0], x.shape[1:]
-        orbit = self.group.orbit(x)                                  # (G, n, *S)
+        orbit = self.group.orbit(x)  # (G, n, *S)
         g = orbit.shape[0]
         flat = orbit.reshape(g * n, *shape)
         logits = self._logits(flat).reshape(g, n, -1) if orbit_logits or not saliency else None
@@ -249,8 +265,14 @@ def _summed(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, floa
     return a[0] + b[0], a[1] + b[1]
 
 
-def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, offset: int,
-                logits: torch.Tensor | None = None, seen: dict | None = None) -> list[dict]:
+def keep_worst(
+    kept: list[dict],
+    si_pairs: torch.Tensor,
+    maps: torch.Tensor,
+    offset: int,
+    logits: torch.Tensor | None = None,
+    seen: dict | None = None,
+) -> list[dict]:
     """Merge this chunk's lowest-similarity (element, probe) pairs into ``kept`` (identity excluded);
     ties in similarity (common: many pairs at exactly 1 or undefined) go to the larger logit error LI.
 
@@ -259,7 +281,7 @@ def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, off
     """
     if si_pairs.shape[0] < 2:
         return kept
-    scores = si_pairs[1:].nan_to_num(nan=-2.0).flatten()             # undefined (zero map) first
+    scores = si_pairs[1:].nan_to_num(nan=-2.0).flatten()  # undefined (zero map) first
     if logits is not None:
         li = logit_invariance_error(logits[0], logits[1:]).double().flatten()  # as the accumulator has it
     else:
@@ -270,8 +292,14 @@ def keep_worst(kept: list[dict], si_pairs: torch.Tensor, maps: torch.Tensor, off
     seen = seen or {}
     for idx in order.tolist():
         element, probe = 1 + idx // n, idx % n
-        entry = {"probe": offset + probe, "element": element, "score": float(scores[idx]), "li": float(li[idx]),
-                 "map_x": maps[0, probe].clone(), "map_gx_aligned": maps[element, probe].clone()}
+        entry = {
+            "probe": offset + probe,
+            "element": element,
+            "score": float(scores[idx]),
+            "li": float(li[idx]),
+            "map_x": maps[0, probe].clone(),
+            "map_gx_aligned": maps[element, probe].clone(),
+        }
         if "orbit" in seen:
             entry["image_x"] = seen["orbit"][0, probe].clone()
             entry["image_gx"] = seen["orbit"][element, probe].clone()

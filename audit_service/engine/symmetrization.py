@@ -38,15 +38,19 @@ class SymmetrizedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, group: Group) -> None:
         super().__init__()
         if not isinstance(group, ExactGroup) or not group.exact:
-            raise SpecError(f"Expected an exact finite group to average over, but {group.name} is "
-                            f"{'sampled' if not group.exact else type(group).__name__}: averaging over a sample "
-                            f"of a group is not invariant", field="group")
+            raise SpecError(
+                f"Expected an exact finite group to average over, but {group.name} is "
+                f"{'sampled' if not group.exact else type(group).__name__}: averaging over a sample "
+                f"of a group is not invariant",
+                field="group",
+            )
         self.model = model
         self.input_shape = tuple(group.input_shape)
         self.sample_shape: List[int] = [int(s) for s in group.input_shape]
         self.size = int(math.prod(group.input_shape))
         self.order = int(group.order)
         self.group_name = group.name
+        self.table: torch.Tensor
         self.register_buffer("table", group.table.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +71,9 @@ class SymmetrizedModel(torch.nn.Module):
         return self
 
 
-def symmetrize(model: torch.nn.Module | str | os.PathLike | bytes, group: GroupLike,
-               input_shape: tuple[int, ...] | None = None) -> SymmetrizedModel:
+def symmetrize(
+    model: torch.nn.Module | str | os.PathLike | bytes, group: GroupLike, input_shape: tuple[int, ...] | None = None
+) -> SymmetrizedModel:
     """The orbit average of ``model`` over ``group``: a built ``Group``, or a spec (``"C4"``, a dict,
     ``C4Spec()``) with the per-sample ``input_shape`` (there is no batch here to read it from).
 
@@ -81,15 +86,16 @@ def symmetrize(model: torch.nn.Module | str | os.PathLike | bytes, group: GroupL
         runner = load_model(source, device="cpu", input_shape=input_shape)
         module = runner.torch_module()
         if module is None:
-            raise ModelError(f"Expected a model with a torch module to wrap, but {runner.gradient_note}",
-                             field="model")
+            raise ModelError(f"Expected a model with a torch module to wrap, but {runner.gradient_note}", field="model")
         model, input_shape = module, runner.input_shape
-    return SymmetrizedModel(model, resolve_group(group, input_shape, how="pass input_shape=(C, H, W), the shape "
-                                                 "of one sample"))
+    return SymmetrizedModel(
+        model, resolve_group(group, input_shape, how="pass input_shape=(C, H, W), the shape of one sample")
+    )
 
 
-def export_symmetrized_onnx(model: torch.nn.Module, group: GroupLike, input_shape: tuple[int, ...],
-                            path: str | Path, opset: int = 17) -> Path:
+def export_symmetrized_onnx(
+    model: torch.nn.Module, group: GroupLike, input_shape: tuple[int, ...], path: str | Path, opset: int = 17
+) -> Path:
     """Write ``symmetrize(model, group)`` as an ONNX file with a dynamic batch axis where the model allows one.
 
     The legacy exporter's tracer takes any ``nn.Module`` and an onnx2torch twin; a TorchScript module is traced
@@ -101,29 +107,47 @@ def export_symmetrized_onnx(model: torch.nn.Module, group: GroupLike, input_shap
     sym = symmetrize(inner, group, input_shape).eval()
     path = Path(path)
     example = torch.zeros((2, *input_shape))
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    inputs, outputs = ["input"], ["logits"]
 
     def traced() -> None:
         exported = torch.jit.trace(sym, example) if isinstance(inner, torch.jit.ScriptModule) else sym
-        torch.onnx.export(exported, (example,), str(path), **names, opset_version=opset, dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            exported,
+            (example,),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
 
     def dynamo(dynamic: tuple | None) -> None:
         """A batch-1 program one call per sample: the exporter miscompiles the runner's ``torch.vmap``."""
         vmapped = [m for m in sym.modules() if getattr(m, "vmapped", False)]  # pt2_runner._BatchSizes
         for module in vmapped:
-            module.vmapped = False
+            setattr(module, "vmapped", False)  # noqa: B010 (a flag of the runner's module, not a Module attribute)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(sym, (example,), str(path), **names, dynamo=True, external_data=False,
-                                  dynamic_shapes=dynamic)
+                torch.onnx.export(
+                    sym,
+                    (example,),
+                    str(path),
+                    input_names=inputs,
+                    output_names=outputs,
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes=dynamic,
+                )
         finally:
             for module in vmapped:
-                module.vmapped = True
+                setattr(module, "vmapped", True)  # noqa: B010
 
-    attempts = (("the tracer", traced),
-                ("torch.export with a dynamic batch", lambda: dynamo(({0: torch.export.Dim.DYNAMIC},))),
-                ("torch.export at a fixed batch", lambda: dynamo(None)))
+    attempts = (
+        ("the tracer", traced),
+        ("torch.export with a dynamic batch", lambda: dynamo(({0: torch.export.Dim.DYNAMIC},))),
+        ("torch.export at a fixed batch", lambda: dynamo(None)),
+    )
     problems = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -153,8 +177,9 @@ def _export_differs(path: Path, sym: SymmetrizedModel, input_shape: tuple[int, .
     options.log_severity_level = 4
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     declared = session.get_inputs()[0].shape[0]
-    x = torch.rand((declared if isinstance(declared, int) else 3, *input_shape),
-                   generator=torch.Generator().manual_seed(0))
+    x = torch.rand(
+        (declared if isinstance(declared, int) else 3, *input_shape), generator=torch.Generator().manual_seed(0)
+    )
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         expected = sym(x).float()
@@ -173,14 +198,19 @@ def _summary(exc: Exception) -> str:
     return short_error(exc, 200)
 
 
-def symmetrized_summary(runner: "ModelRunner", group: Group, x: torch.Tensor | None, y: torch.Tensor | None,
-                        batch_size: int = 256) -> dict:
+def symmetrized_summary(
+    runner: "ModelRunner", group: Group, x: torch.Tensor | None, y: torch.Tensor | None, batch_size: int = 256
+) -> dict:
     """What ``symmetrize`` would keep and cost, for the report of a model that is not genuine: its cost
     (|G| forward passes per sample) and, with labeled probes, its accuracy beside the original's."""
-    out: dict = {"available": bool(group.exact), "forward_passes_per_sample": int(group.order),
-                 "accuracy": None, "accuracy_original": None,
-                 "how": "audit-service symmetrize MODEL --group ... -o fixed.onnx, or "
-                        "audit_service.symmetrize(model, group) in Python"}
+    out: dict = {
+        "available": bool(group.exact),
+        "forward_passes_per_sample": int(group.order),
+        "accuracy": None,
+        "accuracy_original": None,
+        "how": "audit-service symmetrize MODEL --group ... -o fixed.onnx, or "
+        "audit_service.symmetrize(model, group) in Python",
+    }
     if not group.exact:
         out["note"] = "the group is sampled or interpolated: an average over it would not be invariant"
         return out

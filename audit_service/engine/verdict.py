@@ -44,8 +44,9 @@ def _fmt(value: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- reasons as data
-def _said(topic: ReasonTopic, headline: str, detail: str | None = None, sep: str = ": ", prefix: str = "",
-          **data: Any) -> Reason:
+def _said(
+    topic: ReasonTopic, headline: str, detail: str | None = None, sep: str = ": ", prefix: str = "", **data: Any
+) -> Reason:
     """A reason whose sentence is ``prefix + headline + sep + detail``."""
     text = prefix + headline + (f"{sep}{detail}" if detail is not None else "")
     return Reason(text=text, topic=topic, headline=headline, detail=detail, **data)
@@ -56,14 +57,14 @@ def _said(topic: ReasonTopic, headline: str, detail: str | None = None, sep: str
 class Check:
     """One criterion on one condition: its value, threshold, 95% interval and outcome."""
 
-    criterion: Metric       #: LI_normalized, DI, SI, agreement, kappa or accuracy_kappa
+    criterion: Metric  #: LI_normalized, DI, SI, agreement, kappa or accuracy_kappa
     condition: str
     value: float | None
     threshold: float
     kind: Literal["min", "max"]  #: "min": value >= threshold passes; "max": value <= threshold passes
     role: CriterionRole
     interval: tuple[float, float] | None = None
-    n: int | None = None    #: probes behind the interval
+    n: int | None = None  #: probes behind the interval
     note: str | None = None
 
     @property
@@ -103,11 +104,20 @@ class Check:
         return "n_noise_probes" if self.condition == ConditionName.NOISE else "n_probes"
 
     def as_dict(self) -> dict:
-        return {"criterion": str(self.criterion), "condition": self.condition, "value": self.value,
-                "threshold": self.threshold, "kind": self.kind, "role": self.role,
-                "interval": list(self.interval) if self.interval is not None else None, "n_probes": self.n,
-                "passed": self.passed, "straddles": self.straddles, "probes_to_settle": self.probes_to_settle(),
-                "option": self.option()}
+        return {
+            "criterion": str(self.criterion),
+            "condition": self.condition,
+            "value": self.value,
+            "threshold": self.threshold,
+            "kind": self.kind,
+            "role": self.role,
+            "interval": list(self.interval) if self.interval is not None else None,
+            "n_probes": self.n,
+            "passed": self.passed,
+            "straddles": self.straddles,
+            "probes_to_settle": self.probes_to_settle(),
+            "option": self.option(),
+        }
 
     def describe(self) -> str:
         interval = f" [{_fmt(self.interval[0])}, {_fmt(self.interval[1])}]" if self.interval else ""
@@ -130,12 +140,12 @@ def _interval(condition: Condition, metric: Metric) -> tuple[tuple[float, float]
 def _check(condition: Condition, metric: Metric, threshold: float, role: CriterionRole) -> Check:
     """``metric`` against ``threshold``: a max where low is good, a min where high is good (``METRICS``)."""
     interval, n = _interval(condition, metric)
-    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role,
-                 interval, n)
+    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role, interval, n)
 
 
-def _chance_check(condition: Condition, metric: Metric, base: Metric, chance_key: Metric, threshold: float,
-                  role: CriterionRole) -> Check:
+def _chance_check(
+    condition: Condition, metric: Metric, base: Metric, chance_key: Metric, threshold: float, role: CriterionRole
+) -> Check:
     """kappa / accuracy_kappa, with the interval of the observed rate mapped through (x - chance) / (1 - chance)
     (the chance level is taken as known)."""
     chance = condition.metric(chance_key)
@@ -144,8 +154,7 @@ def _chance_check(condition: Condition, metric: Metric, base: Metric, chance_key
     if observed is not None and chance is not None and chance < 1.0 - 1e-12:
         lo, hi = observed
         interval = ((lo - chance) / (1.0 - chance), (hi - chance) / (1.0 - chance))
-    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role,
-                 interval, n)
+    return Check(metric, condition.name, condition.metric(metric), threshold, METRICS[metric].kind, role, interval, n)
 
 
 def genuine_checks(condition: Condition, policy: Policy) -> list[Check]:
@@ -167,11 +176,21 @@ def genuine_failures(condition: Condition, policy: Policy) -> list[tuple[Metric,
 
 def prediction_checks(clean: Condition, policy: Policy) -> list[Check]:
     """Invariant predictions on the clean probes: agreement, DI and, where the report has it, kappa."""
-    checks = [_check(clean, Metric.AGREEMENT, policy.learned_agreement_min, "invariant_predictions"),
-              _check(clean, Metric.DI, policy.learned_di_max, "invariant_predictions")]
+    checks = [
+        _check(clean, Metric.AGREEMENT, policy.learned_agreement_min, "invariant_predictions"),
+        _check(clean, Metric.DI, policy.learned_di_max, "invariant_predictions"),
+    ]
     if Metric.KAPPA in clean.metrics:  # null kappa (one predicted class): agreement cannot be told from chance
-        checks.append(_chance_check(clean, Metric.KAPPA, Metric.AGREEMENT, Metric.AGREEMENT_CHANCE,
-                                    policy.learned_kappa_min, "invariant_predictions"))
+        checks.append(
+            _chance_check(
+                clean,
+                Metric.KAPPA,
+                Metric.AGREEMENT,
+                Metric.AGREEMENT_CHANCE,
+                policy.learned_kappa_min,
+                "invariant_predictions",
+            )
+        )
     return checks
 
 
@@ -180,10 +199,22 @@ def task_check(clean: Condition, policy: Policy) -> Check | None:
     if clean.metric(Metric.ACCURACY) is None:
         return None
     if Metric.ACCURACY_KAPPA not in clean.metrics:  # a hand-built summary: the raw accuracy's kappa, no chance known
-        return Check(Metric.ACCURACY_KAPPA, clean.name, None, policy.learned_accuracy_kappa_min,
-                     METRICS[Metric.ACCURACY_KAPPA].kind, "learned_task")
-    return _chance_check(clean, Metric.ACCURACY_KAPPA, Metric.ACCURACY, Metric.ACCURACY_CHANCE,
-                         policy.learned_accuracy_kappa_min, "learned_task")
+        return Check(
+            Metric.ACCURACY_KAPPA,
+            clean.name,
+            None,
+            policy.learned_accuracy_kappa_min,
+            METRICS[Metric.ACCURACY_KAPPA].kind,
+            "learned_task",
+        )
+    return _chance_check(
+        clean,
+        Metric.ACCURACY_KAPPA,
+        Metric.ACCURACY,
+        Metric.ACCURACY_CHANCE,
+        policy.learned_accuracy_kappa_min,
+        "learned_task",
+    )
 
 
 def _uncertain(checks: list[Check]) -> list[Check]:
@@ -207,19 +238,29 @@ def _failure_reasons(checks: list[Check], n_conditions: int, listed: int = 4) ->
         where = [f"{c.condition} {_fmt(c.value)}" for c in missed]
         shown = ", ".join(where[:listed]) + (f", ... (+{len(where) - listed})" if len(where) > listed else "")
         first = missed[0]
-        reasons.append(_said(
-            "genuine_failure", f"{metric} misses genuine ({first.requirement}) on {len(missed)} of {n_conditions} "
-            "conditions", shown, criterion=str(metric), threshold=first.threshold, requirement=first.requirement,
-            misses=[Miss(condition=c.condition, value=c.value) for c in missed], n_conditions=n_conditions))
+        reasons.append(
+            _said(
+                "genuine_failure",
+                f"{metric} misses genuine ({first.requirement}) on {len(missed)} of {n_conditions} conditions",
+                shown,
+                criterion=str(metric),
+                threshold=first.threshold,
+                requirement=first.requirement,
+                misses=[Miss(condition=c.condition, value=c.value) for c in missed],
+                n_conditions=n_conditions,
+            )
+        )
     return reasons
 
 
 def _summary(checks: list[Check], role: str) -> str:
     names: dict[str, str] = {
         Metric.KAPPA: "kappa (agreement corrected for its chance level)",
-        Metric.ACCURACY_KAPPA: "accuracy_kappa (orbit accuracy corrected for the majority-label rate)"}
-    return ", ".join(f"{names.get(c.criterion, c.criterion)} {_fmt(c.value)} ({role} needs {c.requirement})"
-                     for c in checks)
+        Metric.ACCURACY_KAPPA: "accuracy_kappa (orbit accuracy corrected for the majority-label rate)",
+    }
+    return ", ".join(
+        f"{names.get(c.criterion, c.criterion)} {_fmt(c.value)} ({role} needs {c.requirement})" for c in checks
+    )
 
 
 def _named(conditions: Sequence[Condition], name: ConditionName) -> Condition | None:
@@ -243,26 +284,51 @@ def _off_data(conditions: Sequence[Condition], clean: Condition) -> str:
 def _is_trivial(conditions: Sequence[Condition], policy: Policy) -> list[Reason]:
     clean = _named(conditions, ConditionName.CLEAN)
     predictions = clean.predictions if clean is not None else None
-    if clean is not None and predictions is not None and predictions.classes_predicted == 1 and \
-            clean.n_probes >= policy.trivial_single_class_min_probes:
-        return [_said("label", clean.name,
-                      f"every probe and every orbit element is predicted as class {predictions.majority_class} "
-                      f"({clean.n_probes} probes): the decision ignores the input, so agreement 1 is chance, "
-                      "whatever the logits do", criterion="classes_predicted", condition=clean.name, value=1)]
+    if (
+        clean is not None
+        and predictions is not None
+        and predictions.classes_predicted == 1
+        and clean.n_probes >= policy.trivial_single_class_min_probes
+    ):
+        return [
+            _said(
+                "label",
+                clean.name,
+                f"every probe and every orbit element is predicted as class {predictions.majority_class} "
+                f"({clean.n_probes} probes): the decision ignores the input, so agreement 1 is chance, "
+                "whatever the logits do",
+                criterion="classes_predicted",
+                condition=clean.name,
+                value=1,
+            )
+        ]
     anchors = [c for c in conditions if c.name in (ConditionName.CLEAN, ConditionName.NOISE)]
     spreads = [c.relative_spread for c in anchors]
     if anchors and all(s is not None and s <= policy.trivial_relative_spread_max for s in spreads):
-        return [_said("label", c.name,
-                      f"the logits' spread across probes is {_fmt(c.relative_spread)} of their own size "
-                      f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
-                      "depend on the input beyond floating-point noise, whatever its scale",
-                      criterion="relative_spread", condition=c.name, value=c.relative_spread,
-                      threshold=policy.trivial_relative_spread_max,
-                      requirement=f"<= {policy.trivial_relative_spread_max:g}") for c in anchors]
+        return [
+            _said(
+                "label",
+                c.name,
+                f"the logits' spread across probes is {_fmt(c.relative_spread)} of their own size "
+                f"(<= {policy.trivial_relative_spread_max:g}, float32 rounding is ~1e-7): the output does not "
+                "depend on the input beyond floating-point noise, whatever its scale",
+                criterion="relative_spread",
+                condition=c.name,
+                value=c.relative_spread,
+                threshold=policy.trivial_relative_spread_max,
+                requirement=f"<= {policy.trivial_relative_spread_max:g}",
+            )
+            for c in anchors
+        ]
     computed = [c for c in conditions if c.saliency_computed]
     if computed and all(c.metrics[Metric.SI] is None for c in computed):
-        return [_said("label", "every saliency map is zero: the target logit does not depend on the input",
-                      criterion=str(Metric.SI))]
+        return [
+            _said(
+                "label",
+                "every saliency map is zero: the target logit does not depend on the input",
+                criterion=str(Metric.SI),
+            )
+        ]
     return []
 
 
@@ -271,18 +337,31 @@ def _low_sensitivity(conditions: Sequence[Condition], policy: Policy) -> list[Re
     anchor = _named(conditions, ConditionName.CLEAN) or _named(conditions, ConditionName.NOISE)
     variation = anchor.relative_variation if anchor is not None else None
     if anchor is not None and variation is not None and variation < policy.low_sensitivity_variation:
-        return [_said("warning", f"{anchor.name}: logits vary little across inputs (relative variation "
-                                 f"{_fmt(variation)} < {policy.low_sensitivity_variation:g})",
-                      "the invariance may come from insensitivity, not symmetry", sep="; ", prefix="warning: ",
-                      criterion="relative_variation", condition=anchor.name, value=variation,
-                      threshold=policy.low_sensitivity_variation,
-                      requirement=f">= {policy.low_sensitivity_variation:g}")]
+        return [
+            _said(
+                "warning",
+                f"{anchor.name}: logits vary little across inputs (relative variation "
+                f"{_fmt(variation)} < {policy.low_sensitivity_variation:g})",
+                "the invariance may come from insensitivity, not symmetry",
+                sep="; ",
+                prefix="warning: ",
+                criterion="relative_variation",
+                condition=anchor.name,
+                value=variation,
+                threshold=policy.low_sensitivity_variation,
+                requirement=f">= {policy.low_sensitivity_variation:g}",
+            )
+        ]
     return []
 
 
 # --------------------------------------------------------------------------- the gate
-def gate(label: str | None, require: Iterable[str] | None = None, borderline: bool | None = False,
-         require_confident: bool | None = False) -> bool | None:
+def gate(
+    label: str | None,
+    require: Iterable[str] | None = None,
+    borderline: bool | None = False,
+    require_confident: bool | None = False,
+) -> bool | None:
     """The one pass/fail rule: the verdict is one of the ``require`` labels (default ``DEFAULT_REQUIRE``) and,
     with ``require_confident``, not borderline. None while there is no verdict. The report, the job status and
     both CLIs use this."""
@@ -297,13 +376,18 @@ def verdict_gate(verdict: dict | None) -> bool | None:
     """``gate`` applied to a report's verdict dict (its label, require, borderline and require_confident)."""
     if not isinstance(verdict, dict):
         return None
-    return gate(verdict.get("label"), verdict.get("require"), verdict.get("borderline"),
-                verdict.get("require_confident"))
+    return gate(
+        verdict.get("label"), verdict.get("require"), verdict.get("borderline"), verdict.get("require_confident")
+    )
 
 
 # --------------------------------------------------------------------------- decide
-def decide(conditions: Sequence[Condition], policy: Policy,
-           require: Iterable[str] = DEFAULT_REQUIRE, require_confident: bool = False) -> dict:
+def decide(
+    conditions: Sequence[Condition],
+    policy: Policy,
+    require: Iterable[str] = DEFAULT_REQUIRE,
+    require_confident: bool = False,
+) -> dict:
     """Label the model from its typed per-condition metrics (``schema.Condition``).
 
     Returns {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
@@ -347,60 +431,118 @@ def _decide(conditions: Sequence[Condition], policy: Policy, path: list[list[Che
     genuine = [c for cond in conditions for c in genuine_checks(cond, policy)]
     path.append(genuine)
     if all(c.passed for c in genuine):
-        return "genuine", [_said("label", f"invariant within tolerance on all {len(conditions)} conditions "
-                                          f"({', '.join(c.name for c in conditions)}), every criterion over g != e")]
+        return "genuine", [
+            _said(
+                "label",
+                f"invariant within tolerance on all {len(conditions)} conditions "
+                f"({', '.join(c.name for c in conditions)}), every criterion over g != e",
+            )
+        ]
     failures = _failure_reasons(genuine, len(conditions))
     clean = _named(conditions, ConditionName.CLEAN)
     if clean is None:
-        return "not_genuine", failures + [_said(
-            "label", "no in-distribution probes were given, so learned and not_invariant cannot be separated",
-            "pass --probes (and --labels) to decide")]
+        return "not_genuine", failures + [
+            _said(
+                "label",
+                "no in-distribution probes were given, so learned and not_invariant cannot be separated",
+                "pass --probes (and --labels) to decide",
+            )
+        ]
     predictions = prediction_checks(clean, policy)
     path.append(predictions)
     if not all(c.passed for c in predictions):
         return "not_invariant", [
-            _said("label", "predictions are not invariant beyond chance on in-distribution probes",
-                  f"{clean.name}: {_summary(predictions, 'learned')}", condition=clean.name)] + \
-            [_said("label", f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}",
-                   criterion=str(c.criterion), condition=c.condition, value=c.value, threshold=c.threshold,
-                   requirement=c.requirement) for c in predictions if not c.passed]
-    invariant = _said("label", "predictions are invariant on in-distribution probes",
-                      f"{clean.name}: {_summary(predictions, 'learned')}", condition=clean.name)
+            _said(
+                "label",
+                "predictions are not invariant beyond chance on in-distribution probes",
+                f"{clean.name}: {_summary(predictions, 'learned')}",
+                condition=clean.name,
+            )
+        ] + [
+            _said(
+                "label",
+                f"learned needs {c.criterion} {c.requirement}, got {_fmt(c.value)}",
+                criterion=str(c.criterion),
+                condition=c.condition,
+                value=c.value,
+                threshold=c.threshold,
+                requirement=c.requirement,
+            )
+            for c in predictions
+            if not c.passed
+        ]
+    invariant = _said(
+        "label",
+        "predictions are invariant on in-distribution probes",
+        f"{clean.name}: {_summary(predictions, 'learned')}",
+        condition=clean.name,
+    )
     off_data = _off_data(conditions, clean)
     task = task_check(clean, policy)
     if task is None:
         return "undecided", [
             invariant,
-            _said("label", "but without labels the audit cannot tell learned invariance from incidental invariance "
-                           "(a random network with global pooling is nearly flip-invariant by accident, and its "
-                           f"invariance degrades off the data too; {off_data})",
-                  "pass --labels to decide, or accept undecided with --require", sep=": "),
-            _said("heading", "and genuine invariance fails:")] + failures
+            _said(
+                "label",
+                "but without labels the audit cannot tell learned invariance from incidental invariance "
+                "(a random network with global pooling is nearly flip-invariant by accident, and its "
+                f"invariance degrades off the data too; {off_data})",
+                "pass --labels to decide, or accept undecided with --require",
+                sep=": ",
+            ),
+            _said("heading", "and genuine invariance fails:"),
+        ] + failures
     path.append([task])
-    task_data: dict[str, Any] = {"criterion": str(task.criterion), "condition": task.condition, "value": task.value,
-                 "threshold": task.threshold, "requirement": task.requirement}
+    task_data: dict[str, Any] = {
+        "criterion": str(task.criterion),
+        "condition": task.condition,
+        "value": task.value,
+        "threshold": task.threshold,
+        "requirement": task.requirement,
+    }
     if task.passed:
         return "learned", [
             invariant,
-            _said("label", "the model learned the task",
-                  f"{clean.name}: {_summary([task], 'learned')}; {off_data}", **task_data),
-            _said("heading", "but genuine invariance fails:")] + failures
+            _said(
+                "label",
+                "the model learned the task",
+                f"{clean.name}: {_summary([task], 'learned')}; {off_data}",
+                **task_data,
+            ),
+            _said("heading", "but genuine invariance fails:"),
+        ] + failures
     return "incidental", [
         invariant,
-        _said("label", "but the labels show the model did not learn the task",
-              f"{clean.name}: {_summary([task], 'learned')}, so the invariance is incidental (of the "
-              f"architecture, not learned from data); {off_data}", **task_data),
-        _said("heading", "and genuine invariance fails:")] + failures
+        _said(
+            "label",
+            "but the labels show the model did not learn the task",
+            f"{clean.name}: {_summary([task], 'learned')}, so the invariance is incidental (of the "
+            f"architecture, not learned from data); {off_data}",
+            **task_data,
+        ),
+        _said("heading", "and genuine invariance fails:"),
+    ] + failures
 
 
 def _borderline_reason(uncertain: list[Check]) -> Reason:
     parts = []
     for c in uncertain:
         needed = c.probes_to_settle()
-        settle = (f"about {needed} probes ({c.option()}) would settle it" if needed is not None
-                  else "more probes cannot settle it at this estimate")
+        settle = (
+            f"about {needed} probes ({c.option()}) would settle it"
+            if needed is not None
+            else "more probes cannot settle it at this estimate"
+        )
         parts.append(f"{c.describe()} against {c.role} {c.requirement}: {settle}")
     first = uncertain[0]
-    return _said("borderline", "borderline", "95% interval straddles the threshold for " + "; ".join(parts),
-                 sep=": the ", criterion=str(first.criterion), condition=first.condition, value=first.value,
-                 threshold=first.threshold, requirement=first.requirement)
+    return _said(
+        "borderline",
+        "borderline",
+        "95% interval straddles the threshold for " + "; ".join(parts),
+        sep=": the ",
+        criterion=str(first.criterion),
+        condition=first.condition,
+        value=first.value,
+        threshold=first.threshold,
+        requirement=first.requirement,
+    )

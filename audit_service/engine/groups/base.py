@@ -107,8 +107,10 @@ class ExactGroup(Group):
         size = math.prod(input_shape)
         for el in elements:
             if el.size != size:
-                raise ValueError(f"Expected elements acting on {size} values (shape {input_shape}), but "
-                                 f"{el.name!r} acts on {el.size}")
+                raise ValueError(
+                    f"Expected elements acting on {size} values (shape {input_shape}), but "
+                    f"{el.name!r} acts on {el.size}"
+                )
         table = torch.stack([el.perm for el in elements])
         self._setup(name, table, [el.name for el in elements], input_shape, spec, generators, note)
 
@@ -128,13 +130,23 @@ class ExactGroup(Group):
         group._setup(name, table, list(element_names), input_shape, spec, generators, note)
         return group
 
-    def _setup(self, name: str, table: torch.Tensor, names: list[str], input_shape: tuple[int, ...],
-               spec: BaseModel | None, generators: Sequence[int], note: str | None) -> None:
+    def _setup(
+        self,
+        name: str,
+        table: torch.Tensor,
+        names: list[str],
+        input_shape: tuple[int, ...],
+        spec: BaseModel | None,
+        generators: Sequence[int],
+        note: str | None,
+    ) -> None:
         size = math.prod(input_shape)
         table = table.to(device="cpu", dtype=torch.long).contiguous()
         if table.ndim != 2 or table.shape[1] != size or table.shape[0] != len(names) or not names:
-            raise ValueError(f"Expected a (G, {size}) table with one name per row, but got {tuple(table.shape)} "
-                             f"and {len(names)} names")
+            raise ValueError(
+                f"Expected a (G, {size}) table with one name per row, but got {tuple(table.shape)} "
+                f"and {len(names)} names"
+            )
         if not torch.equal(table[0], torch.arange(size)):
             raise ValueError(f"Expected element 0 to be the identity, but got {names[0]!r}")
         if not is_permutation(table):
@@ -178,8 +190,7 @@ class ExactGroup(Group):
         table, _ = self.index_tables(x.device)
         flat = x.reshape(n, self.size)
         g = self.order
-        out = torch.gather(flat.unsqueeze(0).expand(g, n, self.size), 2,
-                           table.unsqueeze(1).expand(g, n, self.size))
+        out = torch.gather(flat.unsqueeze(0).expand(g, n, self.size), 2, table.unsqueeze(1).expand(g, n, self.size))
         return out.reshape(g, n, *self.input_shape)
 
     def inverse_orbit(self, y: torch.Tensor) -> torch.Tensor:
@@ -224,33 +235,48 @@ def shape_str(shape: Sequence[int]) -> str:
 
 def require_square_image(input_shape: tuple[int, ...], what: str, field: str) -> None:
     if len(input_shape) < 2:
-        raise SpecError(f"Expected an image input with (H, W) as the last two axes for {what}, but the model's "
-                        f"input is {shape_str(input_shape)}", field=field)
+        raise SpecError(
+            f"Expected an image input with (H, W) as the last two axes for {what}, but the model's "
+            f"input is {shape_str(input_shape)}",
+            field=field,
+        )
     h, w = input_shape[-2], input_shape[-1]
     if h != w:
-        raise SpecError(f"Expected a square image for {what}, but the model's input is {shape_str(input_shape)} "
-                        f"(H = {h}, W = {w})", field=field)
+        raise SpecError(
+            f"Expected a square image for {what}, but the model's input is {shape_str(input_shape)} (H = {h}, W = {w})",
+            field=field,
+        )
 
 
 def require_image(input_shape: tuple[int, ...], what: str, field: str) -> None:
     if len(input_shape) < 2:
-        raise SpecError(f"Expected an image input with (H, W) as the last two axes for {what}, but the model's "
-                        f"input is {shape_str(input_shape)}", field=field)
+        raise SpecError(
+            f"Expected an image input with (H, W) as the last two axes for {what}, but the model's "
+            f"input is {shape_str(input_shape)}",
+            field=field,
+        )
 
 
 def normalize_axis(axis: int, input_shape: tuple[int, ...], field: str) -> int:
     rank = len(input_shape)
     if not -rank <= axis < rank:
-        raise SpecError(f"Expected `axis` in [{-rank}, {rank - 1}] for the model's input "
-                        f"{shape_str(input_shape)} (per-sample axes, batch excluded), but got {axis}", field=field)
+        raise SpecError(
+            f"Expected `axis` in [{-rank}, {rank - 1}] for the model's input "
+            f"{shape_str(input_shape)} (per-sample axes, batch excluded), but got {axis}",
+            field=field,
+        )
     return axis % rank
 
 
 def check_orbit_size(order: int, input_shape: tuple[int, ...], field: str) -> None:
     if order > MAX_GROUP_ORDER:
-        raise SpecError(f"Expected a group of at most {MAX_GROUP_ORDER} elements, but this one has {order}",
-                        field=field)
+        raise SpecError(
+            f"Expected a group of at most {MAX_GROUP_ORDER} elements, but this one has {order}", field=field
+        )
     values = order * math.prod(input_shape)
     if values > MAX_ORBIT_VALUES:
-        raise SpecError(f"Expected order x input size <= {MAX_ORBIT_VALUES} (one probe's orbit), but got "
-                        f"{order} x {shape_str(input_shape)} = {values}; use a smaller group", field=field)
+        raise SpecError(
+            f"Expected order x input size <= {MAX_ORBIT_VALUES} (one probe's orbit), but got "
+            f"{order} x {shape_str(input_shape)} = {values}; use a smaller group",
+            field=field,
+        )

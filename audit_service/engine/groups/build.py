@@ -64,37 +64,61 @@ def _build_product(spec: ProductSpec, input_shape: tuple[int, ...], field: str) 
 
 
 _BUILT_IN = (
-    GroupRecord(C4Spec, build_c4, True, "square images: rank >= 2 with H == W (the last two axes)",
-                {"name": "C4"}),
-    GroupRecord(D4Spec, build_d4, True, "square images: rank >= 2 with H == W (the last two axes)",
-                {"name": "D4"}),
-    GroupRecord(FlipSpec, build_flip, True, "inputs of rank >= 2 (the last two axes are H, W)",
-                {"name": "flip", "axis": "horizontal"},
-                {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"}),
+    GroupRecord(C4Spec, build_c4, True, "square images: rank >= 2 with H == W (the last two axes)", {"name": "C4"}),
+    GroupRecord(D4Spec, build_d4, True, "square images: rank >= 2 with H == W (the last two axes)", {"name": "D4"}),
     GroupRecord(
-        TranslationSpec, build_translation, True, "any input; `axis` must exist and be longer than `step`",
+        FlipSpec,
+        build_flip,
+        True,
+        "inputs of rank >= 2 (the last two axes are H, W)",
+        {"name": "flip", "axis": "horizontal"},
+        {"axis": "'horizontal' mirrors the last axis (W), 'vertical' the second to last (H)"},
+    ),
+    GroupRecord(
+        TranslationSpec,
+        build_translation,
+        True,
+        "any input; `axis` must exist and be longer than `step`",
         {"name": "translation", "order": 3, "step": 12, "axis": -1},
-        {"order": "number of shifts k = 0..order-1",
-         "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
-         "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)"}),
+        {
+            "order": "number of shifts k = 0..order-1",
+            "step": "shift per element along the axis (samples / pixels); must be smaller than the axis length",
+            "axis": "per-sample axis to roll along (batch excluded); -1 is W for images, the features for (D,)",
+        },
+    ),
     GroupRecord(
-        PermutationSpec, build_permutation, True, "any input; generators have the length of `axis`",
+        PermutationSpec,
+        build_permutation,
+        True,
+        "any input; generators have the length of `axis`",
         {"name": "permutation", "generators": [[1, 2, 0], [1, 0, 2]], "axis": 0},
-        {"generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
-         "axis": "per-sample axis the generators permute",
-         "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
-         "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
-         "seed": "seed of the element sample"}),
+        {
+            "generators": "permutations of 0..n-1 (n = length of the axis); out[..., j, ...] = x[..., p[j], ...]",
+            "axis": "per-sample axis the generators permute",
+            "max_order": "enumerate groups up to this many elements; larger ones are sampled (or refused, sample = 0)",
+            "sample": "past max_order: audit on the identity and sample - 1 uniformly drawn elements (0: refuse)",
+            "seed": "seed of the element sample",
+        },
+    ),
     GroupRecord(
-        RotationSpec, build_rotation, False, "square images: rank >= 2 with H == W",
+        RotationSpec,
+        build_rotation,
+        False,
+        "square images: rank >= 2 with H == W",
         {"name": "rotation", "n_angles": 8, "interpolation": "bilinear"},
-        {"n_angles": "angles 360 k / n_angles, k = 0..n_angles-1",
-         "interpolation": "resampling of the rotated image"}),
+        {"n_angles": "angles 360 k / n_angles, k = 0..n_angles-1", "interpolation": "resampling of the rotated image"},
+    ),
     GroupRecord(
-        ProductSpec, _build_product, "when every factor is exact", "inputs every factor fits",
-        {"name": "product", "factors": [{"name": "flip", "axis": "vertical"},
-                                        {"name": "translation", "order": 4, "step": 7}]},
-        {"factors": "group specs (any of these names); every combination of one element of each"}),
+        ProductSpec,
+        _build_product,
+        "when every factor is exact",
+        "inputs every factor fits",
+        {
+            "name": "product",
+            "factors": [{"name": "flip", "axis": "vertical"}, {"name": "translation", "order": 4, "step": 7}],
+        },
+        {"factors": "group specs (any of these names); every combination of one element of each"},
+    ),
 )
 #: name -> record, for every group kind (the built-in ones, then any added with ``register_group``)
 GROUPS: dict[str, GroupRecord] = {record.name: record for record in _BUILT_IN}
@@ -122,8 +146,10 @@ def _check_registry() -> None:
             register_group_spec(record.spec)
     missing = [name for name in GROUP_SPEC_MODELS if name not in GROUPS]
     if missing:
-        raise TypeError(f"Expected a GroupRecord for every registered group spec, but {', '.join(missing)} has "
-                        "none; add it with register_group")
+        raise TypeError(
+            f"Expected a GroupRecord for every registered group spec, but {', '.join(missing)} has "
+            "none; add it with register_group"
+        )
 
 
 _check_registry()
@@ -139,12 +165,15 @@ def build_group(spec: BaseModel | dict | str, input_shape: tuple[int, ...], fiel
     spec = parse_group_spec(spec, field)
     input_shape = tuple(int(s) for s in input_shape)
     if not input_shape or any(s < 1 for s in input_shape):
-        raise SpecError(f"Expected a per-sample input shape of positive sizes, but got {shape_str(input_shape)}",
-                        field="model.input_shape")
+        raise SpecError(
+            f"Expected a per-sample input shape of positive sizes, but got {shape_str(input_shape)}",
+            field="model.input_shape",
+        )
     record = GROUPS.get(spec.name)
     if record is None or not isinstance(spec, record.spec):
-        raise SpecError(f"Expected a group spec registered with register_group, but got {type(spec).__name__}",
-                        field=field)
+        raise SpecError(
+            f"Expected a group spec registered with register_group, but got {type(spec).__name__}", field=field
+        )
     return record.builder(spec, input_shape, field)
 
 
@@ -183,12 +212,14 @@ def group_catalogue() -> list[dict[str, Any]]:
                 if bound in prop:
                     entry[bound] = prop[bound]
             params[pname] = entry
-        out.append({
-            "name": name,
-            "description": (model.__doc__ or "").strip(),
-            "exact": record.exact,
-            "parameters": params,
-            "fits": record.fits,
-            "example": record.example,
-        })
+        out.append(
+            {
+                "name": name,
+                "description": (model.__doc__ or "").strip(),
+                "exact": record.exact,
+                "parameters": params,
+                "fits": record.fits,
+                "example": record.example,
+            }
+        )
     return out

@@ -27,8 +27,10 @@ class Element:
         if perm.ndim != 1:
             raise ValueError(f"Expected a 1-D permutation, but got a tensor of shape {tuple(perm.shape)}")
         if not is_permutation(perm):
-            raise ValueError(f"Expected a permutation of range({perm.numel()}) for element {name!r}, but some "
-                             "indices are out of range, missing or repeated")
+            raise ValueError(
+                f"Expected a permutation of range({perm.numel()}) for element {name!r}, but some "
+                "indices are out of range, missing or repeated"
+            )
         self._init(perm, name)
 
     def _init(self, perm: torch.Tensor, name: str) -> None:
@@ -103,8 +105,9 @@ def is_permutation(perm: torch.Tensor) -> bool:
     return bool(hit.all())
 
 
-def element_from_rearrangement(shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor],
-                               name: str) -> Element:
+def element_from_rearrangement(
+    shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor], name: str
+) -> Element:
     """The element whose action on a per-sample tensor of ``shape`` is the pure rearrangement ``fn``.
 
     ``fn`` must only move values (rot90, flip, roll, index_select, transpose of square axes, ...).

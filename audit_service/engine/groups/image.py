@@ -49,5 +49,4 @@ def build_flip(spec: FlipSpec, input_shape: tuple[int, ...], field: str = "group
     require_image(input_shape, f"a {spec.axis} flip", field)
     check_orbit_size(2, input_shape, field)
     flip = flip_element(input_shape, spec.axis)
-    return ExactGroup(f"flip({spec.axis})", [Element.identity(flip.size), flip], input_shape, spec=spec,
-                      generators=[1])
+    return ExactGroup(f"flip({spec.axis})", [Element.identity(flip.size), flip], input_shape, spec=spec, generators=[1])

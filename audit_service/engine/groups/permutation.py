@@ -66,12 +66,16 @@ def closure(generators: list[Perm], max_order: int, field: str, refuse: bool = T
                 if len(elements) > max_order:
                     if not refuse:
                         raise TooLarge
-                    fix = ("use fewer or smaller generators" if max_order >= MAX_GROUP_ORDER else
-                           f"use fewer or smaller generators, or raise `max_order` (up to {MAX_GROUP_ORDER})")
-                    raise SpecError(f"Expected the generated group to have at most max_order = {max_order} "
-                                    f"elements, but it has more than {max_order}; {fix}",
-                                    field=f"{field}.max_order" if max_order < MAX_GROUP_ORDER
-                                    else f"{field}.generators")
+                    fix = (
+                        "use fewer or smaller generators"
+                        if max_order >= MAX_GROUP_ORDER
+                        else f"use fewer or smaller generators, or raise `max_order` (up to {MAX_GROUP_ORDER})"
+                    )
+                    raise SpecError(
+                        f"Expected the generated group to have at most max_order = {max_order} "
+                        f"elements, but it has more than {max_order}; {fix}",
+                        field=f"{field}.max_order" if max_order < MAX_GROUP_ORDER else f"{field}.generators",
+                    )
     return elements
 
 
@@ -82,9 +86,11 @@ def build_permutation(spec: PermutationSpec, input_shape: tuple[int, ...], field
     for i, gen in enumerate(spec.generators):
         if len(gen) != n or sorted(gen) != list(range(n)):
             shown = gen if len(gen) <= 20 else f"{gen[:20]}... (length {len(gen)})"
-            raise SpecError(f"Expected a permutation of 0..{n - 1} (axis {spec.axis} has length {n} in the "
-                            f"model's input {shape_str(input_shape)}; each index exactly once), but got {shown}",
-                            field=f"{field}.generators[{i}]")
+            raise SpecError(
+                f"Expected a permutation of 0..{n - 1} (axis {spec.axis} has length {n} in the "
+                f"model's input {shape_str(input_shape)}; each index exactly once), but got {shown}",
+                field=f"{field}.generators[{i}]",
+            )
         generators.append(tuple(gen))
     sampled: dict | None = None
     try:
@@ -95,13 +101,18 @@ def build_permutation(spec: PermutationSpec, input_shape: tuple[int, ...], field
     elements = [Element.identity(math.prod(input_shape))]
     for p in perms[1:]:
         index = torch.tensor(p, dtype=torch.long)
-        elements.append(element_from_rearrangement(
-            input_shape, functools.partial(torch.index_select, dim=axis, index=index), cycle_name(p)))
+        elements.append(
+            element_from_rearrangement(
+                input_shape, functools.partial(torch.index_select, dim=axis, index=index), cycle_name(p)
+            )
+        )
     if sampled is not None:
         name = f"permutation(sampled {len(perms)} of {sampled['group_order']}, axis={spec.axis})"
-        note = (f"the group has {sampled['group_order']} elements, more than max_order = {spec.max_order}: audited "
-                f"on the identity and {len(perms) - 1} elements drawn uniformly at random (seed {spec.seed}; "
-                f"{sampled['method']}); metrics are estimates, see conditions[].group_sample_ci")
+        note = (
+            f"the group has {sampled['group_order']} elements, more than max_order = {spec.max_order}: audited "
+            f"on the identity and {len(perms) - 1} elements drawn uniformly at random (seed {spec.seed}; "
+            f"{sampled['method']}); metrics are estimates, see conditions[].group_sample_ci"
+        )
         group = ExactGroup(name, elements, input_shape, spec=spec, generators=[], note=note)
         group.sampled = sampled
         return group
@@ -143,7 +154,15 @@ def sample_elements(generators: list[Perm], size: int, seed: int) -> tuple[list[
         if perm not in seen:  # without replacement: each drawn element is uniform over those not yet drawn
             seen.add(perm)
             chosen.append(perm)
-    method = ("uniform random permutations (the generators generate the full symmetric group)" if symmetric
-              else "uniform ranks in the group's Schreier-Sims stabilizer chain")
-    return chosen, {"size": len(chosen), "group_order": order, "method": method, "seed": seed,
-                    "with_replacement": False}
+    method = (
+        "uniform random permutations (the generators generate the full symmetric group)"
+        if symmetric
+        else "uniform ranks in the group's Schreier-Sims stabilizer chain"
+    )
+    return chosen, {
+        "size": len(chosen),
+        "group_order": order,
+        "method": method,
+        "seed": seed,
+        "with_replacement": False,
+    }

@@ -26,16 +26,19 @@ from .base import ExactGroup, Group, check_orbit_size
 class ProductGroup(Group):
     """Chains the factors' actions; used when some factor is inexact (sampled rotation)."""
 
-    def __init__(self, spec: ProductSpec, factors: Sequence[Group], input_shape: tuple[int, ...],
-                 note: str | None = None) -> None:
+    def __init__(
+        self, spec: ProductSpec, factors: Sequence[Group], input_shape: tuple[int, ...], note: str | None = None
+    ) -> None:
         self.spec = spec
         self.factors = list(factors)
         self.input_shape = tuple(input_shape)
         self.order = math.prod(f.order for f in self.factors)
         self.exact = all(f.exact for f in self.factors)
         self.name = " x ".join(f.name for f in self.factors)
-        self.element_names = [" @ ".join(parts) if any(p != "e" for p in parts) else "e"
-                              for parts in itertools.product(*(f.element_names for f in self.factors))]
+        self.element_names = [
+            " @ ".join(parts) if any(p != "e" for p in parts) else "e"
+            for parts in itertools.product(*(f.element_names for f in self.factors))
+        ]
         self.note = note
 
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,22 +78,29 @@ class ProductGroup(Group):
         return float((err[:, keep] / ref[keep]).mean()) if bool(keep.any()) else 0.0
 
 
-def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callable[..., Group],
-                  field: str = "group") -> Group:
+def build_product(
+    spec: ProductSpec, input_shape: tuple[int, ...], build: Callable[..., Group], field: str = "group"
+) -> Group:
     known = [f.known_order() for f in spec.factors]  # each kind says its order (None: after building)
     if math.prod(o for o in known if o is not None) > MAX_GROUP_ORDER:  # fail before building large factors
-        raise SpecError(f"Expected a product of at most {MAX_GROUP_ORDER} elements, but the orders of the "
-                        f"factors multiply to more ({' x '.join('?' if o is None else str(o) for o in known)}); "
-                        "drop a factor or lower an order", field=f"{field}.factors")
+        raise SpecError(
+            f"Expected a product of at most {MAX_GROUP_ORDER} elements, but the orders of the "
+            f"factors multiply to more ({' x '.join('?' if o is None else str(o) for o in known)}); "
+            "drop a factor or lower an order",
+            field=f"{field}.factors",
+        )
     order = 1
     factors: list[Group] = []
     for i, factor_spec in enumerate(spec.factors):
         factor = build(factor_spec, input_shape, field=f"{field}.factors[{i}]")
         order *= factor.order
         if order > MAX_GROUP_ORDER:
-            raise SpecError(f"Expected a product of at most {MAX_GROUP_ORDER} elements, but the orders of the "
-                            f"factors multiply to {order} or more ({' x '.join(str(f.order) for f in factors)} "
-                            f"x {factor.order}...); drop a factor or lower an order", field=f"{field}.factors")
+            raise SpecError(
+                f"Expected a product of at most {MAX_GROUP_ORDER} elements, but the orders of the "
+                f"factors multiply to {order} or more ({' x '.join(str(f.order) for f in factors)} "
+                f"x {factor.order}...); drop a factor or lower an order",
+                field=f"{field}.factors",
+            )
         factors.append(factor)
     check_orbit_size(order, input_shape, f"{field}.factors")
     note = _commutation_note(factors)
@@ -98,10 +108,19 @@ def build_product(spec: ProductSpec, input_shape: tuple[int, ...], build: Callab
     note = "; ".join(notes) or None
     exact = [f for f in factors if isinstance(f, ExactGroup)]
     if len(exact) == len(factors):
-        names = [" @ ".join(parts) if any(p != "e" for p in parts) else "e"
-                 for parts in itertools.product(*(f.element_names for f in factors))]
-        return ExactGroup.from_table(" x ".join(f.name for f in factors), _product_table(exact), names,
-                                     input_shape, spec=spec, generators=_product_generators(exact), note=note)
+        names = [
+            " @ ".join(parts) if any(p != "e" for p in parts) else "e"
+            for parts in itertools.product(*(f.element_names for f in factors))
+        ]
+        return ExactGroup.from_table(
+            " x ".join(f.name for f in factors),
+            _product_table(exact),
+            names,
+            input_shape,
+            spec=spec,
+            generators=_product_generators(exact),
+            note=note,
+        )
     return ProductGroup(spec, factors, input_shape, note=note)
 
 
@@ -110,8 +129,9 @@ def _product_table(factors: Sequence[ExactGroup]) -> torch.Tensor:
     table = factors[0].table
     for f in factors[1:]:
         t, g, d = table.shape[0], f.order, table.shape[1]
-        table = torch.gather(f.table.unsqueeze(0).expand(t, g, d), 2,
-                             table.unsqueeze(1).expand(t, g, d)).reshape(t * g, d)
+        table = torch.gather(f.table.unsqueeze(0).expand(t, g, d), 2, table.unsqueeze(1).expand(t, g, d)).reshape(
+            t * g, d
+        )
     return table
 
 
@@ -120,7 +140,7 @@ def _product_generators(factors: Sequence[ExactGroup]) -> list[int]:
     orders = [f.order for f in factors]
     positions: list[int] = []
     for j, f in enumerate(factors):
-        stride = math.prod(orders[j + 1:])
+        stride = math.prod(orders[j + 1 :])
         positions.extend(gi * stride for gi in f.generators)
     return positions
 
@@ -130,14 +150,18 @@ def _commutation_note(factors: Sequence[Group]) -> str | None:
     if len(exact) != len(factors):
         inexact = [f.name for f in factors if not isinstance(f, ExactGroup)]
         if len(factors) > 1:
-            return (f"commutation with the sampled factor(s) {', '.join(inexact)} is not checked; the listed "
-                    "elements need not close under composition")
+            return (
+                f"commutation with the sampled factor(s) {', '.join(inexact)} is not checked; the listed "
+                "elements need not close under composition"
+            )
         return None
     for a, b in itertools.combinations(exact, 2):
         for ga in a.generator_elements():
             for gb in b.generator_elements():
                 if ga @ gb != gb @ ga:
-                    return (f"the factors {a.name} and {b.name} do not commute ({ga.name} @ {gb.name} != "
-                            f"{gb.name} @ {ga.name}), so the listed elements are not closed under composition "
-                            "(not a group); the metrics average over the listed elements")
+                    return (
+                        f"the factors {a.name} and {b.name} do not commute ({ga.name} @ {gb.name} != "
+                        f"{gb.name} @ {ga.name}), so the listed elements are not closed under composition "
+                        "(not a group); the metrics average over the listed elements"
+                    )
     return None

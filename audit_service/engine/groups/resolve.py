@@ -28,8 +28,13 @@ _CACHE_LOCK = threading.Lock()  # DataLoader workers and training threads share 
 _CACHE_SIZE = 16
 
 
-def resolve_group(group: GroupLike, input_shape: Sequence[int] | None = None, *, field: str = "group",
-                  how: str = "pass input_shape=(C, H, W)") -> Group:
+def resolve_group(
+    group: GroupLike,
+    input_shape: Sequence[int] | None = None,
+    *,
+    field: str = "group",
+    how: str = "pass input_shape=(C, H, W)",
+) -> Group:
     """``group`` as a built :class:`Group` acting on samples of ``input_shape`` (batch excluded).
 
     ``input_shape`` may be None only for a built group. ``how`` says, in the error, how this caller's user
@@ -38,15 +43,21 @@ def resolve_group(group: GroupLike, input_shape: Sequence[int] | None = None, *,
     shape = _shape(input_shape)
     if isinstance(group, Group):
         if shape is not None and tuple(group.input_shape) != shape:
-            raise SpecError(f"Expected a group built for samples of shape {shape_str(shape)}, but {group.name} was "
-                            f"built for {shape_str(group.input_shape)}; build it with build_group(spec, "
-                            f"{shape}) or pass the spec itself", field=field)
+            raise SpecError(
+                f"Expected a group built for samples of shape {shape_str(shape)}, but {group.name} was "
+                f"built for {shape_str(group.input_shape)}; build it with build_group(spec, "
+                f"{shape}) or pass the spec itself",
+                field=field,
+            )
         return group
     key = spec_key(group, field)
     if shape is None:
-        raise SpecError(f"Expected the per-sample input shape to build the group {key} from its spec, but there is "
-                        f"no tensor to read it from; {how}, or pass a built group "
-                        f"(build_group({key}, (3, 32, 32)))", field="input_shape")
+        raise SpecError(
+            f"Expected the per-sample input shape to build the group {key} from its spec, but there is "
+            f"no tensor to read it from; {how}, or pass a built group "
+            f"(build_group({key}, (3, 32, 32)))",
+            field="input_shape",
+        )
     with _CACHE_LOCK:
         cached = _CACHE.get((key, shape))
         if cached is not None:
@@ -64,15 +75,21 @@ def group_spec_of(group: GroupLike, field: str = "group") -> Any:
     """What a spec dict's ``group`` field takes: the spec as JSON data (a built group gives its own spec)."""
     if isinstance(group, Group):
         if group.spec is None:
-            raise SpecError(f"Expected a group built from a spec (build_group), but {group.name} has none; pass "
-                            f"its spec (e.g. \"C4\") instead", field=field)
+            raise SpecError(
+                f"Expected a group built from a spec (build_group), but {group.name} has none; pass "
+                f'its spec (e.g. "C4") instead',
+                field=field,
+            )
         return group.spec.model_dump(mode="json")
     if isinstance(group, BaseModel):
         return group.model_dump(mode="json")
     if isinstance(group, (str, dict)):
         return group
-    raise SpecError(f"Expected a group as a name (\"C4\"), a spec dict, a spec object (C4Spec(...)) or a built "
-                    f"Group, but got {type(group).__name__}", field=field)
+    raise SpecError(
+        f'Expected a group as a name ("C4"), a spec dict, a spec object (C4Spec(...)) or a built '
+        f"Group, but got {type(group).__name__}",
+        field=field,
+    )
 
 
 def spec_key(group: str | dict | BaseModel, field: str = "group") -> str:
@@ -92,5 +109,7 @@ def _shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
-        raise SpecError(f"Expected input_shape as a sequence of ints (per sample, batch excluded), but got "
-                        f"{input_shape!r}", field="input_shape") from None
+        raise SpecError(
+            f"Expected input_shape as a sequence of ints (per sample, batch excluded), but got {input_shape!r}",
+            field="input_shape",
+        ) from None

@@ -32,7 +32,8 @@ class ConditionAccumulator:
     per_probe: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
     #: the same per-probe means over the non-identity elements g != e only (element 0 left out)
     per_probe_non_identity: dict[str, list[torch.Tensor]] = field(
-        default_factory=lambda: {k: [] for k in PER_PROBE_METRICS})
+        default_factory=lambda: {k: [] for k in PER_PROBE_METRICS}
+    )
     n: int = 0
     #: running moments of the logits centred over classes (what softmax and argmax see), for ``relative_spread``
     _sum_c: torch.Tensor | None = None
@@ -86,8 +87,7 @@ class ConditionAccumulator:
         self._si_undefined = self._si_undefined + torch.isnan(si_pairs).sum()
         self._add("SI", si_pairs, nan_aware=True)
 
-    def _count_predictions(self, logits_x: torch.Tensor, logits_gx: torch.Tensor,
-                           labels: torch.Tensor | None) -> None:
+    def _count_predictions(self, logits_x: torch.Tensor, logits_gx: torch.Tensor, labels: torch.Tensor | None) -> None:
         c = self.num_classes
         at_x = torch.bincount(logits_x.argmax(dim=-1).flatten(), minlength=c)[:c]
         on_orbit = torch.bincount(logits_gx.argmax(dim=-1).flatten(), minlength=c)[:c]
@@ -96,8 +96,9 @@ class ConditionAccumulator:
         off_identity = torch.bincount(others.argmax(dim=-1).flatten(), minlength=c)[:c]
         self._pred_x = at_x if self._pred_x is None else self._pred_x + at_x
         self._pred_gx = on_orbit if self._pred_gx is None else self._pred_gx + on_orbit
-        self._pred_gx_non_identity = off_identity if self._pred_gx_non_identity is None else \
-            self._pred_gx_non_identity + off_identity
+        self._pred_gx_non_identity = (
+            off_identity if self._pred_gx_non_identity is None else self._pred_gx_non_identity + off_identity
+        )
         if labels is not None:
             counted = torch.bincount(labels.to(logits_x.device).flatten(), minlength=c)[:c]
             self._labels = counted if self._labels is None else self._labels + counted
@@ -113,8 +114,14 @@ class ConditionAccumulator:
         guessing the most frequent label (None without labels).
         """
         if self._pred_x is None:
-            return {"classes_predicted": None, "majority_class": None, "majority_fraction": None,
-                    "agreement_chance": None, "agreement_chance_non_identity": None, "accuracy_chance": None}
+            return {
+                "classes_predicted": None,
+                "majority_class": None,
+                "majority_fraction": None,
+                "agreement_chance": None,
+                "agreement_chance_non_identity": None,
+                "accuracy_chance": None,
+            }
         at_x, on_orbit = self._pred_x.double(), self._pred_gx.double()
         both = on_orbit  # the orbit includes the identity, so the probes' own predictions too
         majority = int(both.argmax())
@@ -125,8 +132,7 @@ class ConditionAccumulator:
             "majority_fraction": float(both[majority] / both.sum()),
             "agreement_chance": F.chance_agreement(at_x, on_orbit),
             "agreement_chance_non_identity": F.chance_agreement(at_x, self._pred_gx_non_identity.double()),
-            "accuracy_chance": float(labels.max() / labels.sum()) if labels is not None and labels.sum() > 0
-            else None,
+            "accuracy_chance": float(labels.max() / labels.sum()) if labels is not None and labels.sum() > 0 else None,
         }
 
     def _add(self, name: str, pairs: torch.Tensor, nan_aware: bool = False) -> None:

@@ -60,8 +60,10 @@ def chance_agreement(counts_x: torch.Tensor, counts_gx: torch.Tensor) -> float:
     """The agreement expected by chance: sum_k p_k q_k for the predicted-class frequencies p at x and q
     on the orbit (Cohen's p_e). 1 when one class is predicted everywhere, 1/C for uniform predictions."""
     if counts_x.ndim != 1 or counts_x.shape != counts_gx.shape:
-        raise ValueError(f"Expected two class-count vectors of one shape (C,), but got {tuple(counts_x.shape)} "
-                         f"and {tuple(counts_gx.shape)}")
+        raise ValueError(
+            f"Expected two class-count vectors of one shape (C,), but got {tuple(counts_x.shape)} "
+            f"and {tuple(counts_gx.shape)}"
+        )
     total_x, total_gx = float(counts_x.sum()), float(counts_gx.sum())
     if total_x <= 0 or total_gx <= 0:
         raise ValueError("Expected at least one prediction on each side, but got an empty count vector")

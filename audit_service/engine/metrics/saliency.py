@@ -47,8 +47,10 @@ class SaliencyMethod:
         if self.ig is None or self.ig.steps is None:
             return self.name
         chosen = "chosen by completeness" if self.ig.adaptive else "fixed"
-        return (f"integrated_gradients(method={IG_METHOD}, n_steps={self.ig.steps} ({chosen}, cap "
-                f"{self.ig.max_steps}), baseline=0)")
+        return (
+            f"integrated_gradients(method={IG_METHOD}, n_steps={self.ig.steps} ({chosen}, cap "
+            f"{self.ig.max_steps}), baseline=0)"
+        )
 
 
 class IntegratedGradientsSteps:
@@ -59,8 +61,14 @@ class IntegratedGradientsSteps:
     ``tolerance`` are used for the rest of the audit, else ``max_steps``. ``completeness`` measures the error of
     any later batch, so that the report can say how well the chosen count integrates each condition."""
 
-    def __init__(self, module: torch.nn.Module, max_steps: int, internal_batch_size: int, adaptive: bool = True,
-                 tolerance: float = COMPLETENESS_TOLERANCE) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        max_steps: int,
+        internal_batch_size: int,
+        adaptive: bool = True,
+        tolerance: float = COMPLETENESS_TOLERANCE,
+    ) -> None:
         self.module = module
         self.max_steps = max_steps
         self.internal_batch_size = internal_batch_size
@@ -106,17 +114,26 @@ class IntegratedGradientsSteps:
         parts = []
         with torch.enable_grad():
             for start in range(0, x.shape[0], limit):
-                part = x[start:start + limit]
+                part = x[start : start + limit]
                 attr = self._ig.attribute(
-                    part, baselines=torch.zeros_like(part), target=target[start:start + limit], n_steps=steps,
-                    method=IG_METHOD, internal_batch_size=max(limit, part.shape[0]),
+                    part,
+                    baselines=torch.zeros_like(part),
+                    target=target[start : start + limit],
+                    n_steps=steps,
+                    method=IG_METHOD,
+                    internal_batch_size=max(limit, part.shape[0]),
                 )
                 parts.append(attr.detach())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def integrated_gradients(module: torch.nn.Module, n_steps: int, internal_batch_size: int,
-                         adaptive: bool = False, tolerance: float = COMPLETENESS_TOLERANCE) -> SaliencyMethod:
+def integrated_gradients(
+    module: torch.nn.Module,
+    n_steps: int,
+    internal_batch_size: int,
+    adaptive: bool = False,
+    tolerance: float = COMPLETENESS_TOLERANCE,
+) -> SaliencyMethod:
     """IG (zero baseline, Gauss-Legendre nodes) with the model passes batched over steps and samples together:
     each captum call gets up to ``limit`` samples and runs ``limit`` (sample, step) evaluations a pass. On the CPU
     ``limit`` is ``internal_batch_size`` (options.batch_size); on CUDA it is sized to the free device memory,
@@ -124,8 +141,11 @@ def integrated_gradients(module: torch.nn.Module, n_steps: int, internal_batch_s
     ``adaptive``: ``n_steps`` is the cap and the node count is chosen from the completeness error
     (``IntegratedGradientsSteps``); otherwise exactly ``n_steps`` nodes."""
     steps = IntegratedGradientsSteps(module, n_steps, internal_batch_size, adaptive, tolerance)
-    name = (f"integrated_gradients(method={IG_METHOD}, n_steps<={n_steps} by completeness, baseline=0)" if adaptive
-            else f"integrated_gradients(method={IG_METHOD}, n_steps={n_steps}, baseline=0)")
+    name = (
+        f"integrated_gradients(method={IG_METHOD}, n_steps<={n_steps} by completeness, baseline=0)"
+        if adaptive
+        else f"integrated_gradients(method={IG_METHOD}, n_steps={n_steps}, baseline=0)"
+    )
     return SaliencyMethod(name, None, steps.attribute, steps)
 
 
@@ -133,8 +153,9 @@ def integrated_gradients(module: torch.nn.Module, n_steps: int, internal_batch_s
 CUDA_MEMORY_FRACTION = 0.5
 
 
-def cuda_batch_limit(module: torch.nn.Module, x: torch.Tensor, fraction: float = CUDA_MEMORY_FRACTION,
-                     probe: int = 4) -> int:
+def cuda_batch_limit(
+    module: torch.nn.Module, x: torch.Tensor, fraction: float = CUDA_MEMORY_FRACTION, probe: int = 4
+) -> int:
     """How many samples one forward + backward may hold on ``x``'s CUDA device: the peak memory of one
     probe pass of ``probe`` samples, per sample, against ``fraction`` of the free memory. A module that runs
     in another process (``jobs.cage``) measures there."""
@@ -156,8 +177,9 @@ def cuda_batch_limit(module: torch.nn.Module, x: torch.Tensor, fraction: float =
     return max(1, int(fraction * free // per_sample))
 
 
-def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],
-              reason: str) -> SaliencyMethod:
+def occlusion(
+    forward: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...], reason: str
+) -> SaliencyMethod:
     """Gradient-free fallback: occlude non-overlapping windows (about 12 per spatial axis)."""
     if len(input_shape) >= 2:
         *lead, h, w = input_shape
@@ -169,11 +191,14 @@ def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], input_shape: tupl
 
     def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return occ.attribute(x, sliding_window_shapes=window, strides=window, baselines=0.0,
-                                 target=target, perturbations_per_eval=64).detach()
+            return occ.attribute(
+                x, sliding_window_shapes=window, strides=window, baselines=0.0, target=target, perturbations_per_eval=64
+            ).detach()
 
-    note = (f"{reason}; saliency is a gradient-free occlusion estimate (window {window}), "
-            "so SI is not directly comparable to the paper's integrated-gradients SI")
+    note = (
+        f"{reason}; saliency is a gradient-free occlusion estimate (window {window}), "
+        "so SI is not directly comparable to the paper's integrated-gradients SI"
+    )
     return SaliencyMethod(f"occlusion(window={list(window)})", note, attribute)
 
 
@@ -189,6 +214,5 @@ def postprocess(attributions: torch.Tensor, sample_rank: int) -> torch.Tensor:
     flat = torch.where(flat >= THRESHOLD_FRACTION * peak, flat, torch.zeros_like(flat))
     m = flat.reshape(m.shape)
     if sample_rank >= 2:
-        m = TF.gaussian_blur(m, kernel_size=[GAUSSIAN_KERNEL, GAUSSIAN_KERNEL],
-                             sigma=[GAUSSIAN_SIGMA, GAUSSIAN_SIGMA])
+        m = TF.gaussian_blur(m, kernel_size=[GAUSSIAN_KERNEL, GAUSSIAN_KERNEL], sigma=[GAUSSIAN_SIGMA, GAUSSIAN_SIGMA])
     return m

@@ -28,7 +28,7 @@ def jacobian(module: torch.nn.Module, x: torch.Tensor, max_batch: int = JACOBIAN
     blocks = []
     for first in range(0, n_classes, per_pass):
         k = min(per_pass, n_classes - first)
-        rep = x.repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)          # (k*P, *S), class-major
+        rep = x.repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)  # (k*P, *S), class-major
         with torch.enable_grad():
             out = module(rep)
             pick = torch.zeros_like(out)
@@ -39,8 +39,11 @@ def jacobian(module: torch.nn.Module, x: torch.Tensor, max_batch: int = JACOBIAN
 
 
 def finite_difference_jacobian_sketch(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n_directions: int = 64,
-    eps: float = 1e-3, generator: torch.Generator | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    n_directions: int = 64,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Gradient-free estimate: J @ Q for k random orthonormal directions Q (D x k), by central
     differences, scaled by sqrt(D/k) so its singular values estimate J's. Returns (P, C, k)."""
@@ -49,8 +52,8 @@ def finite_difference_jacobian_sketch(
     k = min(n_directions, d)
     q, _ = torch.linalg.qr(torch.randn(d, k, device=x.device, dtype=torch.float64, generator=generator))
     q = q.to(x.dtype)
-    dirs = q.T.reshape(k, *x.shape[1:])                                  # (k, *S)
-    step = eps * x.reshape(p, -1).abs().amax(dim=1).clamp_min(1.0)      # (P,)
+    dirs = q.T.reshape(k, *x.shape[1:])  # (k, *S)
+    step = eps * x.reshape(p, -1).abs().amax(dim=1).clamp_min(1.0)  # (P,)
     shaped = step.view(p, 1, *([1] * (x.ndim - 1)))
     plus = (x.unsqueeze(1) + shaped * dirs.unsqueeze(0)).reshape(p * k, *x.shape[1:])
     minus = (x.unsqueeze(1) - shaped * dirs.unsqueeze(0)).reshape(p * k, *x.shape[1:])

@@ -17,8 +17,15 @@ def summarize(values: np.ndarray, n_bootstrap: int = 200, seed: int = 0) -> dict
         return None
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
     se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
-    out = {"mean": float(values.mean()), "p5": float(p5), "p50": float(p50), "p95": float(p95), "se": se,
-           "n": int(values.size)}
+    mean = float(values.mean())
+    out: dict[str, float | int | list[float]] = {
+        "mean": mean,
+        "p5": float(p5),
+        "p50": float(p50),
+        "p95": float(p95),
+        "se": se,
+        "n": int(values.size),
+    }
     if n_bootstrap > 0 and values.size > 1:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, values.size, size=(n_bootstrap, values.size))
@@ -26,5 +33,5 @@ def summarize(values: np.ndarray, n_bootstrap: int = 200, seed: int = 0) -> dict
         lo, hi = np.percentile(means, [2.5, 97.5])
         out["ci95"] = [float(lo), float(hi)]
     else:
-        out["ci95"] = [out["mean"], out["mean"]]
+        out["ci95"] = [mean, mean]
     return out

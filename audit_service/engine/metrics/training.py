@@ -65,12 +65,17 @@ class OrbitInvariance:
         """``group``: a built group, or a spec (``"C4"``, a dict, ``C4Spec()``) built for ``input_shape`` when
         given, else for the first batch's ``x.shape[1:]``."""
         self._spec = group
-        self.group: Group | None = (resolve_group(group, input_shape, how=_SHAPE_HINT)
-                                    if isinstance(group, Group) or input_shape is not None else None)
+        self.group: Group | None = (
+            resolve_group(group, input_shape, how=_SHAPE_HINT)
+            if isinstance(group, Group) or input_shape is not None
+            else None
+        )
         self.reset()
 
     def reset(self) -> None:
-        self._li = self._di = self._agree = None
+        self._li: torch.Tensor | None = None
+        self._di: torch.Tensor | None = None
+        self._agree: torch.Tensor | None = None
         self._pairs = 0
 
     @torch.no_grad()
@@ -78,9 +83,11 @@ class OrbitInvariance:
         group = self._spec if self.group is None else self.group
         self.group = resolve_group(group, tuple(x.shape[1:]), how=_SHAPE_HINT)
         logits = orbit_logits(model, x, self.group)
-        parts = (logit_invariance_error(logits[0], logits).double().sum(),
-                 distribution_invariance_error(logits[0], logits).double().sum(),
-                 prediction_agreement(logits[0], logits).double().sum())
+        parts = (
+            logit_invariance_error(logits[0], logits).double().sum(),
+            distribution_invariance_error(logits[0], logits).double().sum(),
+            prediction_agreement(logits[0], logits).double().sum(),
+        )
         if self._li is None:
             self._li, self._di, self._agree = parts
         else:
@@ -91,5 +98,9 @@ class OrbitInvariance:
         if not self._pairs:
             raise ValueError("Expected at least one update() before compute(), but got none")
         n = self._pairs
-        return OrbitInvarianceValue(LI=float(self._li) / n, DI=float(self._di) / n,  # type: ignore[arg-type]
-                                    agreement=float(self._agree) / n, n_pairs=n)  # type: ignore[arg-type]
+        return OrbitInvarianceValue(
+            LI=float(self._li) / n,
+            DI=float(self._di) / n,  # type: ignore[arg-type]
+            agreement=float(self._agree) / n,
+            n_pairs=n,
+        )  # type: ignore[arg-type]

@@ -43,40 +43,65 @@ class Timing:
     sensitivity_s: float
 
 
-def assemble_report(spec: AuditSpec, inputs: CheckedInputs, plan: AuditPlan, outcome: SweepOutcome,
-                    sensitivity: dict, layout: LayoutChoice, timing: Timing) -> dict:
+def assemble_report(
+    spec: AuditSpec,
+    inputs: CheckedInputs,
+    plan: AuditPlan,
+    outcome: SweepOutcome,
+    sensitivity: dict,
+    layout: LayoutChoice,
+    timing: Timing,
+) -> dict:
     """The report dict (without ``symmetrized``, which the audit adds for a model that is not genuine)."""
     options, runner, group, results = spec.options, inputs.runner, inputs.group, outcome.results
-    condition_reports = [with_chance_levels(condition_report(r, options.bootstrap, options.seed, r.saliency_computed,
-                                                             outcome.saliency_reasons.get(r.condition.name)),
-                                            r.accumulator) for r in results]
+    condition_reports = [
+        with_chance_levels(
+            condition_report(
+                r, options.bootstrap, options.seed, r.saliency_computed, outcome.saliency_reasons.get(r.condition.name)
+            ),
+            r.accumulator,
+        )
+        for r in results
+    ]
     for condition in condition_reports:
         if condition["name"] in outcome.sampling:
             condition["saliency_sampling"] = outcome.sampling[condition["name"]].as_report()
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
             condition["group_sample_ci"] = group_sample_ci(r.accumulator)
-    verdict = decide([Condition.model_validate(c) for c in condition_reports], spec.policy, spec.require, spec.require_confident)
+    verdict = decide(
+        [Condition.model_validate(c) for c in condition_reports], spec.policy, spec.require, spec.require_confident
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "service_version": __version__,
         "created_at": now_iso(),
-        "model": {**model_section(runner, plan), "output_kind": inputs.output_kind,
-                  "output_note": OUTPUT_NOTES.get(inputs.output_kind), "autocast": plan.autocast_check,
-                  "memory_format": layout.as_report()},
-        "group": group_section(group, inputs.x[:GROUP_SAMPLE] if inputs.x is not None
-                               else inputs.sample(GROUP_SAMPLE)),
+        "model": {
+            **model_section(runner, plan),
+            "output_kind": inputs.output_kind,
+            "output_note": OUTPUT_NOTES.get(inputs.output_kind),
+            "autocast": plan.autocast_check,
+            "memory_format": layout.as_report(),
+        },
+        "group": group_section(group, inputs.x[:GROUP_SAMPLE] if inputs.x is not None else inputs.sample(GROUP_SAMPLE)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
         "verdict": verdict,
         "saliency_examples": saliency_examples(results, group.element_names),
         "spec": spec.model_dump(mode="json"),
         "shifts_skipped": inputs.skipped_shifts,
-        "saliency": {"scope": outcome.scope, "computed_on": [r.condition.name for r in results if r.saliency_computed],
-                     "reason": outcome.scope_reason},
-        "early_stop": {"enabled": options.early_stop, "stopped": outcome.stopped is not None,
-                       "reason": outcome.stopped, "conditions_skipped": outcome.skipped,
-                       "sensitivity_skipped": outcome.stopped is not None},
+        "saliency": {
+            "scope": outcome.scope,
+            "computed_on": [r.condition.name for r in results if r.saliency_computed],
+            "reason": outcome.scope_reason,
+        },
+        "early_stop": {
+            "enabled": options.early_stop,
+            "stopped": outcome.stopped is not None,
+            "reason": outcome.stopped,
+            "conditions_skipped": outcome.skipped,
+            "sensitivity_skipped": outcome.stopped is not None,
+        },
         "timing": {
             "load_s": round(timing.loaded - timing.started, 4),
             "conditions_s": {r.condition.name: round(r.seconds, 4) for r in results},
@@ -106,10 +131,13 @@ def sensitivity_section(inputs: CheckedInputs, options: Options, stopped: str | 
         return sensitivity_report(singular_values(jacobian(module, probes)), source, "autograd Jacobian")
     gen = torch.Generator(device=runner.device)
     gen.manual_seed(options.seed)
-    sketch = finite_difference_jacobian_sketch(lambda t: runner.logits(t, options.batch_size), probes,
-                                               generator=gen)
-    return sensitivity_report(singular_values(sketch), source, "finite-difference sketch (64 random directions)",
-                              note=f"{runner.gradient_note}; sigma_max is an estimate")
+    sketch = finite_difference_jacobian_sketch(lambda t: runner.logits(t, options.batch_size), probes, generator=gen)
+    return sensitivity_report(
+        singular_values(sketch),
+        source,
+        "finite-difference sketch (64 random directions)",
+        note=f"{runner.gradient_note}; sigma_max is an estimate",
+    )
 
 
 def group_sample_ci(accumulator, z: float = 1.96) -> dict:

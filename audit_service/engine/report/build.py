@@ -25,8 +25,9 @@ CONDITION_METRICS = tuple(str(m) for m in SPREAD_METRICS)
 _PER_PROBE = tuple(str(m) for m in PER_PROBE_METRICS)
 
 
-def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool,
-                     saliency_reason: str | None = None) -> dict:
+def condition_report(
+    result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool, saliency_reason: str | None = None
+) -> dict:
     """Metrics and their spread for one condition.
 
     ``metrics`` / ``spread``: means over probes and the non-identity group elements g != e, which every verdict
@@ -42,8 +43,10 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
     if not acc.values("accuracy").size:
         notes.append("accuracy is null: no labels for this condition")
     if saliency_computed and acc.si_pairs_undefined:
-        notes.append(f"SI is undefined for {acc.si_pairs_undefined} of {acc.si_pairs_total} (x, g) pairs "
-                     "because a saliency map is all zero; those pairs are left out of SI")
+        notes.append(
+            f"SI is undefined for {acc.si_pairs_undefined} of {acc.si_pairs_total} (x, g) pairs "
+            "because a saliency map is all zero; those pairs are left out of SI"
+        )
     if saliency_computed and acc.si_pairs_total and acc.si_pairs_undefined == acc.si_pairs_total:
         notes.append("SI is null: every saliency map is zero (the target logit does not depend on the input)")
     if not saliency_computed:
@@ -73,10 +76,8 @@ def condition_report(result: ConditionResult, n_bootstrap: int, seed: int, salie
 def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int) -> dict:
     """{metric: summarize(per-probe values)} over all of G (``identity``) or over g != e; accuracy is always
     over the whole orbit."""
-    per_probe = {name: acc.values(name, identity=identity or name == "accuracy")
-                 for name in _PER_PROBE}
-    per_probe["LI_normalized"] = acc.values("sq_dist", identity=identity) / variation if variation > 0 \
-        else np.empty(0)
+    per_probe = {name: acc.values(name, identity=identity or name == "accuracy") for name in _PER_PROBE}
+    per_probe["LI_normalized"] = acc.values("sq_dist", identity=identity) / variation if variation > 0 else np.empty(0)
     return {name: summarize(per_probe[name], n_bootstrap, seed) for name in CONDITION_METRICS}
 
 
@@ -90,8 +91,10 @@ def with_chance_levels(condition: dict, accumulator) -> dict:
     majority_class, majority_fraction}.
     """
     summary = accumulator.prediction_summary()
-    for key, chance in (("metrics", summary["agreement_chance_non_identity"]),
-                        ("paper_metrics", summary["agreement_chance"])):
+    for key, chance in (
+        ("metrics", summary["agreement_chance_non_identity"]),
+        ("paper_metrics", summary["agreement_chance"]),
+    ):
         m = condition.get(key)
         if m is None:
             continue
@@ -103,7 +106,8 @@ def with_chance_levels(condition: dict, accumulator) -> dict:
     if summary["classes_predicted"] == 1:
         condition.setdefault("notes", []).append(
             f"every probe and orbit element is predicted as class {summary['majority_class']}: agreement is 1 by "
-            "chance and kappa is null")
+            "chance and kappa is null"
+        )
     return condition
 
 
@@ -112,12 +116,23 @@ def finite_or_none(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def sensitivity_report(singular_values: torch.Tensor | None, probes_from: str, method: str,
-                       note: str | None = None, spectrum_length: int = 10) -> dict:
+def sensitivity_report(
+    singular_values: torch.Tensor | None,
+    probes_from: str,
+    method: str,
+    note: str | None = None,
+    spectrum_length: int = 10,
+) -> dict:
     """sigma_max mean / p5 / p95 over probes and the mean leading spectrum."""
     if singular_values is None or singular_values.numel() == 0:
-        return {"sigma_max": None, "spectrum": [], "n_probes": 0, "probes": probes_from, "method": method,
-                "note": note or "no probes for the Jacobian (options.jacobian_probes = 0)"}
+        return {
+            "sigma_max": None,
+            "spectrum": [],
+            "n_probes": 0,
+            "probes": probes_from,
+            "method": method,
+            "note": note or "no probes for the Jacobian (options.jacobian_probes = 0)",
+        }
     sv = singular_values.double().cpu().numpy()
     sigma_max = sv[:, 0]
     p5, p95 = np.percentile(sigma_max, [5, 95])
@@ -135,4 +150,3 @@ def sensitivity_report(singular_values: torch.Tensor | None, probes_from: str, m
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-

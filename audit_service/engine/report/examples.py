@@ -60,8 +60,10 @@ def _example_image(x: torch.Tensor) -> list:
         x = F.adaptive_avg_pool2d(x[None, None], side)[0, 0]
     elif x.ndim == 1:
         x = x[:256]
+
     def rounded(v):
         return [rounded(u) for u in v] if isinstance(v, list) else round(v, 3)
+
     return rounded(x.cpu().tolist())
 
 
@@ -79,5 +81,8 @@ def _example_map(m: torch.Tensor) -> list:
         m = F.adaptive_avg_pool2d(m[None, None], side)[0, 0]
     if m.ndim == 1 and m.shape[0] > EXAMPLE_MAX_VALUES:
         m = F.adaptive_avg_pool1d(m[None, None], EXAMPLE_MAX_VALUES)[0, 0]
-    return [[round(v, 4) for v in row] for row in m.cpu().tolist()] if m.ndim == 2 else \
-        [round(v, 4) for v in m.cpu().tolist()]
+    return (
+        [[round(v, 4) for v in row] for row in m.cpu().tolist()]
+        if m.ndim == 2
+        else [round(v, 4) for v in m.cpu().tolist()]
+    )

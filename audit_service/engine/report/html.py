@@ -18,7 +18,16 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ..names import DISPLAY_ORDER, METRICS as METRIC_TABLE, ConditionName, Metric
 from ..schema import (
-    Condition, ReferenceProfile, Report, ReportPolicy, SaliencyExample, Sensitivity, Timing, Verdict, parse_report)
+    Condition,
+    ReferenceProfile,
+    Report,
+    ReportPolicy,
+    SaliencyExample,
+    Sensitivity,
+    Timing,
+    Verdict,
+    parse_report,
+)
 
 #: the table's columns and the plots, in display order (``engine.names``)
 METRICS = DISPLAY_ORDER
@@ -31,61 +40,101 @@ ROUND_OFF = 1e-9
 #: how many of the worst (x, g) pairs the saliency section shows per condition
 SALIENCY_PER_CONDITION = 3
 
-_env = Environment(loader=PackageLoader("audit_service.engine.report", "templates"),
-                   autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+_env = Environment(
+    loader=PackageLoader("audit_service.engine.report", "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 #: one plain paragraph per label: what it means, what to do
 MEANING = {
-    "genuine": ("The model's outputs and its saliency stay the same across the group on the probes, under every "
-                "input shift and on pure noise: the invariance is built into the network (weight-tying, group "
-                "pooling or orbit averaging), not learned from data. It is safe to rely on under distribution shift; "
-                "nothing to do."),
-    "learned": ("The model's predictions are invariant on data like the probes, but its logits or its saliency "
-                "change across the group, or the invariance degrades under shift: it was learned from data "
-                "(augmentation) and holds only on data like the probes. Do not rely on it for shifted inputs. To make "
-                "it genuine, wrap the model in orbit averaging (symmetrization: average the logits over the group, "
-                "invariant by construction), use a weight-tied architecture, or train with an invariance regularizer "
-                "(the paper's L + ν·LI) until SI ≥ 0.95."),
-    "incidental": ("The model's predictions are invariant on the probes, but the labels show it has not learned the "
-                   "task (its orbit accuracy is near the majority-label rate): the invariance comes from the "
-                   "architecture (global pooling makes random networks nearly flip-invariant), not from data. "
-                   "Nothing was learned; the gate does not pass it. Audit the trained weights, with labels."),
-    "undecided": ("The model's predictions are invariant on the probes, but without labels the audit cannot tell "
-                  "learned invariance from the incidental invariance of an untrained network (both hold on data "
-                  "and degrade off it). Submit labels with the probes to decide; the default gate does not pass "
-                  "an undecided verdict (add `undecided` to `require` to accept it knowingly)."),
-    "not_invariant": ("The model's predictions already change when the group acts on in-distribution probes: it "
-                      "is not invariant to this group. If it should be, train with augmentation and an invariance "
-                      "regularizer, or use orbit averaging (symmetrization) or a weight-tied architecture; if it "
-                      "should not be (e.g. 6 vs 9 under rotation), the group is the wrong one to require."),
-    "not_genuine": ("Genuine invariance fails, and without in-distribution probes the audit cannot tell learned "
-                    "invariance from none. Submit probes (and labels if you have them) to decide; the fixes are the "
-                    "same as for learned: orbit averaging, weight-tying or an invariance regularizer."),
-    "trivial": ("The model's output barely depends on its input (constant logits, all-zero saliency, or one class "
-                "for everything). It is “invariant” only because it ignores the input, so it is useless as a "
-                "classifier and fails every gate. Check that the right weights were exported and that the inputs "
-                "are preprocessed as in training."),
+    "genuine": (
+        "The model's outputs and its saliency stay the same across the group on the probes, under every "
+        "input shift and on pure noise: the invariance is built into the network (weight-tying, group "
+        "pooling or orbit averaging), not learned from data. It is safe to rely on under distribution shift; "
+        "nothing to do."
+    ),
+    "learned": (
+        "The model's predictions are invariant on data like the probes, but its logits or its saliency "
+        "change across the group, or the invariance degrades under shift: it was learned from data "
+        "(augmentation) and holds only on data like the probes. Do not rely on it for shifted inputs. To make "
+        "it genuine, wrap the model in orbit averaging (symmetrization: average the logits over the group, "
+        "invariant by construction), use a weight-tied architecture, or train with an invariance regularizer "
+        "(the paper's L + ν·LI) until SI ≥ 0.95."
+    ),
+    "incidental": (
+        "The model's predictions are invariant on the probes, but the labels show it has not learned the "
+        "task (its orbit accuracy is near the majority-label rate): the invariance comes from the "
+        "architecture (global pooling makes random networks nearly flip-invariant), not from data. "
+        "Nothing was learned; the gate does not pass it. Audit the trained weights, with labels."
+    ),
+    "undecided": (
+        "The model's predictions are invariant on the probes, but without labels the audit cannot tell "
+        "learned invariance from the incidental invariance of an untrained network (both hold on data "
+        "and degrade off it). Submit labels with the probes to decide; the default gate does not pass "
+        "an undecided verdict (add `undecided` to `require` to accept it knowingly)."
+    ),
+    "not_invariant": (
+        "The model's predictions already change when the group acts on in-distribution probes: it "
+        "is not invariant to this group. If it should be, train with augmentation and an invariance "
+        "regularizer, or use orbit averaging (symmetrization) or a weight-tied architecture; if it "
+        "should not be (e.g. 6 vs 9 under rotation), the group is the wrong one to require."
+    ),
+    "not_genuine": (
+        "Genuine invariance fails, and without in-distribution probes the audit cannot tell learned "
+        "invariance from none. Submit probes (and labels if you have them) to decide; the fixes are the "
+        "same as for learned: orbit averaging, weight-tying or an invariance regularizer."
+    ),
+    "trivial": (
+        "The model's output barely depends on its input (constant logits, all-zero saliency, or one class "
+        "for everything). It is “invariant” only because it ignores the input, so it is useless as a "
+        "classifier and fails every gate. Check that the right weights were exported and that the inputs "
+        "are preprocessed as in training."
+    ),
 }
 
 DEFINITIONS = [
-    ("DI", "predictive-distribution invariance error",
-     "DI = E<sub>x,g</sub> KL( softmax f(x) ‖ softmax f(gx) )", "0 is perfect."),
-    ("LI", "logit invariance error",
-     "LI = E<sub>x,g</sub> ½ ‖f(x) − f(gx)‖²",
-     "0 is perfect; stricter than DI, and depends on the logits' scale."),
-    ("SI", "saliency invariance similarity",
-     "SI = E<sub>x,g</sub> cos( m(x), g<sup>−1</sup> m(gx) )",
-     "1 is perfect. m is |integrated gradients| of the target logit, values below 0.9 × max set to 0, then a "
-     "Gaussian filter (kernel 3, σ 1); g<sup>−1</sup> maps gx's saliency back onto x's frame. Undefined for an "
-     "all-zero map."),
-    ("LI_normalized", "scale-free logit error",
-     "LI<sub>norm</sub> = E<sub>x,g</sub> ‖f(x) − f(gx)‖² / E<sub>x,x′</sub> ‖f(x) − f(x′)‖²",
-     "≈0 invariant; ≈1 the group moves the logits as much as changing the input."),
-    ("agreement", "prediction agreement",
-     "agreement = P( argmax f(gx) = argmax f(x) )", "1 is perfect; compare with its chance level."),
-    ("σ<sub>max</sub>", "sensitivity", "largest singular value of the input-output Jacobian ∂f/∂x",
-     "small values mean the model reacts little to any input (spectral decay)."),
+    (
+        "DI",
+        "predictive-distribution invariance error",
+        "DI = E<sub>x,g</sub> KL( softmax f(x) ‖ softmax f(gx) )",
+        "0 is perfect.",
+    ),
+    (
+        "LI",
+        "logit invariance error",
+        "LI = E<sub>x,g</sub> ½ ‖f(x) − f(gx)‖²",
+        "0 is perfect; stricter than DI, and depends on the logits' scale.",
+    ),
+    (
+        "SI",
+        "saliency invariance similarity",
+        "SI = E<sub>x,g</sub> cos( m(x), g<sup>−1</sup> m(gx) )",
+        "1 is perfect. m is |integrated gradients| of the target logit, values below 0.9 × max set to 0, then a "
+        "Gaussian filter (kernel 3, σ 1); g<sup>−1</sup> maps gx's saliency back onto x's frame. Undefined for an "
+        "all-zero map.",
+    ),
+    (
+        "LI_normalized",
+        "scale-free logit error",
+        "LI<sub>norm</sub> = E<sub>x,g</sub> ‖f(x) − f(gx)‖² / E<sub>x,x′</sub> ‖f(x) − f(x′)‖²",
+        "≈0 invariant; ≈1 the group moves the logits as much as changing the input.",
+    ),
+    (
+        "agreement",
+        "prediction agreement",
+        "agreement = P( argmax f(gx) = argmax f(x) )",
+        "1 is perfect; compare with its chance level.",
+    ),
+    (
+        "σ<sub>max</sub>",
+        "sensitivity",
+        "largest singular value of the input-output Jacobian ∂f/∂x",
+        "small values mean the model reacts little to any input (spectral decay).",
+    ),
 ]
+
 
 def _num(value: Any) -> float | None:
     if isinstance(value, dict):
@@ -145,16 +194,24 @@ def _pyplot() -> Any:
 
 # --------------------------------------------------------------------------- verdict
 #: the verdict's reason topics as the page groups them, in the page's order
-REASON_GROUPS = {"label": "Why this label", "borderline": "Borderline", "require_confident": "Borderline",
-                 "genuine_failure": "Genuine criteria missed", "warning": "Warnings"}
+REASON_GROUPS = {
+    "label": "Why this label",
+    "borderline": "Borderline",
+    "require_confident": "Borderline",
+    "genuine_failure": "Genuine criteria missed",
+    "warning": "Warnings",
+}
 
 
 def _short(text: str, headline: str, detail: str | None) -> dict:
     """A long headline folds: its first words as the summary, the whole sentence as the detail."""
     if detail and len(headline) <= 90:
         return {"short": headline, "detail": detail}
-    return {"short": text, "detail": ""} if len(text) <= 110 else \
-        {"short": text[:100].rsplit(" ", 1)[0] + " …", "detail": text}
+    return (
+        {"short": text, "detail": ""}
+        if len(text) <= 110
+        else {"short": text[:100].rsplit(" ", 1)[0] + " …", "detail": text}
+    )
 
 
 def grouped_reasons(verdict: Verdict) -> list[dict]:
@@ -168,8 +225,11 @@ def grouped_reasons(verdict: Verdict) -> list[dict]:
         if reason.topic == "heading":
             continue
         if reason.topic == "genuine_failure":
-            entry = {"short": f"{reason.criterion} outside {reason.requirement} on {len(reason.misses)} of "
-                              f"{reason.n_conditions} conditions", "detail": reason.detail or ""}
+            entry = {
+                "short": f"{reason.criterion} outside {reason.requirement} on {len(reason.misses)} of "
+                f"{reason.n_conditions} conditions",
+                "detail": reason.detail or "",
+            }
         elif reason.topic == "label":
             entry = _short(reason.text, reason.headline, reason.detail)
         else:
@@ -192,7 +252,7 @@ def _bands(metric: Metric, policy: ReportPolicy | None) -> list[tuple[str, str, 
     """(kind, label, bound) lines to draw: kind 'max' (good below) or 'min' (good above), from the table."""
     if policy is None:
         return []
-    out = []
+    out: list[tuple[str, str, float]] = []
     for label, key in _BOUNDS.get(metric, []):
         b = _num(getattr(policy, key, None))
         if b is not None:
@@ -225,17 +285,21 @@ def severity_plots(conditions: list[Condition], policy: ReportPolicy | None = No
     plt = _pyplot()
     plots = []
     for metric in METRICS:
+
         def value(c: Condition | None) -> float | None:
             return None if c is None else _num(c.metric(metric))
+
         values = [value(c) for c in conditions]
         if all(v is None for v in values):
             continue
         bands = _bands(metric, policy)
         log = _use_log(values, bands, metric)
+
         def shown(v: float | None) -> float:
             if v is None:
                 return float("nan")
             return max(v, ROUND_OFF) if log else v
+
         fig, ax = plt.subplots(figsize=(4.6, 3.0))
         for family, points in sorted(families.items()):
             pts = sorted(points, key=lambda p: p[0])
@@ -255,8 +319,14 @@ def severity_plots(conditions: list[Condition], policy: ReportPolicy | None = No
             ax.set_ylim(ROUND_OFF / 3, max(high * 3, ROUND_OFF * 10))
             if min(finite) <= ROUND_OFF:
                 ax.axhline(ROUND_OFF, color="#999", linewidth=0.6)
-                ax.annotate("0 (< 1e-9)", (0.01, ROUND_OFF), xycoords=("axes fraction", "data"),
-                            fontsize=7, color="#555", va="bottom")
+                ax.annotate(
+                    "0 (< 1e-9)",
+                    (0.01, ROUND_OFF),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    color="#555",
+                    va="bottom",
+                )
         elif METRIC_TABLE[metric].better == "high":  # rates and similarities in [0, 1]
             ax.set_ylim(min(0.0, low) - 0.05, 1.05)
         else:
@@ -311,8 +381,9 @@ def _heat_panel(ax: Any, plt: Any, image: Any, heat: Any, vmax: float, title: st
     if image is not None:
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
     data = np.ma.masked_less_equal(heat, 0) if masked else heat
-    mappable = ax.imshow(data, cmap="inferno", vmin=0, vmax=vmax, alpha=0.6 if image is not None else 1.0,
-                         interpolation="nearest")
+    mappable = ax.imshow(
+        data, cmap="inferno", vmin=0, vmax=vmax, alpha=0.6 if image is not None else 1.0, interpolation="nearest"
+    )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     return mappable
@@ -371,11 +442,19 @@ def _saliency_bar_figure(e: SaliencyExample, plt: Any) -> str | None:
     idx = np.arange(a.size)
     panels = []
     if e.image_x is not None and e.image_gx is not None:
-        panels.append(("features", np.asarray(e.image_x, float).ravel(), np.asarray(e.image_gx, float).ravel(),
-                       "x", "g·x"))
+        panels.append(
+            ("features", np.asarray(e.image_x, float).ravel(), np.asarray(e.image_gx, float).ravel(), "x", "g·x")
+        )
     if e.raw_x is not None and e.raw_gx is not None:
-        panels.append(("raw |IG|", np.asarray(e.raw_x, float).ravel(), np.asarray(e.raw_gx, float).ravel(),
-                       "|IG(x)|", "|IG(g·x)|"))
+        panels.append(
+            (
+                "raw |IG|",
+                np.asarray(e.raw_x, float).ravel(),
+                np.asarray(e.raw_gx, float).ravel(),
+                "|IG(x)|",
+                "|IG(g·x)|",
+            )
+        )
     panels.append(("thresholded", a, b, "m(x)", "g⁻¹ m(gx)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(4.8, 1.6 * len(panels)), squeeze=False)
     for ax, (title, left, right, l_label, r_label) in zip(axes[:, 0], panels):
@@ -386,14 +465,16 @@ def _saliency_bar_figure(e: SaliencyExample, plt: Any) -> str | None:
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6)
         from matplotlib.ticker import MaxNLocator
+
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("feature index", fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
 
-def saliency_figures(examples: Iterable[SaliencyExample | dict],
-                     per_condition: int = SALIENCY_PER_CONDITION) -> list[dict]:
+def saliency_figures(
+    examples: Iterable[SaliencyExample | dict], per_condition: int = SALIENCY_PER_CONDITION
+) -> list[dict]:
     """The worst probes of each condition (lowest similarity first, ties to the larger LI), with the
     probe and g x under their heat maps (image inputs) or bar charts of the features (other inputs)."""
     usable = [SaliencyExample.model_validate(e) if isinstance(e, dict) else e for e in examples]
@@ -403,7 +484,8 @@ def saliency_figures(examples: Iterable[SaliencyExample | dict],
     import numpy as np
 
     plt = _pyplot()
-    figures, counts = [], {}
+    figures: list = []
+    counts: dict[str, int] = {}
     for e in usable:
         cond = e.condition
         if counts.get(cond, 0) >= per_condition:
@@ -417,9 +499,16 @@ def saliency_figures(examples: Iterable[SaliencyExample | dict],
             continue
         counts[cond] = counts.get(cond, 0) + 1
         sim = _num(e.similarity)
-        figures.append({"condition": cond, "probe": e.probe, "element": e.element,
-                        "similarity": "undefined (a zero map)" if sim is None else fmt(sim),
-                        "li": fmt(e.LI), "src": src})
+        figures.append(
+            {
+                "condition": cond,
+                "probe": e.probe,
+                "element": e.element,
+                "similarity": "undefined (a zero map)" if sim is None else fmt(sim),
+                "li": fmt(e.LI),
+                "src": src,
+            }
+        )
     return figures
 
 
@@ -450,8 +539,10 @@ def reference_plot(profile: ReferenceProfile) -> str | None:
     metric; LI_normalized and DI on a log axis, SI and agreement on [0, 1]."""
     mine = profile.vector
     closest = f"{profile.name} (closest)"
-    sources = [(p.vector, "s", _RUN_COLOURS.get(p.model, "#2c3e50"), closest if p.name == profile.name else p.name)
-               for p in profile.runs]
+    sources = [
+        (p.vector, "s", _RUN_COLOURS.get(p.model, "#2c3e50"), closest if p.name == profile.name else p.name)
+        for p in profile.runs
+    ]
     if not sources:
         sources = [(profile.reference_vector, "s", "#2c3e50", closest)]
     sources.append((mine, "o", "#c0392b", "this model"))
@@ -469,8 +560,16 @@ def reference_plot(profile: ReferenceProfile) -> str | None:
                 v = _num(source.get(k))
                 if v is not None:
                     size = 8 if name == "this model" else 6
-                    ax.plot(max(v, ROUND_OFF) if log else v, i, marker, color=colour, label=name, alpha=0.85,
-                            markersize=size, markerfacecolor="none" if name == closest else colour)
+                    ax.plot(
+                        max(v, ROUND_OFF) if log else v,
+                        i,
+                        marker,
+                        color=colour,
+                        label=name,
+                        alpha=0.85,
+                        markersize=size,
+                        markerfacecolor="none" if name == closest else colour,
+                    )
         if log:
             ax.set_xscale("log")
             ax.set_xlim(ROUND_OFF / 3, 10)
@@ -499,9 +598,11 @@ def timing_text(timing: Timing | dict) -> str:
     """The report's timing as one readable line."""
     if isinstance(timing, dict):
         timing = Timing.model_validate(timing)
+
     def sec(v: Any) -> str:
         n = _num(v)
         return "—" if n is None else f"{n:.2f} s"
+
     given = timing.model_fields_set
     parts = []
     if "load_s" in given:
@@ -526,19 +627,30 @@ def _borderline(verdict: Verdict) -> list[dict]:
     for c in verdict.borderline_criteria:
         interval = c.interval or [None, None]
         needed = c.probes_to_settle
-        out.append({"where": f"{c.condition} {c.criterion}", "value": fmt(c.value),
-                    "interval": f"[{fmt(interval[0])}, {fmt(interval[1])}]",
-                    "bound": f"{'≥' if c.kind == 'min' else '≤'} {c.threshold} ({c.role})",
-                    "settle": (f"about {needed} ({c.option}; now {c.n_probes})" if needed
-                               else "more probes cannot settle it at this estimate")})
+        out.append(
+            {
+                "where": f"{c.condition} {c.criterion}",
+                "value": fmt(c.value),
+                "interval": f"[{fmt(interval[0])}, {fmt(interval[1])}]",
+                "bound": f"{'≥' if c.kind == 'min' else '≤'} {c.threshold} ({c.role})",
+                "settle": (
+                    f"about {needed} ({c.option}; now {c.n_probes})"
+                    if needed
+                    else "more probes cannot settle it at this estimate"
+                ),
+            }
+        )
     return out
 
 
 def _model_name(report: Report, job: dict) -> str | None:
     """The model's file name: from the report where a caller added one, else from the job's inputs."""
     extra = report.model.model_extra or {}
-    for candidate in (extra.get("filename"), extra.get("name"),
-                      ((job.get("inputs") or {}).get("model") or {}).get("filename")):
+    for candidate in (
+        extra.get("filename"),
+        extra.get("name"),
+        ((job.get("inputs") or {}).get("model") or {}).get("filename"),
+    ):
         if isinstance(candidate, str) and candidate:
             return candidate
     return None
@@ -552,10 +664,14 @@ def render_report_html(report: Report | dict, job: dict | None = None, base_url:
     job = job or {}
     rows, paper_rows = [], []
     for cond in report.conditions:
-        rows.append({"name": cond.name, "n_probes": cond.n_probes,
-                     "cells": [{"value": fmt(cond.metric(m)), "spread": _spread_text(cond.spread.get(m))}
-                               for m in METRICS],
-                     "notes": cond.notes})
+        rows.append(
+            {
+                "name": cond.name,
+                "n_probes": cond.n_probes,
+                "cells": [{"value": fmt(cond.metric(m)), "spread": _spread_text(cond.spread.get(m))} for m in METRICS],
+                "notes": cond.notes,
+            }
+        )
         if cond.paper_metrics is not None:
             paper_rows.append({"name": cond.name, "cells": [fmt(cond.paper_metrics.get(m)) for m in METRICS]})
     verdict = report.verdict
@@ -570,15 +686,30 @@ def render_report_html(report: Report | dict, job: dict | None = None, base_url:
         json_link = base_url.rstrip("/") + "/" + str(report_path).lstrip("/")
     template = _env.get_template("report.html")
     return template.render(
-        report=report, job=job, verdict=verdict, label=label, meaning=MEANING.get(label, ""),
-        reason_groups=grouped_reasons(verdict), definitions=DEFINITIONS,
-        policy=policy.model_dump(mode="json"), metrics=METRICS, better=BETTER, rows=rows, paper_rows=paper_rows,
-        borderline=_borderline(verdict), plots=severity_plots(report.conditions, policy),
+        report=report,
+        job=job,
+        verdict=verdict,
+        label=label,
+        meaning=MEANING.get(label, ""),
+        reason_groups=grouped_reasons(verdict),
+        definitions=DEFINITIONS,
+        policy=policy.model_dump(mode="json"),
+        metrics=METRICS,
+        better=BETTER,
+        rows=rows,
+        paper_rows=paper_rows,
+        borderline=_borderline(verdict),
+        plots=severity_plots(report.conditions, policy),
         saliency=saliency_figures(report.saliency_examples),
-        spectrum=spectrum_plot(sensitivity), sensitivity=sensitivity,
-        sigma=sensitivity.sigma_max.to_json() if sensitivity.sigma_max is not None else {"mean": None}, fmt=fmt,
-        model=report.model, model_name=_model_name(report, job), group=report.group,
-        timing=timing_text(report.timing), profile=profile,
+        spectrum=spectrum_plot(sensitivity),
+        sensitivity=sensitivity,
+        sigma=sensitivity.sigma_max.to_json() if sensitivity.sigma_max is not None else {"mean": None},
+        fmt=fmt,
+        model=report.model,
+        model_name=_model_name(report, job),
+        group=report.group,
+        timing=timing_text(report.timing),
+        profile=profile,
         profile_plot=reference_plot(profile) if profile else None,
         trivial_profile_hidden=trivial and report.reference_profile is not None,
         json_link=json_link,

@@ -27,11 +27,15 @@ def check_zip_bounds(data: bytes, what: str) -> None:
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise ModelError(f"Expected {what}, but the zip is damaged: {exc}", field="model") from None
     if len(infos) > MAX_MEMBERS:
-        raise ModelError(f"Expected {what} of at most {MAX_MEMBERS} archive members, but it has {len(infos)}",
-                         field="model")
+        raise ModelError(
+            f"Expected {what} of at most {MAX_MEMBERS} archive members, but it has {len(infos)}", field="model"
+        )
     declared = sum(info.file_size for info in infos)
     limit = max(MAX_EXPANSION * len(data), 1 << 20)
     if declared > limit:
-        raise ModelError(f"Expected {what} whose members inflate to at most {MAX_EXPANSION} x the file's size "
-                         f"({limit} bytes), but they declare {declared} bytes (a zip bomb?); save the model "
-                         f"with torch.jit.save / torch.export.save", field="model")
+        raise ModelError(
+            f"Expected {what} whose members inflate to at most {MAX_EXPANSION} x the file's size "
+            f"({limit} bytes), but they declare {declared} bytes (a zip bomb?); save the model "
+            f"with torch.jit.save / torch.export.save",
+            field="model",
+        )

@@ -21,13 +21,19 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``x`` as float32 on ``device``, after checking it is ``(N, *input_shape)``."""
     if not isinstance(x, torch.Tensor):
-        raise ProbeError(f"Expected a torch.Tensor of shape (N, {', '.join(map(str, input_shape))}), "
-                         f"but got {type(x).__name__}", field="probes")
+        raise ProbeError(
+            f"Expected a torch.Tensor of shape (N, {', '.join(map(str, input_shape))}), but got {type(x).__name__}",
+            field="probes",
+        )
     if tuple(x.shape[1:]) != tuple(input_shape) or x.dim() != len(input_shape) + 1:
-        raise ProbeError(f"Expected inputs of shape (N, {', '.join(map(str, input_shape))}) for this model, "
-                         f"but got {tuple(x.shape)}", field="probes")
-    if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
-                                                 torch.int64, torch.bool)):
+        raise ProbeError(
+            f"Expected inputs of shape (N, {', '.join(map(str, input_shape))}) for this model, "
+            f"but got {tuple(x.shape)}",
+            field="probes",
+        )
+    if not (
+        x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+    ):
         raise ProbeError(f"Expected real-valued inputs, but got dtype {x.dtype}", field="probes")
     return x.detach().to(device=device, dtype=torch.float32)
 
@@ -41,7 +47,7 @@ def run_chunked(forward: Forward, x: torch.Tensor, batch_size: int, num_classes:
         return torch.empty((0, num_classes), dtype=torch.float32, device=x.device)
     parts = []
     for start in range(0, n, batch_size):
-        chunk = x[start:start + batch_size]
+        chunk = x[start : start + batch_size]
         out = forward(chunk)
         parts.append(check_chunk_logits(out, chunk.shape[0], num_classes))
     logits = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -60,22 +66,25 @@ def run_in_fixed_batches(call: Forward, x: torch.Tensor, fixed_batch: int) -> to
     padding's outputs dropped: how a graph with a hard-coded batch size (ONNX, ``.pt2``) sees any batch."""
     parts = []
     for start in range(0, x.shape[0], fixed_batch):
-        piece = x[start:start + fixed_batch]
-        parts.append(call(pad_batch(piece, fixed_batch))[:piece.shape[0]])
+        piece = x[start : start + fixed_batch]
+        parts.append(call(pad_batch(piece, fixed_batch))[: piece.shape[0]])
     return torch.cat(parts)
 
 
 def check_chunk_logits(out: object, n: int, num_classes: int) -> torch.Tensor:
     """One chunk's output as float32, after checking it is a tensor of shape ``(n, num_classes)``."""
     if not isinstance(out, torch.Tensor):
-        raise ModelRuntimeError(f"Expected the model to return one logits tensor, but it returned "
-                                f"{type(out).__name__}", field="model")
+        raise ModelRuntimeError(
+            f"Expected the model to return one logits tensor, but it returned {type(out).__name__}", field="model"
+        )
     if tuple(out.shape) != (n, num_classes):
-        raise ModelRuntimeError(f"Expected logits of shape ({n}, {num_classes}) for a batch of {n}, but the "
-                                f"model returned {tuple(out.shape)}", field="model")
+        raise ModelRuntimeError(
+            f"Expected logits of shape ({n}, {num_classes}) for a batch of {n}, but the "
+            f"model returned {tuple(out.shape)}",
+            field="model",
+        )
     if not out.is_floating_point():
-        raise ModelRuntimeError(f"Expected floating-point logits, but the model returned {out.dtype}",
-                                field="model")
+        raise ModelRuntimeError(f"Expected floating-point logits, but the model returned {out.dtype}", field="model")
     return out.float()
 
 
@@ -88,7 +97,9 @@ def check_finite(logits: torch.Tensor) -> None:
         raise ModelRuntimeError(
             f"The model returned NaN/Inf logits for {n_bad} of {logits.shape[0]} inputs (first at index "
             f"{first}); expected finite logits for every input. Check the model's numerics (e.g. a log or "
-            f"division on zero) or the input scaling", field="model")
+            f"division on zero) or the input scaling",
+            field="model",
+        )
 
 
 class GuardedModule(torch.nn.Module):
@@ -107,8 +118,14 @@ class GuardedModule(torch.nn.Module):
             return self.inner(x)
 
 
-def probe_logits(call: Forward, input_shape: tuple[int, ...], device: torch.device, batch: int,
-                 what: str = "the model", declared: int | None = None) -> torch.Tensor:
+def probe_logits(
+    call: Forward,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    batch: int,
+    what: str = "the model",
+    declared: int | None = None,
+) -> torch.Tensor:
     """One real forward of ``call`` on a zero batch, returned after checking it is one floating-point (batch, C)
     tensor with C >= 2 (a 1-tuple is unwrapped) and, when the graph declares ``declared`` classes, that many:
     C and the logits' dtype for the runner. ``ModelError`` otherwise. Every runner (ONNX, TorchScript, ``.pt2``,
@@ -118,25 +135,32 @@ def probe_logits(call: Forward, input_shape: tuple[int, ...], device: torch.devi
         with torch.no_grad():
             out = call(zeros)
     except Exception as exc:
-        raise ModelError(f"Expected {what} to run on a zero batch of shape {tuple(zeros.shape)}, but it failed: "
-                         f"{short_error(exc)}", field="model") from None
+        raise ModelError(
+            f"Expected {what} to run on a zero batch of shape {tuple(zeros.shape)}, but it failed: {short_error(exc)}",
+            field="model",
+        ) from None
     if isinstance(out, (tuple, list)) and len(out) == 1:
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise ModelError(f"Expected {what} to return one logits tensor (N, C), but it returned "
-                         f"{type(out).__name__}", field="model")
+        raise ModelError(
+            f"Expected {what} to return one logits tensor (N, C), but it returned {type(out).__name__}", field="model"
+        )
     if out.dim() != 2 or out.shape[0] != batch:
-        raise ModelError(f"Expected logits of shape (N, C), but for a batch of {batch} {what} returned shape "
-                         f"{tuple(out.shape)}", field="model")
+        raise ModelError(
+            f"Expected logits of shape (N, C), but for a batch of {batch} {what} returned shape {tuple(out.shape)}",
+            field="model",
+        )
     if not out.is_floating_point():
         raise ModelError(f"Expected floating-point logits, but {what} returned {out.dtype}", field="model")
     classes = int(out.shape[1])
     if declared is not None and declared != classes:
-        raise ModelError(f"Expected the {declared} classes {what} declares, but it returned {classes}",
-                         field="model")
+        raise ModelError(f"Expected the {declared} classes {what} declares, but it returned {classes}", field="model")
     if classes < 2:
-        raise ModelError(f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
-                         f"classifier with one logit z, return the pair (0, z)", field="model")
+        raise ModelError(
+            f"Expected logits for at least 2 classes, but got (N, {classes}); for a binary "
+            f"classifier with one logit z, return the pair (0, z)",
+            field="model",
+        )
     return out
 
 

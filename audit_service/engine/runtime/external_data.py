@@ -58,10 +58,13 @@ def check_location(location: str, label: str) -> str:
     """``location`` when it is a plain file name (``external_names``), else a ``ModelError`` naming it."""
     why = location_problem(location)
     if why is not None:
-        raise ModelError(f"Expected the external data of {label} to be a plain file name in the model's own "
-                         f"folder, but its location {location[:300]!r} {why}; external data is read only from files "
-                         f"beside the model. Re-save with onnx.save_model(model, path, save_as_external_data=True, "
-                         f"location='model.onnx.data'), or {SELF_CONTAINED}", field="model")
+        raise ModelError(
+            f"Expected the external data of {label} to be a plain file name in the model's own "
+            f"folder, but its location {location[:300]!r} {why}; external data is read only from files "
+            f"beside the model. Re-save with onnx.save_model(model, path, save_as_external_data=True, "
+            f"location='model.onnx.data'), or {SELF_CONTAINED}",
+            field="model",
+        )
     return location
 
 
@@ -70,28 +73,40 @@ def _reference(label: str, tensor: TensorProto) -> tuple[str, int, int | None]:
     entries: dict[str, str] = {}
     for entry in tensor.external_data:
         if entry.key not in _KEYS:
-            raise ModelError(f"Expected the external data of {label} to name only {', '.join(_KEYS)}, but it "
-                             f"names {entry.key[:60]!r}; only a plain file name beside the model is followed",
-                             field="model")
+            raise ModelError(
+                f"Expected the external data of {label} to name only {', '.join(_KEYS)}, but it "
+                f"names {entry.key[:60]!r}; only a plain file name beside the model is followed",
+                field="model",
+            )
         if entry.key in entries:
-            raise ModelError(f"Expected the external data of {label} to name its {entry.key} once, but it names "
-                             f"it twice", field="model")
+            raise ModelError(
+                f"Expected the external data of {label} to name its {entry.key} once, but it names it twice",
+                field="model",
+            )
         entries[entry.key] = entry.value
     location = entries.get("location", "")
     if tensor.data_location != TensorProto.EXTERNAL:
-        raise ModelError(f"Expected {label} to be stored either in the file or externally (data_location "
-                         f"EXTERNAL), but it has external data entries (location {location[:200]!r}) without "
-                         f"data_location EXTERNAL", field="model")
+        raise ModelError(
+            f"Expected {label} to be stored either in the file or externally (data_location "
+            f"EXTERNAL), but it has external data entries (location {location[:200]!r}) without "
+            f"data_location EXTERNAL",
+            field="model",
+        )
     if not location:
-        raise ModelError(f"Expected the external data of {label} to name a location (a file beside the model), "
-                         f"but it names none", field="model")
+        raise ModelError(
+            f"Expected the external data of {label} to name a location (a file beside the model), but it names none",
+            field="model",
+        )
     check_location(location, label)
     numbers: dict[str, int] = {}
     for key in ("offset", "length"):
         if key in entries:
             if not _DIGITS.fullmatch(entries[key]):
-                raise ModelError(f"Expected the {key} of {label}'s external data in {location!r} to be a "
-                                 f"non-negative integer, but got {entries[key][:40]!r}", field="model")
+                raise ModelError(
+                    f"Expected the {key} of {label}'s external data in {location!r} to be a "
+                    f"non-negative integer, but got {entries[key][:40]!r}",
+                    field="model",
+                )
             numbers[key] = int(entries[key])
     return location, numbers.get("offset", 0), numbers.get("length")
 
@@ -100,8 +115,10 @@ def _tensor_bytes(label: str, tensor: TensorProto, location: str) -> int:
     """The bytes the tensor's type and dims need (what its external slice must hold)."""
     if tensor.data_type in (TensorProto.UNDEFINED, TensorProto.STRING):
         kind = TensorProto.DataType.Name(tensor.data_type)
-        raise ModelError(f"Expected {label} with external data (in {location!r}) to have a numeric type, but it "
-                         f"is {kind}", field="model")
+        raise ModelError(
+            f"Expected {label} with external data (in {location!r}) to have a numeric type, but it is {kind}",
+            field="model",
+        )
     if any(d < 0 for d in tensor.dims):
         raise ModelError(f"Expected {label} to have non-negative dims, but got {list(tensor.dims)}", field="model")
     count = math.prod(tensor.dims)
@@ -110,8 +127,10 @@ def _tensor_bytes(label: str, tensor: TensorProto, location: str) -> int:
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
-        raise ModelError(f"Expected {label} with external data to have a known element type, but its type is "
-                         f"{tensor.data_type}", field="model") from None
+        raise ModelError(
+            f"Expected {label} with external data to have a known element type, but its type is {tensor.data_type}",
+            field="model",
+        ) from None
     return count * itemsize
 
 
@@ -132,31 +151,43 @@ def external_data_names(model: onnx.ModelProto) -> list[str]:
 
 
 def _too_big(cap: int, graph_bytes: int, total: int, location: str) -> ModelError:
-    return ModelError(f"Expected a model of at most {cap} bytes ({cap / 2**20:.1f} MiB) with its external data, "
-                      f"but the graph ({graph_bytes} bytes) and its data files come to at least {total} bytes by "
-                      f"{location!r}; raise the cap with {MAX_BYTES_ENV} if this model is trusted to be that large",
-                      field="model")
+    return ModelError(
+        f"Expected a model of at most {cap} bytes ({cap / 2**20:.1f} MiB) with its external data, "
+        f"but the graph ({graph_bytes} bytes) and its data files come to at least {total} bytes by "
+        f"{location!r}; raise the cap with {MAX_BYTES_ENV} if this model is trusted to be that large",
+        field="model",
+    )
 
 
-def _read_data_file(folder: Path, location: str, label: str, room: int, cap: int, graph_bytes: int,
-                    total: int) -> bytes:
+def _read_data_file(
+    folder: Path, location: str, label: str, room: int, cap: int, graph_bytes: int, total: int
+) -> bytes:
     """The whole regular file ``folder/location`` when it fits in ``room`` bytes."""
     path = folder / location
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ModelError(f"Expected the external data file {location!r} of {label} beside the model (in its "
-                         f"own folder), but there is no such file; {RESAVE_HINT} (the service takes each data file "
-                         f"as a `model_data` part named by its location)", field="model") from None
+        raise ModelError(
+            f"Expected the external data file {location!r} of {label} beside the model (in its "
+            f"own folder), but there is no such file; {RESAVE_HINT} (the service takes each data file "
+            f"as a `model_data` part named by its location)",
+            field="model",
+        ) from None
     except OSError as exc:
         reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or str(exc))
-        raise ModelError(f"Expected a readable external data file {location!r} of {label} beside the model, but "
-                         f"it cannot be opened ({reason})", field="model") from None
+        raise ModelError(
+            f"Expected a readable external data file {location!r} of {label} beside the model, but "
+            f"it cannot be opened ({reason})",
+            field="model",
+        ) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise ModelError(f"Expected the external data {location!r} of {label} to be a regular file beside the "
-                         f"model, but it is not (a folder, device or pipe)", field="model")
+        raise ModelError(
+            f"Expected the external data {location!r} of {label} to be a regular file beside the "
+            f"model, but it is not (a folder, device or pipe)",
+            field="model",
+        )
     with os.fdopen(fd, "rb") as fh:
         if info.st_size > room:
             raise _too_big(cap, graph_bytes, total + info.st_size, location)
@@ -166,8 +197,9 @@ def _read_data_file(folder: Path, location: str, label: str, room: int, cap: int
     return data
 
 
-def load_external_data(model: onnx.ModelProto, folder: str | Path | None, graph_bytes: int,
-                       max_bytes: int) -> dict[str, bytes]:
+def load_external_data(
+    model: onnx.ModelProto, folder: str | Path | None, graph_bytes: int, max_bytes: int
+) -> dict[str, bytes]:
     """Read every data file the graph names from ``folder`` (the model file's own folder) into its tensors
     (``raw_data``), leaving a self-contained model; returns {location: file bytes} for ``model_sha256``
     ({} when the graph names none). ``ModelError`` naming the tensor and the location for anything the
@@ -177,9 +209,12 @@ def load_external_data(model: onnx.ModelProto, folder: str | Path | None, graph_
         return {}
     if folder is None:
         location, entries = next(iter(sorted(references.items())))
-        raise ModelError(f"Expected a self-contained ONNX model when it is given as bytes, but {entries[0][0]} "
-                         f"stores its data externally (in {location!r}); load it from its file, with the data "
-                         f"files beside it, or {SELF_CONTAINED}", field="model")
+        raise ModelError(
+            f"Expected a self-contained ONNX model when it is given as bytes, but {entries[0][0]} "
+            f"stores its data externally (in {location!r}); load it from its file, with the data "
+            f"files beside it, or {SELF_CONTAINED}",
+            field="model",
+        )
     folder = Path(folder)
     files: dict[str, bytes] = {}
     total = graph_bytes
@@ -188,25 +223,36 @@ def load_external_data(model: onnx.ModelProto, folder: str | Path | None, graph_
         data = _read_data_file(folder, location, label, max_bytes - total, max_bytes, graph_bytes, total)
         total += len(data)
         files[location] = data
-    merged = graph_bytes + sum(_tensor_bytes(label, tensor, location)
-                               for location, entries in references.items() for label, tensor, _, _ in entries)
+    merged = graph_bytes + sum(
+        _tensor_bytes(label, tensor, location)
+        for location, entries in references.items()
+        for label, tensor, _, _ in entries
+    )
     if merged > PROTOBUF_LIMIT:
-        raise ModelError(f"Expected a model under 2 GiB once its external data is read into it (protobuf's limit), "
-                         f"but it would be {merged} bytes; models that large cannot be audited here",
-                         field="model")
+        raise ModelError(
+            f"Expected a model under 2 GiB once its external data is read into it (protobuf's limit), "
+            f"but it would be {merged} bytes; models that large cannot be audited here",
+            field="model",
+        )
     for location, entries in references.items():
         data = files[location]
         for label, tensor, offset, length in entries:
             need = _tensor_bytes(label, tensor, location)
             if length is not None and length != need:
-                raise ModelError(f"Expected the external data of {label} in {location!r} to be {need} bytes (its "
-                                 f"type and dims {list(tensor.dims)}), but its length is {length}", field="model")
+                raise ModelError(
+                    f"Expected the external data of {label} in {location!r} to be {need} bytes (its "
+                    f"type and dims {list(tensor.dims)}), but its length is {length}",
+                    field="model",
+                )
             if offset + need > len(data):
-                raise ModelError(f"Expected the external data of {label} to lie inside {location!r} ({len(data)} "
-                                 f"bytes), but offset {offset} + length {need} runs past its end", field="model")
+                raise ModelError(
+                    f"Expected the external data of {label} to lie inside {location!r} ({len(data)} "
+                    f"bytes), but offset {offset} + length {need} runs past its end",
+                    field="model",
+                )
             for name in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(name)
-            tensor.raw_data = data[offset:offset + need]
+            tensor.raw_data = data[offset : offset + need]
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
     return files
@@ -225,12 +271,15 @@ def model_sha256(graph: bytes, data: Mapping[str, bytes] | None = None) -> str:
     """The model's identity: ``sha256(graph)`` without external data, else the combined digest (module doc)."""
     if not data:
         return hashlib.sha256(graph).hexdigest()
-    return _combined(hashlib.sha256(graph).digest(),
-                     ((name, len(part), hashlib.sha256(part).digest()) for name, part in data.items()))
+    return _combined(
+        hashlib.sha256(graph).digest(),
+        ((name, len(part), hashlib.sha256(part).digest()) for name, part in data.items()),
+    )
 
 
-def model_files_sha256(path: str | Path, data: Mapping[str, str | Path] | None = None,
-                       max_bytes: int | None = None) -> tuple[str, bytes]:
+def model_files_sha256(
+    path: str | Path, data: Mapping[str, str | Path] | None = None, max_bytes: int | None = None
+) -> tuple[str, bytes]:
     """``model_sha256`` of a model file and its data files {location: path}, streamed, and the file's first two
     bytes (its magic); ``ModelError`` when the files together exceed ``max_bytes``."""
     seen = 0
@@ -245,10 +294,14 @@ def model_files_sha256(path: str | Path, data: Mapping[str, str | Path] | None =
                 seen += len(chunk)
                 if max_bytes is not None and seen > max_bytes:
                     if not data:
-                        raise ModelError(f"Expected a model file of at most {max_bytes} bytes, but it is larger",
-                                         field="model")
-                    raise ModelError(f"Expected a model of at most {max_bytes} bytes with its external data, but "
-                                     f"it is larger by {what}", field="model")
+                        raise ModelError(
+                            f"Expected a model file of at most {max_bytes} bytes, but it is larger", field="model"
+                        )
+                    raise ModelError(
+                        f"Expected a model of at most {max_bytes} bytes with its external data, but "
+                        f"it is larger by {what}",
+                        field="model",
+                    )
                 digest.update(chunk)
         return digest.digest(), size, head
 

@@ -40,8 +40,9 @@ class LayoutChoice:
         return {"used": self.memory_format, "reason": self.reason}
 
 
-def choose_layout(module: torch.nn.Module | None, input_shape: tuple[int, ...], requested: Requested,
-                  sample: torch.Tensor) -> LayoutChoice:
+def choose_layout(
+    module: torch.nn.Module | None, input_shape: tuple[int, ...], requested: Requested, sample: torch.Tensor
+) -> LayoutChoice:
     """Convert ``module``'s weights to channels-last when ``requested`` (or ``auto`` judges it faster) and the
     model still computes the same logits on ``sample`` (a few real inputs on the module's device)."""
     if module is None:
@@ -59,8 +60,11 @@ def choose_layout(module: torch.nn.Module | None, input_shape: tuple[int, ...], 
     if not all(w.is_contiguous() for w in weights):
         return LayoutChoice("contiguous", "the model's 4-D weights already have a non-default layout; kept")
     if requested == "auto" and sample.device.type != "cpu":
-        return LayoutChoice("contiguous", f"auto: channels-last is not yet measured on {sample.device.type}; "
-                                          "set options.memory_format = channels_last to use it")
+        return LayoutChoice(
+            "contiguous",
+            f"auto: channels-last is not yet measured on {sample.device.type}; "
+            "set options.memory_format = channels_last to use it",
+        )
     return _convert_checked(module, sample, requested)
 
 
@@ -71,8 +75,11 @@ def restore(module: torch.nn.Module | None, choice: LayoutChoice) -> None:
 
 
 def _convert_checked(module: torch.nn.Module, sample: torch.Tensor, requested: Requested) -> LayoutChoice:
-    why = "options.memory_format = channels_last" if requested == "channels_last" else \
-        "auto: a convolutional model on CPU images"
+    why = (
+        "options.memory_format = channels_last"
+        if requested == "channels_last"
+        else "auto: a convolutional model on CPU images"
+    )
     try:
         with torch.no_grad():
             reference = module(sample).float()
@@ -86,11 +93,16 @@ def _convert_checked(module: torch.nn.Module, sample: torch.Tensor, requested: R
         error = float((out - reference).abs().max()) / scale
     except Exception as exc:  # noqa: BLE001 - e.g. ``.view`` of a channels-last activation
         module.to(memory_format=torch.contiguous_format)
-        return LayoutChoice("contiguous", f"channels-last was tried and the model failed in it "
-                                          f"({type(exc).__name__}); kept contiguous")
+        return LayoutChoice(
+            "contiguous", f"channels-last was tried and the model failed in it ({type(exc).__name__}); kept contiguous"
+        )
     if not error <= LAYOUT_TOLERANCE:
         module.to(memory_format=torch.contiguous_format)
-        return LayoutChoice("contiguous", f"channels-last logits differ from contiguous by {error:.2g} of their "
-                                          f"scale (> {LAYOUT_TOLERANCE}); kept contiguous")
-    return LayoutChoice("channels_last", f"{why}; logits match contiguous within {error:.1g} of their scale",
-                        converted=True)
+        return LayoutChoice(
+            "contiguous",
+            f"channels-last logits differ from contiguous by {error:.2g} of their "
+            f"scale (> {LAYOUT_TOLERANCE}); kept contiguous",
+        )
+    return LayoutChoice(
+        "channels_last", f"{why}; logits match contiguous within {error:.1g} of their scale", converted=True
+    )

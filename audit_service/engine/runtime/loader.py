@@ -25,8 +25,13 @@ class Loader(Protocol):
     """Where a model gets loaded: ``load_model`` itself, or a stand-in with its signature (the service's
     cage loads the model in a confined process of its own, ``jobs.cage``)."""
 
-    def __call__(self, path: str | Path, device: str | torch.device = "auto", max_bytes: int | None = None,
-                 input_shape: Sequence[int] | None = None) -> ModelRunner: ...
+    def __call__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        max_bytes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> ModelRunner: ...
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -39,20 +44,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             requested = torch.device(device)
         except (RuntimeError, TypeError):
-            raise SpecError(f"Expected device 'auto', 'cpu' or 'cuda', but got {device!r}",
-                            field="options.device") from None
+            raise SpecError(
+                f"Expected device 'auto', 'cpu' or 'cuda', but got {device!r}", field="options.device"
+            ) from None
     if requested.type == "cpu":
         return torch.device("cpu")
     if requested.type != "cuda":
-        raise SpecError(f"Expected device 'auto', 'cpu' or 'cuda', but got {str(requested)!r}",
-                        field="options.device")
+        raise SpecError(f"Expected device 'auto', 'cpu' or 'cuda', but got {str(requested)!r}", field="options.device")
     if not torch.cuda.is_available():
-        raise SpecError("Expected device 'auto' or 'cpu' on this machine (no CUDA GPU is available), but got "
-                        f"{str(requested)!r}", field="options.device")
+        raise SpecError(
+            f"Expected device 'auto' or 'cpu' on this machine (no CUDA GPU is available), but got {str(requested)!r}",
+            field="options.device",
+        )
     index = requested.index or 0
     if index >= torch.cuda.device_count():
-        raise SpecError(f"Expected a CUDA device index below {torch.cuda.device_count()}, but got {index}",
-                        field="options.device")
+        raise SpecError(
+            f"Expected a CUDA device index below {torch.cuda.device_count()}, but got {index}", field="options.device"
+        )
     return torch.device("cuda", index)
 
 
@@ -62,8 +70,12 @@ def sniff_format(source: str | Path | bytes, max_bytes: int | None = None) -> Mo
     return fmt
 
 
-def load_model(path: str | Path | bytes, device: str | torch.device = "auto", max_bytes: int | None = None,
-               input_shape: Sequence[int] | None = None) -> ModelRunner:
+def load_model(
+    path: str | Path | bytes,
+    device: str | torch.device = "auto",
+    max_bytes: int | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> ModelRunner:
     """Load an ONNX model, TorchScript archive or ``torch.export`` program as a checked ``ModelRunner``.
 
     ``max_bytes`` defaults to ``AUDIT_MAX_MODEL_BYTES`` or 200 MB, and caps an ONNX graph together with its
@@ -93,6 +105,8 @@ def load_model(path: str | Path | bytes, device: str | torch.device = "auto", ma
     runner = OnnxRunner(data, onnx_model, sha256, target)
     runner.external_data = names
     if hint is not None and hint != runner.input_shape:
-        raise ProbeError(f"Expected inputs of the model's shape {runner.input_shape}, but the probes have "
-                        f"shape {hint}", field="probes")
+        raise ProbeError(
+            f"Expected inputs of the model's shape {runner.input_shape}, but the probes have shape {hint}",
+            field="probes",
+        )
     return runner

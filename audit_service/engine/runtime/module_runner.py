@@ -37,8 +37,15 @@ class TorchRunner:
         self.gradient_note: str | None = None
         self.gradient_path: str | None = gradient_path
 
-    def _hold(self, module: torch.nn.Module, input_shape: tuple[int, ...], what: str = "the model",
-              runs: torch.nn.Module | None = None, declared: int | None = None, own: bool = True) -> None:
+    def _hold(
+        self,
+        module: torch.nn.Module,
+        input_shape: tuple[int, ...],
+        what: str = "the model",
+        runs: torch.nn.Module | None = None,
+        declared: int | None = None,
+        own: bool = True,
+    ) -> None:
         """Keep ``module`` and learn C from one zero batch (``chunks.probe_logits``). ``runs``: the module as
         the runner calls it (default ``module``), guarded for gradient metrics; ``own``: a loaded module the
         runner may freeze (parameters without gradients, the guard in eval mode), not a caller's module."""
@@ -67,8 +74,10 @@ class TorchRunner:
         return self._guarded
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(input_shape={self.input_shape}, num_classes={self.num_classes}, "
-                f"device={self.device}, sha256={self.sha256[:12]}...)")
+        return (
+            f"{type(self).__name__}(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+            f"device={self.device}, sha256={self.sha256[:12]}...)"
+        )
 
 
 class ModuleRunner(TorchRunner):
@@ -87,8 +96,10 @@ class ModuleRunner(TorchRunner):
         return forward_without_grad(lambda c: self._module(c).float().clone(), chunk)
 
     def __repr__(self) -> str:
-        return (f"ModuleRunner({type(self._module).__name__}, input_shape={self.input_shape}, "
-                f"num_classes={self.num_classes}, device={self.device})")
+        return (
+            f"ModuleRunner({type(self._module).__name__}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes}, device={self.device})"
+        )
 
 
 def _fingerprint(module: torch.nn.Module) -> str:

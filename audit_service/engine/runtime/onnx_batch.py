@@ -28,8 +28,11 @@ def relax_batch(model: onnx.ModelProto, fixed_batch: int) -> tuple[onnx.ModelPro
     relaxed.CopyFrom(model)
     graph = relaxed.graph
     for value in list(graph.input) + list(graph.output):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
-                and len(value.type.tensor_type.shape.dim) > 0:
+        if (
+            value.type.HasField("tensor_type")
+            and value.type.tensor_type.HasField("shape")
+            and len(value.type.tensor_type.shape.dim) > 0
+        ):
             dim = value.type.tensor_type.shape.dim[0]
             dim.Clear()
             dim.dim_param = BATCH_DIM
@@ -45,9 +48,14 @@ def _relax_reshapes(graph: onnx.GraphProto, fixed_batch: int) -> int:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     initializers = {t.name: t for t in graph.initializer}
-    constants = {node.output[0]: node for node in graph.node
-                 if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute
-                 and node.attribute[0].name == "value"}
+    constants = {
+        node.output[0]: node
+        for node in graph.node
+        if node.op_type == "Constant"
+        and node.domain in ("", "ai.onnx")
+        and node.attribute
+        and node.attribute[0].name == "value"
+    }
     rewritten = 0
     for node in graph.node:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:

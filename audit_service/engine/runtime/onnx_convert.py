@@ -42,8 +42,13 @@ class Conversion:
     max_error: float | None = None
 
 
-def convert_checked(model: onnx.ModelProto, reference: ReferenceFn, input_shape: tuple[int, ...],
-                    device: torch.device, fixed_batch: int | None) -> Conversion:
+def convert_checked(
+    model: onnx.ModelProto,
+    reference: ReferenceFn,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    fixed_batch: int | None,
+) -> Conversion:
     """A twin when the (normalized) conversion reproduces ``reference`` within ``MATCH_TOLERANCE``."""
     try:
         import onnx2torch
@@ -153,8 +158,9 @@ def _failing_op(model: onnx.ModelProto) -> str | None:
         opsets = {entry.domain or "": entry.version for entry in inferred.opset_import}
         for node in graph.nodes.values():
             try:
-                converter = get_converter(operation_type=node.operation_type, domain=node.domain,
-                                          version=opsets.get(node.domain or "", 1))
+                converter = get_converter(
+                    operation_type=node.operation_type, domain=node.domain, version=opsets.get(node.domain or "", 1)
+                )
                 converter(node, graph)
             except Exception:
                 return node.operation_type
@@ -168,14 +174,24 @@ def _ops(names: list[str]) -> str:
     return f"op {quoted}" if len(names) == 1 else f"ops {quoted}"
 
 
-def _mismatch(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple[int, ...],
-              device: torch.device, fixed_batch: int | None) -> str | None:
+def _mismatch(
+    module: torch.nn.Module,
+    reference: ReferenceFn,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    fixed_batch: int | None,
+) -> str | None:
     """Why the converted module cannot stand in for onnxruntime, or None when it matches."""
     return _compare(module, reference, input_shape, device, fixed_batch)[0]
 
 
-def _compare(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple[int, ...],
-             device: torch.device, fixed_batch: int | None) -> tuple[str | None, float | None]:
+def _compare(
+    module: torch.nn.Module,
+    reference: ReferenceFn,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    fixed_batch: int | None,
+) -> tuple[str | None, float | None]:
     """(why the twin cannot stand in for onnxruntime or None, its max relative difference)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((fixed_batch or VERIFY_BATCH, *input_shape), generator=generator).to(device)
@@ -189,13 +205,16 @@ def _compare(module: torch.nn.Module, reference: ReferenceFn, input_shape: tuple
     except Exception as exc:
         return f"the onnx2torch conversion fails to run ({short_error(exc)})", None
     if tuple(got.shape) != tuple(expected.shape):
-        return (f"the onnx2torch conversion returns shape {tuple(got.shape)}, onnxruntime "
-                f"{tuple(expected.shape)}"), None
+        return (
+            f"the onnx2torch conversion returns shape {tuple(got.shape)}, onnxruntime {tuple(expected.shape)}"
+        ), None
     if not torch.isfinite(expected).all():
         return "the model's logits are not finite, so the onnx2torch conversion cannot be checked", None
     scale = max(1.0, float(expected.abs().max()))
     error = float((got - expected).abs().max()) / scale
     if not error <= MATCH_TOLERANCE:  # also catches NaN
-        return (f"the onnx2torch conversion does not reproduce onnxruntime's logits (max difference "
-                f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})"), error
+        return (
+            f"the onnx2torch conversion does not reproduce onnxruntime's logits (max difference "
+            f"{error:.2e} of the logit scale > {MATCH_TOLERANCE:g})"
+        ), error
     return None, error

@@ -28,8 +28,11 @@ _FLOAT_OUTPUTS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Te
 #: per side of the graph: what its tensor must be, the element types accepted, and the refusal of another type
 _SIDES: dict[str, tuple[str, Collection[int], str]] = {
     "input": ("a tensor", INPUT_DTYPES, "Expected a float32 (or float16/float64) input, but '{name}' is {got}"),
-    "output": ("a logits tensor (N, C)", _FLOAT_OUTPUTS,
-               "Expected floating-point logits, but the output '{name}' is {got}"),
+    "output": (
+        "a logits tensor (N, C)",
+        _FLOAT_OUTPUTS,
+        "Expected floating-point logits, but the output '{name}' is {got}",
+    ),
 }
 
 
@@ -39,10 +42,10 @@ class GraphSignature:
 
     input_name: str
     input_dtype: type
-    input_shape: tuple[int, ...]   # per sample, batch dim excluded
-    fixed_batch: int | None        # the batch size when the graph hard-codes it (e.g. 1), else None
+    input_shape: tuple[int, ...]  # per sample, batch dim excluded
+    fixed_batch: int | None  # the batch size when the graph hard-codes it (e.g. 1), else None
     output_name: str
-    declared_classes: int | None   # C when the output's shape declares it
+    declared_classes: int | None  # C when the output's shape declares it
 
 
 def check_graph(model: onnx.ModelProto) -> GraphSignature:
@@ -51,8 +54,9 @@ def check_graph(model: onnx.ModelProto) -> GraphSignature:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelError(f"Expected a valid ONNX model, but the ONNX checker rejects it: {short_error(exc)}",
-                         field="model") from None
+        raise ModelError(
+            f"Expected a valid ONNX model, but the ONNX checker rejects it: {short_error(exc)}", field="model"
+        ) from None
     return read_signature(model)
 
 
@@ -109,7 +113,8 @@ def refuse_external_data(model: onnx.ModelProto) -> None:
                 f"Expected a self-contained ONNX file, but {label} stores its data externally (in "
                 f"'{location}'); external data references are refused because they make the runtime read "
                 f"other files. Re-save with onnx.save_model(model, path, save_as_external_data=False)",
-                field="model")
+                field="model",
+            )
 
 
 def read_signature(model: onnx.ModelProto) -> GraphSignature:
@@ -119,12 +124,17 @@ def read_signature(model: onnx.ModelProto) -> GraphSignature:
     inputs = [v for v in graph.input if v.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(f"'{v.name}'" for v in inputs) or "none"
-        raise ModelError(f"Expected a model with exactly one input tensor (a batch of samples), but got "
-                         f"{len(inputs)}: {names}", field="model")
+        raise ModelError(
+            f"Expected a model with exactly one input tensor (a batch of samples), but got {len(inputs)}: {names}",
+            field="model",
+        )
     if len(graph.output) != 1:
         names = ", ".join(f"'{v.name}'" for v in graph.output)
-        raise ModelError(f"Expected a model with exactly one output (the logits), but got {len(graph.output)}: "
-                         f"{names}; re-export returning only the logits", field="model")
+        raise ModelError(
+            f"Expected a model with exactly one output (the logits), but got {len(graph.output)}: "
+            f"{names}; re-export returning only the logits",
+            field="model",
+        )
     (value,) = inputs
     input_dtype, input_shape, fixed_batch = _read_input(value)
     output = graph.output[0]
@@ -135,8 +145,10 @@ def _float_tensor(value: onnx.ValueInfoProto, side: Literal["input", "output"]) 
     """The type of the graph's ``side`` tensor, after checking it is a tensor of an element type that side accepts."""
     what, accepted, wrong_type = _SIDES[side]
     if not value.type.HasField("tensor_type"):
-        raise ModelError(f"Expected the {side} '{value.name}' to be {what}, but it is a "
-                         f"{value.type.WhichOneof('value')}", field="model")
+        raise ModelError(
+            f"Expected the {side} '{value.name}' to be {what}, but it is a {value.type.WhichOneof('value')}",
+            field="model",
+        )
     tensor_type = value.type.tensor_type
     if tensor_type.elem_type not in accepted:
         got = TensorProto.DataType.Name(tensor_type.elem_type)
@@ -148,8 +160,10 @@ def _read_input(value: onnx.ValueInfoProto) -> tuple[type, tuple[int, ...], int 
     tensor_type = _float_tensor(value, "input")
     if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) < 2:
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
-        raise ModelError(f"Expected the input '{value.name}' to declare a shape (batch, ...) of rank >= 2, but "
-                         f"its rank is {rank}", field="model")
+        raise ModelError(
+            f"Expected the input '{value.name}' to declare a shape (batch, ...) of rank >= 2, but its rank is {rank}",
+            field="model",
+        )
     batch, *rest = tensor_type.shape.dim
     fixed_batch = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else None
     dims: list[object] = []
@@ -169,8 +183,10 @@ def _read_output(value: onnx.ValueInfoProto) -> int | None:
     dims = tensor_type.shape.dim
     if len(dims) != 2:
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-        raise ModelError(f"Expected logits of shape (N, C), but the output '{value.name}' is declared as "
-                         f"{shape} (rank {len(dims)})", field="model")
+        raise ModelError(
+            f"Expected logits of shape (N, C), but the output '{value.name}' is declared as {shape} (rank {len(dims)})",
+            field="model",
+        )
     return int(dims[1].dim_value) if dims[1].HasField("dim_value") and dims[1].dim_value > 0 else None
 
 
@@ -189,8 +205,12 @@ def fold_identities(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     rename: dict[str, str] = {}
     keep = []
     for node in graph.node:
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 \
-                and node.output[0] not in outputs:
+        if (
+            node.op_type == "Identity"
+            and node.domain in ("", "ai.onnx")
+            and len(node.input) == 1
+            and node.output[0] not in outputs
+        ):
             source = node.input[0]
             rename[node.output[0]] = rename.get(source, source)
         else:

@@ -46,8 +46,17 @@ TYPE_ONLY_VERSIONS: dict[str, tuple[int, ...]] = {
     "Sigmoid": (13,),
     "Dropout": (22,),
 }
-_REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-               "ReduceLogSumExp", "ReduceSumSquare")
+_REDUCE_OPS = (
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
 _RESHAPE_VERSIONS = (5, 13, 14, 19, 21, 23, 24, 25)
 
 
@@ -119,8 +128,12 @@ def register_converters() -> None:
         if _REGISTERED:
             return
         from onnx2torch.node_converters import registry
-        from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value, \
-            onnx_mapping_from_node
+        from onnx2torch.utils.common import (
+            OnnxMapping,
+            OperationConverterResult,
+            get_const_value,
+            onnx_mapping_from_node,
+        )
 
         table = registry._CONVERTER_REGISTRY  # noqa: SLF001 - onnx2torch has no public override
         domain = defs.ONNX_DOMAIN
@@ -136,15 +149,19 @@ def register_converters() -> None:
                     table[key(op, version)] = table[key(op, older[-1])]
 
         def reshape(node, graph):
-            return OperationConverterResult(torch_module=Reshape(node.attributes.get("allowzero", 0)),
-                                            onnx_mapping=onnx_mapping_from_node(node=node))
+            return OperationConverterResult(
+                torch_module=Reshape(node.attributes.get("allowzero", 0)),
+                onnx_mapping=onnx_mapping_from_node(node=node),
+            )
 
         for version in _RESHAPE_VERSIONS:  # replaces onnx2torch's, which refuses allowzero=1
             table[key("Reshape", version)] = reshape
 
         def gelu(node, graph):
-            return OperationConverterResult(torch_module=Gelu(node.attributes.get("approximate", "none")),
-                                            onnx_mapping=onnx_mapping_from_node(node=node))
+            return OperationConverterResult(
+                torch_module=Gelu(node.attributes.get("approximate", "none")),
+                onnx_mapping=onnx_mapping_from_node(node=node),
+            )
 
         table.setdefault(key("Gelu", 20), gelu)
 
@@ -153,11 +170,16 @@ def register_converters() -> None:
             if len(node.input_values) > 1 and node.input_values[1]:
                 # a non-constant axes input raises KeyError here: the caller reports the op as unconvertible
                 axes = get_const_value(node.input_values[1], graph).tolist()
-            module = Reduce(node.operation_type, axes, node.attributes.get("keepdims", 1),
-                            node.attributes.get("noop_with_empty_axes", 0))
+            module = Reduce(
+                node.operation_type,
+                axes,
+                node.attributes.get("keepdims", 1),
+                node.attributes.get("noop_with_empty_axes", 0),
+            )
             return OperationConverterResult(
                 torch_module=module,
-                onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+                onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+            )
 
         for op in _REDUCE_OPS:
             table.setdefault(key(op, 18), reduce18)

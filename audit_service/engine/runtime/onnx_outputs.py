@@ -55,20 +55,31 @@ def _is_label(value: onnx.ValueInfoProto) -> bool:
     if not value.type.HasField("tensor_type") or value.type.tensor_type.elem_type not in _LABEL_TYPES:
         return False
     shape = value.type.tensor_type.shape
-    return not value.type.tensor_type.HasField("shape") or len(shape.dim) == 1 or \
-        (len(shape.dim) == 2 and shape.dim[1].dim_value == 1)
+    return (
+        not value.type.tensor_type.HasField("shape")
+        or len(shape.dim) == 1
+        or (len(shape.dim) == 2 and shape.dim[1].dim_value == 1)
+    )
 
 
 def _is_probability_tensor(value: onnx.ValueInfoProto) -> bool:
     tensor_type = value.type.tensor_type if value.type.HasField("tensor_type") else None
-    return tensor_type is not None and tensor_type.elem_type in _PROBABILITY_TYPES and \
-        tensor_type.HasField("shape") and len(tensor_type.shape.dim) == 2
+    return (
+        tensor_type is not None
+        and tensor_type.elem_type in _PROBABILITY_TYPES
+        and tensor_type.HasField("shape")
+        and len(tensor_type.shape.dim) == 2
+    )
 
 
 def _zipmap_of(value: onnx.ValueInfoProto, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
     node = producers.get(value.name)
-    if node is None or node.op_type != "ZipMap" or node.domain != "ai.onnx.ml" or not value.type.HasField(
-            "sequence_type"):
+    if (
+        node is None
+        or node.op_type != "ZipMap"
+        or node.domain != "ai.onnx.ml"
+        or not value.type.HasField("sequence_type")
+    ):
         return None
     return node
 
@@ -108,4 +119,4 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def _short(name: str, limit: int = 16) -> str:
-    return name if len(name) <= limit else name[:limit - 3] + "..."
+    return name if len(name) <= limit else name[: limit - 3] + "..."

@@ -29,8 +29,11 @@ from .validation import short_error
 PROBE_BATCH = 2
 THREADS_ENV = "AUDIT_ORT_THREADS"
 
-_NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                np.dtype(np.float64): torch.float64}
+_NP_TO_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float64): torch.float64,
+}
 
 
 def session_threads() -> int:
@@ -94,17 +97,27 @@ class OnnxRunner:
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=providers_for(device))
         except Exception as exc:
-            raise ModelError(f"Expected a model onnxruntime can run, but building the session failed: "
-                             f"{short_error(exc)}", field="model") from None
+            raise ModelError(
+                f"Expected a model onnxruntime can run, but building the session failed: {short_error(exc)}",
+                field="model",
+            ) from None
         if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-            raise ModelError("Expected onnxruntime's CUDA execution provider to load for device 'cuda', but it did "
-                             "not (CUDA/cuDNN libraries missing?); use device 'cpu' or 'auto'", field="device")
+            raise ModelError(
+                "Expected onnxruntime's CUDA execution provider to load for device 'cuda', but it did "
+                "not (CUDA/cuDNN libraries missing?); use device 'cpu' or 'auto'",
+                field="device",
+            )
         return session
 
     def _probe(self) -> tuple[int, np.dtype]:
         """C and the logits' numpy dtype, from the probe every runner loads through (``chunks.probe_logits``)."""
-        out = probe_logits(self._run_cpu, self.input_shape, torch.device("cpu"), self.fixed_batch or PROBE_BATCH,
-                           declared=self._signature.declared_classes)
+        out = probe_logits(
+            self._run_cpu,
+            self.input_shape,
+            torch.device("cpu"),
+            self.fixed_batch or PROBE_BATCH,
+            declared=self._signature.declared_classes,
+        )
         return int(out.shape[1]), out.numpy().dtype
 
     def _try_relaxed_batch(self, device: torch.device) -> str:
@@ -168,13 +181,16 @@ class OnnxRunner:
         index = (chunk.device.index or 0) if chunk.is_cuda else 0
         in_type = np.dtype(self._signature.input_dtype).type
         chunk = chunk.to(_NP_TO_TORCH[np.dtype(in_type)]).contiguous()
-        out = torch.empty((chunk.shape[0], self.num_classes), dtype=_NP_TO_TORCH[self._output_dtype],
-                          device=chunk.device)
+        out = torch.empty(
+            (chunk.shape[0], self.num_classes), dtype=_NP_TO_TORCH[self._output_dtype], device=chunk.device
+        )
         binding = self._session.io_binding()
-        binding.bind_input(self._signature.input_name, device_type, index, in_type, tuple(chunk.shape),
-                           chunk.data_ptr())
-        binding.bind_output(self._signature.output_name, device_type, index, self._output_dtype.type,
-                            tuple(out.shape), out.data_ptr())
+        binding.bind_input(
+            self._signature.input_name, device_type, index, in_type, tuple(chunk.shape), chunk.data_ptr()
+        )
+        binding.bind_output(
+            self._signature.output_name, device_type, index, self._output_dtype.type, tuple(out.shape), out.data_ptr()
+        )
         if chunk.is_cuda:
             torch.cuda.current_stream(chunk.device).synchronize()  # the input must be written before ORT reads it
         self._session.run_with_iobinding(binding)
@@ -193,17 +209,22 @@ class OnnxRunner:
                 from .onnx_convert import convert_checked  # onnx2torch is slow to import; only when needed
 
                 conversion = convert_checked(
-                    self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch)
+                    self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch
+                )
                 self._module, self.gradient_note = conversion.module, conversion.note
                 self.twin_error = conversion.max_error
                 if conversion.module is not None:
                     steps = f" after {', '.join(conversion.steps)}" if conversion.steps else ""
-                    self.gradient_path = (f"onnx2torch twin{steps}; max |twin - onnxruntime| "
-                                          f"{conversion.max_error:.1e} (relative to max(1, |logits|))")
+                    self.gradient_path = (
+                        f"onnx2torch twin{steps}; max |twin - onnxruntime| "
+                        f"{conversion.max_error:.1e} (relative to max(1, |logits|))"
+                    )
                 self._module_done = True
                 self._model = None  # the protobuf (up to the size cap) is not needed any more
         return self._module
 
     def __repr__(self) -> str:
-        return (f"OnnxRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
-                f"device={self.device}, providers={self.providers}, sha256={self.sha256[:12]}...)")
+        return (
+            f"OnnxRunner(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+            f"device={self.device}, providers={self.providers}, sha256={self.sha256[:12]}...)"
+        )

@@ -22,11 +22,15 @@ ROW_SUM_TOLERANCE = 1e-4
 LOG_FLOOR = 1e-12
 
 NOTES = {
-    "probabilities": ("the model outputs probabilities (rows non-negative, summing to 1): DI is measured on that "
-                      "distribution and LI on log-probabilities (log p, floored at 1e-12); saliency and the "
-                      "Jacobian use log p"),
-    "log_probabilities": ("the model outputs log-probabilities (rows non-positive, logsumexp 0): DI is measured on "
-                          "exp of them and LI on the log-probabilities as given"),
+    "probabilities": (
+        "the model outputs probabilities (rows non-negative, summing to 1): DI is measured on that "
+        "distribution and LI on log-probabilities (log p, floored at 1e-12); saliency and the "
+        "Jacobian use log p"
+    ),
+    "log_probabilities": (
+        "the model outputs log-probabilities (rows non-positive, logsumexp 0): DI is measured on "
+        "exp of them and LI on the log-probabilities as given"
+    ),
 }
 
 
@@ -51,8 +55,9 @@ class _LogOf(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(self.inner(x).clamp_min(LOG_FLOOR))
 
-    def choose_own_layout(self, input_shape: tuple[int, ...], requested: Requested,
-                          sample: torch.Tensor) -> LayoutChoice:
+    def choose_own_layout(
+        self, input_shape: tuple[int, ...], requested: Requested, sample: torch.Tensor
+    ) -> LayoutChoice:
         """The layout is the inner model's (its weights; the log adds none)."""
         return choose_layout(self.inner, input_shape, requested, sample)
 

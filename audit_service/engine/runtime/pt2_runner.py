@@ -53,7 +53,9 @@ from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: 
 MODEL_NAME = "model"
 #: ATen operators (overload packets) that return new tensors; an overload that writes into an argument
 #: (``out=``) is still refused by its schema
-_PURE_OPS = frozenset(f"aten.{name}" for name in """
+_PURE_OPS = frozenset(
+    f"aten.{name}"
+    for name in """
     convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear addmm mm bmm
     baddbmm matmul mv scaled_dot_product_attention lstm gru embedding
     batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training instance_norm layer_norm
@@ -76,60 +78,128 @@ _PURE_OPS = frozenset(f"aten.{name}" for name in """
     replication_pad2d index index_select gather slice_scatter select_scatter
     sym_size sym_stride sym_numel sym_storage_offset _assert_scalar _assert_async _assert_tensor_metadata
     sym_constrain_range sym_constrain_range_for_size _local_scalar_dense item
-    """.split())
+    """.split()
+)
 #: operators whose result may be (a view of) one of their inputs; ``dropout`` and ``type_as`` return
 #: their input as it is, and so may ``einsum`` and ``sum_to_size``
-_VIEW_OPS = frozenset(f"aten.{name}" for name in """
+_VIEW_OPS = frozenset(
+    f"aten.{name}"
+    for name in """
     view view_as reshape flatten unflatten permute transpose t expand expand_as broadcast_to slice select
     narrow unsqueeze squeeze split split_with_sizes chunk unbind movedim alias detach contiguous to as_strided
     dropout feature_dropout alpha_dropout native_dropout type_as einsum sum_to_size
-    """.split())
+    """.split()
+)
 #: in-place operators as stock models export them (``nn.ReLU(inplace=True)``, ``out += identity``),
 #: accepted only into a tensor the graph computed itself
-_INPLACE_OPS = frozenset(f"aten.{name}" for name in """
+_INPLACE_OPS = frozenset(
+    f"aten.{name}"
+    for name in """
     relu_ relu6_ hardswish_ hardsigmoid_ hardtanh_ silu_ gelu_ sigmoid_ tanh_ elu_ leaky_relu_ clamp_
     clamp_min_ add_ sub_ mul_ div_ dropout_ feature_dropout_ alpha_dropout_ fill_ zero_ masked_fill_
-    """.split())
+    """.split()
+)
 #: arithmetic on symbolic sizes (a dynamic batch), as the serializer names it
-_SYMBOLIC_TARGETS = frozenset({
-    "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv", "_operator.truediv",
-    "_operator.mod", "_operator.neg", "_operator.pos", "_operator.eq", "_operator.ne", "_operator.lt",
-    "_operator.le", "_operator.gt", "_operator.ge", "_operator.and_", "_operator.or_", "_operator.getitem",
-    "torch.sym_int", "torch.sym_float", "torch.sym_not", "torch.sym_max", "torch.sym_min", "torch.sym_ite",
-    "torch.sym_sqrt", "math.trunc", "math.floor", "math.ceil"})
+_SYMBOLIC_TARGETS = frozenset(
+    {
+        "_operator.add",
+        "_operator.sub",
+        "_operator.mul",
+        "_operator.floordiv",
+        "_operator.truediv",
+        "_operator.mod",
+        "_operator.neg",
+        "_operator.pos",
+        "_operator.eq",
+        "_operator.ne",
+        "_operator.lt",
+        "_operator.le",
+        "_operator.gt",
+        "_operator.ge",
+        "_operator.and_",
+        "_operator.or_",
+        "_operator.getitem",
+        "torch.sym_int",
+        "torch.sym_float",
+        "torch.sym_not",
+        "torch.sym_max",
+        "torch.sym_min",
+        "torch.sym_ite",
+        "torch.sym_sqrt",
+        "math.trunc",
+        "math.floor",
+        "math.ceil",
+    }
+)
 #: refused by name, with the reason
 _REFUSED_OPS = {
-    "aten.from_file": "reads or writes files", "aten.save": "writes files",
-    **dict.fromkeys(("aten.set_", "aten.set", "aten.set_data", "aten.as_strided_", "aten.resize_",
-                     "aten.resize", "aten.resize_as_", "aten.resize_as", "aten._resize_output_",
-                     "aten._unsafe_view", "aten._reshape_alias"),
-                    "repoints, resizes or aliases a tensor's raw memory"),
-    **dict.fromkeys(("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.empty_permuted",
-                     "aten.new_empty", "aten.new_empty_strided"), "returns uninitialized memory"),
+    "aten.from_file": "reads or writes files",
+    "aten.save": "writes files",
+    **dict.fromkeys(
+        (
+            "aten.set_",
+            "aten.set",
+            "aten.set_data",
+            "aten.as_strided_",
+            "aten.resize_",
+            "aten.resize",
+            "aten.resize_as_",
+            "aten.resize_as",
+            "aten._resize_output_",
+            "aten._unsafe_view",
+            "aten._reshape_alias",
+        ),
+        "repoints, resizes or aliases a tensor's raw memory",
+    ),
+    **dict.fromkeys(
+        (
+            "aten.empty",
+            "aten.empty_like",
+            "aten.empty_strided",
+            "aten.empty_permuted",
+            "aten.new_empty",
+            "aten.new_empty_strided",
+        ),
+        "returns uninitialized memory",
+    ),
     "aten.copy_": "writes into an existing tensor",
-    "aten._print": "has a side effect (printing)", "aten.set_grad_enabled": "changes global state"}
+    "aten._print": "has a side effect (printing)",
+    "aten.set_grad_enabled": "changes global state",
+}
 #: operators that update their running statistics in place unless the flag argument is false
-_HIDDEN_WRITES = {"aten.batch_norm": ("training", ("running_mean", "running_var")),
-                  "aten.instance_norm": ("use_input_stats", ("running_mean", "running_var"))}
+_HIDDEN_WRITES = {
+    "aten.batch_norm": ("training", ("running_mean", "running_var")),
+    "aten.instance_norm": ("use_input_stats", ("running_mean", "running_var")),
+}
 #: a token of a sympy ``srepr`` shape expression: a name, a quoted symbol name or number, a number, an operator
 _EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|'[\w.+-]*'|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[-+*/%(),<>=!])", re.ASCII)
-_EXPR_NAMES = frozenset("""
+_EXPR_NAMES = frozenset(
+    """
     Symbol Integer Float Rational Add Mul Pow Max Min Mod Abs Eq Ne Lt Le Gt Ge And Or Not true false True False
     oo floor ceiling StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality BooleanTrue
     BooleanFalse positive integer real nonnegative negative finite precision FloorDiv ModularIndexing Where
     PythonMod CleanDiv CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv
     IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat
     Identity
-    """.split())
+    """.split()
+)
 #: globals a pickle of plain tensors (what torch.save writes for example inputs) may name
-_TENSOR_PICKLE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
-                          ("torch._utils", "_rebuild_parameter"), ("collections", "OrderedDict"),
-                          ("torch", "Size"), ("torch", "device"), ("builtins", "tuple"), ("builtins", "dict")}
+_TENSOR_PICKLE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("builtins", "tuple"),
+    ("builtins", "dict"),
+}
 
 
 def _refuse(why: str) -> ModelError:
-    return ModelError(f"Expected a torch.export archive (torch.export.save) that loads without unpickling, but "
-                      f"{why}", field="model")
+    return ModelError(
+        f"Expected a torch.export archive (torch.export.save) that loads without unpickling, but {why}", field="model"
+    )
 
 
 def check_pt2_archive(data: bytes) -> None:
@@ -145,31 +215,54 @@ def check_pt2_archive(data: bytes) -> None:
         if len(roots) != 1 or any("/" not in name for name in names):
             raise _refuse("its members do not sit under one archive folder")
         (root,) = roots
-        members = {name[len(root) + 1:]: name for name in names}
+        members = {name[len(root) + 1 :]: name for name in names}
         for rel in members:
             if rel.startswith("data/aotinductor/") or rel.startswith("data/executorch/"):
-                raise _refuse(f"it carries compiled native code ('{rel}'), which is never loaded; save the "
-                              "program alone with torch.export.save(ep, path)")
-            allowed = (rel in ("archive_format", "archive_version", "byteorder", ".data/version",
-                               ".data/serialization_id", f"models/{MODEL_NAME}.json")
-                       or rel.startswith(("data/weights/weight_", "data/constants/tensor_", "extra/"))
-                       or rel in (f"data/weights/{MODEL_NAME}_weights_config.json",
-                                  f"data/constants/{MODEL_NAME}_constants_config.json",
-                                  f"data/sample_inputs/{MODEL_NAME}.pt"))
+                raise _refuse(
+                    f"it carries compiled native code ('{rel}'), which is never loaded; save the "
+                    "program alone with torch.export.save(ep, path)"
+                )
+            allowed = (
+                rel
+                in (
+                    "archive_format",
+                    "archive_version",
+                    "byteorder",
+                    ".data/version",
+                    ".data/serialization_id",
+                    f"models/{MODEL_NAME}.json",
+                )
+                or rel.startswith(("data/weights/weight_", "data/constants/tensor_", "extra/"))
+                or rel
+                in (
+                    f"data/weights/{MODEL_NAME}_weights_config.json",
+                    f"data/constants/{MODEL_NAME}_constants_config.json",
+                    f"data/sample_inputs/{MODEL_NAME}.pt",
+                )
+            )
             if not allowed:
-                raise _refuse(f"it holds '{rel}', which is not part of a single saved program (weights saved in "
-                              "the legacy pickled format, custom objects, or a second program are refused)")
-        for config in (f"data/weights/{MODEL_NAME}_weights_config.json",
-                       f"data/constants/{MODEL_NAME}_constants_config.json", f"models/{MODEL_NAME}.json"):
+                raise _refuse(
+                    f"it holds '{rel}', which is not part of a single saved program (weights saved in "
+                    "the legacy pickled format, custom objects, or a second program are refused)"
+                )
+        for config in (
+            f"data/weights/{MODEL_NAME}_weights_config.json",
+            f"data/constants/{MODEL_NAME}_constants_config.json",
+            f"models/{MODEL_NAME}.json",
+        ):
             if config not in members:
                 raise _refuse(f"'{config}' is missing (saved by an older torch? re-save with torch.export.save)")
-        for config in (f"data/weights/{MODEL_NAME}_weights_config.json",
-                       f"data/constants/{MODEL_NAME}_constants_config.json"):
+        for config in (
+            f"data/weights/{MODEL_NAME}_weights_config.json",
+            f"data/constants/{MODEL_NAME}_constants_config.json",
+        ):
             entries = _json(archive, members[config]).get("config", {})
             for fqn, meta in entries.items():
                 if not isinstance(meta, dict) or meta.get("use_pickle") or not meta.get("tensor_meta"):
-                    raise _refuse(f"'{fqn}' is stored as a pickle (a tensor subclass or a custom object), and "
-                                  "torch.export.load would unpickle it with weights_only=False")
+                    raise _refuse(
+                        f"'{fqn}' is stored as a pickle (a tensor subclass or a custom object), and "
+                        "torch.export.load would unpickle it with weights_only=False"
+                    )
                 path = str(meta.get("path_name", ""))
                 if not path.startswith(("weight_", "tensor_")):
                     raise _refuse(f"'{fqn}' is stored as '{path}', not as raw tensor bytes")
@@ -194,8 +287,10 @@ def _refuse_program(why: str) -> ModelError:
 
 
 def _refuse_op(op: str, why: str) -> ModelError:
-    return _refuse_program(f"the graph calls '{op}' ({why}); only the ATen operators that classifiers export to "
-                           "are accepted, in-place ones only into tensors the graph computed itself")
+    return _refuse_program(
+        f"the graph calls '{op}' ({why}); only the ATen operators that classifiers export to "
+        "are accepted, in-place ones only into tensors the graph computed itself"
+    )
 
 
 def _check_graph(program: dict) -> None:
@@ -204,8 +299,10 @@ def _check_graph(program: dict) -> None:
         raise _refuse_program("it carries guard code, which torch.export turns into Python and runs")
     for expr in _expressions(program):
         if not _plain_expression(expr):
-            raise _refuse_program(f"its shape expression {expr[:80]!r} is not plain size arithmetic "
-                                  "(torch.export.load evaluates it as Python)")
+            raise _refuse_program(
+                f"its shape expression {expr[:80]!r} is not plain size arithmetic "
+                "(torch.export.load evaluates it as Python)"
+            )
     module = program.get("graph_module", {})
     graph = module.get("graph", {})
     if graph.get("custom_obj_values"):
@@ -213,8 +310,10 @@ def _check_graph(program: dict) -> None:
     for spec in module.get("signature", {}).get("output_specs", []):
         kind = next(iter(spec), "?") if isinstance(spec, dict) else "?"
         if kind != "user_output":
-            raise _refuse_program(f"its signature has a '{kind}' output, which writes back into an input, weight "
-                                  "or buffer (export with model.eval() and leave the input unchanged)")
+            raise _refuse_program(
+                f"its signature has a '{kind}' output, which writes back into an input, weight "
+                "or buffer (export with model.eval() and leave the input unchanged)"
+            )
     defined = set(_tensor_names(graph.get("inputs", [])))
     made_here: set[str] = set()  # tensors the graph computed (or views of them): never inputs or weights
     for node in graph.get("nodes", []):
@@ -237,9 +336,15 @@ def _check_node(node: dict, made_here: set[str]) -> None:
     op = f"{parts[0]}.{parts[1]}" if is_op else name
     if op not in _PURE_OPS | _VIEW_OPS | _INPLACE_OPS:
         writes = is_op and (parts[1].endswith("_") and not parts[1].endswith("__") or parts[2].endswith("out"))
-        raise _refuse_op(name, _REFUSED_OPS.get(op) or (
-            "writes into an existing tensor: an in-place or out= variant" if writes
-            else "not on the allow-list of pure tensor operators"))
+        raise _refuse_op(
+            name,
+            _REFUSED_OPS.get(op)
+            or (
+                "writes into an existing tensor: an in-place or out= variant"
+                if writes
+                else "not on the allow-list of pure tensor operators"
+            ),
+        )
     try:
         schema = torch._C._get_schema(op.replace(".", "::", 1), "" if parts[2] == "default" else parts[2])
     except RuntimeError:
@@ -252,15 +357,21 @@ def _check_node(node: dict, made_here: set[str]) -> None:
     if written and op not in _INPLACE_OPS:
         raise _refuse_op(name, f"writes into its argument '{written[0]}': an in-place or out= variant")
     flag, stats = _HIDDEN_WRITES.get(op, ("", ()))
-    if flag and not any(e.get("name") == flag and e.get("arg") == {"as_bool": False}
-                        for e in node.get("inputs", []) if isinstance(e, dict)):
+    if flag and not any(
+        e.get("name") == flag and e.get("arg") == {"as_bool": False}
+        for e in node.get("inputs", [])
+        if isinstance(e, dict)
+    ):
         written += stats  # training-mode statistics are updated in place
     for arg in written:
         outside = [t for t in args.get(arg, []) if t not in made_here]
         if outside:
-            raise _refuse_op(name, f"writes in place into '{outside[0]}', an input, weight, buffer or constant "
-                                   "of the program or a view of one; export with model.eval() and leave the "
-                                   "input unchanged")
+            raise _refuse_op(
+                name,
+                f"writes in place into '{outside[0]}', an input, weight, buffer or constant "
+                "of the program or a view of one; export with model.eval() and leave the "
+                "input unchanged",
+            )
     fresh = op in _INPLACE_OPS or (op not in _VIEW_OPS and all(r.alias_info is None for r in schema.returns))
     if fresh or all(t in made_here for ts in args.values() for t in ts):
         made_here.update(_tensor_names(node.get("outputs", [])))
@@ -326,10 +437,13 @@ def _check_sample_inputs(blob: bytes) -> None:
     for data in pickles:
         for module, name in pickle_globals(data):
             ok = (module, name) in _TENSOR_PICKLE_GLOBALS or (
-                module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)))
+                module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+            )
             if not ok:
-                raise _refuse(f"its example inputs are a pickle that names '{module}.{name}'; torch.export.load "
-                              "retries such a pickle with weights_only=False, which runs arbitrary code")
+                raise _refuse(
+                    f"its example inputs are a pickle that names '{module}.{name}'; torch.export.load "
+                    "retries such a pickle with weights_only=False, which runs arbitrary code"
+                )
 
 
 def pickle_globals(data: bytes) -> list[tuple[str, str]]:
@@ -351,8 +465,15 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
                 module, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
                 found.append((module or "?", attr or "?"))
                 strings.append(None)
-            elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
-                          "BINSTRING", "STRING"):
+            elif name in (
+                "SHORT_BINUNICODE",
+                "BINUNICODE",
+                "BINUNICODE8",
+                "UNICODE",
+                "SHORT_BINSTRING",
+                "BINSTRING",
+                "STRING",
+            ):
                 strings.append(str(arg))
             elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
                 memo[int(arg)] = strings[-1] if strings else None
@@ -378,8 +499,7 @@ def load_program(data: bytes):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reader = PT2ArchiveReader(io.BytesIO(data))
-            serialized = _bytes_to_dataclass(schema.ExportedProgram,
-                                             reader.read_bytes(f"models/{MODEL_NAME}.json"))
+            serialized = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(f"models/{MODEL_NAME}.json"))
             state_dict = _load_state_dict(reader, MODEL_NAME)
             constants = _load_constants(reader, MODEL_NAME)
             if not isinstance(state_dict, dict) or not isinstance(constants, dict):
@@ -388,8 +508,11 @@ def load_program(data: bytes):
     except AuditError:
         raise
     except Exception as exc:
-        raise ModelError(f"Expected a torch.export archive this torch ({torch.__version__}) can read, but "
-                         f"loading failed: {short_error(exc)}", field="model") from None
+        raise ModelError(
+            f"Expected a torch.export archive this torch ({torch.__version__}) can read, but "
+            f"loading failed: {short_error(exc)}",
+            field="model",
+        ) from None
 
 
 class ExportedProgramRunner(TorchRunner):
@@ -397,25 +520,32 @@ class ExportedProgramRunner(TorchRunner):
 
     format: ModelFormat = "pt2"
 
-    def __init__(self, data: bytes, sha256: str, device: torch.device,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, data: bytes, sha256: str, device: torch.device, input_shape: tuple[int, ...] | None = None
+    ) -> None:
         super().__init__(sha256, device, "torch.export", "torch.export program (autograd through its ATen graph)")
         program = load_program(data)
         shape, self.fixed_batch, min_batch, declared = _signature(program)
         if input_shape is not None and shape is not None and tuple(input_shape) != shape:
-            raise ModelError(f"Expected probes of the program's input shape {shape}, but they have shape "
-                             f"{tuple(input_shape)}", field="probes")
+            raise ModelError(
+                f"Expected probes of the program's input shape {shape}, but they have shape {tuple(input_shape)}",
+                field="probes",
+            )
         shape = shape or (tuple(input_shape) if input_shape is not None else None)
         if shape is None:
-            raise ModelError("Expected the program to fix every input size but the batch, but some are dynamic; "
-                             "pass probes so that the shape is known", field="input_shape")
+            raise ModelError(
+                "Expected the program to fix every input size but the batch, but some are dynamic; "
+                "pass probes so that the shape is known",
+                field="input_shape",
+            )
         checked = check_input_shape(list(shape), "the exported program's input")
         try:
             module = program.module()
             module = module.to(device)
         except Exception as exc:
-            raise ModelError(f"Expected an exported program that runs as a module, but: {short_error(exc)}",
-                             field="model") from None
+            raise ModelError(
+                f"Expected an exported program that runs as a module, but: {short_error(exc)}", field="model"
+            ) from None
         batches = _BatchSizes(module, self.fixed_batch, min_batch)  # padding, one tensor out
         self._hold(module, checked, "the program", runs=batches, declared=declared)
         if self.fixed_batch is not None:
@@ -440,7 +570,7 @@ class _BatchSizes(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_batch is None:
-            return self._call(pad_batch(x, self.min_batch))[:x.shape[0]]
+            return self._call(pad_batch(x, self.min_batch))[: x.shape[0]]
         if self.vmapped:
             return self._over_groups(x)
         return run_in_fixed_batches(self._call, x, self.fixed_batch)
@@ -479,13 +609,15 @@ def _signature(program) -> tuple[tuple[int, ...] | None, int | None, int, int | 
     batch a dynamic batch accepts, classes or None)."""
     user_inputs = list(program.graph_signature.user_inputs)
     if len(user_inputs) != 1:
-        raise ModelError(f"Expected a program with exactly one input tensor (a batch of samples), but got "
-                         f"{len(user_inputs)}: {', '.join(map(str, user_inputs)) or 'none'}", field="model")
+        raise ModelError(
+            f"Expected a program with exactly one input tensor (a batch of samples), but got "
+            f"{len(user_inputs)}: {', '.join(map(str, user_inputs)) or 'none'}",
+            field="model",
+        )
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     value = nodes[user_inputs[0]].meta.get("val") if user_inputs[0] in nodes else None
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
-        raise ModelError("Expected the program's input to be a tensor of shape (batch, ...), rank >= 2",
-                         field="model")
+        raise ModelError("Expected the program's input to be a tensor of shape (batch, ...), rank >= 2", field="model")
     batch, *rest = value.shape
     fixed = int(batch) if isinstance(batch, int) else None
     min_batch = 1
@@ -500,8 +632,9 @@ def _signature(program) -> tuple[tuple[int, ...] | None, int | None, int, int | 
     if outputs and outputs[0].args and isinstance(outputs[0].args[0], (tuple, list)):
         results = outputs[0].args[0]
         if len(results) != 1:
-            raise ModelError(f"Expected a program with exactly one output (the logits), but it returns "
-                             f"{len(results)}", field="model")
+            raise ModelError(
+                f"Expected a program with exactly one output (the logits), but it returns {len(results)}", field="model"
+            )
         val = getattr(results[0], "meta", {}).get("val")
         if isinstance(val, torch.Tensor) and val.dim() == 2 and isinstance(val.shape[1], int):
             declared = int(val.shape[1])

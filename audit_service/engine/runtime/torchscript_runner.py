@@ -24,9 +24,11 @@ from .module_runner import TorchRunner
 from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
-_NO_SHAPE = ("Expected the input shape: TorchScript does not record it; pass probes or the shape (the CLI's "
-             "--input-shape 1,28,28, input_shape= in Python), or save with "
-             "_extra_files={'input_shape.json': '[1, 28, 28]'}")
+_NO_SHAPE = (
+    "Expected the input shape: TorchScript does not record it; pass probes or the shape (the CLI's "
+    "--input-shape 1,28,28, input_shape= in Python), or save with "
+    "_extra_files={'input_shape.json': '[1, 28, 28]'}"
+)
 
 
 class TorchScriptRunner(TorchRunner):
@@ -34,8 +36,9 @@ class TorchScriptRunner(TorchRunner):
 
     format: ModelFormat = "torchscript"
 
-    def __init__(self, data: bytes, sha256: str, device: torch.device,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, data: bytes, sha256: str, device: torch.device, input_shape: tuple[int, ...] | None = None
+    ) -> None:
         super().__init__(sha256, device, "torch.jit", "TorchScript module (autograd)")
         extra = {SHAPE_FILE: ""}
         check_zip_bounds(data, "a TorchScript archive")
@@ -44,14 +47,17 @@ class TorchScriptRunner(TorchRunner):
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still the safe loader
                 module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
         except Exception as exc:
-            raise ModelError(f"Expected a TorchScript archive torch.jit.load can read, but loading failed: "
-                             f"{short_error(exc)}", field="model") from None
+            raise ModelError(
+                f"Expected a TorchScript archive torch.jit.load can read, but loading failed: {short_error(exc)}",
+                field="model",
+            ) from None
         module.eval()
         self._hold(module, _resolve_shape(input_shape, extra[SHAPE_FILE], module))
 
 
-def _resolve_shape(hint: tuple[int, ...] | None, extra_file: str | bytes,
-                   module: torch.jit.ScriptModule) -> tuple[int, ...]:
+def _resolve_shape(
+    hint: tuple[int, ...] | None, extra_file: str | bytes, module: torch.jit.ScriptModule
+) -> tuple[int, ...]:
     """The caller's hint first, then the archive's input_shape.json, then an ``input_shape`` attribute."""
     if hint is not None:
         return check_input_shape(list(hint), "the input_shape argument")
@@ -60,11 +66,16 @@ def _resolve_shape(hint: tuple[int, ...] | None, extra_file: str | bytes,
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ModelError(f"Expected {SHAPE_FILE} in the archive to hold a JSON list such as [1, 28, 28], but "
-                             f"it does not parse: {exc}", field="model") from None
+            raise ModelError(
+                f"Expected {SHAPE_FILE} in the archive to hold a JSON list such as [1, 28, 28], but "
+                f"it does not parse: {exc}",
+                field="model",
+            ) from None
         if not isinstance(value, list):
-            raise ModelError(f"Expected {SHAPE_FILE} to hold a JSON list such as [1, 28, 28], but got "
-                             f"{type(value).__name__}", field="model")
+            raise ModelError(
+                f"Expected {SHAPE_FILE} to hold a JSON list such as [1, 28, 28], but got {type(value).__name__}",
+                field="model",
+            )
         return check_input_shape(value, SHAPE_FILE)
     try:
         attribute = module.input_shape

@@ -47,11 +47,11 @@ def max_model_bytes() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ModelError(f"Expected {MAX_BYTES_ENV} to be a positive integer (bytes), but got {raw!r}",
-                         field="model") from None
+        raise ModelError(
+            f"Expected {MAX_BYTES_ENV} to be a positive integer (bytes), but got {raw!r}", field="model"
+        ) from None
     if value <= 0:
-        raise ModelError(f"Expected {MAX_BYTES_ENV} to be a positive integer (bytes), but got {raw!r}",
-                         field="model")
+        raise ModelError(f"Expected {MAX_BYTES_ENV} to be a positive integer (bytes), but got {raw!r}", field="model")
     return value
 
 
@@ -74,18 +74,24 @@ def read_model_bytes(source: str | Path | bytes, max_bytes: int | None = None) -
             with path.open("rb") as fh:
                 data = fh.read(cap + 1)
         except OSError as exc:
-            raise ModelError(f"Expected a readable model file, but {path}: {exc.strerror or exc}",
-                             field="model") from None
+            raise ModelError(
+                f"Expected a readable model file, but {path}: {exc.strerror or exc}", field="model"
+            ) from None
     if len(data) > cap:
         raise ModelError(_too_big(len(data), cap), field="model")
     if not data:
-        raise ModelError("Expected an ONNX model, a TorchScript archive or a torch.export program, but the file is empty", field="model")
+        raise ModelError(
+            "Expected an ONNX model, a TorchScript archive or a torch.export program, but the file is empty",
+            field="model",
+        )
     return data
 
 
 def _too_big(size: int, cap: int) -> str:
-    return (f"Expected a model file of at most {cap} bytes ({cap / 2**20:.1f} MiB), but got {size} bytes; "
-            f"raise the cap with {MAX_BYTES_ENV} if this model is trusted to be that large")
+    return (
+        f"Expected a model file of at most {cap} bytes ({cap / 2**20:.1f} MiB), but got {size} bytes; "
+        f"raise the cap with {MAX_BYTES_ENV} if this model is trusted to be that large"
+    )
 
 
 def is_pickle(data: bytes) -> bool:
@@ -118,18 +124,22 @@ def _identify_zip(data: bytes) -> ModelFormat:
             if is_pt2_archive(names, archive.read):
                 return "pt2"
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ModelError(f"Expected a TorchScript archive or torch.export program (zip), but the zip is "
-                         f"damaged: {exc}", field="model") from None
+        raise ModelError(
+            f"Expected a TorchScript archive or torch.export program (zip), but the zip is damaged: {exc}",
+            field="model",
+        ) from None
     has_code = any("/code/" in f"/{name}" for name in names)
     has_constants = any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in names)
     if has_code or has_constants:
         return "torchscript"
     if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
         raise ModelError(_CHECKPOINT_REFUSAL, field="model")
-    raise ModelError("Expected an ONNX model, a TorchScript archive (torch.jit.save) or a torch.export program "
-                     "(torch.export.save), but got a zip "
-                     "archive with neither TorchScript code (code/, constants.pkl) nor a pt2 archive_format",
-                     field="model")
+    raise ModelError(
+        "Expected an ONNX model, a TorchScript archive (torch.jit.save) or a torch.export program "
+        "(torch.export.save), but got a zip "
+        "archive with neither TorchScript code (code/, constants.pkl) nor a pt2 archive_format",
+        field="model",
+    )
 
 
 def is_pt2_archive(names: list[str], read) -> bool:
@@ -148,11 +158,11 @@ def parse_onnx(data: bytes) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish and friends
-        raise ModelError(_not_onnx(data, f"the protobuf does not decode ({short_error(exc)})"),
-                         field="model") from None
+        raise ModelError(_not_onnx(data, f"the protobuf does not decode ({short_error(exc)})"), field="model") from None
     if not model.HasField("graph") or model.ir_version <= 0 or len(model.graph.node) == 0:
-        raise ModelError(_not_onnx(data, "it decodes but holds no ONNX graph (truncated or not a model?)"),
-                         field="model")
+        raise ModelError(
+            _not_onnx(data, "it decodes but holds no ONNX graph (truncated or not a model?)"), field="model"
+        )
     return model
 
 
@@ -161,8 +171,10 @@ def _not_onnx(data: bytes, why: str) -> str:
         # The pickle STOP opcode ends every pickle, protocol 0 and 1 included; ONNX files start
         # with the ir_version tag 0x08.
         return _PICKLE_REFUSAL
-    return (f"Expected an ONNX model or a TorchScript archive (torch.jit.save), but the file could not be "
-            f"parsed as ONNX: {why}, and it is not a zip archive")
+    return (
+        f"Expected an ONNX model or a TorchScript archive (torch.jit.save), but the file could not be "
+        f"parsed as ONNX: {why}, and it is not a zip archive"
+    )
 
 
 def check_input_shape(shape: Sequence[object], source: str) -> tuple[int, ...]:
@@ -170,15 +182,21 @@ def check_input_shape(shape: Sequence[object], source: str) -> tuple[int, ...]:
     dims: list[int] = []
     for i, dim in enumerate(shape):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ModelError(f"Expected positive integer input sizes, but {source} gives {dim!r} for "
-                             f"dimension {i + 1} of the sample shape {list(shape)}", field="model")
+            raise ModelError(
+                f"Expected positive integer input sizes, but {source} gives {dim!r} for "
+                f"dimension {i + 1} of the sample shape {list(shape)}",
+                field="model",
+            )
         dims.append(dim)
     if not dims:
-        raise ModelError(f"Expected at least one input dimension besides the batch, but {source} gives none",
-                         field="model")
+        raise ModelError(
+            f"Expected at least one input dimension besides the batch, but {source} gives none", field="model"
+        )
     elements = math.prod(dims)
     if elements > MAX_INPUT_ELEMENTS:
-        raise ModelError(f"Expected at most {MAX_INPUT_ELEMENTS} input elements per sample, but {source} "
-                         f"gives {tuple(dims)} = {elements}", field="model")
+        raise ModelError(
+            f"Expected at most {MAX_INPUT_ELEMENTS} input elements per sample, but {source} "
+            f"gives {tuple(dims)} = {elements}",
+            field="model",
+        )
     return tuple(dims)
-

@@ -26,8 +26,10 @@ class ReportModel(BaseModel):
             known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
             unknown = sorted(str(k) for k in data if k not in known)
             if unknown:
-                raise ValueError(f"{cls.__name__} does not model the key(s) {unknown}: add them to "
-                                 f"{cls.__module__} (and regenerate the OpenAPI Report)")
+                raise ValueError(
+                    f"{cls.__name__} does not model the key(s) {unknown}: add them to "
+                    f"{cls.__module__} (and regenerate the OpenAPI Report)"
+                )
         return data
 
     def to_json(self) -> dict[str, Any]:

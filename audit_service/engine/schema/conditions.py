@@ -114,17 +114,19 @@ class Condition(ReportModel):
     shift: ShiftSpec | None
     n_probes: int
     metrics: ConditionMetrics = Field(
-        description="means over probes and the non-identity elements g != e (what the verdict reads)")
+        description="means over probes and the non-identity elements g != e (what the verdict reads)"
+    )
     spread: ConditionSpreads = Field(default_factory=ConditionSpreads)
     paper_metrics: ConditionMetrics | None = Field(
-        default=None, description="the paper's identity-inclusive means over all of G (Moskalev et al. 2023, "
-                                  "eqs. 1-3)")
+        default=None, description="the paper's identity-inclusive means over all of G (Moskalev et al. 2023, eqs. 1-3)"
+    )
     paper_spread: ConditionSpreads | None = None
     sample_variation: float | None = None
     relative_variation: float | None = None
     relative_spread: float | None = Field(
         default=None,
-        description="spread of the class-centred logits across probes over the logits' size (trivial at rounding)")
+        description="spread of the class-centred logits across probes over the logits' size (trivial at rounding)",
+    )
     saliency_computed: bool = True
     saliency_skipped: str | None = Field(default=None, description="why SI was not computed on this condition")
     notes: list[str] = Field(default_factory=list)
@@ -132,7 +134,8 @@ class Condition(ReportModel):
     predictions: Predictions | None = None
     saliency_sampling: SaliencySampling | None = None
     group_sample_ci: dict[str, SampledInterval | None] | None = Field(
-        default=None, description="sampled groups only: {metric: interval of the group average}")
+        default=None, description="sampled groups only: {metric: interval of the group average}"
+    )
 
     @property
     def is_clean(self) -> bool:
@@ -144,8 +147,9 @@ class Condition(ReportModel):
 
 
 def _metric_property(metric: Metric) -> property:
-    return property(lambda self: self.metrics.get(metric),
-                    doc=f"{METRICS[metric].title} over g != e (``metrics.{metric}``)")
+    return property(
+        lambda self: self.metrics.get(metric), doc=f"{METRICS[metric].title} over g != e (``metrics.{metric}``)"
+    )
 
 
 for _metric in Metric:  # condition.LI_normalized, condition.DI, ... : one attribute per row of the table

@@ -11,8 +11,18 @@ from ..spec import REPORT_KEYS, AuditSpec
 from .base import STRICT, ReportModel
 from .conditions import Condition
 from .sections import (
-    EarlyStop, GroupSection, MlflowWriteBack, ModelSection, ReferenceProfile, SaliencyExample, SaliencyScope,
-    Sensitivity, SkippedShift, Symmetrized, Timing)
+    EarlyStop,
+    GroupSection,
+    MlflowWriteBack,
+    ModelSection,
+    ReferenceProfile,
+    SaliencyExample,
+    SaliencyScope,
+    Sensitivity,
+    SkippedShift,
+    Symmetrized,
+    Timing,
+)
 from .verdict import ReportPolicy, Verdict
 
 
@@ -44,7 +54,8 @@ class Report(ReportModel):
     timing: Timing
     reference_profile: ReferenceProfile | None = None
     symmetrized: Symmetrized | None = Field(
-        default=None, description="for a model that is not genuine: what its orbit average costs and keeps")
+        default=None, description="for a model that is not genuine: what its orbit average costs and keeps"
+    )
     mlflow_write_back: MlflowWriteBack | None = None
 
     def condition(self, name: str) -> Condition:

@@ -72,32 +72,44 @@ class Criterion(ReportModel):
     passed: bool
     straddles: bool
     probes_to_settle: int | None = Field(
-        description="probes at which the interval would stop straddling, at this estimate (null: cannot say)")
+        description="probes at which the interval would stop straddling, at this estimate (null: cannot say)"
+    )
     option: Literal["n_probes", "n_noise_probes"] = Field(description="the option that sets those probes")
 
 
 class Verdict(ReportModel):
     """The label, the gate and why."""
 
-    label: VerdictLabel = Field(description=(
-        "genuine, learned (invariant predictions and labels that show the task was learned), incidental "
-        "(invariant predictions, but the labels are at chance: the architecture's invariance, not learned), "
-        "undecided (invariant predictions, no labels: learned vs incidental cannot be told), not_invariant, "
-        "trivial; not_genuine when no in-distribution probes were given. Every criterion is over g != e."))
+    label: VerdictLabel = Field(
+        description=(
+            "genuine, learned (invariant predictions and labels that show the task was learned), incidental "
+            "(invariant predictions, but the labels are at chance: the architecture's invariance, not learned), "
+            "undecided (invariant predictions, no labels: learned vs incidental cannot be told), not_invariant, "
+            "trivial; not_genuine when no in-distribution probes were given. Every criterion is over g != e."
+        )
+    )
     reasons: list[str] = Field(description="the reasons as sentences, in order")
     reason_details: list[Reason] | None = Field(
-        default=None, description="the same reasons, structured (one per sentence in `reasons`, same order)")
+        default=None, description="the same reasons, structured (one per sentence in `reasons`, same order)"
+    )
     flags: list[Literal["low_sensitivity"]] = Field(
         default_factory=list,
-        description="warnings that do not change the label: low_sensitivity = logits vary little across inputs")
-    criteria: list[Criterion] = Field(default_factory=list,
-                                      description="every criterion evaluated on the way to the label")
-    borderline: bool = Field(default=False, description=(
-        "a criterion that decides the label has a 95% interval straddling its threshold (more probes could "
-        "change the label); see borderline_criteria"))
+        description="warnings that do not change the label: low_sensitivity = logits vary little across inputs",
+    )
+    criteria: list[Criterion] = Field(
+        default_factory=list, description="every criterion evaluated on the way to the label"
+    )
+    borderline: bool = Field(
+        default=False,
+        description=(
+            "a criterion that decides the label has a 95% interval straddling its threshold (more probes could "
+            "change the label); see borderline_criteria"
+        ),
+    )
     borderline_criteria: list[Criterion] = Field(default_factory=list)
     policy: ReportPolicy
     require: list[VerdictLabel] = Field(default_factory=list)
     require_confident: bool = Field(
-        default=False, description="strict gate (spec.require_confident, --strict): a borderline verdict does not pass")
+        default=False, description="strict gate (spec.require_confident, --strict): a borderline verdict does not pass"
+    )
     passed: bool | None = None

@@ -3,7 +3,15 @@
 See :mod:`audit_service.engine.shifts.registry` for the severity table.
 """
 
-from .registry import SEVERITIES, applicable_default_shifts, apply_shift, severity_parameter, shift_catalogue, uniform_noise, validate_shift
+from .registry import (
+    SEVERITIES,
+    applicable_default_shifts,
+    apply_shift,
+    severity_parameter,
+    shift_catalogue,
+    uniform_noise,
+    validate_shift,
+)
 from .stats import ProbeStats
 
 __all__ = [

@@ -53,8 +53,7 @@ def brightness(x: torch.Tensor, delta: torch.Tensor | float) -> torch.Tensor:
     return x + delta
 
 
-def occlusion_mask(n: int, h: int, w: int, side: int, generator: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
+def occlusion_mask(n: int, h: int, w: int, side: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """(n, h, w) bool: one ``side x side`` square per sample at a uniformly random position inside the image."""
     side_h, side_w = min(side, h), min(side, w)
     top = torch.randint(0, h - side_h + 1, (n, 1), generator=generator, device=device)
@@ -80,9 +79,15 @@ def blend(x: torch.Tensor, x2: torch.Tensor, beta: float) -> torch.Tensor:
     return (1.0 - beta) * x + beta * x2
 
 
-def uniform(n: int, input_shape: tuple[int, ...], low: torch.Tensor, high: torch.Tensor,
-            generator: torch.Generator, device: torch.device | str, dtype: torch.dtype = torch.float32
-            ) -> torch.Tensor:
+def uniform(
+    n: int,
+    input_shape: tuple[int, ...],
+    low: torch.Tensor,
+    high: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """(n, *input_shape) uniform in [low, high] (broadcastable, per channel)."""
     u = torch.rand((n, *input_shape), generator=generator, device=device, dtype=dtype)
     low = low.to(device=device, dtype=dtype)

@@ -43,8 +43,14 @@ from .stats import ProbeStats
 #: (x, the spec, the probes' statistics on x's device and dtype, generator, the second probes or None) -> shifted x
 Apply = Callable[[torch.Tensor, ShiftSpec, ProbeStats, torch.Generator, "torch.Tensor | None"], torch.Tensor]
 
-_SEVERITY_PARAMETER = {"type": "integer", "minimum": 1, "maximum": 5, "default": DEFAULT_SEVERITY, "required": False,
-                       "meaning": "strength, CIFAR-10-C style (1 mild .. 5 strong)"}
+_SEVERITY_PARAMETER = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 5,
+    "default": DEFAULT_SEVERITY,
+    "required": False,
+    "meaning": "strength, CIFAR-10-C style (1 mild .. 5 strong)",
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,9 @@ class ShiftKind:
             "name": self.name,
             "description": self.description,
             "parameters": {k: dict(v) for k, v in self.parameters.items()},
-            "severities": None if self.severities is None else
-            {str(s + 1): self.severity_meaning.format(v=v) for s, v in enumerate(self.severities)},
+            "severities": None
+            if self.severities is None
+            else {str(s + 1): self.severity_meaning.format(v=v) for s, v in enumerate(self.severities)},
             "fits": self.fits,
             "example": dict(self.example) if self.example else {"name": self.name, "severity": DEFAULT_SEVERITY},
         }
@@ -118,35 +125,85 @@ def _blend(x, shift, st, generator, second):
     else:
         assert second is not None
         if tuple(second.shape[1:]) != input_shape or second.shape[0] == 0:
-            raise ProbeError(f"Expected second probes of shape (M, {', '.join(map(str, input_shape))}) with "
-                             f"M >= 1, but got {tuple(second.shape)}", field="second_probes")
+            raise ProbeError(
+                f"Expected second probes of shape (M, {', '.join(map(str, input_shape))}) with "
+                f"M >= 1, but got {tuple(second.shape)}",
+                field="second_probes",
+            )
         x2 = Fn.match_rows(second.to(device=x.device, dtype=x.dtype), x.shape[0], generator)
     return Fn.blend(x, x2, shift.beta)
 
 
 _IMAGES = "inputs of rank >= 2 (the last two axes are H, W)"
 _BUILT_IN = (
-    ShiftKind("gaussian_noise", "Additive Gaussian noise, sigma relative to the probes' per-channel std",
-              _gaussian_noise, (0.1, 0.2, 0.35, 0.5, 0.8), "sigma = {v} x std", "any input"),
-    ShiftKind("blur", "Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
-              _blur, (0.5, 0.75, 1.0, 1.5, 2.0), "sigma = {v} px", _IMAGES, spatial=True),
-    ShiftKind("contrast", "Contrast reduction toward each sample's (per-channel) mean",
-              _contrast, (0.75, 0.6, 0.45, 0.3, 0.15), "x -> m + (x - m) x {v}", "any input"),
-    ShiftKind("brightness", "Brightness offset relative to the probes' per-channel range",
-              _brightness, (0.05, 0.1, 0.15, 0.2, 0.3), "x -> x + {v} x (high - low)", "any input"),
-    ShiftKind("occlusion", "One square per sample at a random position, set to the channel's minimum",
-              _occlusion, (0.1, 0.15, 0.2, 0.25, 0.3), "side = {v} x min(H, W)", _IMAGES, spatial=True),
     ShiftKind(
-        "blend", "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
-                 "or toward the client's second probe set",
-        _blend, None, "", "any input; target 'second_probes' needs a second probe set of the same shape",
+        "gaussian_noise",
+        "Additive Gaussian noise, sigma relative to the probes' per-channel std",
+        _gaussian_noise,
+        (0.1, 0.2, 0.35, 0.5, 0.8),
+        "sigma = {v} x std",
+        "any input",
+    ),
+    ShiftKind(
+        "blur",
+        "Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
+        _blur,
+        (0.5, 0.75, 1.0, 1.5, 2.0),
+        "sigma = {v} px",
+        _IMAGES,
+        spatial=True,
+    ),
+    ShiftKind(
+        "contrast",
+        "Contrast reduction toward each sample's (per-channel) mean",
+        _contrast,
+        (0.75, 0.6, 0.45, 0.3, 0.15),
+        "x -> m + (x - m) x {v}",
+        "any input",
+    ),
+    ShiftKind(
+        "brightness",
+        "Brightness offset relative to the probes' per-channel range",
+        _brightness,
+        (0.05, 0.1, 0.15, 0.2, 0.3),
+        "x -> x + {v} x (high - low)",
+        "any input",
+    ),
+    ShiftKind(
+        "occlusion",
+        "One square per sample at a random position, set to the channel's minimum",
+        _occlusion,
+        (0.1, 0.15, 0.2, 0.25, 0.3),
+        "side = {v} x min(H, W)",
+        _IMAGES,
+        spatial=True,
+    ),
+    ShiftKind(
+        "blend",
+        "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
+        "or toward the client's second probe set",
+        _blend,
+        None,
+        "",
+        "any input; target 'second_probes' needs a second probe set of the same shape",
         parameters={
-            "beta": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": None, "required": True,
-                     "meaning": "mixing weight; 0 = the probes, 1 = the target"},
-            "target": {"type": "one of 'noise', 'second_probes'", "default": "noise", "required": False,
-                       "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set"},
+            "beta": {
+                "type": "number",
+                "minimum": 0.0,
+                "maximum": 1.0,
+                "default": None,
+                "required": True,
+                "meaning": "mixing weight; 0 = the probes, 1 = the target",
+            },
+            "target": {
+                "type": "one of 'noise', 'second_probes'",
+                "default": "noise",
+                "required": False,
+                "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set",
+            },
         },
-        example={"name": "blend", "beta": 0.5, "target": "noise"}),
+        example={"name": "blend", "beta": 0.5, "target": "noise"},
+    ),
 )
 #: name -> record, for every shift kind (the built-in ones, then any added with ``register_shift``)
 SHIFTS: dict[str, ShiftKind] = {kind.name: kind for kind in _BUILT_IN}
@@ -178,8 +235,9 @@ def _check_registry() -> None:
             register_shift_name(kind.name, kind.takes)
     for name, takes in SHIFT_PARAMETERS.items():
         if name not in SHIFTS or SHIFTS[name].takes != takes:
-            raise TypeError(f"Expected a ShiftKind taking {takes} for the spec's shift {name!r}; add it with "
-                            "register_shift")
+            raise TypeError(
+                f"Expected a ShiftKind taking {takes} for the spec's shift {name!r}; add it with register_shift"
+            )
 
 
 _check_registry()
@@ -205,31 +263,40 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 def _kind(shift: ShiftSpec, field: str) -> ShiftKind:
     kind = SHIFTS.get(shift.name)
     if kind is None:
-        raise SpecError(f"Expected a shift name in {', '.join(shift_names())}, but got {shift.name!r}",
-                        field=f"{field}.name")
+        raise SpecError(
+            f"Expected a shift name in {', '.join(shift_names())}, but got {shift.name!r}", field=f"{field}.name"
+        )
     return kind
 
 
-def validate_shift(shift: ShiftSpec, input_shape: tuple[int, ...], has_second_probes: bool,
-                   field: str = "shifts") -> None:
+def validate_shift(
+    shift: ShiftSpec, input_shape: tuple[int, ...], has_second_probes: bool, field: str = "shifts"
+) -> None:
     """Raise ``SpecError`` when ``shift`` cannot act on inputs of ``input_shape``.
 
     ``field`` is the spec path to name in the error (the sweep passes e.g. ``shifts[2]``).
     """
     if _kind(shift, field).spatial and len(input_shape) < 2:
-        raise SpecError(f"Expected an input with spatial (H, W) axes (rank >= 2) for the {shift.name} shift, but "
-                        f"the model's input is {_shape_str(input_shape)}", field=f"{field}.name")
+        raise SpecError(
+            f"Expected an input with spatial (H, W) axes (rank >= 2) for the {shift.name} shift, but "
+            f"the model's input is {_shape_str(input_shape)}",
+            field=f"{field}.name",
+        )
     if shift.takes_beta and shift.target == "second_probes" and not has_second_probes:
-        raise SpecError(f"Expected a second probe set for {shift.name} toward second_probes, but none was "
-                        "supplied; upload second probes or use target='noise'", field=f"{field}.target")
+        raise SpecError(
+            f"Expected a second probe set for {shift.name} toward second_probes, but none was "
+            "supplied; upload second probes or use target='noise'",
+            field=f"{field}.target",
+        )
 
 
 #: rank of the per-sample shape from which inputs are taken as images (C, H, W): spatial shifts join the defaults
 IMAGE_RANK = 3
 
 
-def applicable_default_shifts(defaults: list[ShiftSpec], input_shape: tuple[int, ...]
-                              ) -> tuple[list[ShiftSpec], list[dict]]:
+def applicable_default_shifts(
+    defaults: list[ShiftSpec], input_shape: tuple[int, ...]
+) -> tuple[list[ShiftSpec], list[dict]]:
     """(the default shifts that act on ``input_shape``, [{shift, reason}] for those skipped).
 
     Spatial shifts (blur, occlusion) need image axes: in the defaults they run only on (C, H, W)-like
@@ -240,21 +307,27 @@ def applicable_default_shifts(defaults: list[ShiftSpec], input_shape: tuple[int,
     for shift in defaults:
         if _kind(shift, "shifts").spatial and len(input_shape) < IMAGE_RANK:
             kind = "a feature vector (F,)" if len(input_shape) == 1 else f"{_shape_str(input_shape)} without image axes"
-            skipped.append({"shift": shift.label, "reason": f"{shift.name} needs image axes (C, H, W); the model's "
-                                                            f"input is {kind}"})
+            skipped.append(
+                {
+                    "shift": shift.label,
+                    "reason": f"{shift.name} needs image axes (C, H, W); the model's input is {kind}",
+                }
+            )
         else:
             kept.append(shift)
     return kept, skipped
 
 
-def uniform_noise(n: int, input_shape: tuple[int, ...], stats: ProbeStats, generator: torch.Generator,
-                  device: torch.device | str) -> torch.Tensor:
+def uniform_noise(
+    n: int, input_shape: tuple[int, ...], stats: ProbeStats, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
     """(n, *input_shape) float32 uniform in [low, high] per channel: the pure out-of-distribution condition."""
     return Fn.uniform(n, tuple(input_shape), stats.low, stats.high, generator, device)
 
 
-def apply_shift(x: torch.Tensor, shift: ShiftSpec, stats: ProbeStats, generator: torch.Generator,
-                second: torch.Tensor | None = None) -> torch.Tensor:
+def apply_shift(
+    x: torch.Tensor, shift: ShiftSpec, stats: ProbeStats, generator: torch.Generator, second: torch.Tensor | None = None
+) -> torch.Tensor:
     """``shift`` applied to probes x (N, *S) -> (N, *S), on x's device, deterministic given ``generator``."""
     if not x.is_floating_point():
         x = x.float()
