@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Any, List
 
 import torch
 
@@ -107,20 +107,14 @@ def export_symmetrized_onnx(
     sym = symmetrize(inner, group, input_shape).eval()
     path = Path(path)
     example = torch.zeros((2, *input_shape))
-    inputs, outputs = ["input"], ["logits"]
+
+    def export(module: torch.nn.Module, **how: Any) -> None:
+        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"], **how)
 
     def traced() -> None:
         exported = torch.jit.trace(sym, example) if isinstance(inner, torch.jit.ScriptModule) else sym
-        torch.onnx.export(
-            exported,
-            (example,),
-            str(path),
-            input_names=inputs,
-            output_names=outputs,
-            opset_version=opset,
-            dynamo=False,
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        dynamic_axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
+        export(exported, opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes)
 
     def dynamo(dynamic: tuple | None) -> None:
         """A batch-1 program one call per sample: the exporter miscompiles the runner's ``torch.vmap``."""
@@ -129,16 +123,7 @@ def export_symmetrized_onnx(
             setattr(module, "vmapped", False)  # noqa: B010 (a flag of the runner's module, not a Module attribute)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(
-                    sym,
-                    (example,),
-                    str(path),
-                    input_names=inputs,
-                    output_names=outputs,
-                    dynamo=True,
-                    external_data=False,
-                    dynamic_shapes=dynamic,
-                )
+                export(sym, dynamo=True, external_data=False, dynamic_shapes=dynamic)
         finally:
             for module in vmapped:
                 setattr(module, "vmapped", True)  # noqa: B010

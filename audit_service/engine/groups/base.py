@@ -234,12 +234,7 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 def require_square_image(input_shape: tuple[int, ...], what: str, field: str) -> None:
-    if len(input_shape) < 2:
-        raise SpecError(
-            f"Expected an image input with (H, W) as the last two axes for {what}, but the model's "
-            f"input is {shape_str(input_shape)}",
-            field=field,
-        )
+    require_image(input_shape, what, field)
     h, w = input_shape[-2], input_shape[-1]
     if h != w:
         raise SpecError(

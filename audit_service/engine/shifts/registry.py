@@ -135,76 +135,32 @@ def _blend(x, shift, st, generator, second):
 
 
 _IMAGES = "inputs of rank >= 2 (the last two axes are H, W)"
+# a table reads best a row per entry
+# fmt: off
 _BUILT_IN = (
+    ShiftKind("gaussian_noise", "Additive Gaussian noise, sigma relative to the probes' per-channel std",
+              _gaussian_noise, (0.1, 0.2, 0.35, 0.5, 0.8), "sigma = {v} x std", "any input"),
+    ShiftKind("blur", "Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
+              _blur, (0.5, 0.75, 1.0, 1.5, 2.0), "sigma = {v} px", _IMAGES, spatial=True),
+    ShiftKind("contrast", "Contrast reduction toward each sample's (per-channel) mean",
+              _contrast, (0.75, 0.6, 0.45, 0.3, 0.15), "x -> m + (x - m) x {v}", "any input"),
+    ShiftKind("brightness", "Brightness offset relative to the probes' per-channel range",
+              _brightness, (0.05, 0.1, 0.15, 0.2, 0.3), "x -> x + {v} x (high - low)", "any input"),
+    ShiftKind("occlusion", "One square per sample at a random position, set to the channel's minimum",
+              _occlusion, (0.1, 0.15, 0.2, 0.25, 0.3), "side = {v} x min(H, W)", _IMAGES, spatial=True),
     ShiftKind(
-        "gaussian_noise",
-        "Additive Gaussian noise, sigma relative to the probes' per-channel std",
-        _gaussian_noise,
-        (0.1, 0.2, 0.35, 0.5, 0.8),
-        "sigma = {v} x std",
-        "any input",
-    ),
-    ShiftKind(
-        "blur",
-        "Gaussian blur of the (H, W) planes (torchvision gaussian_blur, reflect padding)",
-        _blur,
-        (0.5, 0.75, 1.0, 1.5, 2.0),
-        "sigma = {v} px",
-        _IMAGES,
-        spatial=True,
-    ),
-    ShiftKind(
-        "contrast",
-        "Contrast reduction toward each sample's (per-channel) mean",
-        _contrast,
-        (0.75, 0.6, 0.45, 0.3, 0.15),
-        "x -> m + (x - m) x {v}",
-        "any input",
-    ),
-    ShiftKind(
-        "brightness",
-        "Brightness offset relative to the probes' per-channel range",
-        _brightness,
-        (0.05, 0.1, 0.15, 0.2, 0.3),
-        "x -> x + {v} x (high - low)",
-        "any input",
-    ),
-    ShiftKind(
-        "occlusion",
-        "One square per sample at a random position, set to the channel's minimum",
-        _occlusion,
-        (0.1, 0.15, 0.2, 0.25, 0.3),
-        "side = {v} x min(H, W)",
-        _IMAGES,
-        spatial=True,
-    ),
-    ShiftKind(
-        "blend",
-        "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
-        "or toward the client's second probe set",
-        _blend,
-        None,
-        "",
-        "any input; target 'second_probes' needs a second probe set of the same shape",
+        "blend", "The paper's D_{1->2}(beta) = (1 - beta) x + beta x2: drift toward uniform noise "
+                 "or toward the client's second probe set",
+        _blend, None, "", "any input; target 'second_probes' needs a second probe set of the same shape",
         parameters={
-            "beta": {
-                "type": "number",
-                "minimum": 0.0,
-                "maximum": 1.0,
-                "default": None,
-                "required": True,
-                "meaning": "mixing weight; 0 = the probes, 1 = the target",
-            },
-            "target": {
-                "type": "one of 'noise', 'second_probes'",
-                "default": "noise",
-                "required": False,
-                "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set",
-            },
+            "beta": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": None, "required": True,
+                     "meaning": "mixing weight; 0 = the probes, 1 = the target"},
+            "target": {"type": "one of 'noise', 'second_probes'", "default": "noise", "required": False,
+                       "meaning": "x2: uniform noise in the probes' range, or rows of the second probe set"},
         },
-        example={"name": "blend", "beta": 0.5, "target": "noise"},
-    ),
+        example={"name": "blend", "beta": 0.5, "target": "noise"}),
 )
+# fmt: on
 #: name -> record, for every shift kind (the built-in ones, then any added with ``register_shift``)
 SHIFTS: dict[str, ShiftKind] = {kind.name: kind for kind in _BUILT_IN}
 
