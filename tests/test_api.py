@@ -53,6 +53,8 @@ def test_an_in_memory_module_audits_like_its_onnx_export(resnet, probes, onnx_fi
     from_file = audit(onnx_file, "flip", probes.numpy(), shifts=[], **OPTS)
     from_bytes = audit(onnx_file.read_bytes(), {"name": "flip"}, probes, shifts=[], **OPTS)
     assert isinstance(in_memory, AuditResult) and in_memory.model["format"] == "module"
+    # the sections read through to the typed report; on the class they are the descriptors (help(), autospec)
+    assert in_memory.verdict is in_memory.report.verdict and hasattr(AuditResult, "verdict")
     assert in_memory.label == from_file.label == from_bytes.label
     for metric in ("LI", "LI_normalized", "DI", "agreement"):
         a, b = in_memory.condition("clean").metrics[metric], from_file.condition("clean").metrics[metric]

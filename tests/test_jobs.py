@@ -295,7 +295,9 @@ def test_the_worker_stores_the_sandbox_report_typed_or_fails_the_job_saying_why(
     store.init_schema()
     sandbox_report = stored_report({"label": "learned", "passed": False}).to_json()
     outcomes = {}
-    for name, report in (("whole", sandbox_report), ("broken", {**sandbox_report, "verdict": "genuine"})):
+    cases = (("whole", sandbox_report), ("broken", {**sandbox_report, "verdict": "genuine"}),
+             ("a list", [sandbox_report]), ("a string", "genuine"))
+    for name, report in cases:
         job = make(store)
         store.claim("me", lease_s=30, job_id=job.id)
         workdir = tmp_path / name
@@ -307,7 +309,9 @@ def test_the_worker_stores_the_sandbox_report_typed_or_fails_the_job_saying_why(
     done = store.get(whole)
     assert (done.verdict, done.passed, done.error) == ("learned", False, None)
     assert store.report(whole).reference_profile is not None and page_path(tmp_path, whole).is_file()
-    broken, outcome = outcomes["broken"]
-    failed = store.get(broken)
-    assert outcome.status == JobStatus.FAILED and failed.error.type == "invalid_report", failed
-    assert "verdict" in failed.error.message and store.report(broken) is None
+    for name in ("broken", "a list", "a string"):  # a report that is not even an object fails the same way
+        broken, outcome = outcomes[name]
+        failed = store.get(broken)
+        assert outcome.status == JobStatus.FAILED and failed.error.type == "invalid_report", (name, failed)
+        assert store.report(broken) is None, name
+    assert "verdict" in store.get(outcomes["broken"][0]).error.message

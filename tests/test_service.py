@@ -5,6 +5,7 @@ Every response is validated against ``openapi.yaml`` (the ``api`` fixture)."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import signal
 from pathlib import Path
 
@@ -99,6 +100,17 @@ def test_submit_poll_and_read_the_report(api, models, service):
     listing = api("GET", "/audits", params={"limit": 1}).json()
     assert listing["items"][0]["id"] and listing["total"] >= 1
     assert api("GET", "/audits", params={"status": "succeeded"}).json()["items"][0]["status"] == "succeeded"
+
+    # a stored report this release's models refuse (an older release stored any JSON): its page is a 409 that
+    # says so, never a 500, and the JSON is still served as stored
+    refused = {**report, "verdict": "genuine"}
+    with sqlite3.connect(service.data_dir / "jobs.sqlite3") as db:
+        db.execute("UPDATE reports SET report_json = ? WHERE job_id = ?", (json.dumps(refused), job_id))
+    (service.data_dir / "pages" / f"{job_id}.html").unlink()
+    page = api("GET", job["links"]["report_html"])
+    assert page.status_code == 409 and "does not match this release's report models" in page.json()["detail"], page.text
+    assert api("GET", job["links"]["report"]).json()["verdict"] == "genuine"
+    assert api("DELETE", f"/audits/{job_id}").status_code == 204
 
 
 @pytest.mark.slow

@@ -90,7 +90,12 @@ def check_inputs(request: AuditRequest, device: str, read_outputs: bool = True) 
         if x is not None
         else ProbeStats.default(runner.input_shape, runner.device)
     )
-    runner, output_kind = _adapt_outputs(runner, x, options) if read_outputs else (runner, "unread")
+    if read_outputs:  # on the probes, or seeded noise in their range
+        runner, output_kind = _adapt_outputs(
+            runner, _sample(x, runner, stats, options.seed, 64 if x is not None else 16), options.batch_size
+        )
+    else:
+        output_kind = "unread"
     spec = request.spec
     group = build_group(spec.group, runner.input_shape)
     if spec.shifts is None:
@@ -174,13 +179,9 @@ def check_labels(arr: np.ndarray, probes: torch.Tensor | None, num_classes: int)
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def _adapt_outputs(runner: ModelRunner, x: torch.Tensor | None, options) -> tuple[ModelRunner, str]:
-    """Detect probability / log-probability outputs on the probes (or seeded noise); see ``runtime.outputs``."""
-    if x is not None:
-        sample = x[:64].to(runner.device)
-    else:
-        sample = _sample(None, runner, ProbeStats.default(runner.input_shape, runner.device), options.seed, 16)
-    kind = guarded(lambda: detect_output_kind(runner.logits(sample, options.batch_size)), "reading its outputs")
+def _adapt_outputs(runner: ModelRunner, sample: torch.Tensor, batch_size: int) -> tuple[ModelRunner, str]:
+    """Detect probability / log-probability outputs on ``sample``; see ``runtime.outputs``."""
+    kind = guarded(lambda: detect_output_kind(runner.logits(sample, batch_size)), "reading its outputs")
     return (LogProbabilityRunner(runner) if kind == "probabilities" else runner), kind
 
 

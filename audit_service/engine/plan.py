@@ -26,8 +26,9 @@ SI_CONFIDENCE = 0.95
 SI_LOOKS = 4
 SI_MIN_BATCH = 16
 #: bf16 autocast is used only when its logits stay this close to fp32 (max |difference| over the logits'
-#: scale, on the first clean chunk): well inside what moves LI_normalized / DI at the genuine bounds' scale
-#: is not claimed; the check guards the forward metrics of learned / not_invariant models.
+#: scale, on the orbits of the first AUTOCAST_SAMPLE probes): well inside what moves LI_normalized / DI at
+#: the genuine bounds' scale is not claimed; the check guards the forward metrics of learned / not_invariant
+#: models.
 AUTOCAST_TOLERANCE = 2e-2
 #: probes the autocast check compares on
 AUTOCAST_SAMPLE = 16

@@ -1,6 +1,6 @@
 """``AuditResult``: the typed report, for Python callers.
 
-It wraps ``report.model.Report`` (the JSON contract as pydantic models): ``result.verdict.label``,
+It wraps ``schema.Report`` (the JSON contract as pydantic models): ``result.verdict.label``,
 ``result.condition("clean").LI_normalized``, ``result.sensitivity.sigma_max_mean`` are typed fields of the
 report itself, not a second reading of a dict. ``to_json()`` gives the JSON the service stores and the CLI
 writes, key for key.
@@ -9,7 +9,7 @@ writes, key for key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from .names import PROFILE_METRICS
 from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
@@ -27,7 +27,15 @@ class _Section(Generic[T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, result: "AuditResult", owner: type | None = None) -> T:
+    @overload
+    def __get__(self, result: None, owner: type) -> "_Section[T]": ...
+
+    @overload
+    def __get__(self, result: "AuditResult", owner: type | None = None) -> T: ...
+
+    def __get__(self, result: "AuditResult | None", owner: type | None = None) -> "T | _Section[T]":
+        if result is None:  # on the class (autodoc, mock's autospec): the descriptor itself
+            return self
         return getattr(result.report, self.name)
 
 

@@ -109,8 +109,9 @@ class OrbitSweep:
         completeness = (0.0, 0.0)
         for x, y in self._chunks(condition):
             logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, with_si)
+            assert logits_gx is not None  # the forward pass always returns the orbit's logits
             acc.update(logits_gx, y, si_pairs)
-            if si_pairs is not None:
+            if si_pairs is not None and maps is not None:
                 completeness = _summed(completeness, seen.get("completeness", (0.0, 0.0)))
                 if condition.keep_examples:
                     worst = keep_worst(worst, si_pairs, maps, acc.n - x.shape[0], logits_gx, seen)
@@ -161,6 +162,7 @@ class OrbitSweep:
                 x = chunk[first : first + take]
                 y = None if labels_chunk is None else labels_chunk[first : first + take]
                 logits_gx, si_pairs, maps, seen = self._orbit_batch(x, y, True, orbit_logits=condition.keep_examples)
+                assert si_pairs is not None and maps is not None  # a saliency pass with a saliency method
                 acc.update_saliency(si_pairs)
                 completeness = _summed(completeness, seen.get("completeness", (0.0, 0.0)))
                 if condition.keep_examples:

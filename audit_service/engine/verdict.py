@@ -90,7 +90,7 @@ class Check:
     def probes_to_settle(self) -> int | None:
         """Probes at which the interval would no longer reach the threshold, at this estimate (the half-width
         shrinks as 1/sqrt(n)); None when the estimate sits on the threshold or nothing is known of the spread."""
-        if not self.straddles or not self.n:
+        if not self.straddles or not self.n or self.interval is None or self.value is None:
             return None
         lo, hi = self.interval
         gap = abs(self.value - self.threshold)
@@ -321,7 +321,7 @@ def _is_trivial(conditions: Sequence[Condition], policy: Policy) -> list[Reason]
             for c in anchors
         ]
     computed = [c for c in conditions if c.saliency_computed]
-    if computed and all(c.metrics[Metric.SI] is None for c in computed):
+    if computed and all(c.metric(Metric.SI) is None for c in computed):
         return [
             _said(
                 "label",
@@ -370,15 +370,6 @@ def gate(
     if require_confident and borderline:
         return False
     return label in (DEFAULT_REQUIRE if require is None else tuple(require))
-
-
-def verdict_gate(verdict: dict | None) -> bool | None:
-    """``gate`` applied to a report's verdict dict (its label, require, borderline and require_confident)."""
-    if not isinstance(verdict, dict):
-        return None
-    return gate(
-        verdict.get("label"), verdict.get("require"), verdict.get("borderline"), verdict.get("require_confident")
-    )
 
 
 # --------------------------------------------------------------------------- decide

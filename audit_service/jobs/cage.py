@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ..engine.errors import AuditError, ModelError, ModelRuntimeError, ProbeError, SpecError
-from ..engine.runtime.chunks import check_finite, check_inputs
+from ..engine.runtime.chunks import check_batch, check_finite
 from ..engine.runtime.layout import LayoutChoice
 from ..engine.runtime.validation import MAX_INPUT_ELEMENTS, max_model_bytes
 from .failures import cap_text, classify_exception, signal_reason
@@ -224,7 +224,7 @@ class CagedRunner:
         self._module = CagedModule(self) if info["has_module"] else None
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        x = check_inputs(x, self.input_shape, self.device)
+        x = check_batch(x, self.input_shape, self.device)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         header = {"op": "logits", "batch_size": int(batch_size),
                   "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None}

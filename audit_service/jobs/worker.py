@@ -263,14 +263,15 @@ def _settle(job: Job, store: JobStore, owner: str, workdir: Path, rc: int, reaso
         if job.kind == JobKind.REFERENCE_RUN.value:  # a reference run's card: stored as the sandbox wrote it
             saved = store.succeed(job_id, owner, result.get("report") or {})
         else:
-            try:
-                report = _audit_report(job, result.get("report") or {}, store, owner, settings)
+            try:  # the sandbox's report is checked first: anything else the worker does reads it typed
+                report = Report.model_validate(result.get("report") or {})
             except ValidationError as exc:
                 first = exc.errors()[0]
                 err = JobError("invalid_report", cap_text(f"the audit's report does not match the report's models "
                                                           f"({first['loc']}: {first['msg']}); nothing was recorded"))
                 store.fail(job_id, err, owner=owner)
                 return Outcome(JobStatus.FAILED, err.message)
+            _complete(job, report, store, owner, settings)
             store_page(settings.data_dir, job, report)  # before succeed: the page is there when the job is
             saved = store.succeed(job_id, owner, report)
         if saved:
@@ -287,12 +288,12 @@ def _settle(job: Job, store: JobStore, owner: str, workdir: Path, rc: int, reaso
     return Outcome(JobStatus.FAILED, err.message)
 
 
-def _audit_report(job: Job, report: dict, store: JobStore, owner: str, settings: Settings) -> Report:
-    """The sandbox's report, typed, with what only the worker adds: the closest shipped reference run (outside
+def _complete(job: Job, typed: Report, store: JobStore, owner: str, settings: Settings) -> None:
+    """Add to the sandbox's checked report what only the worker can: the closest shipped reference run (outside
     the sandbox's reach) and, when asked for, the MLflow write-back's outcome."""
-    from ..reference.catalog import attach_reference_profile
+    from ..reference.catalog import closest_reference_profile
 
-    typed = Report.model_validate(attach_reference_profile(report))
+    typed.reference_profile = closest_reference_profile(typed)
     request = requested(job)
     if request is not None:
         def hold_lease() -> bool:  # the registry may take a while: keep the job ours, say what it waits on
@@ -306,7 +307,6 @@ def _audit_report(job: Job, report: dict, store: JobStore, owner: str, settings:
         # before succeed: a worker lost in between leaves a job that runs again, write-back included
         typed.mlflow_write_back = MlflowWriteBack.model_validate(
             write_back(request, typed, settings, before_attempt=hold_lease, tenant=job.tenant, job_id=job.id))
-    return typed
 
 
 def _hold(store: JobStore, job_id: str, owner: str, lease_s: float, stage: str) -> None:

@@ -261,22 +261,25 @@ def closest_profile(report: Report | dict) -> dict | None:
                             explanation=explanation, vector=target, reference_vector=p["vector"]).to_json()
 
 
-def attach_reference_profile(report: dict) -> dict:
-    """Set the report's ``reference_profile``: the closest shipped run with the runs of its group (for the
-    report's chart), or None for a ``trivial`` model (resembling a reference run would mean nothing) and
-    when no runs ship. Called where reports are made for people (the job worker, the CLI), outside the
-    sandbox and outside the core library, which never reads the reference runs. The report dict is updated
-    in place (and returned)."""
-    profile = None
+def closest_reference_profile(report: Report) -> ReferenceProfile | None:
+    """The closest shipped run with the runs of its group (for the report's chart), or None for a ``trivial``
+    model (resembling a reference run would mean nothing) and when no runs ship. Called where reports are made
+    for people (the job worker, the CLI), outside the sandbox and outside the core library, which never reads
+    the reference runs."""
     try:
-        typed = Report.model_validate(report)
-        found = closest_profile(typed) if typed.verdict.label != "trivial" else None
-        if found is not None:
-            runs = [p for p in reference_profiles() if p["group"] == found["group"]]
-            profile = ReferenceProfile.model_validate({**found, "runs": runs}).to_json()
+        found = closest_profile(report) if report.verdict.label != "trivial" else None
+        if found is None:
+            return None
+        runs = [p for p in reference_profiles() if p["group"] == found["group"]]
+        return ReferenceProfile.model_validate({**found, "runs": runs})
     except Exception:  # noqa: BLE001 - a courtesy, never a reason to fail an audit
-        profile = None
-    report.update(reference_profile=profile)
+        return None
+
+
+def attach_reference_profile(report: dict) -> dict:
+    """``closest_reference_profile`` set on a report dict (the CLI's and the tests' audits), in place."""
+    profile = closest_reference_profile(Report.model_validate(report))
+    report.update(reference_profile=profile.to_json() if profile is not None else None)
     return report
 
 

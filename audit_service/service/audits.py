@@ -154,7 +154,7 @@ def submit_audit() -> Response:
     wait = min(query.wait, st.settings.max_wait_s)
     job = submission.wait_for(st.store, job, wait)
     if wait > 0 and job.status == JobStatus.SUCCEEDED:
-        report = st.store.report(job.id)
+        report = _stored_report(job.id)
         if report is None:
             raise Conflict(f"audit {job.id} has no stored report")
         return _waited_answer(job, report, location)
@@ -253,6 +253,17 @@ def _stage_inputs(st: Any, tenant: str, spec: AuditSpec, registry_fields: dict[s
     return inputs
 
 
+def _stored_report(job_id: str) -> Report | None:
+    """A finished audit's report, typed; one this release's models refuse (stored by an older release, or the
+    holder of a reused duplicate) is a 409 that points at the JSON, which is served as stored."""
+    try:
+        return state().store.report(job_id)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise Conflict(f"audit {job_id}'s stored report does not match this release's report models "
+                       f"({first['loc']}: {first['msg']}); GET /audits/{job_id}/report serves it as stored") from None
+
+
 def _waited_answer(job: Job, report: Report, location: str) -> Response:
     """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
     report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
@@ -325,7 +336,7 @@ def get_report_html(job_id: str) -> Response:
     path = page_path(st.settings.data_dir, job_id)
     job = _finished_job(job_id)
     if not path.is_file() and job.kind == JobKind.AUDIT.value:  # a reference run's card has no page
-        report = st.store.report(job_id)
+        report = _stored_report(job_id)
         if report is not None:
             _off_the_loop(store_page, st.settings.data_dir, job, report)
     if not path.is_file():

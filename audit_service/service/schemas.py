@@ -71,28 +71,33 @@ class InputFile(_Model):
     mlflow: dict[str, Any] | None = None
 
 
-class _JobFields(_Model):
-    """What a job and a job list's item both show."""
+class _JobHead(_Model):
+    """What a job and a job list's item both start with (the rest differs in content and order: the JSON keeps
+    the key order clients have always seen)."""
 
     id: str
     kind: Literal["audit", "reference_run"]
     status: JobStatus
     progress: float = Field(ge=0, le=1)
     stage: str
-    timings: Timings
-    error: JobErrorOut | None = None
-    verdict: str | None = None
-    passed: bool | None = Field(default=None, description="the gate: verdict in spec.require (null until done)")
-    links: JobLinks
 
 
-class JobOut(_JobFields):
+#: the gate as a job shows it
+_PASSED = Field(default=None, description="the gate: verdict in spec.require (null until done)")
+
+
+class JobOut(_JobHead):
     """``GET /audits/{id}``: the job with its whole spec and inputs."""
 
     attempts: int
     timeout_s: float
+    timings: Timings
+    error: JobErrorOut | None = None
+    verdict: str | None = None
+    passed: bool | None = _PASSED
     inputs: dict[str, InputFile]
     spec: dict[str, Any]
+    links: JobLinks
     write_back: dict[str, Any] | None = Field(
         default=None, description="the MLflow write-back (mlflow_write_back=true): pending until the worker tried, "
                                   "then written (with the tags) or failed (with why); skipped when the audit failed")
@@ -126,10 +131,15 @@ class SpecSummary(_Model):
     require: list[str] | None = None
 
 
-class JobSummaryOut(_JobFields):
+class JobSummaryOut(_JobHead):
     """One item of ``GET /audits``: no spec, inputs or report, so a page stays a few hundred bytes per job."""
 
+    timings: Timings
+    error: JobErrorOut | None = None
+    verdict: str | None = None
+    passed: bool | None = _PASSED
     spec: SpecSummary
+    links: JobLinks
 
 
 class JobList(_Model):

@@ -122,6 +122,7 @@ class ConditionAccumulator:
                 "agreement_chance_non_identity": None,
                 "accuracy_chance": None,
             }
+        assert self._pred_gx is not None and self._pred_gx_non_identity is not None  # filled with _pred_x
         at_x, on_orbit = self._pred_x.double(), self._pred_gx.double()
         both = on_orbit  # the orbit includes the identity, so the probes' own predictions too
         majority = int(both.argmax())

@@ -73,9 +73,7 @@ class OrbitInvariance:
         self.reset()
 
     def reset(self) -> None:
-        self._li: torch.Tensor | None = None
-        self._di: torch.Tensor | None = None
-        self._agree: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None  #: (LI, DI, agreement) summed over the pairs seen
         self._pairs = 0
 
     @torch.no_grad()
@@ -83,24 +81,19 @@ class OrbitInvariance:
         group = self._spec if self.group is None else self.group
         self.group = resolve_group(group, tuple(x.shape[1:]), how=_SHAPE_HINT)
         logits = orbit_logits(model, x, self.group)
-        parts = (
-            logit_invariance_error(logits[0], logits).double().sum(),
-            distribution_invariance_error(logits[0], logits).double().sum(),
-            prediction_agreement(logits[0], logits).double().sum(),
+        sums = torch.stack(
+            [
+                logit_invariance_error(logits[0], logits).double().sum(),
+                distribution_invariance_error(logits[0], logits).double().sum(),
+                prediction_agreement(logits[0], logits).double().sum(),
+            ]
         )
-        if self._li is None:
-            self._li, self._di, self._agree = parts
-        else:
-            self._li, self._di, self._agree = self._li + parts[0], self._di + parts[1], self._agree + parts[2]
+        self._sums = sums if self._sums is None else self._sums + sums
         self._pairs += logits.shape[0] * logits.shape[1]
 
     def compute(self) -> OrbitInvarianceValue:
-        if not self._pairs:
+        if self._sums is None or not self._pairs:
             raise ValueError("Expected at least one update() before compute(), but got none")
         n = self._pairs
-        return OrbitInvarianceValue(
-            LI=float(self._li) / n,
-            DI=float(self._di) / n,  # type: ignore[arg-type]
-            agreement=float(self._agree) / n,
-            n_pairs=n,
-        )  # type: ignore[arg-type]
+        li, di, agreement = self._sums.tolist()
+        return OrbitInvarianceValue(LI=li / n, DI=di / n, agreement=agreement / n, n_pairs=n)

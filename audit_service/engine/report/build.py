@@ -1,6 +1,6 @@
 """Assemble the JSON report from sweep results: one dict per condition, sensitivity, verdict.
 
-The shape is the contract, typed in ``report.model`` (``Report.model_validate`` reads what this writes, key
+The shape is the contract, typed in ``engine.schema`` (``Report.model_validate`` reads what this writes, key
 for key); values are plain JSON types, and metrics that are undefined (no labels, zero saliency, no input
 variation) are ``null`` with a note, never a made-up number.
 """

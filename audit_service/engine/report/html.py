@@ -261,7 +261,7 @@ def _bands(metric: Metric, policy: ReportPolicy | None) -> list[tuple[str, str, 
 
 
 # --------------------------------------------------------------------------- plots
-def _use_log(values: list[float], bands: list[tuple[str, str, float]], metric: str) -> bool:
+def _use_log(values: list[float | None], bands: list[tuple[str, str, float]], metric: str) -> bool:
     if metric not in LOG_METRICS:
         return False
     pos = [v for v in values if v is not None and v > 0] + [b for k, _, b in bands if b > 0]
@@ -625,7 +625,7 @@ def _borderline(verdict: Verdict) -> list[dict]:
     """The borderline criteria as table rows: which, its interval against its threshold, the probes that settle it."""
     out = []
     for c in verdict.borderline_criteria:
-        interval = c.interval or [None, None]
+        interval: list[float | None] = list(c.interval) if c.interval else [None, None]
         needed = c.probes_to_settle
         out.append(
             {

@@ -18,7 +18,7 @@ from .validation import short_error
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def check_batch(x: torch.Tensor, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``x`` as float32 on ``device``, after checking it is ``(N, *input_shape)``."""
     if not isinstance(x, torch.Tensor):
         raise ProbeError(
@@ -116,6 +116,10 @@ class GuardedModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with model_failures(f"on a batch of {x.shape[0]}"):
             return self.inner(x)
+
+
+#: the batch a runner probes its model with at load (a model that hard-codes its batch: that one)
+PROBE_BATCH = 2
 
 
 def probe_logits(

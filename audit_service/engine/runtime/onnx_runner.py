@@ -19,14 +19,12 @@ import torch
 
 from ..errors import ModelError, model_failures
 from .base import ModelFormat
-from .chunks import check_inputs, probe_logits, run_chunked, run_in_fixed_batches
+from .chunks import PROBE_BATCH, check_batch, probe_logits, run_chunked, run_in_fixed_batches
 from .onnx_batch import RELAX_TOLERANCE, relax_batch
 from .onnx_graph import GraphSignature, check_graph
 from .onnx_outputs import select_probability_output
 from .validation import short_error
 
-#: batch of the load-time probe that learns C and confirms the (N, C) contract
-PROBE_BATCH = 2
 THREADS_ENV = "AUDIT_ORT_THREADS"
 
 _NP_TO_TORCH = {
@@ -153,7 +151,7 @@ class OnnxRunner:
     # ------------------------------------------------------------------ running
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
-        x = check_inputs(x, self.input_shape, self.device)
+        x = check_batch(x, self.input_shape, self.device)
         size = self.fixed_batch or batch_size
         return run_chunked(self._forward, x, size, self.num_classes)
 
@@ -198,7 +196,7 @@ class OnnxRunner:
 
     def _raw_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits without the finiteness check (for comparing against a converted module)."""
-        x = check_inputs(x, self.input_shape, self.device)
+        x = check_batch(x, self.input_shape, self.device)
         return self._forward(x).float()
 
     # ------------------------------------------------------------------ gradients
@@ -208,6 +206,7 @@ class OnnxRunner:
             if not self._module_done:
                 from .onnx_convert import convert_checked  # onnx2torch is slow to import; only when needed
 
+                assert self._model is not None  # held until the conversion is done
                 conversion = convert_checked(
                     self._model, self._raw_logits, self.input_shape, self.device, self.fixed_batch
                 )

@@ -47,7 +47,7 @@ from ..errors import AuditError, ModelError
 from .archive import check_zip_bounds
 from .base import ModelFormat
 from .chunks import pad_batch, run_in_fixed_batches
-from .module_runner import TorchRunner
+from .torch_runner import TorchRunner
 from .validation import check_input_shape, is_pt2_archive, short_error  # noqa: F401 - re-exported
 
 MODEL_NAME = "model"
@@ -462,8 +462,8 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
                 module, _, attr = str(arg).partition(" ")
                 found.append((module, attr))
             elif name == "STACK_GLOBAL":
-                module, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
-                found.append((module or "?", attr or "?"))
+                pushed = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
+                found.append((pushed[0] or "?", pushed[1] or "?"))
                 strings.append(None)
             elif name in (
                 "SHORT_BINUNICODE",
@@ -476,16 +476,23 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
             ):
                 strings.append(str(arg))
             elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(arg)] = strings[-1] if strings else None
+                memo[_memo_index(arg)] = strings[-1] if strings else None
             elif name == "MEMOIZE":
                 memo[len(memo)] = strings[-1] if strings else None
             elif name in ("BINGET", "LONG_BINGET", "GET"):
-                strings.append(memo.get(int(arg)))
+                strings.append(memo.get(_memo_index(arg)))
             elif name not in ("PROTO", "FRAME", "MARK"):
                 strings.append(None)
     except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and friends on junk
         raise _refuse(f"its example inputs are not a readable pickle ({short_error(exc)})") from None
     return found
+
+
+def _memo_index(arg: object) -> int:
+    """A pickle memo opcode's index (an int; anything else is a damaged pickle, refused by the caller)."""
+    if not isinstance(arg, int):
+        raise ValueError(f"a memo index that is not an int: {arg!r}")
+    return arg
 
 
 def load_program(data: bytes):
@@ -572,12 +579,12 @@ class _BatchSizes(torch.nn.Module):
         if self.fixed_batch is None:
             return self._call(pad_batch(x, self.min_batch))[: x.shape[0]]
         if self.vmapped:
-            return self._over_groups(x)
+            return self._over_groups(x, self.fixed_batch)
         return run_in_fixed_batches(self._call, x, self.fixed_batch)
 
-    def _over_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as (groups, fixed_batch, ...) (the last group zero-padded), the program vmapped over the groups."""
-        n, size = x.shape[0], self.fixed_batch
+    def _over_groups(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """``x`` as (groups, size, ...) (the last group zero-padded), the program vmapped over the groups."""
+        n = x.shape[0]
         groups = -(-n // size)
         grouped = pad_batch(x, groups * size).reshape(groups, size, *x.shape[1:])
         return torch.vmap(self._call)(grouped).reshape(groups * size, -1)[:n]
@@ -586,11 +593,13 @@ class _BatchSizes(torch.nn.Module):
         """Switch to ``torch.vmap`` when it runs the program and matches one call per batch on seeded inputs
         (ResNet-18 exported at batch 1: 256 samples in 0.5 s instead of 24 s on 2 CPU cores). Says which."""
         size = self.fixed_batch
+        if size is None:
+            return "a program with a dynamic batch: run whole batches"
         sample = torch.randn((3 * size, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
         try:
             with torch.no_grad():
                 reference = run_in_fixed_batches(self._call, sample, size)
-                batched = self._over_groups(sample)
+                batched = self._over_groups(sample, size)
             error = float((batched - reference).abs().max()) / float(reference.abs().max().clamp_min(1e-12))
         except Exception as exc:  # noqa: BLE001 - an op without a batching rule: keep one call per batch
             return f"batch-{size} program: one call per {size} samples (torch.vmap failed: {type(exc).__name__})"

@@ -20,7 +20,7 @@ import torch
 from ..errors import ModelError
 from .archive import check_zip_bounds
 from .base import ModelFormat
-from .module_runner import TorchRunner
+from .torch_runner import TorchRunner
 from .validation import check_input_shape, short_error
 
 SHAPE_FILE = "input_shape.json"
