@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-UNSTABLE = ("created_at", "service_version", "timing")
+UNSTABLE = ("created_at", "service_version", "timing")  # and each condition's ``seconds``
 OPTIONS = {"device": "cpu", "ig_steps": 2, "bootstrap": 50, "seed": 0}
 
 
@@ -99,7 +99,7 @@ def differences(a: object, b: object, rtol: float, where: str = "") -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--before", type=Path, required=True, help="the older tree (a git worktree)")
+    parser.add_argument("--before", type=Path, help="the older tree (a git worktree); required")
     parser.add_argument("--after", type=Path, default=ROOT, help="the newer tree (default: this one)")
     parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance on floats (default 1e-5)")
     parser.add_argument("--produce", nargs=2, type=Path, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
@@ -107,6 +107,8 @@ def main() -> None:
     if args.produce:
         produce(*args.produce)
         return
+    if args.before is None:
+        parser.error("--before is required: the older tree (git worktree add /tmp/before REV)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cases = work / "cases.json"
@@ -121,13 +123,19 @@ def main() -> None:
     failed = 0
     for name, before in made["before"].items():
         after = made["after"][name]
-        for key in UNSTABLE:
-            before.pop(key, None), after.pop(key, None)
+        for report in (before, after):
+            for key in UNSTABLE:
+                report.pop(key, None)
+            for condition in report["conditions"]:
+                condition.pop("seconds", None)
         found = differences(before, after, args.rtol)
         exact = json.dumps(before) == json.dumps(after)
         print(f"{name}: {'identical' if exact else 'equal to rtol' if not found else f'{len(found)} differences'}")
-        for line in found[:10]:
-            print(f"    {line}")
+        sections: dict[str, list[str]] = {}
+        for line in found:
+            sections.setdefault(line[1:].split(".")[0].split("[")[0].split(":")[0], []).append(line)
+        for section, lines in sections.items():
+            print(f"    {section}: {len(lines)}, first {lines[0]}")
         failed += bool(found)
     print(f"{len(made['before']) - failed} of {len(made['before'])} reports agree")
     sys.exit(1 if failed else 0)
