@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,13 @@ OPTIONS = {"device": "cpu", "ig_steps": 2, "bootstrap": 50, "seed": 0}
 def build_cases(out: Path) -> list[dict]:
     """The models and the audits of each (files under ``out``)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from builders import IMAGE_SHAPE, ConstantModel, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
+    from builders import IMAGE_SHAPE, report_models
 
     rng = np.random.default_rng(0)
     np.save(out / "x.npy", rng.random((8, *IMAGE_SHAPE), dtype=np.float32))
     np.save(out / "y.npy", rng.integers(0, 10, 8))
     np.save(out / "second.npy", rng.random((8, *IMAGE_SHAPE), dtype=np.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plain = export_onnx(PlainCNN(seed=0), IMAGE_SHAPE, out / "plain.onnx")
-        genuine = export_torchscript(OrbitAveragedCNN(PlainCNN(seed=2), "C4"), IMAGE_SHAPE, out / "inv.pt")
-        constant = export_onnx(ConstantModel(), IMAGE_SHAPE, out / "constant.onnx")
+    plain, genuine, constant = report_models(out)
     shifts = [{"name": "gaussian_noise", "severity": 3}, {"name": "blend", "beta": 0.3, "target": "second_probes"}]
     permutation = {"name": "permutation", "generators": [[*range(1, 12), 0]], "max_order": 4, "sample": 6}
     return [

@@ -300,3 +300,16 @@ def rank1_onnx(path: str | Path, features: int) -> Path:
     model.ir_version = 8
     Path(path).write_bytes(model.SerializeToString())
     return Path(path)
+
+
+def report_models(out: str | Path) -> tuple[Path, Path, Path]:
+    """Three files whose audits cover every verdict path a report shows: a plain CNN as ONNX (not invariant), its
+    C4 orbit average as TorchScript (genuine) and a constant ONNX model (trivial); the report tests and
+    ``benchmarks/compare_reports.py`` audit them."""
+    out = Path(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = export_onnx(PlainCNN(seed=0), IMAGE_SHAPE, out / "plain.onnx")
+        genuine = export_torchscript(OrbitAveragedCNN(PlainCNN(seed=2), "C4"), IMAGE_SHAPE, out / "inv.pt")
+        constant = export_onnx(ConstantModel(), IMAGE_SHAPE, out / "constant.onnx")
+    return plain, genuine, constant

@@ -8,7 +8,6 @@ into the models with unmodelled keys refused, and dumped back: the same JSON, so
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from audit_service.engine.schema import Report, Sensitivity, Verdict, parse_repo
 from audit_service.engine.spec import parse_audit_spec
 from audit_service.engine.verdict import decide
 from audit_service.reference.catalog import attach_reference_profile, reference_dir
-from builders import IMAGE_SHAPE, ConstantModel, OrbitAveragedCNN, PlainCNN, export_onnx, export_torchscript
+from builders import IMAGE_SHAPE, PlainCNN, report_models
 from conftest import TINY_OPTIONS
 
 RNG = np.random.default_rng(0)
@@ -39,12 +38,7 @@ def _spec(group: object = "C4", shifts: list | None = None, **options: object) -
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Real reports, as the worker stores them (reference profile attached)."""
-    out = tmp_path_factory.mktemp("report-model")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx = export_onnx(PlainCNN(seed=0), IMAGE_SHAPE, out / "plain.onnx")
-        torchscript = export_torchscript(OrbitAveragedCNN(PlainCNN(seed=2), "C4"), IMAGE_SHAPE, out / "inv.pt")
-        constant = export_onnx(ConstantModel(), IMAGE_SHAPE, out / "constant.onnx")
+    onnx, torchscript, constant = report_models(tmp_path_factory.mktemp("report-model"))
     shifts = [{"name": "gaussian_noise", "severity": 3}, {"name": "blend", "beta": 0.3, "target": "second_probes"}]
     runs = {
         "onnx, labels, shifts, second probes, SI everywhere": dict(
