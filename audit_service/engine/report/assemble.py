@@ -111,7 +111,7 @@ def assemble_report(
             "device": str(runner.device),
         },
         # which reference run the model resembles is attached by whoever serves the report
-        # (reference.catalog.attach_reference_profile): the core never reads the reference runs
+        # (reference.catalog.closest_reference_profile): the core never reads the reference runs
         "reference_profile": None,
     }
 
