@@ -50,7 +50,7 @@ def _report(label="learned", examples=(), profile=True):
     conditions = [_cond("clean"), _cond("blur@2", {"name": "blur", "severity": 2}, DI=1e-14),
                   _cond("noise", DI=3e-15)]
     conditions[0]["relative_variation"] = 1e-4  # the low-sensitivity warning
-    verdict = decide([Condition.model_validate(c) for c in conditions], Policy(), require=["genuine"])  # undecided: genuine fails, no labels
+    verdict = decide([Condition.model_validate(c) for c in conditions], Policy(), require=["genuine"]).to_json()  # undecided
     verdict["label"] = label
     report = minimal_report(conditions, verdict, saliency_examples=list(examples))
     if profile:

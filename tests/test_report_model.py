@@ -113,7 +113,7 @@ def test_the_verdict_survives_the_reports_json(reports):
         typed = parse_report(report, strict=True)
         v = typed.verdict
         again = decide(typed.conditions, v.policy, v.require, v.require_confident)
-        assert json.dumps(again) == json.dumps(report["verdict"]), name
+        assert json.dumps(again.to_json()) == json.dumps(report["verdict"]), name
 
 
 def test_the_shipped_reference_runs_read_as_reports():

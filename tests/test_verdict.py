@@ -11,14 +11,14 @@ from pydantic import ValidationError
 
 from audit_service.engine.metrics import ConditionAccumulator
 from audit_service.engine.report.build import condition_report, with_chance_levels
-from audit_service.engine.schema import Condition as ConditionReport
+from audit_service.engine.schema import Condition as ConditionReport, Verdict
 from audit_service.engine.spec import AuditSpec, Policy
 from audit_service.engine.sweep import Condition, ConditionResult
 from audit_service.engine import verdict as rules
 from audit_service.engine.verdict import DEFAULT_REQUIRE, gate, genuine_failures
 
 
-def decide(conditions, policy, *args, **kwargs) -> dict:
+def decide(conditions, policy, *args, **kwargs) -> Verdict:
     """``verdict.decide`` on conditions written as the report's JSON (the tests build them so), typed first."""
     typed = [c if isinstance(c, ConditionReport) else ConditionReport.model_validate(c) for c in conditions]
     return rules.decide(typed, policy, *args, **kwargs)
@@ -61,26 +61,26 @@ def in_report(*conditions, verdict, group="flip"):
     """The hand-built conditions and their verdict as a complete report (what the consumers read)."""
     from test_report_html import minimal_report
 
-    report = minimal_report([{"shift": None, "n_probes": 8, **c} for c in conditions], verdict)
+    report = minimal_report([{"shift": None, "n_probes": 8, **c} for c in conditions], verdict.to_json())
     report["group"].update(name=group, order=2, elements=["e", "flip"])
     return report
 
 
 # ----------------------------------------------------------------------------- labels
 def test_genuine_needs_every_condition():
-    assert decide([cond("clean"), cond("blur@3"), cond("noise")], POLICY)["label"] == "genuine"
+    assert decide([cond("clean"), cond("blur@3"), cond("noise")], POLICY).label == "genuine"
     v = decide([labelled(cond("clean")), cond("blur@3"), cond("noise", si=0.5)], POLICY)
-    assert v["label"] == "learned"
-    assert "SI misses genuine (>= 0.98) on 1 of 3 conditions: noise 0.5" in v["reasons"]
+    assert v.label == "learned"
+    assert "SI misses genuine (>= 0.98) on 1 of 3 conditions: noise 0.5" in v.reasons
 
 
 def test_learned_vs_not_invariant_on_clean_predictions():
     learned = decide([labelled(cond("clean", li_norm=0.2, di=0.1, si=0.4, agreement=0.95)), cond("noise", li_norm=1.0)],
                      POLICY)
-    assert learned["label"] == "learned" and learned["passed"]
+    assert learned.label == "learned" and learned.passed
     plain = decide([labelled(cond("clean", li_norm=0.9, di=2.0, si=0.3, agreement=0.4)), cond("noise", li_norm=1.0)],
                    POLICY, require=["genuine"])
-    assert plain["label"] == "not_invariant" and not plain["passed"]
+    assert plain.label == "not_invariant" and not plain.passed
 
 
 def test_without_labels_learned_and_incidental_cannot_be_told_apart():
@@ -89,11 +89,11 @@ def test_without_labels_learned_and_incidental_cannot_be_told_apart():
     clean = chance(cond("clean", li_norm=0.2, di=0.01, si=0.4, agreement=0.9), 0.3, (0.9 - 0.3) / 0.7)
     conditions = [clean, chance(cond("noise", li_norm=1.0, agreement=0.42), 0.3, 0.17)]
     v = decide(conditions, POLICY)
-    assert v["label"] == "undecided" and not v["passed"]
-    assert any("cannot tell learned invariance from incidental" in r and "pass --labels" in r for r in v["reasons"])
+    assert v.label == "undecided" and not v.passed
+    assert any("cannot tell learned invariance from incidental" in r and "pass --labels" in r for r in v.reasons)
     assert any("agreement on the clean probes 0.9 vs pure noise 0.42" in r and "degrades off the data" in r
-               for r in v["reasons"])
-    assert decide(conditions, POLICY, require=["genuine", "learned", "undecided"])["passed"]
+               for r in v.reasons)
+    assert decide(conditions, POLICY, require=["genuine", "learned", "undecided"]).passed
 
 
 def test_invariance_of_a_network_that_did_not_learn_the_task_is_incidental():
@@ -101,9 +101,9 @@ def test_invariance_of_a_network_that_did_not_learn_the_task_is_incidental():
     clean = chance(cond("clean", li_norm=0.2, di=0.01, si=0.4, agreement=0.95), 0.3, (0.95 - 0.3) / 0.7,
                    accuracy=0.13, accuracy_chance=0.12)
     v = decide([clean, cond("noise", li_norm=1.0, agreement=0.9)], POLICY)
-    assert v["label"] == "incidental" and not v["passed"]
-    assert any("did not learn the task" in r and "incidental" in r for r in v["reasons"])
-    assert any("holds about equally off the data" in r for r in v["reasons"])
+    assert v.label == "incidental" and not v.passed
+    assert any("did not learn the task" in r and "incidental" in r for r in v.reasons)
+    assert any("holds about equally off the data" in r for r in v.reasons)
 
 
 def test_learned_with_labels_needs_orbit_accuracy_above_chance():
@@ -112,11 +112,11 @@ def test_learned_with_labels_needs_orbit_accuracy_above_chance():
     barely = chance(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.95), 0.3, kappa,
                     accuracy=0.32, accuracy_chance=0.12)
     v = decide([barely, cond("noise", li_norm=1.0)], POLICY)
-    assert v["label"] == "incidental" and not v["passed"]
-    assert v["criteria"][-1]["criterion"] == "accuracy_kappa" and not v["criteria"][-1]["passed"]
+    assert v.label == "incidental" and not v.passed
+    assert v.criteria[-1].criterion == "accuracy_kappa" and not v.criteria[-1].passed
     trained = chance(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.95), 0.3, kappa,
                      accuracy=0.8, accuracy_chance=0.12)
-    assert decide([trained, cond("noise", li_norm=1.0)], POLICY)["label"] == "learned"
+    assert decide([trained, cond("noise", li_norm=1.0)], POLICY).label == "learned"
 
 
 def test_learned_needs_agreement_clearly_above_chance():
@@ -124,26 +124,26 @@ def test_learned_needs_agreement_clearly_above_chance():
     weak = chance(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.9), 0.82, (0.9 - 0.82) / 0.18, classes=2,
                   accuracy=0.9, accuracy_chance=0.5)
     v = decide([weak, cond("noise", li_norm=1.0)], POLICY)
-    assert v["label"] == "not_invariant" and not v["passed"]
-    assert any(r.startswith("learned needs kappa") for r in v["reasons"])
+    assert v.label == "not_invariant" and not v.passed
+    assert any(r.startswith("learned needs kappa") for r in v.reasons)
     strong = chance(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.95), 0.12, (0.95 - 0.12) / 0.88,
                     accuracy=0.9, accuracy_chance=0.12)
-    assert decide([strong, cond("noise", li_norm=1.0)], POLICY)["label"] == "learned"
+    assert decide([strong, cond("noise", li_norm=1.0)], POLICY).label == "learned"
 
 
 def test_without_clean_probes_learned_cannot_be_told_apart():
     v = decide([cond("noise", li_norm=0.5)], POLICY)
-    assert v["label"] == "not_genuine"
-    assert any("cannot be separated" in r for r in v["reasons"])
-    assert decide([cond("noise")], POLICY)["label"] == "genuine"
+    assert v.label == "not_genuine"
+    assert any("cannot be separated" in r for r in v.reasons)
+    assert decide([cond("noise")], POLICY).label == "genuine"
 
 
 def test_policy_overrides_move_the_boundary():
     c = [labelled(cond("clean", si=0.96)), cond("noise", si=0.96)]
-    assert decide(c, POLICY)["label"] == "learned"
+    assert decide(c, POLICY).label == "learned"
     loose = Policy(genuine_si_min=0.95)
     v = decide(c, loose)
-    assert v["label"] == "genuine" and v["policy"]["genuine_si_min"] == 0.95
+    assert v.label == "genuine" and v.policy.genuine_si_min == 0.95
 
 
 def test_policy_version_3_names_its_thresholds():
@@ -158,40 +158,40 @@ def test_policy_version_3_names_its_thresholds():
 # ----------------------------------------------------------------------------- trivial
 def test_trivial_beats_genuine():
     v = decide([cond("clean", spread=0.0), cond("noise", spread=0.0)], POLICY)
-    assert v["label"] == "trivial" and not v["passed"]
+    assert v.label == "trivial" and not v.passed
     v = decide([cond("clean", si=None), cond("noise", si=None)], POLICY)
-    assert v["label"] == "trivial"
+    assert v.label == "trivial"
 
 
 def test_trivial_is_spread_at_rounding_level_whatever_the_scale():
     """The spread across probes relative to the logits' own size decides, never their scale."""
     ties = [labelled(cond("clean", li_norm=0.4, agreement=0.9, spread=5e-8)), cond("noise", li_norm=1.0, spread=4e-8)]
     v = decide(ties, POLICY)
-    assert v["label"] == "trivial"
-    assert "floating-point noise" in v["reasons"][0] and "whatever its scale" in v["reasons"][0]
+    assert v.label == "trivial"
+    assert "floating-point noise" in v.reasons[0] and "whatever its scale" in v.reasons[0]
     # logits of 1e-10 that vary by a quarter of their size: an ordinary network, judged like any other
     tiny = [labelled(cond("clean", li_norm=0.2, di=0.1, si=0.4, agreement=0.95, variation=0.1, spread=0.25)),
             cond("noise", li_norm=1.0, spread=0.2)]
-    assert decide(tiny, POLICY)["label"] == "learned"
+    assert decide(tiny, POLICY).label == "learned"
     # one anchor above rounding is enough to be judged
-    assert decide([cond("clean", spread=5e-8), cond("noise", spread=0.3)], POLICY)["label"] == "genuine"
+    assert decide([cond("clean", spread=5e-8), cond("noise", spread=0.3)], POLICY).label == "genuine"
 
 
 def test_one_predicted_class_is_trivial_whatever_the_logits_do():
     """An untrained network: logits move (LI_normalized 0.45), one class everywhere, agreement 1 by chance."""
     clean = chance(cond("clean", li_norm=0.45, di=0.01, si=0.3, agreement=1.0), 1.0, None, classes=1)
     v = decide([clean, cond("noise", li_norm=0.8)], POLICY)
-    assert v["label"] == "trivial" and not v["passed"]
-    assert "predicted as class 4" in v["reasons"][0] and "chance" in v["reasons"][0]
+    assert v.label == "trivial" and not v.passed
+    assert "predicted as class 4" in v.reasons[0] and "chance" in v.reasons[0]
     one_probe = chance(cond("clean", li_norm=0.45, di=0.01, si=0.3), 1.0, None, classes=1, n_probes=1)
-    assert decide([one_probe, cond("noise", li_norm=0.8)], POLICY)["label"] != "trivial"
+    assert decide([one_probe, cond("noise", li_norm=0.8)], POLICY).label != "trivial"
 
 
 def test_low_sensitivity_is_flagged_not_hidden():
     v = decide([cond("clean", variation=1e-4), cond("noise", variation=1e-4)], POLICY)
-    assert v["label"] == "genuine" and v["flags"] == ["low_sensitivity"]
-    assert any(r.startswith("warning: clean: logits vary little") for r in v["reasons"])
-    assert decide([cond("clean"), cond("noise")], POLICY)["flags"] == []
+    assert v.label == "genuine" and v.flags == ["low_sensitivity"]
+    assert any(r.startswith("warning: clean: logits vary little") for r in v.reasons)
+    assert decide([cond("clean"), cond("noise")], POLICY).flags == []
 
 
 # ----------------------------------------------------------------------------- borderline and the strict gate
@@ -201,46 +201,46 @@ def test_borderline_names_the_criterion_and_the_probes_that_settle_it():
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
     conditions = [clean, cond("noise", li_norm=1.0, agreement=0.5)]
     v = decide(conditions, POLICY)
-    assert v["label"] == "learned" and v["passed"] and v["borderline"]
-    [b] = v["borderline_criteria"]
-    assert (b["criterion"], b["condition"], b["threshold"], b["interval"]) == ("agreement", "clean", 0.8, [0.76, 0.92])
-    assert b["probes_to_settle"] == 64 and b["option"] == "n_probes" and b["straddles"] and b["passed"]
+    assert v.label == "learned" and v.passed and v.borderline
+    [b] = v.borderline_criteria
+    assert (b.criterion, b.condition, b.threshold, b.interval) == ("agreement", "clean", 0.8, [0.76, 0.92])
+    assert b.probes_to_settle == 64 and b.option == "n_probes" and b.straddles and b.passed
     assert any(r.startswith("borderline: the 95% interval straddles") and "about 64 probes (n_probes)" in r
-               for r in v["reasons"])
+               for r in v.reasons)
     strict = decide(conditions, POLICY, require_confident=True)
-    assert strict["label"] == "learned" and not strict["passed"] and strict["require_confident"]
-    assert any("require_confident" in r for r in strict["reasons"])
+    assert strict.label == "learned" and not strict.passed and strict.require_confident
+    assert any("require_confident" in r for r in strict.reasons)
 
 
 def test_a_clear_failure_is_not_borderline_and_a_straddling_one_is():
     # agreement 0.78 [0.70, 0.86]: not_invariant, and more probes could make it invariant
     near = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.78)), "agreement", 0.70, 0.86)
     v = decide([near, cond("noise", li_norm=1.0)], POLICY)
-    assert v["label"] == "not_invariant" and v["borderline"]
-    assert [b["criterion"] for b in v["borderline_criteria"]] == ["agreement"]
+    assert v.label == "not_invariant" and v.borderline
+    assert [b.criterion for b in v.borderline_criteria] == ["agreement"]
     # agreement 0.5 [0.4, 0.6]: no number of probes brings it to 0.8
     far = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.5)), "agreement", 0.4, 0.6)
     v = decide([far, cond("noise", li_norm=1.0)], POLICY)
-    assert v["label"] == "not_invariant" and not v["borderline"] and v["borderline_criteria"] == []
+    assert v.label == "not_invariant" and not v.borderline and v.borderline_criteria == []
     # a failure that straddles beside one that does not cannot change the label
     both = with_spread(labelled(cond("clean", li_norm=0.3, di=2.0, si=0.4, agreement=0.78)), "agreement", 0.7, 0.86)
-    assert not decide([both, cond("noise", li_norm=1.0)], POLICY)["borderline"]
+    assert not decide([both, cond("noise", li_norm=1.0)], POLICY).borderline
 
 
 def test_borderline_genuine_and_borderline_task():
     # SI 0.985 [0.975, 0.995] on noise: genuine, borderline on the genuine bound 0.98
     noise = with_spread(cond("noise", si=0.985), "SI", 0.975, 0.995, n=32)
     v = decide([cond("clean"), noise], POLICY)
-    assert v["label"] == "genuine" and v["borderline"]
-    assert v["borderline_criteria"][0]["option"] == "n_noise_probes"
+    assert v.label == "genuine" and v.borderline
+    assert v.borderline_criteria[0].option == "n_noise_probes"
     # accuracy at the task bound: learned vs incidental is borderline; kappa's interval comes from the accuracy's
     clean = labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.95), accuracy=0.56)
     clean = with_spread(clean, "accuracy", 0.45, 0.67)
     v = decide([clean, cond("noise", li_norm=1.0)], POLICY)
-    assert v["label"] == "learned" and v["borderline"]
-    [b] = v["borderline_criteria"]
-    assert b["criterion"] == "accuracy_kappa" and b["role"] == "learned_task"
-    assert b["interval"] == pytest.approx([(0.45 - 0.12) / 0.88, (0.67 - 0.12) / 0.88])
+    assert v.label == "learned" and v.borderline
+    [b] = v.borderline_criteria
+    assert b.criterion == "accuracy_kappa" and b.role == "learned_task"
+    assert b.interval == pytest.approx([(0.45 - 0.12) / 0.88, (0.67 - 0.12) / 0.88])
 
 
 # ----------------------------------------------------------------------------- typed conditions
@@ -253,8 +253,8 @@ def test_decide_reads_typed_conditions_and_a_condition_missing_a_key_fails_namin
     typed = [ConditionReport.model_validate(c) for c in conditions]
     assert typed[0].spread.agreement.ci95 == [0.76, 0.92] and typed[0].predictions.majority_class == 4
     v = rules.decide(typed, POLICY, require_confident=True)
-    assert (v["label"], v["borderline"], v["passed"], v["flags"]) == ("learned", True, False, ["low_sensitivity"])
-    assert [c["condition"] for c in v["criteria"]][:4] == ["clean"] * 4
+    assert (v.label, v.borderline, v.passed, v.flags) == ("learned", True, False, ["low_sensitivity"])
+    assert [c["condition"] for c in v.criteria][:4] == ["clean"] * 4
     assert genuine_failures(typed[1], POLICY) == [("SI", 0.7, ">= 0.98")]
     incomplete = {k: v for k, v in cond("clean").items() if k != "n_probes"}
     with pytest.raises(ValidationError, match="n_probes"):
@@ -332,10 +332,10 @@ def test_summaries_carry_a_standard_error_for_the_interval():
     assert s["ci95"] == [0.75, 0.75] and s["se"] == pytest.approx(0.5 / 2)
     # without a bootstrap interval the verdict uses mean +- 1.96 standard errors
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.75)), "agreement", 0.75, 0.75)
-    assert not decide([clean, cond("noise", li_norm=1.0)], POLICY)["borderline"]  # no spread known: no straddle
+    assert not decide([clean, cond("noise", li_norm=1.0)], POLICY).borderline  # no spread known: no straddle
     clean["spread"]["agreement"]["se"] = 0.05
     v = decide([clean, cond("noise", li_norm=1.0)], POLICY)
-    assert v["borderline"] and v["borderline_criteria"][0]["interval"] == pytest.approx([0.652, 0.848])
+    assert v.borderline and v.borderline_criteria[0].interval == pytest.approx([0.652, 0.848])
 
 
 def test_mlflow_tags_carry_the_borderline_flag_and_the_strict_gate():
@@ -358,7 +358,7 @@ def test_html_report_explains_the_new_labels_and_shows_the_borderline_criteria(l
     clean = with_spread(labelled(cond("clean", li_norm=0.3, di=0.1, si=0.4, agreement=0.84)), "agreement", 0.76, 0.92)
     clean.update(n_probes=16, paper_metrics={**clean["metrics"], "agreement": 0.92})
     verdict = decide([clean, cond("noise", li_norm=1.0)], POLICY, require_confident=True)
-    verdict["label"] = label
+    verdict.label = label
     html = render_report_html(in_report(clean, verdict=verdict))
     phrase = {"incidental": "has not learned the task", "undecided": "without labels the audit cannot tell"}[label]
     assert phrase in MEANING[label] and phrase in html and f'data-label="{label}"' in html

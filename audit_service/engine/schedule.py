@@ -238,7 +238,7 @@ def _settled(anchor_results, spec: AuditSpec) -> str | None:
     ]
     if not failing:
         return None
-    label = decide(reports, spec.policy, spec.require)["label"]
+    label = decide(reports, spec.policy, spec.require).label
     return (
         f"the verdict ({label}) is settled by clean and noise: {'; '.join(failing[:3])}; the shifts and "
         "the Jacobian would only fill the report"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
 from .names import METRICS, ConditionName, Metric
-from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic
+from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic, Verdict
 from .spec import DEFAULT_REQUIRE, Policy
 
 #: the labels the verdict can give
@@ -378,10 +378,11 @@ def decide(
     policy: Policy,
     require: Iterable[str] = DEFAULT_REQUIRE,
     require_confident: bool = False,
-) -> dict:
+) -> Verdict:
     """Label the model from its typed per-condition metrics (``schema.Condition``).
 
-    Returns {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
+    Returns the typed ``schema.Verdict``, read from the JSON the report carries (``to_json()`` gives it back
+    key for key): {label, reasons, reason_details, flags, criteria, borderline, borderline_criteria, policy, require,
     require_confident, passed}: ``reasons`` the sentences, ``reason_details`` the same reasons as data (topic,
     criterion, condition, value, threshold, requirement, misses); ``criteria`` every criterion evaluated on the
     way to the label (structured: criterion, condition, value, threshold, kind, role, interval, n_probes, passed,
@@ -403,19 +404,21 @@ def decide(
     if require_confident and uncertain and label in required:
         reasons = reasons + [_said("require_confident", "require_confident: a borderline verdict fails the gate")]
     reasons = reasons + flags
-    return {
-        "label": label,
-        "reasons": [r.text for r in reasons],
-        "reason_details": [r.as_dict() for r in reasons],
-        "flags": ["low_sensitivity"] if flags else [],
-        "criteria": [c.as_dict() for c in evaluated],
-        "borderline": bool(uncertain),
-        "borderline_criteria": [c.as_dict() for c in uncertain],
-        "policy": policy.model_dump(),
-        "require": required,
-        "require_confident": bool(require_confident),
-        "passed": passed,
-    }
+    return Verdict.model_validate(
+        {
+            "label": label,
+            "reasons": [r.text for r in reasons],
+            "reason_details": [r.as_dict() for r in reasons],
+            "flags": ["low_sensitivity"] if flags else [],
+            "criteria": [c.as_dict() for c in evaluated],
+            "borderline": bool(uncertain),
+            "borderline_criteria": [c.as_dict() for c in uncertain],
+            "policy": policy.model_dump(),
+            "require": required,
+            "require_confident": bool(require_confident),
+            "passed": passed,
+        }
+    )
 
 
 def _decide(conditions: Sequence[Condition], policy: Policy, path: list[list[Check]]) -> tuple[str, list[Reason]]:

@@ -86,7 +86,7 @@ def assemble_report(
         "group": group_section(group, inputs.x[:GROUP_SAMPLE] if inputs.x is not None else inputs.sample(GROUP_SAMPLE)),
         "conditions": condition_reports,
         "sensitivity": sensitivity,
-        "verdict": verdict,
+        "verdict": verdict.to_json(),
         "saliency_examples": saliency_examples(results, group.element_names),
         "spec": spec.model_dump(mode="json"),
         "shifts_skipped": inputs.skipped_shifts,
