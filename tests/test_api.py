@@ -63,6 +63,7 @@ def test_an_in_memory_module_audits_like_its_onnx_export(resnet, probes, onnx_fi
     assert in_memory.to_json()["verdict"]["label"] == in_memory.label and "<html" in in_memory.to_html()
     assert resnet.training and all(m.training for m in resnet.modules())  # its mode is given back
     assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())  # weights untouched
+    assert all(p.requires_grad for p in resnet.parameters())  # not frozen: the caller may go on training it
 
 
 @pytest.mark.slow  # 12 CPU s; the fast lane symmetrizes in test_symmetrize_formats and test_every_api_function_...

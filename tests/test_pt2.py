@@ -46,6 +46,24 @@ def test_pt2_loads_with_shape_classes_and_dynamic_batch(cnn_pt2):
         assert torch.allclose(runner.logits(x, batch_size=size), expected, atol=1e-5)
 
 
+def test_a_program_whose_batch_starts_above_two_loads_and_pads_small_batches(tmp_path):
+    """``Dim("batch", min=4)``: the load-time probe goes through the same padding as the audit's batches (it ran
+    the bare program on a batch of 2 and refused the model)."""
+    module = PlainCNN(n_classes=5).eval()
+    example = (batch(4),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch", min=4)},))
+        torch.export.save(program, str(tmp_path / "min4.pt2"))
+    runner = load_model(tmp_path / "min4.pt2", device="cpu")
+    assert runner.num_classes == 5 and runner.fixed_batch is None
+    x = batch(5, seed=1)
+    with torch.no_grad():
+        expected = module(x)
+    for size in (1, 3, 5):
+        assert torch.allclose(runner.logits(x, batch_size=size), expected, atol=1e-5)
+
+
 def test_pt2_gradients_equal_the_modules(cnn_pt2):
     module, path = cnn_pt2
     runner = load_model(path, device="cpu")

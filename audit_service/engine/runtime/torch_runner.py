@@ -34,9 +34,10 @@ class TorchRunner:
         declared: int | None = None,
         own: bool = True,
     ) -> None:
-        """Keep ``module`` and learn C from one zero batch (``chunks.probe_logits``). ``runs``: the module as
-        the runner calls it (default ``module``), guarded for gradient metrics; ``own``: a loaded module the
-        runner may freeze (parameters without gradients, the guard in eval mode), not a caller's module."""
+        """Keep ``module`` and learn C from one zero batch through ``runs`` (``chunks.probe_logits``), the module
+        as the runner calls it (default ``module``; a ``.pt2`` program's batch padding), guarded for gradient
+        metrics; ``own``: a loaded module the runner may freeze (parameters without gradients, the guard in eval
+        mode), not a caller's module."""
         if own:
             for param in module.parameters():
                 param.requires_grad_(False)
@@ -47,7 +48,7 @@ class TorchRunner:
             self._guarded.training = False  # not .eval(): exported programs refuse it; they were traced in their mode
         self.input_shape = input_shape
         batch = self.fixed_batch or PROBE_BATCH
-        self.num_classes = int(probe_logits(module, input_shape, self.device, batch, what, declared).shape[1])
+        self.num_classes = int(probe_logits(self._runs, input_shape, self.device, batch, what, declared).shape[1])
 
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(N, *input_shape) -> (N, num_classes) float32 on ``device``, run in chunks of ``batch_size``."""
