@@ -229,3 +229,36 @@ def test_bad_option_and_shift(files):
     assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--option", "ig_steps=0"), "ig_steps")
     assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--shift", "fog@3"), "shift")
     assert_bad_input(cli("audit", files["plain"], "--group", "C4", "--shift", "blur@9"), "severity")
+
+
+@pytest.mark.parametrize("verdict, code", [
+    ({"label": "label-from-a-newer-engine", "passed": True, "require": ["genuine"], "reasons": []}, 0),
+    ({"label": "genuine", "passed": False, "require": "not-a-list", "reasons": 7}, 1),
+    ("not-a-verdict", 1),
+])
+def test_submit_gates_a_report_the_models_refuse(tmp_path, monkeypatch, capsys, verdict, code):
+    """The submit gate reads the served report's plain dict (adapters.client.gate): a stored report the engine's
+    models would refuse still gives its verdict and exit status, not a traceback and the gate-failed code."""
+    from audit_service.adapters import client as client_module
+    from audit_service.cli.main import main
+
+    class FakeClient:
+        def __init__(self, url, token=None):
+            pass
+
+        def submit(self, *args, **kwargs):
+            return {"id": "j1", "status": "queued"}
+
+        def wait(self, job_id, progress=None, timeout=None):
+            return {"id": job_id, "status": "succeeded"}
+
+        def report(self, job_id):
+            return {"schema_version": "0", "verdict": verdict, "sections": "malformed"}
+
+    monkeypatch.setattr(client_module, "AuditClient", FakeClient)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    assert main(["submit", str(model), "--group", "C4", "--url", "http://unused", "--quiet"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["id"] == "j1" and out["passed"] is (code == 0)
+    assert out["verdict"] == (verdict["label"] if isinstance(verdict, dict) else "unknown")

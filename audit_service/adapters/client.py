@@ -186,6 +186,8 @@ def gate(report: dict) -> tuple[bool, str]:
     """(passed, label): the gate the service applied (``verdict.passed``, from the one rule ``verdict.gate`` with
     the audit's ``spec.require``, which ``--require`` sets, and ``spec.require_confident``, which ``--strict``
     sets). The client reads it rather than recomputing it, so it needs nothing of the engine."""
-    verdict = report.get("verdict") or {}
+    verdict = report.get("verdict")
+    if not isinstance(verdict, dict):  # a stored report the engine would refuse still gets an answer, not a crash
+        verdict = {}
     label = str(verdict.get("label", "unknown"))
     return verdict.get("passed") is True, label
