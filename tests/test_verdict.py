@@ -61,7 +61,7 @@ def in_report(*conditions, verdict, group="flip"):
     """The hand-built conditions and their verdict as a complete report (what the consumers read)."""
     from test_report_html import minimal_report
 
-    report = minimal_report([{"shift": None, "n_probes": 8, **c} for c in conditions], verdict.to_json())
+    report = minimal_report(list(conditions), verdict.to_json())  # cond() sets shift and n_probes
     report["group"].update(name=group, order=2, elements=["e", "flip"])
     return report
 

@@ -9,7 +9,7 @@ writes, key for key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import Any
 
 from .names import PROFILE_METRICS
 from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, Verdict, parse_report
@@ -17,26 +17,6 @@ from .schema import Condition, GroupSection, ModelSection, Report, Sensitivity, 
 #: the public names ``audit_service.Verdict`` / ``audit_service.ConditionResult``: the report's own models
 ConditionResult = Condition
 __all__ = ["AuditResult", "ConditionResult", "Verdict", "Report"]
-
-T = TypeVar("T")
-
-
-class _Section(Generic[T]):
-    """A section of the report read through: ``result.verdict`` is ``result.report.verdict``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, result: None, owner: type) -> "_Section[T]": ...
-
-    @overload
-    def __get__(self, result: "AuditResult", owner: type | None = None) -> T: ...
-
-    def __get__(self, result: "AuditResult | None", owner: type | None = None) -> "T | _Section[T]":
-        if result is None:  # on the class (autodoc, mock's autospec): the descriptor itself
-            return self
-        return getattr(result.report, self.name)
 
 
 @dataclass(frozen=True)
@@ -50,10 +30,22 @@ class AuditResult:
         """The result of a report dict (as ``run_audit`` returns and the service stores it) or a ``Report``."""
         return cls(parse_report(report))
 
-    verdict = _Section[Verdict]()
-    sensitivity = _Section[Sensitivity]()
-    model = _Section[ModelSection]()
-    group = _Section[GroupSection]()
+    # the report's sections read through: ``result.verdict`` is ``result.report.verdict``
+    @property
+    def verdict(self) -> Verdict:
+        return self.report.verdict
+
+    @property
+    def sensitivity(self) -> Sensitivity:
+        return self.report.sensitivity
+
+    @property
+    def model(self) -> ModelSection:
+        return self.report.model
+
+    @property
+    def group(self) -> GroupSection:
+        return self.report.group
 
     @property
     def conditions(self) -> tuple[Condition, ...]:

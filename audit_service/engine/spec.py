@@ -466,6 +466,8 @@ class Options(_Strict):
 
 
 VerdictLabel = Literal["genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine"]
+#: the labels the verdict can give, in that order (what a gate may name)
+VERDICT_LABELS: tuple[VerdictLabel, ...] = typing.get_args(VerdictLabel)
 #: The default gate: the model has invariance of some kind.
 DEFAULT_REQUIRE: tuple[VerdictLabel, ...] = ("genuine", "learned")
 

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
 from .names import METRICS, ConditionName, Metric
-from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic, Verdict
+from .schema import Condition, CriterionRole, Miss, Reason, ReasonTopic, Verdict, find_condition
 from .spec import DEFAULT_REQUIRE, Policy
 
-#: the labels the verdict can give
-LABELS = ("genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine")
 #: z of a two-sided 95% normal interval, used when a spread has no bootstrap interval
 Z95 = 1.96
 #: more probes than this never settle a criterion in practice: reported as unsettleable
@@ -65,7 +63,6 @@ class Check:
     role: CriterionRole
     interval: tuple[float, float] | None = None
     n: int | None = None  #: probes behind the interval
-    note: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -263,13 +260,9 @@ def _summary(checks: list[Check], role: str) -> str:
     )
 
 
-def _named(conditions: Sequence[Condition], name: ConditionName) -> Condition | None:
-    return next((c for c in conditions if c.name == name), None)
-
-
 def _off_data(conditions: Sequence[Condition], clean: Condition) -> str:
     """How the prediction invariance on the clean probes compares with pure noise (g != e)."""
-    noise = _named(conditions, ConditionName.NOISE)
+    noise = find_condition(conditions, ConditionName.NOISE)
     if noise is None:
         return "there is no noise condition to compare with"
     a_clean, a_noise = clean.metric(Metric.AGREEMENT), noise.metric(Metric.AGREEMENT)
@@ -282,7 +275,7 @@ def _off_data(conditions: Sequence[Condition], clean: Condition) -> str:
 
 
 def _is_trivial(conditions: Sequence[Condition], policy: Policy) -> list[Reason]:
-    clean = _named(conditions, ConditionName.CLEAN)
+    clean = find_condition(conditions, ConditionName.CLEAN)
     predictions = clean.predictions if clean is not None else None
     if (
         clean is not None
@@ -334,7 +327,7 @@ def _is_trivial(conditions: Sequence[Condition], policy: Policy) -> list[Reason]
 
 def _low_sensitivity(conditions: Sequence[Condition], policy: Policy) -> list[Reason]:
     """A model that reacts little to any input looks invariant for the wrong reason: say so."""
-    anchor = _named(conditions, ConditionName.CLEAN) or _named(conditions, ConditionName.NOISE)
+    anchor = find_condition(conditions, ConditionName.CLEAN) or find_condition(conditions, ConditionName.NOISE)
     variation = anchor.relative_variation if anchor is not None else None
     if anchor is not None and variation is not None and variation < policy.low_sensitivity_variation:
         return [
@@ -433,7 +426,7 @@ def _decide(conditions: Sequence[Condition], policy: Policy, path: list[list[Che
             )
         ]
     failures = _failure_reasons(genuine, len(conditions))
-    clean = _named(conditions, ConditionName.CLEAN)
+    clean = find_condition(conditions, ConditionName.CLEAN)
     if clean is None:
         return "not_genuine", failures + [
             _said(

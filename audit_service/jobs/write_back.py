@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..engine.schema import Report, Verdict
+from ..engine.spec import VERDICT_LABELS
 from .settings import Settings, read_operator_file
 from .store import Job
 
@@ -33,8 +34,6 @@ log = logging.getLogger("audit_service.jobs")
 ATTEMPTS = 3
 
 
-#: the verdict labels a gate may name (``engine.spec.VerdictLabel``)
-LABELS = ("genuine", "learned", "incidental", "undecided", "not_invariant", "trivial", "not_genuine")
 TAG_PREFIX = "invariance."
 
 
@@ -69,9 +68,10 @@ class WriteBackPolicy:
             text = read_operator_file(path, "AUDIT_WRITE_BACK_RULES_FILE", WriteBackConfigError)
             rules += parse_rules(text, f"AUDIT_WRITE_BACK_RULES_FILE {path}")
         require = tuple(r.strip() for r in settings.write_back_require.split(",") if r.strip())
-        unknown = [r for r in require if r not in LABELS]
+        unknown = [r for r in require if r not in VERDICT_LABELS]
         if not require or unknown:
-            raise WriteBackConfigError(f"Expected AUDIT_WRITE_BACK_REQUIRE to list verdict labels ({', '.join(LABELS)})"
+            labels = ", ".join(VERDICT_LABELS)
+            raise WriteBackConfigError(f"Expected AUDIT_WRITE_BACK_REQUIRE to list verdict labels ({labels})"
                                        f", but got {settings.write_back_require[:200]!r}")
         return cls(tuple(rules), require, bool(settings.write_back_require_confident))
 

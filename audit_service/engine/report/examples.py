@@ -18,10 +18,10 @@ EXAMPLE_MAX_VALUES = EXAMPLE_MAX_SIDE * EXAMPLE_MAX_SIDE
 
 def saliency_examples(results: list[ConditionResult], element_names: list[str]) -> list[dict]:
     """Every condition's kept pairs, in report order (the report's ``saliency_examples``)."""
-    return [example(kept, r.condition.name, element_names) for r in results for kept in r.worst]
+    return [_example(kept, r.condition.name, element_names) for r in results for kept in r.worst]
 
 
-def example(kept: dict, condition: str, element_names: list[str]) -> dict:
+def _example(kept: dict, condition: str, element_names: list[str]) -> dict:
     """One kept pair as the report's JSON (a score of -2 marks an undefined similarity).
 
     Beside the thresholded, filtered maps in x's frame (``map_x``, ``map_gx_aligned``: what SI compares)

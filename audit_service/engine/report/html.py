@@ -26,6 +26,7 @@ from ..schema import (
     Sensitivity,
     Timing,
     Verdict,
+    find_condition,
     parse_report,
 )
 
@@ -280,8 +281,8 @@ def severity_plots(conditions: list[Condition], policy: ReportPolicy | None = No
             families.setdefault(sev[0], []).append((sev[1], cond))
     if not families:
         return []
-    clean = next((c for c in conditions if c.name == ConditionName.CLEAN), None)
-    noise = next((c for c in conditions if c.name == ConditionName.NOISE), None)
+    clean = find_condition(conditions, ConditionName.CLEAN)
+    noise = find_condition(conditions, ConditionName.NOISE)
     plt = _pyplot()
     plots = []
     for metric in METRICS:

@@ -24,6 +24,7 @@ from .conditions import (
     SaliencySampling,
     SampledInterval,
     Spread,
+    find_condition,
 )
 from .report import Report, ReportSpec, parse_report
 from .sections import (
@@ -83,5 +84,6 @@ __all__ = [
     "Symmetrized",
     "Timing",
     "Verdict",
+    "find_condition",
     "parse_report",
 ]

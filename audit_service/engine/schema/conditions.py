@@ -3,11 +3,11 @@ report carries per condition."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
-from ..names import METRICS, ConditionName, Metric
+from ..names import METRICS, Metric
 from ..spec import ShiftSpec
 from .base import ReportModel, statistic
 
@@ -137,10 +137,6 @@ class Condition(ReportModel):
         default=None, description="sampled groups only: {metric: interval of the group average}"
     )
 
-    @property
-    def is_clean(self) -> bool:
-        return self.name == ConditionName.CLEAN
-
     def metric(self, metric: str) -> float | None:
         """The mean of ``metric`` over g != e (None where undefined or absent)."""
         return self.metrics.get(metric)
@@ -154,3 +150,8 @@ def _metric_property(metric: Metric) -> property:
 
 for _metric in Metric:  # condition.LI_normalized, condition.DI, ... : one attribute per row of the table
     setattr(Condition, _metric.value, _metric_property(_metric))
+
+
+def find_condition(conditions: Sequence[Condition], name: str) -> Condition | None:
+    """The condition called ``name`` among ``conditions``, else None."""
+    return next((c for c in conditions if c.name == name), None)

@@ -9,7 +9,7 @@ from pydantic import Field
 from ..names import ConditionName
 from ..spec import REPORT_KEYS, AuditSpec
 from .base import STRICT, ReportModel
-from .conditions import Condition
+from .conditions import Condition, find_condition
 from .sections import (
     EarlyStop,
     GroupSection,
@@ -60,13 +60,13 @@ class Report(ReportModel):
 
     def condition(self, name: str) -> Condition:
         """The condition called ``name``; a KeyError names the conditions the audit ran."""
-        for c in self.conditions:
-            if c.name == name:
-                return c
-        raise KeyError(f"no condition {name!r}; the audit ran {[c.name for c in self.conditions]}")
+        found = self.find(name)
+        if found is None:
+            raise KeyError(f"no condition {name!r}; the audit ran {[c.name for c in self.conditions]}")
+        return found
 
     def find(self, name: str) -> Condition | None:
-        return next((c for c in self.conditions if c.name == name), None)
+        return find_condition(self.conditions, name)
 
     @property
     def clean(self) -> Condition | None:
