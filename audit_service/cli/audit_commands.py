@@ -115,11 +115,11 @@ def run_audit_command(args: argparse.Namespace) -> int:
                     raise ModelError(f"{exc.message} (MLflow: mlflow.onnx.log_model saves the data files beside the "
                                      "model, where they are fetched from; or log it self-contained with "
                                      "save_as_external_data=False)", field=exc.field) from None
-        _attach_reference_profile(report)
+        typed = _attach_reference_profile(report)
         if args.mlflow_write_back:
             from ..engine.report.html import render_report_html
 
-            registry.write_back(located, report, render_report_html(report))
+            registry.write_back(located, typed, render_report_html(typed))
     else:
         if args.mlflow_write_back:
             raise SpecError("Expected a models:/ or runs:/ MODEL with --mlflow-write-back, but got a file",
@@ -127,18 +127,18 @@ def run_audit_command(args: argparse.Namespace) -> int:
         with _progress_bar(disabled=args.quiet, said=said) as progress:
             request = AuditRequest(Path(args.model), spec, probes=probes, labels=labels, second_probes=second, load=load)
             report = run_audit(request, progress=progress)
-        _attach_reference_profile(report)
+        typed = _attach_reference_profile(report)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2))
     if args.html:
         from ..engine.report.html import render_report_html
 
-        args.html.write_text(render_report_html(report), encoding="utf-8")
+        args.html.write_text(render_report_html(typed), encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
-        print(format_summary(report))
-    verdict = parse_report(report).verdict
+        print(format_summary(typed))
+    verdict = typed.verdict
     # the exit status is the gate the summary prints (PASS / FAIL), the default gate (genuine,learned) included
     if not verdict.passed:
         if verdict.label in verdict.require:
@@ -179,11 +179,17 @@ def _estimating_loader(spec: AuditSpec, args: argparse.Namespace, probes: Any, s
                              lambda found: said.append(f"audit-service: estimate: {found.describe()}"))
 
 
-def _attach_reference_profile(report: dict) -> None:
-    """The closest reference run, for the summary and the HTML (the CLI serves the report to a person)."""
-    from ..reference.catalog import attach_reference_profile
+def _attach_reference_profile(report: dict) -> Report:
+    """The closest reference run, for the summary and the HTML (the CLI serves the report to a person), set on
+    the JSON dict (``--output``, ``--json``) and on its typed report, which is returned: the report is read by the
+    models once here, and the HTML, the summary, the write-back and the gate share that reading."""
+    from ..reference.catalog import closest_reference_profile
 
-    attach_reference_profile(report)
+    typed = parse_report(report)
+    profile = closest_reference_profile(typed)
+    report["reference_profile"] = profile.to_json() if profile is not None else None
+    typed.reference_profile = profile  # marked set, as a reading of the updated dict would be
+    return typed
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
