@@ -30,7 +30,6 @@ from audit_service.engine.metrics.saliency import integrated_gradients  # noqa: 
 from audit_service.engine.plan import SI_CONFIDENCE, AuditPlan  # noqa: E402
 from audit_service.engine.runtime import load_model  # noqa: E402
 from audit_service.engine.sequential import relative_completeness  # noqa: E402
-from audit_service.engine.shifts import ProbeStats  # noqa: E402
 from audit_service.engine.spec import Options, parse_audit_spec  # noqa: E402
 from audit_service.engine.sweep import Condition, OrbitSweep  # noqa: E402
 
@@ -44,9 +43,9 @@ def clean_si(module: torch.nn.Module, runner, group, x: torch.Tensor, steps: int
     """(SI over g != e, relative completeness error, steps used, wall s, CPU s) of one clean pass."""
     options = Options(n_probes=x.shape[0], probe_chunk=x.shape[0], ig_steps=steps, bootstrap=0)
     saliency = integrated_gradients(module, steps, options.batch_size, adaptive=adaptive)
-    inputs = CheckedInputs(runner, x, None, None, ProbeStats.from_probes(x), group, [], [], "logits", options.seed)
+    inputs = CheckedInputs(runner, x, None, None, group, [], [], "logits", options.seed)
     plan = AuditPlan(scope="all", sequential=False, confidence=SI_CONFIDENCE, si_threshold=1.0, early_stop=False,
-                     autocast=False, saliency=saliency)
+                     saliency=saliency)
     sweep = OrbitSweep(inputs, plan, options)
     wall, cpu = time.perf_counter(), time.process_time()
     result = sweep.run(Condition("clean"), saliency=True)

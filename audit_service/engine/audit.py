@@ -13,7 +13,7 @@ from typing import Callable
 from .guard import guarded
 from .inputs import AuditRequest, CheckedInputs, check_inputs
 from .plan import plan_audit
-from .progress import ProgressFn
+from .progress import ProgressFn, no_progress
 from .report.assemble import Timing, assemble_report, sensitivity_section
 from .runtime.layout import LayoutChoice, choose_layout, restore
 from .schedule import audit_conditions, run_sweep
@@ -32,7 +32,7 @@ def run_audit(request: AuditRequest, progress: ProgressFn | None = None) -> dict
 
     Raises ``AuditError`` subclasses (``ModelError``, ``SpecError``, ``ProbeError``, ``ModelRuntimeError``) for
     anything the client can fix."""
-    progress = progress or (lambda fraction, stage: None)
+    progress = progress or no_progress
     spec = request.spec
     started = time.perf_counter()
     progress(0.0, "loading model")

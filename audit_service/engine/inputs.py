@@ -8,6 +8,7 @@ probe files' reader (``load_probe_file``) is here too: the CLI and the sandbox r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,12 @@ class AuditRequest:
 @dataclass(frozen=True, eq=False)
 class CheckedInputs:
     """The request once checked against the model: the runner (outputs adapted), the probes, labels and second
-    probes as host tensors, their statistics on the model's device, the group and the shifts."""
+    probes as host tensors, the group and the shifts; the probes' statistics on the model's device on first use."""
 
     runner: ModelRunner
     x: torch.Tensor | None
     y: torch.Tensor | None
     second: torch.Tensor | None
-    stats: ProbeStats
     group: Group
     shifts: list
     skipped_shifts: list
@@ -58,7 +58,15 @@ class CheckedInputs:
     def sample(self, count: int) -> torch.Tensor:
         """The first ``count`` probes on the model's device, or seeded uniform noise when there are none: what
         the checks before the sweep (layout, autocast, Jacobian) run on."""
-        return _sample(self.x, self.runner, self.stats, self.seed, count)
+        return _sample(self.x, self.runner, self.seed, count)
+
+    @cached_property
+    def stats(self) -> ProbeStats:
+        """The probes' statistics on the model's device ([0, 1] defaults without probes); computed when first read,
+        so the submission check (``read_outputs=False``, no sweep) never pays for them."""
+        if self.x is None:
+            return ProbeStats.default(self.runner.input_shape, self.runner.device)
+        return ProbeStats.from_probes(self.x.to(self.runner.device))
 
 
 def check_inputs(request: AuditRequest, device: str, read_outputs: bool = True) -> CheckedInputs:
@@ -85,14 +93,9 @@ def check_inputs(request: AuditRequest, device: str, read_outputs: bool = True) 
         else None
     )
 
-    stats = (
-        ProbeStats.from_probes(x.to(runner.device))
-        if x is not None
-        else ProbeStats.default(runner.input_shape, runner.device)
-    )
-    if read_outputs:  # on the probes, or seeded noise in their range
+    if read_outputs:  # on the probes, or seeded noise in [0, 1]
         runner, output_kind = _adapt_outputs(
-            runner, _sample(x, runner, stats, options.seed, 64 if x is not None else 16), options.batch_size
+            runner, _sample(x, runner, options.seed, 64 if x is not None else 16), options.batch_size
         )
     else:
         output_kind = "unread"
@@ -104,7 +107,7 @@ def check_inputs(request: AuditRequest, device: str, read_outputs: bool = True) 
         shifts, skipped_shifts = list(spec.shifts), []
     for i, shift in enumerate(shifts):
         validate_shift(shift, runner.input_shape, has_second_probes=second is not None, field=f"shifts[{i}]")
-    return CheckedInputs(runner, x, y, second, stats, group, shifts, skipped_shifts, output_kind, options.seed)
+    return CheckedInputs(runner, x, y, second, group, shifts, skipped_shifts, output_kind, options.seed)
 
 
 def load_probe_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -185,11 +188,13 @@ def _adapt_outputs(runner: ModelRunner, sample: torch.Tensor, batch_size: int) -
     return (LogProbabilityRunner(runner) if kind == "probabilities" else runner), kind
 
 
-def _sample(x: torch.Tensor | None, runner: ModelRunner, stats: ProbeStats, seed: int, count: int) -> torch.Tensor:
-    """``x[:count]`` on the model's device, else seeded uniform noise there: the probes used when the client
-    gave none."""
+def _sample(x: torch.Tensor | None, runner: ModelRunner, seed: int, count: int) -> torch.Tensor:
+    """``x[:count]`` on the model's device, else seeded uniform noise there in the [0, 1] default range (the
+    statistics ``CheckedInputs.stats`` has without probes): the probes used when the client gave none."""
     if x is not None:
         return x[:count].to(runner.device)
     gen = torch.Generator(device=runner.device)
     gen.manual_seed(seed)
-    return uniform_noise(count, runner.input_shape, stats, gen, runner.device)
+    return uniform_noise(
+        count, runner.input_shape, ProbeStats.default(runner.input_shape, runner.device), gen, runner.device
+    )

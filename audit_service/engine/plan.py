@@ -48,12 +48,15 @@ class AuditPlan:
     si_threshold: float
     #: skip the shifts and the Jacobian once clean and noise settle the label
     early_stop: bool
-    #: forward-only logits under bf16 autocast (CUDA, checked against fp32 by ``plan_audit``)
-    autocast: bool
     #: how saliency maps are computed (None: ``options.saliency`` is off)
     saliency: SaliencyMethod | None = None
     #: the report's ``model.autocast``: what the check measured (None: not asked for)
     autocast_check: dict | None = None
+
+    @property
+    def autocast(self) -> bool:
+        """Forward-only logits under bf16 autocast: asked for, on CUDA, and within tolerance of fp32 (the check)."""
+        return bool(self.autocast_check and self.autocast_check["used"])
 
     def si_batch(self, cap: int) -> int:
         """Probes per SI batch for a condition of ``cap`` probes (all of them when not sequential)."""
@@ -77,7 +80,6 @@ def make_plan(spec: AuditSpec, saliency: SaliencyMethod | None = None, autocast_
         confidence=SI_CONFIDENCE,
         si_threshold=spec.policy.genuine_si_min,
         early_stop=options.early_stop,
-        autocast=bool(autocast_check and autocast_check["used"]),
         saliency=saliency,
         autocast_check=autocast_check,
     )

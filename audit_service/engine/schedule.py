@@ -17,11 +17,10 @@ from .guard import guarded
 from .metrics import summarize
 from .metrics.saliency import IG_METHOD
 from .names import ConditionName
-from .plan import AuditPlan
 from .report.build import condition_report, with_chance_levels
 from .schema import Condition as ConditionReport
-from .schema import ConditionMetrics, ConditionSpreads
-from .sequential import SaliencySampling, decided, relative_completeness, si_bound
+from .schema import ConditionMetrics, ConditionSpreads, SaliencySampling
+from .sequential import Stopped, decided, relative_completeness, si_bound
 from .spec import AuditSpec
 from .sweep import Condition, ConditionResult, OrbitSweep, SweepOutcome
 from .verdict import decide, genuine_checks, genuine_failures
@@ -66,7 +65,7 @@ def run_sweep(
         value_only = provisional.genuine_ruled_out(done.values(), without_si_of=condition.name)
         looks = plan.looks(cap)
 
-        def should_stop(r: ConditionResult) -> str | None:
+        def should_stop(r: ConditionResult) -> Stopped | None:
             bound = si_bound(
                 r.accumulator.values("SI", identity=False), plan.confidence, looks, options.bootstrap, options.seed
             )
@@ -144,7 +143,7 @@ def run_sweep(
         scope_reason = f"SI not computed: {why}"
         reasons.update({name: f"saliency was switched off ({why})" for name in done})
     results = [done[c.name] for c in conditions if c.name in done]
-    sampling = {r.condition.name: _sampling(r, sweep, plan, spec) for r in results if r.saliency_computed}
+    sampling = {r.condition.name: _sampling(r, sweep) for r in results if r.saliency_computed}
     return SweepOutcome(scope, results, reasons, sampling, scope_reason, stopped, skipped)
 
 
@@ -191,8 +190,9 @@ class _Provisional:
         return False
 
 
-def _sampling(result: ConditionResult, sweep: OrbitSweep, plan: AuditPlan, spec: AuditSpec) -> SaliencySampling:
-    options, cap = spec.options, result.accumulator.n
+def _sampling(result: ConditionResult, sweep: OrbitSweep) -> SaliencySampling:
+    """The report's ``saliency_sampling`` of a condition with SI: the bound where it stopped, and the method."""
+    options, plan, cap = sweep.options, sweep.plan, result.accumulator.n
     ig = sweep.saliency.ig if sweep.saliency is not None else None
     bound = si_bound(
         result.accumulator.values("SI", identity=False),
@@ -204,7 +204,7 @@ def _sampling(result: ConditionResult, sweep: OrbitSweep, plan: AuditPlan, spec:
     return SaliencySampling(
         probes_used=result.saliency_probes,
         probes_cap=cap,
-        interval=bound,
+        interval=None if bound is None else [float(bound[0]), float(bound[1])],
         confidence=plan.confidence,
         stopped=result.saliency_stopped or "cap",
         ig_method=IG_METHOD if ig is not None else "occlusion",

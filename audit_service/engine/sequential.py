@@ -9,12 +9,17 @@ move the verdict's interval across it either, so the criterion is decided and th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Literal
 
 import numpy as np
 
 from .metrics import summarize
+
+#: why a condition's SI pass stopped (the report's ``saliency_sampling.stopped``): decided (the bound cleared the
+#: threshold), not_needed (another criterion already rules genuine out, so one batch with a defined SI is enough),
+#: cap (every probe)
+Stopped = Literal["decided", "not_needed", "cap"]
 
 
 def si_bound(
@@ -41,34 +46,6 @@ def decided(bound: tuple[float, float] | None, threshold: float) -> bool:
         return False
     lo, hi = bound
     return lo >= threshold or hi < threshold
-
-
-@dataclass(frozen=True)
-class SaliencySampling:
-    """How much of a condition's probe budget SI used, and why it stopped (the report's ``saliency_sampling``)."""
-
-    probes_used: int
-    probes_cap: int
-    interval: tuple[float, float] | None
-    confidence: float
-    #: decided (the bound cleared the threshold), not_needed (another criterion already rules genuine out, so one
-    #: batch with a defined SI is enough), cap (every probe)
-    stopped: str
-    ig_method: str
-    ig_steps: int
-    completeness_error: float | None
-
-    def as_report(self) -> dict:
-        return {
-            "probes_used": self.probes_used,
-            "probes_cap": self.probes_cap,
-            "interval": None if self.interval is None else [float(self.interval[0]), float(self.interval[1])],
-            "confidence": self.confidence,
-            "stopped": self.stopped,
-            "ig_method": self.ig_method,
-            "ig_steps": self.ig_steps,
-            "completeness_error": self.completeness_error,
-        }
 
 
 def relative_completeness(sums: tuple[float, float]) -> float | None:

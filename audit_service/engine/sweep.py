@@ -21,7 +21,8 @@ from .metrics import ConditionAccumulator, saliency_similarity
 from .metrics.functional import logit_invariance_error
 from .metrics.saliency import postprocess
 from .plan import AuditPlan
-from .sequential import SaliencySampling
+from .schema import SaliencySampling
+from .sequential import Stopped
 from .shifts import apply_shift, uniform_noise
 from .spec import Options, ShiftSpec
 
@@ -56,7 +57,7 @@ class ConditionResult:
     #: probes whose SI was computed (fewer than ``accumulator.n`` when the sequential bound stopped early)
     saliency_probes: int = 0
     #: why the saliency pass stopped: decided | not_needed | cap (None while SI is not computed)
-    saliency_stopped: str | None = None
+    saliency_stopped: Stopped | None = None
     #: IG's completeness: (sum |sum attr - (f(x) - f(0))|, sum |f(x) - f(0)|) over the samples checked
     completeness: tuple[float, float] = (0.0, 0.0)
 
@@ -135,7 +136,7 @@ class OrbitSweep:
         result: ConditionResult,
         on_chunk: Callable[[], None] = lambda: None,
         batch: int | None = None,
-        should_stop: Callable[[ConditionResult], str | None] = lambda result: None,
+        should_stop: Callable[[ConditionResult], Stopped | None] = lambda result: None,
     ) -> None:
         """SI for a condition that ``run`` swept forward-only: the same seeded chunks again, their
         logits (for the IG target) and integrated gradients; only SI is added to the accumulator.
@@ -151,7 +152,7 @@ class OrbitSweep:
         worst: list[dict] = []
         offset = 0
         completeness = (0.0, 0.0)
-        stopped = None
+        stopped: Stopped | None = None
         result.saliency_computed = True
         size = batch or max(acc.n, 1)
         look = size  # the bound is read each time ``size`` more probes are in, whatever the chunking

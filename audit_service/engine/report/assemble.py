@@ -65,7 +65,7 @@ def assemble_report(
     ]
     for condition in condition_reports:
         if condition["name"] in outcome.sampling:
-            condition["saliency_sampling"] = outcome.sampling[condition["name"]].as_report()
+            condition["saliency_sampling"] = outcome.sampling[condition["name"]].to_json()
     if group.sampled is not None:
         for condition, r in zip(condition_reports, results):
             condition["group_sample_ci"] = group_sample_ci(r.accumulator)
