@@ -154,10 +154,7 @@ def submit_audit() -> Response:
     wait = min(query.wait, st.settings.max_wait_s)
     job = submission.wait_for(st.store, job, wait)
     if wait > 0 and job.status == JobStatus.SUCCEEDED:
-        report = _stored_report(job.id)
-        if report is None:
-            raise Conflict(f"audit {job.id} has no stored report")
-        return _waited_answer(job, report, location)
+        return _waited_answer(job, location)
     return _json(job_out(job, time.time()), 202, {"Location": location})
 
 
@@ -264,14 +261,19 @@ def _stored_report(job_id: str) -> Report | None:
                        f"({first['loc']}: {first['msg']}); GET /audits/{job_id}/report serves it as stored") from None
 
 
-def _waited_answer(job: Job, report: Report, location: str) -> Response:
+def _waited_answer(job: Job, location: str) -> Response:
     """A finished ``?wait=`` audit: the compact summary (verdict first, headline metrics, links); the full
-    report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead."""
+    report is at ``links.report``. ``Accept: text/html`` gets the HTML report instead. The stored report is read
+    by the models only for the summary: the page is served from disk, and where it is missing ``get_report_html``
+    reads the report and answers a refused one with the same 409."""
     from ..engine.report.summary import report_summary
 
     if request.accept_mimetypes.best == "text/html":
         response = get_report_html(job.id)
     else:
+        report = _stored_report(job.id)
+        if report is None:
+            raise Conflict(f"audit {job.id} has no stored report")
         response = jsonify(report_summary(report, job.id))
     response.headers["Location"] = location
     response.headers["Vary"] = "Accept"
