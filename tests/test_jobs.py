@@ -183,6 +183,13 @@ def test_duplicates_refer_to_one_stored_report_which_outlives_its_first_holder(s
         stored = conn.execute(select(func.sum(func.length(reports.c.report_json)))).scalar()
     assert stored < len(original) + 20 * 100  # one copy and 20 small references
     assert all(store.report_text(t) == original for t in twins)
+    # a duplicate of a duplicate refers to the job that holds the text, not to the duplicate (no chains)
+    twin_of_twin = store.create_reused(source=store.get(twins[0]), spec={"group": "C4"}, inputs={}, timeout_s=60,
+                                       tenant="default", queue="default", dedupe_key="k").id
+    with store.engine.connect() as conn:
+        refers = conn.execute(select(reports.c.report_json).where(reports.c.job_id == twin_of_twin)).scalar()
+    assert refers == '{"$reused_from": ' + f'"{job.id}"}}'
+    twins.append(twin_of_twin)
     assert store.delete(job.id)
     assert store.report_text(job.id) is None
     assert all(store.report_text(t) == original for t in twins)

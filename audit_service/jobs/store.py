@@ -572,8 +572,11 @@ class JobStore:
                 spec_json=json.dumps(spec), inputs_json=json.dumps(inputs), attempts=0, max_attempts=0,
                 timeout_s=float(timeout_s), dedupe_key=dedupe_key,
                 spec_summary=json.dumps(with_group_order(spec_summary(spec, inputs), source.group_order))))
-            holder = _reused_from(conn.execute(select(reports.c.report_json).where(
-                reports.c.job_id == source.id)).scalar()) or source.id
+            # whether the source is itself a duplicate: its 200-character head tells, as in report_source (a
+            # reference is short), so the source's report text is not loaded inside the write transaction
+            head = conn.execute(select(func.substr(reports.c.report_json, 1, 201)).where(
+                reports.c.job_id == source.id)).scalar()
+            holder = (_reused_from(head) if head is not None and len(head) <= 200 else None) or source.id
             conn.execute(insert(reports).values(job_id=job_id, report_json=_reference(holder)))
             created = self._count_created(conn)
         self._record_committed(created)
