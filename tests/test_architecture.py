@@ -60,7 +60,9 @@ def test_the_engine_is_formatted():
 
 
 def test_mypy_passes_on_the_engine():
-    """The engine type-checks under the lenient config in pyproject.toml ([tool.mypy])."""
+    """The engine type-checks under pyproject.toml's [tool.mypy]: every body checked (check_untyped_defs), None
+    told apart (strict optional, no implicit Optional), no unused ``type: ignore``; imports of untyped libraries
+    are not followed."""
     out = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "Success" in out.stdout

@@ -15,8 +15,8 @@ import requests
 from conftest import ROOT, tiny_spec, wait_for_job
 from polling import wait_for
 
-# `make test-fast` keeps one real submit-and-poll on gunicorn (test_submit_poll_and_read_the_report); the
-# other tests here are marked slow one by one
+# `make test-fast` keeps one of this file's submits on gunicorn (test_submit_poll_and_read_the_report; the fast lane's
+# other audits on gunicorn are in test_service_symmetrized.py and test_external_data.py); the others here are slow
 
 
 def submit(api, models, model="plain", spec=None, params=None, reuse=True, **files):
