@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from audit_service.engine.metrics import ConditionAccumulator
-from audit_service.engine.report.build import condition_report, with_chance_levels
+from audit_service.engine.report.build import condition_report
 from audit_service.engine.schema import Condition as ConditionReport, Verdict
 from audit_service.engine.spec import AuditSpec, Policy
 from audit_service.engine.sweep import Condition, ConditionResult
@@ -275,7 +275,7 @@ def _report(logits_gx: torch.Tensor, labels=None, bootstrap=0) -> dict:
     acc = ConditionAccumulator(num_classes=logits_gx.shape[-1])
     acc.update(logits_gx, labels)
     result = ConditionResult(Condition("clean"), acc)
-    return with_chance_levels(condition_report(result, bootstrap, 0, saliency_computed=False), acc)
+    return condition_report(result, bootstrap, 0, saliency_computed=False)  # with the chance levels
 
 
 def test_criteria_leave_the_identity_out_and_the_papers_means_keep_it():

@@ -17,7 +17,7 @@ from .guard import guarded
 from .metrics import summarize
 from .metrics.saliency import IG_METHOD
 from .names import ConditionName
-from .report.build import condition_report, with_chance_levels
+from .report.build import condition_report
 from .schema import Condition as ConditionReport
 from .schema import ConditionMetrics, ConditionSpreads, SaliencySampling
 from .sequential import Stopped, decided, relative_completeness, si_bound
@@ -216,9 +216,7 @@ def _sampling(result: ConditionResult, sweep: OrbitSweep) -> SaliencySampling:
 def provisional_report(result: ConditionResult) -> ConditionReport:
     """A condition's means with its chance levels, enough for ``genuine_failures`` and ``decide`` (no bootstrap:
     the sweep is not done yet)."""
-    return ConditionReport.model_validate(
-        with_chance_levels(condition_report(result, 0, 0, result.saliency_computed), result.accumulator)
-    )
+    return ConditionReport.model_validate(condition_report(result, 0, 0, result.saliency_computed))
 
 
 def _settled(anchor_results, spec: AuditSpec) -> str | None:

@@ -25,7 +25,7 @@ from ..runtime.outputs import NOTES as OUTPUT_NOTES
 from ..spec import SCHEMA_VERSION, AuditSpec, Options
 from ..sweep import SweepOutcome
 from ..verdict import decide
-from .build import condition_report, now_iso, sensitivity_report, with_chance_levels
+from .build import condition_report, now_iso, sensitivity_report
 from .examples import saliency_examples
 
 #: the pair metrics whose group average a sampled group estimates (the per-probe rows of ``engine.names``)
@@ -55,11 +55,8 @@ def assemble_report(
     """The report dict (without ``symmetrized``, which the audit adds for a model that is not genuine)."""
     options, runner, group, results = spec.options, inputs.runner, inputs.group, outcome.results
     condition_reports = [
-        with_chance_levels(
-            condition_report(
-                r, options.bootstrap, options.seed, r.saliency_computed, outcome.saliency_reasons.get(r.condition.name)
-            ),
-            r.accumulator,
+        condition_report(
+            r, options.bootstrap, options.seed, r.saliency_computed, outcome.saliency_reasons.get(r.condition.name)
         )
         for r in results
     ]

@@ -28,7 +28,8 @@ _PER_PROBE = tuple(str(m) for m in PER_PROBE_METRICS)
 def condition_report(
     result: ConditionResult, n_bootstrap: int, seed: int, saliency_computed: bool, saliency_reason: str | None = None
 ) -> dict:
-    """Metrics and their spread for one condition.
+    """Metrics and their spread for one condition, with the chance levels and predicted classes
+    (``_with_chance_levels``).
 
     ``metrics`` / ``spread``: means over probes and the non-identity group elements g != e, which every verdict
     criterion uses (``accuracy`` is over the whole orbit, g = e included: it is not an invariance measure).
@@ -55,7 +56,7 @@ def condition_report(
     spread = _spreads(acc, variation, identity=False, n_bootstrap=n_bootstrap, seed=seed)
     paper_spread = _spreads(acc, variation, identity=True, n_bootstrap=n_bootstrap, seed=seed)
     shift = result.condition.shift
-    return {
+    condition = {
         "name": result.condition.name,
         "shift": shift.model_dump(exclude_none=True) if shift is not None else None,
         "n_probes": acc.n,
@@ -71,6 +72,7 @@ def condition_report(
         "notes": notes,
         "seconds": round(result.seconds, 4),
     }
+    return _with_chance_levels(condition, acc)
 
 
 def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int) -> dict:
@@ -81,7 +83,7 @@ def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int)
     return {name: summarize(per_probe[name], n_bootstrap, seed) for name in CONDITION_METRICS}
 
 
-def with_chance_levels(condition: dict, accumulator) -> dict:
+def _with_chance_levels(condition: dict, accumulator) -> dict:
     """Add the chance levels beside agreement and accuracy, and the predicted-class summary.
 
     ``metrics.agreement_chance`` (from the predicted-class frequencies at x and on g x, g != e), ``metrics.kappa``
