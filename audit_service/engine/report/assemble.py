@@ -16,7 +16,7 @@ from ... import __version__
 from ..groups import Group
 from ..inputs import CheckedInputs
 from ..metrics.sensitivity import finite_difference_jacobian_sketch, jacobian, singular_values
-from ..names import PER_PROBE_METRICS, ConditionName
+from ..names import ConditionName
 from ..plan import AuditPlan
 from ..runtime import ModelRunner
 from ..schema import Condition
@@ -24,12 +24,10 @@ from ..runtime.layout import LayoutChoice
 from ..runtime.outputs import NOTES as OUTPUT_NOTES
 from ..spec import SCHEMA_VERSION, AuditSpec, Options
 from ..sweep import SweepOutcome
-from ..verdict import decide
-from .build import condition_report, now_iso, sensitivity_report
+from ..verdict import Z95, decide
+from .build import PER_PROBE_NAMES, condition_report, now_iso, sensitivity_report
 from .examples import saliency_examples
 
-#: the pair metrics whose group average a sampled group estimates (the per-probe rows of ``engine.names``)
-SAMPLED_METRICS = tuple(str(m) for m in PER_PROBE_METRICS)
 #: probes the group section measures a sampled group's interpolation error on
 GROUP_SAMPLE = 16
 
@@ -137,14 +135,14 @@ def sensitivity_section(inputs: CheckedInputs, options: Options, stopped: str | 
     )
 
 
-def group_sample_ci(accumulator, z: float = 1.96) -> dict:
+def group_sample_ci(accumulator, z: float = Z95) -> dict:
     """95% normal intervals for the group averages, from the per-element means of the sampled elements.
 
     The identity (element 0, always included) is left out of the statistics: the other elements are the
     uniform sample. {metric: {mean, lo, hi, n_elements}}; a metric with no values is null.
     """
     out: dict = {}
-    for name in SAMPLED_METRICS:
+    for name in PER_PROBE_NAMES:
         means = accumulator.element_means(name)[1:]
         means = means[np.isfinite(means)]
         if means.size < 2:

@@ -21,8 +21,8 @@ from ..sweep import ConditionResult
 #: the pair metrics of a condition, in report order (LI_normalized is derived from the squared distances): the
 #: table's rows with a spread (``engine.names``)
 CONDITION_METRICS = tuple(str(m) for m in SPREAD_METRICS)
-#: the ones the accumulator keeps per probe
-_PER_PROBE = tuple(str(m) for m in PER_PROBE_METRICS)
+#: the ones the accumulator keeps per probe (and whose group average a sampled group estimates)
+PER_PROBE_NAMES = tuple(str(m) for m in PER_PROBE_METRICS)
 
 
 def condition_report(
@@ -78,7 +78,7 @@ def condition_report(
 def _spreads(acc, variation: float, identity: bool, n_bootstrap: int, seed: int) -> dict:
     """{metric: summarize(per-probe values)} over all of G (``identity``) or over g != e; accuracy is always
     over the whole orbit."""
-    per_probe = {name: acc.values(name, identity=identity or name == "accuracy") for name in _PER_PROBE}
+    per_probe = {name: acc.values(name, identity=identity or name == "accuracy") for name in PER_PROBE_NAMES}
     per_probe["LI_normalized"] = acc.values("sq_dist", identity=identity) / variation if variation > 0 else np.empty(0)
     return {name: summarize(per_probe[name], n_bootstrap, seed) for name in CONDITION_METRICS}
 
